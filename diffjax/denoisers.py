@@ -1,0 +1,215 @@
+"""Denoisers: one network, every view of it.
+
+A network `fn(x, t) -> array` predicts one of
+
+    eps    the noise:               x = alpha x0 + sigma eps
+    x0     the clean data (the posterior mean E[x0 | x_t])
+    v      v = alpha eps - sigma x0                       (Salimans & Ho 2022)
+    score  grad log p_t(x) = -eps / sigma
+    flow   the probability-flow velocity dx/dt = alpha' x0 + sigma' eps (Lipman et al. 2022;
+           for alpha = 1 - t, sigma = t it is eps - x0)
+
+and, given (alpha, sigma) of the process at t, each converts into the pair (x0, eps) and back.
+`Denoiser` wraps the network with its process and exposes every view; samplers, losses,
+guidance and likelihood only talk to it. `EDMPreconditioning` (Karras et al. 2022) turns a raw
+network F into an x0-predictor D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffjax.processes import GaussianProcess, broadcast_to_data
+
+__all__ = [
+    "PREDICTIONS",
+    "Denoiser",
+    "EDMPreconditioning",
+    "to_x0_eps",
+    "from_x0_eps",
+    "check_prediction",
+]
+
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+
+
+def check_prediction(prediction: str, allowed=PREDICTIONS) -> None:
+    if prediction not in allowed:
+        raise ValueError(f"unknown prediction {prediction!r}; allowed: {list(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PathCoefficients:
+    """alpha, sigma and their time derivatives at t, shaped to broadcast against the data."""
+
+    alpha: jax.Array
+    sigma: jax.Array
+    dalpha: jax.Array
+    dsigma: jax.Array
+
+    @classmethod
+    def at(cls, process: GaussianProcess, t, like: jax.Array) -> "PathCoefficients":
+        dalpha, dsigma = process.alpha_sigma_derivatives(t)
+        shape = lambda c: broadcast_to_data(c, like)  # noqa: E731
+        return cls(shape(process.alpha(t)), shape(process.sigma(t)), shape(dalpha), shape(dsigma))
+
+
+def to_x0_eps(output, prediction: str, x, c: PathCoefficients):
+    """Convert a network output of the given prediction type to (x0, eps) at x."""
+    if prediction == "x0":
+        x0 = output
+        return x0, (x - c.alpha * x0) / c.sigma
+    if prediction == "eps":
+        eps = output
+        return (x - c.sigma * eps) / c.alpha, eps
+    if prediction == "score":
+        eps = -c.sigma * output
+        return (x - c.sigma * eps) / c.alpha, eps
+    if prediction == "v":
+        # [x; v] = [[alpha, sigma], [-sigma, alpha]] [x0; eps]
+        norm = c.alpha**2 + c.sigma**2
+        return (c.alpha * x - c.sigma * output) / norm, (c.sigma * x + c.alpha * output) / norm
+    if prediction == "flow":
+        # [x; u] = [[alpha, sigma], [alpha', sigma']] [x0; eps]; det > 0 as log-SNR decreases.
+        det = c.alpha * c.dsigma - c.sigma * c.dalpha
+        return (c.dsigma * x - c.sigma * output) / det, (c.alpha * output - c.dalpha * x) / det
+    check_prediction(prediction)
+    raise AssertionError("unreachable")
+
+
+def from_x0_eps(x0, eps, prediction: str, c: PathCoefficients):
+    """The view `prediction` of the pair (x0, eps)."""
+    if prediction == "x0":
+        return x0
+    if prediction == "eps":
+        return eps
+    if prediction == "score":
+        return -eps / c.sigma
+    if prediction == "v":
+        return c.alpha * eps - c.sigma * x0
+    if prediction == "flow":
+        return c.dalpha * x0 + c.dsigma * eps
+    check_prediction(prediction)
+    raise AssertionError("unreachable")
+
+
+def _time_for_batch(t, x) -> jax.Array:
+    """t as an array of shape (batch,), from a scalar or a (batch,) array; checks the shape."""
+    t = jnp.asarray(t, jnp.float32)
+    if x.ndim < 1:
+        raise ValueError(f"x must have a leading batch axis, got shape {x.shape}")
+    if t.ndim == 0:
+        return jnp.broadcast_to(t, (x.shape[0],))
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be a scalar or of shape (batch,) = ({x.shape[0]},), got {t.shape}")
+    return t
+
+
+@jax.tree_util.register_pytree_node_class
+class Denoiser:
+    """A network with its process and prediction type; every view from one evaluation.
+
+    Args:
+      fn: the network, `fn(x, t) -> array` with t of shape (batch,); conditioning (labels,
+        parameters) is closed over.
+      process: the forward process the network was trained with.
+      prediction: what `fn` predicts: one of "eps", "x0", "v", "score", "flow".
+    """
+
+    def __init__(self, fn: Callable, process: GaussianProcess, prediction: str = "eps"):
+        check_prediction(prediction)
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if not isinstance(process, GaussianProcess):
+            raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
+        self.fn = fn
+        self.process = process
+        self.prediction = prediction
+
+    def tree_flatten(self):
+        return (self.process,), (self.fn, self.prediction)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.fn, obj.prediction = aux
+        (obj.process,) = children
+        return obj
+
+    def __repr__(self):
+        return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
+
+    def coefficients(self, t, x) -> PathCoefficients:
+        return PathCoefficients.at(self.process, _time_for_batch(t, x), x)
+
+    def predict(self, x, t):
+        """(x0, eps) at (x, t): one network evaluation."""
+        t = _time_for_batch(t, x)
+        output = self.fn(x, t)
+        if output.shape != x.shape:
+            raise ValueError(f"network output shape {output.shape} differs from input shape {x.shape}")
+        return to_x0_eps(output, self.prediction, x, PathCoefficients.at(self.process, t, x))
+
+    def view(self, prediction: str, x, t):
+        """Any view ("eps", "x0", "v", "score", "flow") of the network at (x, t)."""
+        check_prediction(prediction)
+        x0, eps = self.predict(x, t)
+        return from_x0_eps(x0, eps, prediction, self.coefficients(t, x))
+
+    def x0(self, x, t):
+        return self.view("x0", x, t)
+
+    def eps(self, x, t):
+        return self.view("eps", x, t)
+
+    def score(self, x, t):
+        return self.view("score", x, t)
+
+    def v(self, x, t):
+        return self.view("v", x, t)
+
+    def flow(self, x, t):
+        """The probability-flow ODE velocity dx/dt (= f x - g^2/2 score)."""
+        return self.view("flow", x, t)
+
+    def with_fn(self, fn: Callable, prediction: str | None = None) -> "Denoiser":
+        """The same process with another network (used by guidance combinators)."""
+        return Denoiser(fn, self.process, self.prediction if prediction is None else prediction)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: usable as static pytree data
+class EDMPreconditioning:
+    """Karras et al. 2022 (EDM), Table 1, generalised to any Gaussian path by scaling.
+
+    With x~ = x / alpha and s = sigma / alpha (the EDM noise level of the scaled path):
+      c_in = 1/sqrt(s^2 + sd^2),  c_skip = sd^2/(s^2 + sd^2),  c_out = s sd/sqrt(s^2 + sd^2),
+      c_noise = log(s)/4,        D(x, t) = c_skip x~ + c_out F(c_in x~, c_noise).
+    Calling it returns the x0-prediction D, so wrap it as `Denoiser(pre, process, "x0")`.
+    """
+
+    net: Callable
+    process: GaussianProcess
+    sigma_data: float = 0.5
+
+    def __post_init__(self):
+        if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
+            raise ValueError(f"sigma_data must be a positive number, got {self.sigma_data!r}")
+
+    def coefficients(self, t):
+        """(c_in, c_skip, c_out, c_noise) at t, each of t's shape."""
+        alpha, sigma = self.process.alpha(t), self.process.sigma(t)
+        s = sigma / alpha
+        sd2 = self.sigma_data**2
+        norm = jnp.sqrt(s**2 + sd2)
+        return 1.0 / norm, sd2 / (s**2 + sd2), s * self.sigma_data / norm, jnp.log(s) / 4.0
+
+    def __call__(self, x, t):
+        t = _time_for_batch(t, x)
+        c_in, c_skip, c_out, c_noise = self.coefficients(t)
+        x_scaled = x / broadcast_to_data(self.process.alpha(t), x)
+        raw = self.net(broadcast_to_data(c_in, x) * x_scaled, c_noise)
+        return broadcast_to_data(c_skip, x) * x_scaled + broadcast_to_data(c_out, x) * raw

@@ -1,0 +1,220 @@
+"""The core samplers: accuracy on the exact Gaussian-mixture denoiser, convergence order on a
+Gaussian, NFE accounting, grids, jit/vmap, and input validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import processes as P
+from diffjax.data.toy import benchmark_mixture, gaussian
+from diffjax.denoisers import Denoiser
+from diffjax.samplers import GRIDS, SOLVERS, make_grid, sample
+
+DDPM = P.VP.from_betas(np.linspace(1e-4, 0.02, 1000))
+MIXTURE = benchmark_mixture(16)
+
+
+@pytest.mark.parametrize(
+    "solver, steps, grid, n",
+    [
+        ("ddim", 500, "logsnr", 100_000),
+        ("euler_maruyama", 500, "uniform", 50_000),
+        ("ancestral", 1000, "logsnr", 50_000),
+        ("heun", 50, "karras", 100_000),
+    ],
+)
+def test_sampler_reproduces_the_mixture(solver, steps, grid, n):
+    """The exact denoiser of the 16-D mixture (stds 0.05..0.5) under the discrete DDPM chain:
+    mixture weights within 0.02 (sum of absolute errors), every component's std within 3 %."""
+    run = jax.jit(lambda key: sample(MIXTURE.denoiser(DDPM), key, (n, 16), solver=solver, steps=steps, grid=grid))
+    x = run(jax.random.key(0))
+    weight_error, std_error = MIXTURE.sample_errors(x)
+    assert weight_error <= 0.02, (weight_error, MIXTURE.sample_statistics(x))
+    assert std_error <= 0.03, (std_error, MIXTURE.sample_statistics(x))
+
+
+def test_few_ddim_steps_are_measurably_wrong():
+    """The accuracy check can fail: 5 DDIM steps leave the tight components far too wide."""
+    x = sample(MIXTURE.denoiser(DDPM), jax.random.key(0), (20_000, 16), solver="ddim", steps=5)
+    _, std_error = MIXTURE.sample_errors(x)
+    assert std_error > 0.1
+
+
+def exact_ode_endpoint(process, g, x_start, t_start, t_end):
+    """The probability-flow ODE of N(mu, s^2) maps x_t to alpha mu + sqrt(alpha^2 s^2 + sigma^2) z."""
+    mu, s = g.means[0], g.stds[0]
+    a0, s0 = process.alpha(t_start), process.sigma(t_start)
+    a1, s1 = process.alpha(t_end), process.sigma(t_end)
+    z = (x_start - a0 * mu) / jnp.sqrt(a0**2 * s**2 + s0**2)
+    return a1 * mu + jnp.sqrt(a1**2 * s**2 + s1**2) * z
+
+
+@pytest.mark.parametrize(
+    "process, grid",
+    [(P.VP(), "uniform"), (P.EDM(), "karras"), (P.FlowMatching(), "uniform")],
+    ids=["vp", "edm", "flow"],
+)
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("ddim", 1), ("heun", 2)])
+def test_convergence_order_on_a_gaussian(process, grid, solver, order):
+    """Error at t_min against the exact ODE solution, fitted slope in log-log = -order."""
+    with jax.enable_x64(True):
+        g = gaussian([0.3, -0.2], [0.5, 0.2])
+        steps_list = [16, 32, 64, 128]
+        errors = []
+        for steps in steps_list:
+            x, traj = sample(
+                g.denoiser(process), jax.random.key(0), (64, 2), solver=solver, steps=steps,
+                grid=grid, denoise_final=False, return_trajectory=True,
+            )
+            exact = exact_ode_endpoint(process, g, traj[0], process.t_max, process.t_min)
+            errors.append(float(jnp.max(jnp.abs(x - exact))))
+        slope = np.polyfit(np.log(steps_list), np.log(errors), 1)[0]
+    assert abs(-slope - order) < 0.2, (slope, errors)
+
+
+def test_ddim_with_eta_one_is_ancestral_sampling():
+    denoiser = MIXTURE.denoiser(DDPM)
+    key = jax.random.key(3)
+    a = sample(denoiser, key, (256, 16), solver="ddim", steps=20, eta=1.0)
+    b = sample(denoiser, key, (256, 16), solver="ancestral", steps=20)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "solver, steps, denoise_final, nfe",
+    [("ddim", 10, True, 11), ("ddim", 10, False, 10), ("heun", 10, True, 21), ("euler_maruyama", 7, True, 8)],
+)
+def test_reported_nfe_counts_network_calls(solver, steps, denoise_final, nfe):
+    calls = []
+    exact = MIXTURE.denoiser(DDPM)
+
+    def counting_fn(x, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return exact.fn(x, t)
+
+    denoiser = Denoiser(counting_fn, DDPM, "x0")
+    _, info = sample(
+        denoiser, jax.random.key(0), (8, 16), solver=solver, steps=steps,
+        denoise_final=denoise_final, return_info=True,
+    )
+    jax.effects_barrier()
+    assert info["nfe"] == nfe == len(calls)
+    assert info["ts"].shape == (steps + 1,)
+
+
+def test_trajectory_jit_and_vmap():
+    denoiser = MIXTURE.denoiser(DDPM)
+    run = jax.jit(lambda key: sample(denoiser, key, (32, 16), steps=8, denoise_final=False, return_trajectory=True))
+    x, traj = run(jax.random.key(0))
+    assert traj.shape == (9, 32, 16)
+    np.testing.assert_allclose(traj[-1], x)
+    assert abs(float(jnp.std(traj[0])) - 1.0) < 0.1  # the prior
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    batched = jax.vmap(lambda k: sample(denoiser, k, (32, 16), steps=8))(keys)
+    one = sample(denoiser, keys[1], (32, 16), steps=8)
+    np.testing.assert_allclose(batched[1], one, rtol=1e-5, atol=1e-5)
+
+
+def test_image_shaped_samples():
+    """Any trailing shape works: the 16-D mixture sampled as 4x4x1 images."""
+    image_denoiser = Denoiser(
+        lambda x, t: jnp.reshape(MIXTURE.denoiser(DDPM).fn(jnp.reshape(x, (x.shape[0], 16)), t), x.shape),
+        DDPM,
+        "x0",
+    )
+    x = sample(image_denoiser, jax.random.key(0), (8, 4, 4, 1), steps=10)
+    assert x.shape == (8, 4, 4, 1)
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+@pytest.mark.parametrize("process", [DDPM, P.EDM(), P.FlowMatching(), P.VE()], ids=["ddpm", "edm", "flow", "ve"])
+def test_grids_are_decreasing_with_exact_end_points(name, process):
+    ts = np.asarray(make_grid(name, process, 12, process.t_min, process.t_max))
+    assert ts.shape == (13,)
+    assert np.all(np.diff(ts) < 0), ts
+    assert ts[0] == pytest.approx(process.t_max) and ts[-1] == pytest.approx(process.t_min)
+
+
+def test_log_snr_and_karras_grid_spacing():
+    process = P.VP()
+    ts = make_grid("logsnr", process, 10, process.t_min, process.t_max)
+    lam = np.asarray(process.log_snr(ts))
+    np.testing.assert_allclose(np.diff(lam), np.full(10, np.diff(lam).mean()), rtol=1e-3)
+
+    edm = P.EDM()
+    ts = np.asarray(make_grid("karras", edm, 10, edm.t_min, edm.t_max, rho=7.0))
+    np.testing.assert_allclose(np.diff(ts ** (1 / 7)), np.full(10, np.diff(ts ** (1 / 7)).mean()), rtol=1e-3)
+
+
+def test_explicit_grid():
+    denoiser = MIXTURE.denoiser(DDPM)
+    ts = np.linspace(1.0, 0.001, 6)
+    x = sample(denoiser, jax.random.key(0), (8, 16), steps=5, grid=ts)
+    assert x.shape == (8, 16)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample(denoiser, jax.random.key(0), (8, 16), steps=5, grid=ts[::-1])
+    with pytest.raises(ValueError, match="steps \\+ 1"):
+        sample(denoiser, jax.random.key(0), (8, 16), steps=4, grid=ts)
+
+
+class CountingNetwork:
+    """Records every call so a test can show that validation happened before tracing."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return x
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"solver": "dpm++9"}, "unknown solver 'dpm\\+\\+9'; known solvers"),
+        ({"grid": "cosine"}, "unknown grid 'cosine'; known grids"),
+        ({"steps": 0}, "steps must be an int >= 1, got 0"),
+        ({"steps": -3}, "steps must be an int >= 1"),
+        ({"steps": 2.5}, "steps must be an int >= 1"),
+        ({"t_min": 0.0}, "outside"),
+        ({"t_max": 2.0}, "outside"),
+        ({"eta": 0.5, "solver": "heun"}, "unknown option\\(s\\) \\['eta'\\] for solver 'heun'"),
+        ({"eta": 2.0}, "eta must lie in \\[0, 1\\]"),
+        ({"shape": (0, 16)}, "positive ints"),
+        ({"shape": 16}, "tuple"),
+    ],
+)
+def test_bad_input_raises_before_tracing(kwargs, match):
+    network = CountingNetwork()
+    denoiser = Denoiser(network, DDPM, "eps")
+    shape = kwargs.pop("shape", (4, 16))
+    with pytest.raises(ValueError, match=match):
+        sample(denoiser, jax.random.key(0), shape, **kwargs)
+    assert network.calls == 0
+
+
+def test_network_output_shape_mismatch_is_reported():
+    denoiser = Denoiser(lambda x, t: x[:, :8], DDPM, "eps")
+    with pytest.raises(ValueError, match="maps inputs of shape \\(4, 16\\) to \\(4, 8\\)"):
+        sample(denoiser, jax.random.key(0), (4, 16))
+
+
+def test_euler_maruyama_refuses_singular_start():
+    denoiser = gaussian([0.0], [1.0]).denoiser(P.FlowMatching())
+    with pytest.raises(ValueError, match="singular at t_max"):
+        sample(denoiser, jax.random.key(0), (4, 1), solver="euler_maruyama")
+    x = sample(denoiser, jax.random.key(0), (4, 1), solver="euler_maruyama", t_max=0.999)
+    assert np.all(np.isfinite(np.asarray(x)))
+
+
+def test_every_solver_runs_with_every_process():
+    processes = [P.VP(), DDPM, P.CosineVP(), P.SubVP(), P.VE(), P.EDM(), P.FlowMatching()]
+    g = gaussian([0.5, -0.5], [0.3, 0.3])
+    for process in processes:
+        for name in SOLVERS:
+            t_max = min(process.t_max, 0.999) if name == "euler_maruyama" and process.t_max == 1.0 else None
+            x = sample(g.denoiser(process), jax.random.key(0), (64, 2), solver=name, steps=40, t_max=t_max)
+            assert np.all(np.isfinite(np.asarray(x))), (process, name)
+            assert float(jnp.abs(jnp.mean(x) - 0.0)) < 0.2, (process, name)
