@@ -1,0 +1,63 @@
+"""Network architectures for diffusion models, as Flax NNX modules. They know nothing of diffusion.
+
+Model contract (the rest of diffjax relies on it)
+-------------------------------------------------
+* Every model is an `nnx.Module` called as
+
+      out = model(x, t, y=None, *, train=False, rngs=None)
+
+  - x: NHWC float array (batch, height, width, channels); DiT also takes images/latents in NHWC and
+    patchifies inside.
+  - t: (batch,) float, the noise-conditioning value chosen by the caller (e.g. t in [0, 1], or EDM's
+    c_noise = log(sigma) / 4). The network embeds `config.time_scale * t`.
+  - y: optional (batch,) int class labels in [0, num_classes]; the value `num_classes` is the null
+    class (classifier-free guidance), and y=None means the null class for every example.
+    Unconditional models (num_classes=0) reject labels.
+  - out: float32 array of x's shape.
+  - Dropout only when train=True, with randomness from the call-time `rngs` (an `nnx.Rngs` with a
+    "dropout" stream, or a PRNG key). DiT has no dropout.
+* `create(name, **overrides)` builds a preset (`preset_names()`): "unet-small", "DDPM++-cifar10",
+  "DDPM++-cifar10-deep", "NCSN++-cifar10", "NCSN++-cifar10-deep", "DDPM++-cifar10-edm",
+  "NCSN++-cifar10-edm", "ADM-cifar10", "ADM-imagenet64", "DiT-{S,B,L,XL}/{2,4,8}". Overrides are config fields (see `SongUNetConfig`, `ADMUNetConfig`,
+  `DiTConfig`), e.g. image_size, in_channels, num_classes, dtype, param_dtype, attention_impl,
+  remat, scan_layers. Unknown names or bad values raise ValueError before anything is traced.
+* `functional(model) -> (apply, params)`: params is a nested dict of arrays; `apply(params, x, t,
+  y=None, *, key=None)` is pure (key=None: no dropout).
+* Precision: `param_dtype` for storage, `dtype` for compute (bf16 or f32); normalization
+  statistics, softmax and time embeddings in f32; outputs in f32.
+* Remat: `remat` in {"none", "full", "dots", "dots_no_batch"} (jax.checkpoint policies) per block.
+* Sharding: every parameter carries logical axis names (`LOGICAL_AXES`, NNX `out_sharding`
+  metadata); `logical_partition_specs(model)` returns them as PartitionSpecs in the structure of
+  `params`. Activations are constrained with the activation names only under a mesh and
+  `nnx.logical_axis_rules(...)`.
+* Attention always goes through `layers.Attention` -> `diffjax.kernels.flash_attention`.
+* Class conditioning: an embedding table with num_classes + 1 rows (null class last);
+  `drop_labels(key, y, rate, num_classes)` for classifier-free guidance training.
+* FLOPs: `dit_forward_macs(config)` (closed form) and `forward_macs(model)` (counted from the traced
+  forward; works on abstract models).
+"""
+from diffjax.models.api import (
+    LOGICAL_AXES,
+    PARAM_AXES,
+    PRESETS,
+    build,
+    create,
+    dit_forward_macs,
+    forward_macs,
+    functional,
+    get_config,
+    logical_partition_specs,
+    param_count,
+    preset_names,
+)
+from diffjax.models.configs import ADMUNetConfig, DiTConfig, ModelConfig, SongUNetConfig
+from diffjax.models.dit import DiT
+from diffjax.models.layers import REMAT_CHOICES, Attention, drop_labels
+from diffjax.models.unet import ADMUNet, SongUNet
+
+__all__ = [
+    "ADMUNet", "ADMUNetConfig", "Attention", "DiT", "DiTConfig", "LOGICAL_AXES", "ModelConfig",
+    "PARAM_AXES", "PRESETS", "REMAT_CHOICES", "SongUNet", "SongUNetConfig", "build", "create",
+    "dit_forward_macs", "drop_labels", "forward_macs", "functional", "get_config",
+    "logical_partition_specs", "param_count", "preset_names",
+]
