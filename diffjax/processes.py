@@ -320,9 +320,12 @@ class CosineVP(GaussianProcess):
         return (jnp.asarray(t, jnp.float32) + self.s) / (1.0 + self.s) * (math.pi / 2)
 
     def alpha(self, t):
-        # cos(pi/2) is slightly negative in float32: clamp so that alpha(1) = 0 exactly.
-        cos = jnp.maximum(jnp.cos(self._theta(t)), 0.0)
-        return cos / math.cos(self.s / (1.0 + self.s) * math.pi / 2)
+        # cos(theta) written as sin(pi/2 - theta): exactly 0 at t = 1 in float32 (cos(pi/2) is
+        # not), with the right derivative there.
+        t = jnp.asarray(t, jnp.float32)
+        return jnp.sin((1.0 - t) / (1.0 + self.s) * (math.pi / 2)) / math.cos(
+            self.s / (1.0 + self.s) * math.pi / 2
+        )
 
     def sigma(self, t):
         # 1 - cos^2(theta)/cos^2(theta0) = sin(theta - theta0) sin(theta + theta0) / cos^2(theta0),

@@ -181,7 +181,7 @@ class CountingNetwork:
         ({"t_min": 0.0}, "outside"),
         ({"t_max": 2.0}, "outside"),
         ({"eta": 0.5, "solver": "heun"}, "unknown option\\(s\\) \\['eta'\\] for solver 'heun'"),
-        ({"eta": 2.0}, "eta must lie in \\[0, 1\\]"),
+        ({"eta": 2.0, "solver": "ddim"}, "eta must lie in \\[0, 1\\]"),
         ({"shape": (0, 16)}, "positive ints"),
         ({"shape": 16}, "tuple"),
     ],

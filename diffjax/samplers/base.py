@@ -39,6 +39,10 @@ class Solver:
     def check(self, process: GaussianProcess, steps: int, t_min: float, t_max: float) -> None:
         """Raise ValueError for option/process combinations this solver can't handle."""
 
+    def prepare(self, process: GaussianProcess, steps: int, t_min: float, t_max: float) -> "Solver":
+        """A copy specialised to static facts of the run (e.g. alpha(t_max) = 0); default: self."""
+        return self
+
     def phases(self, steps: int) -> tuple[Phase, ...]:
         return (Phase(steps),)
 

@@ -19,6 +19,16 @@ def _clipped_log_snr(process: GaussianProcess, t: float):
     return jnp.clip(process.log_snr(jnp.float32(t)), -LOG_SNR_CLIP, LOG_SNR_CLIP)
 
 
+def _start_log_snr(process: GaussianProcess, t_min: float, t_max: float):
+    """The log-SNR where a log-SNR-spaced grid starts. Where it is -inf at t_max (alpha = 0: flow
+    matching, cosine) the clipped value lies within float32 rounding of t_max, so interior points
+    would coincide; there the spacing starts 1e-4 of the range below t_max instead (t_max itself
+    stays the first grid point)."""
+    lam = _clipped_log_snr(process, t_max)
+    floor = _clipped_log_snr(process, t_max - 1e-4 * (t_max - t_min))
+    return jnp.where(lam <= -LOG_SNR_CLIP, floor, lam)
+
+
 def _from_log_snr(process, lam, t_min, t_max):
     """Map log-SNR values to times and pin the end points exactly."""
     ts = process.t_from_log_snr(lam)
@@ -32,7 +42,7 @@ def uniform_grid(process, steps, t_min, t_max):
 
 def log_snr_grid(process, steps, t_min, t_max):
     """Uniform in log-SNR lambda (DPM-Solver, Lu et al. 2022)."""
-    lam = jnp.linspace(_clipped_log_snr(process, t_max), _clipped_log_snr(process, t_min), steps + 1)
+    lam = jnp.linspace(_start_log_snr(process, t_min, t_max), _clipped_log_snr(process, t_min), steps + 1)
     return _from_log_snr(process, lam, t_min, t_max)
 
 
@@ -41,7 +51,7 @@ def karras_grid(process, steps, t_min, t_max, rho: float = 7.0):
     s_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho."""
     if not rho > 0:
         raise ValueError(f"karras grid needs rho > 0, got {rho!r}")
-    s_max = jnp.exp(-0.5 * _clipped_log_snr(process, t_max))
+    s_max = jnp.exp(-0.5 * _start_log_snr(process, t_min, t_max))
     s_min = jnp.exp(-0.5 * _clipped_log_snr(process, t_min))
     frac = jnp.linspace(0.0, 1.0, steps + 1)
     s = (s_max ** (1 / rho) + frac * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho

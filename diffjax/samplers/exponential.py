@@ -1,0 +1,218 @@
+"""Shared pieces of the exponential-integrator solvers (DPM-Solver, DPM-Solver++, UniPC, SA-Solver).
+
+With the half log-SNR  lam(t) = log(alpha_t / sigma_t)  and h = lam_s - lam_t > 0 for a step from t
+to s < t, the probability-flow ODE has the exact solutions (Lu et al. 2022, "DPM-Solver", eq. 3.4;
+Lu et al. 2022b, "DPM-Solver++", eq. 8)
+
+    x_s = (alpha_s/alpha_t) x_t - sigma_s int_{lam_t}^{lam_s} e^{lam_s - lam} eps(lam) dlam      (noise form)
+    x_s = (sigma_s/sigma_t) x_t + alpha_s int_{lam_t}^{lam_s} e^{-(lam_s - lam)} x0(lam) dlam    (data form)
+
+and the stochastic (SA-Solver, Xue et al. 2023, eq. 14) data form with noise level eta = tau^2:
+
+    x_s = (sigma_s/sigma_t) e^{-eta h} x_t + alpha_s (1+eta) int e^{-(1+eta)(lam_s - lam)} x0(lam) dlam
+          + sigma_s sqrt(1 - e^{-2 eta h}) xi.
+
+Every solver here replaces x0(lam) (or eps(lam)) by a polynomial through a few evaluations and
+integrates it exactly: with v = (lam - lam_t)/h and nodes v_j,
+
+    int_{lam_t}^{lam_s} e^{-c(lam_s - lam)} l_j(lam) dlam = h int_0^1 e^{-c h (1-v)} l_j(v) dv
+                                                          = h sum_k a_jk k! phi_{k+1}(-c h),
+
+l_j the Lagrange basis with monomial coefficients a_jk, phi_k the usual phi-functions. The first-order
+part is written as alpha_s x0_t + sigma_s eps_t (DDIM), which stays exact where alpha_t = 0 (flow
+matching, cosine at t = 1: lam = -inf); the step sizes in lam use lam clipped to +-LOG_SNR_CLIP/2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from diffjax.processes import LOG_SNR_CLIP, broadcast_to_data
+from diffjax.samplers.base import Phase
+
+__all__ = [
+    "half_log_snr",
+    "phi_functions",
+    "lagrange_exp_weights",
+    "ddim_step",
+    "polynomial_correction",
+    "push",
+    "order_phases",
+    "check_order",
+]
+
+
+def half_log_snr(process, t):
+    """lam(t) = log(alpha/sigma) = log_snr/2, clipped to +-LOG_SNR_CLIP/2 (finite where alpha = 0)."""
+    return jnp.clip(0.5 * process.log_snr(t), -0.5 * LOG_SNR_CLIP, 0.5 * LOG_SNR_CLIP)
+
+
+def phi_functions(z, n: int):
+    """[phi_1(z), ..., phi_n(z)] with phi_k(z) = int_0^1 e^{z(1-v)} v^{k-1}/(k-1)! dv.
+
+    phi_1 = (e^z - 1)/z and phi_{k+1} = (phi_k - 1/k!)/z; the recursion cancels badly for small
+    |z|, so there the Taylor series phi_k(z) = sum_m z^m/(m+k)! is used instead.
+    """
+    z = jnp.asarray(z)
+    small = jnp.abs(z) < 1.0
+    z_safe = jnp.where(small, 1.0, z)  # keep both branches finite (and their gradients)
+    z_small = jnp.where(small, z, 0.0)
+    out, phi = [], jnp.expm1(z_safe) / z_safe
+    for k in range(1, n + 1):
+        series = sum(z_small**m / float(math.factorial(m + k)) for m in range(18))
+        out.append(jnp.where(small, series, phi))
+        phi = (phi - 1.0 / math.factorial(k)) / z_safe
+    return out
+
+
+def _poly_mul_linear(coeffs: list, root):
+    """Coefficients (lowest first) of p(v) * (v - root)."""
+    out = [-root * coeffs[0]]
+    for k in range(1, len(coeffs)):
+        out.append(coeffs[k - 1] - root * coeffs[k])
+    out.append(coeffs[-1])
+    return out
+
+
+def lagrange_exp_weights(nodes: Sequence, z):
+    """w_j = int_0^1 e^{z (1-v)} l_j(v) dv for the Lagrange basis l_j on `nodes` (in units of h).
+
+    The weights sum to phi_1(z); with z = 0 they are the plain (Adams) quadrature weights.
+    """
+    n = len(nodes)
+    moments = [math.factorial(k) * p for k, p in enumerate(phi_functions(z, n))]
+    weights = []
+    for j, v_j in enumerate(nodes):
+        coeffs, denom = [1.0], 1.0
+        for m, v_m in enumerate(nodes):
+            if m != j:
+                coeffs = _poly_mul_linear(coeffs, v_m)
+                denom = denom * (v_j - v_m)
+        weights.append(sum(c * mk for c, mk in zip(coeffs, moments)) / denom)
+    return weights
+
+
+def ddim_step(process, x0, eps, t_next):
+    """The first-order exponential-integrator step (DDIM): alpha_s x0 + sigma_s eps."""
+    return (
+        broadcast_to_data(process.alpha(t_next), x0) * x0
+        + broadcast_to_data(process.sigma(t_next), x0) * eps
+    )
+
+
+def polynomial_correction(values, lams, lam_t, lam_s, z_scale: float):
+    """h sum_{j>=1} w_j (values[j] - values[0]): the higher-order part of the exponential integrator
+    for the polynomial through (lams[j], values[j]) (values[0] at lam_t, the base of the step).
+
+    z_scale is the exponent's sign and rate: -c for the data form (weight e^{-c(lam_s - lam)}),
+    +1 for the noise form. Multiply by alpha_s c (data form) or -sigma_s (noise form).
+    """
+    h = lam_s - lam_t
+    nodes = [(lam - lam_t) / h for lam in lams]
+    weights = lagrange_exp_weights(nodes, z_scale * h)
+    out = 0.0
+    for w, value in zip(weights[1:], values[1:]):
+        out = out + (h * w) * (value - values[0])
+    return out
+
+
+def push(history, value):
+    """Put `value` in front of a fixed-size history stack (newest first), dropping the oldest."""
+    return jnp.concatenate([value[None], history[:-1]], axis=0)
+
+
+def order_phases(orders: Sequence[int], **extra) -> tuple[Phase, ...]:
+    """Group a per-step list of (static) orders into consecutive Phases."""
+    phases = []
+    for order in orders:
+        if phases and dict(phases[-1].options)["order"] == order:
+            phases[-1] = Phase(phases[-1].length + 1, phases[-1].options)
+        else:
+            phases.append(Phase(1, tuple(sorted({"order": order, **extra}.items()))))
+    return tuple(phases)
+
+
+def multistep_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """Warm-up with orders 1, 2, ... (no history yet); with `lower_order_final` and fewer than 15
+    steps, also end with ..., 2, 1 (DPM-Solver / diffusers' choice for few-step stability)."""
+    orders = [min(order, i + 1) for i in range(steps)]
+    if lower_order_final and steps < 15:
+        orders = [min(o, steps - i) for i, o in enumerate(orders)]
+    return orders
+
+
+def check_order(name: str, order, allowed) -> None:
+    if order not in allowed or isinstance(order, bool):
+        raise ValueError(f"{name}: order {order!r} is not supported; allowed orders: {list(allowed)}")
+
+
+def is_concrete_zero_alpha(process, t: float) -> bool:
+    """True when alpha(t) == 0 can be decided now (False for traced processes)."""
+    try:
+        with jax.ensure_compile_time_eval():
+            return bool(process.alpha(jnp.float32(t)) == 0.0)
+    except jax.errors.ConcretizationTypeError:
+        return False
+
+
+def data_first_order(process, x, x0, t, s, noise_rate=0.0, noise=None):
+    """x_s = (sigma_s/sigma_t) e^{-eta h} x_t + alpha_s (1 - e^{-(1+eta) h}) x0 [+ sigma_s sqrt(1 - e^{-2 eta h}) z]:
+    DPM-Solver++(1) (= DDIM) for eta = 0, its SDE version (SA-Solver, SDE-DPM-Solver++) for
+    eta > 0. e^{-h} = alpha_t sigma_s / (sigma_t alpha_s) comes from the process, so alpha_t = 0
+    (lam_t = -inf) needs no clipping."""
+    alpha_t, sigma_t = process.alpha(t), process.sigma(t)
+    alpha_s, sigma_s = process.alpha(s), process.sigma(s)
+    decay = alpha_t * sigma_s / (sigma_t * alpha_s)  # e^{-h}
+    keep = decay**noise_rate  # e^{-eta h}
+    b = lambda c: broadcast_to_data(c, x)  # noqa: E731
+    out = b(sigma_s / sigma_t * keep) * x + b(alpha_s * (1.0 - decay * keep)) * x0
+    if noise is not None:
+        out = out + b(sigma_s * jnp.sqrt(jnp.maximum(1.0 - keep**2, 0.0))) * noise
+    return out
+
+
+class PredictorCorrector:
+    """Mixin for multistep predictor-corrector solvers (UniPC, SA-Solver) that evaluate the network
+    once per step, at the *predicted* point: the evaluation feeds the corrector of this step and the
+    history of the next (Zhao et al. 2023, Alg. 1). The first evaluation (at the prior sample) is in
+    `init`; the last step skips it (and so the corrector). NFE = steps.
+
+    Subclasses define `order`, `lower_order_final`, `_corrects`, `_predict` and `_correct`, and
+    `_history_size`.
+    """
+
+    def init(self, denoiser, x, ts):
+        x0, _ = denoiser.predict(x, ts[0])
+        k = self._history_size()
+        history = jnp.zeros((k,) + x.shape, x.dtype).at[0].set(x0)
+        lams = jnp.zeros((k,), jnp.float32).at[0].set(half_log_snr(denoiser.process, ts[0]))
+        return history, lams
+
+    def phases(self, steps):
+        orders = multistep_orders(steps, self.order, self.lower_order_final)
+        phases = order_phases(orders[:-1], evaluate=True) + order_phases(orders[-1:], evaluate=False)
+        return phases
+
+    def nfe(self, steps):
+        return steps
+
+    def _noise(self, key, x):
+        return None
+
+    def step(self, denoiser, x, state, t, t_next, key, order, evaluate):
+        process = denoiser.process
+        history, lams = state
+        lam_t, lam_s = half_log_snr(process, t), half_log_snr(process, t_next)
+        noise = self._noise(key, x)
+        x_pred = self._predict(process, x, history, lams, t, t_next, lam_t, lam_s, order, noise)
+        if not evaluate:
+            return x_pred, state
+        x0_new, _ = denoiser.predict(x_pred, t_next)
+        x_new = x_pred
+        if self._corrects:
+            x_new = self._correct(process, x, history, lams, x0_new, t, t_next, lam_t, lam_s, order, noise)
+        return x_new, (push(history, x0_new), push(lams, lam_s))

@@ -1,0 +1,219 @@
+"""Sampler accuracy against exact answers: every solver x grid at 5, 10, 20 and 50 NFE.
+
+The exact x0-denoiser of the 16-D mixture of 4 separated isotropic Gaussians (stds 0.05, 0.1, 0.25,
+0.5; weights 0.1..0.4; `diffjax.data.toy.benchmark_mixture`) under the discrete DDPM chain (linear
+betas 1e-4..0.02, 1000 steps, t_min = 1/1000). For each configuration: 100k samples, the mixture-
+weight error (sum of |w_hat - w|, samples assigned to their most probable component) and the worst
+relative error of a component's standard deviation. NFE counts every network evaluation including
+the final denoising at t_min; a solver whose NFE per step does not divide NFE - 1 gets the largest
+number of steps that stays within the budget (the table shows the NFE actually used).
+
+    python experiments/benchmarks/sampler_accuracy.py               # full table (~15 min on 2 CPUs)
+    python experiments/benchmarks/sampler_accuracy.py --quick       # 20k samples, NFE 10 only
+
+Prints a table; writes experiments/results/sampler_accuracy.json (device, versions, date, rows) and
+experiments/results/sampler_accuracy.md (the commit-ready table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from diffjax import processes as P  # noqa: E402
+from diffjax.data.toy import benchmark_mixture  # noqa: E402
+from diffjax.samplers import DEFAULT_GRID, DEFAULT_SOLVER, make_solver, optimize_grid, sample  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
+
+# (label, solver name, options); the first row is the default of sample().
+SOLVERS = [
+    ("unipc-3 bh2 (default)", "unipc", {}),
+    ("unipc-2 bh2", "unipc", {"order": 2}),
+    ("unipc-3 bh1", "unipc", {"variant": "bh1"}),
+    ("dpm++ 2M", "dpm_solver++", {"order": 2}),
+    ("dpm++ 3M", "dpm_solver++", {"order": 3}),
+    ("dpm-solver-3 (single-step)", "dpm_solver", {"order": 3}),
+    ("dpm-solver-2 (single-step)", "dpm_solver", {"order": 2}),
+    ("deis-3 (rhoAB)", "deis", {"order": 3}),
+    ("sa-solver 3/3 tau=0", "sa_solver", {"order": 3, "corrector_order": 3, "tau": 0.0}),
+    ("ddim", "ddim", {}),
+    ("euler (t)", "euler", {}),
+    ("heun (t)", "heun", {}),
+    ("edm heun", "edm_heun", {}),
+    ("dpm++ 2M sde", "dpm_solver++_sde", {}),
+    ("sa-solver 2/2 tau=1", "sa_solver", {}),
+    ("edm stochastic", "edm", {}),
+    ("ancestral", "ancestral", {}),
+    ("euler-maruyama", "euler_maruyama", {}),
+    ("pc langevin snr=0.16", "pc", {}),
+]
+GRIDS = ["logsnr", "karras", "uniform", "quadratic"]
+
+
+def steps_for(solver, nfe: int) -> int:
+    """The most steps whose NFE (with the final denoising) stays within `nfe`."""
+    steps = 0
+    while solver.nfe(steps + 1) + 1 <= nfe:
+        steps += 1
+    return steps
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "numpy", "optax"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def device() -> str:
+    d = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    return f"{d.platform} ({d.device_kind}), {os.cpu_count()} cores, {cpu}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="20k samples, NFE 10 only, no optimized grids")
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the saved .json")
+    args = parser.parse_args()
+    if args.markdown_only:
+        with open(os.path.join(RESULTS, "sampler_accuracy.json")) as f:
+            meta = json.load(f)
+        nfes = sorted({r["nfe_budget"] for r in meta["rows"] if r["name"] != "adaptive"})
+        with open(os.path.join(RESULTS, "sampler_accuracy.md"), "w") as f:
+            f.write(markdown(meta["rows"], nfes, meta["samples"]))
+        return
+    n = args.samples or (20_000 if args.quick else 100_000)
+    nfes = [10] if args.quick else [5, 10, 20, 50]
+
+    ddpm = P.VP.from_betas(np.linspace(1e-4, 0.02, 1000))
+    mixture = benchmark_mixture(16)
+    denoiser = mixture.denoiser(ddpm)
+    key = jax.random.key(0)
+    rows = []
+
+    def run(label, name, options, grid, grid_label, nfe):
+        solver = make_solver(name, **options)
+        steps = 1 if name == "adaptive" else steps_for(solver, nfe)
+        if steps == 0:
+            return
+        t0 = time.perf_counter()
+        fn = jax.jit(lambda k: sample(denoiser, k, (n, 16), solver=name, steps=steps, grid=grid,
+                                      return_info=True, **options))
+        x, info = fn(key)
+        weight_error, std_error = mixture.sample_errors(x)
+        _, stds = mixture.sample_statistics(x)
+        row = dict(solver=label, name=name, options=options, grid=grid_label, nfe_budget=nfe,
+                   nfe=int(info["nfe"]), steps=steps, weight_error=weight_error, std_error=std_error,
+                   component_std_errors=[float(v) for v in stds / mixture.rms_stds() - 1],
+                   seconds=time.perf_counter() - t0)
+        rows.append(row)
+        print(f"{label:28s} {grid_label:22s} NFE {row['nfe']:3d}  weight {weight_error:.4f}  "
+              f"std {std_error:7.2%}  ({row['seconds']:.1f}s)", flush=True)
+
+    for nfe in nfes:
+        for label, name, options in SOLVERS:
+            for grid in GRIDS:
+                run(label, name, options, grid, grid, nfe)
+    for tol in ([1e-3] if args.quick else [1e-2, 1e-3, 1e-4]):
+        run(f"adaptive dopri5 tol={tol:g}", "adaptive", {"rtol": tol, "atol": tol}, "logsnr", "(own steps)", 0)
+    if not args.quick:
+        # AYS-style grids tuned *on this benchmark* by optimize_grid (not data-agnostic: for reference)
+        for nfe in nfes:
+            for label, name, options in SOLVERS[:1] + SOLVERS[3:4]:
+                solver = make_solver(name, **options)
+                steps = steps_for(solver, nfe)
+                ts = optimize_grid(denoiser, steps=steps, solver=name, solver_options=options, shape=(16,),
+                                   key=jax.random.key(1), iterations=200)
+                run(label, name, options, ts, "optimized on benchmark", nfe)
+
+    table = markdown(rows, nfes, n)
+    print(table)
+    os.makedirs(RESULTS, exist_ok=True)
+    meta = dict(
+        what="sampler accuracy on the exact denoiser of the 16-D 4-component mixture, DDPM chain",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=device(), versions=versions(), samples=n, default=f"{DEFAULT_SOLVER} / {DEFAULT_GRID}",
+        rows=rows,
+    )
+    if not args.quick:
+        with open(os.path.join(RESULTS, "sampler_accuracy.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        with open(os.path.join(RESULTS, "sampler_accuracy.md"), "w") as f:
+            f.write(table)
+
+
+NOTES = """
+## The 10-NFE target
+
+The default (UniPC-3, bh2, log-SNR grid) meets the 5-NFE target (std error <= 25 %) and is
+near-exact from 20 NFE, but at 10 NFE it reaches 0.024 / 13.5 %, not 0.015 / 5 %. No standard
+solver x grid above meets it, and neither do grids tuned on this benchmark itself: Nelder-Mead
+over the 8 interior log-SNR points of a 9-step grid, minimizing max(weight error / 0.015,
+std error / 0.05) on 50k samples, found at best UniPC-2: 0.017 / 5.5 %, UniPC-3: 0.025 / 6.1 %,
+DPM-Solver++(3M): 0.024 / 7.9 %. The two errors pull the 9 steps apart: the mixture weights are
+decided at log-SNR/2 in [-5, 1.5] (replacing the part up to 0.3 of a 9-step DPM-Solver++(2M) grid
+by 40 fine steps cuts its weight error from 0.056 to 0.0035), while the 0.05-std component needs
+its steps in [1.5, 4.6]. A grid
+optimized for Gaussian data of every scale in [0.02, 2] (worst relative std error; data-agnostic)
+gives DPM-Solver++(2M) 0.067 / 2.1 % and UniPC-2 0.052 / 2.3 % at 10 NFE: the std target is met,
+the weight error is 3-4x too large. The rows "optimized on benchmark" use `optimize_grid` (squared
+error against a 256-step reference, which weighs mode assignment over component widths).
+"""
+
+
+def markdown(rows, nfes, n) -> str:
+    lines = [
+        "# Sampler accuracy: 16-D 4-component mixture, DDPM chain (1000 linear betas)",
+        "",
+        f"Exact x0-denoiser, {n} samples; each cell is `weight error / worst std error` "
+        "(sum |w_hat - w|; max_k |s_hat_k/s_k - 1|) at the NFE budget of the column (NFE includes the",
+        "final denoising at t_min, which alone costs -1.9 % on the 0.05-std component). Issue targets for",
+        "the default: 10 NFE <= 0.015 / 5 %, 5 NFE std <= 25 %. Written by",
+        "experiments/benchmarks/sampler_accuracy.py.",
+        "",
+        "| solver | grid | " + " | ".join(f"NFE {v}" for v in nfes) + " |",
+        "|---|---|" + "---|" * len(nfes),
+    ]
+    keys = []
+    for r in rows:
+        if r["name"] == "adaptive":
+            continue
+        k = (r["solver"], r["grid"])
+        if k not in keys:
+            keys.append(k)
+    for solver, grid in keys:
+        cells = []
+        for nfe in nfes:
+            match = [r for r in rows if (r["solver"], r["grid"]) == (solver, grid) and r["nfe_budget"] == nfe]
+            if match:
+                r = match[0]
+                note = "" if r["nfe"] == nfe else f" ({r['nfe']})"
+                cells.append(f"{r['weight_error']:.3f} / {r['std_error']:.1%}{note}")
+            else:
+                cells.append("-")
+        lines.append(f"| {solver} | {grid} | " + " | ".join(cells) + " |")
+    adaptive = [r for r in rows if r["name"] == "adaptive"]
+    if adaptive:
+        lines += ["", "Adaptive Dormand-Prince 5(4) (rtol = atol = tol), NFE as reported by `info['nfe']`:", ""]
+        lines += [f"- {r['solver']}: NFE {r['nfe']}, {r['weight_error']:.4f} / {r['std_error']:.2%}" for r in adaptive]
+    return "\n".join(lines) + "\n" + NOTES
+
+
+if __name__ == "__main__":
+    main()
