@@ -31,7 +31,7 @@ DEFAULT_IMPLEMENTATION = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pa
 
 
 def flash_attention(q, k, v, *, mask=None, softmax_scale=None, implementation=None,
-                    interpret=False):
+                    interpret=False, partition_spec=None):
   """Non-causal attention softmax(scale * q k^T + bias) v, like `jax.nn.dot_product_attention`.
 
   Args:
@@ -44,6 +44,11 @@ def flash_attention(q, k, v, *, mask=None, softmax_scale=None, implementation=No
       elsewhere), "xla", "cudnn" (bfloat16 only), "pallas_gpu" or "pallas_tpu".
     interpret: run the Pallas kernel in interpret mode (on CPU); needs implementation
       "pallas_gpu" (Pallas HLO interpreter) or "pallas_tpu" (Pallas TPU interpret mode).
+    partition_spec: how q, k, v are sharded over the current mesh (`jax.set_mesh`), as a
+      PartitionSpec (batch, seq, heads, head_dim) of mesh axes. GSPMD cannot split a Pallas
+      kernel, so under a mesh the Pallas implementations run per shard inside `jax.shard_map`
+      with this spec; only batch and heads may be sharded. Ignored without a mesh and by
+      "xla"/"cudnn", which XLA partitions itself.
 
   Returns:
     (batch, seq_q, heads, head_dim) in q's dtype. Accumulation is in float32 throughout.
@@ -55,7 +60,26 @@ def flash_attention(q, k, v, *, mask=None, softmax_scale=None, implementation=No
   q, k, v, mask, scale, impl = _checked(q, k, v, mask, softmax_scale, implementation, interpret)
   if impl in ("xla", "cudnn"):
     return _dot_product_attention(q, k, v, mask, scale, impl)
-  return _pallas_attention(q, k, v, mask, scale, impl, interpret)
+  kernel = functools.partial(_pallas_attention, scale=scale, impl=impl, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if partition_spec is None or mesh.empty:
+    return kernel(q, k, v, mask)
+  return _per_shard(kernel, mesh, partition_spec, q, k, v, mask)
+
+
+def _per_shard(kernel, mesh, spec, q, k, v, mask):
+  """Run `kernel(q, k, v, mask)` on each shard: batch over spec[0], heads over spec[2]."""
+  spec = jax.sharding.PartitionSpec(*tuple(spec) + (None,) * (4 - len(tuple(spec))))
+  if spec[1] is not None or spec[3] is not None:
+    raise ValueError(f"partition_spec={spec}: flash attention needs whole sequences and head_dim "
+                     "on each device; shard only batch (axis 0) and heads (axis 2).")
+  qkv_spec = jax.sharding.PartitionSpec(spec[0], None, spec[2], None)
+  if mask is None:
+    return jax.shard_map(lambda q, k, v: kernel(q, k, v, None), mesh=mesh,
+                         in_specs=(qkv_spec,) * 3, out_specs=qkv_spec, check_vma=False)(q, k, v)
+  mask_spec = jax.sharding.PartitionSpec(spec[0], None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv_spec,) * 3 + (mask_spec,),
+                       out_specs=qkv_spec, check_vma=False)(q, k, v, mask)
 
 
 def pallas_flash_attention(q, k, v, *, mask=None, softmax_scale=None, implementation,
@@ -73,7 +97,8 @@ def pallas_flash_attention(q, k, v, *, mask=None, softmax_scale=None, implementa
     raise ValueError(f"block_sizes for {implementation!r} must be a {expected.__name__} or None; "
                      f"got {block_sizes!r}.")
   q, k, v, mask, scale, impl = _checked(q, k, v, mask, softmax_scale, implementation, interpret)
-  return _pallas_attention(q, k, v, mask, scale, impl, interpret, block_sizes)
+  return _pallas_attention(q, k, v, mask, scale=scale, impl=impl, interpret=interpret,
+                           blocks=block_sizes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +201,7 @@ class _KernelConfig:
   interpret: bool
 
 
-def _pallas_attention(q, k, v, mask, scale, impl, interpret, blocks=None):
+def _pallas_attention(q, k, v, mask, *, scale, impl, interpret, blocks=None):
   batch, seq_q, heads, head_dim = q.shape
   seq_k = k.shape[1]
   if impl == "pallas_gpu":

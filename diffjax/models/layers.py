@@ -202,6 +202,15 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
+def activation_spec(names: Names) -> jax.sharding.PartitionSpec | None:
+  """The PartitionSpec of logical activation `names` under the active mesh and rules (None when
+  no mesh or no rules are active)."""
+  rules = flax_spmd.get_logical_axis_rules()
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return None
+  return logical_to_mesh_spec(names, rules)
+
+
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "implementation"))
 def diffjax_attention(q, k, v, *, softmax_scale: float, implementation: str | None):
   """softmax(q k^T * scale) v on (batch, seq, heads, head_dim) via `diffjax.kernels.flash_attention`.
@@ -210,7 +219,8 @@ def diffjax_attention(q, k, v, *, softmax_scale: float, implementation: str | No
   and count 2 * batch * heads * seq_q * seq_k * head_dim multiply-adds whatever kernel runs inside.
   """
   from diffjax import kernels  # imported lazily: the kernels package is developed alongside
-  return kernels.flash_attention(q, k, v, softmax_scale=softmax_scale, implementation=implementation)
+  return kernels.flash_attention(q, k, v, softmax_scale=softmax_scale, implementation=implementation,
+                                 partition_spec=activation_spec(("batch", "seq", "act_heads", "act_kv")))
 
 
 class Attention(nnx.Module):

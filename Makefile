@@ -1,0 +1,27 @@
+# The two commands of the README. Both create (or reuse) a virtual environment in .venv and
+# install diffjax into it; nothing outside the repository is touched.
+#   make run    train the embedded default (8x8 digits, offline) and write samples to work/default
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+WORKDIR ?= work/default
+BIN := $(VENV)/bin
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: install
+	$(BIN)/python experiments/main.py --config=configs/default.py --workdir=$(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(WORKDIR)

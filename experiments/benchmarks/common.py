@@ -1,0 +1,60 @@
+"""Shared by the benchmarks: the environment record, tables, and writing results."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import jax
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+
+
+def environment() -> dict:
+    """Device, versions and date: stored with every result."""
+    import flax
+    import numpy
+
+    devices = jax.devices()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{devices[0].platform}:{devices[0].device_kind}",
+        "device_count": len(devices),
+        "process_count": jax.process_count(),
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
+            "flax": flax.__version__,
+            "numpy": numpy.__version__,
+        },
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict, markdown: str | None = None) -> str:
+    """Write results/<name>.json (with the environment) and, if given, results/<name>.md,
+    atomically; returns the JSON path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    payload = {"environment": environment(), **payload}
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    _atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    if markdown is not None:
+        _atomic_write(os.path.join(RESULTS_DIR, f"{name}.md"), markdown.rstrip() + "\n")
+    return path
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

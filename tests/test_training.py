@@ -1,0 +1,293 @@
+"""Training: the pure train step, exact resumption, config validation, the CLI end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from diffjax.training import ConfigError, make_train_step, train, validate_config
+from diffjax.training.checkpoint import Checkpointer
+from diffjax.training.loop import evaluate, prepare_run, sample_from_checkpoint
+from diffjax.training.state import create_train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train_overrides):
+    """The default experiment shrunk to seconds: 8x8 digits, a two-level U-Net of width 8."""
+    from configs.default import get_config
+
+    config = get_config()
+    config.data.image_size = 8
+    config.data.resize_method = "none"
+    config.model.overrides.model_channels = 8
+    config.model.overrides.channel_mult = (1, 2)
+    config.model.overrides.num_res_blocks = 1
+    config.model.overrides.attn_resolutions = (4,)
+    config.model.overrides.num_head_channels = 8
+    config.model.overrides.norm_groups = 4
+    config.optim.schedule = "constant"
+    config.optim.warmup_steps = 2
+    config.train.batch_size = 16
+    config.train.num_steps = 8
+    config.train.log_every = 2
+    config.train.checkpoint_every = 4
+    config.train.progress_bar = False
+    config.train.async_checkpointing = False
+    config.sample.num_samples = 8
+    config.sample.steps = 3
+    config.eval.batch_size = 16
+    config.eval.loss_batches = 2
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# the pure train step
+# ------------------------------------------------------------------------------------------------
+
+
+def quadratic_loss(params, key, batch):
+    del key
+    return jnp.mean((params["w"] - batch["image"]) ** 2), {}
+
+
+def test_train_step_updates_params_ema_and_counts():
+    optimizer = optax.sgd(0.1)
+    state = create_train_state({"w": jnp.zeros(3)}, optimizer, seed=0)
+    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema_decay=0.5, ema_warmup=False))
+    batch = {"image": jnp.ones((4, 3))}
+    state, metrics = step(state, batch)
+    # gradient of mean((w - 1)^2) at 0 is -2/3 per coordinate: w = 0.1 * 2/3
+    np.testing.assert_allclose(state.params["w"], np.full(3, 0.2 / 3), rtol=1e-6)
+    np.testing.assert_allclose(state.ema_params["w"], np.full(3, 0.1 / 3), rtol=1e-6)
+    assert int(state.step) == 1 and int(state.skipped_steps) == 0
+    assert float(metrics["loss"]) == pytest.approx(1.0)
+
+
+def test_ema_warmup_follows_the_early_parameters():
+    optimizer = optax.sgd(0.1)
+    state = create_train_state({"w": jnp.zeros(3)}, optimizer, seed=0)
+    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema_decay=0.999, ema_warmup=True))
+    state, _ = step(state, {"image": jnp.ones((4, 3))})
+    # step 0: decay = min(0.999, 1/10) = 0.1
+    np.testing.assert_allclose(state.ema_params["w"], 0.9 * np.asarray(state.params["w"]), rtol=1e-6)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    optimizer = optax.adam(0.1)
+    state = create_train_state({"w": jnp.zeros(3)}, optimizer, seed=0)
+    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema_decay=0.9))
+    state, _ = step(state, {"image": jnp.ones((4, 3))})
+    before = jax.tree.map(np.asarray, state)
+    for i in range(2):
+        state, metrics = step(state, {"image": jnp.full((4, 3), jnp.nan)})
+        assert int(metrics["nonfinite"]) == 1
+        assert int(state.consecutive_nonfinite) == i + 1
+    np.testing.assert_array_equal(state.params["w"], before.params["w"])
+    np.testing.assert_array_equal(state.ema_params["w"], before.ema_params["w"])
+    for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(before.opt_state)):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.skipped_steps) == 2 and int(state.step) == 3
+    state, _ = step(state, {"image": jnp.ones((4, 3))})
+    assert int(state.consecutive_nonfinite) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: train, resume, sample, eval
+# ------------------------------------------------------------------------------------------------
+
+
+def restore_final_state(config, workdir):
+    run = prepare_run(config, workdir)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.abstract_state, run.state_sharding
+    )
+    restored = run.checkpointer.restore(target)
+    run.checkpointer.close()
+    return restored
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopping after 4 steps and restarting gives bit-identical state, optimizer state and data
+    position to an uninterrupted 8-step run."""
+    straight = str(tmp_path / "straight")
+    train(tiny_config(num_steps=8), straight)
+
+    resumed = str(tmp_path / "resumed")
+    first = train(tiny_config(num_steps=4), resumed)
+    assert first["step"] == 4
+    second = train(tiny_config(num_steps=8), resumed)
+    assert second["step"] == 8
+
+    a, b = restore_final_state(tiny_config(), straight), restore_final_state(tiny_config(), resumed)
+    assert a.step == b.step == 8
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert a.data_state == b.data_state
+
+    lines = [json.loads(l) for l in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert [l["step"] for l in lines] == [2, 4, 6, 8]
+    assert os.path.exists(os.path.join(resumed, "samples", "step_0000008.png"))
+
+
+def test_sample_and_eval_modes(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(num_steps=4)
+    train(config, workdir)
+    out = sample_from_checkpoint(config, workdir)
+    images = np.load(out["npz"])["images"]
+    assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+    assert os.path.exists(out["grid"])
+    result = evaluate(config, workdir)
+    assert result["step"] == 4 and np.isfinite(result["test_loss"]) and result["split"] == "train"
+
+
+def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
+    from diffjax.training import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        sample_from_checkpoint(tiny_config(), str(tmp_path / "empty"))
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    from diffjax.training import CheckpointError
+
+    workdir = str(tmp_path / "run")
+    train(tiny_config(num_steps=2, checkpoint_every=2), workdir)
+    other = tiny_config(num_steps=4)
+    other.model.overrides.model_channels = 16
+    with pytest.raises(CheckpointError, match="incompatible config.*model"):
+        train(other, workdir)
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration errors, before anything is compiled
+# ------------------------------------------------------------------------------------------------
+
+
+def _set(config, dotted, value):
+    *path, last = dotted.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    with node.unlocked() if hasattr(node, "unlocked") else _null():
+        node[last] = value
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("process.name", "vpp", "config.process.name = 'vpp' is not allowed; expected one of"),
+        ("optim.learning_rate", -1e-3, "config.optim.learning_rate = -0.001 is not allowed; expected a positive number"),
+        ("loss.weighting", "p2", "config.loss.weighting = 'p2'"),
+        ("train.batch_size", 0, "config.train.batch_size = 0"),
+        ("train.ema_decay", 1.5, "config.train.ema_decay = 1.5"),
+        ("mesh.data", 0, "config.mesh.data = 0"),
+        ("train.num_stepz", 10, "unknown config key 'train.num_stepz'; allowed keys in train: \\[.*'num_steps'"),
+        ("modle", {}, "unknown config key 'modle'"),
+    ],
+)
+def test_bad_config_values_are_rejected(key, value, match):
+    config = tiny_config()
+    _set(config, key, value)
+    with pytest.raises(ConfigError, match=match):
+        validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "mutate, exception, match",
+    [
+        (lambda c: c.model.overrides.__setattr__("image_size", 32), ConfigError,
+         "image_size = 32 does not match the data.*expected 8"),
+        (lambda c: c.data.__setattr__("image_size", 5), ValueError, "image_size"),
+        (lambda c: c.process.options.__setattr__("beta_min", -1.0), ConfigError, "config.process"),
+        (lambda c: c.model.__setattr__("name", "unet-huge"), ConfigError, "unet-huge"),
+        (lambda c: c.sample.__setattr__("solver", "dpm++9"), ConfigError, "config.sample: unknown solver"),
+        (lambda c: c.train.__setattr__("batch_size", 12), ConfigError, "divisible by the data-parallel size"),
+        (lambda c: (c.data.__setattr__("source", "npz"), c.data.__setattr__("path", "/nonexistent/x.npz")),
+         FileNotFoundError, "/nonexistent/x.npz"),
+    ],
+)
+def test_config_errors_before_compilation(tmp_path, mutate, exception, match):
+    config = tiny_config()
+    mutate(config)
+    with pytest.raises(exception, match=match):
+        train(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        train(tiny_config(), str(blocker / "run"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------
+
+# tiny_config() as command-line flags (kept equal to it: the multi-process test compares the two).
+TINY_FLAGS = [
+    "--config.optim.schedule=constant",
+    "--config.optim.warmup_steps=2",
+    "--config.train.log_every=2",
+    "--config.train.checkpoint_every=4",
+    "--config.train.progress_bar=False",
+    "--config.train.async_checkpointing=False",
+    "--config.eval.batch_size=16",
+    "--config.eval.loss_batches=2",
+    "--config.data.image_size=8",
+    "--config.data.resize_method=none",
+    "--config.model.overrides.model_channels=8",
+    "--config.model.overrides.channel_mult=(1,2)",
+    "--config.model.overrides.num_res_blocks=1",
+    "--config.model.overrides.attn_resolutions=(4,)",
+    "--config.model.overrides.num_head_channels=8",
+    "--config.model.overrides.norm_groups=4",
+    "--config.train.batch_size=16",
+    "--config.train.num_steps=3",
+    "--config.sample.num_samples=8",
+    "--config.sample.steps=3",
+]
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "experiments", "main.py"), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+
+
+def test_cli_train_then_sample(tmp_path):
+    workdir = str(tmp_path / "cli")
+    done = run_cli(f"--workdir={workdir}", *TINY_FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"step": 3' in done.stdout and "outputs in" in done.stdout
+    sampled = run_cli(f"--workdir={workdir}", "--mode=sample", *TINY_FLAGS)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert os.path.exists(os.path.join(workdir, "samples", "sample_step_0000003.png"))
+
+
+def test_cli_reports_bad_values_clearly(tmp_path):
+    done = run_cli(f"--workdir={tmp_path}", "--config.process.name=vpp")
+    assert done.returncode == 2
+    assert "config.process.name = 'vpp' is not allowed" in done.stderr
+    unknown = run_cli(f"--workdir={tmp_path}", "--config.train.num_stepz=3")
+    assert unknown.returncode != 0 and "num_stepz" in unknown.stderr
