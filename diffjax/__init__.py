@@ -5,7 +5,7 @@ turns one network into every prediction view, denoising losses, and `sample()`. 
 kernels, training and evaluation live in their own sub-packages and are imported on demand.
 """
 
-from diffjax import denoisers, losses, processes, samplers
+from diffjax import denoisers, likelihood, losses, processes, samplers
 from diffjax.denoisers import Denoiser, EDMPreconditioning
 from diffjax.losses import denoising_loss
 from diffjax.processes import (
@@ -28,6 +28,7 @@ __all__ = [
     "denoisers",
     "losses",
     "samplers",
+    "likelihood",
     "Denoiser",
     "EDMPreconditioning",
     "denoising_loss",

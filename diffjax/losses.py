@@ -43,7 +43,7 @@ from diffjax.denoisers import (
     from_x0_eps,
     to_x0_eps,
 )
-from diffjax.processes import LOG_SNR_CLIP, GaussianProcess
+from diffjax.processes import LOG_SNR_CLIP, GaussianProcess, is_finite_real
 
 __all__ = [
     "TARGETS",
@@ -207,13 +207,13 @@ class LossConfig:
             raise ValueError(f"unknown weighting {self.weighting!r}; known weightings: {list(WEIGHTINGS)}")
         if self.time_sampler not in TIME_SAMPLERS:
             raise ValueError(
-                f"unknown time sampler {self.time_sampler!r}; known: {list(TIME_SAMPLERS)}"
+                f"unknown time sampler {self.time_sampler!r} (time_sampler); known: {list(TIME_SAMPLERS)}"
             )
         _check_options("weighting", self.weighting, dict(self.weighting_options), _WEIGHTING_OPTIONS)
         _check_options(
             "time sampler", self.time_sampler, dict(self.time_sampler_options), _SAMPLER_OPTIONS
         )
-        if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
+        if not (is_finite_real(self.sigma_data) and self.sigma_data > 0):
             raise ValueError(f"sigma_data must be a positive number, got {self.sigma_data!r}")
 
     @property
@@ -230,9 +230,44 @@ def _check_options(kind, name, options, allowed_table):
         raise ValueError(
             f"unknown option(s) {sorted(unknown)} for {kind} {name!r}; allowed: {sorted(allowed) or 'none'}"
         )
-    for key in ("gamma", "std"):
-        if key in options and not options[key] > 0:
-            raise ValueError(f"{kind} {name!r} option {key} must be positive, got {options[key]!r}")
+    for key, value in options.items():
+        if key == "antithetic":
+            valid, expected = isinstance(value, bool), "True or False"
+        elif key in ("gamma", "std"):
+            valid, expected = is_finite_real(value) and value > 0, "positive"
+        else:
+            valid, expected = is_finite_real(value), "a finite number"
+        if not valid:
+            raise ValueError(f"{kind} {name!r} option {key} must be {expected}, got {value!r:.100}")
+
+
+def _check_loss_arguments(apply_fn, process, weighting_options, time_sampler_options, data_key, rng_arg) -> None:
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+    if not isinstance(process, GaussianProcess):
+        raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
+    for name, options in (("weighting_options", weighting_options), ("time_sampler_options", time_sampler_options)):
+        if not (options is None or isinstance(options, dict) and all(isinstance(k, str) for k in options)):
+            raise TypeError(f"{name} must be a dict of named options or None, got {options!r:.100}")
+    if not isinstance(data_key, str):
+        raise TypeError(f"data_key must be a str, got {data_key!r:.100}")
+    if not (rng_arg is None or isinstance(rng_arg, str)):
+        raise TypeError(f"rng_arg must be a str or None, got {rng_arg!r:.100}")
+
+
+def _condition_map(cond_keys) -> dict:
+    """{argument name: batch key} from a sequence of keys or a dict."""
+    if isinstance(cond_keys, dict):
+        pairs = list(cond_keys.items())
+    elif isinstance(cond_keys, (list, tuple)):
+        pairs = [(k, k) for k in cond_keys]
+    else:
+        pairs = [(None, None)]
+    if not all(isinstance(a, str) and isinstance(k, str) for a, k in pairs):
+        raise TypeError(
+            f"cond_keys must be a sequence of batch keys or a dict {{argument: key}}, got {cond_keys!r:.100}"
+        )
+    return dict(pairs)
 
 
 def denoising_loss(
@@ -273,6 +308,8 @@ def denoising_loss(
 
     aux holds "mse" (unweighted target MSE) and "weight_mean".
     """
+    _check_loss_arguments(apply_fn, process, weighting_options, time_sampler_options, data_key, rng_arg)
+    cond_map = _condition_map(cond_keys)
     config = LossConfig(
         prediction,
         target,
@@ -282,10 +319,7 @@ def denoising_loss(
         tuple(sorted((weighting_options or {}).items())),
         tuple(sorted((time_sampler_options or {}).items())),
     )
-    t_min = process.t_min if t_min is None else float(t_min)
-    t_max = process.t_max if t_max is None else float(t_max)
-    process.check_times(t_min, t_max)
-    cond_map = dict(cond_keys) if isinstance(cond_keys, dict) else {k: k for k in cond_keys}
+    t_min, t_max = process.resolve_times(t_min, t_max)
     target = config.resolved_target
 
     def loss_fn(params, key, batch):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import ClassVar
 
 import jax
@@ -51,12 +52,48 @@ def _static_dataclass(cls):
     return jax.tree_util.register_dataclass(cls, data_fields=[], meta_fields=fields)
 
 
+def is_finite_real(value) -> bool:
+    """A finite Python or NumPy real number (not a bool, not an array)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_number(name: str, value) -> float:
+    """`value` (a number or a concrete 0-d array) as a float; ValueError naming `name` unless it
+    is a finite real number."""
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and not isinstance(value, jax.core.Tracer):
+        value = value.item()
+    if not is_finite_real(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r:.100}")
+    return float(value)
+
+
+def matches_annotation(annotation: str, value) -> bool:
+    """Whether `value` has the type a dataclass field's annotation string names ("int", "float",
+    "bool", "str", "None", "tuple[int, ...]" and unions of them); other annotations match anything."""
+    def matches(a: str, v) -> bool:
+        if a.startswith("tuple["):
+            inner = a[len("tuple["):-1].split(",")[0].strip()
+            return isinstance(v, (tuple, list)) and all(matches(inner, x) for x in v)
+        return {
+            "None": lambda: v is None,
+            "bool": lambda: isinstance(v, bool),
+            "int": lambda: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda: isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v),
+            "str": lambda: isinstance(v, str),
+            "tuple": lambda: isinstance(v, (tuple, list)),
+        }.get(a, lambda: True)()
+
+    return any(matches(a.strip(), value) for a in str(annotation).split("|"))
+
+
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not (is_finite_real(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r:.100}")
 
 
 def _check_range(t_min: float, t_max: float, lo: float, hi: float, cls_name: str) -> None:
+    check_number(f"{cls_name} t_min", t_min)
+    check_number(f"{cls_name} t_max", t_max)
     if not (lo <= t_min < t_max <= hi):
         raise ValueError(
             f"{cls_name}: need {lo} <= t_min < t_max <= {hi}, got t_min={t_min!r}, t_max={t_max!r}"
@@ -152,11 +189,20 @@ class GaussianProcess:
     # -- validation --------------------------------------------------------------------------
     def check_times(self, t_min: float, t_max: float) -> None:
         """Raise ValueError unless self.t_min <= t_min < t_max <= self.t_max."""
+        check_number("t_min", t_min)
+        check_number("t_max", t_max)
         if not (self.t_min <= t_min < t_max <= self.t_max):
             raise ValueError(
-                f"time range [{t_min}, {t_max}] is outside {type(self).__name__}'s range "
+                f"time range t_min, t_max = [{t_min}, {t_max}] is outside {type(self).__name__}'s range "
                 f"[{self.t_min}, {self.t_max}] (or empty)"
             )
+
+    def resolve_times(self, t_min=None, t_max=None) -> tuple[float, float]:
+        """(t_min, t_max) as floats, None meaning the process's own; checked by `check_times`."""
+        t_min = self.t_min if t_min is None else check_number("t_min", t_min)
+        t_max = self.t_max if t_max is None else check_number("t_max", t_max)
+        self.check_times(t_min, t_max)
+        return float(t_min), float(t_max)
 
 
 def broadcast_to_data(coef, x):
@@ -195,6 +241,12 @@ def _check_linear_beta(process) -> None:
         raise ValueError(f"{name} needs t_min > 0 (sigma(0) = 0), got {process.t_min}")
 
 
+def _linear_beta_log_alpha(process, t):
+    """log alpha(t) = -1/2 int_0^t beta for beta(t) = beta_min + t (beta_max - beta_min)."""
+    t = jnp.asarray(t, jnp.float32)
+    return -0.5 * (0.5 * (process.beta_max - process.beta_min) * t**2 + process.beta_min * t)
+
+
 @_static_dataclass
 class VP(GaussianProcess):
     """Variance-preserving SDE with linear beta (Song et al. 2021; DDPM in continuous time).
@@ -212,11 +264,8 @@ class VP(GaussianProcess):
     def __post_init__(self):
         _check_linear_beta(self)
 
-    def _integral_beta(self, t):
-        return 0.5 * (self.beta_max - self.beta_min) * t**2 + self.beta_min * t
-
     def log_alpha(self, t):
-        return -0.5 * self._integral_beta(jnp.asarray(t, jnp.float32))
+        return _linear_beta_log_alpha(self, t)
 
     def alpha(self, t):
         return jnp.exp(self.log_alpha(t))
@@ -256,7 +305,10 @@ class DiscreteVP(GaussianProcess):
 
     @classmethod
     def from_betas(cls, betas, t_min=None, t_max=1.0) -> "DiscreteVP":
-        betas_np = np.asarray(betas, np.float64)
+        try:
+            betas_np = np.asarray(betas, np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"betas must be a 1-D array of numbers, got {betas!r:.100}") from err
         if betas_np.ndim != 1 or betas_np.size < 2:
             raise ValueError(f"betas must be a 1-D array of length >= 2, got shape {betas_np.shape}")
         if not np.all((betas_np > 0) & (betas_np < 1)):
@@ -265,9 +317,9 @@ class DiscreteVP(GaussianProcess):
             )
         n = betas_np.size
         log_alpha_bar = np.concatenate([[0.0], np.cumsum(np.log1p(-betas_np))])
-        t_min = 1.0 / n if t_min is None else float(t_min)
+        t_min = 1.0 / n if t_min is None else t_min
         _check_range(t_min, t_max, 1.0 / n, 1.0, "DiscreteVP")
-        return cls(jnp.asarray(log_alpha_bar, jnp.float32), t_min=t_min, t_max=float(t_max))
+        return cls(jnp.asarray(log_alpha_bar, jnp.float32), t_min=float(t_min), t_max=float(t_max))
 
     @property
     def num_steps(self) -> int:
@@ -310,7 +362,7 @@ class CosineVP(GaussianProcess):
     name: ClassVar[str] = "cosine"
 
     def __post_init__(self):
-        if not (isinstance(self.s, (int, float)) and 0 <= self.s < 1):
+        if not (is_finite_real(self.s) and 0 <= self.s < 1):
             raise ValueError(f"CosineVP offset s must lie in [0, 1), got {self.s!r}")
         _check_range(self.t_min, self.t_max, 0.0, 1.0, "CosineVP")
         if self.t_min <= 0:
@@ -360,8 +412,7 @@ class SubVP(GaussianProcess):
         _check_linear_beta(self)
 
     def log_alpha(self, t):
-        t = jnp.asarray(t, jnp.float32)
-        return -0.5 * (0.5 * (self.beta_max - self.beta_min) * t**2 + self.beta_min * t)
+        return _linear_beta_log_alpha(self, t)
 
     def alpha(self, t):
         return jnp.exp(self.log_alpha(t))
@@ -501,8 +552,8 @@ PROCESSES = {
 
 def get_process(name: str, **kwargs) -> GaussianProcess:
     """Build a process by name. "ddpm" takes `betas` or (`beta_start`, `beta_end`, `num_steps`)."""
-    if name not in PROCESSES:
-        raise ValueError(f"unknown process {name!r}; known processes: {sorted(PROCESSES)}")
+    if not isinstance(name, str) or name not in PROCESSES:
+        raise ValueError(f"unknown process {name!r:.100}; known processes: {sorted(PROCESSES)}")
     if name == "ddpm":
         if "betas" in kwargs:
             betas = kwargs.pop("betas")

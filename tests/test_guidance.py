@@ -10,6 +10,7 @@ from diffjax import processes as P
 from diffjax.data.toy import gaussian
 from diffjax.denoisers import Denoiser, autoguidance, classifier_free_guidance, guided
 from diffjax.samplers import SOLVERS, sample
+from helpers import CountingNetwork
 
 PROCESS = P.VP()
 COND = gaussian([1.0, -0.5], [0.4, 0.4])
@@ -87,13 +88,6 @@ def test_guided_denoiser_mixes_prediction_types():
     )
 
 
-class CountingNetwork:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return x
 
 
 @pytest.mark.parametrize(

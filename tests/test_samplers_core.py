@@ -10,6 +10,7 @@ from diffjax import processes as P
 from diffjax.data.toy import benchmark_mixture, gaussian
 from diffjax.denoisers import Denoiser
 from diffjax.samplers import GRIDS, SOLVERS, make_grid, sample
+from helpers import CountingNetwork
 
 DDPM = P.VP.from_betas(np.linspace(1e-4, 0.02, 1000))
 MIXTURE = benchmark_mixture(16)
@@ -159,15 +160,6 @@ def test_explicit_grid():
         sample(denoiser, jax.random.key(0), (8, 16), steps=4, grid=ts)
 
 
-class CountingNetwork:
-    """Records every call so a test can show that validation happened before tracing."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return x
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from diffjax import processes as P
 from diffjax.data.toy import gaussian
 from diffjax.denoisers import PREDICTIONS, Denoiser, PathCoefficients, from_x0_eps
 from diffjax.samplers import SOLVERS, optimize_grid, sample
+from helpers import CountingNetwork
 
 GAUSSIAN = gaussian([0.3, -0.2], [0.5, 0.2])
 
@@ -256,13 +257,6 @@ def test_optimize_grid_reduces_the_error_and_returns_a_usable_grid():
 # ------------------------------------------------------------------------------------------------
 
 
-class CountingNetwork:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return x
 
 
 @pytest.mark.parametrize(

@@ -40,10 +40,11 @@ def tiny_config(**train_overrides):
     config.train.checkpoint_every = 4
     config.train.progress_bar = False
     config.train.async_checkpointing = False
-    config.sample.num_samples = 8
+    config.sample.num_samples = 6  # not a multiple of the 8 devices: the sampler pads
     config.sample.steps = 3
     config.eval.batch_size = 16
     config.eval.loss_batches = 2
+    config.eval.fid = False
     for key, value in train_overrides.items():
         config.train[key] = value
     return config
@@ -144,10 +145,35 @@ def test_sample_and_eval_modes(tmp_path):
     train(config, workdir)
     out = sample_from_checkpoint(config, workdir)
     images = np.load(out["npz"])["images"]
-    assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+    assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
     assert os.path.exists(out["grid"])
     result = evaluate(config, workdir)
     assert result["step"] == 4 and np.isfinite(result["test_loss"]) and result["split"] == "train"
+    assert "fid" not in result and "bits_per_dim" not in result
+
+
+def test_eval_mode_reports_fid_kid_and_bits_per_dim(tmp_path, monkeypatch):
+    """--mode eval with FID (a randomly initialised Inception stands in for the downloaded weights)
+    and bits/dim by the ODE and written to eval_step_*.json."""
+    from diffjax import evaluation
+
+    monkeypatch.setattr(evaluation, "load_inception_params",
+                        lambda path=None: evaluation.init_inception_params(jax.random.key(0)))
+    workdir = str(tmp_path / "run")
+    config = tiny_config(num_steps=2)
+    train(config, workdir)
+    config.eval.fid = True
+    config.eval.num_samples = 16
+    config.eval.bits_per_dim_examples = 8
+    config.eval.batch_size = 8
+    monkeypatch.setenv("DIFFJAX_CACHE", str(tmp_path / "cache"))
+    result = evaluate(config, workdir)
+    assert np.isfinite(result["fid"]) and result["fid"] > 0 and result["num_reference"] == 16
+    assert np.isfinite(result["kid_x1e3"])
+    bpd = result["bits_per_dim"]
+    assert bpd["examples"] == 8 and bpd["failed"] == 0 and 0 < bpd["bits_per_dim"] < 100
+    saved = json.load(open(os.path.join(workdir, "eval_step_0000002.json")))
+    assert saved["fid"] == result["fid"]
 
 
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
@@ -220,6 +246,7 @@ def test_bad_config_values_are_rejected(key, value, match):
         (lambda c: c.model.__setattr__("name", "unet-huge"), ConfigError, "unet-huge"),
         (lambda c: c.sample.__setattr__("solver", "dpm++9"), ConfigError, "config.sample: unknown solver"),
         (lambda c: c.train.__setattr__("batch_size", 12), ConfigError, "divisible by the data-parallel size"),
+        (lambda c: c.sample.__setattr__("guidance_scale", 3.0), ConfigError, "guidance_scale = 3.0 needs a class-conditional"),
         (lambda c: (c.data.__setattr__("source", "npz"), c.data.__setattr__("path", "/nonexistent/x.npz")),
          FileNotFoundError, "/nonexistent/x.npz"),
     ],
@@ -230,6 +257,34 @@ def test_config_errors_before_compilation(tmp_path, mutate, exception, match):
     with pytest.raises(exception, match=match):
         train(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+
+
+def test_guidance_scale_guides_against_the_null_class():
+    """The sampling denoiser of a class-conditional model is D_null + s (D_label - D_null): scale 0 is
+    the model given the null class (label dropout's), scale 1 the conditional model."""
+    from diffjax import data as data_lib
+    from diffjax.training.build import build_model_spec, build_process, make_denoiser, sampling_denoiser
+
+    config = tiny_config()
+    config.model.class_conditional = True
+    config.train.label_dropout = 0.1
+    process = build_process(config)
+    spec = build_model_spec(config, data_lib.dataset_info(config.data), process)
+    params = jax.tree.map(lambda p: p + 0.05, spec.init_params())  # non-zero output layers
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    t = jnp.full((4,), 1.0)
+
+    def x0(scale, labels=None):
+        config.sample.guidance_scale = scale
+        if labels is not None:
+            return make_denoiser(config, spec.apply, params, process, labels).x0(x, t)
+        return sampling_denoiser(config, spec, params, process, 4).x0(x, t)
+
+    conditional, null = x0(1.0, jnp.arange(4) % spec.num_classes), x0(1.0, jnp.full((4,), spec.num_classes))
+    assert float(jnp.max(jnp.abs(conditional - null))) > 1e-4  # the label matters
+    np.testing.assert_allclose(x0(1.0), conditional, atol=1e-6)
+    np.testing.assert_allclose(x0(0.0), null, atol=1e-6)
+    np.testing.assert_allclose(x0(3.0), null + 3.0 * (conditional - null), atol=1e-5)
 
 
 def test_unwritable_workdir(tmp_path):
@@ -253,6 +308,7 @@ TINY_FLAGS = [
     "--config.train.async_checkpointing=False",
     "--config.eval.batch_size=16",
     "--config.eval.loss_batches=2",
+    "--config.eval.fid=False",
     "--config.data.image_size=8",
     "--config.data.resize_method=none",
     "--config.model.overrides.model_channels=8",
@@ -263,7 +319,7 @@ TINY_FLAGS = [
     "--config.model.overrides.norm_groups=4",
     "--config.train.batch_size=16",
     "--config.train.num_steps=3",
-    "--config.sample.num_samples=8",
+    "--config.sample.num_samples=6",
     "--config.sample.steps=3",
 ]
 

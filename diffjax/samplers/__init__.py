@@ -29,8 +29,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax.denoisers import Denoiser
+from diffjax.processes import matches_annotation
 from diffjax.samplers.base import Phase, Solver
 from diffjax.samplers.adaptive import Adaptive
 from diffjax.samplers.dpm_solver import DPMSolver, DPMSolverPP, DPMSolverPPSDE
@@ -74,8 +76,8 @@ def make_solver(solver: str | Solver, **options) -> Solver:
         if options:
             raise ValueError(f"options {sorted(options)} given with a solver instance; set them on it")
         return solver
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; known solvers: {sorted(SOLVERS)}")
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r:.100}; known solvers: {sorted(SOLVERS)}")
     cls = SOLVERS[solver]
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = set(options) - allowed
@@ -84,7 +86,37 @@ def make_solver(solver: str | Solver, **options) -> Solver:
             f"unknown option(s) {sorted(unknown)} for solver {solver!r}; "
             f"allowed: {sorted(allowed) or 'none'}"
         )
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in options.items():  # options are static Python values of their field's type
+        if not matches_annotation(types[name], value):
+            raise TypeError(f"option {name} of solver {solver!r} must be of type {types[name]}, got {value!r:.100}")
     return cls(**options)
+
+
+def _check_key(key) -> None:
+    """A typed key (jax.random.key) or raw uint32 key data (jax.random.PRNGKey), one key."""
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if typed and key.shape == ():
+        return
+    if not typed and isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.ndim == 1:
+        return
+    raise TypeError(f"key must be one jax.random.key (or jax.random.PRNGKey data), got {key!r:.100}; "
+                    "for a batch of keys, vmap sample() over them")
+
+
+def _make_grid(grid, process, steps: int, t_min: float, t_max: float, grid_options):
+    check_grid(grid)
+    if not (grid_options is None or isinstance(grid_options, dict)):
+        raise TypeError(f"grid_options must be a dict or None, got {grid_options!r:.100}")
+    if not isinstance(grid, str):
+        try:
+            grid = np.asarray(grid, np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"grid must be a name in {sorted(GRIDS)} or an array of times, got {grid!r:.100}") from err
+    try:
+        return make_grid(grid, process, steps, t_min, t_max, **(grid_options or {}))
+    except (TypeError, ValueError) as err:  # bad option values: name them
+        raise ValueError(f"grid {grid!r:.100} with grid_options {grid_options!r:.200}: {err}") from err
 
 
 def _check_shape(shape) -> tuple[int, ...]:
@@ -181,19 +213,17 @@ def sample(
     """
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be a diffjax.Denoiser, got {type(denoiser).__name__}")
+    _check_key(key)
     shape = _check_shape(shape)
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     solver = make_solver(DEFAULT_SOLVER if solver is None else solver, **solver_options)
     grid = DEFAULT_GRID if grid is None else grid
-    check_grid(grid)
     process = denoiser.process
-    t_min = process.t_min if t_min is None else float(t_min)
-    t_max = process.t_max if t_max is None else float(t_max)
-    process.check_times(t_min, t_max)
+    t_min, t_max = process.resolve_times(t_min, t_max)
     solver.check(process, steps, t_min, t_max)
     solver = solver.prepare(process, steps, t_min, t_max)
-    ts = make_grid(grid, process, steps, t_min, t_max, **(grid_options or {}))
+    ts = _make_grid(grid, process, steps, t_min, t_max, grid_options)
     _check_prediction_is_defined(denoiser, t_max)
     _check_network_output(denoiser, shape)
 

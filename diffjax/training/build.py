@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffjax import losses, models
-from diffjax.denoisers import Denoiser, EDMPreconditioning
+from diffjax.denoisers import Denoiser, EDMPreconditioning, classifier_free_guidance
 from diffjax.processes import GaussianProcess, get_process
 from diffjax.samplers import sample
 from diffjax.training.config import ConfigError
@@ -23,6 +23,7 @@ __all__ = [
     "build_loss",
     "label_dropout_transform",
     "make_denoiser",
+    "sampling_denoiser",
     "make_sample_fn",
 ]
 
@@ -186,16 +187,27 @@ def sampling_kwargs(config) -> dict:
     )
 
 
-def make_sample_fn(config, spec: ModelSpec, process: GaussianProcess, image_shape) -> Callable:
-    """sample_fn(params, key, num) -> images (num, H, W, C) in data space, jittable with num static.
+def sampling_denoiser(config, spec: ModelSpec, params, process: GaussianProcess, num: int) -> Denoiser:
+    """The denoiser that sample() runs for `num` images. Class-conditional models get labels
+    0, 1, ..., cycling over the classes (so a grid shows every class in order), with
+    classifier-free guidance at config.sample.guidance_scale (1 = none) against the null class."""
+    if not spec.conditional:
+        return make_denoiser(config, spec.apply, params, process)
+    labels = jnp.arange(num, dtype=jnp.int32) % spec.num_classes
+    denoiser = make_denoiser(config, spec.apply, params, process, labels)
+    scale = float(config.sample.guidance_scale)
+    if scale == 1.0:
+        return denoiser
+    null = jnp.full_like(labels, spec.num_classes)  # the class that label dropout trains
+    return classifier_free_guidance(denoiser, make_denoiser(config, spec.apply, params, process, null), scale)
 
-    Class-conditional models get labels 0, 1, ..., cycling over the classes (so a grid shows every
-    class in order)."""
+
+def make_sample_fn(config, spec: ModelSpec, process: GaussianProcess, image_shape) -> Callable:
+    """sample_fn(params, key, num) -> images (num, H, W, C) in data space, jittable with num static."""
     kwargs = sampling_kwargs(config)
 
     def sample_fn(params, key, num: int):
-        labels = jnp.arange(num, dtype=jnp.int32) % spec.num_classes if spec.conditional else None
-        denoiser = make_denoiser(config, spec.apply, params, process, labels)
+        denoiser = sampling_denoiser(config, spec, params, process, num)
         return sample(denoiser, key, (num, *image_shape), **kwargs)
 
     return sample_fn
@@ -203,6 +215,12 @@ def make_sample_fn(config, spec: ModelSpec, process: GaussianProcess, image_shap
 
 def check_sampling_config(config, process: GaussianProcess, spec: ModelSpec, image_shape) -> None:
     """Validate config.sample by tracing sample() once with abstract inputs (no compilation)."""
+    if float(config.sample.guidance_scale) != 1.0 and not spec.conditional:
+        raise ConfigError(
+            f"config.sample.guidance_scale = {config.sample.guidance_scale} needs a class-conditional "
+            "model trained with label dropout (model.class_conditional=True, train.label_dropout > 0); "
+            "use 1.0 for this unconditional model"
+        )
     sample_fn = make_sample_fn(config, spec, process, image_shape)
     try:
         jax.eval_shape(lambda p, k: sample_fn(p, k, 2), spec.abstract_params, jax.random.key(0))

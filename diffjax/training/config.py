@@ -9,19 +9,22 @@ sample.solver_options) are checked by the functions that consume them, also up f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import shutil
 
 import ml_collections
 
 from diffjax import losses
-from diffjax.processes import PROCESSES
+from diffjax.processes import PROCESSES, matches_annotation
 from diffjax.training.sharding import DEFAULT_RULES
 
 __all__ = [
     "base_config",
     "validate_config",
     "check_workdir",
+    "check_free_space",
     "process_options",
     "model_overrides",
     "ConfigError",
@@ -101,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpointing = True
     c.train.nonfinite_policy = "skip"  # skip | stop: what a non-finite loss or gradient does
     c.train.max_consecutive_nonfinite = 10  # "skip" stops after this many in a row
+    c.train.inject_nonfinite_at = ()  # fault injection for tests: steps whose batch is made NaN
     c.train.progress_bar = True
 
     c.sample = ml_collections.ConfigDict()
@@ -113,7 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.grid_options = ml_collections.ConfigDict()
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.num_samples = 1000  # samples for FID/KID
+    c.eval.fid = True  # FID/KID in --mode eval (needs the Inception weights)
+    c.eval.num_samples = 1000  # samples for FID/KID, and images of the evaluation split they are compared with
     c.eval.batch_size = 256
     c.eval.loss_batches = 20  # batches of the test split for the test loss
     c.eval.bits_per_dim_examples = 0  # 0 = skip bits/dim
@@ -211,8 +216,12 @@ def _require(condition: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"config.{key} = {value!r} is not allowed; expected {allowed}")
 
 
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _int(value) and value > 0
 
 
 def _finite_number(value) -> bool:
@@ -222,7 +231,26 @@ def _finite_number(value) -> bool:
 def validate_config(config) -> None:
     """Raise ConfigError for unknown keys or bad values (cheap: nothing is built or compiled)."""
     _check_known_keys(config)
-    _require(config.process.name in PROCESSES, "process.name", config.process.name, f"one of {sorted(PROCESSES)}")
+    from diffjax.models import PRESETS as MODEL_PRESETS
+
+    for key in FREE_FORM_KEYS:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        _require(isinstance(value, (dict, ml_collections.ConfigDict)), key, value, "a dict of options")
+    _require(all(isinstance(v, str) for v in config.mesh.rules.values()), "mesh.rules", dict(config.mesh.rules),
+             "mesh axis names as strings, e.g. 'fsdp' or 'data,fsdp'")
+    _require(_int(config.seed) and abs(config.seed) < 2**63, "seed", config.seed, "an int")
+    _require(isinstance(config.process.name, str) and config.process.name in PROCESSES, "process.name",
+             config.process.name, f"one of {sorted(PROCESSES)}")
+    _require(isinstance(config.model.name, str) and config.model.name in MODEL_PRESETS, "model.name",
+             config.model.name, f"one of {list(MODEL_PRESETS)}")
+    _require(isinstance(config.model.class_conditional, bool), "model.class_conditional",
+             config.model.class_conditional, "True or False")
+    fields = {f.name: f.type for f in dataclasses.fields(MODEL_PRESETS[config.model.name])}
+    for key, value in config.model.overrides.items():  # unknown keys: the model lists the allowed ones
+        if key in fields:
+            _require(matches_annotation(fields[key], value), f"model.overrides.{key}", value, f"a {fields[key]}")
 
     loss = config.loss
     _require(loss.prediction in losses.LOSS_PREDICTIONS, "loss.prediction", loss.prediction,
@@ -248,7 +276,7 @@ def validate_config(config) -> None:
     _require(_finite_number(optim.weight_decay) and optim.weight_decay >= 0, "optim.weight_decay",
              optim.weight_decay, "a number >= 0")
     _require(optim.schedule in SCHEDULES, "optim.schedule", optim.schedule, f"one of {list(SCHEDULES)}")
-    _require(isinstance(optim.warmup_steps, int) and optim.warmup_steps >= 0, "optim.warmup_steps",
+    _require(_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps",
              optim.warmup_steps, "an int >= 0")
     _require(_finite_number(optim.min_lr_ratio) and 0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio",
              optim.min_lr_ratio, "a number in [0, 1]")
@@ -259,44 +287,63 @@ def validate_config(config) -> None:
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
                 "max_consecutive_nonfinite"):
         _require(_positive_int(train[key]), f"train.{key}", train[key], "a positive int")
-    _require(isinstance(train.sample_every, int) and train.sample_every >= 0, "train.sample_every",
+    _require(_int(train.sample_every) and train.sample_every >= 0, "train.sample_every",
              train.sample_every, "an int >= 0 (0: only at the end)")
     _require(_finite_number(train.ema_decay) and 0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay,
              "a number in [0, 1)")
     _require(_finite_number(train.label_dropout) and 0 <= train.label_dropout < 1, "train.label_dropout",
              train.label_dropout, "a number in [0, 1)")
-    _require(isinstance(train.ema_warmup, bool), "train.ema_warmup", train.ema_warmup, "True or False")
+    for key in ("ema_warmup", "async_checkpointing", "progress_bar"):
+        _require(isinstance(train[key], bool), f"train.{key}", train[key], "True or False")
+    inject = train.inject_nonfinite_at
+    _require(isinstance(inject, (tuple, list)) and all(map(_positive_int, inject)), "train.inject_nonfinite_at",
+             inject, "a tuple of positive step numbers")
     _require(train.nonfinite_policy in NONFINITE_POLICIES, "train.nonfinite_policy", train.nonfinite_policy,
              f"one of {list(NONFINITE_POLICIES)}")
 
     sample = config.sample
+    for key in ("solver", "grid"):
+        _require(isinstance(sample[key], str), f"sample.{key}", sample[key], "a name ('' = the library default)")
     _require(_positive_int(sample.steps), "sample.steps", sample.steps, "a positive int")
     _require(_positive_int(sample.num_samples), "sample.num_samples", sample.num_samples, "a positive int")
     _require(_finite_number(sample.guidance_scale) and sample.guidance_scale >= 0, "sample.guidance_scale",
              sample.guidance_scale, "a number >= 0")
 
+    _require(isinstance(config.eval.fid, bool), "eval.fid", config.eval.fid, "True or False")
     for key in ("num_samples", "batch_size", "loss_batches"):
         _require(_positive_int(config.eval[key]), f"eval.{key}", config.eval[key], "a positive int")
-    _require(isinstance(config.eval.bits_per_dim_examples, int) and config.eval.bits_per_dim_examples >= 0,
+    _require(_int(config.eval.bits_per_dim_examples) and config.eval.bits_per_dim_examples >= 0,
              "eval.bits_per_dim_examples", config.eval.bits_per_dim_examples, "an int >= 0")
+    _require(isinstance(config.eval.inception_weights, str), "eval.inception_weights", config.eval.inception_weights,
+             "a path ('' = cache / download)")
 
     for axis in ("data", "fsdp", "tensor"):
         value = config.mesh[axis]
-        _require(isinstance(value, int) and (value == -1 or value > 0), f"mesh.{axis}", value,
+        _require(_int(value) and (value == -1 or value > 0), f"mesh.{axis}", value,
                  "a positive int or -1 (the remaining devices)")
     _require(sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1, "mesh", dict(config.mesh),
              "at most one axis set to -1")
 
 
 def check_workdir(workdir: str) -> str:
-    """Create the work directory if needed and make sure it is writable; returns its absolute path."""
+    """Create the directory if needed and make sure it is writable; returns its absolute path."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        probe = os.path.join(workdir, f".write_probe-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
         raise ConfigError(f"work directory {workdir!r} is not writable: {err.strerror or err}") from err
     return workdir
+
+
+def check_free_space(path: str, needed_bytes: int, what: str) -> None:
+    """Raise ConfigError when the file system holding `path` has less than `needed_bytes` free."""
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise ConfigError(
+            f"{path!r} has {free / 2**20:.1f} MiB free, but {what} need about {needed_bytes / 2**20:.1f} MiB; "
+            "free some disk space or use another work directory"
+        )

@@ -11,6 +11,12 @@ TensorBoard), checkpoints and sample grids. Everything the run writes is in `wor
     tensorboard/            event files
     samples/step_<n>.png    sample grids (EMA parameters)
     summary.json            the final metrics of the last run
+
+Faults: SIGTERM/SIGINT (from the start of `train`) finish the current step, save a checkpoint and
+return; a save killed half-way leaves the previous checkpoints intact (see checkpoint.py); a
+damaged checkpoint is reported and an older one used; non-finite steps are skipped or stop the
+run (train.nonfinite_policy); an unwritable or too full work directory, missing data files and a
+checkpoint from an incompatible config are reported before anything is compiled.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from diffjax.training.build import (
     make_sample_fn,
 )
 from diffjax.training.checkpoint import CheckpointError, Checkpointer
-from diffjax.training.config import ConfigError, check_workdir, validate_config
+from diffjax.training.config import ConfigError, check_free_space, check_workdir, validate_config
 from diffjax.training.images import save_image_grid, to_uint8
 from diffjax.training.metrics import MetricWriter
 from diffjax.training.state import (
@@ -121,12 +127,14 @@ def compatibility_fingerprint(config) -> dict:
     return json.loads(json.dumps({key: _get(config, key) for key in COMPATIBILITY_KEYS}, default=str))
 
 
-def prepare_run(config, workdir: str, devices=None) -> Run:
+def prepare_run(config, workdir: str, devices=None, *, training: bool = False) -> Run:
     """Validate and build every piece of a run; raises ConfigError before anything is compiled.
 
-    devices: the devices of the mesh (default: every device of every process)."""
+    devices: the devices of the mesh (default: every device of every process).
+    training: also check the free disk space for checkpoints and remove unfinished saves."""
     validate_config(config)
     workdir = check_workdir(workdir)
+    check_workdir(os.path.join(workdir, "checkpoints"))
     data_info = data_lib.dataset_info(config.data)  # missing files, bad image size: clear errors
     process = build_process(config)
     spec = build_model_spec(config, data_info, process)
@@ -150,16 +158,30 @@ def prepare_run(config, workdir: str, devices=None) -> Run:
         os.path.join(workdir, "checkpoints"),
         keep=int(config.train.keep_checkpoints),
         async_save=bool(config.train.async_checkpointing),
+        remove_unfinished=training,
     )
+    if training:
+        try:
+            _check_checkpoint_space(checkpointer, abstract_state, int(config.train.keep_checkpoints))
+        except ConfigError:
+            checkpointer.close()
+            raise
     return Run(
         config, workdir, data_info, process, spec, mesh, optimizer,
         make_learning_rate(config.optim, num_steps), abstract_state, state_sharding, checkpointer, rules,
     )
 
 
+def _check_checkpoint_space(checkpointer: Checkpointer, abstract_state, keep: int) -> None:
+    """Room for the checkpoints still to be written (keep + 1 exist while the newest is saved)."""
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)) + 2**20  # + orbax metadata
+    count = max(1, keep + 1 - len(checkpointer.steps()))
+    check_free_space(checkpointer.directory, count * size, f"{count} checkpoint(s) of {size / 2**20:.1f} MiB")
+
+
 def _check_batch_divisibility(config, mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    for key in ("train.batch_size", "sample.num_samples", "eval.batch_size"):
+    for key in ("train.batch_size", "eval.batch_size"):
         value = int(_get(config, key))
         if value % shards or value % jax.process_count():
             raise ConfigError(
@@ -174,19 +196,12 @@ def _abstract_with_sharding(abstract, sharding):
 
 def restore_or_init(run: Run) -> tuple[TrainState, dict | None]:
     """The newest restorable checkpoint (after a compatibility check) or a fresh sharded state."""
-    latest = run.checkpointer.latest_step()
-    if latest is not None:
-        saved = run.checkpointer.read_metadata(latest).get("compatibility", {})
-        current = compatibility_fingerprint(run.config)
-        differences = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
-        if differences:
-            details = "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differences.items())
-            raise CheckpointError(
-                f"the checkpoint at step {latest} in {run.checkpointer.directory} was written by an "
-                f"incompatible config ({details}); use another workdir or the matching config"
-            )
+    if run.checkpointer.latest_step() is not None:
         target = _abstract_with_sharding(run.abstract_state, run.state_sharding)
-        restored = run.checkpointer.restore(target)
+        current = compatibility_fingerprint(run.config)
+        restored = run.checkpointer.restore(
+            target, check_metadata=lambda step, metadata: _check_compatible(run, step, metadata, current)
+        )
         if restored.skipped:
             log.warning("skipped unreadable checkpoints at steps %s", restored.skipped)
         log.info("resumed from the checkpoint at step %d", restored.step)
@@ -196,6 +211,17 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict | None]:
         out_shardings=run.state_sharding,
     )
     return init(), None
+
+
+def _check_compatible(run: Run, step: int, metadata: dict, current: dict) -> None:
+    saved = metadata.get("compatibility", {})
+    differences = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
+    if differences:
+        details = "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differences.items())
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {run.checkpointer.directory} was written by an "
+            f"incompatible config ({details}); use another workdir or the matching config"
+        )
 
 
 def make_jitted_train_step(run: Run, loss_fn) -> Callable:
@@ -212,17 +238,21 @@ def make_jitted_train_step(run: Run, loss_fn) -> Callable:
 
 
 def make_jitted_sampler(run: Run, num: int) -> Callable:
-    """sampler(params, key) -> (num, H, W, C) images, computed sharded over the data axes."""
+    """sampler(params, key) -> (num, H, W, C) numpy images on every process, sampled sharded over
+    the data axes (the batch is padded up to a multiple of data x fsdp; the extra images are dropped)."""
+    shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+    padded = -(-num // shards) * shards
     sample_fn = make_sample_fn(run.config, run.spec, run.process, run.image_shape)
-    return jax.jit(
-        run.under_mesh(lambda params, key: sample_fn(params, key, num)),
+    jitted = jax.jit(
+        run.under_mesh(lambda params, key: sample_fn(params, key, padded)),
         in_shardings=(run.state_sharding.params, shard_lib.replicated(run.mesh)),
         out_shardings=shard_lib.batch_sharding(run.mesh, 4),
     )
+    return lambda params, key: gather_to_host(jitted(params, key))[:num]
 
 
 def write_sample_grid(run: Run, sampler, params, step: int, name: str | None = None) -> str | None:
-    images = gather_to_host(sampler(params, jax.random.key(run.config.seed + 1)))
+    images = sampler(params, jax.random.key(run.config.seed + 1))
     if not run.is_main_process:
         return None
     os.makedirs(os.path.join(run.workdir, "samples"), exist_ok=True)
@@ -246,6 +276,11 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
+
+    @property
+    def reason(self) -> str:
+        """What stopped the run (another process's signal, if this one received none)."""
+        return f"signal {signal.Signals(self.signal or signal.SIGTERM).name}"
 
     @contextlib.contextmanager
     def installed(self):
@@ -278,13 +313,23 @@ def any_process_stopping(flag: bool) -> bool:
 
 
 def train(config, workdir: str, devices=None) -> dict:
-    """Train from `config` in `workdir` (resuming from its newest checkpoint); returns a summary."""
-    run = prepare_run(config, workdir, devices)
+    """Train from `config` in `workdir` (resuming from its newest checkpoint); returns a summary.
+
+    SIGTERM/SIGINT at any time (set-up and compilation included) finish the current step, save
+    and return with summary["stopped_by"]."""
+    stop = StopRequest()
+    with stop.installed():
+        return _train(config, workdir, devices, stop)
+
+
+def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
+    run = prepare_run(config, workdir, devices, training=True)
     cfg = run.config
     loss_fn = build_loss(cfg, run.spec, run.process)
     state, data_state = restore_or_init(run)
     start_step = int(jax.device_get(state.step))
     num_steps = int(cfg.train.num_steps)
+    inject_nonfinite_at = frozenset(cfg.train.inject_nonfinite_at)
 
     iterator = data_lib.make_iterator(
         cfg.data,
@@ -309,40 +354,45 @@ def train(config, workdir: str, devices=None) -> dict:
         total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
         disable=not (run.is_main_process and cfg.train.progress_bar), file=sys.stdout,
     )
-    stop = StopRequest()
     step, last_metrics, stop_reason, saved_step = start_step, {}, None, start_step
     window_start, window_steps = time.perf_counter(), 0
-    with stop.installed():
-        try:
-            while step < num_steps:
-                if any_process_stopping(stop.signal is not None):
-                    stop_reason = f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}"
-                    break
-                batch = shard_lib.global_batch(next(iterator), run.mesh)
-                state, metrics = train_step(state, batch)
-                step += 1
-                window_steps += 1
-                progress.update(1)
-                nonfinite_run = int(jax.device_get(state.consecutive_nonfinite))
-                if nonfinite_run:
-                    _check_nonfinite(cfg, step, nonfinite_run, int(jax.device_get(state.skipped_steps)))
-                if step % cfg.train.log_every == 0 or step == num_steps:
-                    elapsed = time.perf_counter() - window_start
-                    last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    last_metrics["steps_per_second"] = window_steps / max(elapsed, 1e-9)
-                    last_metrics["skipped_steps"] = int(jax.device_get(state.skipped_steps))
-                    writer.write(step, last_metrics)
-                    progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
-                    window_start, window_steps = time.perf_counter(), 0
-                if step % cfg.train.checkpoint_every == 0:
-                    run.checkpointer.save(step, state, iterator.get_state(), run.metadata())
-                    saved_step = step
-                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < num_steps:
-                    write_sample_grid(run, sampler, state.ema_params, step)
-        finally:
-            progress.close()
-            _final_save(run, step, saved_step, state, iterator)
-            writer.close()
+    try:
+        while step < num_steps:
+            if any_process_stopping(stop.signal is not None):
+                stop_reason = stop.reason
+                break
+            batch = next(iterator)
+            if step + 1 in inject_nonfinite_at:
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            state, metrics = train_step(state, shard_lib.global_batch(batch, run.mesh))
+            step += 1
+            window_steps += 1
+            progress.update(1)
+            nonfinite_run = int(jax.device_get(state.consecutive_nonfinite))
+            if nonfinite_run:
+                _check_nonfinite(cfg, step, nonfinite_run, int(jax.device_get(state.skipped_steps)))
+            if step % cfg.train.log_every == 0 or step == num_steps:
+                elapsed = time.perf_counter() - window_start
+                last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last_metrics["steps_per_second"] = window_steps / max(elapsed, 1e-9)
+                last_metrics["skipped_steps"] = int(jax.device_get(state.skipped_steps))
+                writer.write(step, last_metrics)
+                progress.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % cfg.train.checkpoint_every == 0:
+                run.checkpointer.save(step, state, iterator.get_state(), run.metadata())
+                saved_step = step
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step < num_steps:
+                write_sample_grid(run, sampler, state.ema_params, step)
+    except BaseException:
+        _final_save(run, step, saved_step, state, iterator, quiet=True)
+        raise
+    finally:
+        progress.close()
+        writer.close()
+    _final_save(run, step, saved_step, state, iterator)
+    if stop_reason is None and any_process_stopping(stop.signal is not None):  # came in the last step
+        stop_reason = stop.reason  # exit promptly: no final samples
 
     summary = {"step": step, "num_params": run.spec.num_params, **last_metrics}
     if stop_reason is not None:
@@ -357,13 +407,16 @@ def train(config, workdir: str, devices=None) -> dict:
     return summary
 
 
-def _final_save(run: Run, step: int, saved_step: int, state, iterator) -> None:
-    """Save the state reached (unless already saved) and wait for the write to be committed."""
+def _final_save(run: Run, step: int, saved_step: int, state, iterator, quiet: bool = False) -> None:
+    """Save the state reached (unless already saved) and wait for the write to be committed.
+    quiet: log a failure instead of raising it (never mask the error that ended training)."""
     try:
         if step != saved_step:
             run.checkpointer.save(step, state, iterator.get_state(), run.metadata())
         run.checkpointer.close()
-    except Exception:  # never mask the error that ended training
+    except Exception:
+        if not quiet:
+            raise
         log.exception("saving the final checkpoint at step %d failed", step)
 
 
@@ -417,7 +470,7 @@ def sample_from_checkpoint(config, workdir: str, devices=None) -> dict:
     step = int(jax.device_get(state.step))
     sampler = make_jitted_sampler(run, int(config.sample.num_samples))
     start = time.perf_counter()
-    images = gather_to_host(sampler(state.ema_params, jax.random.key(config.seed + 2)))
+    images = sampler(state.ema_params, jax.random.key(config.seed + 2))
     seconds = time.perf_counter() - start
     summary = {"step": step, "num_samples": int(images.shape[0]), "seconds": seconds}
     if run.is_main_process:
@@ -462,14 +515,32 @@ def test_loss(run: Run, params, batches: int) -> float:
 
 
 def evaluate(config, workdir: str, devices=None) -> dict:
-    """Evaluate the newest checkpoint: the test-split denoising loss of the EMA parameters.
-    (FID/KID and bits/dim are added by diffjax.evaluation when configured.)"""
+    """Evaluate the newest checkpoint's EMA parameters: the test-split denoising loss; FID and KID of
+    config.eval.num_samples samples (configured sampler) against as many images of the evaluation
+    split, unless config.eval.fid is False; bits/dim of config.eval.bits_per_dim_examples images."""
+    from diffjax.training import eval_metrics as eval_lib
+
     run, state = restore_for_inference(config, workdir, devices)
+    params, split = state.ema_params, evaluation_split(run)
     summary = {
         "step": int(jax.device_get(state.step)),
-        "split": evaluation_split(run),
-        "test_loss": test_loss(run, state.ema_params, int(config.eval.loss_batches)),
+        "split": split,
+        "test_loss": test_loss(run, params, int(config.eval.loss_batches)),
+        "sampler": {k: config.sample[k] for k in ("solver", "steps", "grid", "guidance_scale")},
     }
+    batch = int(config.eval.batch_size)
+    if config.eval.fid:
+        from diffjax import evaluation
+
+        num = int(config.eval.num_samples)
+        inception = evaluation.load_inception_params(config.eval.inception_weights or None)
+        reference = eval_lib.reference_for_split(run, split, num, inception)
+        samples = eval_lib.sample_images(run, params, num, jax.random.key(config.seed + 3), batch_size=batch)
+        summary.update(eval_lib.sample_quality(samples, reference, inception, batch_size=batch))
+    if config.eval.bits_per_dim_examples:
+        images, labels = eval_lib.split_images(run, split, int(config.eval.bits_per_dim_examples))
+        summary["bits_per_dim"] = eval_lib.bits_per_dim(
+            run, params, images, labels, jax.random.key(config.seed + 4), batch_size=batch)
     if run.is_main_process:
         _write_json(os.path.join(run.workdir, f"eval_step_{summary['step']:07d}.json"), summary)
     run.checkpointer.close()
