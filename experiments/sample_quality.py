@@ -33,6 +33,7 @@ flags.DEFINE_string("reference", "ddim:1000", "solver:steps of the many-step ref
 flags.DEFINE_integer("num_samples", 1000, "Samples per row (and reference images).")
 flags.DEFINE_integer("bpd_examples", 256, "Evaluation-split images for bits/dim (0 = skip).")
 flags.DEFINE_string("name", "mnist_sample_quality", "Results file name.")
+flags.DEFINE_string("remark", "", "A paragraph for the table's header: how the run was trained, the machine.")
 FLAGS = flags.FLAGS
 
 
@@ -100,6 +101,7 @@ def main(argv) -> None:
             f"{base.process.name} process, {base.loss.prediction} prediction, step {step}, EMA parameters\n\n"
             f"FID/KID: {num} samples vs the first {num} images of the {split!r} split "
             "(small-sample FID is biased upwards; compare rows, not published numbers).\n\n"
+            + (FLAGS.remark + "\n\n" if FLAGS.remark else "")
             + markdown_table(headers, table))
     if likelihoods:
         text += "\n\nBits/dim on the first {} images of the {!r} split (uniform dequantization):\n\n".format(

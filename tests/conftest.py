@@ -1,10 +1,13 @@
 """Test set-up: 8 virtual CPU devices for the mesh tests, and a persistent compilation cache for
 the CLI / multi-process subprocesses, which compile the same programs again and again.
 
-The pytest process itself does not use the cache: with it, XLA's CPU compiler crashed twice
-(segmentation fault) in the sampler tests, once reading and once writing an entry."""
+The pytest process itself does not use the cache: it has nothing to reuse in a fresh clone, and
+the compiled programs are released during the run (see `_release_compiled_programs`)."""
+import gc
 import os
 import tempfile
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -14,3 +17,26 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_enable_compilation_cache", False)
+
+
+MAX_MEMORY_MAPS = 20_000
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Free the compiled programs once the process holds many memory maps. XLA:CPU maps three
+    regions per code module it loads, and the suite compiles thousands of programs (sample() run
+    eagerly alone adds ~280 maps); kept alive they reach the kernel's limit (vm.max_map_count,
+    65530 by default) and the next compilation segfaults."""
+    yield
+    if _memory_maps() > MAX_MEMORY_MAPS:
+        jax.clear_caches()
+        gc.collect()
