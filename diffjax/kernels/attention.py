@@ -44,6 +44,8 @@ def flash_attention(q, k, v, *, mask=None, softmax_scale=None, implementation=No
       elsewhere), "xla", "cudnn" (bfloat16 only), "pallas_gpu" or "pallas_tpu".
     interpret: run the Pallas kernel in interpret mode (on CPU); needs implementation
       "pallas_gpu" (Pallas HLO interpreter) or "pallas_tpu" (Pallas TPU interpret mode).
+      TPU interpret mode synchronizes the devices of a mesh; on a CPU with fewer cores than
+      (virtual) devices, it can deadlock (seen with 8 devices on 2 cores).
     partition_spec: how q, k, v are sharded over the current mesh (`jax.set_mesh`), as a
       PartitionSpec (batch, seq, heads, head_dim) of mesh axes. GSPMD cannot split a Pallas
       kernel, so under a mesh the Pallas implementations run per shard inside `jax.shard_map`
