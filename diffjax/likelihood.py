@@ -56,6 +56,15 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r:.100}")
 
 
+def _checked_inputs(denoiser, key, x, t_min, t_max):
+    """Validate the arguments every estimator shares; returns (process, t_min, t_max)."""
+    _check_denoiser(denoiser)
+    _check_key(key)
+    t_min, t_max = denoiser.process.resolve_times(t_min, t_max)
+    _check_x(denoiser, x)
+    return denoiser.process, t_min, t_max
+
+
 def _check_denoiser(denoiser) -> None:
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be a diffjax.Denoiser, got {type(denoiser).__name__}")
@@ -208,11 +217,7 @@ def log_likelihood(
     _check_positive("rtol", rtol)
     _check_positive("atol", atol)
     _check_count("max_steps", max_steps)
-    _check_denoiser(denoiser)
-    _check_key(key)
-    process = denoiser.process
-    t_min, t_max = process.resolve_times(t_min, t_max)
-    _check_x(denoiser, x)
+    process, t_min, t_max = _checked_inputs(denoiser, key, x, t_min, t_max)
     _check_prediction_is_defined(denoiser, t_max)
 
     hutchinson = divergence == "hutchinson"
@@ -310,11 +315,7 @@ def elbo(
       {"reconstruction", "prior_kl", "diffusion"}, each of shape (batch,).
     """
     _check_count("num_times", num_times)
-    _check_denoiser(denoiser)
-    _check_key(key)
-    process = denoiser.process
-    t_min, t_max = process.resolve_times(t_min, t_max)
-    _check_x(denoiser, x)
+    process, t_min, t_max = _checked_inputs(denoiser, key, x, t_min, t_max)
     d = _num_features(x)
 
     _, lam_hi = _clipped_end(process, t_min)
