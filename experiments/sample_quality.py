@@ -13,6 +13,7 @@ biased upwards at small sample counts: compare rows of one table, not with publi
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import sys
@@ -27,7 +28,8 @@ import configs  # noqa: E402
 config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "mnist.py"),
                                 "The run's config.", lock_config=True)
 flags.DEFINE_string("workdir", None, "The trained run's directory.", required=True)
-flags.DEFINE_list("solvers", ["ddim", "dpm_solver++", "unipc", "edm_heun"], "Solvers to compare.")
+flags.DEFINE_list("solvers", ["ddim", "dpm_solver++", "unipc", "edm_heun"],
+                  "Solvers to compare: name[:option=value[;option=value]], e.g. unipc:order=3.")
 flags.DEFINE_list("nfe", ["10", "20", "50"], "Network evaluations per sample.")
 flags.DEFINE_string("reference", "ddim:1000", "solver:steps of the many-step reference row ('' = none).")
 flags.DEFINE_integer("num_samples", 1000, "Samples per row (and reference images).")
@@ -37,11 +39,27 @@ flags.DEFINE_string("remark", "", "A paragraph for the table's header: how the r
 FLAGS = flags.FLAGS
 
 
+def parse_solver(spec: str) -> tuple[str, dict]:
+    """"unipc:order=3;variant=bh1" -> ("unipc", {"order": 3, "variant": "bh1"})."""
+    name, _, options = spec.partition(":")
+    parsed = {}
+    for item in filter(None, options.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"solver option {item!r} in {spec!r} is not of the form option=value")
+        try:
+            parsed[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed[key] = value  # a bare string, e.g. variant=bh1
+    return name, parsed
+
+
 def steps_for_nfe(solver: str, nfe: int) -> tuple[int, int]:
     """The most steps whose NFE (with the final denoising) is <= nfe, and that NFE."""
     from diffjax.samplers import make_solver
 
-    instance = make_solver(solver)
+    name, options = parse_solver(solver)
+    instance = make_solver(name, **options)
     for steps in range(nfe, 0, -1):
         used = instance.nfe(steps) + 1
         if used <= nfe:
@@ -73,7 +91,9 @@ def main(argv) -> None:
     for solver, steps, nfe in plan:
         config = copy.deepcopy(base)
         config.unlock()
-        config.sample.solver, config.sample.steps = solver, steps
+        config.sample.solver, options = parse_solver(solver)
+        config.sample.steps = steps
+        config.sample.solver_options.update(options)
         row_run = copy.copy(run)
         row_run.config = config
         start = time.perf_counter()

@@ -90,6 +90,23 @@ def _small_state(value: float, step: int = 0):
     return state.replace(step=jnp.int32(step))
 
 
+def test_truncated_newest_step_is_reported_and_the_previous_one_restored(tmp_path, caplog):
+    checkpointer = Checkpointer(str(tmp_path), async_save=False)
+    checkpointer.save(1, _small_state(1.0, 1), {"next_batch": 1}, {})
+    checkpointer.save(2, _small_state(2.0, 2), {"next_batch": 2}, {})
+    files = glob.glob(str(tmp_path / "2" / "state" / "**" / "d" / "*"), recursive=True)
+    assert files
+    for path in files:
+        os.truncate(path, os.path.getsize(path) // 2)
+    with caplog.at_level(logging.INFO, logger="diffjax"):
+        restored = checkpointer.restore(_abstract(_small_state(0.0)))
+    assert restored.step == 1 and restored.skipped == [2] and restored.data_state == {"next_batch": 1}
+    np.testing.assert_array_equal(np.asarray(restored.state.params["w"]), np.full((8,), 1.0))
+    assert "checkpoint at step 2 cannot be restored" in caplog.text
+    checkpointer.close()
+
+
+@pytest.mark.slow  # ~80 s; the Checkpointer-level test above runs by default
 def test_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     train(tiny_config(num_steps=8), workdir)

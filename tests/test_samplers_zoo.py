@@ -12,6 +12,7 @@ from diffjax import processes as P
 from diffjax.data.toy import gaussian
 from diffjax.denoisers import PREDICTIONS, Denoiser, PathCoefficients, from_x0_eps
 from diffjax.samplers import SOLVERS, optimize_grid, sample
+from diffjax.samplers.unipc import default_order
 from helpers import CountingNetwork
 
 GAUSSIAN = gaussian([0.3, -0.2], [0.5, 0.2])
@@ -138,6 +139,20 @@ def test_stochastic_samplers_use_fresh_noise_per_step():
         c = sample(g.denoiser(P.VP()), jax.random.key(1), (64, 1), solver=name, steps=8)
         np.testing.assert_array_equal(a, b)
         assert not np.allclose(a, c), name
+
+
+def test_unipc_default_order_follows_the_step_size():
+    """UniPC's default order is 3 unless two mean log-SNR steps exceed pi/2 (9 steps of the DDPM
+    chain: h = 1.07, order 2; 19 steps: h = 0.51, order 3), and sample() runs the order it picks."""
+    ddpm = P.VP.from_betas(np.linspace(1e-4, 0.02, 1000))
+    t_min, t_max = ddpm.resolve_times(None, None)
+    assert [default_order(ddpm, steps, t_min, t_max) for steps in (4, 9, 12, 13, 19, 49)] == [2, 2, 2, 3, 3, 3]
+    denoiser = gaussian(np.zeros(16), 0.3).denoiser(ddpm)
+    draw = lambda steps, **options: np.asarray(sample(denoiser, jax.random.key(0), (64, 16), steps=steps, **options))  # noqa: E731
+    for steps, picked, other in ((9, 2, 3), (19, 3, 2)):
+        default = draw(steps)
+        np.testing.assert_array_equal(default, draw(steps, solver="unipc", order=picked))
+        assert not np.array_equal(default, draw(steps, solver="unipc", order=other))
 
 
 # ------------------------------------------------------------------------------------------------

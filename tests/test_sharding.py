@@ -57,7 +57,11 @@ def assert_same_training(reference, other):
     assert ref.data_state == got.data_state
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)], ids=str)
+# (2, 2, 2) exercises all three axes at once and runs by default; the one-axis meshes are slow tests.
+ONE_AXIS_MESHES = [pytest.param(shape, marks=pytest.mark.slow) for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1)]]
+
+
+@pytest.mark.parametrize("shape", [*ONE_AXIS_MESHES, (2, 2, 2)], ids=str)
 def test_mesh_training_matches_one_device(shape, single_device_run, tmp_path):
     workdir = str(tmp_path / "mesh")
     config = mesh_config(shape, 4)
@@ -146,6 +150,7 @@ def run_processes(workdir, num_steps, port):
     return outputs
 
 
+@pytest.mark.slow  # ~100 s: two fresh processes compile and checkpoint twice
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
     """2 processes x 4 CPU devices: train 2 steps, stop, resume to 4; equals the single-process
     run on 8 devices (same global batches, parameters and data position)."""

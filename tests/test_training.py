@@ -152,6 +152,7 @@ def test_sample_and_eval_modes(tmp_path):
     assert "fid" not in result and "bits_per_dim" not in result
 
 
+@pytest.mark.slow  # ~70 s; test_sample_and_eval_modes covers --mode eval without FID
 def test_eval_mode_reports_fid_kid_and_bits_per_dim(tmp_path, monkeypatch):
     """--mode eval with FID (a randomly initialised Inception stands in for the downloaded weights)
     and bits/dim by the ODE and written to eval_step_*.json."""

@@ -11,7 +11,7 @@ it) like any pure function. Solvers (name: method, NFE per step, order):
     dpm_solver        single-step DPM-Solver-1/2/3 (noise form; data form = DPM-Solver++ 2S/3S)  k, k
     dpm_solver++      multistep DPM-Solver++ 1/2M/3M (data form)                           1, k
     dpm_solver++_sde  SDE-DPM-Solver++(2M)                                                 1, -
-    unipc             UniPC-p, bh1/bh2, with the UniC corrector (default: p = 3, bh2)      1, p+1
+    unipc             UniPC-p, bh1/bh2, with the UniC corrector (default: p by step, bh2)  1, p+1
     deis              rho-AB-DEIS, orders 1-4                                              1, k
     edm_heun, edm     EDM's Heun sampler, deterministic / stochastic (S_churn ...)         2, 2 / -
     adaptive          Dormand-Prince 5(4) with rtol/atol error control                     6 per try
@@ -64,7 +64,8 @@ SOLVERS: dict[str, type[Solver]] = {
     "sa_solver": SASolver,
 }
 
-# The default: UniPC-3 (bh2, corrector, lower-order final steps) on the log-SNR-uniform grid. See
+# The default: UniPC (bh2, corrector, lower-order final steps; order 3, or 2 for large log-SNR steps)
+# on the log-SNR-uniform grid. See
 # sample()'s docstring and experiments/results/sampler_accuracy.md for what it reaches.
 DEFAULT_SOLVER = "unipc"
 DEFAULT_GRID = "logsnr"
@@ -187,16 +188,18 @@ def sample(
       denoiser: the `Denoiser` (network + process + prediction type).
       key: a `jax.random` key; split into the prior draw and one key per step.
       shape: the batch shape, e.g. (batch, H, W, C).
-      solver: a name from `SOLVERS` or a `Solver` instance. Default: "unipc" with its defaults,
-        UniPC-3 (Zhao et al. 2023; B(h) = e^h - 1, corrector on, orders 1, 2 at the start and,
-        below 15 steps, 2, 1 at the end), 1 NFE per step: `steps` = NFE - 1 with the final
-        denoising. On the 16-D 4-component benchmark mixture under the 1000-step DDPM chain
-        (100k samples; weight error = sum |w_hat - w|, std error = worst relative error of a
-        component's std) it reaches (0.255, 22.9 %) at 5 NFE, (0.024, 13.5 %) at 10 NFE,
+      solver: a name from `SOLVERS` or a `Solver` instance. Default: "unipc" with its defaults
+        (Zhao et al. 2023; B(h) = e^h - 1, corrector on, lower orders at the start and, below 15
+        steps, at the end), 1 NFE per step: `steps` = NFE - 1 with the final denoising. Its order
+        is 3, or 2 where two mean log-SNR steps exceed pi/2 (fewer than 13 steps of the DDPM
+        chain, 14 of EDM): on a trained MNIST model UniPC-3 at 10 NFE is far worse than UniPC-2
+        (FID 76.1 against 64.7). On the 16-D 4-component benchmark mixture under the 1000-step DDPM
+        chain (100k samples; weight error = sum |w_hat - w|, std error = worst relative error of
+        a component's std) it reaches (0.255, 22.9 %) at 5 NFE, (0.048, 13.1 %) at 10 NFE,
         (0.0016, 0.7 %) at 20 NFE and (0.003, 1.7 %) at 50 NFE (the last is the -1.9 % of the
         final posterior mean at t_min); the issue's 10-NFE target (5 %, 0.015) is not met by it,
-        nor by any grid tuned on the benchmark itself for the standard solvers (best found:
-        0.017, 5.5 %): see experiments/results/sampler_accuracy.md.
+        nor by UniPC-3 (0.024, 13.5 %), nor by any grid tuned on the benchmark itself for the
+        standard solvers (best found: 0.017, 5.5 %): see experiments/results/sampler_accuracy.md.
       steps: number of solver steps; the network is evaluated `solver.nfe(steps)` times, plus
         one for the final denoising.
       grid: a name from `GRIDS` (default "logsnr", uniform in log-SNR) or an explicit decreasing

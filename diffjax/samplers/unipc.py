@@ -6,15 +6,39 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 
 from diffjax.processes import broadcast_to_data
 from diffjax.samplers.base import Solver
-from diffjax.samplers.exponential import PredictorCorrector, check_order, data_first_order, phi_functions
+from diffjax.samplers.exponential import (
+    PredictorCorrector,
+    check_order,
+    data_first_order,
+    half_log_snr,
+    phi_functions,
+)
 
 __all__ = ["UniPC"]
 
 VARIANTS = ("bh1", "bh2")
+
+# The x0-prediction of a Gaussian component of std s, along its trajectory, is in lam = log(alpha/sigma)
+# a sigmoid ~ 1/sqrt(1 + e^{-2 (lam - lam0)}), lam0 = -log s, with complex singularities at
+# lam0 +- i pi/2: a polynomial through nodes more than about pi/2 away approximates it poorly.
+# UniP-3 extrapolates from 2 steps back, UniP-2 from 1.
+MAX_EXTRAPOLATION_SPAN = math.pi / 2
+
+
+def default_order(process, steps: int, t_min: float, t_max: float) -> int:
+    """3 where two mean log-SNR steps stay within MAX_EXTRAPOLATION_SPAN, else 2 (e.g. 9 steps of the
+    DDPM chain or of EDM: h = 1.07 / 1.18). 3 when the range can't be read now (a traced process)."""
+    try:
+        with jax.ensure_compile_time_eval():
+            span = float(half_log_snr(process, jnp.float32(t_min)) - half_log_snr(process, jnp.float32(t_max)))
+    except jax.errors.ConcretizationTypeError:
+        return 3
+    return 3 if 2.0 * span / steps <= MAX_EXTRAPOLATION_SPAN else 2
 
 
 def unipc_coefficients(rks, h, variant: str, p: int):
@@ -56,9 +80,14 @@ class UniPC(PredictorCorrector, Solver):
     the predicted point also feeds the next step, so UniPC costs 1 NFE per step; the last step has no
     corrector. Orders warm up as 1, 2, ... and, with `lower_order_final` and fewer than 15 steps,
     drop at the end. Global order p + 1 with the corrector, p without.
+
+    `order=None` (the default) picks p from the step size (`default_order`): 3, or 2 where the mean
+    log-SNR step h is so large that UniP-3's extrapolation over 2h passes pi/2. On a trained MNIST
+    model at 9 steps (h = 1.18, 10 NFE) UniPC-3 scores FID 76.1 and UniPC-2 64.7 (DDIM 63.0; the
+    1000-step reference 61.2); at 13 steps 64.5 and 63.8 (experiments/results/mnist_unipc_order.md).
     """
 
-    order: int = 3
+    order: int | None = None
     variant: str = "bh2"
     corrector: bool = True
     lower_order_final: bool = True
@@ -71,9 +100,14 @@ class UniPC(PredictorCorrector, Solver):
         return self.order
 
     def check(self, process, steps, t_min, t_max):
-        check_order("unipc", self.order, (1, 2, 3))
+        check_order("unipc", self.order, (None, 1, 2, 3))
         if self.variant not in VARIANTS:
             raise ValueError(f"unipc: unknown variant {self.variant!r}; allowed: {list(VARIANTS)}")
+
+    def prepare(self, process, steps, t_min, t_max):
+        if self.order is not None:
+            return self
+        return dataclasses.replace(self, order=default_order(process, steps, t_min, t_max))
 
     def _differences(self, history, lams, lam_t, h, p):
         rks = [(lams[k] - lam_t) / h for k in range(1, p)]
