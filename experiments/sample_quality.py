@@ -32,6 +32,8 @@ flags.DEFINE_list("solvers", ["ddim", "dpm_solver++", "unipc", "edm_heun"],
                   "Solvers to compare: name[:option=value[;option=value]], e.g. unipc:order=3.")
 flags.DEFINE_list("nfe", ["10", "20", "50"], "Network evaluations per sample.")
 flags.DEFINE_string("reference", "ddim:1000", "solver:steps of the many-step reference row ('' = none).")
+flags.DEFINE_list("sample_seeds", [], "Seeds of the sampling keys (default: the config's seed + 3); with "
+                  "several, each row reports the FID of every seed and their mean.")
 flags.DEFINE_integer("num_samples", 1000, "Samples per row (and reference images).")
 flags.DEFINE_integer("bpd_examples", 256, "Evaluation-split images for bits/dim (0 = skip).")
 flags.DEFINE_string("name", "mnist_sample_quality", "Results file name.")
@@ -67,6 +69,24 @@ def steps_for_nfe(solver: str, nfe: int) -> tuple[int, int]:
     raise ValueError(f"solver {solver!r} needs more than {nfe} evaluations for one step")
 
 
+def quality_table(rows, seeds, num):
+    """One line per (solver, steps): FID and KID, or with several seeds the FID of each and the means."""
+    if len(seeds) == 1:
+        headers = ["solver", "steps", "NFE", "FID", "KID x1e3", "sampling s"]
+        # with fewer than 1000 samples KID's subsets are the whole sets: no spread to report
+        return headers, [[r["solver"], r["steps"], r["nfe"], f"{r['fid']:.2f}",
+                          f"{r['kid_x1e3']:.2f}" + (f" ± {r['kid_std_x1e3']:.2f}" if num > 1000 else ""),
+                          r["sampling_seconds"]] for r in rows]
+    headers = ["solver", "steps", "NFE"] + [f"FID seed {s}" for s in seeds] + ["FID mean", "KID x1e3 mean"]
+    table = []
+    for i in range(0, len(rows), len(seeds)):
+        group = rows[i : i + len(seeds)]
+        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
+        table.append([group[0]["solver"], group[0]["steps"], group[0]["nfe"]]
+                     + [f"{r['fid']:.2f}" for r in group] + [f"{mean('fid'):.2f}", f"{mean('kid_x1e3'):.2f}"])
+    return headers, table
+
+
 def main(argv) -> None:
     del argv
     import jax
@@ -87,6 +107,7 @@ def main(argv) -> None:
     if FLAGS.reference:
         solver, steps = FLAGS.reference.split(":")
         plan.append((solver, int(steps), int(steps) + 1))
+    seeds = [int(v) for v in FLAGS.sample_seeds] or [base.seed + 3]
     rows = []
     for solver, steps, nfe in plan:
         config = copy.deepcopy(base)
@@ -96,12 +117,14 @@ def main(argv) -> None:
         config.sample.solver_options.update(options)
         row_run = copy.copy(run)
         row_run.config = config
-        start = time.perf_counter()
-        samples = eval_metrics.sample_images(row_run, params, num, jax.random.key(base.seed + 3), batch_size=batch)
-        seconds = time.perf_counter() - start
-        quality = eval_metrics.sample_quality(samples, reference, inception, batch_size=batch)
-        rows.append({"solver": solver, "steps": steps, "nfe": nfe, "sampling_seconds": round(seconds, 1), **quality})
-        print(rows[-1], flush=True)
+        for seed in seeds:
+            start = time.perf_counter()
+            samples = eval_metrics.sample_images(row_run, params, num, jax.random.key(seed), batch_size=batch)
+            seconds = time.perf_counter() - start
+            quality = eval_metrics.sample_quality(samples, reference, inception, batch_size=batch)
+            rows.append({"solver": solver, "steps": steps, "nfe": nfe, "seed": seed,
+                         "sampling_seconds": round(seconds, 1), **quality})
+            print(rows[-1], flush=True)
 
     likelihoods = {}
     if FLAGS.bpd_examples:
@@ -112,11 +135,7 @@ def main(argv) -> None:
             print(estimator, likelihoods[estimator], flush=True)
 
     step = int(jax.device_get(state.step))
-    headers = ["solver", "steps", "NFE", "FID", "KID x1e3", "sampling s"]
-    # with fewer than 1000 samples KID's subsets are the whole sets: no spread to report
-    table = [[r["solver"], r["steps"], r["nfe"], f"{r['fid']:.2f}",
-              f"{r['kid_x1e3']:.2f}" + (f" ± {r['kid_std_x1e3']:.2f}" if num > 1000 else ""),
-              r["sampling_seconds"]] for r in rows]
+    headers, table = quality_table(rows, seeds, num)
     text = (f"# Sample quality: {base.data.name}, {base.model.name} ({run.spec.num_params / 1e6:.2f}M parameters), "
             f"{base.process.name} process, {base.loss.prediction} prediction, step {step}, EMA parameters\n\n"
             f"FID/KID: {num} samples vs the first {num} images of the {split!r} split "

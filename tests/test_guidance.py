@@ -27,7 +27,7 @@ def test_scale_one_is_the_conditional_model():
     assert classifier_free_guidance(cond, None, 1.0) is cond
 
 
-@pytest.mark.parametrize("solver", ["unipc", "dpm_solver++", "edm_heun", "deis", "sa_solver", "heun"])
+@pytest.mark.parametrize("solver", ["gaussian_pc", "unipc", "dpm_solver++", "edm_heun", "deis", "sa_solver", "heun"])
 @pytest.mark.parametrize("scale", [2.0, 4.0])
 def test_cfg_of_two_gaussians_samples_the_closed_form_guided_gaussian(solver, scale):
     """With equal covariances the guided denoiser D_u + w (D_c - D_u) is the exact denoiser of

@@ -149,6 +149,20 @@ def test_log_snr_and_karras_grid_spacing():
     np.testing.assert_allclose(np.diff(ts ** (1 / 7)), np.full(10, np.diff(ts ** (1 / 7)).mean()), rtol=1e-3)
 
 
+def test_flow_grid_is_uniform_in_the_rectified_flow_time():
+    """tau = s/(s + sigma_data), s = sigma/alpha, is evenly spaced; tau = 1 where alpha = 0."""
+    for process in (DDPM, P.EDM(), P.FlowMatching()):
+        ts = make_grid("flow", process, 10, process.t_min, process.t_max, sigma_data=0.5)
+        tau = 1.0 / (1.0 + 0.5 * np.exp(0.5 * np.asarray(process.log_snr(ts), np.float64)))  # s/(s + 0.5)
+        np.testing.assert_allclose(np.diff(tau), np.full(10, np.diff(tau).mean()), rtol=2e-3, err_msg=str(process))
+    flow = P.FlowMatching()
+    ts = np.asarray(make_grid("flow", flow, 4, flow.t_min, flow.t_max, sigma_data=1.0))
+    # with sigma_data = 1, tau is flow matching's own t: the grid is uniform in t
+    np.testing.assert_allclose(ts, np.linspace(flow.t_max, flow.t_min, 5), rtol=1e-4)
+    with pytest.raises(ValueError, match="flow grid needs a finite sigma_data > 0, got -1.0"):
+        make_grid("flow", flow, 4, flow.t_min, flow.t_max, sigma_data=-1.0)
+
+
 def test_explicit_grid():
     denoiser = MIXTURE.denoiser(DDPM)
     ts = np.linspace(1.0, 0.001, 6)

@@ -17,9 +17,11 @@ it) like any pure function. Solvers (name: method, NFE per step, order):
     adaptive          Dormand-Prince 5(4) with rtol/atol error control                     6 per try
     pc                predictor-corrector with Langevin corrector (snr, n_corrector)       n+1, -
     sa_solver         SA-Solver stochastic Adams predictor/corrector (tau)                 1, -
+    gaussian_pc       exact for isotropic Gaussian data, variance fitted per sample (default)  1, 2
 
-Grids: "uniform", "logsnr", "karras", "quadratic", or an explicit list of times, e.g. the one
-`optimize_grid` returns.
+Grids: "uniform", "logsnr", "karras", "quadratic", "flow" (uniform in sigma/(sigma + sigma_data alpha)),
+or an explicit list of times, e.g. the one `optimize_grid` returns. Each solver has a default grid
+(`Solver.default_grid`): "flow" for gaussian_pc, "logsnr" for the others.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from diffjax.samplers.base import Phase, Solver
 from diffjax.samplers.adaptive import Adaptive
 from diffjax.samplers.dpm_solver import DPMSolver, DPMSolverPP, DPMSolverPPSDE
 from diffjax.samplers.edm import DEIS, EDMHeun, EDMStochastic
+from diffjax.samplers.gaussian_pc import GaussianPC
 from diffjax.samplers.first_order import DDIM, Ancestral, Euler, EulerMaruyama, Heun
 from diffjax.samplers.langevin import LangevinPC
 from diffjax.samplers.optimize import optimize_grid
@@ -62,13 +65,12 @@ SOLVERS: dict[str, type[Solver]] = {
     "adaptive": Adaptive,
     "pc": LangevinPC,
     "sa_solver": SASolver,
+    "gaussian_pc": GaussianPC,
 }
 
-# The default: UniPC (bh2, corrector, lower-order final steps; order 3, or 2 for large log-SNR steps)
-# on the log-SNR-uniform grid. See
-# sample()'s docstring and experiments/results/sampler_accuracy.md for what it reaches.
-DEFAULT_SOLVER = "unipc"
-DEFAULT_GRID = "logsnr"
+# The default: the Gaussian-exact predictor-corrector on its "flow" grid. See sample()'s docstring,
+# experiments/results/sampler_accuracy.md and mnist_gaussian_pc.md for what it reaches.
+DEFAULT_SOLVER = "gaussian_pc"
 
 
 def make_solver(solver: str | Solver, **options) -> Solver:
@@ -188,27 +190,27 @@ def sample(
       denoiser: the `Denoiser` (network + process + prediction type).
       key: a `jax.random` key; split into the prior draw and one key per step.
       shape: the batch shape, e.g. (batch, H, W, C).
-      solver: a name from `SOLVERS` or a `Solver` instance. Default: "unipc" with its defaults
-        (Zhao et al. 2023; B(h) = e^h - 1, corrector on, lower orders at the start and, below 15
-        steps, at the end), 1 NFE per step: `steps` = NFE - 1 with the final denoising. Its order
-        is 3, or 2 where two mean log-SNR steps exceed pi/2 (fewer than 13 steps of the DDPM
-        chain, 14 of EDM): on a trained MNIST model UniPC-3 at 10 NFE is far worse than UniPC-2
-        (FID 76.1 against 64.7). On the 16-D 4-component benchmark mixture under the 1000-step DDPM
-        chain (100k samples; weight error = sum |w_hat - w|, std error = worst relative error of
-        a component's std) it reaches (0.255, 22.9 %) at 5 NFE, (0.048, 13.1 %) at 10 NFE,
-        (0.0016, 0.7 %) at 20 NFE and (0.003, 1.7 %) at 50 NFE (the last is the -1.9 % of the
-        final posterior mean at t_min); the issue's 10-NFE target (5 %, 0.015) is not met by it,
-        nor by UniPC-3 (0.024, 13.5 %), nor by any grid tuned on the benchmark itself for the
-        standard solvers (best found: 0.017, 5.5 %): see experiments/results/sampler_accuracy.md.
+      solver: a name from `SOLVERS` or a `Solver` instance. Default: "gaussian_pc" with its
+        defaults, on its "flow" grid: an exponential integrator exact for isotropic Gaussian data,
+        whose variance it fits per sample to the last two evaluations, with UniPC's one-evaluation
+        corrector (samplers/gaussian_pc.py). 1 NFE per step: `steps` = NFE - 1 with the final
+        denoising. On the 16-D 4-component benchmark mixture under the 1000-step DDPM chain (100k
+        samples; weight error = sum |w_hat - w|, std error = worst relative error of a component's
+        std) it reaches (0.116, 4.8 %) at 5 NFE, (0.0086, 0.6 %) at 10 NFE, (0.003, 1.6 %) at 20
+        and (0.003, 1.8 %) at 50 (the last two are mostly the -1.9 % of the final posterior mean at
+        t_min): experiments/results/sampler_accuracy.md. On a trained MNIST model its FID (mean of 3
+        sampling seeds) is 61.2 at 10 NFE and 58.9 at 20, UniPC's 62.6 and 60.8, DDIM's 62.3 and
+        60.2 (experiments/results/mnist_gaussian_pc.md).
       steps: number of solver steps; the network is evaluated `solver.nfe(steps)` times, plus
         one for the final denoising.
-      grid: a name from `GRIDS` (default "logsnr", uniform in log-SNR) or an explicit decreasing
-        array of steps + 1 times (e.g. the list `optimize_grid` returns).
+      grid: a name from `GRIDS` (default: the solver's `default_grid`, "flow" for gaussian_pc and
+        "logsnr", uniform in log-SNR, for the others) or an explicit decreasing array of steps + 1
+        times (e.g. the list `optimize_grid` returns).
       t_min, t_max: the integration range (default: the process's).
       denoise_final: finish with x0 = D(x, t_min) (one more evaluation) instead of x at t_min.
       return_trajectory: also return the states at every grid time, shape (steps + 1, *shape).
       return_info: also return {"nfe": ..., "ts": grid}.
-      grid_options: options of the grid (e.g. {"rho": 7.0} for "karras").
+      grid_options: options of the grid (e.g. {"rho": 7.0} for "karras", {"sigma_data": 0.5} for "flow").
       **solver_options: options of the solver (e.g. eta for "ddim").
 
     Returns:
@@ -221,7 +223,7 @@ def sample(
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     solver = make_solver(DEFAULT_SOLVER if solver is None else solver, **solver_options)
-    grid = DEFAULT_GRID if grid is None else grid
+    grid = solver.default_grid if grid is None else grid
     process = denoiser.process
     t_min, t_max = process.resolve_times(t_min, t_max)
     solver.check(process, steps, t_min, t_max)

@@ -34,6 +34,7 @@ class Solver:
 
     nfe_per_step: ClassVar[int] = 1
     stochastic: ClassVar[bool] = False
+    default_grid: ClassVar[str] = "logsnr"  # the grid sample() uses when none is named
 
     # -- static description ---------------------------------------------------------------------
     def check(self, process: GaussianProcess, steps: int, t_min: float, t_max: float) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "ddim_step",
     "polynomial_correction",
     "push",
+    "group_phases",
     "order_phases",
     "check_order",
 ]
@@ -121,19 +122,26 @@ def polynomial_correction(values, lams, lam_t, lam_s, z_scale: float):
 
 
 def push(history, value):
-    """Put `value` in front of a fixed-size history stack (newest first), dropping the oldest."""
-    return jnp.concatenate([value[None], history[:-1]], axis=0)
+    """Put `value` in front of a fixed-size history stack (newest first), dropping the oldest. The
+    value takes the stack's dtype (a discrete chain's log-SNR is float64 under x64)."""
+    return jnp.concatenate([jnp.asarray(value, history.dtype)[None], history[:-1]], axis=0)
+
+
+def group_phases(step_options: Sequence[dict]) -> tuple[Phase, ...]:
+    """Group per-step (static) option dicts into Phases of consecutive equal options."""
+    phases = []
+    for options in step_options:
+        options = tuple(sorted(options.items()))
+        if phases and phases[-1].options == options:
+            phases[-1] = Phase(phases[-1].length + 1, options)
+        else:
+            phases.append(Phase(1, options))
+    return tuple(phases)
 
 
 def order_phases(orders: Sequence[int], **extra) -> tuple[Phase, ...]:
     """Group a per-step list of (static) orders into consecutive Phases."""
-    phases = []
-    for order in orders:
-        if phases and dict(phases[-1].options)["order"] == order:
-            phases[-1] = Phase(phases[-1].length + 1, phases[-1].options)
-        else:
-            phases.append(Phase(1, tuple(sorted({"order": order, **extra}.items()))))
-    return tuple(phases)
+    return group_phases([{"order": order, **extra} for order in orders])
 
 
 def multistep_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:

@@ -7,6 +7,7 @@ process. The end points are exact; interior points go through `process.t_from_lo
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,11 +65,27 @@ def quadratic_grid(process, steps, t_min, t_max):
     return t_min + frac * (t_max - t_min)
 
 
+def flow_grid(process, steps, t_min, t_max, sigma_data: float = 0.5):
+    """Uniform in tau = s/(s + sigma_data), s = sigma/alpha: the time of the rectified flow
+    (alpha = 1 - tau, sigma = tau) of the data divided by sigma_data. Dense where s is near
+    sigma_data, where a sample's mode is decided; tau = 1 where alpha = 0."""
+    if not (isinstance(sigma_data, (int, float)) and sigma_data > 0 and np.isfinite(sigma_data)):
+        raise ValueError(f"flow grid needs a finite sigma_data > 0, got {sigma_data!r}")
+
+    def tau(log_snr):  # 1 / (1 + sigma_data e^lam)
+        return jax.nn.sigmoid(-0.5 * log_snr - np.log(sigma_data))
+
+    taus = jnp.linspace(tau(_clipped_log_snr(process, t_max)), tau(_clipped_log_snr(process, t_min)), steps + 1)
+    lam = jnp.log1p(-taus) - jnp.log(taus) - np.log(sigma_data)
+    return _from_log_snr(process, 2.0 * lam, t_min, t_max)
+
+
 GRIDS = {
     "uniform": uniform_grid,
     "logsnr": log_snr_grid,
     "karras": karras_grid,
     "quadratic": quadratic_grid,
+    "flow": flow_grid,
 }
 
 

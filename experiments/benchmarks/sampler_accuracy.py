@@ -8,7 +8,7 @@ relative error of a component's standard deviation. NFE counts every network eva
 the final denoising at t_min; a solver whose NFE per step does not divide NFE - 1 gets the largest
 number of steps that stays within the budget (the table shows the NFE actually used).
 
-    python experiments/benchmarks/sampler_accuracy.py               # full table (~15 min on 2 CPUs)
+    python experiments/benchmarks/sampler_accuracy.py               # full table (~20 min on 2 CPUs)
     python experiments/benchmarks/sampler_accuracy.py --quick       # 20k samples, NFE 10 only
 
 Prints a table; writes experiments/results/sampler_accuracy.json (device, versions, date, rows) and
@@ -32,13 +32,16 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from diffjax import processes as P  # noqa: E402
 from diffjax.data.toy import benchmark_mixture  # noqa: E402
-from diffjax.samplers import DEFAULT_GRID, DEFAULT_SOLVER, make_solver, optimize_grid, sample  # noqa: E402
+from diffjax.samplers import DEFAULT_SOLVER, make_solver, optimize_grid, sample  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
 
 # (label, solver name, options); the first row is the default of sample().
 SOLVERS = [
-    ("unipc bh2, order by step (default)", "unipc", {}),
+    ("gaussian_pc (default)", "gaussian_pc", {}),
+    ("gaussian_pc order 1", "gaussian_pc", {"order": 1}),
+    ("gaussian_pc, no corrector", "gaussian_pc", {"corrector": False}),
+    ("unipc bh2, order by step", "unipc", {}),
     ("unipc-3 bh2", "unipc", {"order": 3}),
     ("unipc-2 bh2", "unipc", {"order": 2}),
     ("unipc-3 bh1", "unipc", {"order": 3, "variant": "bh1"}),
@@ -59,8 +62,8 @@ SOLVERS = [
     ("euler-maruyama", "euler_maruyama", {}),
     ("pc langevin snr=0.16", "pc", {}),
 ]
-GRIDS = ["logsnr", "karras", "uniform", "quadratic"]
-TUNED = ("unipc bh2, order by step (default)", "dpm++ 2M")  # the solvers also run on benchmark-tuned grids
+GRIDS = ["flow", "logsnr", "karras", "uniform", "quadratic"]
+TUNED = ("gaussian_pc (default)", "unipc bh2, order by step", "dpm++ 2M")  # the solvers also run on benchmark-tuned grids
 
 
 def steps_for(solver, nfe: int) -> int:
@@ -150,7 +153,7 @@ def main():
     meta = dict(
         what="sampler accuracy on the exact denoiser of the 16-D 4-component mixture, DDPM chain",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=device(), versions=versions(), samples=n, default=f"{DEFAULT_SOLVER} / {DEFAULT_GRID}",
+        device=device(), versions=versions(), samples=n, default=f"{DEFAULT_SOLVER} / {make_solver(DEFAULT_SOLVER).default_grid}",
         rows=rows,
     )
     if not args.quick:
@@ -161,32 +164,35 @@ def main():
 
 
 NOTES = """
-## The 10-NFE target
+## The default and the targets
 
-The default (UniPC bh2 on the log-SNR grid; order 3, or 2 where two mean log-SNR steps exceed
-pi/2, as at 10 NFE here) meets the 5-NFE target (std error <= 25 %) and is near-exact from 20 NFE,
-but at 10 NFE it reaches 0.048 / 13.1 %, not 0.015 / 5 %. UniPC-3 there has half the weight error
-(0.024 / 13.5 %) but is far worse on a trained MNIST model (FID 76.1 against 64.7 at 10 NFE:
-experiments/results/mnist_unipc_order.md), so the default takes order 2.
+The default of sample() is `gaussian_pc` on its "flow" grid (uniform in s/(s + 0.5), s = sigma/alpha).
+It meets the targets: 0.116 / 4.8 % at 5 NFE (target: std <= 25 %) and 0.0086 / 0.6 % at 10 NFE
+(target: 0.015 / 5 %). At 20 and 50 NFE its std error is mostly the -1.9 % of the final posterior
+mean on the 0.05-std component. The previous default, UniPC on the log-SNR grid, reached 0.048 /
+13.1 % at 10 NFE (its row above). On a trained MNIST model the new default also has the lowest FID
+of the solvers compared, at 10 and 20 NFE and on each of three sampling seeds
+(experiments/results/mnist_gaussian_pc.md).
 
-Why 9 steps are too few here: along a trajectory the x0-prediction of a Gaussian component of std
-s is, in lam = log(alpha/sigma), a sigmoid ~ 1/sqrt(1 + e^{-2 (lam + log s)}) with complex
-singularities at -log(s) +- i pi/2. A polynomial in lam through the solver's nodes approximates
-it only within about pi/2 of such a point, whatever the order. The four components change at
-lam = -log s = 0.7 .. 3.0 and the weights over [-5, 1.5], while the 9 steps of the DDPM chain's
-range [-5.06, 4.61] are h = 1.07 apart, so UniP-3's extrapolation reaches back 2.1.
+Why polynomial solvers need more steps here: along a trajectory the x0-prediction of a Gaussian
+component of std s is, in lam = log(alpha/sigma), a sigmoid ~ 1/sqrt(1 + e^{-2 (lam + log s)}) with
+complex singularities at -log(s) +- i pi/2. A polynomial in lam through the solver's nodes follows
+it only within about pi/2 of such a point, whatever the order. The components change at lam = 0.7
+.. 3.0, while 9 steps over the DDPM chain's range [-5.06, 4.61] are h = 1.07 apart. No standard
+solver x grid above meets the target, nor did grids tuned on this benchmark for UniPC-2, UniPC-3 or
+DPM-Solver++(3M) (Nelder-Mead over 9-step log-SNR grids: best 0.017 / 5.5 %).
 
-No standard solver x grid above meets the target, and neither do grids tuned on this benchmark
-itself: Nelder-Mead over the 8 interior log-SNR points of a 9-step grid, minimizing
-max(weight error / 0.015, std error / 0.05) on 50k samples, found at best UniPC-2: 0.017 / 5.5 %,
-UniPC-3: 0.025 / 6.1 %, DPM-Solver++(3M): 0.024 / 7.9 %. The two errors pull the 9 steps apart:
-the mixture weights are decided at log-SNR/2 in [-5, 1.5] (replacing the part up to 0.3 of a
-9-step DPM-Solver++(2M) grid by 40 fine steps cuts its weight error from 0.056 to 0.0035), while
-the 0.05-std component needs its steps in [1.5, 4.6]. A grid optimized for Gaussian data of every
-scale in [0.02, 2] (worst relative std error; data-agnostic) gives DPM-Solver++(2M) 0.067 / 2.1 %
-and UniPC-2 0.052 / 2.3 % at 10 NFE: the std target is met, the weight error is 3-4x too large.
-The rows "optimized on benchmark" use `optimize_grid` (squared error against a 256-step
-reference, which weighs mode assignment over component widths).
+What gaussian_pc does instead: for data N(m, s^2 I) the ODE's solution is known in closed form, and
+m = x0 - s^2 (alpha/sigma) eps. Per sample it fits s^2 to its last two evaluations and steps
+exactly for that Gaussian, so once a sample has chosen a component it follows that component's
+width whatever the step size. Both parts matter: on the log-SNR grid gaussian_pc reaches the std
+target but not the weight target, and the standard solvers on the flow grid miss both (rows
+above). The flow grid puts its steps where the mixture's weights are decided, s near sigma_data,
+and few where s << sigma_data, which the fit integrates exactly. Without the corrector the solver is
+first order below sigma_data, and its row shows it.
+
+The rows "optimized on benchmark" use `optimize_grid` (squared error against a 256-step reference,
+which weighs mode assignment over component widths).
 """
 
 

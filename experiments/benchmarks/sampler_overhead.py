@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sampler_accuracy import RESULTS, device, versions  # noqa: E402
 
 CONFIGS = [
-    ("unipc (default)", "unipc", {}),
+    ("gaussian_pc (default)", "gaussian_pc", {}),
+    ("unipc", "unipc", {}),
     ("ddim", "ddim", {}),
     ("dpm_solver++ 3M", "dpm_solver++", {"order": 3}),
     ("dpm_solver-3", "dpm_solver", {"order": 3}),

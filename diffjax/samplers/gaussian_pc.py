@@ -1,0 +1,157 @@
+"""A predictor-corrector exponential integrator that is exact for isotropic Gaussian data.
+
+In x~ = x/alpha and s~ = sigma/alpha the probability-flow ODE is dx~/ds~ = (x~ - D)/s~. For data
+N(mu, s^2 I) its solution is x~ - mu = sqrt(s^2 + s~^2) c (c constant), and mu = D - s^2 b with
+b = (x~ - D)/s~^2 = (alpha/sigma) eps. So with rho(t) = sqrt(alpha^2 s^2 + sigma^2) (the marginal
+std of such data) and the "implied mean" m = D - s^2 b, the ODE's exact solution from t to s < t is
+
+    x_s = (rho_s/rho_t) x_t + rho_s int_{u_t}^{u_s} m du,      u(lam) = 1/sqrt(s^2 + e^{-2 lam}),
+
+for any s^2; with s^2 = 0 this is DPM-Solver++'s data form. For Gaussian data m is constant and the
+step is exact. Per sample, s^2 is fitted to the last two evaluations (the s^2 that makes their
+implied means closest, clipped to [0, max_std^2]), and m is taken constant (order 1) or linear in
+lam through the two (order 2, only while sigma/alpha > sigma_data). As in UniPC (Zhao et al. 2023)
+the network is evaluated once per step, at the predicted point, and that evaluation also corrects
+the step (s^2 refitted, m linear through both ends: a trapezoidal rule); the last step has no
+corrector. Global order 2 (1 without the corrector), and exact for isotropic Gaussian data from 2
+steps on, whatever the step sizes.
+
+The fit is what makes few steps work: once a sample has chosen a mode of the data, the solver
+follows that mode's width exactly instead of extrapolating the sigmoid-shaped x0-prediction with a
+polynomial in lam (see unipc.py). On the 16-D benchmark mixture at 10 NFE it reaches weight error
+0.0086 and std error 0.6 % on the "flow" grid (experiments/results/sampler_accuracy.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from diffjax.processes import broadcast_to_data
+from diffjax.samplers.base import Solver
+from diffjax.samplers.exponential import check_order, group_phases, half_log_snr, push
+
+__all__ = ["GaussianPC", "fitted_variance", "gaussian_step"]
+
+
+def _per_sample_sum(v):
+    return jnp.sum(v, axis=tuple(range(1, v.ndim)), keepdims=True)
+
+
+def fitted_variance(d_new, b_new, d_old, b_old, max_variance):
+    """argmin_{s^2} |(d_new - s^2 b_new) - (d_old - s^2 b_old)|^2 per sample, clipped to
+    [0, max_variance]; shape (batch, 1, ...). 0 where the two b coincide."""
+    dd, db = d_new - d_old, b_new - b_old
+    num, den = _per_sample_sum(dd * db), _per_sample_sum(db * db)
+    s2 = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    return jnp.clip(s2, 0.0, max_variance)
+
+
+def _asinhc(z):
+    """asinh(z)/z, 1 at z = 0."""
+    small = z < 1e-3
+    z_safe = jnp.where(small, 1.0, z)
+    return jnp.where(small, 1.0 - z**2 / 6.0, jnp.arcsinh(z_safe) / z_safe)
+
+
+def gaussian_step(process, x, t, s, s2, mean, slope=None, h=None):
+    """x_s = (rho_s/rho_t) x_t + (alpha_s - alpha_t rho_s/rho_t) m_t
+             [+ slope (h alpha_s - rho_s (F(lam_s) - F(lam_t)))],
+    the exact step for m(lam) = m_t (+ slope (lam - lam_t)), with F(lam) = asinh(s e^lam)/s the
+    antiderivative of u. alpha_t = 0 (lam_t = -inf) needs no special case."""
+    alpha_t, sigma_t = (broadcast_to_data(c, x) for c in (process.alpha(t), process.sigma(t)))
+    alpha_s, sigma_s = (broadcast_to_data(c, x) for c in (process.alpha(s), process.sigma(s)))
+    rho_t = jnp.sqrt(alpha_t**2 * s2 + sigma_t**2)
+    rho_s = jnp.sqrt(alpha_s**2 * s2 + sigma_s**2)
+    ratio = rho_s / rho_t
+    out = ratio * x + (alpha_s - alpha_t * ratio) * mean
+    if slope is None:
+        return out
+    std = jnp.sqrt(s2)
+
+    def antiderivative(alpha, sigma):
+        w = alpha / sigma  # e^lam
+        return w * _asinhc(std * w)
+
+    integral = broadcast_to_data(h, x) * alpha_s - rho_s * (
+        antiderivative(alpha_s, sigma_s) - antiderivative(alpha_t, sigma_t)
+    )
+    return out + integral * slope
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianPC(Solver):
+    """Gaussian-exact predictor-corrector (module docstring): 1 NFE per step, global order 2.
+
+    order: 2 extrapolates the implied mean linearly in lam through the last two evaluations while
+      sigma/alpha > sigma_data, and keeps it constant below; 1 keeps it constant everywhere.
+      On a trained MNIST model extrapolating below sigma_data as well raised the FID from 61.2 to
+      72.4 at 10 NFE (order 1: 61.9), while the benchmark mixture's modes are decided above it
+      (experiments/results/mnist_gaussian_pc.md).
+    corrector: re-do each step with the new evaluation (trapezoidal); the last step has none.
+    max_std: the largest per-sample data std the fit may return.
+    sigma_data: the data's scale (EDM's 0.5 for images in [-1, 1]).
+    """
+
+    default_grid: ClassVar[str] = "flow"
+
+    order: int = 2
+    corrector: bool = True
+    max_std: float = 1.0
+    sigma_data: float = 0.5
+
+    def check(self, process, steps, t_min, t_max):
+        check_order("gaussian_pc", self.order, (1, 2))
+        for name in ("max_std", "sigma_data"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"gaussian_pc: {name} must be a finite number > 0, got {value!r}")
+
+    def phases(self, steps):
+        # The first step has one evaluation (s^2 = 0: DDIM); the others fit s^2 to the last two.
+        # Every step but the last evaluates the network at its end and corrects.
+        return group_phases([{"fit": i > 0, "evaluate": i < steps - 1} for i in range(steps)])
+
+    def init(self, denoiser, x, ts):
+        x0, eps = denoiser.predict(x, ts[0])
+        b = _noise_over_scale(denoiser.process, eps, ts[0])
+        empty = jnp.zeros((2,) + x.shape, x.dtype)
+        lam = half_log_snr(denoiser.process, ts[0])
+        lams = jnp.zeros((2,), lam.dtype).at[0].set(lam)
+        return empty.at[0].set(x0), empty.at[0].set(b), lams
+
+    def step(self, denoiser, x, state, t, t_next, key, evaluate, fit):
+        process = denoiser.process
+        x0s, bs, lams = state
+        lam_t, lam_s = half_log_snr(process, t), half_log_snr(process, t_next)
+        max_variance = float(self.max_std) ** 2
+        if fit:
+            s2 = fitted_variance(x0s[0], bs[0], x0s[1], bs[1], max_variance)
+            mean = x0s[0] - s2 * bs[0]
+            rate = None
+            if self.order == 2:
+                # lam_t < -log(sigma_data): a scalar switch, as the grid is only known when traced
+                above = (lam_t < -math.log(self.sigma_data)).astype(x.dtype)
+                rate = (mean - (x0s[1] - s2 * bs[1])) * broadcast_to_data(above / (lam_t - lams[1]), x)
+            x_pred = gaussian_step(process, x, t, t_next, s2, mean, rate, lam_s - lam_t)
+        else:
+            x_pred = gaussian_step(process, x, t, t_next, 0.0, x0s[0])
+        if not evaluate:
+            return x_pred, state
+        x0_new, eps_new = denoiser.predict(x_pred, t_next)
+        b_new = _noise_over_scale(process, eps_new, t_next)
+        x_new = x_pred
+        if self.corrector:
+            s2 = fitted_variance(x0_new, b_new, x0s[0], bs[0], max_variance)
+            mean_t, mean_s = x0s[0] - s2 * bs[0], x0_new - s2 * b_new
+            h = lam_s - lam_t
+            x_new = gaussian_step(process, x, t, t_next, s2, mean_t, (mean_s - mean_t) / broadcast_to_data(h, x), h)
+        return x_new, (push(x0s, x0_new), push(bs, b_new), push(lams, lam_s))
+
+
+def _noise_over_scale(process, eps, t):
+    """b = (x~ - D)/s~^2 = (alpha/sigma) eps."""
+    return broadcast_to_data(process.alpha(t) / process.sigma(t), eps) * eps
