@@ -197,14 +197,15 @@ def test_stochastic_samplers_use_fresh_noise_per_step():
 
 def test_unipc_default_order_follows_the_step_size():
     """UniPC's default order is 3 unless two mean log-SNR steps exceed pi/2 (9 steps of the DDPM
-    chain: h = 1.07, order 2; 19 steps: h = 0.51, order 3), and sample() runs the order it picks."""
+    chain: h = 1.07, order 2; 19 steps: h = 0.51, order 3), and UniPC without an order runs the one it
+    picks."""
     ddpm = P.VP.from_betas(np.linspace(1e-4, 0.02, 1000))
     t_min, t_max = ddpm.resolve_times(None, None)
     assert [default_order(ddpm, steps, t_min, t_max) for steps in (4, 9, 12, 13, 19, 49)] == [2, 2, 2, 3, 3, 3]
     denoiser = gaussian(np.zeros(16), 0.3).denoiser(ddpm)
     draw = lambda steps, **options: np.asarray(sample(denoiser, jax.random.key(0), (64, 16), steps=steps, **options))  # noqa: E731
     for steps, picked, other in ((9, 2, 3), (19, 3, 2)):
-        default = draw(steps)
+        default = draw(steps, solver="unipc")
         np.testing.assert_array_equal(default, draw(steps, solver="unipc", order=picked))
         assert not np.array_equal(default, draw(steps, solver="unipc", order=other))
 
