@@ -157,6 +157,17 @@ def test_fitted_variance_recovers_the_data_variance_and_clips():
     np.testing.assert_array_equal(fitted_variance(d1, b1, d1, b1, 1.0), np.zeros((8, 1)))
 
 
+def test_gaussian_pc_gradients_are_finite_where_the_fitted_variance_is_zero():
+    """optimize_grid differentiates through the solver; a fit clipped to 0 must not give NaN (it did
+    through sqrt(s^2), and optimize_grid then returned its initial grid unchanged)."""
+    from diffjax.samplers.gaussian_pc import gaussian_step
+
+    x, mean, slope = jnp.ones((4, 2)), jnp.full((4, 2), 0.5), jnp.full((4, 2), 0.1)
+    step = lambda s2, t: gaussian_step(P.VP(), x, t, 0.3, s2, mean, slope, 0.8).sum()  # noqa: E731
+    grads = jax.grad(step, argnums=(0, 1))(jnp.zeros((4, 1)), 0.5)
+    assert all(np.all(np.isfinite(g)) for g in grads), grads
+
+
 # ------------------------------------------------------------------------------------------------
 # Stochastic samplers: the exact marginal at many steps
 # ------------------------------------------------------------------------------------------------

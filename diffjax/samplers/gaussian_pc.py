@@ -50,11 +50,11 @@ def fitted_variance(d_new, b_new, d_old, b_old, max_variance):
     return jnp.clip(s2, 0.0, max_variance)
 
 
-def _asinhc(z):
-    """asinh(z)/z, 1 at z = 0."""
-    small = z < 1e-3
-    z_safe = jnp.where(small, 1.0, z)
-    return jnp.where(small, 1.0 - z**2 / 6.0, jnp.arcsinh(z_safe) / z_safe)
+def _asinhc(z2):
+    """asinh(z)/z as a function of z^2 >= 0 (1 at 0; no sqrt at 0, so gradients stay finite)."""
+    small = z2 < 1e-6
+    z = jnp.sqrt(jnp.where(small, 1.0, z2))
+    return jnp.where(small, 1.0 - z2 / 6.0, jnp.arcsinh(z) / z)
 
 
 def gaussian_step(process, x, t, s, s2, mean, slope=None, h=None):
@@ -70,11 +70,10 @@ def gaussian_step(process, x, t, s, s2, mean, slope=None, h=None):
     out = ratio * x + (alpha_s - alpha_t * ratio) * mean
     if slope is None:
         return out
-    std = jnp.sqrt(s2)
 
     def antiderivative(alpha, sigma):
         w = alpha / sigma  # e^lam
-        return w * _asinhc(std * w)
+        return w * _asinhc(s2 * w**2)
 
     integral = broadcast_to_data(h, x) * alpha_s - rho_s * (
         antiderivative(alpha_s, sigma_s) - antiderivative(alpha_t, sigma_t)
