@@ -129,12 +129,12 @@ class GaussianPC(Solver):
         max_variance = float(self.max_std) ** 2
         if fit:
             s2 = fitted_variance(x0s[0], bs[0], x0s[1], bs[1], max_variance)
-            mean = x0s[0] - s2 * bs[0]
+            mean = _implied_mean(x0s[0], bs[0], s2)
             rate = None
             if self.order == 2:
                 # lam_t < -log(sigma_data): a scalar switch, as the grid is only known when traced
                 above = (lam_t < -math.log(self.sigma_data)).astype(x.dtype)
-                rate = (mean - (x0s[1] - s2 * bs[1])) * broadcast_to_data(above / (lam_t - lams[1]), x)
+                rate = (mean - _implied_mean(x0s[1], bs[1], s2)) * broadcast_to_data(above / (lam_t - lams[1]), x)
             x_pred = gaussian_step(process, x, t, t_next, s2, mean, rate, lam_s - lam_t)
         else:
             x_pred = gaussian_step(process, x, t, t_next, 0.0, x0s[0])
@@ -145,10 +145,15 @@ class GaussianPC(Solver):
         x_new = x_pred
         if self.corrector:
             s2 = fitted_variance(x0_new, b_new, x0s[0], bs[0], max_variance)
-            mean_t, mean_s = x0s[0] - s2 * bs[0], x0_new - s2 * b_new
+            mean_t, mean_s = _implied_mean(x0s[0], bs[0], s2), _implied_mean(x0_new, b_new, s2)
             h = lam_s - lam_t
             x_new = gaussian_step(process, x, t, t_next, s2, mean_t, (mean_s - mean_t) / broadcast_to_data(h, x), h)
         return x_new, (push(x0s, x0_new), push(bs, b_new), push(lams, lam_s))
+
+
+def _implied_mean(x0, b, s2):
+    """m = D - s^2 b: the mean of the Gaussian of variance s^2 that explains the evaluation."""
+    return x0 - s2 * b
 
 
 def _noise_over_scale(process, eps, t):
