@@ -24,16 +24,16 @@ jittable, and bad input raises ValueError naming the value before anything is co
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from diffjax.denoisers import Denoiser
-from diffjax.processes import LOG_SNR_CLIP, broadcast_to_data, is_finite_real
-from diffjax.samplers import _check_key, _check_prediction_is_defined
+from diffjax.processes import LOG_SNR_CLIP, broadcast_to_data
+from diffjax.samplers import check_prediction_is_defined
 from diffjax.samplers.adaptive import dopri5
+from diffjax.validation import check_count, check_key, check_positive
 
 __all__ = ["DIVERGENCES", "PROBES", "log_likelihood", "elbo", "bits_per_dim"]
 
@@ -46,20 +46,10 @@ PROBES = ("rademacher", "gaussian")
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_positive(name: str, value) -> None:
-    if not (is_finite_real(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r:.100}")
-
-
-def _check_count(name: str, value) -> None:
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r:.100}")
-
-
 def _checked_inputs(denoiser, key, x, t_min, t_max):
     """Validate the arguments every estimator shares; returns (process, t_min, t_max)."""
     _check_denoiser(denoiser)
-    _check_key(key)
+    check_key(key)
     t_min, t_max = denoiser.process.resolve_times(t_min, t_max)
     _check_x(denoiser, x)
     return denoiser.process, t_min, t_max
@@ -213,12 +203,12 @@ def log_likelihood(
         raise ValueError(f"unknown divergence {divergence!r:.100}; allowed: {list(DIVERGENCES)}")
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r:.100}; allowed: {list(PROBES)}")
-    _check_count("num_probes", num_probes)
-    _check_positive("rtol", rtol)
-    _check_positive("atol", atol)
-    _check_count("max_steps", max_steps)
+    check_count("num_probes", num_probes)
+    check_positive("rtol", rtol)
+    check_positive("atol", atol)
+    check_count("max_steps", max_steps)
     process, t_min, t_max = _checked_inputs(denoiser, key, x, t_min, t_max)
-    _check_prediction_is_defined(denoiser, t_max)
+    check_prediction_is_defined(denoiser, t_max)
 
     hutchinson = divergence == "hutchinson"
     probes = _draw_probes(key, x, probe, num_probes) if hutchinson else None
@@ -314,7 +304,7 @@ def elbo(
       the ELBO of shape (batch,), or (elbo, info) with info the three (positive) loss terms
       {"reconstruction", "prior_kl", "diffusion"}, each of shape (batch,).
     """
-    _check_count("num_times", num_times)
+    check_count("num_times", num_times)
     process, t_min, t_max = _checked_inputs(denoiser, key, x, t_min, t_max)
     d = _num_features(x)
 
@@ -367,7 +357,7 @@ def bits_per_dim(log_prob_fn: Callable, images: jax.Array, key: jax.Array):
         )
     if not jnp.issubdtype(images.dtype, jnp.integer):
         raise ValueError(f"images must hold integers in [0, 255] (e.g. uint8), got dtype {images.dtype}")
-    _check_key(key)
+    check_key(key)
     key_u, key_model = jax.random.split(key)
     u = jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(_per_example_keys(key_u, images))
     x = (images.astype(jnp.float32) + u) / 128.0 - 1.0

@@ -43,7 +43,8 @@ from diffjax.denoisers import (
     from_x0_eps,
     to_x0_eps,
 )
-from diffjax.processes import LOG_SNR_CLIP, GaussianProcess, is_finite_real
+from diffjax.processes import LOG_SNR_CLIP, GaussianProcess
+from diffjax.validation import is_finite_real
 
 __all__ = [
     "TARGETS",

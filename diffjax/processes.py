@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffjax.validation import check_number, check_positive, is_finite_real
 
 __all__ = [
     "GaussianProcess",
@@ -50,45 +51,6 @@ def _static_dataclass(cls):
     cls = dataclasses.dataclass(frozen=True)(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     return jax.tree_util.register_dataclass(cls, data_fields=[], meta_fields=fields)
-
-
-def is_finite_real(value) -> bool:
-    """A finite Python or NumPy real number (not a bool, not an array)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_number(name: str, value) -> float:
-    """`value` (a number or a concrete 0-d array) as a float; ValueError naming `name` unless it
-    is a finite real number."""
-    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and not isinstance(value, jax.core.Tracer):
-        value = value.item()
-    if not is_finite_real(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r:.100}")
-    return float(value)
-
-
-def matches_annotation(annotation: str, value) -> bool:
-    """Whether `value` has the type a dataclass field's annotation string names ("int", "float",
-    "bool", "str", "None", "tuple[int, ...]" and unions of them); other annotations match anything."""
-    def matches(a: str, v) -> bool:
-        if a.startswith("tuple["):
-            inner = a[len("tuple["):-1].split(",")[0].strip()
-            return isinstance(v, (tuple, list)) and all(matches(inner, x) for x in v)
-        return {
-            "None": lambda: v is None,
-            "bool": lambda: isinstance(v, bool),
-            "int": lambda: isinstance(v, int) and not isinstance(v, bool),
-            "float": lambda: isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v),
-            "str": lambda: isinstance(v, str),
-            "tuple": lambda: isinstance(v, (tuple, list)),
-        }.get(a, lambda: True)()
-
-    return any(matches(a.strip(), value) for a in str(annotation).split("|"))
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (is_finite_real(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r:.100}")
 
 
 def _check_range(t_min: float, t_max: float, lo: float, hi: float, cls_name: str) -> None:
@@ -230,8 +192,8 @@ def _vp_log_snr(log_alpha):
 
 def _check_linear_beta(process) -> None:
     name = type(process).__name__
-    _check_positive("beta_min", process.beta_min)
-    _check_positive("beta_max", process.beta_max)
+    check_positive("beta_min", process.beta_min)
+    check_positive("beta_max", process.beta_max)
     if process.beta_max <= process.beta_min:
         raise ValueError(
             f"{name} needs beta_max > beta_min, got {process.beta_min}, {process.beta_max}"
@@ -434,8 +396,8 @@ class VE(GaussianProcess):
     name: ClassVar[str] = "ve"
 
     def __post_init__(self):
-        _check_positive("sigma_min", self.sigma_min)
-        _check_positive("sigma_max", self.sigma_max)
+        check_positive("sigma_min", self.sigma_min)
+        check_positive("sigma_max", self.sigma_max)
         if self.sigma_max <= self.sigma_min:
             raise ValueError(f"VE needs sigma_max > sigma_min, got {self.sigma_min}, {self.sigma_max}")
         _check_range(self.t_min, self.t_max, 0.0, 1.0, "VE")
@@ -473,8 +435,8 @@ class EDM(GaussianProcess):
     name: ClassVar[str] = "edm"
 
     def __post_init__(self):
-        _check_positive("sigma_min", self.sigma_min)
-        _check_positive("sigma_max", self.sigma_max)
+        check_positive("sigma_min", self.sigma_min)
+        check_positive("sigma_max", self.sigma_max)
         if self.sigma_max <= self.sigma_min:
             raise ValueError(
                 f"EDM needs sigma_max > sigma_min, got {self.sigma_min}, {self.sigma_max}"

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.denoisers import Denoiser
-from diffjax.processes import matches_annotation
+from diffjax.validation import check_key, check_shape, matches_annotation
 from diffjax.samplers.base import Phase, Solver
 from diffjax.samplers.adaptive import Adaptive
 from diffjax.samplers.dpm_solver import DPMSolver, DPMSolverPP, DPMSolverPPSDE
@@ -96,17 +96,6 @@ def make_solver(solver: str | Solver, **options) -> Solver:
     return cls(**options)
 
 
-def _check_key(key) -> None:
-    """A typed key (jax.random.key) or raw uint32 key data (jax.random.PRNGKey), one key."""
-    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if typed and key.shape == ():
-        return
-    if not typed and isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.ndim == 1:
-        return
-    raise TypeError(f"key must be one jax.random.key (or jax.random.PRNGKey data), got {key!r:.100}; "
-                    "for a batch of keys, vmap sample() over them")
-
-
 def _make_grid(grid, process, steps: int, t_min: float, t_max: float, grid_options):
     check_grid(grid)
     if not (grid_options is None or isinstance(grid_options, dict)):
@@ -120,17 +109,6 @@ def _make_grid(grid, process, steps: int, t_min: float, t_max: float, grid_optio
         return make_grid(grid, process, steps, t_min, t_max, **(grid_options or {}))
     except (TypeError, ValueError) as err:  # bad option values: name them
         raise ValueError(f"grid {grid!r:.100} with grid_options {grid_options!r:.200}: {err}") from err
-
-
-def _check_shape(shape) -> tuple[int, ...]:
-    shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
-    if not (
-        isinstance(shape, tuple)
-        and len(shape) >= 1
-        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-    ):
-        raise ValueError(f"shape must be a non-empty tuple of positive ints (batch first), got {shape!r}")
-    return shape
 
 
 def _check_network_output(denoiser: Denoiser, shape) -> None:
@@ -147,7 +125,7 @@ def _check_network_output(denoiser: Denoiser, shape) -> None:
         )
 
 
-def _check_prediction_is_defined(denoiser: Denoiser, t_max: float) -> None:
+def check_prediction_is_defined(denoiser: Denoiser, t_max: float) -> None:
     """An eps- or score-network says nothing about x0 where alpha = 0 (x0 = (x - sigma eps)/alpha),
     and the flow view is singular where alpha' sigma - alpha sigma' = 0: refuse such a start."""
     from diffjax.denoisers import PathCoefficients, to_x0_eps
@@ -218,8 +196,8 @@ def sample(
     """
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be a diffjax.Denoiser, got {type(denoiser).__name__}")
-    _check_key(key)
-    shape = _check_shape(shape)
+    check_key(key)
+    shape = check_shape(shape)
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     solver = make_solver(DEFAULT_SOLVER if solver is None else solver, **solver_options)
@@ -229,7 +207,7 @@ def sample(
     solver.check(process, steps, t_min, t_max)
     solver = solver.prepare(process, steps, t_min, t_max)
     ts = _make_grid(grid, process, steps, t_min, t_max, grid_options)
-    _check_prediction_is_defined(denoiser, t_max)
+    check_prediction_is_defined(denoiser, t_max)
     _check_network_output(denoiser, shape)
 
     key_prior, key_steps = jax.random.split(key)

@@ -17,7 +17,8 @@ import shutil
 import ml_collections
 
 from diffjax import losses
-from diffjax.processes import PROCESSES, matches_annotation
+from diffjax.processes import PROCESSES
+from diffjax.validation import matches_annotation
 from diffjax.training.sharding import DEFAULT_RULES
 
 __all__ = [
