@@ -27,6 +27,7 @@ __all__ = [
     "matches_annotation",
     "check_dataclass_fields",
     "nearest",
+    "build_named",
 ]
 
 
@@ -133,3 +134,14 @@ def check_dataclass_fields(cls, options: dict[str, Any], what: str) -> None:
             )
         if not matches_annotation(fields[name], value):
             raise TypeError(f"option {name} of {what} must be of type {fields[name]}, got {value!r:.100}")
+
+
+def build_named(table: dict[str, type], name, options: dict[str, Any] | None, what: str):
+    """`table[name](**options)`, the one way a name from a config becomes a typed option object:
+    unknown names and option keys are refused naming the nearest allowed one, and the dataclass's
+    own defaults are the only defaults."""
+    check_choice(what, name, table)
+    cls = table[name]
+    options = dict(options or {})
+    check_dataclass_fields(cls, options, f"{what} {name!r}")
+    return cls(**options)
