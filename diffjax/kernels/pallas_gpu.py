@@ -10,6 +10,7 @@ over the other sequence with `fori_loop`; nothing of size seq x seq is ever stor
 Callers pad: seq_q a multiple of block_q, seq_k of block_k, head_dim a power of two >= 16 (Triton
 tensors are powers of two); padded keys are masked through the bias. See attention.py.
 """
+
 import dataclasses
 import functools
 
@@ -19,61 +20,62 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from diffjax.kernels import block_math
-from diffjax.kernels import tiling
+from diffjax.kernels import block_math, tiling
 
 SMALLEST_BLOCK = 16  # Triton's dot needs every matmul dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
 class GpuBlockSizes:
-  """Tile sizes and Triton launch parameters (powers of two). Tune with the benchmark."""
-  block_q: int = 128
-  block_k: int = 64
-  block_q_bwd: int = 64
-  block_k_bwd: int = 64
-  num_warps: int | None = None  # None: 4 for head_dim <= 64, else 8
-  num_stages: int = 2
+    """Tile sizes and Triton launch parameters (powers of two). Tune with the benchmark."""
 
-  def warps(self, head_dim: int) -> int:
-    if self.num_warps is not None:
-      return self.num_warps
-    return 4 if head_dim <= 64 else 8
+    block_q: int = 128
+    block_k: int = 64
+    block_q_bwd: int = 64
+    block_k_bwd: int = 64
+    num_warps: int | None = None  # None: 4 for head_dim <= 64, else 8
+    num_stages: int = 2
 
-  def __post_init__(self):
-    tiling.check_tiles(self, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"), SMALLEST_BLOCK)
+    def warps(self, head_dim: int) -> int:
+        if self.num_warps is not None:
+            return self.num_warps
+        return 4 if head_dim <= 64 else 8
 
-  @property
-  def seq_q_multiple(self) -> int:
-    return max(self.block_q, self.block_q_bwd)
+    def __post_init__(self):
+        tiling.check_tiles(self, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"), SMALLEST_BLOCK)
 
-  @property
-  def seq_k_multiple(self) -> int:
-    return max(self.block_k, self.block_k_bwd)
+    @property
+    def seq_q_multiple(self) -> int:
+        return max(self.block_q, self.block_q_bwd)
+
+    @property
+    def seq_k_multiple(self) -> int:
+        return max(self.block_k, self.block_k_bwd)
 
 
 def fit_block_sizes(blocks: GpuBlockSizes, seq_q: int, seq_k: int) -> GpuBlockSizes:
-  """Shrinks the tiles for short or ragged sequences (see tiling.fit_pair)."""
-  block_q, block_q_bwd = tiling.fit_pair(seq_q, blocks.block_q, blocks.block_q_bwd, SMALLEST_BLOCK)
-  block_k, block_k_bwd = tiling.fit_pair(seq_k, blocks.block_k, blocks.block_k_bwd, SMALLEST_BLOCK)
-  return dataclasses.replace(blocks, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
-                             block_k_bwd=block_k_bwd)
+    """Shrinks the tiles for short or ragged sequences (see tiling.fit_pair)."""
+    block_q, block_q_bwd = tiling.fit_pair(seq_q, blocks.block_q, blocks.block_q_bwd, SMALLEST_BLOCK)
+    block_k, block_k_bwd = tiling.fit_pair(seq_k, blocks.block_k, blocks.block_k_bwd, SMALLEST_BLOCK)
+    return dataclasses.replace(
+        blocks, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd
+    )
 
 
 def padded_head_dim(head_dim: int) -> int:
-  """Triton tensors have power-of-two sizes: 64 -> 64, 72 -> 128, 8 -> 16."""
-  return max(SMALLEST_BLOCK, 1 << (head_dim - 1).bit_length())
+    """Triton tensors have power-of-two sizes: 64 -> 64, 72 -> 128, 8 -> 16."""
+    return max(SMALLEST_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
 def _compiler_params(blocks: GpuBlockSizes, head_dim: int):
-  return plgpu.CompilerParams(num_warps=blocks.warps(head_dim), num_stages=blocks.num_stages)
+    return plgpu.CompilerParams(num_warps=blocks.warps(head_dim), num_stages=blocks.num_stages)
 
 
 def _bias_row(bias_ref, start, size):
-  """(1, size) slice of the key bias, or None without a bias."""
-  if bias_ref is None:
-    return None
-  return bias_ref[pl.ds(start, size)][None, :]
+    """(1, size) slice of the key bias, or None without a bias."""
+    if bias_ref is None:
+        return None
+    return bias_ref[pl.ds(start, size)][None, :]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,146 +83,156 @@ def _bias_row(bias_ref, start, size):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, block_k, precision):
-  q = q_ref[...]
-  block_q, head_dim = q.shape
-  num_k_blocks = k_ref.shape[0] // block_k
+    q = q_ref[...]
+    block_q, head_dim = q.shape
+    num_k_blocks = k_ref.shape[0] // block_k
 
-  def visit_key_block(j, carry):
-    start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
-    v = v_ref[pl.ds(start, block_k), :]
-    s = block_math.block_scores(q, k, _bias_row(bias_ref, start, block_k), scale, precision)
-    return block_math.online_softmax_step(s, v, *carry, precision)
+    def visit_key_block(j, carry):
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = block_math.block_scores(q, k, _bias_row(bias_ref, start, block_k), scale, precision)
+        return block_math.online_softmax_step(s, v, *carry, precision)
 
-  init = (jnp.full((block_q, 1), block_math.ROW_MAX_INIT, jnp.float32),
-          jnp.zeros((block_q, 1), jnp.float32),
-          jnp.zeros((block_q, head_dim), jnp.float32))
-  m, l, acc = lax.fori_loop(0, num_k_blocks, visit_key_block, init)
-  out, lse = block_math.finalize_rows(m, l, acc)
-  o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = lse[:, 0]
+    init = (
+        jnp.full((block_q, 1), block_math.ROW_MAX_INIT, jnp.float32),
+        jnp.zeros((block_q, 1), jnp.float32),
+        jnp.zeros((block_q, head_dim), jnp.float32),
+    )
+    m, l, acc = lax.fori_loop(0, num_k_blocks, visit_key_block, init)
+    out, lse = block_math.finalize_rows(m, l, acc)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse[:, 0]
 
 
 def forward(q, k, v, bias, *, scale, blocks: GpuBlockSizes, interpret=False):
-  """Padded (batch, seq, heads, d) inputs -> (out like q, lse (batch, heads, seq_q) f32).
-  bias: (batch, seq_k) f32 or None."""
-  batch, seq_q, heads, head_dim = q.shape
-  seq_k = k.shape[1]
-  bq, bk = blocks.block_q, blocks.block_k
-  kernel = block_math.with_optional_bias(_forward_kernel, bias is not None, num_inputs=3)
-  kernel = functools.partial(kernel, scale=scale, block_k=bk,
-                             precision=block_math.matmul_precision(q.dtype))
-  row_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
-  in_specs = [row_block, all_keys, all_keys]
-  args = [q, k, v]
-  if bias is not None:
-    in_specs.append(pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0)))
-    args.append(bias)
-  return pl.pallas_call(
-      kernel,
-      grid=(seq_q // bq, batch, heads),
-      in_specs=in_specs,
-      out_specs=[row_block, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)],
-      compiler_params=_compiler_params(blocks, head_dim),
-      interpret=interpret,
-      name="diffjax_flash_forward_gpu",
-  )(*args)
+    """Padded (batch, seq, heads, d) inputs -> (out like q, lse (batch, heads, seq_q) f32).
+    bias: (batch, seq_k) f32 or None."""
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k = k.shape[1]
+    bq, bk = blocks.block_q, blocks.block_k
+    kernel = block_math.with_optional_bias(_forward_kernel, bias is not None, num_inputs=3)
+    kernel = functools.partial(kernel, scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype))
+    row_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+    in_specs = [row_block, all_keys, all_keys]
+    args = [q, k, v]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0)))
+        args.append(bias)
+    return pl.pallas_call(
+        kernel,
+        grid=(seq_q // bq, batch, heads),
+        in_specs=in_specs,
+        out_specs=[row_block, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)],
+        compiler_params=_compiler_params(blocks, head_dim),
+        interpret=interpret,
+        name="diffjax_flash_forward_gpu",
+    )(*args)
 
 
 # --------------------------------------------------------------------------------------------------
 # backward
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dk_ref, dv_ref, *,
-                scale, block_q, precision):
-  k = k_ref[...]
-  v = v_ref[...]
-  block_k, head_dim = k.shape
-  bias_row = None if bias_ref is None else bias_ref[...][None, :]
-  num_q_blocks = q_ref.shape[0] // block_q
+def _dkv_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dk_ref, dv_ref, *, scale, block_q, precision
+):
+    k = k_ref[...]
+    v = v_ref[...]
+    block_k, head_dim = k.shape
+    bias_row = None if bias_ref is None else bias_ref[...][None, :]
+    num_q_blocks = q_ref.shape[0] // block_q
 
-  def visit_query_block(i, carry):
-    dk, dv = carry
-    start = pl.multiple_of(i * block_q, block_q)
-    rows = pl.ds(start, block_q)
-    q = q_ref[rows, :]
-    do = do_ref[rows, :]
-    p, ds = block_math.block_backward(q, k, v, do, bias_row, lse_ref[rows][:, None],
-                                      delta_ref[rows][:, None], scale, precision)
-    dv = dv + block_math.dot_nn(p.astype(do.dtype).T, do, precision)
-    dk = dk + block_math.dot_nn(ds.astype(q.dtype).T, q, precision)
-    return dk, dv
+    def visit_query_block(i, carry):
+        dk, dv = carry
+        start = pl.multiple_of(i * block_q, block_q)
+        rows = pl.ds(start, block_q)
+        q = q_ref[rows, :]
+        do = do_ref[rows, :]
+        p, ds = block_math.block_backward(
+            q, k, v, do, bias_row, lse_ref[rows][:, None], delta_ref[rows][:, None], scale, precision
+        )
+        dv = dv + block_math.dot_nn(p.astype(do.dtype).T, do, precision)
+        dk = dk + block_math.dot_nn(ds.astype(q.dtype).T, q, precision)
+        return dk, dv
 
-  zeros = jnp.zeros((block_k, head_dim), jnp.float32)
-  dk, dv = lax.fori_loop(0, num_q_blocks, visit_query_block, (zeros, zeros))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+    zeros = jnp.zeros((block_k, head_dim), jnp.float32)
+    dk, dv = lax.fori_loop(0, num_q_blocks, visit_query_block, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref, *,
-               scale, block_k, precision):
-  q = q_ref[...]
-  do = do_ref[...]
-  lse = lse_ref[...][:, None]
-  delta = delta_ref[...][:, None]
-  block_q, head_dim = q.shape
-  num_k_blocks = k_ref.shape[0] // block_k
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref, *, scale, block_k, precision):
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...][:, None]
+    delta = delta_ref[...][:, None]
+    block_q, head_dim = q.shape
+    num_k_blocks = k_ref.shape[0] // block_k
 
-  def visit_key_block(j, dq):
-    start = pl.multiple_of(j * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
-    v = v_ref[pl.ds(start, block_k), :]
-    _, ds = block_math.block_backward(q, k, v, do, _bias_row(bias_ref, start, block_k), lse, delta,
-                                      scale, precision)
-    return dq + block_math.dot_nn(ds.astype(k.dtype), k, precision)
+    def visit_key_block(j, dq):
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        _, ds = block_math.block_backward(
+            q, k, v, do, _bias_row(bias_ref, start, block_k), lse, delta, scale, precision
+        )
+        return dq + block_math.dot_nn(ds.astype(k.dtype), k, precision)
 
-  dq = lax.fori_loop(0, num_k_blocks, visit_key_block, jnp.zeros((block_q, head_dim), jnp.float32))
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    dq = lax.fori_loop(0, num_k_blocks, visit_key_block, jnp.zeros((block_q, head_dim), jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: GpuBlockSizes, interpret=False):
-  """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics."""
-  batch, seq_q, heads, head_dim = q.shape
-  seq_k = k.shape[1]
-  bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
-  precision = block_math.matmul_precision(q.dtype)
-  delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  params = _compiler_params(blocks, head_dim)
-  has_bias = bias is not None
-  bias_args = [bias] if has_bias else []
+    """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics."""
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k = k.shape[1]
+    bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
+    precision = block_math.matmul_precision(q.dtype)
+    delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    params = _compiler_params(blocks, head_dim)
+    has_bias = bias is not None
+    bias_args = [bias] if has_bias else []
 
-  all_rows = pl.BlockSpec((None, seq_q, None, head_dim), lambda j, b, h: (b, 0, h, 0))
-  all_stats = pl.BlockSpec((None, None, seq_q), lambda j, b, h: (b, h, 0))
-  key_block = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(block_math.with_optional_bias(_dkv_kernel, has_bias, num_inputs=6),
-                        scale=scale, block_q=bq, precision=precision),
-      grid=(seq_k // bk, batch, heads),
-      in_specs=[all_rows, key_block, key_block, all_rows, all_stats, all_stats]
-      + ([pl.BlockSpec((None, bk), lambda j, b, h: (b, j))] if has_bias else []),
-      out_specs=[key_block, key_block],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
-      interpret=interpret,
-      name="diffjax_flash_dkv_gpu",
-  )(q, k, v, d_out, lse, delta, *bias_args)
+    all_rows = pl.BlockSpec((None, seq_q, None, head_dim), lambda j, b, h: (b, 0, h, 0))
+    all_stats = pl.BlockSpec((None, None, seq_q), lambda j, b, h: (b, h, 0))
+    key_block = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(
+            block_math.with_optional_bias(_dkv_kernel, has_bias, num_inputs=6),
+            scale=scale,
+            block_q=bq,
+            precision=precision,
+        ),
+        grid=(seq_k // bk, batch, heads),
+        in_specs=[all_rows, key_block, key_block, all_rows, all_stats, all_stats]
+        + ([pl.BlockSpec((None, bk), lambda j, b, h: (b, j))] if has_bias else []),
+        out_specs=[key_block, key_block],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params,
+        interpret=interpret,
+        name="diffjax_flash_dkv_gpu",
+    )(q, k, v, d_out, lse, delta, *bias_args)
 
-  row_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  stats_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-  all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
-  dq = pl.pallas_call(
-      functools.partial(block_math.with_optional_bias(_dq_kernel, has_bias, num_inputs=6),
-                        scale=scale, block_k=bk, precision=precision),
-      grid=(seq_q // bq, batch, heads),
-      in_specs=[row_block, all_keys, all_keys, row_block, stats_block, stats_block]
-      + ([pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0))] if has_bias else []),
-      out_specs=row_block,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
-      interpret=interpret,
-      name="diffjax_flash_dq_gpu",
-  )(q, k, v, d_out, lse, delta, *bias_args)
-  return dq, dk, dv
+    row_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    stats_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+    dq = pl.pallas_call(
+        functools.partial(
+            block_math.with_optional_bias(_dq_kernel, has_bias, num_inputs=6),
+            scale=scale,
+            block_k=bk,
+            precision=precision,
+        ),
+        grid=(seq_q // bq, batch, heads),
+        in_specs=[row_block, all_keys, all_keys, row_block, stats_block, stats_block]
+        + ([pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0))] if has_bias else []),
+        out_specs=row_block,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="diffjax_flash_dq_gpu",
+    )(q, k, v, d_out, lse, delta, *bias_args)
+    return dq, dk, dv

@@ -12,6 +12,7 @@ Per-row statistics (lse, delta) live in HBM as rows (1, seq) (lane-dense) and be
 (bq, 1) inside the kernels. Callers pad seq to multiples of the tiles (all multiples of 128) and
 head_dim to 64 or a multiple of 128; padded keys are masked through the bias.
 """
+
 import dataclasses
 import functools
 
@@ -20,8 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from diffjax.kernels import block_math
-from diffjax.kernels import tiling
+from diffjax.kernels import block_math, tiling
 
 LANES = 128
 SMALLEST_BLOCK = LANES  # sequence tiles sit on lanes (bias, lse rows), so multiples of 128
@@ -29,209 +29,242 @@ SMALLEST_BLOCK = LANES  # sequence tiles sit on lanes (bias, lse rows), so multi
 
 @dataclasses.dataclass(frozen=True)
 class TpuBlockSizes:
-  """Tile sizes, powers of two >= 128 (multiples of the MXU width). Tune with the benchmark."""
-  block_q: int = 256
-  block_k: int = 512
-  block_q_bwd: int = 256
-  block_k_bwd: int = 256
+    """Tile sizes, powers of two >= 128 (multiples of the MXU width). Tune with the benchmark."""
 
-  def __post_init__(self):
-    tiling.check_tiles(self, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"), SMALLEST_BLOCK)
+    block_q: int = 256
+    block_k: int = 512
+    block_q_bwd: int = 256
+    block_k_bwd: int = 256
 
-  @property
-  def seq_q_multiple(self) -> int:
-    return max(self.block_q, self.block_q_bwd)
+    def __post_init__(self):
+        tiling.check_tiles(self, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"), SMALLEST_BLOCK)
 
-  @property
-  def seq_k_multiple(self) -> int:
-    return max(self.block_k, self.block_k_bwd)
+    @property
+    def seq_q_multiple(self) -> int:
+        return max(self.block_q, self.block_q_bwd)
+
+    @property
+    def seq_k_multiple(self) -> int:
+        return max(self.block_k, self.block_k_bwd)
 
 
 def fit_block_sizes(blocks: TpuBlockSizes, seq_q: int, seq_k: int) -> TpuBlockSizes:
-  """Shrinks the tiles for short or ragged sequences (see tiling.fit_pair)."""
-  block_q, block_q_bwd = tiling.fit_pair(seq_q, blocks.block_q, blocks.block_q_bwd, SMALLEST_BLOCK)
-  block_k, block_k_bwd = tiling.fit_pair(seq_k, blocks.block_k, blocks.block_k_bwd, SMALLEST_BLOCK)
-  return dataclasses.replace(blocks, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
-                             block_k_bwd=block_k_bwd)
+    """Shrinks the tiles for short or ragged sequences (see tiling.fit_pair)."""
+    block_q, block_q_bwd = tiling.fit_pair(seq_q, blocks.block_q, blocks.block_q_bwd, SMALLEST_BLOCK)
+    block_k, block_k_bwd = tiling.fit_pair(seq_k, blocks.block_k, blocks.block_k_bwd, SMALLEST_BLOCK)
+    return dataclasses.replace(
+        blocks, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd
+    )
 
 
 def padded_head_dim(head_dim: int) -> int:
-  """64 stays 64 (half a lane row, as in the bundled kernels); otherwise a multiple of 128."""
-  return 64 if head_dim <= 64 else tiling.round_up(head_dim, LANES)
+    """64 stays 64 (half a lane row, as in the bundled kernels); otherwise a multiple of 128."""
+    return 64 if head_dim <= 64 else tiling.round_up(head_dim, LANES)
 
 
 def _interpret_params(interpret: bool):
-  return pltpu.InterpretParams() if interpret else False
+    return pltpu.InterpretParams() if interpret else False
 
 
 def _column_to_row(col):
-  """(n, 1) -> (1, n) through an aligned (n, 128) transpose, which Mosaic always supports."""
-  return jnp.broadcast_to(col, (col.shape[0], LANES)).T[:1, :]
+    """(n, 1) -> (1, n) through an aligned (n, 128) transpose, which Mosaic always supports."""
+    return jnp.broadcast_to(col, (col.shape[0], LANES)).T[:1, :]
 
 
 def _row_to_column(row_ref):
-  """A (1, n) ref block -> (n, 1) value."""
-  return row_ref[0][:, None]
+    """A (1, n) ref block -> (n, 1) value."""
+    return row_ref[0][:, None]
 
 
 def _bias_row(bias_ref):
-  return None if bias_ref is None else bias_ref[...]
+    return None if bias_ref is None else bias_ref[...]
 
 
 # --------------------------------------------------------------------------------------------------
 # forward
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, m_scratch, l_scratch,
-                    acc_scratch, *, scale, precision):
-  k_step = pl.program_id(3)
+def _forward_kernel(
+    q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, scale, precision
+):
+    k_step = pl.program_id(3)
 
-  @pl.when(k_step == 0)
-  def _start_row_block():
-    m_scratch[...] = jnp.full(m_scratch.shape, block_math.ROW_MAX_INIT, jnp.float32)
-    l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
-    acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+    @pl.when(k_step == 0)
+    def _start_row_block():
+        m_scratch[...] = jnp.full(m_scratch.shape, block_math.ROW_MAX_INIT, jnp.float32)
+        l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-  s = block_math.block_scores(q_ref[...], k_ref[...], _bias_row(bias_ref), scale, precision)
-  m, l, acc = block_math.online_softmax_step(s, v_ref[...], m_scratch[...], l_scratch[...],
-                                             acc_scratch[...], precision)
-  m_scratch[...] = m
-  l_scratch[...] = l
-  acc_scratch[...] = acc
+    s = block_math.block_scores(q_ref[...], k_ref[...], _bias_row(bias_ref), scale, precision)
+    m, l, acc = block_math.online_softmax_step(
+        s, v_ref[...], m_scratch[...], l_scratch[...], acc_scratch[...], precision
+    )
+    m_scratch[...] = m
+    l_scratch[...] = l
+    acc_scratch[...] = acc
 
-  @pl.when(k_step == pl.num_programs(3) - 1)
-  def _finish_row_block():
-    out, lse = block_math.finalize_rows(m, l, acc)
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = _column_to_row(lse)
+    @pl.when(k_step == pl.num_programs(3) - 1)
+    def _finish_row_block():
+        out, lse = block_math.finalize_rows(m, l, acc)
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...] = _column_to_row(lse)
 
 
 def forward(q, k, v, bias, *, scale, blocks: TpuBlockSizes, interpret=False):
-  """Padded (batch, heads, seq, d) inputs -> (out, lse (batch, heads, 1, seq_q) f32).
-  bias: (batch, seq_k) f32 or None."""
-  batch, heads, seq_q, head_dim = q.shape
-  seq_k = k.shape[2]
-  bq, bk = blocks.block_q, blocks.block_k
-  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, j, 0))
-  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
-  if bias is not None:
-    in_specs.append(pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, j)))
-    args.append(bias.reshape(batch, 1, seq_k))
-  kernel = block_math.with_optional_bias(_forward_kernel, bias is not None, num_inputs=3)
-  kernel = functools.partial(kernel, scale=scale, precision=block_math.matmul_precision(q.dtype))
-  return pl.pallas_call(
-      kernel,
-      grid=(batch, heads, seq_q // bq, seq_k // bk),
-      in_specs=in_specs,
-      out_specs=[q_spec, pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, 1, seq_q), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, head_dim), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret_params(interpret),
-      name="diffjax_flash_forward_tpu",
-  )(*args)
+    """Padded (batch, heads, seq, d) inputs -> (out, lse (batch, heads, 1, seq_q) f32).
+    bias: (batch, seq_k) f32 or None."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    bq, bk = blocks.block_q, blocks.block_k
+    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, j, 0))
+    in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, j)))
+        args.append(bias.reshape(batch, 1, seq_k))
+    kernel = block_math.with_optional_bias(_forward_kernel, bias is not None, num_inputs=3)
+    kernel = functools.partial(kernel, scale=scale, precision=block_math.matmul_precision(q.dtype))
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, seq_q // bq, seq_k // bk),
+        in_specs=in_specs,
+        out_specs=[q_spec, pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, 1, seq_q), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, head_dim), jnp.float32),
+        ],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret_params(interpret),
+        name="diffjax_flash_forward_tpu",
+    )(*args)
 
 
 # --------------------------------------------------------------------------------------------------
 # backward
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref, dq_scratch, *,
-               scale, precision):
-  k_step = pl.program_id(3)
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref, dq_scratch, *, scale, precision):
+    k_step = pl.program_id(3)
 
-  @pl.when(k_step == 0)
-  def _start():
-    dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+    @pl.when(k_step == 0)
+    def _start():
+        dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
-  k = k_ref[...]
-  _, ds = block_math.block_backward(q_ref[...], k, v_ref[...], do_ref[...], _bias_row(bias_ref),
-                                    _row_to_column(lse_ref), _row_to_column(delta_ref), scale,
-                                    precision)
-  dq = dq_scratch[...] + block_math.dot_nn(ds.astype(k.dtype), k, precision)
-  dq_scratch[...] = dq
+    k = k_ref[...]
+    _, ds = block_math.block_backward(
+        q_ref[...],
+        k,
+        v_ref[...],
+        do_ref[...],
+        _bias_row(bias_ref),
+        _row_to_column(lse_ref),
+        _row_to_column(delta_ref),
+        scale,
+        precision,
+    )
+    dq = dq_scratch[...] + block_math.dot_nn(ds.astype(k.dtype), k, precision)
+    dq_scratch[...] = dq
 
-  @pl.when(k_step == pl.num_programs(3) - 1)
-  def _finish():
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    @pl.when(k_step == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dk_ref, dv_ref,
-                dk_scratch, dv_scratch, *, scale, precision):
-  q_step = pl.program_id(3)
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    bias_ref,
+    dk_ref,
+    dv_ref,
+    dk_scratch,
+    dv_scratch,
+    *,
+    scale,
+    precision,
+):
+    q_step = pl.program_id(3)
 
-  @pl.when(q_step == 0)
-  def _start():
-    dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
-    dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+    @pl.when(q_step == 0)
+    def _start():
+        dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
+        dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
-  q, do = q_ref[...], do_ref[...]
-  p, ds = block_math.block_backward(q, k_ref[...], v_ref[...], do, _bias_row(bias_ref),
-                                    _row_to_column(lse_ref), _row_to_column(delta_ref), scale,
-                                    precision)
-  dv = dv_scratch[...] + block_math.dot_nn(p.T.astype(do.dtype), do, precision)
-  dk = dk_scratch[...] + block_math.dot_nn(ds.T.astype(q.dtype), q, precision)
-  dv_scratch[...] = dv
-  dk_scratch[...] = dk
+    q, do = q_ref[...], do_ref[...]
+    p, ds = block_math.block_backward(
+        q,
+        k_ref[...],
+        v_ref[...],
+        do,
+        _bias_row(bias_ref),
+        _row_to_column(lse_ref),
+        _row_to_column(delta_ref),
+        scale,
+        precision,
+    )
+    dv = dv_scratch[...] + block_math.dot_nn(p.T.astype(do.dtype), do, precision)
+    dk = dk_scratch[...] + block_math.dot_nn(ds.T.astype(q.dtype), q, precision)
+    dv_scratch[...] = dv
+    dk_scratch[...] = dk
 
-  @pl.when(q_step == pl.num_programs(3) - 1)
-  def _finish():
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    @pl.when(q_step == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBlockSizes, interpret=False):
-  """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics."""
-  batch, heads, seq_q, head_dim = q.shape
-  seq_k = k.shape[2]
-  bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
-  precision = block_math.matmul_precision(q.dtype)
-  delta = jnp.einsum("bhsd,bhsd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  delta = delta[:, :, None, :]
-  has_bias = bias is not None
-  bias_args = [bias.reshape(batch, 1, seq_k)] if has_bias else []
-  interpret = _interpret_params(interpret)
+    """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
+    precision = block_math.matmul_precision(q.dtype)
+    delta = jnp.einsum("bhsd,bhsd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta = delta[:, :, None, :]
+    has_bias = bias is not None
+    bias_args = [bias.reshape(batch, 1, seq_k)] if has_bias else []
+    interpret = _interpret_params(interpret)
 
-  # dQ: q blocks on grid axis 2, k blocks (reduced) on axis 3.
-  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, j, 0))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
-  bias_spec = [pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, j))] if has_bias else []
-  dq = pl.pallas_call(
-      functools.partial(block_math.with_optional_bias(_dq_kernel, has_bias, num_inputs=6),
-                        scale=scale, precision=precision),
-      grid=(batch, heads, seq_q // bq, seq_k // bk),
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + bias_spec,
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-      name="diffjax_flash_dq_tpu",
-  )(q, k, v, d_out, lse, delta, *bias_args)
+    # dQ: q blocks on grid axis 2, k blocks (reduced) on axis 3.
+    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, j, 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
+    bias_spec = [pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, j))] if has_bias else []
+    dq = pl.pallas_call(
+        functools.partial(
+            block_math.with_optional_bias(_dq_kernel, has_bias, num_inputs=6), scale=scale, precision=precision
+        ),
+        grid=(batch, heads, seq_q // bq, seq_k // bk),
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + bias_spec,
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name="diffjax_flash_dq_tpu",
+    )(q, k, v, d_out, lse, delta, *bias_args)
 
-  # dK, dV: k blocks on grid axis 2, q blocks (reduced) on axis 3.
-  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, j, i: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, h, j, 0))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, j, i: (b, h, 0, i))
-  bias_spec = [pl.BlockSpec((None, 1, bk), lambda b, h, j, i: (b, 0, j))] if has_bias else []
-  dk, dv = pl.pallas_call(
-      functools.partial(block_math.with_optional_bias(_dkv_kernel, has_bias, num_inputs=6),
-                        scale=scale, precision=precision),
-      grid=(batch, heads, seq_k // bk, seq_q // bq),
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + bias_spec,
-      out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32),
-                      pltpu.VMEM((bk, head_dim), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-      name="diffjax_flash_dkv_tpu",
-  )(q, k, v, d_out, lse, delta, *bias_args)
-  return dq, dk, dv
+    # dK, dV: k blocks on grid axis 2, q blocks (reduced) on axis 3.
+    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, j, i: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, h, j, 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, j, i: (b, h, 0, i))
+    bias_spec = [pl.BlockSpec((None, 1, bk), lambda b, h, j, i: (b, 0, j))] if has_bias else []
+    dk, dv = pl.pallas_call(
+        functools.partial(
+            block_math.with_optional_bias(_dkv_kernel, has_bias, num_inputs=6), scale=scale, precision=precision
+        ),
+        grid=(batch, heads, seq_k // bk, seq_q // bq),
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + bias_spec,
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name="diffjax_flash_dkv_tpu",
+    )(q, k, v, d_out, lse, delta, *bias_args)
+    return dq, dk, dv

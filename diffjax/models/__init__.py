@@ -18,9 +18,10 @@ Model contract (the rest of diffjax relies on it)
     "dropout" stream, or a PRNG key). DiT has no dropout.
 * `create(name, **overrides)` builds a preset (`preset_names()`): "unet-small", "DDPM++-cifar10",
   "DDPM++-cifar10-deep", "NCSN++-cifar10", "NCSN++-cifar10-deep", "DDPM++-cifar10-edm",
-  "NCSN++-cifar10-edm", "ADM-cifar10", "ADM-imagenet64", "DiT-{S,B,L,XL}/{2,4,8}". Overrides are config fields (see `SongUNetConfig`, `ADMUNetConfig`,
-  `DiTConfig`), e.g. image_size, in_channels, num_classes, dtype, param_dtype, attention_impl,
-  remat, scan_layers. Unknown names or bad values raise ValueError before anything is traced.
+  "NCSN++-cifar10-edm", "ADM-cifar10", "ADM-imagenet64", "DiT-{S,B,L,XL}/{2,4,8}". Overrides are
+  config fields (see `SongUNetConfig`, `ADMUNetConfig`, `DiTConfig`), e.g. image_size, in_channels,
+  num_classes, dtype, param_dtype, attention_impl, remat, scan_layers. Unknown names or bad values
+  raise ValueError before anything is traced.
 * `functional(model) -> (apply, params)`: params is a nested dict of arrays; `apply(params, x, t,
   y=None, *, key=None)` is pure (key=None: no dropout).
 * Precision: `param_dtype` for storage, `dtype` for compute (bf16 or f32); normalization
@@ -33,9 +34,14 @@ Model contract (the rest of diffjax relies on it)
 * Attention always goes through `layers.Attention` -> `diffjax.kernels.flash_attention`.
 * Class conditioning: an embedding table with num_classes + 1 rows (null class last);
   `drop_labels(key, y, rate, num_classes)` for classifier-free guidance training.
+* Vector (toy) data: `ToyMLP(ToyMLPConfig(data_dim=2), rngs=nnx.Rngs(0))` (or
+  `build(ToyMLPConfig(data_dim=2))`) takes x of shape (batch, data_dim) with the same call contract;
+  `sinusoidal_embedding(t, dim)` and `gaussian_fourier_embedding(t, n, scale=...)` are the time
+  features every model uses.
 * FLOPs: `dit_forward_macs(config)` (closed form) and `forward_macs(model)` (counted from the traced
   forward; works on abstract models).
 """
+
 from diffjax.models.api import (
     LOGICAL_AXES,
     PARAM_AXES,
@@ -50,14 +56,43 @@ from diffjax.models.api import (
     param_count,
     preset_names,
 )
-from diffjax.models.configs import ADMUNetConfig, DiTConfig, ModelConfig, SongUNetConfig
+from diffjax.models.configs import ADMUNetConfig, DiTConfig, ModelConfig, SongUNetConfig, ToyMLPConfig
 from diffjax.models.dit import DiT
-from diffjax.models.layers import REMAT_CHOICES, Attention, drop_labels
+from diffjax.models.layers import (
+    REMAT_CHOICES,
+    Attention,
+    drop_labels,
+    gaussian_fourier_embedding,
+    sinusoidal_embedding,
+)
+from diffjax.models.mlp import ToyMLP
 from diffjax.models.unet import ADMUNet, SongUNet
 
 __all__ = [
-    "ADMUNet", "ADMUNetConfig", "Attention", "DiT", "DiTConfig", "LOGICAL_AXES", "ModelConfig",
-    "PARAM_AXES", "PRESETS", "REMAT_CHOICES", "SongUNet", "SongUNetConfig", "build", "create",
-    "dit_forward_macs", "drop_labels", "forward_macs", "functional", "get_config",
-    "logical_partition_specs", "param_count", "preset_names",
+    "ADMUNet",
+    "ADMUNetConfig",
+    "Attention",
+    "DiT",
+    "DiTConfig",
+    "LOGICAL_AXES",
+    "ModelConfig",
+    "PARAM_AXES",
+    "PRESETS",
+    "REMAT_CHOICES",
+    "SongUNet",
+    "SongUNetConfig",
+    "ToyMLP",
+    "ToyMLPConfig",
+    "build",
+    "create",
+    "dit_forward_macs",
+    "drop_labels",
+    "forward_macs",
+    "functional",
+    "gaussian_fourier_embedding",
+    "get_config",
+    "logical_partition_specs",
+    "param_count",
+    "preset_names",
+    "sinusoidal_embedding",
 ]

@@ -3,6 +3,7 @@
 A configuration is plain data: it can be built from an ml_collections dict, compared and hashed, and
 it is validated (with errors naming the bad field and what is allowed) before any model is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,231 +11,274 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from diffjax.kernels import IMPLEMENTATIONS
 from diffjax.models.layers import REMAT_CHOICES
 
 DTYPES = ("float32", "bfloat16")  # what the attention kernels support
 
 
 def _fail(cls, field: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"{cls.__name__}.{field}={value!r} is invalid: {allowed}")
+    raise ValueError(f"{cls.__name__}.{field}={value!r} is invalid: {allowed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  """Fields shared by every model.
+    """Fields shared by every model.
 
-  image_size: int or (height, width) of the NHWC input (for DiT: the latent's spatial size).
-  in_channels: channels of the input, and of the output (the output has the input's shape).
-  num_classes: 0 for unconditional models; otherwise labels are 0..num_classes-1 and the value
-    num_classes is the null class (classifier-free guidance, and y=None).
-  time_scale: the network embeds time_scale * t, where t is the noise-conditioning value the caller
-    passes (e.g. t in [0, 1] with time_scale 1000 for positional embeddings, or log(sigma) with
-    time_scale 1 for Gaussian Fourier features).
-  dtype / param_dtype: compute and storage precision ("float32" or "bfloat16"); outputs are
-    always float32.
-  attention_impl: passed to `diffjax.kernels.flash_attention(implementation=...)`; None lets the
-    kernels pick the best for the platform.
-  remat: rematerialization of each residual/transformer block: "none", "full" (save nothing),
-    "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
-  """
-  image_size: int | tuple[int, int]
-  in_channels: int
-  num_classes: int = 0
-  time_scale: float = 1000.0
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  attention_impl: str | None = None
-  remat: str = "none"
+    image_size: int or (height, width) of the NHWC input (for DiT: the latent's spatial size).
+    in_channels: channels of the input, and of the output (the output has the input's shape).
+    num_classes: 0 for unconditional models; otherwise labels are 0..num_classes-1 and the value
+      num_classes is the null class (classifier-free guidance, and y=None).
+    time_scale: the network embeds time_scale * t, where t is the noise-conditioning value the caller
+      passes (e.g. t in [0, 1] with time_scale 1000 for positional embeddings, or log(sigma) with
+      time_scale 1 for Gaussian Fourier features).
+    dtype / param_dtype: compute and storage precision ("float32" or "bfloat16"); outputs are
+      always float32.
+    attention_impl: passed to `diffjax.kernels.flash_attention(implementation=...)`; None lets the
+      kernels pick the best for the platform.
+    remat: rematerialization of each residual/transformer block: "none", "full" (save nothing),
+      "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
+    """
 
-  @property
-  def hw(self) -> tuple[int, int]:
-    s = self.image_size
-    return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+    image_size: int | tuple[int, int]
+    in_channels: int
+    num_classes: int = 0
+    time_scale: float = 1000.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str | None = None
+    remat: str = "none"
 
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
+    @property
+    def hw(self) -> tuple[int, int]:
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
-  @property
-  def storage_dtype(self):
-    return jnp.dtype(self.param_dtype)
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
 
-  def validate(self) -> "ModelConfig":
-    cls = type(self)
-    s = self.image_size
-    if not (isinstance(s, int) or (isinstance(s, tuple) and len(s) == 2)):
-      _fail(cls, "image_size", s, "an int or a (height, width) tuple")
-    if min(self.hw) < 1:
-      _fail(cls, "image_size", s, "sizes must be positive")
-    _positive(cls, "in_channels", self.in_channels)
-    if not isinstance(self.num_classes, int) or self.num_classes < 0:
-      _fail(cls, "num_classes", self.num_classes, "a non-negative int (0 = unconditional)")
-    if not isinstance(self.time_scale, (int, float)) or self.time_scale <= 0:
-      _fail(cls, "time_scale", self.time_scale, "a positive number")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
-        _fail(cls, name, getattr(self, name), f"one of {DTYPES}")
-    from diffjax.kernels import IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top
-    if self.attention_impl is not None and self.attention_impl not in IMPLEMENTATIONS:
-      _fail(cls, "attention_impl", self.attention_impl,
-            f"None (best for the platform) or one of {IMPLEMENTATIONS}")
-    if self.remat not in REMAT_CHOICES:
-      _fail(cls, "remat", self.remat, f"one of {REMAT_CHOICES}")
-    return self
+    @property
+    def storage_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def validate(self) -> "ModelConfig":
+        cls = type(self)
+        s = self.image_size
+        if not (isinstance(s, int) or (isinstance(s, tuple) and len(s) == 2)):
+            _fail(cls, "image_size", s, "an int or a (height, width) tuple")
+        if min(self.hw) < 1:
+            _fail(cls, "image_size", s, "sizes must be positive")
+        _positive(cls, "in_channels", self.in_channels)
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            _fail(cls, "num_classes", self.num_classes, "a non-negative int (0 = unconditional)")
+        if not isinstance(self.time_scale, (int, float)) or self.time_scale <= 0:
+            _fail(cls, "time_scale", self.time_scale, "a positive number")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                _fail(cls, name, getattr(self, name), f"one of {DTYPES}")
+        if self.attention_impl is not None and self.attention_impl not in IMPLEMENTATIONS:
+            _fail(
+                cls, "attention_impl", self.attention_impl, f"None (best for the platform) or one of {IMPLEMENTATIONS}"
+            )
+        if self.remat not in REMAT_CHOICES:
+            _fail(cls, "remat", self.remat, f"one of {REMAT_CHOICES}")
+        return self
 
 
 def _positive(cls, field: str, value: Any) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    _fail(cls, field, value, "a positive int")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(cls, field, value, "a positive int")
 
 
 def _check_unet_levels(cfg, mult_field: str, attn_field: str) -> None:
-  cls = type(cfg)
-  mult = getattr(cfg, mult_field)
-  if not mult or any(not isinstance(m, int) or m < 1 for m in mult):
-    _fail(cls, mult_field, mult, "a non-empty tuple of positive ints")
-  factor = 2 ** (len(mult) - 1)
-  h, w = cfg.hw
-  if h % factor or w % factor:
-    _fail(cls, "image_size", cfg.image_size,
-          f"must be divisible by 2^(levels-1) = {factor} for {len(mult)} resolution levels")
-  levels = tuple(h // 2 ** i for i in range(len(mult)))
-  bad = [r for r in getattr(cfg, attn_field) if r not in levels]
-  if bad:
-    _fail(cls, attn_field, getattr(cfg, attn_field),
-          f"each entry must be one of the level resolutions {levels}")
+    cls = type(cfg)
+    mult = getattr(cfg, mult_field)
+    if not mult or any(not isinstance(m, int) or m < 1 for m in mult):
+        _fail(cls, mult_field, mult, "a non-empty tuple of positive ints")
+    factor = 2 ** (len(mult) - 1)
+    h, w = cfg.hw
+    if h % factor or w % factor:
+        _fail(
+            cls,
+            "image_size",
+            cfg.image_size,
+            f"must be divisible by 2^(levels-1) = {factor} for {len(mult)} resolution levels",
+        )
+    levels = tuple(h // 2**i for i in range(len(mult)))
+    bad = [r for r in getattr(cfg, attn_field) if r not in levels]
+    if bad:
+        _fail(cls, attn_field, getattr(cfg, attn_field), f"each entry must be one of the level resolutions {levels}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SongUNetConfig(ModelConfig):
-  """DDPM++ / NCSN++ U-Net of Song et al. 2021, "Score-Based Generative Modeling through SDEs".
+    """DDPM++ / NCSN++ U-Net of Song et al. 2021, "Score-Based Generative Modeling through SDEs".
 
-  Field names follow score_sde's configs: nf base channels, ch_mult per level, num_res_blocks per
-  level, attn_resolutions (absolute, in pixels), resblock_type "biggan" | "ddpm", fir (FIR
-  resampling with fir_kernel), skip_rescale (divide residual sums by sqrt 2), progressive
-  ("none" | "output_skip" | "residual"), progressive_input ("none" | "input_skip" | "residual"),
-  progressive_combine ("sum" | "cat"), embedding_type ("positional" | "fourier"), fourier_scale,
-  init_scale (scale of the last conv of each block; 0 = zero init).
-  """
-  nf: int = 128
-  ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-  num_res_blocks: int = 4
-  attn_resolutions: tuple[int, ...] = (16,)
-  dropout: float = 0.1
-  resblock_type: str = "biggan"
-  resamp_with_conv: bool = True
-  fir: bool = False
-  fir_kernel: tuple[float, ...] = (1, 3, 3, 1)
-  skip_rescale: bool = True
-  progressive: str = "none"
-  progressive_input: str = "none"
-  progressive_combine: str = "sum"
-  embedding_type: str = "positional"
-  fourier_scale: float = 16.0
-  init_scale: float = 0.0
+    Field names follow score_sde's configs: nf base channels, ch_mult per level, num_res_blocks per
+    level, attn_resolutions (absolute, in pixels), resblock_type "biggan" | "ddpm", fir (FIR
+    resampling with fir_kernel), skip_rescale (divide residual sums by sqrt 2), progressive
+    ("none" | "output_skip" | "residual"), progressive_input ("none" | "input_skip" | "residual"),
+    progressive_combine ("sum" | "cat"), embedding_type ("positional" | "fourier"), fourier_scale,
+    init_scale (scale of the last conv of each block; 0 = zero init).
+    """
 
-  def validate(self):
-    super().validate()
-    cls = type(self)
-    _positive(cls, "nf", self.nf)
-    _positive(cls, "num_res_blocks", self.num_res_blocks)
-    _check_unet_levels(self, "ch_mult", "attn_resolutions")
-    if self.nf % 4:
-      _fail(cls, "nf", self.nf, "must be divisible by 4 (GroupNorm uses min(C // 4, 32) groups)")
-    if not 0.0 <= self.dropout < 1.0:
-      _fail(cls, "dropout", self.dropout, "a rate in [0, 1)")
-    choices = dict(resblock_type=("biggan", "ddpm"), progressive=("none", "output_skip", "residual"),
-                   progressive_input=("none", "input_skip", "residual"),
-                   progressive_combine=("sum", "cat"), embedding_type=("positional", "fourier"))
-    for field, allowed in choices.items():
-      if getattr(self, field) not in allowed:
-        _fail(cls, field, getattr(self, field), f"one of {allowed}")
-    if self.embedding_type == "fourier" and self.fourier_scale <= 0:
-      _fail(cls, "fourier_scale", self.fourier_scale, "a positive number")
-    if len(self.fir_kernel) < 2:
-      _fail(cls, "fir_kernel", self.fir_kernel, "a 1-D filter with at least 2 taps")
-    return self
+    nf: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 4
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resblock_type: str = "biggan"
+    resamp_with_conv: bool = True
+    fir: bool = False
+    fir_kernel: tuple[float, ...] = (1, 3, 3, 1)
+    skip_rescale: bool = True
+    progressive: str = "none"
+    progressive_input: str = "none"
+    progressive_combine: str = "sum"
+    embedding_type: str = "positional"
+    fourier_scale: float = 16.0
+    init_scale: float = 0.0
+
+    def validate(self):
+        super().validate()
+        cls = type(self)
+        _positive(cls, "nf", self.nf)
+        _positive(cls, "num_res_blocks", self.num_res_blocks)
+        _check_unet_levels(self, "ch_mult", "attn_resolutions")
+        if self.nf % 4:
+            _fail(cls, "nf", self.nf, "must be divisible by 4 (GroupNorm uses min(C // 4, 32) groups)")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail(cls, "dropout", self.dropout, "a rate in [0, 1)")
+        choices = dict(
+            resblock_type=("biggan", "ddpm"),
+            progressive=("none", "output_skip", "residual"),
+            progressive_input=("none", "input_skip", "residual"),
+            progressive_combine=("sum", "cat"),
+            embedding_type=("positional", "fourier"),
+        )
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                _fail(cls, field, getattr(self, field), f"one of {allowed}")
+        if self.embedding_type == "fourier" and self.fourier_scale <= 0:
+            _fail(cls, "fourier_scale", self.fourier_scale, "a positive number")
+        if len(self.fir_kernel) < 2:
+            _fail(cls, "fir_kernel", self.fir_kernel, "a 1-D filter with at least 2 taps")
+        return self
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ADMUNetConfig(ModelConfig):
-  """U-Net of improved DDPM / ADM (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021, "Diffusion Models
-  Beat GANs"). model_channels base width, channel_mult per level, num_res_blocks per level,
-  attn_resolutions (absolute, in pixels), heads = channels // num_head_channels (or num_heads when
-  num_head_channels is -1), resblock_updown (resample inside residual blocks), use_scale_shift_norm
-  (AdaGN), conv_resample (3x3 conv in the plain resamplers), norm_groups (GroupNorm groups).
-  """
-  model_channels: int = 192
-  channel_mult: tuple[int, ...] = (1, 2, 3, 4)
-  num_res_blocks: int = 3
-  attn_resolutions: tuple[int, ...] = (32, 16, 8)
-  num_heads: int = 4
-  num_head_channels: int = 64
-  dropout: float = 0.1
-  resblock_updown: bool = True
-  use_scale_shift_norm: bool = True
-  conv_resample: bool = True
-  norm_groups: int = 32
+    """U-Net of improved DDPM / ADM (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021, "Diffusion Models
+    Beat GANs"). model_channels base width, channel_mult per level, num_res_blocks per level,
+    attn_resolutions (absolute, in pixels), heads = channels // num_head_channels (or num_heads when
+    num_head_channels is -1), resblock_updown (resample inside residual blocks), use_scale_shift_norm
+    (AdaGN), conv_resample (3x3 conv in the plain resamplers), norm_groups (GroupNorm groups).
+    """
 
-  def validate(self):
-    super().validate()
-    cls = type(self)
-    _positive(cls, "model_channels", self.model_channels)
-    _positive(cls, "num_res_blocks", self.num_res_blocks)
-    _positive(cls, "norm_groups", self.norm_groups)
-    _check_unet_levels(self, "channel_mult", "attn_resolutions")
-    if not 0.0 <= self.dropout < 1.0:
-      _fail(cls, "dropout", self.dropout, "a rate in [0, 1)")
-    for m in self.channel_mult:
-      c = m * self.model_channels
-      if c % self.norm_groups:
-        _fail(cls, "norm_groups", self.norm_groups, f"must divide every level's channels ({c})")
-      if self.num_head_channels != -1:
-        if self.num_head_channels < 1 or c % self.num_head_channels:
-          _fail(cls, "num_head_channels", self.num_head_channels,
-                f"-1 or a positive divisor of every level's channels ({c})")
-      elif self.num_heads < 1 or c % self.num_heads:
-        _fail(cls, "num_heads", self.num_heads, f"a positive divisor of every level's channels ({c})")
-    return self
+    model_channels: int = 192
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 3
+    attn_resolutions: tuple[int, ...] = (32, 16, 8)
+    num_heads: int = 4
+    num_head_channels: int = 64
+    dropout: float = 0.1
+    resblock_updown: bool = True
+    use_scale_shift_norm: bool = True
+    conv_resample: bool = True
+    norm_groups: int = 32
+
+    def validate(self):
+        super().validate()
+        cls = type(self)
+        _positive(cls, "model_channels", self.model_channels)
+        _positive(cls, "num_res_blocks", self.num_res_blocks)
+        _positive(cls, "norm_groups", self.norm_groups)
+        _check_unet_levels(self, "channel_mult", "attn_resolutions")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail(cls, "dropout", self.dropout, "a rate in [0, 1)")
+        for m in self.channel_mult:
+            c = m * self.model_channels
+            if c % self.norm_groups:
+                _fail(cls, "norm_groups", self.norm_groups, f"must divide every level's channels ({c})")
+            if self.num_head_channels != -1:
+                if self.num_head_channels < 1 or c % self.num_head_channels:
+                    _fail(
+                        cls,
+                        "num_head_channels",
+                        self.num_head_channels,
+                        f"-1 or a positive divisor of every level's channels ({c})",
+                    )
+            elif self.num_heads < 1 or c % self.num_heads:
+                _fail(cls, "num_heads", self.num_heads, f"a positive divisor of every level's channels ({c})")
+        return self
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DiTConfig(ModelConfig):
-  """Diffusion Transformer of Peebles & Xie 2023, "Scalable Diffusion Models with Transformers".
+    """Diffusion Transformer of Peebles & Xie 2023, "Scalable Diffusion Models with Transformers".
 
-  patch_size p, hidden_size D, depth (number of adaLN-Zero blocks), num_heads, mlp_ratio,
-  frequency_embedding_size (sinusoidal features of t before the time MLP), scan_layers (stack the
-  blocks and run them with a scan: compile time flat in depth; False unrolls the same parameters).
-  """
-  patch_size: int = 2
-  hidden_size: int = 1152
-  depth: int = 28
-  num_heads: int = 16
-  mlp_ratio: float = 4.0
-  frequency_embedding_size: int = 256
-  scan_layers: bool = True
+    patch_size p, hidden_size D, depth (number of adaLN-Zero blocks), num_heads, mlp_ratio,
+    frequency_embedding_size (sinusoidal features of t before the time MLP), scan_layers (stack the
+    blocks and run them with a scan: compile time flat in depth; False unrolls the same parameters).
+    """
 
-  def validate(self):
-    super().validate()
-    cls = type(self)
-    for field in ("patch_size", "hidden_size", "depth", "num_heads", "frequency_embedding_size"):
-      _positive(cls, field, getattr(self, field))
-    h, w = self.hw
-    if h % self.patch_size or w % self.patch_size:
-      _fail(cls, "image_size", self.image_size, f"must be divisible by patch_size {self.patch_size}")
-    if self.hidden_size % self.num_heads:
-      _fail(cls, "num_heads", self.num_heads, f"must divide hidden_size {self.hidden_size}")
-    if self.hidden_size % 4:
-      _fail(cls, "hidden_size", self.hidden_size, "must be divisible by 4 (2-D sin-cos positions)")
-    if not self.mlp_ratio > 0 or int(self.hidden_size * self.mlp_ratio) < 1:
-      _fail(cls, "mlp_ratio", self.mlp_ratio, "a positive number")
-    return self
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    frequency_embedding_size: int = 256
+    scan_layers: bool = True
 
-  @property
-  def mlp_hidden(self) -> int:
-    return int(self.hidden_size * self.mlp_ratio)
+    def validate(self):
+        super().validate()
+        cls = type(self)
+        for field in ("patch_size", "hidden_size", "depth", "num_heads", "frequency_embedding_size"):
+            _positive(cls, field, getattr(self, field))
+        h, w = self.hw
+        if h % self.patch_size or w % self.patch_size:
+            _fail(cls, "image_size", self.image_size, f"must be divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            _fail(cls, "num_heads", self.num_heads, f"must divide hidden_size {self.hidden_size}")
+        if self.hidden_size % 4:
+            _fail(cls, "hidden_size", self.hidden_size, "must be divisible by 4 (2-D sin-cos positions)")
+        if not self.mlp_ratio > 0 or int(self.hidden_size * self.mlp_ratio) < 1:
+            _fail(cls, "mlp_ratio", self.mlp_ratio, "a positive number")
+        return self
 
-  @property
-  def num_tokens(self) -> int:
-    h, w = self.hw
-    return (h // self.patch_size) * (w // self.patch_size)
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.hw
+        return (h // self.patch_size) * (w // self.patch_size)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToyMLPConfig:
+    """A residual MLP for vector data of shape (batch, data_dim) (toy distributions, tabular data).
+
+    width: hidden width of every layer; depth: number of residual blocks; embedding_dim: size of the
+    sinusoidal features of time_scale * t; num_classes and time_scale as in `ModelConfig`. Computes in
+    float32; no dropout.
+    """
+
+    data_dim: int
+    width: int = 128
+    depth: int = 3
+    embedding_dim: int = 64
+    num_classes: int = 0
+    time_scale: float = 1000.0
+
+    def validate(self) -> "ToyMLPConfig":
+        cls = type(self)
+        for field in ("data_dim", "width", "depth", "embedding_dim"):
+            _positive(cls, field, getattr(self, field))
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            _fail(cls, "num_classes", self.num_classes, "a non-negative int (0 = unconditional)")
+        if not isinstance(self.time_scale, (int, float)) or self.time_scale <= 0:
+            _fail(cls, "time_scale", self.time_scale, "a positive number")
+        return self
