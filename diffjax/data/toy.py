@@ -1,5 +1,9 @@
 """Toy distributions with exact answers: Gaussian mixtures and 2-D sets.
 
+The labelled 2-D set is `ring_mixture()`: equal-weight Gaussians on a circle, whose component index
+is the label (`mixture.sample(key, n, return_components=True)`), with exact denoisers both
+unconditional (`mixture.denoiser(process)`) and per label (`mixture.component(k).denoiser(process)`).
+
 A mixture p(x0) = sum_k w_k N(mu_k, diag(s_k^2)) stays a mixture under any Gaussian path
 x_t = alpha x0 + sigma eps:
 
@@ -27,6 +31,7 @@ __all__ = [
     "GaussianMixture",
     "gaussian",
     "benchmark_mixture",
+    "ring_mixture",
     "TOY_2D",
     "sample_toy_2d",
 ]
@@ -51,9 +56,7 @@ class GaussianMixture:
         weights = np.asarray(weights, np.float64)
         means = np.asarray(means, np.float64)
         if weights.ndim != 1 or means.ndim != 2 or means.shape[0] != weights.shape[0]:
-            raise ValueError(
-                f"need weights (K,) and means (K, D); got {weights.shape} and {means.shape}"
-            )
+            raise ValueError(f"need weights (K,) and means (K, D); got {weights.shape} and {means.shape}")
         stds = np.asarray(stds, np.float64)
         if stds.ndim == 1:  # one isotropic std per component
             stds = stds[:, None]
@@ -72,6 +75,13 @@ class GaussianMixture:
     @property
     def num_components(self) -> int:
         return self.means.shape[0]
+
+    def component(self, k: int) -> "GaussianMixture":
+        """Component k alone, N(means[k], diag(stds[k]^2)): the distribution of the examples labelled k,
+        so `mixture.component(k).denoiser(process)` is the exact class-conditional denoiser."""
+        if not (isinstance(k, int) and 0 <= k < self.num_components):
+            raise ValueError(f"component index must be an int in [0, {self.num_components}), got {k!r}")
+        return GaussianMixture(jnp.ones((1,), jnp.float32), self.means[k : k + 1], self.stds[k : k + 1])
 
     # -- data distribution ----------------------------------------------------------------------
     def sample(self, key, n: int, return_components: bool = False):
@@ -116,9 +126,7 @@ class GaussianMixture:
 
     def denoiser(self, process: GaussianProcess) -> Denoiser:
         """The exact x0-denoiser of this mixture under `process`."""
-        return Denoiser(
-            lambda x, t: self.posterior_mean(x, process.alpha(t), process.sigma(t)), process, "x0"
-        )
+        return Denoiser(lambda x, t: self.posterior_mean(x, process.alpha(t), process.sigma(t)), process, "x0")
 
     # -- checking samples -------------------------------------------------------------------------
     def assign(self, x):
@@ -172,8 +180,25 @@ def benchmark_mixture(dim: int = 16) -> GaussianMixture:
     return GaussianMixture.create([0.1, 0.2, 0.3, 0.4], means, [0.05, 0.1, 0.25, 0.5])
 
 
+def ring_mixture(num_components: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMixture:
+    """The labelled 2-D toy set: `num_components` equal-weight isotropic Gaussians N(mu_k, std^2 I)
+    with mu_k = radius (cos 2 pi k / K, sin 2 pi k / K); the label of an example is its component k."""
+    if not (isinstance(num_components, int) and num_components >= 1):
+        raise ValueError(f"num_components must be a positive int, got {num_components!r}")
+    if not (radius > 0 and std > 0):
+        raise ValueError(f"radius and std must be positive, got radius={radius!r}, std={std!r}")
+    angles = 2 * np.pi * np.arange(num_components) / num_components
+    means = radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return GaussianMixture.create(np.full(num_components, 1.0 / num_components), means, np.full(num_components, std))
+
+
+def sample_ring(key, n: int):
+    """Samples of the default `ring_mixture()` (without labels; see the module docstring for them)."""
+    return ring_mixture().sample(key, n)
+
+
 # ------------------------------------------------------------------------------------------------
-# 2-D toy sets (no exact score; for training demos and loss checks)
+# 2-D toy sets (no exact score except the ring; for training demos and loss checks)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -209,6 +234,7 @@ TOY_2D = {
     "moons": sample_moons,
     "checkerboard": sample_checkerboard,
     "swiss_roll": sample_swiss_roll,
+    "ring": sample_ring,
 }
 
 
