@@ -181,11 +181,13 @@ def test_interpreter_exposes_unwritten_output_blocks(implementation):
 def _padded_problem(implementation):
     """Raw kernel inputs with several blocks on every grid axis, a key bias with masked entries."""
     if implementation == "pallas_gpu":
-        module, blocks = pallas_gpu, pallas_gpu.GpuBlockSizes(32, 16, 16, 32)
+        kernels = pallas_gpu.gpu_flash_forward, pallas_gpu.gpu_flash_backward
+        blocks = pallas_gpu.GpuBlockSizes(32, 16, 16, 32)
         shape_q, shape_k = (2, 64, 2, 32), (2, 96, 2, 32)  # (batch, seq, heads, d)
         to_bshd = lambda x: x
     else:
-        module, blocks = pallas_tpu, pallas_tpu.TpuBlockSizes(128, 128, 128, 128)
+        kernels = pallas_tpu.tpu_flash_forward, pallas_tpu.tpu_flash_backward
+        blocks = pallas_tpu.TpuBlockSizes(128, 128, 128, 128)
         shape_q, shape_k = (2, 2, 256, 64), (2, 2, 384, 64)  # (batch, heads, seq, d)
         to_bshd = lambda x: jnp.transpose(x, (0, 2, 1, 3))
     kq, kk, kv, km, kd = jax.random.split(jax.random.key(3), 5)
@@ -194,16 +196,16 @@ def _padded_problem(implementation):
     v = jax.random.normal(kv, shape_k)
     d_out = jax.random.normal(kd, shape_q)
     mask = jax.random.bernoulli(km, 0.7, (2, to_bshd(k).shape[1])).at[:, 0].set(True)
-    return module, blocks, to_bshd, (q, k, v, mask, d_out)
+    return kernels, blocks, to_bshd, (q, k, v, mask, d_out)
 
 
 @pytest.mark.parametrize("implementation", PALLAS)
 def test_kernels_write_every_output_element(implementation):
-    module, blocks, to_bshd, (q, k, v, mask, d_out) = _padded_problem(implementation)
+    (forward, backward), blocks, to_bshd, (q, k, v, mask, d_out) = _padded_problem(implementation)
     scale = 0.2
     bias = jnp.where(mask, 0.0, -jnp.inf)
-    out, lse = module.forward(q, k, v, bias, scale=scale, blocks=blocks, interpret=True)
-    grads = module.backward(q, k, v, bias, out, lse, d_out, scale=scale, blocks=blocks, interpret=True)
+    out, lse = forward(q, k, v, bias, scale=scale, blocks=blocks, interpret=True)
+    grads = backward(q, k, v, bias, out, lse, d_out, scale=scale, blocks=blocks, interpret=True)
     for name, x in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
         assert jnp.isfinite(x).all(), f"{name} has unwritten (NaN) or non-finite elements"
 

@@ -218,11 +218,11 @@ def _pallas_attention(q, k, v, mask, *, scale, impl, interpret, blocks=None):
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
     if impl == "pallas_gpu":
-        blocks = pallas_gpu.fit_block_sizes(blocks or pallas_gpu.GpuBlockSizes(), seq_q, seq_k)
-        padded_d = pallas_gpu.padded_head_dim(head_dim)
+        blocks = pallas_gpu.fit_gpu_block_sizes(blocks or pallas_gpu.GpuBlockSizes(), seq_q, seq_k)
+        padded_d = pallas_gpu.gpu_padded_head_dim(head_dim)
     else:
-        blocks = pallas_tpu.fit_block_sizes(blocks or pallas_tpu.TpuBlockSizes(), seq_q, seq_k)
-        padded_d = pallas_tpu.padded_head_dim(head_dim)
+        blocks = pallas_tpu.fit_tpu_block_sizes(blocks or pallas_tpu.TpuBlockSizes(), seq_q, seq_k)
+        padded_d = pallas_tpu.tpu_padded_head_dim(head_dim)
     padded_q = round_up(seq_q, blocks.seq_q_multiple)
     padded_k = round_up(seq_k, blocks.seq_k_multiple)
 
@@ -254,9 +254,13 @@ def _key_bias(mask, batch, seq_k, padded_k):
     return reference.key_padding_bias(mask)
 
 
+_FLASH_FORWARD = {"pallas_gpu": pallas_gpu.gpu_flash_forward, "pallas_tpu": pallas_tpu.tpu_flash_forward}
+_FLASH_BACKWARD = {"pallas_gpu": pallas_gpu.gpu_flash_backward, "pallas_tpu": pallas_tpu.tpu_flash_backward}
+
+
 def _kernel_forward(config, q, k, v, bias):
-    module = pallas_gpu if config.implementation == "pallas_gpu" else pallas_tpu
-    return module.forward(q, k, v, bias, scale=config.scale, blocks=config.blocks, interpret=config.interpret)
+    forward = _FLASH_FORWARD[config.implementation]
+    return forward(q, k, v, bias, scale=config.scale, blocks=config.blocks, interpret=config.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -271,8 +275,8 @@ def _flash_core_fwd(config, q, k, v, bias):
 
 def _flash_core_bwd(config, residuals, d_out):
     q, k, v, bias, out, lse = residuals
-    module = pallas_gpu if config.implementation == "pallas_gpu" else pallas_tpu
-    dq, dk, dv = module.backward(
+    backward = _FLASH_BACKWARD[config.implementation]
+    dq, dk, dv = backward(
         q, k, v, bias, out, lse, d_out, scale=config.scale, blocks=config.blocks, interpret=config.interpret
     )
     d_bias = None if bias is None else jnp.zeros_like(bias)  # the mask is not differentiable

@@ -53,7 +53,7 @@ class GpuBlockSizes:
         return max(self.block_k, self.block_k_bwd)
 
 
-def fit_block_sizes(blocks: GpuBlockSizes, seq_q: int, seq_k: int) -> GpuBlockSizes:
+def fit_gpu_block_sizes(blocks: GpuBlockSizes, seq_q: int, seq_k: int) -> GpuBlockSizes:
     """Shrinks the tiles for short or ragged sequences (see tiling.fit_pair)."""
     block_q, block_q_bwd = tiling.fit_pair(seq_q, blocks.block_q, blocks.block_q_bwd, SMALLEST_BLOCK)
     block_k, block_k_bwd = tiling.fit_pair(seq_k, blocks.block_k, blocks.block_k_bwd, SMALLEST_BLOCK)
@@ -62,7 +62,7 @@ def fit_block_sizes(blocks: GpuBlockSizes, seq_q: int, seq_k: int) -> GpuBlockSi
     )
 
 
-def padded_head_dim(head_dim: int) -> int:
+def gpu_padded_head_dim(head_dim: int) -> int:
     """Triton tensors have power-of-two sizes: 64 -> 64, 72 -> 128, 8 -> 16."""
     return max(SMALLEST_BLOCK, 1 << (head_dim - 1).bit_length())
 
@@ -105,7 +105,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, blo
     lse_ref[...] = lse[:, 0]
 
 
-def forward(q, k, v, bias, *, scale, blocks: GpuBlockSizes, interpret=False):
+def gpu_flash_forward(q, k, v, bias, *, scale, blocks: GpuBlockSizes, interpret=False):
     """Padded (batch, seq, heads, d) inputs -> (out like q, lse (batch, heads, seq_q) f32).
     bias: (batch, seq_k) f32 or None."""
     batch, seq_q, heads, head_dim = q.shape
@@ -185,7 +185,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: GpuBlockSizes, interpret=False):
+def gpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: GpuBlockSizes, interpret=False):
     """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics."""
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]

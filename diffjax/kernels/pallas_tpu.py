@@ -48,7 +48,7 @@ class TpuBlockSizes:
         return max(self.block_k, self.block_k_bwd)
 
 
-def fit_block_sizes(blocks: TpuBlockSizes, seq_q: int, seq_k: int) -> TpuBlockSizes:
+def fit_tpu_block_sizes(blocks: TpuBlockSizes, seq_q: int, seq_k: int) -> TpuBlockSizes:
     """Shrinks the tiles for short or ragged sequences (see tiling.fit_pair)."""
     block_q, block_q_bwd = tiling.fit_pair(seq_q, blocks.block_q, blocks.block_q_bwd, SMALLEST_BLOCK)
     block_k, block_k_bwd = tiling.fit_pair(seq_k, blocks.block_k, blocks.block_k_bwd, SMALLEST_BLOCK)
@@ -57,7 +57,7 @@ def fit_block_sizes(blocks: TpuBlockSizes, seq_q: int, seq_k: int) -> TpuBlockSi
     )
 
 
-def padded_head_dim(head_dim: int) -> int:
+def tpu_padded_head_dim(head_dim: int) -> int:
     """64 stays 64 (half a lane row, as in the bundled kernels); otherwise a multiple of 128."""
     return 64 if head_dim <= 64 else tiling.round_up(head_dim, LANES)
 
@@ -110,7 +110,7 @@ def _forward_kernel(
         lse_ref[...] = _column_to_row(lse)
 
 
-def forward(q, k, v, bias, *, scale, blocks: TpuBlockSizes, interpret=False):
+def tpu_flash_forward(q, k, v, bias, *, scale, blocks: TpuBlockSizes, interpret=False):
     """Padded (batch, heads, seq, d) inputs -> (out, lse (batch, heads, 1, seq_q) f32).
     bias: (batch, seq_k) f32 or None."""
     batch, heads, seq_q, head_dim = q.shape
@@ -218,7 +218,7 @@ def _dkv_kernel(
         dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBlockSizes, interpret=False):
+def tpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBlockSizes, interpret=False):
     """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
