@@ -80,6 +80,10 @@ def test_toy_mlp_contract_and_errors():
     np.testing.assert_array_equal(np.asarray(out), 0.0)  # zero-initialised output layer
     assert apply(params, x, t, jnp.arange(5)).shape == (5, 2)
     assert apply(params, x, 0.5).shape == (5, 2)  # a scalar t is broadcast
+    # per example: input, time MLP, 3 width x width matmuls per block, output (the class lookup is free)
+    width, depth = 32, 2
+    expected = 2 * width + 64 * width + width * width + depth * 3 * width * width + width * 2
+    assert models.forward_macs(model, batch=3) == 3 * expected
     specs = models.logical_partition_specs(model)
     assert jax.tree.structure(specs) == jax.tree.structure(params)
     with pytest.raises(ValueError, match=r"\(batch, 2\)"):

@@ -261,8 +261,8 @@ def forward_macs(model: nnx.Module, batch: int = 1, *, count_padding: bool = Tru
     """
     apply, params = functional(model)
     cfg = model.cfg
-    h, w = cfg.hw
-    x = jax.ShapeDtypeStruct((batch, h, w, cfg.in_channels), jnp.float32)
+    data_shape = (cfg.data_dim,) if isinstance(cfg, ToyMLPConfig) else (*cfg.hw, cfg.in_channels)
+    x = jax.ShapeDtypeStruct((batch, *data_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.float32)
     y = jax.ShapeDtypeStruct((batch,), jnp.int32) if cfg.num_classes else None
     closed = jax.make_jaxpr(lambda p, x, t, y: apply(p, x, t, y))(params, x, t, y)
