@@ -27,7 +27,8 @@ tagged `apply.prediction = EDMPreconditioned(0.5)` cannot be used as an x0-predi
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, Union
+from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +76,7 @@ class PathCoefficients:
     dsigma: jax.Array
 
     @classmethod
-    def at(cls, process: GaussianProcess, t, like: jax.Array) -> "PathCoefficients":
+    def at(cls, process: GaussianProcess, t, like: jax.Array) -> PathCoefficients:
         dalpha, dsigma = process.alpha_sigma_derivatives(t)
         shape = lambda c: broadcast_to_data(c, like)  # noqa: E731
         return cls(shape(process.alpha(t)), shape(process.sigma(t)), shape(dalpha), shape(dsigma))
@@ -144,14 +145,14 @@ class EDMPreconditioned:
     def __post_init__(self):
         check_positive("sigma_data", self.sigma_data)
 
-    def wrap(self, net: Callable, process: GaussianProcess) -> "EDMPreconditioning":
+    def wrap(self, net: Callable, process: GaussianProcess) -> EDMPreconditioning:
         return EDMPreconditioning(net, process, self.sigma_data)
 
 
 # Config names of the predictions that take options (the view names are their own config names).
 PRECONDITIONED = {"edm_preconditioned": EDMPreconditioned}
 
-Prediction = Union[str, EDMPreconditioned]
+Prediction = str | EDMPreconditioned
 
 
 def check_declared_prediction(fn: Callable, prediction: Prediction) -> None:
@@ -259,7 +260,7 @@ class Denoiser:
         """The former name of `velocity`, kept until samplers/ call `velocity` (remove at merge)."""
         return self.velocity(x, t)
 
-    def with_fn(self, fn: Callable, prediction: str | None = None) -> "Denoiser":
+    def with_fn(self, fn: Callable, prediction: str | None = None) -> Denoiser:
         """The same process with another network (used by guidance combinators)."""
         return Denoiser(fn, self.process, self.prediction if prediction is None else prediction)
 
@@ -301,7 +302,9 @@ class EDMPreconditioning:
         x_scaled = x / broadcast_to_data(self.process.alpha(t), x)
         raw = self.net(broadcast_to_data(c_in, x) * x_scaled, c_noise)
         if raw.shape != x.shape:  # c_skip x + c_out raw would broadcast
-            raise ValueError(f"the raw network maps x of shape {x.shape} to shape {raw.shape}; it must return x's shape")
+            raise ValueError(
+                f"the raw network maps x of shape {x.shape} to shape {raw.shape}; it must return x's shape"
+            )
         return broadcast_to_data(c_skip, x) * x_scaled + broadcast_to_data(c_out, x) * raw
 
 
@@ -356,7 +359,9 @@ def guided(
         if not isinstance(d, Denoiser):
             raise TypeError(f"{name}: the {label} model must be a diffjax.Denoiser, got {type(d).__name__}")
     if positive.process != negative.process:
-        raise ValueError(f"{name}: the two denoisers use different processes: {positive.process!r} vs {negative.process!r}")
+        raise ValueError(
+            f"{name}: the two denoisers use different processes: {positive.process!r} vs {negative.process!r}"
+        )
     process = positive.process
     scale, rescale = float(scale), float(rescale)
 

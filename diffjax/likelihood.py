@@ -24,7 +24,7 @@ jittable, and bad input raises ValueError naming the value before anything is co
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

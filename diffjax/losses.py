@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Callable, ClassVar, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,12 @@ from diffjax.denoisers import (
     network_view,
     to_x0_eps,
 )
-from diffjax.processes import LOG_SNR_CLIP, GaussianProcess, broadcast_to_data, per_example
+from diffjax.processes import (
+    LOG_SNR_CLIP,
+    GaussianProcess,
+    broadcast_to_data,
+    per_example,
+)
 from diffjax.validation import check_number, check_positive
 
 __all__ = [
@@ -321,17 +326,18 @@ def loss_weight(weighting, target, process, t, density):
 
 def _check_option_object(name: str, value, example: str, table: dict) -> None:
     if isinstance(value, str) or not callable(value):
-        hint = f" (the config name {value!r} is {table[value].__name__}())" if isinstance(value, str) and value in table else ""
+        named = isinstance(value, str) and value in table
+        hint = f" (the config name {value!r} is {table[value].__name__}())" if named else ""
         raise TypeError(f"{name} must be an object such as {example}{hint}, got {value!r:.100}")
 
 
 def _check_target(target) -> None:
-    if not (target is None or isinstance(target, EDMPreconditioned)):
-        if not isinstance(target, str) or target not in PREDICTIONS:
-            raise ValueError(
-                f"unknown target {target!r:.100}; allowed: None (the prediction's own), {list(PREDICTIONS)} "
-                "or EDMPreconditioned(sigma_data)"
-            )
+    valid_view = isinstance(target, str) and target in PREDICTIONS
+    if not (target is None or isinstance(target, EDMPreconditioned) or valid_view):
+        raise ValueError(
+            f"unknown target {target!r:.100}; allowed: None (the prediction's own), {list(PREDICTIONS)} "
+            "or EDMPreconditioned(sigma_data)"
+        )
 
 
 def _check_loss_arguments(apply_fn, process, prediction, target, weighting, time_sampler, data_key, rng_arg) -> None:
@@ -365,7 +371,9 @@ def _unpack_batch(batch, data_key: str, cond_map: dict):
     if isinstance(batch, Mapping):
         missing = [k for k in (data_key, *cond_map.values()) if k not in batch]
         if missing:
-            raise ValueError(f"the batch has no entry {missing[0]!r} (data_key / cond_keys); its entries: {sorted(batch)}")
+            raise ValueError(
+                f"the batch has no entry {missing[0]!r} (data_key / cond_keys); its entries: {sorted(batch)}"
+            )
         x0, cond = batch[data_key], {arg: batch[k] for arg, k in cond_map.items()}
     elif cond_map:
         raise ValueError(f"cond_keys {sorted(cond_map.values())} need a dict batch, got an array batch")
@@ -439,6 +447,9 @@ def denoising_loss(
         n = x0.shape[0]
         key_t, key_eps, key_net = jax.random.split(key, 3)
         t, density = time_sampler(process, key_t, n, t_min, t_max)
+        if jnp.shape(t) != (n,) or jnp.shape(density) != (n,):
+            raise ValueError(f"the time_sampler must return (t, density) of shape ({n},) each, got shapes "
+                             f"{jnp.shape(t)} and {jnp.shape(density)}")
         eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
         x_t = process.perturb(x0, t, eps)
 
@@ -447,11 +458,15 @@ def denoising_loss(
         net, output_type = network_view(lambda x, s: apply_fn(params, x, s, **kwargs), process, prediction)
         output = net(x_t, t)
         if output.shape != x0.shape:
-            raise ValueError(f"the network maps data of shape {x0.shape} to shape {output.shape}; it must return the data's shape")
+            raise ValueError(
+                f"the network maps data of shape {x0.shape} to shape {output.shape}; it must return the data's shape"
+            )
 
         err = _error(output, output_type, target, x0, eps, x_t, PathCoefficients.at(process, t, x0), process, t)
         mse = per_example(jnp.mean, err.astype(jnp.float32) ** 2)
         weight = loss_weight(weighting, target, process, t, density)
+        if jnp.shape(weight) != (n,):
+            raise ValueError(f"the weighting must return one weight per example, shape ({n},), got {jnp.shape(weight)}")
         nonfinite = jnp.mean(~per_example(jnp.all, jnp.isfinite(x0)))
         aux = {"mse": jnp.mean(mse), "weight_mean": jnp.mean(weight), "nonfinite_data": nonfinite.astype(jnp.float32)}
         return jnp.mean(weight * mse), aux

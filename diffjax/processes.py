@@ -26,7 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.validation import build_named, check_choice, check_number, check_positive, is_finite_real
+from diffjax.validation import (
+    build_named,
+    check_choice,
+    check_number,
+    check_positive,
+    is_finite_real,
+)
 
 __all__ = [
     "GaussianProcess",
@@ -254,7 +260,7 @@ class VP(_LinearBetaPath):
         return jnp.clip(t, self.t_min, self.t_max)
 
     @staticmethod
-    def from_betas(betas, **kwargs) -> "DiscreteVP":
+    def from_betas(betas, **kwargs) -> DiscreteVP:
         """A discrete DDPM chain (Ho et al. 2020) given by its betas, embedded in continuous time."""
         return DiscreteVP.from_betas(betas, **kwargs)
 
@@ -275,7 +281,7 @@ class DiscreteVP(GaussianProcess):
     name: ClassVar[str] = "ddpm"
 
     @classmethod
-    def from_betas(cls, betas, t_min=None, t_max=1.0) -> "DiscreteVP":
+    def from_betas(cls, betas, t_min=None, t_max=1.0) -> DiscreteVP:
         try:
             betas_np = np.asarray(betas, np.float64)
         except (TypeError, ValueError) as err:

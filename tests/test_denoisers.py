@@ -173,7 +173,10 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize(
     "prediction, match",
-    [("flow", "prediction 'flow' is now spelled 'velocity'"), ("edm", "prediction 'edm' is now spelled EDMPreconditioned")],
+    [
+        ("flow", "prediction 'flow' is now spelled 'velocity'"),
+        ("edm", "prediction 'edm' is now spelled EDMPreconditioned"),
+    ],
 )
 def test_renamed_predictions_name_their_new_spelling(prediction, match):
     with pytest.raises(ValueError, match=match):
