@@ -81,6 +81,7 @@ __all__ = [
     "UniformLogSNR",
     "WEIGHTINGS",
     "TIME_SAMPLERS",
+    "FORMER_NAMES",
     "target_error_scale",
     "loss_weight",
     "denoising_loss",
@@ -307,6 +308,16 @@ WEIGHTINGS: dict[str, type] = {
     "edm_weighting": EDMWeighting,
     "likelihood": LikelihoodWeighting,
     "sigmoid": Sigmoid,
+}
+
+
+# The config names used before they were made unambiguous, {loss key: {former name: name}}: for reading
+# the configs stored with older checkpoints (refused everywhere else).
+FORMER_NAMES = {
+    "prediction": {"edm": "edm_preconditioned", "flow": "velocity"},
+    "target": {"edm": "edm_preconditioned", "flow": "velocity"},
+    "weighting": {"uniform": "constant", "edm": "edm_weighting"},
+    "time_sampler": {"importance": "uniform_log_snr"},
 }
 
 

@@ -14,6 +14,8 @@ from diffjax import losses
 from diffjax import processes as P
 from diffjax.data.toy import sample_toy_2d
 from diffjax.denoisers import (
+    PRECONDITIONED,
+    PREDICTIONS,
     Denoiser,
     EDMPreconditioned,
     EDMPreconditioning,
@@ -300,6 +302,14 @@ def test_options_are_frozen_hashable_and_built_from_config_names():
         build_named(losses.WEIGHTINGS, "min_snr", {"gama": 1.0}, "loss.weighting")
     with pytest.raises(ValueError, match="unknown loss.weighting 'edm'"):  # renamed: one name, one meaning
         build_named(losses.WEIGHTINGS, "edm", {}, "loss.weighting")
+
+
+def test_former_config_names_map_to_current_ones():
+    current = {"prediction": set(PREDICTIONS) | set(PRECONDITIONED), "target": set(PREDICTIONS) | set(PRECONDITIONED),
+               "weighting": set(losses.WEIGHTINGS), "time_sampler": set(losses.TIME_SAMPLERS)}
+    for key, renames in losses.FORMER_NAMES.items():
+        for old, new in renames.items():
+            assert new in current[key] and old not in current[key], (key, old, new)
 
 
 @dataclasses.dataclass(frozen=True)
