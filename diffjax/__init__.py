@@ -6,7 +6,7 @@ kernels, training and evaluation live in their own sub-packages and are imported
 """
 
 from diffjax import denoisers, likelihood, losses, processes, samplers
-from diffjax.denoisers import Denoiser, EDMPreconditioning
+from diffjax.denoisers import Denoiser, EDMPreconditioned, EDMPreconditioning
 from diffjax.losses import denoising_loss
 from diffjax.processes import (
     EDM,
@@ -30,6 +30,7 @@ __all__ = [
     "samplers",
     "likelihood",
     "Denoiser",
+    "EDMPreconditioned",
     "EDMPreconditioning",
     "denoising_loss",
     "sample",

@@ -1,48 +1,69 @@
 """Denoisers: one network, every view of it.
 
-A network `fn(x, t) -> array` predicts one of
+A network `fn(x, t) -> array` predicts one of the views
 
-    eps    the noise:               x = alpha x0 + sigma eps
-    x0     the clean data (the posterior mean E[x0 | x_t])
-    v      v = alpha eps - sigma x0                       (Salimans & Ho 2022)
-    score  grad log p_t(x) = -eps / sigma
-    flow   the probability-flow velocity dx/dt = alpha' x0 + sigma' eps (Lipman et al. 2022;
-           for alpha = 1 - t, sigma = t it is eps - x0)
+    eps       the noise:               x = alpha x0 + sigma eps
+    x0        the clean data (the posterior mean E[x0 | x_t])
+    v         v = alpha eps - sigma x0                       (Salimans & Ho 2022)
+    score     grad log p_t(x) = -eps / sigma
+    velocity  the probability-flow velocity dx/dt = alpha' x0 + sigma' eps (Lipman et al. 2022;
+              for alpha = 1 - t, sigma = t it is eps - x0)
 
 and, given (alpha, sigma) of the process at t, each converts into the pair (x0, eps) and back.
 `Denoiser` wraps the network with its process and exposes every view; samplers, losses,
-guidance and likelihood only talk to it. `EDMPreconditioning` (Karras et al. 2022) turns a raw
-network F into an x0-predictor D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+guidance and likelihood only talk to it.
+
+A raw network F trained behind EDM preconditioning (Karras et al. 2022) is given the prediction
+`EDMPreconditioned(sigma_data)`: the Denoiser (and `denoising_loss`) then wrap it in
+`EDMPreconditioning`, the x0-predictor D(x; sigma) = c_skip x + c_out F(c_in x; c_noise). The same
+spelling serves the loss and the denoiser.
+
+A network may declare what it predicts with a `prediction` attribute (a view name or an
+`EDMPreconditioned`); `EDMPreconditioning` declares "x0". A Denoiser or loss given another
+prediction raises instead of silently converting the wrong quantity, e.g. a raw EDM network
+tagged `apply.prediction = EDMPreconditioned(0.5)` cannot be used as an x0-predictor.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from diffjax.processes import GaussianProcess, broadcast_to_data
+from diffjax.processes import GaussianProcess, broadcast_to_data, per_example
+from diffjax.validation import check_choice, check_positive, is_finite_real
 
 __all__ = [
     "PREDICTIONS",
+    "PRECONDITIONED",
     "Denoiser",
+    "EDMPreconditioned",
     "EDMPreconditioning",
+    "PathCoefficients",
     "to_x0_eps",
     "from_x0_eps",
     "check_prediction",
+    "network_view",
+    "check_network",
+    "check_declared_prediction",
     "guided",
     "classifier_free_guidance",
     "autoguidance",
 ]
 
-PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
+# Former spellings, refused with the new one named.
+_RENAMED = {"flow": "'velocity'", "edm": "EDMPreconditioned(sigma_data=...) (config name 'edm_preconditioned')"}
 
 
 def check_prediction(prediction: str, allowed=PREDICTIONS) -> None:
-    if prediction not in allowed:
-        raise ValueError(f"unknown prediction {prediction!r}; allowed: {list(allowed)}")
+    """ValueError unless `prediction` is one of the view names `allowed`."""
+    if isinstance(prediction, str) and prediction in _RENAMED and prediction not in allowed:
+        raise ValueError(f"prediction {prediction!r} is now spelled {_RENAMED[prediction]}; allowed: {list(allowed)}")
+    check_choice("prediction", prediction, allowed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +76,7 @@ class PathCoefficients:
     dsigma: jax.Array
 
     @classmethod
-    def at(cls, process: GaussianProcess, t, like: jax.Array) -> "PathCoefficients":
+    def at(cls, process: GaussianProcess, t, like: jax.Array) -> PathCoefficients:
         dalpha, dsigma = process.alpha_sigma_derivatives(t)
         shape = lambda c: broadcast_to_data(c, like)  # noqa: E731
         return cls(shape(process.alpha(t)), shape(process.sigma(t)), shape(dalpha), shape(dsigma))
@@ -76,7 +97,7 @@ def to_x0_eps(output, prediction: str, x, c: PathCoefficients):
         # [x; v] = [[alpha, sigma], [-sigma, alpha]] [x0; eps]
         norm = c.alpha**2 + c.sigma**2
         return (c.alpha * x - c.sigma * output) / norm, (c.sigma * x + c.alpha * output) / norm
-    if prediction == "flow":
+    if prediction == "velocity":
         # [x; u] = [[alpha, sigma], [alpha', sigma']] [x0; eps]; det > 0 as log-SNR decreases.
         det = c.alpha * c.dsigma - c.sigma * c.dalpha
         return (c.dsigma * x - c.sigma * output) / det, (c.alpha * output - c.dalpha * x) / det
@@ -94,7 +115,7 @@ def from_x0_eps(x0, eps, prediction: str, c: PathCoefficients):
         return -eps / c.sigma
     if prediction == "v":
         return c.alpha * eps - c.sigma * x0
-    if prediction == "flow":
+    if prediction == "velocity":
         return c.dalpha * x0 + c.dsigma * eps
     check_prediction(prediction)
     raise AssertionError("unreachable")
@@ -112,6 +133,62 @@ def _time_for_batch(t, x) -> jax.Array:
     return t
 
 
+@dataclasses.dataclass(frozen=True)
+class EDMPreconditioned:
+    """The prediction of a raw network F trained behind EDM preconditioning with data std
+    `sigma_data` (Karras et al. 2022): `Denoiser(F, process, EDMPreconditioned(0.5))` and
+    `denoising_loss(F, process, prediction=EDMPreconditioned(0.5))` wrap F in `EDMPreconditioning`.
+    As a loss target it is F's space: |F_hat - F|^2 = |D_hat - x0|^2 / c_out^2."""
+
+    sigma_data: float = 0.5
+
+    def __post_init__(self):
+        check_positive("sigma_data", self.sigma_data)
+
+    def wrap(self, net: Callable, process: GaussianProcess) -> EDMPreconditioning:
+        return EDMPreconditioning(net, process, self.sigma_data)
+
+
+# Config names of the predictions that take options (the view names are their own config names).
+PRECONDITIONED = {"edm_preconditioned": EDMPreconditioned}
+
+Prediction = str | EDMPreconditioned
+
+
+def check_declared_prediction(fn: Callable, prediction: Prediction) -> None:
+    """ValueError if `fn` declares (by a `prediction` attribute) another prediction than `prediction`:
+    e.g. a raw EDM network given as an x0-predictor, or an `EDMPreconditioning` preconditioned again."""
+    declared = getattr(fn, "prediction", None)
+    if not (isinstance(declared, EDMPreconditioned) or (isinstance(declared, str) and declared in PREDICTIONS)):
+        return
+    if declared != prediction:
+        hint = " (it is already preconditioned: pass prediction='x0')" if isinstance(fn, EDMPreconditioning) else ""
+        raise ValueError(f"the network declares prediction {declared!r} but was given prediction {prediction!r}{hint}")
+
+
+def check_network(fn: Callable, process: GaussianProcess, prediction: Prediction, name: str = "fn") -> None:
+    """A callable network `name`, a diffjax process and a prediction; refuses a network whose declared
+    prediction differs from `prediction`, and an `EDMPreconditioning` built for another process."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if not isinstance(process, GaussianProcess):
+        raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
+    if not isinstance(prediction, EDMPreconditioned):
+        check_prediction(prediction)
+    check_declared_prediction(fn, prediction)
+    if isinstance(fn, EDMPreconditioning) and fn.process != process:
+        raise ValueError(f"the EDMPreconditioning was built for {fn.process!r}, not for {process!r}")
+
+
+def network_view(fn: Callable, process: GaussianProcess, prediction: Prediction) -> tuple[Callable, str]:
+    """(network, view): `fn` as a network that outputs the view `view`, wrapping a raw EDM network
+    in its preconditioning; checked by `check_network`."""
+    check_network(fn, process, prediction)
+    if isinstance(prediction, EDMPreconditioned):
+        return prediction.wrap(fn, process), "x0"
+    return fn, prediction
+
+
 @jax.tree_util.register_pytree_node_class
 class Denoiser:
     """A network with its process and prediction type; every view from one evaluation.
@@ -120,18 +197,16 @@ class Denoiser:
       fn: the network, `fn(x, t) -> array` with t of shape (batch,); conditioning (labels,
         parameters) is closed over.
       process: the forward process the network was trained with.
-      prediction: what `fn` predicts: one of "eps", "x0", "v", "score", "flow".
+      prediction: what `fn` predicts: one of "eps", "x0", "v", "score", "velocity", or
+        `EDMPreconditioned(sigma_data)` for a raw EDM network F (which then sees (c_in x, c_noise)).
+
+    `fn` and `prediction` are afterwards the network of the view and the view: for a raw EDM
+    network, `EDMPreconditioning(F, process, sigma_data)` and "x0".
     """
 
-    def __init__(self, fn: Callable, process: GaussianProcess, prediction: str = "eps"):
-        check_prediction(prediction)
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        if not isinstance(process, GaussianProcess):
-            raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
-        self.fn = fn
+    def __init__(self, fn: Callable, process: GaussianProcess, prediction: Prediction = "eps"):
+        self.fn, self.prediction = network_view(fn, process, prediction)
         self.process = process
-        self.prediction = prediction
 
     def tree_flatten(self):
         return (self.process,), (self.fn, self.prediction)
@@ -144,7 +219,9 @@ class Denoiser:
         return obj
 
     def __repr__(self):
-        return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
+        kind = f"EDMPreconditioned(sigma_data={self.fn.sigma_data})" if isinstance(self.fn, EDMPreconditioning) else (
+            repr(self.prediction))
+        return f"Denoiser(prediction={kind}, process={self.process!r})"
 
     def coefficients(self, t, x) -> PathCoefficients:
         return PathCoefficients.at(self.process, _time_for_batch(t, x), x)
@@ -158,7 +235,7 @@ class Denoiser:
         return to_x0_eps(output, self.prediction, x, PathCoefficients.at(self.process, t, x))
 
     def view(self, prediction: str, x, t):
-        """Any view ("eps", "x0", "v", "score", "flow") of the network at (x, t)."""
+        """Any view ("eps", "x0", "v", "score", "velocity") of the network at (x, t)."""
         check_prediction(prediction)
         x0, eps = self.predict(x, t)
         return from_x0_eps(x0, eps, prediction, self.coefficients(t, x))
@@ -175,11 +252,15 @@ class Denoiser:
     def v(self, x, t):
         return self.view("v", x, t)
 
-    def flow(self, x, t):
+    def velocity(self, x, t):
         """The probability-flow ODE velocity dx/dt (= f x - g^2/2 score)."""
-        return self.view("flow", x, t)
+        return self.view("velocity", x, t)
 
-    def with_fn(self, fn: Callable, prediction: str | None = None) -> "Denoiser":
+    def flow(self, x, t):
+        """The former name of `velocity`, kept until samplers/ call `velocity` (remove at merge)."""
+        return self.velocity(x, t)
+
+    def with_fn(self, fn: Callable, prediction: str | None = None) -> Denoiser:
         """The same process with another network (used by guidance combinators)."""
         return Denoiser(fn, self.process, self.prediction if prediction is None else prediction)
 
@@ -191,16 +272,21 @@ class EDMPreconditioning:
     With x~ = x / alpha and s = sigma / alpha (the EDM noise level of the scaled path):
       c_in = 1/sqrt(s^2 + sd^2),  c_skip = sd^2/(s^2 + sd^2),  c_out = s sd/sqrt(s^2 + sd^2),
       c_noise = log(s)/4,        D(x, t) = c_skip x~ + c_out F(c_in x~, c_noise).
-    Calling it returns the x0-prediction D, so wrap it as `Denoiser(pre, process, "x0")`.
+    Calling it returns the x0-prediction D (it declares prediction "x0"); usually it is built by
+    `Denoiser(F, process, EDMPreconditioned(sd))` rather than by hand.
     """
 
     net: Callable
     process: GaussianProcess
     sigma_data: float = 0.5
+    prediction: ClassVar[str] = "x0"
 
     def __post_init__(self):
-        if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
-            raise ValueError(f"sigma_data must be a positive number, got {self.sigma_data!r}")
+        if not callable(self.net):
+            raise TypeError(f"net must be callable, got {type(self.net).__name__}")
+        if not isinstance(self.process, GaussianProcess):
+            raise TypeError(f"process must be a diffjax process, got {type(self.process).__name__}")
+        check_positive("sigma_data", self.sigma_data)
 
     def coefficients(self, t):
         """(c_in, c_skip, c_out, c_noise) at t, each of t's shape."""
@@ -215,6 +301,10 @@ class EDMPreconditioning:
         c_in, c_skip, c_out, c_noise = self.coefficients(t)
         x_scaled = x / broadcast_to_data(self.process.alpha(t), x)
         raw = self.net(broadcast_to_data(c_in, x) * x_scaled, c_noise)
+        if raw.shape != x.shape:  # c_skip x + c_out raw would broadcast
+            raise ValueError(
+                f"the raw network maps x of shape {x.shape} to shape {raw.shape}; it must return x's shape"
+            )
         return broadcast_to_data(c_skip, x) * x_scaled + broadcast_to_data(c_out, x) * raw
 
 
@@ -224,9 +314,7 @@ class EDMPreconditioning:
 
 
 def _check_guidance_options(name: str, scale, interval, rescale) -> None:
-    import math
-
-    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):
+    if not is_finite_real(scale):
         raise ValueError(f"{name}: scale must be a finite number, got {scale!r}")
     if interval is not None:
         ok = (
@@ -254,7 +342,7 @@ def guided(
     name: str = "guidance",
 ) -> Denoiser:
     """The guided denoiser D = D_neg + scale (D_pos - D_neg), combined in the x0 view (every view is
-    affine in x0 at fixed (x, t), so this is the same guidance in eps, v, score or flow).
+    affine in x0 at fixed (x, t), so this is the same guidance in eps, v, score or velocity).
 
     - `interval` = (sigma_lo, sigma_hi): guide only where the EDM noise level s = sigma/alpha lies in
       (sigma_lo, sigma_hi]; elsewhere D = D_pos (Kynkaanniemi et al. 2024, "Applying Guidance in a
@@ -271,7 +359,9 @@ def guided(
         if not isinstance(d, Denoiser):
             raise TypeError(f"{name}: the {label} model must be a diffjax.Denoiser, got {type(d).__name__}")
     if positive.process != negative.process:
-        raise ValueError(f"{name}: the two denoisers use different processes: {positive.process!r} vs {negative.process!r}")
+        raise ValueError(
+            f"{name}: the two denoisers use different processes: {positive.process!r} vs {negative.process!r}"
+        )
     process = positive.process
     scale, rescale = float(scale), float(rescale)
 
@@ -280,9 +370,8 @@ def guided(
         x0_neg, _ = negative.predict(x, t)
         x0 = x0_neg + scale * (x0_pos - x0_neg)
         if rescale > 0:
-            axes = tuple(range(1, x.ndim))
-            ratio = jnp.std(x0_pos, axis=axes, keepdims=True) / jnp.maximum(
-                jnp.std(x0, axis=axes, keepdims=True), 1e-12
+            ratio = per_example(jnp.std, x0_pos, keepdims=True) / jnp.maximum(
+                per_example(jnp.std, x0, keepdims=True), 1e-12
             )
             x0 = rescale * x0 * ratio + (1.0 - rescale) * x0
         if interval is not None:

@@ -3,7 +3,7 @@ ELBO, and bits per dimension of 8-bit images.
 
 `log_likelihood` is the instantaneous change of variables (Chen et al. 2018, "Neural ODEs";
 Grathwohl et al. 2019, FFJORD; Song et al. 2021, score_sde, App. D.2) along the probability-flow
-ODE dx/dt = v(x, t), v the denoiser's flow view:
+ODE dx/dt = v(x, t), v the denoiser's velocity view:
 
     log p_{t_min}(x(t_min)) = log N(x(t_max); 0, sigma(t_max)^2 I) + int_{t_min}^{t_max} div v(x(t), t) dt,
 
@@ -24,13 +24,13 @@ jittable, and bad input raises ValueError naming the value before anything is co
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from diffjax.denoisers import Denoiser
-from diffjax.processes import LOG_SNR_CLIP, broadcast_to_data
+from diffjax.processes import LOG_SNR_CLIP, per_example
 from diffjax.samplers import check_prediction_is_defined
 from diffjax.samplers.adaptive import dopri5
 from diffjax.validation import check_count, check_key, check_positive
@@ -88,17 +88,6 @@ def _num_features(x) -> int:
     return math.prod(x.shape[1:])
 
 
-def _sum_squares(x):
-    """Per-example sum of squares over all non-batch axes."""
-    return jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
-
-
-def _prior_log_prob(x, std):
-    """log N(x; 0, std^2 I) per example (the prior at t_max that `sample` draws from)."""
-    d = _num_features(x)
-    return -0.5 * _sum_squares(x) / std**2 - d * jnp.log(std) - 0.5 * d * math.log(2 * math.pi)
-
-
 def _per_example_keys(key, x):
     return jax.random.split(key, x.shape[0])
 
@@ -148,7 +137,7 @@ def _log_snr_velocity(denoiser):
     def velocity(x, lam):
         t = process.t_from_log_snr(lam)
         _, dlam_dt = jax.jvp(process.log_snr, (t,), (jnp.ones_like(t),))
-        return denoiser.flow(x, t) / dlam_dt
+        return denoiser.velocity(x, t) / dlam_dt
 
     return velocity
 
@@ -176,7 +165,7 @@ def log_likelihood(
     """log p_{t_min}(x) in nats per example by the probability-flow ODE (FFJORD; score_sde).
 
     Integrates d/dt [x, delta] = [v(x, t), div v(x, t)] from (x, 0) at t_min to t_max, v the
-    denoiser's flow view (in log-SNR time, lambda(t_min) down to lambda(t_max), an infinite end
+    denoiser's velocity view (in log-SNR time, lambda(t_min) down to lambda(t_max), an infinite end
     clipped to +-LOG_SNR_CLIP), and returns log N(x(t_max); 0, sigma(t_max)^2 I) + delta(t_max).
     This is the density of the model's marginal at t_min (with the exact denoiser: the data
     density under the noise of t_min); the prior ignores alpha(t_max) x0, like `sample`.
@@ -226,7 +215,7 @@ def log_likelihood(
     solution = dopri5(rhs, (x, delta0), lams, rtol=rtol, atol=atol, max_steps=max_steps)
     x_end, delta = solution.y
     t_end = process.t_from_log_snr(lams[1])  # t_max, unless its log-SNR was clipped
-    per_probe = _prior_log_prob(x_end, process.sigma(t_end))[:, None] + delta
+    per_probe = process.prior_logp(x_end, t_end)[:, None] + delta
     logp = jnp.where(solution.success, jnp.mean(per_probe, axis=1), jnp.nan)
     if not return_info:
         return logp
@@ -266,8 +255,8 @@ def _diffusion_loss(denoiser, x, key, lam_lo, lam_hi, num_times: int):
         t = process.t_from_log_snr(lam)
         noise = lambda kk: jax.random.normal(jax.random.fold_in(kk, k), x.shape[1:], x.dtype)  # noqa: E731
         eps = jax.vmap(noise)(keys[:, 1])
-        z = broadcast_to_data(process.alpha(t), x) * x + broadcast_to_data(process.sigma(t), x) * eps
-        return jnp.exp(lam) * _sum_squares(x - denoiser.x0(z, t))
+        z = process.perturb(x, t, eps)
+        return jnp.exp(lam) * per_example(jnp.sum, (x - denoiser.x0(z, t)) ** 2)
 
     weighted = jax.lax.map(at_slice, jnp.arange(num_times))  # (num_times, batch)
     return 0.5 * (lam_hi - lam_lo) * jnp.mean(weighted, axis=0)
@@ -314,7 +303,7 @@ def elbo(
     # KL(N(alpha x, sigma^2) || N(0, sigma_p^2)) summed over the d features.
     alpha, sigma, sigma_p = process.alpha(t_lo), process.sigma(t_lo), process.sigma(jnp.float32(t_max))
     ratio = (sigma / sigma_p) ** 2
-    prior_kl = 0.5 * (alpha**2 * _sum_squares(x) / sigma_p**2 + d * (ratio - 1.0 - jnp.log(ratio)))
+    prior_kl = 0.5 * (alpha**2 * per_example(jnp.sum, x**2) / sigma_p**2 + d * (ratio - 1.0 - jnp.log(ratio)))
     diffusion = _diffusion_loss(denoiser, x, key, lam_lo, lam_hi, num_times)
 
     value = -(reconstruction + prior_kl + diffusion)

@@ -1,4 +1,4 @@
-"""Denoising losses: targets, weightings and time samplers.
+"""Denoising losses: targets, weightings and time samplers as small typed objects.
 
 Every loss here is one weighted denoising regression (Kingma & Gao 2023, "Understanding Diffusion
 Objectives as the ELBO"): draw t from a time sampler, x_t = alpha x0 + sigma eps, and regress the
@@ -9,70 +9,83 @@ network onto a *target* view of (x0, eps) under a *weighting* of t:
 All targets measure the same error up to a factor of t: with e = eps_hat - eps,
 |x0_hat - x0|^2 = e^{-lambda} |e|^2, |v_hat - v|^2 = (alpha^2 + sigma^2)^2/alpha^2 |e|^2, ...
 so a weighting defined in one space (min-SNR in x0-space, EDM's lambda(sigma) on D, the ELBO in
-eps-space) is converted to the chosen target exactly. Weightings:
+eps-space) is converted to the chosen target exactly.
 
-    uniform      w = 1 in the target space (the usual "simple" losses: eps, v, flow, EDM F).
-    snr          SNR = e^lambda times the eps-MSE, i.e. uniform x0-MSE.
-    min_snr      min(SNR, gamma) on the x0-MSE (Hang et al. 2023).
-    edm          (s^2 + sd^2)/(s sd)^2 on the x0-MSE, s = sigma/alpha (Karras et al. 2022).
-    likelihood   the continuous-time ELBO diffusion term 1/2 (-dlambda/dt) |e|^2 (Kingma et al.
-                 2021), divided by the sampler density p(t) so that the loss estimates it
-                 without bias (in nats per dimension); use time_sampler="importance".
-    sigmoid      sigmoid(b - lambda) times the ELBO term (Kingma & Gao 2023).
+Weightings (config name: class):
 
-Time samplers: "uniform" in [t_min, t_max] (optionally antithetic), "lognormal" (EDM:
-log s ~ N(P_mean, P_std^2)), "logit_normal" (Esser et al. 2024: t = sigmoid(N(m, s^2))), and
-"importance" (uniform in lambda, i.e. density proportional to -dlambda/dt, which makes the
-likelihood weighting constant).
+    constant       Constant()             w = 1 in the target space (the "simple" losses: eps, v, velocity, EDM F).
+    snr            SNR()                  w = SNR = e^lambda on the eps-MSE (SNR^2 on the x0-MSE).
+    min_snr        MinSNR(gamma=5)        min(SNR, gamma) on the x0-MSE (Hang et al. 2023).
+    edm_weighting  EDMWeighting(sd=0.5)   (s^2 + sd^2)/(s sd)^2 on the x0-MSE, s = sigma/alpha (Karras et al. 2022).
+    likelihood     LikelihoodWeighting()  the continuous-time ELBO diffusion term 1/2 (-dlambda/dt) |e|^2 (Kingma
+                                          et al. 2021), divided by the sampler density p(t) so that the loss
+                                          estimates it without bias (nats per dimension); use UniformLogSNR().
+    sigmoid        Sigmoid(bias=2)        sigmoid(bias - lambda) times the ELBO term (Kingma & Gao 2023).
+
+Time samplers: `UniformTime(antithetic=False)` in [t_min, t_max] ("uniform"), `LogNormal(mean=-1.2,
+std=1.2)` (EDM: log s ~ N(P_mean, P_std^2), "lognormal"), `LogitNormal(mean=0, std=1)` (Esser et al.
+2024: t = sigmoid(N(m, s^2)), "logit_normal") and `UniformLogSNR()` (uniform in lambda, i.e. density
+proportional to -dlambda/dt, which makes the likelihood weighting constant, "uniform_log_snr").
+
+Writing your own. A weighting is any object (a frozen dataclass, like these) with
+
+    __call__(self, process, t, density) -> w of shape t.shape
+    space: str = "eps"   # the view whose MSE w multiplies: "eps", "x0", ..., or "target" (the loss's own)
+
+and a time sampler any object with `__call__(self, process, key, n, t_min, t_max) -> (t, density)`,
+t of shape (n,) in [t_min, t_max] and density its probability density with respect to dt (used by
+density-aware weightings such as the likelihood one). Validate the options in `__post_init__`.
+
+The name tables `WEIGHTINGS` and `TIME_SAMPLERS` are for the config boundary only
+(`diffjax.validation.build_named`); the dataclass defaults are the only defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from diffjax.denoisers import (
     PREDICTIONS,
-    EDMPreconditioning,
+    EDMPreconditioned,
     PathCoefficients,
+    check_network,
     check_prediction,
     from_x0_eps,
+    network_view,
     to_x0_eps,
 )
-from diffjax.processes import LOG_SNR_CLIP, GaussianProcess
-from diffjax.validation import is_finite_real
+from diffjax.processes import (
+    LOG_SNR_CLIP,
+    GaussianProcess,
+    broadcast_to_data,
+    per_example,
+)
+from diffjax.validation import check_number, check_positive
 
 __all__ = [
-    "TARGETS",
+    "Constant",
+    "SNR",
+    "MinSNR",
+    "EDMWeighting",
+    "LikelihoodWeighting",
+    "Sigmoid",
+    "UniformTime",
+    "LogNormal",
+    "LogitNormal",
+    "UniformLogSNR",
     "WEIGHTINGS",
     "TIME_SAMPLERS",
-    "LOSS_PREDICTIONS",
-    "sample_times",
+    "FORMER_NAMES",
+    "target_error_scale",
     "loss_weight",
     "denoising_loss",
 ]
-
-LOSS_PREDICTIONS = PREDICTIONS + ("edm",)  # "edm": a raw network F behind EDM preconditioning
-TARGETS = ("eps", "x0", "v", "flow", "score", "edm")
-WEIGHTINGS = ("uniform", "likelihood", "snr", "min_snr", "edm", "sigmoid")
-TIME_SAMPLERS = ("uniform", "lognormal", "logit_normal", "importance")
-
-_WEIGHTING_OPTIONS = {"min_snr": {"gamma"}, "sigmoid": {"bias"}}
-_SAMPLER_OPTIONS = {
-    "uniform": {"antithetic"},
-    "lognormal": {"mean", "std"},
-    "logit_normal": {"mean", "std"},
-    "importance": set(),
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# time samplers
-# ------------------------------------------------------------------------------------------------
 
 
 def _log_snr_slope(process, t):
@@ -85,59 +98,114 @@ def _normal_log_pdf(z, mean, std):
     return -0.5 * ((z - mean) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi)
 
 
-def sample_times(
-    name: str,
-    process: GaussianProcess,
-    key,
-    n: int,
-    t_min: float,
-    t_max: float,
-    **options,
-):
-    """Draw n times in [t_min, t_max] and return (t, p(t)), p the density with respect to dt.
+# ------------------------------------------------------------------------------------------------
+# time samplers: (process, key, n, t_min, t_max) -> (t, p(t))
+# ------------------------------------------------------------------------------------------------
 
-    uniform(antithetic=False) | lognormal(mean=-1.2, std=1.2) | logit_normal(mean=0, std=1) |
-    importance (uniform in log-SNR).
-    """
-    if name == "uniform":
-        if options.get("antithetic", False):
+
+def _clipped_log_snr_range(process, t_min: float, t_max: float):
+    """(lambda(t_max), lambda(t_min)), each clipped to +-LOG_SNR_CLIP (infinite where alpha = 0)."""
+    lam_lo = jnp.maximum(process.log_snr(jnp.float32(t_max)), -LOG_SNR_CLIP)
+    lam_hi = jnp.minimum(process.log_snr(jnp.float32(t_min)), LOG_SNR_CLIP)
+    return lam_lo, lam_hi
+
+
+def _times_of_log_snr(process, lam, log_density_lam):
+    """t(lambda) and its density in t, p(t) = p(lambda) |dlambda/dt|."""
+    t = process.t_from_log_snr(lam)
+    return t, jnp.exp(log_density_lam) * jnp.abs(_log_snr_slope(process, t))
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformTime:
+    """t uniform in [t_min, t_max]; antithetic: pairs (u, 1 - u) of uniforms (variance reduction)."""
+
+    antithetic: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.antithetic, bool):
+            raise TypeError(f"UniformTime antithetic must be True or False, got {self.antithetic!r:.100}")
+
+    def __call__(self, process, key, n: int, t_min: float, t_max: float):
+        if self.antithetic:
             u = jax.random.uniform(key, ((n + 1) // 2,))
             u = jnp.concatenate([u, 1.0 - u])[:n]
         else:
             u = jax.random.uniform(key, (n,))
         t = t_min + u * (t_max - t_min)
         return t, jnp.full((n,), 1.0 / (t_max - t_min))
-    if name in ("lognormal", "importance"):
-        lam_lo = jnp.maximum(process.log_snr(jnp.float32(t_max)), -LOG_SNR_CLIP)
-        lam_hi = jnp.minimum(process.log_snr(jnp.float32(t_min)), LOG_SNR_CLIP)
-        if name == "lognormal":
-            mean, std = options.get("mean", -1.2), options.get("std", 1.2)
-            log_s = mean + std * jax.random.normal(key, (n,))  # s = sigma/alpha = exp(-lambda/2)
-            lam = jnp.clip(-2.0 * log_s, lam_lo, lam_hi)
-            log_density_lam = _normal_log_pdf(-0.5 * lam, mean, std) - math.log(2.0)
-        else:
-            lam = lam_lo + jax.random.uniform(key, (n,)) * (lam_hi - lam_lo)
-            log_density_lam = -jnp.log(lam_hi - lam_lo) * jnp.ones((n,))
-        t = process.t_from_log_snr(lam)
-        return t, jnp.exp(log_density_lam) * jnp.abs(_log_snr_slope(process, t))
-    if name == "logit_normal":
-        mean, std = options.get("mean", 0.0), options.get("std", 1.0)
-        z = mean + std * jax.random.normal(key, (n,))
+
+
+@dataclasses.dataclass(frozen=True)
+class LogNormal:
+    """EDM's noise levels (Karras et al. 2022): log s ~ N(mean, std^2), s = sigma/alpha = e^{-lambda/2},
+    clipped to the log-SNR range of [t_min, t_max]."""
+
+    mean: float = -1.2
+    std: float = 1.2
+
+    def __post_init__(self):
+        check_number("LogNormal mean", self.mean)
+        check_positive("LogNormal std", self.std)
+
+    def __call__(self, process, key, n: int, t_min: float, t_max: float):
+        lam_lo, lam_hi = _clipped_log_snr_range(process, t_min, t_max)
+        log_s = self.mean + self.std * jax.random.normal(key, (n,))
+        lam = jnp.clip(-2.0 * log_s, lam_lo, lam_hi)
+        return _times_of_log_snr(process, lam, _normal_log_pdf(-0.5 * lam, self.mean, self.std) - math.log(2.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitNormal:
+    """t = t_min + sigmoid(z) (t_max - t_min), z ~ N(mean, std^2) (Esser et al. 2024)."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self):
+        check_number("LogitNormal mean", self.mean)
+        check_positive("LogitNormal std", self.std)
+
+    def __call__(self, process, key, n: int, t_min: float, t_max: float):
+        z = self.mean + self.std * jax.random.normal(key, (n,))
         u = jax.nn.sigmoid(z)
         t = t_min + u * (t_max - t_min)
-        log_density = _normal_log_pdf(z, mean, std) - jnp.log(u * (1 - u)) - math.log(t_max - t_min)
+        log_density = _normal_log_pdf(z, self.mean, self.std) - jnp.log(u * (1 - u)) - math.log(t_max - t_min)
         return t, jnp.exp(log_density)
-    raise ValueError(f"unknown time sampler {name!r}; known: {list(TIME_SAMPLERS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformLogSNR:
+    """lambda uniform over the (clipped) log-SNR range of [t_min, t_max]: p(t) proportional to
+    -dlambda/dt, the importance sampler that makes the likelihood weighting constant."""
+
+    def __call__(self, process, key, n: int, t_min: float, t_max: float):
+        lam_lo, lam_hi = _clipped_log_snr_range(process, t_min, t_max)
+        lam = lam_lo + jax.random.uniform(key, (n,)) * (lam_hi - lam_lo)
+        return _times_of_log_snr(process, lam, -jnp.log(lam_hi - lam_lo) * jnp.ones((n,)))
+
+
+TIME_SAMPLERS: dict[str, type] = {
+    "uniform": UniformTime,
+    "lognormal": LogNormal,
+    "logit_normal": LogitNormal,
+    "uniform_log_snr": UniformLogSNR,
+}
 
 
 # ------------------------------------------------------------------------------------------------
-# weightings
+# targets and weightings
 # ------------------------------------------------------------------------------------------------
 
 
-def target_error_scale(target: str, process: GaussianProcess, t, sigma_data: float = 0.5):
-    """|target_hat - target|^2 / |eps_hat - eps|^2 at t (a function of t only)."""
+def target_error_scale(target, process: GaussianProcess, t):
+    """|target_hat - target|^2 / |eps_hat - eps|^2 at t (a function of t only); `target` a view name
+    or `EDMPreconditioned` (the raw network's space)."""
     alpha, sigma = process.alpha(t), process.sigma(t)
+    if isinstance(target, EDMPreconditioned):
+        s = sigma / alpha
+        c_out2 = (s * target.sigma_data) ** 2 / (s**2 + target.sigma_data**2)
+        return s**2 / c_out2
     if target == "eps":
         return jnp.ones_like(t)
     if target == "x0":
@@ -146,41 +214,120 @@ def target_error_scale(target: str, process: GaussianProcess, t, sigma_data: flo
         return 1.0 / sigma**2
     if target == "v":
         return ((alpha**2 + sigma**2) / alpha) ** 2
-    if target == "flow":
+    if target == "velocity":
         dalpha, dsigma = process.alpha_sigma_derivatives(t)
         return (dsigma - dalpha * sigma / alpha) ** 2
-    if target == "edm":
-        s = sigma / alpha
-        c_out2 = (s * sigma_data) ** 2 / (s**2 + sigma_data**2)
-        return s**2 / c_out2
-    raise ValueError(f"unknown target {target!r}; known targets: {list(TARGETS)}")
+    check_prediction(target)
+    raise AssertionError("unreachable")
 
 
-def eps_space_weight(weighting: str, process, t, density, sigma_data=0.5, **options):
-    """The weight w(t) of a weighting, expressed on the eps-MSE."""
-    lam = process.log_snr(t)
-    if weighting == "snr":
-        return jnp.exp(lam)
-    if weighting == "min_snr":
-        gamma = options.get("gamma", 5.0)
-        return jnp.minimum(jnp.exp(lam), gamma) * jnp.exp(-lam)  # min(SNR, gamma) on x0-MSE
-    if weighting == "edm":
-        s2 = jnp.exp(-lam)
-        return (s2 + sigma_data**2) / (s2 * sigma_data**2) * s2  # lambda(s) on x0-MSE
-    elbo = 0.5 * -_log_snr_slope(process, t) / density
-    if weighting == "likelihood":
-        return elbo
-    if weighting == "sigmoid":
-        return jax.nn.sigmoid(options.get("bias", 2.0) - lam) * elbo
-    raise ValueError(f"unknown weighting {weighting!r}; known weightings: {list(WEIGHTINGS)}")
+def _elbo_weight(process, t, density):
+    """The eps-space weight of the continuous-time ELBO, 1/2 (-dlambda/dt) / p(t)."""
+    return 0.5 * -_log_snr_slope(process, t) / density
 
 
-def loss_weight(weighting, target, process, t, density, sigma_data=0.5, **options):
-    """The weight of the target-space MSE at t for the given weighting."""
-    if weighting == "uniform":
+@dataclasses.dataclass(frozen=True)
+class Constant:
+    """w = 1 on the MSE of the loss's own target."""
+
+    space: ClassVar[str] = "target"
+
+    def __call__(self, process, t, density):
         return jnp.ones_like(t)
-    w_eps = eps_space_weight(weighting, process, t, density, sigma_data, **options)
-    return w_eps / target_error_scale(target, process, t, sigma_data)
+
+
+@dataclasses.dataclass(frozen=True)
+class SNR:
+    """w = SNR = e^lambda on the eps-MSE."""
+
+    space: ClassVar[str] = "eps"
+
+    def __call__(self, process, t, density):
+        return jnp.exp(process.log_snr(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class MinSNR:
+    """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) on the x0-MSE."""
+
+    gamma: float = 5.0
+    space: ClassVar[str] = "eps"
+
+    def __post_init__(self):
+        check_positive("MinSNR gamma", self.gamma)
+
+    def __call__(self, process, t, density):
+        lam = process.log_snr(t)
+        return jnp.minimum(jnp.exp(lam), self.gamma) * jnp.exp(-lam)  # min(SNR, gamma) on x0-MSE
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMWeighting:
+    """EDM's lambda(s) = (s^2 + sd^2)/(s sd)^2 on the x0-MSE, s = sigma/alpha (Karras et al. 2022): a
+    constant weight on the raw network's F-MSE."""
+
+    sigma_data: float = 0.5
+    space: ClassVar[str] = "eps"
+
+    def __post_init__(self):
+        check_positive("EDMWeighting sigma_data", self.sigma_data)
+
+    def __call__(self, process, t, density):
+        s2 = jnp.exp(-process.log_snr(t))
+        return (s2 + self.sigma_data**2) / (s2 * self.sigma_data**2) * s2  # lambda(s) on x0-MSE
+
+
+@dataclasses.dataclass(frozen=True)
+class LikelihoodWeighting:
+    """The continuous-time ELBO's diffusion term (Kingma et al. 2021), unbiased under any sampler."""
+
+    space: ClassVar[str] = "eps"
+
+    def __call__(self, process, t, density):
+        return _elbo_weight(process, t, density)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sigmoid:
+    """sigmoid(bias - lambda) times the ELBO weight (Kingma & Gao 2023)."""
+
+    bias: float = 2.0
+    space: ClassVar[str] = "eps"
+
+    def __post_init__(self):
+        check_number("Sigmoid bias", self.bias)
+
+    def __call__(self, process, t, density):
+        return jax.nn.sigmoid(self.bias - process.log_snr(t)) * _elbo_weight(process, t, density)
+
+
+WEIGHTINGS: dict[str, type] = {
+    "constant": Constant,
+    "snr": SNR,
+    "min_snr": MinSNR,
+    "edm_weighting": EDMWeighting,
+    "likelihood": LikelihoodWeighting,
+    "sigmoid": Sigmoid,
+}
+
+
+# The config names used before they were made unambiguous, {loss key: {former name: name}}: for reading
+# the configs stored with older checkpoints (refused everywhere else).
+FORMER_NAMES = {
+    "prediction": {"edm": "edm_preconditioned", "flow": "velocity"},
+    "target": {"edm": "edm_preconditioned", "flow": "velocity"},
+    "weighting": {"uniform": "constant", "edm": "edm_weighting"},
+    "time_sampler": {"importance": "uniform_log_snr"},
+}
+
+
+def loss_weight(weighting, target, process, t, density):
+    """The weight of the target-space MSE at t: the weighting's own, converted from its space."""
+    space = getattr(weighting, "space", "eps")
+    weight = weighting(process, t, density)
+    if space == "target" or space == target:
+        return weight
+    return weight * target_error_scale(space, process, t) / target_error_scale(target, process, t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,68 +335,27 @@ def loss_weight(weighting, target, process, t, density, sigma_data=0.5, **option
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The static choices of a denoising loss (validated on construction)."""
-
-    prediction: str = "eps"
-    target: str | None = None
-    weighting: str = "uniform"
-    time_sampler: str = "uniform"
-    sigma_data: float = 0.5
-    weighting_options: tuple = ()
-    time_sampler_options: tuple = ()
-
-    def __post_init__(self):
-        check_prediction(self.prediction, LOSS_PREDICTIONS)
-        if self.target is not None and self.target not in TARGETS:
-            raise ValueError(f"unknown target {self.target!r}; known targets: {list(TARGETS)}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; known weightings: {list(WEIGHTINGS)}")
-        if self.time_sampler not in TIME_SAMPLERS:
-            raise ValueError(
-                f"unknown time sampler {self.time_sampler!r} (time_sampler); known: {list(TIME_SAMPLERS)}"
-            )
-        _check_options("weighting", self.weighting, dict(self.weighting_options), _WEIGHTING_OPTIONS)
-        _check_options(
-            "time sampler", self.time_sampler, dict(self.time_sampler_options), _SAMPLER_OPTIONS
-        )
-        if not (is_finite_real(self.sigma_data) and self.sigma_data > 0):
-            raise ValueError(f"sigma_data must be a positive number, got {self.sigma_data!r}")
-
-    @property
-    def resolved_target(self) -> str:
-        if self.target is not None:
-            return self.target
-        return "edm" if self.prediction == "edm" else self.prediction
+def _check_option_object(name: str, value, example: str, table: dict) -> None:
+    if isinstance(value, str) or not callable(value):
+        named = isinstance(value, str) and value in table
+        hint = f" (the config name {value!r} is {table[value].__name__}())" if named else ""
+        raise TypeError(f"{name} must be an object such as {example}{hint}, got {value!r:.100}")
 
 
-def _check_options(kind, name, options, allowed_table):
-    allowed = allowed_table.get(name, set())
-    unknown = set(options) - allowed
-    if unknown:
+def _check_target(target) -> None:
+    valid_view = isinstance(target, str) and target in PREDICTIONS
+    if not (target is None or isinstance(target, EDMPreconditioned) or valid_view):
         raise ValueError(
-            f"unknown option(s) {sorted(unknown)} for {kind} {name!r}; allowed: {sorted(allowed) or 'none'}"
+            f"unknown target {target!r:.100}; allowed: None (the prediction's own), {list(PREDICTIONS)} "
+            "or EDMPreconditioned(sigma_data)"
         )
-    for key, value in options.items():
-        if key == "antithetic":
-            valid, expected = isinstance(value, bool), "True or False"
-        elif key in ("gamma", "std"):
-            valid, expected = is_finite_real(value) and value > 0, "positive"
-        else:
-            valid, expected = is_finite_real(value), "a finite number"
-        if not valid:
-            raise ValueError(f"{kind} {name!r} option {key} must be {expected}, got {value!r:.100}")
 
 
-def _check_loss_arguments(apply_fn, process, weighting_options, time_sampler_options, data_key, rng_arg) -> None:
-    if not callable(apply_fn):
-        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-    if not isinstance(process, GaussianProcess):
-        raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
-    for name, options in (("weighting_options", weighting_options), ("time_sampler_options", time_sampler_options)):
-        if not (options is None or isinstance(options, dict) and all(isinstance(k, str) for k in options)):
-            raise TypeError(f"{name} must be a dict of named options or None, got {options!r:.100}")
+def _check_loss_arguments(apply_fn, process, prediction, target, weighting, time_sampler, data_key, rng_arg) -> None:
+    check_network(apply_fn, process, prediction, "apply_fn")
+    _check_target(target)
+    _check_option_object("weighting", weighting, "MinSNR(gamma=5.0)", WEIGHTINGS)
+    _check_option_object("time_sampler", time_sampler, "LogNormal(mean=-1.2, std=1.2)", TIME_SAMPLERS)
     if not isinstance(data_key, str):
         raise TypeError(f"data_key must be a str, got {data_key!r:.100}")
     if not (rng_arg is None or isinstance(rng_arg, str)):
@@ -271,17 +377,47 @@ def _condition_map(cond_keys) -> dict:
     return dict(pairs)
 
 
+def _unpack_batch(batch, data_key: str, cond_map: dict):
+    """(x0, conditioning kwargs) from a dict batch, or (batch, {}) from an array batch."""
+    if isinstance(batch, Mapping):
+        missing = [k for k in (data_key, *cond_map.values()) if k not in batch]
+        if missing:
+            raise ValueError(
+                f"the batch has no entry {missing[0]!r} (data_key / cond_keys); its entries: {sorted(batch)}"
+            )
+        x0, cond = batch[data_key], {arg: batch[k] for arg, k in cond_map.items()}
+    elif cond_map:
+        raise ValueError(f"cond_keys {sorted(cond_map.values())} need a dict batch, got an array batch")
+    else:
+        x0, cond = batch, {}
+    shape, dtype = getattr(x0, "shape", None), getattr(x0, "dtype", None)
+    if shape is None or len(shape) < 2 or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"the data must be a floating array of shape (batch, ...) with at least 2 axes, got shape {shape} "
+            f"and dtype {dtype}"
+        )
+    return x0, cond
+
+
+def _error(output, output_type, target, x0, eps, x_t, coef, process, t):
+    """target_hat - target for a network output of view `output_type`."""
+    if target == output_type:
+        return output - from_x0_eps(x0, eps, target, coef)
+    x0_hat, eps_hat = to_x0_eps(output, output_type, x_t, coef)
+    if isinstance(target, EDMPreconditioned):
+        scale = target_error_scale(target, process, t) / target_error_scale("x0", process, t)
+        return (x0_hat - x0) * broadcast_to_data(jnp.sqrt(scale), x0)
+    return from_x0_eps(x0_hat, eps_hat, target, coef) - from_x0_eps(x0, eps, target, coef)
+
+
 def denoising_loss(
     apply_fn: Callable,
     process: GaussianProcess,
     *,
-    prediction: str = "eps",
-    target: str | None = None,
-    weighting: str = "uniform",
-    time_sampler: str = "uniform",
-    sigma_data: float = 0.5,
-    weighting_options: dict | None = None,
-    time_sampler_options: dict | None = None,
+    prediction: str | EDMPreconditioned = "eps",
+    target: str | EDMPreconditioned | None = None,
+    weighting: Callable = Constant(),
+    time_sampler: Callable = UniformTime(),
     t_min: float | None = None,
     t_max: float | None = None,
     data_key: str = "image",
@@ -293,73 +429,57 @@ def denoising_loss(
     Args:
       apply_fn: the network, `apply_fn(params, x, t, **cond) -> array` shaped like x.
       process: the forward process.
-      prediction: what the network predicts: "eps", "x0", "v", "score", "flow", or "edm"
-        (a raw network F behind EDM preconditioning, which then sees c_noise instead of t).
-      target: the regression space; default: the prediction's own ("edm" -> EDM's F target).
-      weighting, time_sampler: see the module docstring; their options as dicts
-        (min_snr: gamma=5; sigmoid: bias=2; uniform: antithetic=False;
-        lognormal: mean=-1.2, std=1.2; logit_normal: mean=0, std=1).
-      sigma_data: the data std used by EDM preconditioning and the EDM weighting.
+      prediction: what the network predicts: "eps", "x0", "v", "score", "velocity", or
+        `EDMPreconditioned(sigma_data)` (a raw network F behind EDM preconditioning, which then
+        sees c_noise instead of t); the same spelling as `Denoiser`'s.
+      target: the regression space, a view name or `EDMPreconditioned(sigma_data)` (F's space);
+        default: the prediction's own.
+      weighting, time_sampler: objects such as `MinSNR(gamma=5.0)`, `LogNormal()` (see the module
+        docstring, also for writing your own).
       t_min, t_max: the training time range (default: the process's).
-      data_key: the batch entry holding x0.
+      data_key: the batch entry holding x0 when the batch is a dict; an array batch is x0 itself.
       cond_keys: batch entries passed to apply_fn as keyword arguments (e.g. {"y": "label"}
         is written as cond_keys=("label",) and arrives as label=...). A mapping
         {argument name: batch key} is accepted too.
       rng_arg: if set, apply_fn receives a fresh key under this keyword (e.g. for dropout).
 
-    aux holds "mse" (unweighted target MSE) and "weight_mean".
+    aux holds "mse" (unweighted target MSE), "weight_mean", and "nonfinite_data": the fraction of
+    examples whose data hold a NaN or inf (0 for clean data; a NaN loss with nonfinite_data > 0
+    comes from the data, not the network). A network output whose shape differs from the data's
+    raises ValueError while tracing, before anything is compiled.
     """
-    _check_loss_arguments(apply_fn, process, weighting_options, time_sampler_options, data_key, rng_arg)
+    _check_loss_arguments(apply_fn, process, prediction, target, weighting, time_sampler, data_key, rng_arg)
     cond_map = _condition_map(cond_keys)
-    config = LossConfig(
-        prediction,
-        target,
-        weighting,
-        time_sampler,
-        sigma_data,
-        tuple(sorted((weighting_options or {}).items())),
-        tuple(sorted((time_sampler_options or {}).items())),
-    )
     t_min, t_max = process.resolve_times(t_min, t_max)
-    target = config.resolved_target
+    target = prediction if target is None else target
 
     def loss_fn(params, key, batch):
-        x0 = batch[data_key]
+        x0, kwargs = _unpack_batch(batch, data_key, cond_map)
         n = x0.shape[0]
         key_t, key_eps, key_net = jax.random.split(key, 3)
-        t, density = sample_times(
-            config.time_sampler, process, key_t, n, t_min, t_max, **dict(config.time_sampler_options)
-        )
+        t, density = time_sampler(process, key_t, n, t_min, t_max)
+        if jnp.shape(t) != (n,) or jnp.shape(density) != (n,):
+            raise ValueError(f"the time_sampler must return (t, density) of shape ({n},) each, got shapes "
+                             f"{jnp.shape(t)} and {jnp.shape(density)}")
         eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
-        coef = PathCoefficients.at(process, t, x0)
-        x_t = coef.alpha * x0 + coef.sigma * eps
+        x_t = process.perturb(x0, t, eps)
 
-        kwargs = {arg: batch[k] for arg, k in cond_map.items()}
         if rng_arg is not None:
             kwargs[rng_arg] = key_net
-        net = lambda x, s: apply_fn(params, x, s, **kwargs)  # noqa: E731
-        if config.prediction == "edm":
-            net, output_type = EDMPreconditioning(net, process, config.sigma_data), "x0"
-        else:
-            output_type = config.prediction
+        net, output_type = network_view(lambda x, s: apply_fn(params, x, s, **kwargs), process, prediction)
         output = net(x_t, t)
+        if output.shape != x0.shape:
+            raise ValueError(
+                f"the network maps data of shape {x0.shape} to shape {output.shape}; it must return the data's shape"
+            )
 
-        if target == output_type:
-            err = output - from_x0_eps(x0, eps, target, coef)
-        else:
-            x0_hat, eps_hat = to_x0_eps(output, output_type, x_t, coef)
-            if target == "edm":
-                scale = target_error_scale("edm", process, t, config.sigma_data) / target_error_scale(
-                    "x0", process, t
-                )
-                err = (x0_hat - x0) * jnp.sqrt(scale).reshape((n,) + (1,) * (x0.ndim - 1))
-            else:
-                err = from_x0_eps(x0_hat, eps_hat, target, coef) - from_x0_eps(x0, eps, target, coef)
-        mse = jnp.mean(jnp.reshape(err.astype(jnp.float32) ** 2, (n, -1)), axis=1)
-        weight = loss_weight(
-            config.weighting, target, process, t, density, config.sigma_data, **dict(config.weighting_options)
-        )
-        loss = jnp.mean(weight * mse)
-        return loss, {"mse": jnp.mean(mse), "weight_mean": jnp.mean(weight)}
+        err = _error(output, output_type, target, x0, eps, x_t, PathCoefficients.at(process, t, x0), process, t)
+        mse = per_example(jnp.mean, err.astype(jnp.float32) ** 2)
+        weight = loss_weight(weighting, target, process, t, density)
+        if jnp.shape(weight) != (n,):
+            raise ValueError(f"the weighting must return one weight per example, shape ({n},), got {jnp.shape(weight)}")
+        nonfinite = jnp.mean(~per_example(jnp.all, jnp.isfinite(x0)))
+        aux = {"mse": jnp.mean(mse), "weight_mean": jnp.mean(weight), "nonfinite_data": nonfinite.astype(jnp.float32)}
+        return jnp.mean(weight * mse), aux
 
     return loss_fn

@@ -26,7 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.validation import check_number, check_positive, is_finite_real
+from diffjax.validation import (
+    build_named,
+    check_choice,
+    check_number,
+    check_positive,
+    is_finite_real,
+)
 
 __all__ = [
     "GaussianProcess",
@@ -39,6 +45,8 @@ __all__ = [
     "FlowMatching",
     "PROCESSES",
     "get_process",
+    "broadcast_to_data",
+    "per_example",
 ]
 
 # Where a path reaches alpha = 0 (flow matching, cosine at t = 1), log-SNR is -inf. Grids that
@@ -129,10 +137,13 @@ class GaussianProcess:
         return dalpha, dsigma
 
     # -- marginals and prior ------------------------------------------------------------------
+    def perturb(self, x0, t, eps):
+        """x_t = alpha(t) x0 + sigma(t) eps for given noise eps; t is a scalar or of shape (batch,)."""
+        return broadcast_to_data(self.alpha(t), x0) * x0 + broadcast_to_data(self.sigma(t), x0) * eps
+
     def marginal_sample(self, key, x0, t):
         """Draw x_t ~ N(alpha(t) x0, sigma(t)^2 I); t broadcasts over the leading axis."""
-        eps = jax.random.normal(key, x0.shape, x0.dtype)
-        return broadcast_to_data(self.alpha(t), x0) * x0 + broadcast_to_data(self.sigma(t), x0) * eps
+        return self.perturb(x0, t, jax.random.normal(key, x0.shape, x0.dtype))
 
     def prior_std(self):
         return self.sigma(jnp.float32(self.t_max))
@@ -141,11 +152,12 @@ class GaussianProcess:
         """x_T ~ N(0, sigma(t_max)^2 I)."""
         return self.prior_std().astype(dtype) * jax.random.normal(key, shape, dtype)
 
-    def prior_logp(self, x):
-        """log N(x; 0, sigma(t_max)^2 I), summed over all axes but the first."""
-        std = self.prior_std()
+    def prior_logp(self, x, t=None):
+        """log N(x; 0, sigma(t)^2 I) per example (summed over all axes but the first); t defaults to
+        t_max, where it is the prior that `prior_sample` draws from."""
+        std = self.prior_std() if t is None else self.sigma(t)
         d = math.prod(x.shape[1:])
-        sq = jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1)
+        sq = per_example(jnp.sum, x**2)
         return -0.5 * sq / std**2 - d * jnp.log(std) - 0.5 * d * math.log(2 * math.pi)
 
     # -- validation --------------------------------------------------------------------------
@@ -175,6 +187,13 @@ def broadcast_to_data(coef, x):
     return jnp.reshape(coef, coef.shape + (1,) * (x.ndim - coef.ndim))
 
 
+def per_example(reduction, x, keepdims: bool = False):
+    """`reduction` (jnp.sum, jnp.mean, jnp.std, jnp.max, ...) over all non-batch axes of x: shape
+    (batch,), or (batch, 1, ..., 1) with keepdims. The one per-example reduction of the library."""
+    out = reduction(jnp.reshape(x, (x.shape[0], -1)), axis=1)
+    return jnp.reshape(out, out.shape + (1,) * (x.ndim - 1)) if keepdims else out
+
+
 # ------------------------------------------------------------------------------------------------
 # Variance-preserving family
 # ------------------------------------------------------------------------------------------------
@@ -190,47 +209,43 @@ def _vp_log_snr(log_alpha):
     return 2.0 * log_alpha - jnp.log(-jnp.expm1(2.0 * log_alpha))
 
 
-def _check_linear_beta(process) -> None:
-    name = type(process).__name__
-    check_positive("beta_min", process.beta_min)
-    check_positive("beta_max", process.beta_max)
-    if process.beta_max <= process.beta_min:
-        raise ValueError(
-            f"{name} needs beta_max > beta_min, got {process.beta_min}, {process.beta_max}"
-        )
-    _check_range(process.t_min, process.t_max, 0.0, 1.0, name)
-    if process.t_min <= 0:
-        raise ValueError(f"{name} needs t_min > 0 (sigma(0) = 0), got {process.t_min}")
+@_static_dataclass
+class _LinearBetaPath(GaussianProcess):
+    """The fields and alpha shared by VP and sub-VP: beta(t) = beta_min + t (beta_max - beta_min),
+    log alpha(t) = -1/2 int_0^t beta. Subclasses define sigma."""
 
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
 
-def _linear_beta_log_alpha(process, t):
-    """log alpha(t) = -1/2 int_0^t beta for beta(t) = beta_min + t (beta_max - beta_min)."""
-    t = jnp.asarray(t, jnp.float32)
-    return -0.5 * (0.5 * (process.beta_max - process.beta_min) * t**2 + process.beta_min * t)
+    def __post_init__(self):
+        name = type(self).__name__
+        check_positive("beta_min", self.beta_min)
+        check_positive("beta_max", self.beta_max)
+        if self.beta_max <= self.beta_min:
+            raise ValueError(f"{name} needs beta_max > beta_min, got {self.beta_min}, {self.beta_max}")
+        _check_range(self.t_min, self.t_max, 0.0, 1.0, name)
+        if self.t_min <= 0:
+            raise ValueError(f"{name} needs t_min > 0 (sigma(0) = 0), got {self.t_min}")
+
+    def log_alpha(self, t):
+        t = jnp.asarray(t, jnp.float32)
+        return -0.5 * (0.5 * (self.beta_max - self.beta_min) * t**2 + self.beta_min * t)
+
+    def alpha(self, t):
+        return jnp.exp(self.log_alpha(t))
 
 
 @_static_dataclass
-class VP(GaussianProcess):
+class VP(_LinearBetaPath):
     """Variance-preserving SDE with linear beta (Song et al. 2021; DDPM in continuous time).
 
     beta(t) = beta_min + t (beta_max - beta_min),  log alpha(t) = -1/2 int_0^t beta,
     sigma^2 = 1 - alpha^2,  f = -beta/2,  g = sqrt(beta).
     """
 
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    t_min: float = 1e-3
-    t_max: float = 1.0
     name: ClassVar[str] = "vp"
-
-    def __post_init__(self):
-        _check_linear_beta(self)
-
-    def log_alpha(self, t):
-        return _linear_beta_log_alpha(self, t)
-
-    def alpha(self, t):
-        return jnp.exp(self.log_alpha(t))
 
     def sigma(self, t):
         return _sigma_from_log_alpha(self.log_alpha(t))
@@ -245,7 +260,7 @@ class VP(GaussianProcess):
         return jnp.clip(t, self.t_min, self.t_max)
 
     @staticmethod
-    def from_betas(betas, **kwargs) -> "DiscreteVP":
+    def from_betas(betas, **kwargs) -> DiscreteVP:
         """A discrete DDPM chain (Ho et al. 2020) given by its betas, embedded in continuous time."""
         return DiscreteVP.from_betas(betas, **kwargs)
 
@@ -266,7 +281,7 @@ class DiscreteVP(GaussianProcess):
     name: ClassVar[str] = "ddpm"
 
     @classmethod
-    def from_betas(cls, betas, t_min=None, t_max=1.0) -> "DiscreteVP":
+    def from_betas(cls, betas, t_min=None, t_max=1.0) -> DiscreteVP:
         try:
             betas_np = np.asarray(betas, np.float64)
         except (TypeError, ValueError) as err:
@@ -358,29 +373,26 @@ class CosineVP(GaussianProcess):
 
 
 @_static_dataclass
-class SubVP(GaussianProcess):
+class SubVP(_LinearBetaPath):
     """Sub-VP SDE (Song et al. 2021): alpha as in VP, sigma(t) = 1 - alpha(t)^2.
 
     f = -beta/2,  g^2 = beta (1 - exp(-2 int beta)).
     """
 
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    t_min: float = 1e-3
-    t_max: float = 1.0
     name: ClassVar[str] = "subvp"
-
-    def __post_init__(self):
-        _check_linear_beta(self)
-
-    def log_alpha(self, t):
-        return _linear_beta_log_alpha(self, t)
-
-    def alpha(self, t):
-        return jnp.exp(self.log_alpha(t))
 
     def sigma(self, t):
         return -jnp.expm1(2.0 * self.log_alpha(t))
+
+
+def _check_sigma_bounds(process) -> None:
+    """0 < sigma_min < sigma_max (VE and EDM)."""
+    check_positive("sigma_min", process.sigma_min)
+    check_positive("sigma_max", process.sigma_max)
+    if process.sigma_max <= process.sigma_min:
+        raise ValueError(
+            f"{type(process).__name__} needs sigma_max > sigma_min, got {process.sigma_min}, {process.sigma_max}"
+        )
 
 
 @_static_dataclass
@@ -396,10 +408,7 @@ class VE(GaussianProcess):
     name: ClassVar[str] = "ve"
 
     def __post_init__(self):
-        check_positive("sigma_min", self.sigma_min)
-        check_positive("sigma_max", self.sigma_max)
-        if self.sigma_max <= self.sigma_min:
-            raise ValueError(f"VE needs sigma_max > sigma_min, got {self.sigma_min}, {self.sigma_max}")
+        _check_sigma_bounds(self)
         _check_range(self.t_min, self.t_max, 0.0, 1.0, "VE")
 
     def alpha(self, t):
@@ -435,12 +444,7 @@ class EDM(GaussianProcess):
     name: ClassVar[str] = "edm"
 
     def __post_init__(self):
-        check_positive("sigma_min", self.sigma_min)
-        check_positive("sigma_max", self.sigma_max)
-        if self.sigma_max <= self.sigma_min:
-            raise ValueError(
-                f"EDM needs sigma_max > sigma_min, got {self.sigma_min}, {self.sigma_max}"
-            )
+        _check_sigma_bounds(self)
 
     @property
     def t_min(self) -> float:
@@ -514,8 +518,7 @@ PROCESSES = {
 
 def get_process(name: str, **kwargs) -> GaussianProcess:
     """Build a process by name. "ddpm" takes `betas` or (`beta_start`, `beta_end`, `num_steps`)."""
-    if not isinstance(name, str) or name not in PROCESSES:
-        raise ValueError(f"unknown process {name!r:.100}; known processes: {sorted(PROCESSES)}")
+    check_choice("process", name, PROCESSES)
     if name == "ddpm":
         if "betas" in kwargs:
             betas = kwargs.pop("betas")
@@ -525,11 +528,4 @@ def get_process(name: str, **kwargs) -> GaussianProcess:
             steps = kwargs.pop("num_steps", 1000)
             betas = np.linspace(start, end, steps)
         return DiscreteVP.from_betas(betas, **kwargs)
-    cls = PROCESSES[name]
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ValueError(
-            f"unknown argument(s) {sorted(unknown)} for process {name!r}; allowed: {sorted(allowed)}"
-        )
-    return cls(**kwargs)
+    return build_named(PROCESSES, name, kwargs, "process")

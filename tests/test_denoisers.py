@@ -10,6 +10,7 @@ from diffjax.data.toy import GaussianMixture
 from diffjax.denoisers import (
     PREDICTIONS,
     Denoiser,
+    EDMPreconditioned,
     EDMPreconditioning,
     PathCoefficients,
     from_x0_eps,
@@ -71,7 +72,7 @@ def test_views_of_exact_mixture_denoiser_match_closed_forms(name):
 
     f, g = process.sde(t)
     drift_ref = f[:, None] * x - 0.5 * (g**2)[:, None] * score_ref
-    np.testing.assert_allclose(denoiser.flow(x, t), drift_ref, rtol=2e-3, atol=2e-3 * np.abs(drift_ref).max())
+    np.testing.assert_allclose(denoiser.velocity(x, t), drift_ref, rtol=2e-3, atol=2e-3 * np.abs(drift_ref).max())
 
 
 @pytest.mark.parametrize("name", ["vp", "ve", "flow", "edm"])
@@ -99,7 +100,7 @@ def test_v_prediction_matches_definition_for_vp():
     # flow for the rectified-flow path is eps - x0
     fm = PROCESSES["flow"]
     c = PathCoefficients.at(fm, t, x0)
-    np.testing.assert_allclose(from_x0_eps(x0, eps, "flow", c), eps - x0, rtol=1e-6)
+    np.testing.assert_allclose(from_x0_eps(x0, eps, "velocity", c), eps - x0, rtol=1e-6)
     del x
 
 
@@ -136,6 +137,10 @@ def test_edm_preconditioned_exact_network_is_exact(name):
     x = process.marginal_sample(keys[1], MIXTURE.sample(keys[1], 16), t)
     want = MIXTURE.posterior_mean(x, process.alpha(t), process.sigma(t))
     np.testing.assert_allclose(denoiser.x0(x, t), want, rtol=2e-3, atol=2e-3)
+    # The same network given as a raw EDM network: the Denoiser preconditions it itself.
+    direct = Denoiser(raw, process, EDMPreconditioned(sigma_data=sd))
+    np.testing.assert_allclose(direct.x0(x, t), denoiser.x0(x, t), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(direct.eps(x, t), denoiser.eps(x, t), rtol=1e-6, atol=1e-6)
 
 
 def test_denoiser_is_a_pytree_and_jits():
@@ -162,3 +167,52 @@ def test_bad_inputs():
         denoiser.view("x1", jnp.ones((4, 3)), 0.5)
     with pytest.raises(ValueError, match="sigma_data"):
         EDMPreconditioning(lambda x, c: x, process, sigma_data=0.0)
+    with pytest.raises(ValueError, match="sigma_data"):
+        Denoiser(lambda x, c: x, process, EDMPreconditioned(sigma_data=-1.0))
+
+
+@pytest.mark.parametrize(
+    "prediction, match",
+    [
+        ("flow", "prediction 'flow' is now spelled 'velocity'"),
+        ("edm", "prediction 'edm' is now spelled EDMPreconditioned"),
+    ],
+)
+def test_renamed_predictions_name_their_new_spelling(prediction, match):
+    with pytest.raises(ValueError, match=match):
+        Denoiser(lambda x, t: x, PROCESSES["vp"], prediction)
+
+
+def test_edm_network_misuse_is_caught():
+    """Where it can be told: a preconditioned network given another prediction, preconditioned twice,
+    built for another process, a network tagged as raw EDM used as an x0-predictor, and a raw network
+    whose output would broadcast inside the preconditioning."""
+    edm, vp = PROCESSES["edm"], PROCESSES["vp"]
+    pre = EDMPreconditioning(lambda x, c: x, edm, 0.5)
+    with pytest.raises(ValueError, match="declares prediction 'x0' but was given prediction 'eps'"):
+        Denoiser(pre, edm, "eps")
+    with pytest.raises(ValueError, match="already preconditioned"):
+        Denoiser(pre, edm, EDMPreconditioned(0.5))
+    with pytest.raises(ValueError, match="EDMPreconditioning was built for EDM"):
+        Denoiser(pre, vp, "x0")
+    Denoiser(pre, edm, "x0")  # right: fine
+
+    def raw(x, c_noise):
+        return x
+
+    raw.prediction = EDMPreconditioned(0.5)
+    with pytest.raises(ValueError, match="declares prediction EDMPreconditioned\\(sigma_data=0.5\\) but was given "
+                                         "prediction 'x0'"):
+        Denoiser(raw, edm, "x0")
+    with pytest.raises(ValueError, match="declares prediction"):
+        Denoiser(raw, edm, EDMPreconditioned(1.0))  # another sigma_data than the network's
+    Denoiser(raw, edm, EDMPreconditioned(0.5))
+
+    narrow = Denoiser(lambda x, c: x[:, :1], edm, EDMPreconditioned(0.5))
+    with pytest.raises(ValueError, match="the raw network maps x of shape \\(4, 3\\) to shape \\(4, 1\\)"):
+        narrow.x0(jnp.ones((4, 3)), 1.0)
+
+
+def test_denoiser_repr_names_the_preconditioning():
+    d = Denoiser(lambda x, c: x, PROCESSES["edm"], EDMPreconditioned(0.25))
+    assert "EDMPreconditioned(sigma_data=0.25)" in repr(d)

@@ -147,6 +147,33 @@ def test_prior(name):
     np.testing.assert_allclose(logp, want, rtol=1e-4)
 
 
+def test_prior_logp_at_another_time_is_the_zero_mean_gaussian_of_sigma_t():
+    process = P.FlowMatching()
+    x = jax.random.normal(jax.random.key(3), (5, 2, 3))
+    t = jnp.float32(0.7)
+    want = stats.norm(0, float(process.sigma(t))).logpdf(np.asarray(x, np.float64)).sum(axis=(1, 2))
+    np.testing.assert_allclose(process.prior_logp(x, t), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL_PROCESSES)
+def test_perturb_is_the_path_and_marginal_sample_uses_it(name):
+    process = ALL_PROCESSES[name]
+    key = jax.random.key(4)
+    x0 = jax.random.normal(jax.random.key(5), (6, 2, 2))
+    t = jnp.linspace(process.t_min, process.t_max, 6)
+    eps = jax.random.normal(key, x0.shape)
+    want = process.alpha(t)[:, None, None] * x0 + process.sigma(t)[:, None, None] * eps
+    np.testing.assert_allclose(process.perturb(x0, t, eps), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(process.marginal_sample(key, x0, t), process.perturb(x0, t, eps))
+
+
+def test_per_example_reduces_every_non_batch_axis():
+    x = jnp.arange(24.0).reshape(2, 3, 4)
+    np.testing.assert_array_equal(P.per_example(jnp.sum, x), [66.0, 210.0])
+    np.testing.assert_array_equal(P.per_example(jnp.max, x, keepdims=True), jnp.array([11.0, 23.0]).reshape(2, 1, 1))
+    np.testing.assert_allclose(P.per_example(jnp.std, x), np.std(np.asarray(x).reshape(2, -1), axis=1), rtol=1e-6)
+
+
 def test_prior_of_vp_family_is_near_standard_normal():
     for name in ("vp", "ddpm", "cosine", "flow"):
         assert abs(float(ALL_PROCESSES[name].prior_std()) - 1) < 1e-3, name
@@ -181,8 +208,8 @@ def test_processes_are_pytrees_usable_under_jit():
         (lambda: P.FlowMatching(t_min=0.5, t_max=0.2), "t_min < t_max"),
         (lambda: P.VP.from_betas([0.1, 1.5]), r"\(0, 1\)"),
         (lambda: P.VP.from_betas([[0.1]]), "1-D"),
-        (lambda: P.get_process("vpp"), "known processes"),
-        (lambda: P.get_process("vp", sigma_max=3.0), "allowed"),
+        (lambda: P.get_process("vpp"), r"unknown process 'vpp' \(did you mean 'vp'\?\); allowed: \["),
+        (lambda: P.get_process("vp", sigma_max=3.0), r"unknown option 'sigma_max' for process 'vp'.*allowed"),
     ],
 )
 def test_bad_process_arguments(make, match):

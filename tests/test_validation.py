@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import diffjax
+from diffjax import losses
 from diffjax import processes as P
+from diffjax.denoisers import EDMPreconditioned
 from diffjax.samplers import GRIDS, SOLVERS
 
 PACKAGE = os.path.dirname(os.path.abspath(diffjax.__file__)) + os.sep
@@ -86,16 +88,18 @@ def test_discrete_process_and_get_process(value, t_min):
     assert_own_error(lambda: P.get_process(value), "process")
 
 
-LOSS_ARGUMENTS = ["prediction", "target", "weighting", "time_sampler", "sigma_data", "weighting_options",
-                  "time_sampler_options", "t_min", "t_max", "data_key", "cond_keys", "rng_arg"]
-LOSS_OPTIONS = [("weighting", "min_snr", "gamma"), ("weighting", "sigmoid", "bias"),
-                ("time_sampler", "uniform", "antithetic"), ("time_sampler", "lognormal", "mean"),
-                ("time_sampler", "lognormal", "std"), ("time_sampler", "logit_normal", "std")]
+LOSS_ARGUMENTS = ["prediction", "target", "weighting", "time_sampler", "t_min", "t_max", "data_key", "cond_keys",
+                  "rng_arg"]
+# (option class, field, the keyword of denoising_loss that takes it)
+LOSS_OPTIONS = [(losses.MinSNR, "gamma", "weighting"), (losses.Sigmoid, "bias", "weighting"),
+                (losses.EDMWeighting, "sigma_data", "weighting"), (losses.UniformTime, "antithetic", "time_sampler"),
+                (losses.LogNormal, "mean", "time_sampler"), (losses.LogNormal, "std", "time_sampler"),
+                (losses.LogitNormal, "std", "time_sampler"), (EDMPreconditioned, "sigma_data", "prediction")]
 
 
-def _trace_loss(loss_fn):
-    batch = {"image": jax.ShapeDtypeStruct((2, 4), jnp.float32)}
-    return jax.eval_shape(loss_fn, {}, jax.random.key(0), batch)
+def _trace_loss(loss_fn, array_batch=False):
+    data = jax.ShapeDtypeStruct((2, 4), jnp.float32)
+    return jax.eval_shape(loss_fn, {}, jax.random.key(0), data if array_batch else {"image": data})
 
 
 @SETTINGS
@@ -106,14 +110,13 @@ def test_denoising_loss_arguments(data, value):
     if data.draw(st.booleans()):
         name = data.draw(st.sampled_from(LOSS_ARGUMENTS))
         make = lambda: diffjax.denoising_loss(apply_fn, process, **{name: value})  # noqa: E731
-    else:
-        kind, choice, name = data.draw(st.sampled_from(LOSS_OPTIONS))
-        options = {kind: choice, f"{kind}_options": {name: value}}
-        make = lambda: diffjax.denoising_loss(apply_fn, process, **options)  # noqa: E731
+    else:  # an option object built with a junk field, then used
+        cls, name, keyword = data.draw(st.sampled_from(LOSS_OPTIONS))
+        make = lambda: diffjax.denoising_loss(apply_fn, process, **{keyword: cls(**{name: value})})  # noqa: E731
     loss_fn = assert_own_error(make, name)
     # Accepted: it must trace (batch entry and keyword names aside: they must match the batch and network).
     if loss_fn is not None and name not in ("data_key", "cond_keys", "rng_arg"):
-        loss, aux = _trace_loss(loss_fn)
+        loss, aux = _trace_loss(loss_fn, array_batch=data.draw(st.booleans()))
         assert loss.shape == ()
 
 
