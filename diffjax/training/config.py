@@ -554,7 +554,9 @@ def describe_config(config) -> str:
     """Every key with its value and meaning, one per line; option dicts list the options that their
     object allows, with the library default where none is set."""
     lines = []
-    for key, value in _flatten_keys(config).items():
+    values = _flatten_keys(config)
+    for key in sorted(values, key=lambda k: (list(CONFIG_KEYS).index(k) if k in CONFIG_KEYS else len(CONFIG_KEYS), k)):
+        value = values[key]
         meaning = CONFIG_KEYS.get(key, (None, ""))[1]
         if key not in FREE_FORM_KEYS:
             lines.append(f"{key} = {value!r}  # {meaning}")
