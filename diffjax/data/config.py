@@ -156,7 +156,6 @@ def validate_data_config(config) -> ml_collections.ConfigDict:
 def _check_values(c: ml_collections.ConfigDict) -> None:
     if c.source not in SOURCES:
         raise ValueError(f"unknown data source {c.source!r}; sources are {SOURCES}")
-    _check_name(c)
     if c.resize_method not in RESIZE_METHODS:
         raise ValueError(f"unknown resize_method {c.resize_method!r}; allowed: {RESIZE_METHODS}")
     if c.channels not in (1, 3):
@@ -181,3 +180,4 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"source {c.source!r} needs `path` to be {kind}; {str(path)!r} is not")
     if c.source == "tfds" and not c.tfds_name:
         raise ValueError("source 'tfds' needs `tfds_name` (e.g. 'mnist', 'cifar10'); it is empty")
+    _check_name(c)

@@ -263,7 +263,7 @@ def _flatten_keys(config, prefix=""):
     keys = {}
     for key, value in config.items():
         path = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict) and path not in FREE_FORM_KEYS:
+        if isinstance(value, ml_collections.ConfigDict) and path not in FREE_FORM_KEYS and len(value):
             keys.update(_flatten_keys(value, path + "."))
         else:
             keys[path] = value
@@ -338,10 +338,13 @@ def validate_config(config) -> None:
     _require(isinstance(config.model.class_conditional, bool), "model.class_conditional",
              config.model.class_conditional, "True or False")
     sample = config.sample
-    _require(isinstance(sample.solver, str) and (sample.solver in SOLVERS or not sample.solver), "sample.solver",
-             sample.solver, f"'' (the library default) or one of {sorted(SOLVERS)}")
-    _require(isinstance(sample.grid, str) and (sample.grid in GRIDS or not sample.grid), "sample.grid",
-             sample.grid, f"'' (the solver's default) or one of {sorted(GRIDS)}")
+    for key, table in (("solver", SOLVERS), ("grid", GRIDS)):
+        _require(isinstance(sample[key], str), f"sample.{key}", sample[key], "a name ('' = the library default)")
+        try:
+            if sample[key]:
+                check_choice(key, sample[key], table)
+        except ValueError as err:
+            raise ConfigError(f"config.sample: {err}") from err
     _check_option_dicts(config)
 
     loss = config.loss
