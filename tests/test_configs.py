@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -127,7 +128,8 @@ def test_cifar_family_shares_the_score_sde_recipe():
 
 def test_option_dicts_hold_only_changes():
     """Library defaults live with the objects: a config's option dicts hold only what it changes."""
-    assert process_options("edm").to_dict() == {} and process_options("vp", beta_max=10.0).to_dict() == {"beta_max": 10.0}
+    assert process_options("edm").to_dict() == {}
+    assert process_options("vp", beta_max=10.0).to_dict() == {"beta_max": 10.0}
     assert model_preset_overrides("unet-small", image_size=28, attn_resolutions=(7,)).to_dict() == {
         "attn_resolutions": (7,)}
     with pytest.raises(ConfigError, match=r"unknown option 'beta_maxx' for process 'vp' \(did you mean 'beta_max'\?\)"):
@@ -159,7 +161,7 @@ def test_config_typos_give_one_line_with_the_nearest_key(flag, message, tmp_path
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("diffjax: error: "), done.stderr[-2000:]
-    assert __import__("re").search(message, lines[0]), lines[0]
+    assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 

@@ -47,7 +47,7 @@ DATA_KEYS = {
     "label_key": (str, "label", "feature holding the class label ('' = unlabelled, labels are 0)"),
     "image_size": (int, 32, "output height = width"),
     "channels": (int, 3, "1 (grayscale) or 3 (RGB); archives are converted to it"),
-    "resize_method": (str, "none", f"'none' (the data must already be image_size) or a PIL filter {RESIZE_METHODS[1:]}"),
+    "resize_method": (str, "none", f"'none' (images already image_size) or a PIL filter {RESIZE_METHODS[1:]}"),
     "center_crop": (bool, False, "crop the largest centred square before resizing"),
     "random_flip": (bool, False, "random horizontal flip, p = 1/2 per example"),
     "dequantize": (bool, False, "uniform dequantization (x + u) / 256, u ~ U[0, 1), instead of x / 255"),

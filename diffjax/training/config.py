@@ -37,7 +37,7 @@ from diffjax.data.config import CUSTOM, DATA_KEYS, PRESETS as DATA_PRESETS, defa
 from diffjax.processes import PROCESSES
 from diffjax.samplers import DEFAULT_SOLVER, GRIDS, SOLVERS
 from diffjax.training.sharding import DEFAULT_RULES
-from diffjax.validation import check_choice, check_dataclass_fields, matches_annotation, nearest
+from diffjax.validation import check_choice, check_dataclass_fields, nearest
 
 __all__ = [
     "CONFIG_KEYS",
@@ -458,6 +458,8 @@ def split_config_arguments(argv: Sequence[str], name: str = "config") -> tuple[l
 
 
 def _literal(text: str):
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
