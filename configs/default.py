@@ -1,6 +1,6 @@
 """The embedded default, and the base of the small-image family (configs/mnist.py starts from it):
 8x8 digits from scikit-learn (1,797 images, offline), upscaled to 16x16, a small U-Net with EDM
-preconditioning, a few minutes of training on 2 CPU cores, then a grid of samples."""
+preconditioning, 2,000 steps on CPU (see the README for how long), then a grid of samples."""
 
 from diffjax.data import default_data_config
 from diffjax.training.config import base_config, model_preset_overrides
