@@ -1,13 +1,14 @@
 # The two commands of the README. Both create (or reuse) a virtual environment in .venv and
 # install diffjax into it; nothing outside the repository is touched.
 #   make run    train the embedded default (8x8 digits, offline) and write samples to work/default
-#   make test   run the test suite
+#   make test   run the test suite (without the tests marked slow)
+#   make test-slow  run only the tests marked slow
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= work/default
 BIN := $(VENV)/bin
 
-.PHONY: run test install clean
+.PHONY: run test test-slow keys install clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,13 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+# every config key of the default run with its value and meaning
+keys: install
+	$(BIN)/python experiments/main.py --config=configs/default.py --mode=keys
 
 clean:
 	rm -rf $(WORKDIR)

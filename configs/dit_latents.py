@@ -13,7 +13,7 @@ AdamW at a constant lr 1e-4, no weight decay, no warm-up and no gradient clippin
 scale 1.5. Difference: the reference predicts a learned variance too; this model predicts eps only.
 """
 
-from diffjax.training.config import base_config, model_overrides, process_options
+from diffjax.training.config import base_config, model_preset_overrides, process_options
 
 BENCHMARK_ONLY = True
 LATENT_SHAPE = (32, 32, 4)
@@ -23,7 +23,7 @@ MODEL = "DiT-XL/2"
 
 def get_config():
     config = base_config()
-    config.data.name = "imagenet256-sd-vae-latents"  # placeholder: see BENCHMARK_ONLY
+    config.data.name = "custom"  # a placeholder for ImageNet 256x256 SD-VAE latents: see BENCHMARK_ONLY
     config.data.image_size = LATENT_SHAPE[0]
     config.data.num_classes = NUM_CLASSES
     config.data.random_flip = True
@@ -36,7 +36,7 @@ def get_config():
 
     config.model.name = MODEL
     config.model.class_conditional = True
-    config.model.overrides = model_overrides(MODEL)
+    config.model.overrides = model_preset_overrides(MODEL)
 
     config.optim.name = "adamw"
     config.optim.learning_rate = 1e-4

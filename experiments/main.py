@@ -4,9 +4,12 @@
     diffjax --config=configs/mnist.py --config.train.num_steps=2000 --workdir=work/mnist
     diffjax --config=configs/default.py --workdir=work/default --mode=sample
     diffjax --config=configs/default.py --workdir=work/default --mode=eval
+    diffjax --config=configs/mnist.py --mode=keys                           # every config key
 
 Without --config the embedded default (configs/default.py: 8x8 digits from scikit-learn, upscaled
-to 16x16, a small U-Net) is used. Any key can be overridden with --config.<path>=<value>.
+to 16x16, a small U-Net) is used. Any key can be overridden with --config.<key>=<value>, options
+included (--config.sample.solver=ddim --config.sample.solver_options.eta=0.5); --mode=keys lists
+every key with its value and meaning.
 """
 
 from __future__ import annotations
@@ -18,20 +21,46 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 import configs
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "default.py")
+MODES = ["train", "sample", "eval", "keys"]
 
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file (get_config()).", lock_config=True)
+flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment config file (defines get_config()); 'path:arg' passes "
+                    "arg to get_config. Override any key with --config.<key>=<value>; --mode=keys lists them.")
 flags.DEFINE_string("workdir", "work/default", "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to do.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detected on TPU pods, SLURM, Open MPI).")
+flags.DEFINE_enum("mode", "train", MODES, "What to do: train (resumes), sample or eval a trained run, or "
+                  "keys: print every config key with its value and meaning.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() (auto-detected on TPU pods, SLURM, Open MPI).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs elsewhere).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 FLAGS = flags.FLAGS
+
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
+_overrides: list[tuple[str, str]] = []  # the --config.<key>=<value> arguments, set by _parse_flags
+
+
+def _usage() -> str:
+    return f"{__doc__}\nflags:\n{FLAGS.module_help(sys.modules[__name__])}\n"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl parses the flags; the --config.<key> overrides are kept for apply_overrides."""
+    from diffjax.training.config import split_config_arguments
+
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(_usage())
+        sys.exit(0)
+    rest, overrides = split_config_arguments(argv)
+    _overrides[:] = overrides
+    try:
+        return FLAGS(rest)
+    except flags.Error as err:
+        print(f"diffjax: error: {err} (see diffjax --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _initialize_distributed() -> None:
@@ -65,12 +94,21 @@ def _setup_logging() -> None:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _setup_logging()
-    _initialize_distributed()
     from diffjax.training import ConfigError, TrainingStopped, evaluate, sample_from_checkpoint, train
     from diffjax.training.checkpoint import CheckpointError
+    from diffjax.training.config import apply_overrides, describe_config, load_config_file, validate_config
 
-    config = FLAGS.config
+    try:
+        config = apply_overrides(load_config_file(FLAGS.config), _overrides)
+        if FLAGS.mode == "keys":
+            print(describe_config(config))
+            return 0
+        validate_config(config)
+    except ConfigError as err:
+        print(f"diffjax: error: {err}", file=sys.stderr)
+        return 2
+    _setup_logging()
+    _initialize_distributed()
     try:
         if FLAGS.mode == "train":
             summary = train(config, FLAGS.workdir)
@@ -88,7 +126,7 @@ def main(argv) -> int:
 
 def run() -> None:
     """Console-script entry point (`diffjax`)."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -173,5 +173,33 @@ def test_bad_iterator_arguments_are_named(small_npz, tmp_path):
 
 def test_missing_shared_data_names_where_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFJAX_SHARED_DATA", os.fspath(tmp_path / "absent"))
-    with pytest.raises(FileNotFoundError, match=r"mnist.npz.*shared data sets live in ../shared/data"):
+    where = r"mnist.npz.*shared data sets live in \$DIFFJAX_SHARED_DATA, else shared/data or ../shared/data"
+    with pytest.raises(FileNotFoundError, match=where):
         dd.dataset_info(dd.default_data_config("mnist"))
+
+
+def test_name_selects_the_data_set_or_is_refused(small_npz):
+    digits_named_mnist = dd.default_data_config("digits")
+    digits_named_mnist.name = "mnist"  # a label only, before: trained on digits
+    with pytest.raises(ValueError, match="data.name 'mnist' is a preset read from source 'npz'.*default_data_config"):
+        dd.validate_data_config(digits_named_mnist)
+    small_npz.name = "mnst"
+    with pytest.raises(ValueError, match=r"unknown data.name 'mnst' \(did you mean 'mnist'\?\).*'custom'"):
+        dd.dataset_info(small_npz)
+    small_npz.name = dd.CUSTOM  # a data set described by its keys
+    assert dd.dataset_info(small_npz).image_shape == (28, 28, 1)
+    tfds_copy = dd.default_data_config("mnist")
+    tfds_copy.source = "tfds"  # a preset may read its prepared TFDS copy
+    assert dd.validate_data_config(tfds_copy).tfds_name == "mnist"
+
+
+def test_shared_data_is_looked_up_from_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("DIFFJAX_SHARED_DATA", raising=False)
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    assert config_lib.shared_data_dir().resolve() == (tmp_path / "shared" / "data").resolve()  # ../shared/data
+    (tmp_path / "repo" / "shared" / "data").mkdir(parents=True)
+    assert config_lib.shared_data_dir().resolve() == (tmp_path / "repo" / "shared" / "data").resolve()
+    monkeypatch.setenv("DIFFJAX_SHARED_DATA", os.fspath(tmp_path / "elsewhere"))  # first in the order
+    assert Path(dd.default_data_config("mnist").path).resolve() == (tmp_path / "elsewhere" / "mnist.npz").resolve()

@@ -170,13 +170,16 @@ def test_sample_denoiser(value):
 
 
 def _config_keys():
-    from diffjax.training.config import _flatten_keys
+    """Every key, and every option the config's option dicts allow (set or not)."""
+    from diffjax.training.config import FREE_FORM_KEYS, _flatten_keys, option_fields
     from test_training import tiny_config
 
     config = tiny_config()
     keys = sorted(_flatten_keys(config))
-    keys += [f"model.overrides.{k}" for k in config.model.overrides]
-    keys += [f"process.options.{k}" for k in config.process.options]
+    for option_dict in FREE_FORM_KEYS:
+        section, name = option_dict.split(".")
+        options = set(option_fields(config, option_dict)) | set(config[section][name])
+        keys += [f"{option_dict}.{k}" for k in sorted(options)]
     return keys
 
 
@@ -197,7 +200,7 @@ def test_config_values(key, value):
     for part in path:
         node = node[part]
     with node.ignore_type():
-        node[last] = value
+        node[last] = value  # an option not set yet is added
     with tempfile.TemporaryDirectory() as workdir:
         run = assert_own_error(lambda: prepare_run(config, workdir), last)
         if run is not None:

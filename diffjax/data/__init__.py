@@ -3,6 +3,7 @@
 Public API:
 
     default_data_config(name) -> ConfigDict        presets "digits", "mnist", "fashion_mnist", "cifar10"
+    DATA_KEYS                                      every key: (type, default, meaning)
     base_data_config() -> ConfigDict               every key with its default (see diffjax.data.config)
     validate_data_config(config) -> ConfigDict     checked, complete copy
     dataset_info(config) -> DataInfo               image_shape, source_shape, num_examples, num_classes
@@ -19,8 +20,11 @@ uninterrupted run would have seen. With orbax, either store it as JSON
 `grain.checkpoint.CheckpointSave(iterator)` / `grain.checkpoint.CheckpointRestore(iterator)`.
 """
 
+from diffjax.data import builders
 from diffjax.data.builders import ImageArchive, Idx, Npz
 from diffjax.data.config import (
+    CUSTOM,
+    DATA_KEYS,
     PRESETS,
     SOURCES,
     base_data_config,
@@ -35,8 +39,6 @@ from diffjax.data.sources import DataInfo, dataset_info, open_source
 def prepare(data_config) -> str:
     """Prepares a local source (npz, idx, image_tar, image_folder) as array_record TFDS data in the
     config's data_dir, once; returns the TFDS name to read it with `tfds.data_source(name, data_dir=...)`."""
-    from diffjax.data import builders  # pylint: disable=import-outside-toplevel
-
     config = validate_data_config(data_config)
     if config.source not in builders.LOCAL_SOURCES:
         raise ValueError(
@@ -47,6 +49,8 @@ def prepare(data_config) -> str:
 
 
 __all__ = [
+    "CUSTOM",
+    "DATA_KEYS",
     "PRESETS",
     "SOURCES",
     "DataInfo",

@@ -1,27 +1,9 @@
 """Data configs: the keys, their defaults, presets for the project's data sets, and validation.
 
-A data config is an `ml_collections.ConfigDict` with these keys (defaults in `base_data_config`):
-
-    name            preset name, informational
-    source          one of SOURCES (see below)
-    path            file or directory of a local source (relative paths: to the working directory)
-    tfds_name       prepared TFDS data set for source "tfds", e.g. "mnist", "cifar10:3.0.2"
-    data_dir        TFDS data directory: where "tfds" data is read and local sources are prepared
-                    ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-    image_key       feature holding the image in TFDS records ("image")
-    label_key       feature holding the class label ("label"; "" = unlabelled, labels are 0)
-    image_size      output height = width
-    channels        1 (grayscale) or 3 (RGB); must match array data; archives are converted to it
-    resize_method   "none" (the data must already be image_size) or a PIL filter
-                    ("nearest", "bilinear", "bicubic", "box", "lanczos")
-    center_crop     crop the largest centred square before resizing
-    random_flip     random horizontal flip, p = 1/2 per example
-    dequantize      uniform dequantization: (x + u) / 256, u ~ U[0, 1), instead of x / 255
-    num_classes     classes in the data (checked), or 0 to ignore labels (then all labels are 0)
-    in_memory       decode the whole split once into RAM (fast for small sets; arrays need no preparation)
-    worker_count    grain worker processes (0: decode in the training process, in threads)
-    num_threads     reader threads per process
-    prefetch        batches buffered ahead per process
+A data config is an `ml_collections.ConfigDict`; `DATA_KEYS` lists every key with its type, default and
+meaning (`base_data_config()` builds the defaults from it). `name` selects the data set: one of
+`PRESETS` (`default_data_config(name)` fills the other keys) or "custom" (the other keys say where the
+data are); a preset name on a config whose source is not the preset's is refused.
 
 Sources:
     sklearn_digits  the 8x8 digits shipped in scikit-learn (1797 images, split "train" only)
@@ -31,6 +13,9 @@ Sources:
     image_folder    directory of [<split>/]<class>/<image>
     tfds            a data set already prepared by TFDS in array_record format in data_dir
     toy             2-D toy distributions: sampled by `diffjax.data.toy`, not by this image pipeline
+
+The project's shared data sets (mnist.npz, cifar10-jpeg.tar) are looked up in this order:
+$DIFFJAX_SHARED_DATA, then shared/data and ../shared/data relative to the working directory.
 """
 
 from __future__ import annotations
@@ -40,65 +25,66 @@ from pathlib import Path
 
 import ml_collections
 
+from diffjax.validation import check_choice
+
 SOURCES = ("sklearn_digits", "npz", "idx", "image_tar", "image_folder", "tfds", "toy")
 FILE_SOURCES = ("npz", "idx", "image_tar", "image_folder")
 RESIZE_METHODS = ("none", "nearest", "bilinear", "bicubic", "box", "lanczos")
 PRESETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+CUSTOM = "custom"  # data.name of a data set described by its keys, not a preset
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+SHARED_DATA_ENV = "DIFFJAX_SHARED_DATA"
+SHARED_DATA_CANDIDATES = ("shared/data", "../shared/data")  # relative to the working directory
 
-_TYPES = {
-    "name": str,
-    "source": str,
-    "path": str,
-    "tfds_name": str,
-    "data_dir": str,
-    "image_key": str,
-    "label_key": str,
-    "image_size": int,
-    "channels": int,
-    "resize_method": str,
-    "center_crop": bool,
-    "random_flip": bool,
-    "dequantize": bool,
-    "num_classes": int,
-    "in_memory": bool,
-    "worker_count": int,
-    "num_threads": int,
-    "prefetch": int,
+# key: (type, default, meaning)
+DATA_KEYS = {
+    "name": (str, CUSTOM, f"the data set: a preset {PRESETS} or 'custom' (described by the other keys)"),
+    "source": (str, "npz", f"where the images come from: one of {SOURCES}"),
+    "path": (str, "", "file or directory of a local source (relative paths: to the working directory)"),
+    "tfds_name": (str, "", "prepared TFDS data set for source 'tfds', e.g. 'mnist', 'cifar10:3.0.2'"),
+    "data_dir": (str, "", "TFDS data directory ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)"),
+    "image_key": (str, "image", "feature holding the image in TFDS records"),
+    "label_key": (str, "label", "feature holding the class label ('' = unlabelled, labels are 0)"),
+    "image_size": (int, 32, "output height = width"),
+    "channels": (int, 3, "1 (grayscale) or 3 (RGB); archives are converted to it"),
+    "resize_method": (str, "none", f"'none' (images already image_size) or a PIL filter {RESIZE_METHODS[1:]}"),
+    "center_crop": (bool, False, "crop the largest centred square before resizing"),
+    "random_flip": (bool, False, "random horizontal flip, p = 1/2 per example"),
+    "dequantize": (bool, False, "uniform dequantization (x + u) / 256, u ~ U[0, 1), instead of x / 255"),
+    "num_classes": (int, 10, "classes in the data (checked), or 0 to ignore labels"),
+    "in_memory": (bool, False, "decode the whole split once into RAM (arrays then need no preparation)"),
+    "worker_count": (int, 0, "grain worker processes (0: decode in the training process, in threads)"),
+    "num_threads": (int, 2, "reader threads per process"),
+    "prefetch": (int, 4, "batches buffered ahead per process"),
 }
+_TYPES = {key: kind for key, (kind, _, _) in DATA_KEYS.items()}
 
 
 def shared_data_dir() -> Path:
-    """The project's shared real data: $DIFFJAX_SHARED_DATA, else <repo>/../shared/data."""
-    if os.environ.get("DIFFJAX_SHARED_DATA"):
-        return Path(os.environ["DIFFJAX_SHARED_DATA"])
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """The project's shared real data: $DIFFJAX_SHARED_DATA if set, else the first of shared/data and
+    ../shared/data (relative to the working directory) that exists, else ../shared/data."""
+    if os.environ.get(SHARED_DATA_ENV):
+        return Path(os.path.abspath(os.path.expanduser(os.environ[SHARED_DATA_ENV])))
+    candidates = [Path(os.path.abspath(c)) for c in SHARED_DATA_CANDIDATES]
+    return next((c for c in candidates if c.is_dir()), candidates[-1])
 
 
 def base_data_config() -> ml_collections.ConfigDict:
     """Every key with its default (a labelled 32x32 RGB set with no augmentation)."""
-    return ml_collections.ConfigDict(
-        dict(
-            name="custom",
-            source="npz",
-            path="",
-            tfds_name="",
-            data_dir="",
-            image_key="image",
-            label_key="label",
-            image_size=32,
-            channels=3,
-            resize_method="none",
-            center_crop=False,
-            random_flip=False,
-            dequantize=False,
-            num_classes=10,
-            in_memory=False,
-            worker_count=0,
-            num_threads=2,
-            prefetch=4,
-        )
-    )
+    return ml_collections.ConfigDict({key: default for key, (_, default, _) in DATA_KEYS.items()})
+
+
+def _preset_keys(name: str) -> dict:
+    shared = shared_data_dir()
+    return {
+        "digits": dict(source="sklearn_digits", image_size=16, channels=1, resize_method="bilinear", in_memory=True),
+        "mnist": dict(source="npz", path=str(shared / "mnist.npz"), tfds_name="mnist", image_size=28, channels=1,
+                      in_memory=True),
+        "fashion_mnist": dict(source="idx", path=FASHION_MNIST_DIR, tfds_name="fashion_mnist", image_size=28,
+                              channels=1, in_memory=True),
+        "cifar10": dict(source="image_tar", path=str(shared / "cifar10-jpeg.tar"), tfds_name="cifar10",
+                        image_size=32, channels=3, random_flip=True),
+    }[name]
 
 
 def default_data_config(name: str) -> ml_collections.ConfigDict:
@@ -106,27 +92,15 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
 
     digits: scikit-learn's 8x8 digits upscaled (bilinear) to 16x16, 1797 images, in memory; the default
       offline data set of the project.
-    mnist: ../shared/data/mnist.npz (set source="tfds" to read a prepared TFDS "mnist" instead).
+    mnist: mnist.npz in the shared data directory (set source="tfds" to read a prepared TFDS "mnist").
     fashion_mnist: the idx files of the Debian package dataset-fashion-mnist (or TFDS "fashion_mnist").
-    cifar10: ../shared/data/cifar10-jpeg.tar, JPEG decoded on the fly, random flips (or TFDS "cifar10").
+    cifar10: cifar10-jpeg.tar in the shared data directory, JPEG decoded on the fly, random flips (or
+      TFDS "cifar10").
     """
-    config = base_data_config()
-    shared = shared_data_dir()
-    if name == "digits":
-        config.update(source="sklearn_digits", image_size=16, channels=1, resize_method="bilinear",
-                      in_memory=True)
-    elif name == "mnist":
-        config.update(source="npz", path=str(shared / "mnist.npz"), tfds_name="mnist", image_size=28,
-                      channels=1, in_memory=True)
-    elif name == "fashion_mnist":
-        config.update(source="idx", path=FASHION_MNIST_DIR, tfds_name="fashion_mnist", image_size=28,
-                      channels=1, in_memory=True)
-    elif name == "cifar10":
-        config.update(source="image_tar", path=str(shared / "cifar10-jpeg.tar"), tfds_name="cifar10",
-                      image_size=32, channels=3, random_flip=True)
-    else:
+    if name not in PRESETS:
         raise ValueError(f"unknown data preset {name!r}; presets are {PRESETS}")
-    config.name = name
+    config = base_data_config()
+    config.update(name=name, **_preset_keys(name))
     return config
 
 
@@ -134,9 +108,23 @@ def _missing_path_hint(path: str) -> str:
     if path.startswith(FASHION_MNIST_DIR):
         return " Install it with `apt-get install -y dataset-fashion-mnist`, or set source='tfds'."
     if str(shared_data_dir()) in path:
-        return (" The project's shared data sets live in ../shared/data (see its README.md; override the "
-                "location with $DIFFJAX_SHARED_DATA), or set source='tfds' to read a prepared TFDS copy.")
+        return (f" The project's shared data sets live in ${SHARED_DATA_ENV}, else shared/data or ../shared/data "
+                "relative to the working directory (see its README.md), or set source='tfds' to read a prepared "
+                "TFDS copy.")
     return ""
+
+
+def _check_name(c: ml_collections.ConfigDict) -> None:
+    """`name` is a preset or "custom"; a preset's data come from its own source (or a TFDS copy)."""
+    check_choice("data.name", c.name, PRESETS + (CUSTOM,))
+    if c.name in PRESETS:
+        source = _preset_keys(c.name)["source"]
+        if c.source not in (source, "tfds"):
+            raise ValueError(
+                f"data.name {c.name!r} is a preset read from source {source!r} (or 'tfds'), but data.source is "
+                f"{c.source!r}: start from diffjax.data.default_data_config({c.name!r}) (on the command line "
+                f"--config.data.name={c.name} does), or name a data set described by its keys {CUSTOM!r}"
+            )
 
 
 def validate_data_config(config) -> ml_collections.ConfigDict:
@@ -192,3 +180,4 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"source {c.source!r} needs `path` to be {kind}; {str(path)!r} is not")
     if c.source == "tfds" and not c.tfds_name:
         raise ValueError("source 'tfds' needs `tfds_name` (e.g. 'mnist', 'cifar10'); it is empty")
+    _check_name(c)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+from sklearn.datasets import load_digits
 from tensorflow_datasets.proto import tf_example_pb2
 
 from diffjax.data import builders, formats
@@ -325,8 +326,6 @@ def load_into_memory(source) -> ArraySource:
 
 
 def _digits_source(spec: ImageSpec) -> ArraySource:
-    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     return ArraySource(fit_images(images, spec), digits.target.astype(np.int32))

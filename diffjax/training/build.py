@@ -120,20 +120,13 @@ def _optional(value):
 
 
 def weighting_options(loss_config) -> dict:
-    """The options of the configured weighting, from the flat loss keys."""
-    return {
-        "min_snr": {"gamma": loss_config.min_snr_gamma},
-        "sigmoid": {"bias": loss_config.sigmoid_bias},
-    }.get(loss_config.weighting, {})
+    """The options of the configured weighting ({} = the library defaults)."""
+    return loss_config.weighting_options.to_dict()
 
 
 def time_sampler_options(loss_config) -> dict:
-    """The options of the configured time sampler, from the flat loss keys."""
-    return {
-        "uniform": {"antithetic": loss_config.antithetic},
-        "lognormal": {"mean": loss_config.lognormal_mean, "std": loss_config.lognormal_std},
-        "logit_normal": {"mean": loss_config.logit_normal_mean, "std": loss_config.logit_normal_std},
-    }.get(loss_config.time_sampler, {})
+    """The options of the configured time sampler ({} = the library defaults)."""
+    return loss_config.time_sampler_options.to_dict()
 
 
 def build_loss(config, spec: ModelSpec, process: GaussianProcess) -> Callable:

@@ -1,183 +1,257 @@
-"""The experiment configuration: every key with its default, and validation before any work.
+"""The experiment configuration: every key with its default and meaning, validation before any work,
+and the command line's overrides.
 
 An experiment is one `ml_collections.ConfigDict` (configs/*.py return one from `get_config()`).
-`base_config()` lists every key the library reads; `validate_config` rejects unknown keys and bad
-values with a message naming the key, the value and what is allowed, before anything is built or
-compiled. Free-form sub-dicts (process.options, model.overrides, loss.*_options,
-sample.solver_options) are checked by the functions that consume them, also up front.
+`CONFIG_KEYS` lists every key the library reads with its default and a one-line meaning;
+`base_config()` builds the defaults from it. `validate_config` rejects unknown keys and bad values with
+a one-line message naming the key, the value and what is allowed (for a misspelt key, the nearest
+valid one), before anything is built or compiled.
+
+Option dicts (process.options, model.overrides, loss.*_options, sample.solver_options,
+sample.grid_options) hold only what differs from the library's defaults, which live with the objects
+they configure (the process, model preset, solver and grid dataclasses); `{}` means "the library
+default". Their keys are checked against the fields of the object the matching name selects.
+
+On the command line (`apply_overrides`), changing a name that selects an object (process.name,
+model.name, sample.solver, sample.grid, loss.weighting, loss.time_sampler) empties that object's
+option dict first, and `data.name` loads that data preset; the `--config.<dict>.<key>` overrides of
+the same command line are applied after that, whatever their order.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import importlib.util
+import inspect
 import math
 import os
 import shutil
+from typing import Sequence
 
 import ml_collections
 
-from diffjax import losses
+from diffjax import losses, models
+from diffjax.data.config import CUSTOM, DATA_KEYS, PRESETS as DATA_PRESETS, default_data_config
 from diffjax.processes import PROCESSES
-from diffjax.validation import matches_annotation
+from diffjax.samplers import DEFAULT_SOLVER, GRIDS, SOLVERS
 from diffjax.training.sharding import DEFAULT_RULES
+from diffjax.validation import check_choice, check_dataclass_fields, nearest
 
 __all__ = [
-    "base_config",
-    "validate_config",
-    "check_workdir",
-    "check_free_space",
-    "process_options",
-    "model_overrides",
+    "CONFIG_KEYS",
     "ConfigError",
     "FREE_FORM_KEYS",
+    "SELECTOR_KEYS",
+    "apply_overrides",
+    "base_config",
+    "check_free_space",
+    "check_workdir",
+    "describe_config",
+    "load_config_file",
+    "model_preset_overrides",
+    "option_fields",
+    "process_options",
+    "split_config_arguments",
+    "validate_config",
 ]
-
-# Sub-dicts whose keys are not fixed by the schema (their consumers validate them).
-FREE_FORM_KEYS = (
-    "process.options",
-    "model.overrides",
-    "sample.solver_options",
-    "sample.grid_options",
-    "mesh.rules",
-)
 
 NONFINITE_POLICIES = ("skip", "stop")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
+LIBRARY_DEFAULT = "(library default)"
 
 
 class ConfigError(ValueError):
     """A configuration key or value that is not allowed."""
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Every configuration key with its default value."""
-    from diffjax.data import base_data_config  # the data sub-config is defined next to its reader
+# key: (default, meaning). A dict default marks an option dict (free-form keys, checked by what they select).
+CONFIG_KEYS = {
+    "seed": (0, "seed of every random stream of the run"),
+    "process.name": ("vp", f"the forward process: one of {sorted(PROCESSES)}"),
+    "process.options": ({}, "options of the process, e.g. beta_max=20.0 ({} = the process's defaults)"),
+    "model.name": ("unet-small", "a preset of diffjax.models (diffjax.models.PRESETS)"),
+    "model.overrides": ({}, "preset fields to change, e.g. model_channels=64 ({} = the preset)"),
+    "model.class_conditional": (False, "condition on the data set's labels (num_classes from the data)"),
+    "loss.prediction": ("eps", f"what the network predicts: one of {list(losses.LOSS_PREDICTIONS)}"),
+    "loss.target": ("", "the regression space ('' = the prediction's own)"),
+    "loss.weighting": ("uniform", f"the loss weighting: one of {list(losses.WEIGHTINGS)}"),
+    "loss.weighting_options": ({}, "options of the weighting, e.g. gamma=5.0 for min_snr ({} = its defaults)"),
+    "loss.time_sampler": ("uniform", f"how training times are drawn: one of {list(losses.TIME_SAMPLERS)}"),
+    "loss.time_sampler_options": ({}, "options of the time sampler, e.g. mean=-1.2 for lognormal ({} = its defaults)"),
+    "loss.sigma_data": (0.5, "data standard deviation of EDM preconditioning and the EDM weighting"),
+    "optim.name": ("adamw", f"the optimizer: one of {list(OPTIMIZERS)}"),
+    "optim.learning_rate": (2e-4, "peak learning rate"),
+    "optim.b1": (0.9, "Adam's first-moment decay"),
+    "optim.b2": (0.999, "Adam's second-moment decay"),
+    "optim.eps": (1e-8, "Adam's epsilon"),
+    "optim.weight_decay": (0.0, "decoupled weight decay (adamw)"),
+    "optim.schedule": ("constant", f"learning-rate schedule after warm-up: one of {list(SCHEDULES)}"),
+    "optim.warmup_steps": (100, "linear warm-up steps"),
+    "optim.min_lr_ratio": (0.0, "cosine decays to learning_rate * min_lr_ratio"),
+    "optim.grad_clip": (1.0, "global-norm gradient clipping; 0 disables"),
+    "train.num_steps": (10_000, "optimizer steps of the run"),
+    "train.batch_size": (128, "global batch size, over all hosts and devices"),
+    "train.ema_decay": (0.999, "decay of the parameters' exponential moving average"),
+    "train.ema_warmup": (True, "EMA decay min(ema_decay, (1 + step) / (10 + step))"),
+    "train.label_dropout": (0.0, "classifier-free guidance training: rate of null labels"),
+    "train.log_every": (50, "steps between metric logs"),
+    "train.checkpoint_every": (1000, "steps between checkpoints"),
+    "train.keep_checkpoints": (3, "checkpoints kept on disk"),
+    "train.sample_every": (0, "steps between sample grids (0: only at the end)"),
+    "train.async_checkpointing": (True, "write checkpoints in the background"),
+    "train.nonfinite_policy": ("skip", f"what a non-finite loss or gradient does: one of {list(NONFINITE_POLICIES)}"),
+    "train.max_consecutive_nonfinite": (10, "'skip' stops after this many non-finite steps in a row"),
+    "train.inject_nonfinite_at": ((), "fault injection for tests: steps whose batch is made NaN"),
+    "train.progress_bar": (True, "show a progress bar"),
+    "sample.solver": ("", f"the sampler: one of {sorted(SOLVERS)} ('' = the library default)"),
+    "sample.steps": (50, "solver steps"),
+    "sample.grid": ("", f"the time grid: one of {sorted(GRIDS)} ('' = the solver's default)"),
+    "sample.num_samples": (64, "images sampled for a grid"),
+    "sample.guidance_scale": (1.0, "classifier-free guidance scale (1 = none)"),
+    "sample.solver_options": ({}, "options of the solver, e.g. eta=0.5 for ddim ({} = its defaults)"),
+    "sample.grid_options": ({}, "options of the grid, e.g. rho=7.0 for karras ({} = its defaults)"),
+    "eval.fid": (True, "FID/KID in --mode eval (needs the Inception weights)"),
+    "eval.num_samples": (1000, "samples for FID/KID, and images of the evaluation split they are compared with"),
+    "eval.batch_size": (256, "batch size of evaluation"),
+    "eval.loss_batches": (20, "batches of the test split for the test loss"),
+    "eval.bits_per_dim_examples": (0, "examples for bits/dim (0 = skip)"),
+    "eval.inception_weights": ("", "path to the FID Inception weights ('' = cache / download)"),
+    "mesh.data": (-1, "data-parallel mesh axis size (-1: all devices not used by the other axes)"),
+    "mesh.fsdp": (1, "fully sharded data-parallel mesh axis size"),
+    "mesh.tensor": (1, "tensor-parallel mesh axis size"),
+    "mesh.rules": (
+        {name: ",".join(axes or ()) for name, axes in DEFAULT_RULES.items()},
+        "logical axis -> mesh axes ('' = replicated), e.g. --config.mesh.rules.embed=tensor",
+    ),
+    **{f"data.{key}": (default, meaning) for key, (_, default, meaning) in DATA_KEYS.items()},
+}
 
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+FREE_FORM_KEYS = tuple(key for key, (default, _) in CONFIG_KEYS.items() if isinstance(default, dict))
 
-    c.process = ml_collections.ConfigDict()
-    c.process.name = "vp"  # one of diffjax.processes.PROCESSES
-    c.process.options = ml_collections.ConfigDict()  # e.g. beta_max=20.0; ddpm: num_steps, beta_start, beta_end
+# name key -> the option dict it empties when the command line changes it ("data" is replaced by the preset)
+SELECTOR_KEYS = {
+    "data.name": "data",
+    "process.name": "process.options",
+    "model.name": "model.overrides",
+    "loss.weighting": "loss.weighting_options",
+    "loss.time_sampler": "loss.time_sampler_options",
+    "sample.solver": "sample.solver_options",
+    "sample.grid": "sample.grid_options",
+}
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "unet-small"  # a preset of diffjax.models.create
-    c.model.overrides = ml_collections.ConfigDict()  # preset fields, e.g. model_channels=64
-    c.model.class_conditional = False  # condition on the data set's labels (num_classes from the data)
-
-    c.loss = ml_collections.ConfigDict()
-    c.loss.prediction = "eps"  # eps | x0 | v | score | flow | edm
-    c.loss.target = ""  # "" = the prediction's own space
-    c.loss.weighting = "uniform"
-    c.loss.time_sampler = "uniform"
-    c.loss.sigma_data = 0.5
-    c.loss.min_snr_gamma = 5.0  # weighting "min_snr"
-    c.loss.sigmoid_bias = 2.0  # weighting "sigmoid"
-    c.loss.antithetic = False  # time sampler "uniform"
-    c.loss.lognormal_mean = -1.2  # time sampler "lognormal" (EDM's P_mean, P_std)
-    c.loss.lognormal_std = 1.2
-    c.loss.logit_normal_mean = 0.0  # time sampler "logit_normal"
-    c.loss.logit_normal_std = 1.0
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"
-    c.optim.learning_rate = 2e-4
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.0
-    c.optim.schedule = "constant"  # constant | cosine (after warm-up)
-    c.optim.warmup_steps = 100
-    c.optim.min_lr_ratio = 0.0  # cosine decays to learning_rate * min_lr_ratio
-    c.optim.grad_clip = 1.0  # global-norm clipping; 0 disables
-
-    c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 10_000
-    c.train.batch_size = 128  # global, over all hosts and devices
-    c.train.ema_decay = 0.999
-    c.train.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step))
-    c.train.label_dropout = 0.0  # classifier-free guidance training: rate of null labels
-    c.train.log_every = 50
-    c.train.checkpoint_every = 1000
-    c.train.keep_checkpoints = 3
-    c.train.sample_every = 0  # 0: sample grids only at the end
-    c.train.async_checkpointing = True
-    c.train.nonfinite_policy = "skip"  # skip | stop: what a non-finite loss or gradient does
-    c.train.max_consecutive_nonfinite = 10  # "skip" stops after this many in a row
-    c.train.inject_nonfinite_at = ()  # fault injection for tests: steps whose batch is made NaN
-    c.train.progress_bar = True
-
-    c.sample = ml_collections.ConfigDict()
-    c.sample.solver = ""  # "" = the library default
-    c.sample.steps = 50
-    c.sample.grid = ""  # "" = the library default
-    c.sample.num_samples = 64
-    c.sample.guidance_scale = 1.0  # classifier-free guidance scale (1 = none)
-    c.sample.solver_options = ml_collections.ConfigDict()
-    c.sample.grid_options = ml_collections.ConfigDict()
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.fid = True  # FID/KID in --mode eval (needs the Inception weights)
-    c.eval.num_samples = 1000  # samples for FID/KID, and images of the evaluation split they are compared with
-    c.eval.batch_size = 256
-    c.eval.loss_batches = 20  # batches of the test split for the test loss
-    c.eval.bits_per_dim_examples = 0  # 0 = skip bits/dim
-    c.eval.inception_weights = ""  # path to the FID Inception weights; "" = cache / download
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1: all devices not used by the other axes
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    # logical axis -> mesh axes ("" = replicated), e.g. --config.mesh.rules.embed=tensor
-    c.mesh.rules = ml_collections.ConfigDict(
-        {name: ",".join(axes or ()) for name, axes in DEFAULT_RULES.items()}
-    )
-
-    c.data = base_data_config()
-    return c
-
-
-def process_options(name: str, **changes) -> ml_collections.ConfigDict:
-    """Every option of process `name` with its default (so each can be overridden from the
-    command line), updated with `changes`."""
-    import dataclasses
-
-    if name not in PROCESSES:
-        raise ConfigError(f"unknown process {name!r}; known processes: {sorted(PROCESSES)}")
-    if name == "ddpm":
-        options = {"beta_start": 1e-4, "beta_end": 0.02, "num_steps": 1000}
-    else:
-        options = {f.name: f.default for f in dataclasses.fields(PROCESSES[name])}
-    unknown = set(changes) - set(options)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)} for process {name!r}; allowed: {sorted(options)}")
-    return ml_collections.ConfigDict({**options, **changes})
-
-
+# Options of the "ddpm" process (a DiscreteVP made from linear betas by get_process).
+DDPM_OPTIONS = {"beta_start": 1e-4, "beta_end": 0.02, "num_steps": 1000}
 # Model fields that come from the data set (image size, channels, classes), not the config.
 DATA_DERIVED_MODEL_FIELDS = ("image_size", "in_channels", "num_classes")
 
 
-def model_overrides(name: str, **changes) -> ml_collections.ConfigDict:
-    """Every field of model preset `name` except the data-derived ones, updated with `changes`:
-    a config that starts from this can override any model field from the command line.
-    Data-derived fields (image_size, in_channels, num_classes) may be given to validate the
-    others against them (e.g. attention resolutions); they are left out of the result."""
-    import dataclasses
+def _set_path(config: ml_collections.ConfigDict, key: str, value) -> None:
+    *sections, leaf = key.split(".")
+    for section in sections:
+        if section not in config:
+            config[section] = ml_collections.ConfigDict()
+        config = config[section]
+    config[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
 
-    from diffjax import models
 
+def _get_path(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every configuration key with its default value (see CONFIG_KEYS)."""
+    config = ml_collections.ConfigDict()
+    for key, (default, _) in CONFIG_KEYS.items():
+        _set_path(config, key, copy.deepcopy(default))
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# option dicts
+# ------------------------------------------------------------------------------------------------
+
+
+def process_options(name: str, **changes) -> ml_collections.ConfigDict:
+    """The options of process `name` that differ from its defaults, checked against its fields."""
     try:
-        preset = models.get_config(name, **changes)
+        check_choice("process", name, PROCESSES)
+        _check_options(_process_fields(name), changes, f"process {name!r}")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    return ml_collections.ConfigDict(changes)
+
+
+def model_preset_overrides(name: str, **changes) -> ml_collections.ConfigDict:
+    """The fields of model preset `name` to change, checked by building the preset's config with them.
+    Data-derived fields (image_size, in_channels, num_classes) may be given to validate the others
+    against them (e.g. attention resolutions); they are left out of the result (the data set them)."""
+    try:
+        models.get_config(name, **changes)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model preset {name!r}: {err}") from err
-    fields = {
-        f.name: getattr(preset, f.name)
-        for f in dataclasses.fields(preset)
-        if f.name not in DATA_DERIVED_MODEL_FIELDS
-    }
-    return ml_collections.ConfigDict(fields)
+    return ml_collections.ConfigDict({k: v for k, v in changes.items() if k not in DATA_DERIVED_MODEL_FIELDS})
+
+
+def _process_fields(name: str):
+    return DDPM_OPTIONS if name == "ddpm" else PROCESSES[name]
+
+
+def _grid_fields(name: str):
+    """The grid's option dataclass, or (a grid function) its keyword options with their defaults."""
+    grid = GRIDS[name]
+    if dataclasses.is_dataclass(grid):
+        return grid
+    parameters = list(inspect.signature(grid).parameters.values())[4:]  # after (process, steps, t_min, t_max)
+    return {p.name: p.default for p in parameters}
+
+
+def _check_options(fields, options: dict, what: str) -> None:
+    """Option names (and types, for a dataclass) against `fields`: a dataclass or a dict of defaults."""
+    if dataclasses.is_dataclass(fields):
+        check_dataclass_fields(fields, options, what)
+        return
+    for key in options:
+        if key not in fields:
+            hint = nearest(key, fields)
+            suggestion = f" (did you mean {hint!r}?)" if hint else ""
+            raise ValueError(f"unknown option {key!r} for {what}{suggestion}; allowed: {sorted(fields) or 'none'}")
+
+
+def _selected(config, key: str) -> tuple[str, object] | None:
+    """(what, fields) for the option dict `key` under the names the config selects; None if unchecked."""
+    if key == "process.options":
+        return f"process {config.process.name!r}", _process_fields(config.process.name)
+    if key == "model.overrides":
+        return f"model preset {config.model.name!r}", type(models.PRESETS[config.model.name])
+    if key == "sample.solver_options":
+        solver = config.sample.solver or DEFAULT_SOLVER
+        return f"solver {solver!r}", SOLVERS[solver]
+    if key == "sample.grid_options":
+        grid = config.sample.grid or SOLVERS[config.sample.solver or DEFAULT_SOLVER].default_grid
+        return f"grid {grid!r}", _grid_fields(grid)
+    return None  # loss options: denoising_loss checks them; mesh.rules: checked below
+
+
+def option_fields(config, key: str) -> dict:
+    """The options the option dict `key` allows under the config's names, with their defaults
+    (LIBRARY_DEFAULT where the default is not a plain value); {} when not known here."""
+    selected = _selected(config, key)
+    if selected is None:
+        return {}
+    _, fields = selected
+    if isinstance(fields, dict):
+        return dict(fields)
+    if isinstance(fields, type) and key == "model.overrides":
+        preset = models.PRESETS[config.model.name]
+        return {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)
+                if f.name not in DATA_DERIVED_MODEL_FIELDS}
+    return {f.name: f.default if f.default is not dataclasses.MISSING else LIBRARY_DEFAULT
+            for f in dataclasses.fields(fields) if f.init}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,20 +270,27 @@ def _flatten_keys(config, prefix=""):
     return keys
 
 
+def _unknown_key_message(key: str, known: Sequence[str]) -> str:
+    """'unknown config key ...; allowed keys in <section>: [...]; did you mean ...?' for the first part
+    of `key` that is not in the schema `known` (dotted keys)."""
+    parts = key.split(".")
+    for depth in range(len(parts)):
+        section = ".".join(parts[:depth])
+        prefix = section + "." if section else ""
+        children = sorted({k[len(prefix):].split(".")[0] for k in known if k.startswith(prefix)})
+        if parts[depth] not in children:
+            break
+    hint = nearest(parts[depth], children)
+    suggestion = f"; did you mean {'.'.join(parts[:depth] + [hint] + parts[depth + 1:])!r}?" if hint else ""
+    return f"unknown config key {key!r}; allowed keys in {section or 'the top level'}: {children}{suggestion}"
+
+
 def _check_known_keys(config) -> None:
-    allowed = _flatten_keys(base_config())
-    given = _flatten_keys(config)
-    unknown = sorted(set(given) - set(allowed))
+    known = list(CONFIG_KEYS)
+    unknown = sorted(set(_flatten_keys(config)) - set(known))
     if unknown:
-        key = unknown[0]
-        section = key.rsplit(".", 1)[0] if "." in key else ""
-        siblings = sorted(k.rsplit(".", 1)[-1] for k in allowed if k.startswith(section + ".")) if section else sorted(
-            k for k in allowed if "." not in k
-        )
-        raise ConfigError(
-            f"unknown config key {key!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-            + f"; allowed keys in {section or 'the top level'}: {siblings}"
-        )
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(_unknown_key_message(unknown[0], known) + more)
 
 
 def _require(condition: bool, key: str, value, allowed: str) -> None:
@@ -229,29 +310,42 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate_config(config) -> None:
-    """Raise ConfigError for unknown keys or bad values (cheap: nothing is built or compiled)."""
-    _check_known_keys(config)
-    from diffjax.models import PRESETS as MODEL_PRESETS
-
+def _check_option_dicts(config) -> None:
     for key in FREE_FORM_KEYS:
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = _get_path(config, key)
         _require(isinstance(value, (dict, ml_collections.ConfigDict)), key, value, "a dict of options")
     _require(all(isinstance(v, str) for v in config.mesh.rules.values()), "mesh.rules", dict(config.mesh.rules),
              "mesh axis names as strings, e.g. 'fsdp' or 'data,fsdp'")
+    for key in FREE_FORM_KEYS:
+        selected = _selected(config, key)
+        if selected is None:
+            continue
+        what, fields = selected
+        try:
+            _check_options(fields, dict(_get_path(config, key)), what)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"config.{key}: {err}") from err
+
+
+def validate_config(config) -> None:
+    """Raise ConfigError for unknown keys or bad values (cheap: nothing is built or compiled)."""
+    _check_known_keys(config)
     _require(_int(config.seed) and abs(config.seed) < 2**63, "seed", config.seed, "an int")
     _require(isinstance(config.process.name, str) and config.process.name in PROCESSES, "process.name",
              config.process.name, f"one of {sorted(PROCESSES)}")
-    _require(isinstance(config.model.name, str) and config.model.name in MODEL_PRESETS, "model.name",
-             config.model.name, f"one of {list(MODEL_PRESETS)}")
+    _require(isinstance(config.model.name, str) and config.model.name in models.PRESETS, "model.name",
+             config.model.name, f"one of {list(models.PRESETS)}")
     _require(isinstance(config.model.class_conditional, bool), "model.class_conditional",
              config.model.class_conditional, "True or False")
-    fields = {f.name: f.type for f in dataclasses.fields(MODEL_PRESETS[config.model.name])}
-    for key, value in config.model.overrides.items():  # unknown keys: the model lists the allowed ones
-        if key in fields:
-            _require(matches_annotation(fields[key], value), f"model.overrides.{key}", value, f"a {fields[key]}")
+    sample = config.sample
+    for key, table in (("solver", SOLVERS), ("grid", GRIDS)):
+        _require(isinstance(sample[key], str), f"sample.{key}", sample[key], "a name ('' = the library default)")
+        try:
+            if sample[key]:
+                check_choice(key, sample[key], table)
+        except ValueError as err:
+            raise ConfigError(f"config.sample: {err}") from err
+    _check_option_dicts(config)
 
     loss = config.loss
     _require(loss.prediction in losses.LOSS_PREDICTIONS, "loss.prediction", loss.prediction,
@@ -260,11 +354,8 @@ def validate_config(config) -> None:
     _require(loss.weighting in losses.WEIGHTINGS, "loss.weighting", loss.weighting, f"one of {list(losses.WEIGHTINGS)}")
     _require(loss.time_sampler in losses.TIME_SAMPLERS, "loss.time_sampler", loss.time_sampler,
              f"one of {list(losses.TIME_SAMPLERS)}")
-    for key in ("sigma_data", "min_snr_gamma", "lognormal_std", "logit_normal_std"):
-        _require(_finite_number(loss[key]) and loss[key] > 0, f"loss.{key}", loss[key], "a positive number")
-    for key in ("sigmoid_bias", "lognormal_mean", "logit_normal_mean"):
-        _require(_finite_number(loss[key]), f"loss.{key}", loss[key], "a finite number")
-    _require(isinstance(loss.antithetic, bool), "loss.antithetic", loss.antithetic, "True or False")
+    _require(_finite_number(loss.sigma_data) and loss.sigma_data > 0, "loss.sigma_data", loss.sigma_data,
+             "a positive number")
 
     optim = config.optim
     _require(optim.name in OPTIMIZERS, "optim.name", optim.name, f"one of {list(OPTIMIZERS)}")
@@ -302,9 +393,6 @@ def validate_config(config) -> None:
     _require(train.nonfinite_policy in NONFINITE_POLICIES, "train.nonfinite_policy", train.nonfinite_policy,
              f"one of {list(NONFINITE_POLICIES)}")
 
-    sample = config.sample
-    for key in ("solver", "grid"):
-        _require(isinstance(sample[key], str), f"sample.{key}", sample[key], "a name ('' = the library default)")
     _require(_positive_int(sample.steps), "sample.steps", sample.steps, "a positive int")
     _require(_positive_int(sample.num_samples), "sample.num_samples", sample.num_samples, "a positive int")
     _require(_finite_number(sample.guidance_scale) and sample.guidance_scale >= 0, "sample.guidance_scale",
@@ -324,6 +412,170 @@ def validate_config(config) -> None:
                  "a positive int or -1 (the remaining devices)")
     _require(sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1, "mesh", dict(config.mesh),
              "at most one axis set to -1")
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the Python file `spec` ("path" or "path:argument", passed to get_config)."""
+    path, _, argument = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (relative paths: to the working directory)")
+    module_spec = importlib.util.spec_from_file_location(f"diffjax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config file {path!r} defines no get_config()")
+    return module.get_config(argument) if argument else module.get_config()
+
+
+def split_config_arguments(argv: Sequence[str], name: str = "config") -> tuple[list[str], list[tuple[str, str]]]:
+    """(the other arguments, [(key, text), ...]) from `--<name>.<key>=<text>`, `--<name>.<key> <text>`,
+    `--<name>.<key>` (= true) and `--no<name>.<key>` (= false) arguments, in command-line order."""
+    rest, overrides = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        stripped = arg.lstrip("-")
+        negated = stripped.startswith(f"no{name}.")
+        if arg.startswith("-") and (stripped.startswith(f"{name}.") or negated):
+            key, has_value, text = stripped[len(f"no{name}.") if negated else len(f"{name}."):].partition("=")
+            if negated:
+                text = "false"
+            elif not has_value:
+                follows = i + 1 < len(args) and not args[i + 1].startswith("--")
+                text = args[i + 1] if follows else "true"
+                i += follows
+            overrides.append((key, text))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _literal(text: str):
+    if text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string
+
+
+def _parse_value(key: str, text: str, current):
+    """`text` as a value of `current`'s type (a new option key: a Python literal, else the string)."""
+    if isinstance(current, str):
+        return text
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        _require(lowered in ("true", "false", "1", "0"), key, text, "true or false")
+        return lowered in ("true", "1")
+    value = _literal(text)
+    if isinstance(current, int):
+        _require(_int(value), key, text, "an int")
+    elif isinstance(current, float):
+        _require(_finite_number(value), key, text, "a number")
+        value = float(value)
+    elif isinstance(current, (tuple, list)):
+        value = value if isinstance(value, (tuple, list)) else (value,)
+        value = tuple(value)
+    return value
+
+
+def _parse_option(key: str, text: str, current):
+    """An option's text: like the value it replaces or defaults to; otherwise a Python literal (the
+    option dict's consumer checks its type)."""
+    if current is None or current == LIBRARY_DEFAULT:
+        return _literal(text)
+    if isinstance(current, (str, bool, tuple, list)):
+        return _parse_value(key, text, current)
+    value = _literal(text)
+    return float(value) if isinstance(current, float) and _int(value) else value
+
+
+def _check_override_key(config, key: str) -> None:
+    """The key names a leaf of the config, or an option in one of its option dicts."""
+    known = list(_flatten_keys(config))
+    option_dict = key.rsplit(".", 1)[0]
+    if key in known and not isinstance(_get_path(config, key), ml_collections.ConfigDict):
+        return
+    if option_dict in FREE_FORM_KEYS:
+        return
+    if key in known:  # a section or an option dict as a whole
+        raise ConfigError(f"config.{key} is a group of keys; set its keys, e.g. --config.{key}.<key>=<value>")
+    raise ConfigError(_unknown_key_message(key, known))
+
+
+def _select(config, key: str, text: str) -> None:
+    """Change a name that selects an object: reset what belongs to the old one."""
+    value = text
+    if value == _get_path(config, key):
+        return
+    if key == "data.name":
+        try:
+            check_choice("data.name", value, DATA_PRESETS + (CUSTOM,))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if value in DATA_PRESETS:
+            config.data = default_data_config(value)
+        config.data.name = value
+        return
+    _set_path(config, key, value)
+    _set_path(config, SELECTOR_KEYS[key], {})
+
+
+def apply_overrides(config, overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
+    """A copy of `config` with command-line overrides [(key, text), ...] applied.
+
+    Names that select an object (SELECTOR_KEYS) are applied first and reset their option dict (data.name
+    loads the data preset); then the other keys in order, each text parsed as the type of the value it
+    replaces (a new option: a Python literal, else a string). Unknown keys raise ConfigError naming the
+    nearest valid key; the option keys themselves are checked by validate_config.
+    """
+    config = copy.deepcopy(config)
+    for key, _ in overrides:
+        _check_override_key(config, key)
+    for key, text in overrides:
+        if key in SELECTOR_KEYS:
+            _select(config, key, text)
+    for key, text in overrides:
+        if key in SELECTOR_KEYS:
+            continue
+        option_dict, _, option = key.rpartition(".")
+        if option_dict in FREE_FORM_KEYS:
+            options = _get_path(config, option_dict)
+            current = options[option] if option in options else option_fields(config, option_dict).get(option)
+            options[option] = _parse_option(key, text, current)
+        else:
+            _set_path(config, key, _parse_value(key, text, _get_path(config, key)))
+    return config
+
+
+def describe_config(config) -> str:
+    """Every key with its value and meaning, one per line; option dicts list the options that their
+    object allows, with the library default where none is set."""
+    lines = []
+    values = _flatten_keys(config)
+    for key in sorted(values, key=lambda k: (list(CONFIG_KEYS).index(k) if k in CONFIG_KEYS else len(CONFIG_KEYS), k)):
+        value = values[key]
+        meaning = CONFIG_KEYS.get(key, (None, ""))[1]
+        if key not in FREE_FORM_KEYS:
+            lines.append(f"{key} = {value!r}  # {meaning}")
+            continue
+        lines.append(f"{key}  # {meaning}")
+        selected = _selected(config, key)
+        allowed = option_fields(config, key)
+        what = selected[0] if selected else key
+        for option in sorted(set(allowed) | set(value)):
+            if option in value:
+                lines.append(f"{key}.{option} = {value[option]!r}  # set; option of {what}")
+            else:
+                lines.append(f"{key}.{option} = {allowed[option]!r}  # default of {what}")
+    return "\n".join(lines)
 
 
 def check_workdir(workdir: str) -> str:

@@ -43,7 +43,7 @@ from diffjax import models  # noqa: E402
 from diffjax.training import loop  # noqa: E402
 from diffjax.training import sharding as shard_lib  # noqa: E402
 from diffjax.training.build import build_loss, model_overrides as run_model_overrides  # noqa: E402
-from diffjax.training.config import model_overrides  # noqa: E402
+from diffjax.training.config import model_preset_overrides  # noqa: E402
 from experiments.benchmarks.common import environment, markdown_table, write_results  # noqa: E402
 
 DEFAULT_PRESETS = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2", "DDPM++-cifar10", "NCSN++-cifar10",
@@ -92,7 +92,7 @@ def benchmark_config(preset: str, batch: int, dtype: str, remat: str, scan_layer
     config = config_for(preset)
     extra = {"scan_layers": scan_layers} if preset.startswith("DiT-") else {}
     config.model.name = preset
-    config.model.overrides = model_overrides(preset, dtype=dtype, remat=remat, **extra)
+    config.model.overrides = model_preset_overrides(preset, dtype=dtype, remat=remat, **extra)
     config.train.batch_size = config.sample.num_samples = config.eval.batch_size = batch
     config.train.async_checkpointing = False
     return config
