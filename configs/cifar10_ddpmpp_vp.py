@@ -20,7 +20,7 @@ def get_config():
     config.process.name = "vp"
     config.process.options = process_options("vp", beta_min=0.1, beta_max=20.0)
     config.loss.prediction = "eps"
-    config.loss.weighting = "uniform"
+    config.loss.weighting = "constant"
     config.loss.time_sampler = "uniform"
 
     config.model.name = MODEL

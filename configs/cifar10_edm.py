@@ -29,8 +29,8 @@ def get_config():
 
     config.process.name = "edm"
     config.process.options = process_options("edm", sigma_min=0.002, sigma_max=80.0)
-    config.loss.prediction = "edm"
-    config.loss.weighting = "uniform"
+    config.loss.prediction = "edm_preconditioned"
+    config.loss.weighting = "constant"
     config.loss.time_sampler = "lognormal"
     config.loss.sigma_data = 0.5
 

@@ -28,7 +28,7 @@ def get_config():
     config.process.name = "ve"
     config.process.options = process_options("ve", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
     config.loss.prediction = "eps"
-    config.loss.weighting = "uniform"
+    config.loss.weighting = "constant"
     config.loss.time_sampler = "uniform"
 
     config.model.name = MODEL

@@ -31,7 +31,7 @@ def get_config():
     config.process.name = "ddpm"
     config.process.options = process_options("ddpm", beta_start=1e-4, beta_end=0.02, num_steps=1000)
     config.loss.prediction = "eps"
-    config.loss.weighting = "uniform"
+    config.loss.weighting = "constant"
     config.loss.time_sampler = "uniform"
 
     config.model.name = MODEL

@@ -33,6 +33,7 @@ from typing import Sequence
 import ml_collections
 
 from diffjax import losses, models
+from diffjax.denoisers import PRECONDITIONED, PREDICTIONS
 from diffjax.data.config import CUSTOM, DATA_KEYS, PRESETS as DATA_PRESETS, default_data_config
 from diffjax.processes import PROCESSES
 from diffjax.samplers import DEFAULT_SOLVER, GRIDS, SOLVERS
@@ -61,6 +62,8 @@ NONFINITE_POLICIES = ("skip", "stop")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 LIBRARY_DEFAULT = "(library default)"
+# What config.loss.prediction / loss.target may name: a network view, or a preconditioned raw network.
+LOSS_PREDICTIONS = PREDICTIONS + tuple(PRECONDITIONED)
 
 
 class ConfigError(ValueError):
@@ -75,9 +78,9 @@ CONFIG_KEYS = {
     "model.name": ("unet-small", "a preset of diffjax.models (diffjax.models.PRESETS)"),
     "model.overrides": ({}, "preset fields to change, e.g. model_channels=64 ({} = the preset)"),
     "model.class_conditional": (False, "condition on the data set's labels (num_classes from the data)"),
-    "loss.prediction": ("eps", f"what the network predicts: one of {list(losses.LOSS_PREDICTIONS)}"),
+    "loss.prediction": ("eps", f"what the network predicts: one of {list(LOSS_PREDICTIONS)}"),
     "loss.target": ("", "the regression space ('' = the prediction's own)"),
-    "loss.weighting": ("uniform", f"the loss weighting: one of {list(losses.WEIGHTINGS)}"),
+    "loss.weighting": ("constant", f"the loss weighting: one of {list(losses.WEIGHTINGS)}"),
     "loss.weighting_options": ({}, "options of the weighting, e.g. gamma=5.0 for min_snr ({} = its defaults)"),
     "loss.time_sampler": ("uniform", f"how training times are drawn: one of {list(losses.TIME_SAMPLERS)}"),
     "loss.time_sampler_options": ({}, "options of the time sampler, e.g. mean=-1.2 for lognormal ({} = its defaults)"),
@@ -234,7 +237,11 @@ def _selected(config, key: str) -> tuple[str, object] | None:
     if key == "sample.grid_options":
         grid = config.sample.grid or SOLVERS[config.sample.solver or DEFAULT_SOLVER].default_grid
         return f"grid {grid!r}", _grid_fields(grid)
-    return None  # loss options: denoising_loss checks them; mesh.rules: checked below
+    if key == "loss.weighting_options" and config.loss.weighting in losses.WEIGHTINGS:
+        return f"weighting {config.loss.weighting!r}", losses.WEIGHTINGS[config.loss.weighting]
+    if key == "loss.time_sampler_options" and config.loss.time_sampler in losses.TIME_SAMPLERS:
+        return f"time sampler {config.loss.time_sampler!r}", losses.TIME_SAMPLERS[config.loss.time_sampler]
+    return None  # mesh.rules: checked below
 
 
 def option_fields(config, key: str) -> dict:
@@ -348,12 +355,11 @@ def validate_config(config) -> None:
     _check_option_dicts(config)
 
     loss = config.loss
-    _require(loss.prediction in losses.LOSS_PREDICTIONS, "loss.prediction", loss.prediction,
-             f"one of {list(losses.LOSS_PREDICTIONS)}")
-    _require(loss.target in ("",) + losses.TARGETS, "loss.target", loss.target, f"'' or one of {list(losses.TARGETS)}")
-    _require(loss.weighting in losses.WEIGHTINGS, "loss.weighting", loss.weighting, f"one of {list(losses.WEIGHTINGS)}")
-    _require(loss.time_sampler in losses.TIME_SAMPLERS, "loss.time_sampler", loss.time_sampler,
-             f"one of {list(losses.TIME_SAMPLERS)}")
+    for key, allowed in (("prediction", LOSS_PREDICTIONS), ("target", ("",) + LOSS_PREDICTIONS),
+                         ("weighting", tuple(losses.WEIGHTINGS)), ("time_sampler", tuple(losses.TIME_SAMPLERS))):
+        former = losses.FORMER_NAMES[key].get(loss[key])
+        hint = f"; {loss[key]!r} is now called {former!r}" if former else ""
+        _require(loss[key] in allowed, f"loss.{key}", loss[key], f"one of {list(allowed)}{hint}")
     _require(_finite_number(loss.sigma_data) and loss.sigma_data > 0, "loss.sigma_data", loss.sigma_data,
              "a positive number")
 
