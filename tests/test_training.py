@@ -11,10 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from diffjax.training import ConfigError, make_train_step, train, validate_config
+from diffjax import data as data_lib
+from diffjax.training import ConfigError, CheckpointError, build_run, ema, make_train_step, train, validate_config
 from diffjax.training.checkpoint import Checkpointer
-from diffjax.training.loop import evaluate, prepare_run, sample_from_checkpoint
-from diffjax.training.state import create_train_state
+from diffjax.training.from_config import mesh_from_config
+from diffjax.training.loop import evaluate, sample_from_checkpoint
+from diffjax.training.run import sharded_target
+from diffjax.training.state import create_train_state, stream_id, stream_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,13 +109,17 @@ def test_nonfinite_step_is_skipped_and_counted():
 # ------------------------------------------------------------------------------------------------
 
 
-def restore_final_state(config, workdir):
-    run = prepare_run(config, workdir)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.abstract_state, run.state_sharding
-    )
-    restored = run.checkpointer.restore(target)
-    run.checkpointer.close()
+def built_run(config, devices=None):
+    return build_run(config, data_lib.dataset_info(config.data), mesh_from_config(config, devices))
+
+
+def restore_final_state(config, workdir, devices=None):
+    """The newest checkpoint of workdir restored onto config's run (and that run)."""
+    run = built_run(config, devices)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    restored = checkpointer.restore(sharded_target(run))
+    checkpointer.close()
+    restored.run = run
     return restored
 
 
