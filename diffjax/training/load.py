@@ -23,10 +23,10 @@ from diffjax.denoisers import Denoiser
 from diffjax.processes import GaussianProcess
 from diffjax.training import sharding as shard_lib
 from diffjax.training.build import network
-from diffjax.training.checkpoint import CheckpointError, Checkpointer
+from diffjax.training.checkpoint import CheckpointError, Checkpointer, Restored
 from diffjax.training.run import Run, build_run, committed_steps, make_jitted_sampler, sharded_target
 
-__all__ = ["LoadedRun", "load_run", "read_run_metadata", "config_from_metadata"]
+__all__ = ["LoadedRun", "load_run", "restore_run", "read_run_metadata", "config_from_metadata"]
 
 log = logging.getLogger("diffjax")
 
@@ -112,12 +112,12 @@ def _data_info(config, metadata: dict) -> data_lib.DataInfo:
     return data_lib.DataInfo(shape, shape, {}, int(stored["num_classes"]))
 
 
-def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> LoadedRun:
-    """The trained run in `workdir` at `step` (default: the newest restorable checkpoint).
-
-    mesh: where the parameters are placed (default: every device on a data-only mesh, i.e.
-    replicated). Raises CheckpointError when there is no checkpoint (nothing is created)."""
-    directory, steps = _checkpoint_directory(workdir)
+def restore_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
+                ) -> tuple[Run, Restored]:
+    """(the Run of the stored config, the whole restored checkpoint: train state, data-iterator
+    state, metadata) of the run in workdir at `step` (default: the newest restorable one).
+    mesh: default every device on a data-only mesh (parameters replicated)."""
+    directory, _ = _checkpoint_directory(workdir)
     step_read, metadata = read_run_metadata(workdir, step)
     config = config_from_metadata(metadata)
     if mesh is None:
@@ -130,9 +130,20 @@ def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh |
         checkpointer.close()
     if restored.step != step_read:
         log.warning("the checkpoint at step %d could not be restored; loaded step %d", step_read, restored.step)
+    return run, restored
+
+
+def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> LoadedRun:
+    """The trained run in `workdir` at `step` (default: the newest restorable checkpoint): the
+    config stored with it, raw and EMA parameters, apply, process, denoiser. Needs no training data.
+
+    mesh: where the parameters are placed (default: every device on a data-only mesh, i.e.
+    replicated). Raises CheckpointError when there is no checkpoint (nothing is created)."""
+    run, restored = restore_run(workdir, step, mesh=mesh)
     state = restored.state
     return LoadedRun(
-        config=config, step=int(restored.step), params=state.params, ema_params=state.ema_params,
-        apply=run.spec.apply, process=run.process, image_shape=run.image_shape,
-        num_classes=run.spec.num_classes, run=run, workdir=os.path.dirname(directory),
+        config=config_from_metadata(restored.metadata), step=int(restored.step), params=state.params,
+        ema_params=state.ema_params, apply=run.spec.apply, process=run.process, image_shape=run.image_shape,
+        num_classes=run.spec.num_classes, run=run,
+        workdir=os.path.dirname(_checkpoint_directory(workdir)[0]),
     )

@@ -61,7 +61,8 @@ from diffjax.training.run import (
     restore_or_init,
 )
 
-__all__ = ["train", "sample_from_checkpoint", "evaluate", "TrainingStopped", "fid_sample_count"]
+__all__ = ["train", "prepare_training", "prepare_run", "sample_from_checkpoint", "evaluate", "TrainingStopped",
+           "fid_sample_count"]
 
 log = logging.getLogger("diffjax")
 
@@ -135,6 +136,11 @@ def prepare_training(config, workdir: str, devices=None) -> tuple[Run, str]:
                              "eval.batch_size": int(config.eval.batch_size)})
     workdir = check_environment(workdir, run.abstract_state, int(config.train.keep_checkpoints))
     return run, workdir
+
+
+def prepare_run(config, workdir: str, devices=None) -> Run:
+    """The run of `config` after every check of `prepare_training` (creates nothing)."""
+    return prepare_training(config, workdir, devices)[0]
 
 
 def train(config, workdir: str, devices=None) -> dict:
