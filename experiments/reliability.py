@@ -70,6 +70,9 @@ MODEL_OVERRIDES = {  # the default experiment with a reduced model (as tests/tes
     "model.overrides.norm_groups": 4,
 }
 RUN_OVERRIDES = {
+    # constant learning rate: the scenarios resume with another train.num_steps, which a cosine
+    # schedule (configs/default.py's) refuses
+    "optim.schedule": "constant",
     "train.num_steps": NUM_STEPS,
     "train.checkpoint_every": CHECKPOINT_EVERY,
     "train.log_every": 1,

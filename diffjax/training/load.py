@@ -24,7 +24,7 @@ from diffjax.processes import GaussianProcess
 from diffjax.training import sharding as shard_lib
 from diffjax.training.build import network
 from diffjax.training.checkpoint import CheckpointError, Checkpointer, Restored
-from diffjax.training.run import Run, build_run, committed_steps, make_jitted_sampler, sharded_target
+from diffjax.training.run import Run, build_run, checkpoint_steps, make_jitted_sampler, sharded_target
 
 __all__ = ["LoadedRun", "load_run", "restore_run", "read_run_metadata", "config_from_metadata"]
 
@@ -84,7 +84,7 @@ def config_from_metadata(metadata: dict) -> ml_collections.ConfigDict:
 
 def _checkpoint_directory(workdir: str) -> tuple[str, list[int]]:
     directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-    steps = committed_steps(directory)
+    steps = checkpoint_steps(directory)
     if not steps:
         raise CheckpointError(f"no checkpoint in {directory}; train first (--mode train)")
     return directory, steps

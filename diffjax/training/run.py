@@ -188,14 +188,14 @@ def check_writable_directory(path: str) -> str:
     return path
 
 
-def committed_steps(directory: str) -> list[int]:
+def checkpoint_steps(directory: str) -> list[int]:
     """Steps of the committed checkpoints in `directory` (none if it does not exist)."""
     if not os.path.isdir(directory):
         return []
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def check_free_space(path: str, needed_bytes: int, what: str) -> None:
+def check_disk_space(path: str, needed_bytes: int, what: str) -> None:
     """Raise ConfigError when the file system holding `path` has less than `needed_bytes` free."""
     free = shutil.disk_usage(_existing_ancestor(path)).free
     if free < needed_bytes:
@@ -212,8 +212,8 @@ def check_environment(workdir: str, abstract_state, keep_checkpoints: int) -> st
     workdir = check_writable_directory(workdir)
     directory = check_writable_directory(os.path.join(workdir, "checkpoints"))
     size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)) + 2**20  # + orbax metadata
-    count = max(1, keep_checkpoints + 1 - len(committed_steps(directory)))
-    check_free_space(directory, count * size, f"{count} checkpoint(s) of {size / 2**20:.1f} MiB")
+    count = max(1, keep_checkpoints + 1 - len(checkpoint_steps(directory)))
+    check_disk_space(directory, count * size, f"{count} checkpoint(s) of {size / 2**20:.1f} MiB")
     return workdir
 
 
