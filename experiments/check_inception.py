@@ -27,7 +27,6 @@ import datetime
 import io
 import json
 import platform
-import sys
 import tarfile
 import tempfile
 import time
@@ -39,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from diffjax import evaluation as ev
+from diffjax.evaluation.weights import torchscript_names
+from diffjax.io import atomic_write_text
 
-from diffjax import evaluation as ev  # noqa: E402
-from diffjax.evaluation.weights import torchscript_names  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TOL = 1e-3
 
@@ -221,7 +220,7 @@ def main(argv=None) -> int:
         **results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
 
     print(f"Inception cross-check ({report['device']}, jax {jax.__version__}, torch {torch.__version__})")
     print(f"{'convention/data set':28s} {'max rel L2':>11s} {'max|d|/max|f|':>14s} {'net-only rel':>13s} "

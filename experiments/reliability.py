@@ -1,7 +1,7 @@
 """Fault injection: does a training run survive preemption, crashes, NaNs and damaged checkpoints?
 
-    python experiments/reliability.py        # 20 sigterm, 20 + 10 sigkill, 4 nan, 6 corrupt: ~30 min on 2 cores
-    python experiments/reliability.py --sigterm 2 --sigkill 2 --sigkill-sync 0 --nan 2 --corrupt 1 --no-write
+    python -m experiments.reliability        # 20 sigterm, 20 + 10 sigkill, 4 nan, 6 corrupt: ~30 min on 2 cores
+    python -m experiments.reliability --sigterm 2 --sigkill 2 --sigkill-sync 0 --nan 2 --corrupt 1 --no-write
 
 Every trial trains configs/default.py through the CLI (experiments/main.py) in a fresh work directory
 with a reduced model (MODEL_OVERRIDES: 8x8 digits, a two-level U-Net of width 8, so a trial takes
@@ -47,8 +47,14 @@ import sys
 import tempfile
 import time
 
+import jax
+import numpy as np
+
+from configs.default import get_config
+from diffjax.training.load import restore_run
+from experiments.benchmarks.common import environment, markdown_table, write_results
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 NUM_STEPS = 40
 CHECKPOINT_EVERY = 10
@@ -64,6 +70,9 @@ MODEL_OVERRIDES = {  # the default experiment with a reduced model (as tests/tes
     "model.overrides.norm_groups": 4,
 }
 RUN_OVERRIDES = {
+    # constant learning rate: the scenarios resume with another train.num_steps, which a cosine
+    # schedule (configs/default.py's) refuses
+    "optim.schedule": "constant",
     "train.num_steps": NUM_STEPS,
     "train.checkpoint_every": CHECKPOINT_EVERY,
     "train.log_every": 1,
@@ -80,8 +89,6 @@ def overrides(extra: dict | None = None) -> dict:
 
 def make_config(extra: dict | None = None):
     """The config the CLI builds from `overrides(extra)`."""
-    from configs.default import get_config
-
     config = get_config()
     for key, value in overrides(extra).items():
         *path, last = key.split(".")
@@ -181,25 +188,15 @@ def resumed_steps(text: str) -> list[int]:
 
 
 def final_checkpoint(workdir: str, extra: dict | None = None):
-    """(state as numpy leaves, data-iterator state, step) of the newest checkpoint in workdir."""
-    import jax
-    import numpy as np
-
-    from diffjax.training.loop import prepare_run
-
-    run = prepare_run(make_config(extra), workdir)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.abstract_state, run.state_sharding
-    )
-    restored = run.checkpointer.restore(target)
-    run.checkpointer.close()
+    """(state as numpy leaves, data-iterator state, step) of the newest checkpoint in workdir,
+    restored with the config stored in it (`extra` is not needed: kept for callers)."""
+    del extra
+    _, restored = restore_run(workdir)
     leaves = [np.asarray(x) for x in jax.tree.leaves(restored.state)]
     return leaves, restored.data_state, restored.step
 
 
 def identical(a, b) -> bool:
-    import numpy as np
-
     return a[2] == b[2] and a[1] == b[1] and len(a[0]) == len(b[0]) and all(
         x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a[0], b[0])
     )
@@ -286,8 +283,6 @@ def nan_trial(workdir: str, rng: random.Random, reference, stop: bool) -> dict:
     finished = (run_to_end(workdir, extra) == 0) if stop else code == 0
     summary = json.load(open(os.path.join(workdir, "summary.json"))) if finished else {}
     final = final_checkpoint(workdir, extra) if finished else None
-    import numpy as np
-
     finite = final is not None and all(np.all(np.isfinite(x)) for x in final[0] if x.dtype.kind == "f")
     counted = summary.get("skipped_steps") == len(steps)
     return record(
@@ -398,9 +393,6 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
     parser.add_argument("--no-write", action="store_true", help="do not write experiments/results/")
     args = parser.parse_args()
-
-    sys.path.insert(0, os.path.join(REPO, "experiments", "benchmarks"))
-    from common import environment, markdown_table, write_results
 
     rng = random.Random(args.seed)
     root = args.workdir or tempfile.mkdtemp(prefix="diffjax-reliability-")

@@ -2,7 +2,7 @@
 run's bits/dim (probability-flow ODE, and the ELBO bound). Writes
 experiments/results/<name>.{json,md}.
 
-    python experiments/sample_quality.py --config=configs/mnist.py --workdir=work/mnist \
+    python -m experiments.sample_quality --config=configs/mnist.py --workdir=work/mnist \
         --solvers=ddim,dpm_solver++,unipc,edm_heun --nfe=10,20,50 --reference=ddim:1000
 
 NFE counts every network evaluation, the final denoising included; each solver gets the largest
@@ -16,14 +16,20 @@ from __future__ import annotations
 import ast
 import copy
 import os
-import sys
 import time
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import configs  # noqa: E402
+import configs
+from diffjax import data as data_lib
+from diffjax import evaluation
+from diffjax.samplers import make_solver
+from diffjax.training import eval_metrics
+from diffjax.training.from_config import sampler_from_config
+from diffjax.training.loop import evaluation_split, load_for_config
+from experiments.benchmarks.common import markdown_table, write_results
 
 config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "mnist.py"),
                                 "The run's config.", lock_config=True)
@@ -32,8 +38,11 @@ flags.DEFINE_list("solvers", ["ddim", "dpm_solver++", "unipc", "edm_heun"],
                   "Solvers to compare: name[:option=value[;option=value]], e.g. unipc:order=3.")
 flags.DEFINE_list("nfe", ["10", "20", "50"], "Network evaluations per sample.")
 flags.DEFINE_string("reference", "ddim:1000", "solver:steps of the many-step reference row ('' = none).")
-flags.DEFINE_list("sample_seeds", [], "Seeds of the sampling keys (default: the config's seed + 3); with "
-                  "several, each row reports the FID of every seed and their mean.")
+flags.DEFINE_list("sample_seeds", [], "Seeds of the sampling keys, jax.random.key(seed) (default: the run's "
+                  "'fid' stream; the committed tables used 3); with several, each row reports the FID of every "
+                  "seed and their mean.")
+flags.DEFINE_integer("bpd_seed", None, "Seed of the bits/dim key, jax.random.key(seed) (default: the run's "
+                     "'bits_per_dim' stream; the committed tables used 4).")
 flags.DEFINE_integer("num_samples", 1000, "Samples per row (and reference images).")
 flags.DEFINE_integer("bpd_examples", 256, "Evaluation-split images for bits/dim (0 = skip).")
 flags.DEFINE_string("name", "mnist_sample_quality", "Results file name.")
@@ -58,8 +67,6 @@ def parse_solver(spec: str) -> tuple[str, dict]:
 
 def steps_for_nfe(solver: str, nfe: int) -> tuple[int, int]:
     """The most steps whose NFE (with the final denoising) is <= nfe, and that NFE."""
-    from diffjax.samplers import make_solver
-
     name, options = parse_solver(solver)
     instance = make_solver(name, **options)
     for steps in range(nfe, 0, -1):
@@ -89,25 +96,20 @@ def quality_table(rows, seeds, num):
 
 def main(argv) -> None:
     del argv
-    import jax
-
-    from diffjax import evaluation
-    from diffjax.training import eval_metrics
-    from diffjax.training.loop import evaluation_split, restore_for_inference
-    from experiments.benchmarks.common import markdown_table, write_results
-
     base = FLAGS.config
-    run, state = restore_for_inference(base, FLAGS.workdir)
-    params, split, num = state.ema_params, evaluation_split(run), FLAGS.num_samples
+    loaded, run = load_for_config(base, FLAGS.workdir)  # the model from the checkpoint, checked against base
+    params, num = loaded.ema_params, FLAGS.num_samples
+    split = evaluation_split(data_lib.dataset_info(base.data))
     batch = int(base.eval.batch_size)
     inception = evaluation.load_inception_params(base.eval.inception_weights or None)
-    reference = eval_metrics.reference_for_split(run, split, num, inception)
+    reference = eval_metrics.reference_for_split(base.data, split, num, inception, batch_size=batch)
 
     plan = [(s, *steps_for_nfe(s, int(n))) for n in FLAGS.nfe for s in FLAGS.solvers]
     if FLAGS.reference:
         solver, steps = FLAGS.reference.split(":")
         plan.append((solver, int(steps), int(steps) + 1))
-    seeds = [int(v) for v in FLAGS.sample_seeds] or [base.seed + 3]
+    keys = [(int(v), jax.random.key(int(v))) for v in FLAGS.sample_seeds] or [("fid", run.key("fid"))]
+    seeds = [seed for seed, _ in keys]
     rows = []
     for solver, steps, nfe in plan:
         config = copy.deepcopy(base)
@@ -115,11 +117,10 @@ def main(argv) -> None:
         config.sample.solver, options = parse_solver(solver)
         config.sample.steps = steps
         config.sample.solver_options.update(options)
-        row_run = copy.copy(run)
-        row_run.config = config
-        for seed in seeds:
+        row_run = run.with_sampler(sampler_from_config(config))  # a new Run: nothing is mutated
+        for seed, key in keys:
             start = time.perf_counter()
-            samples = eval_metrics.sample_images(row_run, params, num, jax.random.key(seed), batch_size=batch)
+            samples = eval_metrics.sample_images(row_run, params, num, key, batch_size=batch)
             seconds = time.perf_counter() - start
             quality = eval_metrics.sample_quality(samples, reference, inception, batch_size=batch)
             rows.append({"solver": solver, "steps": steps, "nfe": nfe, "seed": seed,
@@ -128,13 +129,14 @@ def main(argv) -> None:
 
     likelihoods = {}
     if FLAGS.bpd_examples:
-        images, labels = eval_metrics.split_images(run, split, FLAGS.bpd_examples)
+        images, labels = eval_metrics.split_images(base.data, split, FLAGS.bpd_examples, batch_size=batch)
+        bpd_key = run.key("bits_per_dim") if FLAGS.bpd_seed is None else jax.random.key(FLAGS.bpd_seed)
         for estimator in ("ode", "elbo"):
             likelihoods[estimator] = eval_metrics.bits_per_dim(
-                run, params, images, labels, jax.random.key(base.seed + 4), batch_size=batch, estimator=estimator)
+                run, params, images, labels, bpd_key, batch_size=batch, estimator=estimator)
             print(estimator, likelihoods[estimator], flush=True)
 
-    step = int(jax.device_get(state.step))
+    step = loaded.step
     headers, table = quality_table(rows, seeds, num)
     text = (f"# Sample quality: {base.data.name}, {base.model.name} ({run.spec.num_params / 1e6:.2f}M parameters), "
             f"{base.process.name} process, {base.loss.prediction} prediction, step {step}, EMA parameters\n\n"

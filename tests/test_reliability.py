@@ -20,6 +20,7 @@ import pytest
 
 from diffjax.training import ConfigError, TrainingStopped, train
 from diffjax.training.checkpoint import CheckpointError, Checkpointer
+from diffjax.training import run as run_module
 from diffjax.training.state import create_train_state
 from experiments import reliability as rel
 from test_training import TINY_FLAGS, restore_final_state, run_cli, tiny_config
@@ -86,7 +87,7 @@ def _abstract(state):
 
 
 def _small_state(value: float, step: int = 0):
-    state = create_train_state({"w": jnp.full((8,), value)}, optax.sgd(0.1), seed=0)
+    state = create_train_state({"w": jnp.full((8,), value)}, optax.sgd(0.1), 0)
     return state.replace(step=jnp.int32(step))
 
 
@@ -174,8 +175,10 @@ def test_nonfinite_steps_are_skipped_counted_then_stop_the_run(tmp_path):
     workdir = str(tmp_path / "run")
     handler = signal.getsignal(signal.SIGTERM)
     config = tiny_config(num_steps=8, inject_nonfinite_at=(2, 5, 6), max_consecutive_nonfinite=2)
-    with pytest.raises(TrainingStopped, match="stopping at step 6: 2 consecutive steps with non-finite"):
+    with pytest.raises(TrainingStopped, match="stopping at step 6: 2 consecutive steps with non-finite") as stopped:
         train(config, workdir)
+    # the diagnostic names the data: the injected batches are all NaN
+    assert "non-finite input data (image: 1024 NaN, 0 inf of 1024 values)" in str(stopped.value)
     assert signal.getsignal(signal.SIGTERM) == handler  # the stop handlers are uninstalled
     assert rel.committed_steps(workdir) == [4, 6]  # the stopping step was saved: its params are finite
     summary = train(config, workdir)  # the injected steps are behind: the restart completes
@@ -197,13 +200,11 @@ def test_stop_policy_stops_at_the_first_nonfinite_step(tmp_path):
 
 
 def test_full_disk_is_refused_before_compiling(tmp_path, monkeypatch):
-    import diffjax.training.config as config_module
-
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(config_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(run_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(ConfigError, match=r"MiB free, but 4 checkpoint\(s\) of .* MiB need about"):
         train(tiny_config(), str(tmp_path / "run"))
-    assert os.listdir(tmp_path / "run" / "checkpoints") == []
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was created
 
 
 def test_failed_checkpoint_write_is_a_checkpoint_error(tmp_path):

@@ -15,8 +15,7 @@ from jax.sharding import PartitionSpec
 
 from diffjax.training import train
 from diffjax.training import sharding as shard_lib
-from diffjax.training.loop import prepare_run
-from test_training import REPO, TINY_FLAGS, tiny_config
+from test_training import REPO, TINY_FLAGS, restore_final_state, tiny_config
 
 
 def mesh_config(shape, num_steps):
@@ -27,13 +26,8 @@ def mesh_config(shape, num_steps):
 
 
 def final_state(config, workdir, devices):
-    run = prepare_run(config, workdir, devices)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.abstract_state, run.state_sharding
-    )
-    restored = run.checkpointer.restore(target)
-    run.checkpointer.close()
-    return restored, run
+    restored = restore_final_state(config, workdir, devices)
+    return restored, restored.run
 
 
 def losses(workdir):
@@ -75,9 +69,7 @@ def test_mesh_training_matches_one_device(shape, single_device_run, tmp_path):
 def check_param_shardings(params, run):
     """Each parameter is sharded exactly as the rules map its logical axes, and on a mesh with
     fsdp or tensor axes most parameters are sharded."""
-    rules = shard_lib.make_rules(
-        {name: [a for a in str(v).split(",") if a] for name, v in run.config.mesh.rules.items()}
-    )
+    rules = run.rules
     flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_specs = jax.tree.leaves(run.spec.logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     sharded = 0
@@ -223,7 +215,7 @@ def test_sharded_dit_train_step_lowers_for_tpu():
     from flax import nnx
 
     from diffjax import VP, denoising_loss, models
-    from diffjax.training.state import create_train_state, make_train_step
+    from diffjax.training.state import create_train_state, ema, make_train_step
 
     mesh = shard_lib.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = shard_lib.make_rules()
@@ -241,7 +233,7 @@ def test_sharded_dit_train_step_lowers_for_tpu():
         "image": jax.ShapeDtypeStruct((32, 32, 32, 4), jnp.float32, sharding=shard_lib.batch_sharding(mesh, 4)),
         "label": jax.ShapeDtypeStruct((32,), jnp.int32, sharding=shard_lib.batch_sharding(mesh, 1)),
     }
-    step = jax.jit(shard_lib.traced_under_mesh(make_train_step(loss_fn, optimizer, 0.999), mesh, rules),
+    step = jax.jit(shard_lib.traced_under_mesh(make_train_step(loss_fn, optimizer, ema(0.999)), mesh, rules),
                    out_shardings=(state_sharding, None), donate_argnums=0)
     exported = jax.export.export(step, platforms=["tpu"])(state, batch)
     text = exported.mlir_module()

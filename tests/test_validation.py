@@ -202,9 +202,7 @@ def test_config_values(key, value):
     with node.ignore_type():
         node[last] = value  # an option not set yet is added
     with tempfile.TemporaryDirectory() as workdir:
-        run = assert_own_error(lambda: prepare_run(config, workdir), last)
-        if run is not None:
-            run.checkpointer.close()
+        assert_own_error(lambda: prepare_run(config, workdir), last)
 
 
 def test_config_error_names_key_value_and_allowed():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,6 +12,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
+
+from diffjax.io import atomic_write, interactive
 
 from diffjax.evaluation.inception import (
     FEATURE_DIM, INCEPTION_SIZE, Params, Preprocessing, _check_method, check_image_values, check_images,
@@ -110,7 +111,7 @@ def extract_features(params: Params, images: Any, *, value_range: tuple[float, f
     batches, total = _iter_batches(images, step)
     outputs: list[np.ndarray] = []
     pending = None  # the step in flight: its result is fetched after the next one is dispatched
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="img", disable=not (progress and interactive())) as bar:
 
         def fetch(feats, n):
             outputs.append(np.asarray(feats)[:n])
@@ -155,17 +156,7 @@ def reference_statistics_path(name: str, cache_dir: str | os.PathLike | None = N
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def reference_statistics(name: str, images: Any, *, params: Params | None = None,

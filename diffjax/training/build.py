@@ -1,4 +1,6 @@
-"""From a validated config to the pieces of a run: process, model, loss, sampler."""
+"""Pure pieces of a run from plain values: the model spec, label dropout, the denoiser of a
+trained network (conditional, guided) and the sample function. No config is read here
+(the config -> object translation is training/from_config.py)."""
 
 from __future__ import annotations
 
@@ -9,64 +11,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffjax import losses, models
-from diffjax.denoisers import Denoiser, EDMPreconditioning, classifier_free_guidance
-from diffjax.processes import GaussianProcess, get_process
-from diffjax.samplers import sample
-from diffjax.training.config import ConfigError
+from diffjax import models
+from diffjax.denoisers import Denoiser, classifier_free_guidance
 
 __all__ = [
-    "build_process",
-    "model_overrides",
     "ModelSpec",
     "build_model_spec",
-    "build_loss",
     "label_dropout_transform",
-    "make_denoiser",
+    "network",
     "sampling_denoiser",
     "make_sample_fn",
 ]
-
-
-def build_process(config) -> GaussianProcess:
-    try:
-        return get_process(config.process.name, **config.process.options.to_dict())
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"config.process: {err}") from err
-
-
-def default_time_scale(config, process: GaussianProcess) -> float:
-    """What the network multiplies its time input by before embedding it: EDM preconditioning
-    feeds c_noise = log(s)/4 (about [-1.6, 1.1]); otherwise the process time, scaled to ~[0, 1000]."""
-    if config.loss.prediction == "edm":
-        return 250.0
-    return 1000.0 / float(process.t_max)
-
-
-def model_overrides(config, data_info, process: GaussianProcess) -> dict:
-    """Preset overrides: the data's image size and channels, classes if conditional, the time
-    scale, then config.model.overrides (which must agree with the data)."""
-    height, width, channels = data_info.image_shape
-    overrides = dict(
-        image_size=height if height == width else (height, width),
-        in_channels=channels,
-        time_scale=default_time_scale(config, process),
-    )
-    if config.model.class_conditional:
-        if not data_info.num_classes:
-            raise ConfigError(
-                "config.model.class_conditional = True, but the data set has no class labels"
-            )
-        overrides["num_classes"] = int(data_info.num_classes)
-    user = config.model.overrides.to_dict()
-    for key in ("image_size", "in_channels"):
-        if key in user and user[key] != overrides[key]:
-            raise ConfigError(
-                f"config.model.overrides.{key} = {user[key]!r} does not match the data "
-                f"(images of shape {tuple(data_info.image_shape)}): expected {overrides[key]!r}"
-            )
-    overrides.update(user)
-    return overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +42,8 @@ class ModelSpec:
         return self.num_classes > 0
 
 
-def build_model_spec(config, data_info, process: GaussianProcess) -> ModelSpec:
-    overrides = model_overrides(config, data_info, process)
-    try:
-        model_config = models.get_config(config.model.name, **overrides)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"config.model: {err}") from err
-    seed = int(config.seed)
+def build_model_spec(model_config, seed: int) -> ModelSpec:
+    """The spec of a bundled model from its preset config; parameters drawn from `seed`."""
     abstract = nnx.eval_shape(lambda: models.build(model_config, seed=seed))
     apply, abstract_params = models.functional(abstract)
     specs = models.logical_partition_specs(abstract)
@@ -115,41 +65,6 @@ def build_model_spec(config, data_info, process: GaussianProcess) -> ModelSpec:
     )
 
 
-def _optional(value):
-    return value or None
-
-
-def weighting_options(loss_config) -> dict:
-    """The options of the configured weighting ({} = the library defaults)."""
-    return loss_config.weighting_options.to_dict()
-
-
-def time_sampler_options(loss_config) -> dict:
-    """The options of the configured time sampler ({} = the library defaults)."""
-    return loss_config.time_sampler_options.to_dict()
-
-
-def build_loss(config, spec: ModelSpec, process: GaussianProcess) -> Callable:
-    """loss_fn(params, key, batch) from config.loss; labels go to the model as y."""
-    loss = config.loss
-    try:
-        return losses.denoising_loss(
-            spec.apply,
-            process,
-            prediction=loss.prediction,
-            target=_optional(loss.target),
-            weighting=loss.weighting,
-            time_sampler=loss.time_sampler,
-            sigma_data=loss.sigma_data,
-            weighting_options=weighting_options(loss),
-            time_sampler_options=time_sampler_options(loss),
-            cond_keys={"y": "label"} if spec.conditional else (),
-            rng_arg="key" if spec.dropout else None,
-        )
-    except ValueError as err:
-        raise ConfigError(f"config.loss: {err}") from err
-
-
 def label_dropout_transform(rate: float, num_classes: int) -> Callable | None:
     """batch_transform for classifier-free guidance training: labels -> null class at `rate`."""
     if rate <= 0:
@@ -161,61 +76,33 @@ def label_dropout_transform(rate: float, num_classes: int) -> Callable | None:
     return transform
 
 
-def make_denoiser(config, apply: Callable, params, process: GaussianProcess, labels=None) -> Denoiser:
-    """The Denoiser of a trained network (EDM prediction = preconditioned x0-predictor)."""
-    net = lambda x, t: apply(params, x, t, labels)  # noqa: E731
-    if config.loss.prediction == "edm":
-        return Denoiser(EDMPreconditioning(net, process, config.loss.sigma_data), process, "x0")
-    return Denoiser(net, process, config.loss.prediction)
+def network(apply: Callable, params, labels=None) -> Callable:
+    """net(x, t) = apply(params, x, t, labels): a trained network with its conditioning closed over."""
+    return lambda x, t: apply(params, x, t, labels)
 
 
-def sampling_kwargs(config) -> dict:
-    s = config.sample
-    return dict(
-        solver=_optional(s.solver),
-        steps=int(s.steps),
-        grid=_optional(s.grid),
-        grid_options=s.grid_options.to_dict() or None,
-        **s.solver_options.to_dict(),
-    )
-
-
-def sampling_denoiser(config, spec: ModelSpec, params, process: GaussianProcess, num: int) -> Denoiser:
-    """The denoiser that sample() runs for `num` images. Class-conditional models get labels
-    0, 1, ..., cycling over the classes (so a grid shows every class in order), with
-    classifier-free guidance at config.sample.guidance_scale (1 = none) against the null class."""
+def sampling_denoiser(to_denoiser: Callable, spec: ModelSpec, params, num: int, guidance_scale: float) -> Denoiser:
+    """The denoiser that draws `num` samples. Class-conditional models get labels 0, 1, ...,
+    cycling over the classes (so a grid shows every class in order), with classifier-free
+    guidance D_null + s (D_label - D_null) at `guidance_scale` (1 = none) against the null class."""
     if not spec.conditional:
-        return make_denoiser(config, spec.apply, params, process)
+        return to_denoiser(network(spec.apply, params))
     labels = jnp.arange(num, dtype=jnp.int32) % spec.num_classes
-    denoiser = make_denoiser(config, spec.apply, params, process, labels)
-    scale = float(config.sample.guidance_scale)
-    if scale == 1.0:
+    denoiser = to_denoiser(network(spec.apply, params, labels))
+    if guidance_scale == 1.0:
         return denoiser
     null = jnp.full_like(labels, spec.num_classes)  # the class that label dropout trains
-    return classifier_free_guidance(denoiser, make_denoiser(config, spec.apply, params, process, null), scale)
+    return classifier_free_guidance(denoiser, to_denoiser(network(spec.apply, params, null)), guidance_scale)
 
 
-def make_sample_fn(config, spec: ModelSpec, process: GaussianProcess, image_shape) -> Callable:
-    """sample_fn(params, key, num) -> images (num, H, W, C) in data space, jittable with num static."""
-    kwargs = sampling_kwargs(config)
+def make_sample_fn(sampler: Callable, to_denoiser: Callable, spec: ModelSpec, image_shape,
+                   guidance_scale: float = 1.0) -> Callable:
+    """sample_fn(params, key, num) -> images (num, H, W, C) in data space, jittable with num static.
+    sampler(denoiser, key, shape) draws the samples (see from_config.sampler_from_config)."""
+    image_shape = tuple(image_shape)
 
     def sample_fn(params, key, num: int):
-        denoiser = sampling_denoiser(config, spec, params, process, num)
-        return sample(denoiser, key, (num, *image_shape), **kwargs)
+        denoiser = sampling_denoiser(to_denoiser, spec, params, num, guidance_scale)
+        return sampler(denoiser, key, (num, *image_shape))
 
     return sample_fn
-
-
-def check_sampling_config(config, process: GaussianProcess, spec: ModelSpec, image_shape) -> None:
-    """Validate config.sample by tracing sample() once with abstract inputs (no compilation)."""
-    if float(config.sample.guidance_scale) != 1.0 and not spec.conditional:
-        raise ConfigError(
-            f"config.sample.guidance_scale = {config.sample.guidance_scale} needs a class-conditional "
-            "model trained with label dropout (model.class_conditional=True, train.label_dropout > 0); "
-            "use 1.0 for this unconditional model"
-        )
-    sample_fn = make_sample_fn(config, spec, process, image_shape)
-    try:
-        jax.eval_shape(lambda p, k: sample_fn(p, k, 2), spec.abstract_params, jax.random.key(0))
-    except ValueError as err:
-        raise ConfigError(f"config.sample: {err}") from err

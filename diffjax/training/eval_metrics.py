@@ -17,8 +17,10 @@ import tqdm
 
 from diffjax import data as data_lib
 from diffjax import evaluation, likelihood
-from diffjax.training.build import make_denoiser
+from diffjax.io import interactive
+from diffjax.training.build import network
 from diffjax.training.images import to_uint8
+from diffjax.training.run import Run, make_jitted_sampler
 
 __all__ = ["sample_images", "split_images", "sample_quality", "bits_per_dim", "likelihood_denoiser"]
 
@@ -26,22 +28,21 @@ __all__ = ["sample_images", "split_images", "sample_quality", "bits_per_dim", "l
 EXACT_DIVERGENCE_MAX_DIM = 64
 
 
-def sample_images(run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
-    """`num` uint8 images from the run's configured sampler, `batch_size` per compiled call."""
-    from diffjax.training.loop import make_jitted_sampler  # loop imports this module
-
+def sample_images(run: Run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
+    """`num` uint8 images from the run's sampler, `batch_size` per compiled call."""
     sampler = make_jitted_sampler(run, batch_size)
     chunks = []
-    for i in tqdm.trange(math.ceil(num / batch_size), desc="sampling", unit="batch", disable=not progress):
+    for i in tqdm.trange(math.ceil(num / batch_size), desc="sampling", unit="batch",
+                         disable=not (progress and interactive())):
         chunks.append(to_uint8(sampler(params, jax.random.fold_in(key, i))))
     return np.concatenate(chunks)[:num]
 
 
-def split_images(run, split: str, num: int) -> tuple[np.ndarray, np.ndarray | None]:
+def split_images(data_config, split: str, num: int, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
     """The first `num` images (uint8, in the data set's order) and labels of `split`, on this host."""
     iterator = data_lib.make_iterator(
-        run.config.data, split=split, global_batch_size=int(run.config.eval.batch_size),
-        seed=int(run.config.seed), shuffle=False, num_epochs=1, drop_remainder=False,
+        data_config, split=split, global_batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
+        drop_remainder=False,
     )
     images, labels = [], []
     for batch in iterator:
@@ -72,27 +73,28 @@ def sample_quality(samples: np.ndarray, reference: evaluation.ReferenceStatistic
             "num_samples": int(len(samples)), "num_reference": int(reference.num_samples)}
 
 
-def reference_for_split(run, split: str, num: int, inception_params) -> evaluation.ReferenceStatistics:
+def reference_for_split(data_config, split: str, num: int, inception_params, *,
+                        batch_size: int = 256) -> evaluation.ReferenceStatistics:
     """Inception statistics of the first `num` images of `split`, cached by data set, size and count."""
-    name = f"{run.config.data.name}_{split}_{run.image_shape[0]}px_{num}"
+    name = f"{data_config.name}_{split}_{int(data_config.image_size)}px_{num}"
     return evaluation.reference_statistics(
-        name, lambda: _rgb(split_images(run, split, num)[0]), params=inception_params
+        name, lambda: _rgb(split_images(data_config, split, num, batch_size=batch_size)[0]), params=inception_params
     )
 
 
-def likelihood_denoiser(run, params, labels):
+def likelihood_denoiser(run: Run, params, labels):
     """The model whose density is measured: unconditional models as they are; class-conditional
     ones trained with label dropout through the null class (the unconditional model); otherwise
     conditioned on the true labels (then the number is log p(x | y))."""
-    cfg, spec = run.config, run.spec
+    spec = run.spec
     if not spec.conditional:
-        return make_denoiser(cfg, spec.apply, params, run.process)
-    if float(cfg.train.label_dropout) > 0:
+        return run.to_denoiser(network(spec.apply, params))
+    if run.label_dropout > 0:
         labels = jnp.full((labels.shape[0],), spec.num_classes, jnp.int32)
-    return make_denoiser(cfg, spec.apply, params, run.process, jnp.asarray(labels, jnp.int32))
+    return run.to_denoiser(network(spec.apply, params, jnp.asarray(labels, jnp.int32)))
 
 
-def bits_per_dim(run, params, images: np.ndarray, labels, key, *, batch_size: int,
+def bits_per_dim(run: Run, params, images: np.ndarray, labels, key, *, batch_size: int,
                  estimator: str = "ode") -> dict:
     """Mean bits/dim of uint8 `images` under the model, by the probability-flow ODE ("ode": exact
     divergence up to EXACT_DIVERGENCE_MAX_DIM dimensions, else Hutchinson with one Rademacher probe)
@@ -113,7 +115,8 @@ def bits_per_dim(run, params, images: np.ndarray, labels, key, *, batch_size: in
 
     step = jax.jit(run.under_mesh(bpd_batch))
     values = []
-    for i in tqdm.trange(math.ceil(len(images) / batch_size), desc=f"bits/dim ({estimator})", unit="batch"):
+    for i in tqdm.trange(math.ceil(len(images) / batch_size), desc=f"bits/dim ({estimator})", unit="batch",
+                           disable=not interactive()):
         x = images[i * batch_size:(i + 1) * batch_size]
         y = labels[i * batch_size:(i + 1) * batch_size]
         values.append(np.asarray(jax.device_get(step(params, x, y, jax.random.fold_in(key, i)))))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from diffjax.io import atomic_write
 
 __all__ = ["to_uint8", "image_grid", "save_image_grid"]
 
@@ -39,7 +40,4 @@ def save_image_grid(images, path: str, columns: int | None = None, upscale: int 
     if upscale > 1:
         grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: picture.save(f, format="PNG"))

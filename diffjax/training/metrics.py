@@ -8,6 +8,11 @@ import math
 import os
 import time
 
+try:  # optional: without it only the JSONL file is written
+    from tensorboardX import SummaryWriter
+except ImportError:
+    SummaryWriter = None
+
 __all__ = ["MetricWriter"]
 
 log = logging.getLogger("diffjax")
@@ -24,11 +29,9 @@ class MetricWriter:
         if not enabled:
             return
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-        try:
-            from tensorboardX import SummaryWriter
-
+        if SummaryWriter is not None:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # optional: JSONL still has everything
+        else:
             log.warning("tensorboardX is not installed; TensorBoard event files are not written")
 
     def write(self, step: int, metrics: dict) -> None:

@@ -28,6 +28,8 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from diffjax.training.state import trainable_leaves
+
 __all__ = [
     "MESH_AXES",
     "DEFAULT_RULES",
@@ -157,15 +159,20 @@ def param_shardings(abstract_params, logical_specs, mesh: Mesh, rules) -> Any:
     )
 
 
-def state_shardings(abstract_state, params_sharding, optimizer: optax.GradientTransformation, mesh: Mesh):
+def state_shardings(abstract_state, params_sharding, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    trainable=None):
     """Shardings of a TrainState: params and EMA by the rules, the optimizer's per-parameter
-    statistics like their parameters, scalars replicated."""
+    statistics like their parameters (trained leaves only, see state.trainable_leaves), scalars
+    replicated."""
     repl = replicated(mesh)
+    mask = trainable_leaves(abstract_state.params, trainable)
+    leaves, treedef = jax.tree.flatten(params_sharding, is_leaf=lambda x: isinstance(x, NamedSharding))
+    trained_sharding = treedef.unflatten([s if m else optax.MaskedNode() for s, m in zip(leaves, mask)])
     opt_sharding = optax.tree_map_params(
         optimizer,
         lambda _, sharding: sharding,
         abstract_state.opt_state,
-        params_sharding,
+        trained_sharding,
         transform_non_params=lambda _: repl,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )

@@ -1,15 +1,61 @@
-"""The train state pytree, the optimizer from the config, and the pure train step."""
+"""The train state pytree and the train-step factory: any loss over any params pytree.
+
+The pieces are optax-shaped (init/update): the optimizer is an `optax.GradientTransformation`,
+the parameter average a `ParamAverage` (`ema(decay)`), and a mask says which parameters are
+trained. A params pytree may hold several networks, e.g. {"student": ..., "teacher": ...,
+"target": ...}; frozen leaves get no optimizer state, no gradient and no average update.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import zlib
+from typing import Any, Callable, NamedTuple, Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["TrainState", "make_optimizer", "make_learning_rate", "create_train_state", "make_train_step"]
+__all__ = [
+    "TrainState",
+    "ParamAverage",
+    "ema",
+    "stream_key",
+    "stream_id",
+    "trainable_leaves",
+    "make_optimizer",
+    "make_learning_rate",
+    "create_train_state",
+    "make_train_step",
+]
+
+# Which leaves are trained: None (all), a pytree of bools that is a prefix of the params
+# (e.g. {"student": True, "teacher": False}), or predicate(path, leaf) -> bool with path the
+# tuple of dict keys / indices leading to the leaf, e.g. ("teacher", "conv", "kernel").
+Trainable = Union[None, Any, Callable[[tuple, Any], bool]]
+
+
+# ------------------------------------------------------------------------------------------------
+# named random streams
+# ------------------------------------------------------------------------------------------------
+
+
+def stream_id(name: str) -> int:
+    """A stable 31-bit id of a stream name (CRC-32: the same in every process and Python run)."""
+    return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
+
+def stream_key(seed: int, name: str) -> jax.Array:
+    """The root key of a named random stream: fold_in(key(seed), stream_id(name)).
+
+    Streams of one seed are independent of each other and of the order they are drawn in; a
+    run uses "train" (the train state's key), "sample_grid", "sample", "fid" and "bits_per_dim"."""
+    return jax.random.fold_in(jax.random.key(seed), stream_id(name))
+
+
+# ------------------------------------------------------------------------------------------------
+# train state, optimizer, parameter average
+# ------------------------------------------------------------------------------------------------
 
 
 @flax.struct.dataclass
@@ -18,6 +64,7 @@ class TrainState:
 
     rng is raw key data (uint32) so that checkpoints hold plain arrays; the key of step s is
     fold_in(rng, s), so a resumed run draws the same randomness as an uninterrupted one.
+    opt_state holds state for the trained leaves only (frozen ones are optax.MaskedNode).
     """
 
     step: jax.Array  # int32 scalar: batches consumed (updates applied + skipped_steps)
@@ -29,40 +76,114 @@ class TrainState:
     consecutive_nonfinite: jax.Array  # int32: non-finite steps in a row (reset by a finite one)
 
 
-def make_learning_rate(optim_config, num_steps: int) -> optax.Schedule:
-    """Linear warm-up to learning_rate, then constant or cosine decay to min_lr_ratio."""
-    peak = float(optim_config.learning_rate)
-    warmup = int(optim_config.warmup_steps)
-    if optim_config.schedule == "constant":
+class ParamAverage(NamedTuple):
+    """A running average of parameters, optax-style: init(params) -> average;
+    update(average, params, step) -> average (step: the int32 step count before this update)."""
+
+    init: Callable[[Any], Any]
+    update: Callable[[Any, Any, jax.Array], Any]
+
+
+def ema(decay: float, *, warmup: bool = True) -> ParamAverage:
+    """Exponential moving average: avg <- d * avg + (1 - d) * params, with
+    d = min(decay, (1 + step) / (10 + step)) if warmup (early averages are not dominated by the
+    initialisation), else d = decay."""
+    if not 0.0 <= float(decay) < 1.0:
+        raise ValueError(f"ema decay must be in [0, 1), got {decay!r}")
+
+    def init(params):
+        return jax.tree.map(jnp.copy, params)
+
+    def update(average, params, step):
+        d = jnp.float32(decay)
+        if warmup:
+            s = step.astype(jnp.float32)
+            d = jnp.minimum(d, (1.0 + s) / (10.0 + s))
+        return jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, average, params)
+
+    return ParamAverage(init, update)
+
+
+def make_learning_rate(peak: float, num_steps: int, *, warmup_steps: int = 0, schedule: str = "constant",
+                       min_lr_ratio: float = 0.0) -> optax.Schedule:
+    """Linear warm-up to `peak`, then constant or cosine decay to peak * min_lr_ratio at num_steps."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if schedule == "constant":
         after = optax.constant_schedule(peak)
     else:
-        after = optax.cosine_decay_schedule(peak, max(num_steps - warmup, 1), alpha=float(optim_config.min_lr_ratio))
-    if warmup == 0:
+        after = optax.cosine_decay_schedule(peak, max(num_steps - warmup_steps, 1), alpha=min_lr_ratio)
+    if warmup_steps == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after], [warmup_steps])
 
 
-def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: optax.Schedule, *, name: str = "adamw", b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, weight_decay: float = 0.0, grad_clip: float = 0.0
+                   ) -> optax.GradientTransformation:
     """Global-norm clipping (if grad_clip > 0), then Adam or AdamW on the scheduled rate."""
-    lr = make_learning_rate(optim_config, num_steps)
-    kwargs = dict(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps)
-    if optim_config.name == "adamw":
-        opt = optax.adamw(lr, weight_decay=optim_config.weight_decay, **kwargs)
+    if name == "adamw":
+        opt = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    elif name == "adam":
+        opt = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
     else:
-        opt = optax.adam(lr, **kwargs)
-    if optim_config.grad_clip > 0:
-        opt = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), opt)
+        raise ValueError(f"optimizer must be 'adam' or 'adamw', got {name!r}")
+    if grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
     return opt
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+# ------------------------------------------------------------------------------------------------
+# the trainable mask
+# ------------------------------------------------------------------------------------------------
+
+
+def _path_names(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def trainable_leaves(params, trainable: Trainable = None) -> list[bool]:
+    """One bool per leaf of params (in jax.tree.leaves order): is it trained?"""
+    if trainable is None:
+        return [True] * len(jax.tree.leaves(params))
+    if callable(trainable):
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        return [bool(trainable(_path_names(path), leaf)) for path, leaf in flat]
+    full = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub), trainable, params)
+    return [bool(x) for x in jax.tree.leaves(full)]
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _split(tree, mask: list[bool]):
+    """tree with its frozen leaves replaced by optax.MaskedNode (an empty pytree)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([x if m else optax.MaskedNode() for x, m in zip(leaves, mask)])
+
+
+def _merge(trained, tree, mask: list[bool]):
+    """tree with its trained leaves taken from `trained` (the output of _split)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    new = jax.tree.leaves(trained, is_leaf=_is_masked)
+    return treedef.unflatten([n if m else x for n, x, m in zip(new, leaves, mask)])
+
+
+def create_train_state(params, optimizer: optax.GradientTransformation, key, *,
+                       average: ParamAverage | None = None, trainable: Trainable = None) -> TrainState:
+    """The state at step 0. key: a jax.random key (or an int seed for jax.random.key(seed)).
+    average: the parameter average (default: ema(0.0), i.e. a copy of the parameters)."""
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    mask = trainable_leaves(params, trainable)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
         step=zero,
         params=params,
-        ema_params=jax.tree.map(jnp.copy, params),
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(jax.random.key(seed)),
+        ema_params=(average or ema(0.0)).init(params),
+        opt_state=optimizer.init(_split(params, mask)),
+        rng=jax.random.key_data(key),
         skipped_steps=zero,
         consecutive_nonfinite=zero,
     )
@@ -72,57 +193,59 @@ def _select(condition, new, old):
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
+# ------------------------------------------------------------------------------------------------
+# the train step
+# ------------------------------------------------------------------------------------------------
+
+
 def make_train_step(
     loss_fn: Callable,
     optimizer: optax.GradientTransformation,
-    ema_decay: float,
+    average: ParamAverage,
     *,
-    ema_warmup: bool = True,
+    trainable: Trainable = None,
     batch_transform: Callable | None = None,
     learning_rate: optax.Schedule | None = None,
 ) -> Callable:
     """Build the pure `train_step(state, batch) -> (state, metrics)`.
 
-    loss_fn(params, key, batch) -> (loss, aux). batch_transform(key, batch) -> batch runs first
+    loss_fn(params, key, batch) -> (loss, aux dict) over the whole params pytree; only the
+    `trainable` leaves are differentiated, updated by `optimizer` and averaged by `average`;
+    the others pass through bit-identical. batch_transform(key, batch) -> batch runs first
     (e.g. label dropout). A step whose loss or gradient norm is not finite applies no update
-    (parameters, EMA and optimizer state unchanged) and is counted in `skipped_steps` and
-    `consecutive_nonfinite`; the caller decides when to stop (see the nonfinite policy).
-    EMA: ema <- d * ema + (1 - d) * params after every applied update, with
-    d = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup (so early averages are not
-    dominated by the initialisation), else d = ema_decay.
+    (parameters, average and optimizer state unchanged) and is counted in `skipped_steps` and
+    `consecutive_nonfinite`; the caller decides when to stop. learning_rate: a schedule to report
+    in the metrics.
     """
 
     def train_step(state: TrainState, batch):
+        mask = trainable_leaves(state.params, trainable)  # static: fixed by the params' structure
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         key_batch, key_loss = jax.random.split(key)
         if batch_transform is not None:
             batch = batch_transform(key_batch, batch)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, key_loss, batch)
+
+        def trained_loss(trained):
+            return loss_fn(_merge(trained, state.params, mask), key_loss, batch)
+
+        trained = _split(state.params, mask)
+        (loss, aux), grads = jax.value_and_grad(trained_loss, has_aux=True)(trained)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = jnp.float32(ema_decay)
-        if ema_warmup:
-            step = state.step.astype(jnp.float32)
-            decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+        new_trained = optax.apply_updates(trained, updates)
+        new_average = average.update(_split(state.ema_params, mask), new_trained, state.step)
         nonfinite = (~finite).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
-            params=_select(finite, params, state.params),
-            ema_params=_select(finite, ema, state.ema_params),
+            params=_merge(_select(finite, new_trained, trained), state.params, mask),
+            ema_params=_merge(_select(finite, new_average, _split(state.ema_params, mask)), state.ema_params, mask),
             opt_state=_select(finite, opt_state, state.opt_state),
             skipped_steps=state.skipped_steps + nonfinite,
             consecutive_nonfinite=(state.consecutive_nonfinite + nonfinite) * nonfinite,
         )
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "nonfinite": nonfinite,
-            **{k: v for k, v in aux.items()},
-        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite, **dict(aux)}
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate(state.step)
         return new_state, metrics

@@ -21,8 +21,6 @@ import json
 import os
 import platform
 import statistics
-import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -30,10 +28,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from diffjax.kernels import GpuBlockSizes  # noqa: E402
-from diffjax.kernels import TpuBlockSizes  # noqa: E402
-from diffjax.kernels import pallas_flash_attention  # noqa: E402
+from diffjax.io import atomic_write_text
+from diffjax.kernels import GpuBlockSizes
+from diffjax.kernels import TpuBlockSizes
+from diffjax.kernels import pallas_flash_attention
 from diffjax.kernels import reference_attention  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
@@ -297,14 +295,7 @@ def ratios_to(rows, baseline: str) -> list[dict]:
 def write_json(payload, path):
   """Atomic write: a crash never leaves a half-written results file."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=1, default=float)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  atomic_write_text(path, json.dumps(payload, indent=1, default=float))
 
 
 def default_output_path(env) -> str:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 
+import flax
 import jax
+import numpy
+
+from diffjax.io import atomic_write_json, atomic_write_text
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 
 
 def environment() -> dict:
     """Device, versions and date: stored with every result."""
-    import flax
-    import numpy
-
     devices = jax.devices()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -47,14 +47,7 @@ def write_results(name: str, payload: dict, markdown: str | None = None) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     payload = {"environment": environment(), **payload}
     path = os.path.join(RESULTS_DIR, f"{name}.json")
-    _atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_json(path, payload)
     if markdown is not None:
-        _atomic_write(os.path.join(RESULTS_DIR, f"{name}.md"), markdown.rstrip() + "\n")
+        atomic_write_text(os.path.join(RESULTS_DIR, f"{name}.md"), markdown.rstrip() + "\n")
     return path
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

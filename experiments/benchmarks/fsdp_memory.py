@@ -6,7 +6,10 @@ work: nothing is executed), and the per-device bytes of the state are read from 
 step's memory analysis (argument bytes minus the batch's) and cross-checked against the sum of
 the state's shard sizes. Target: at fsdp = 8, within 15 % of one eighth of the fsdp = 1 figure.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/benchmarks/fsdp_memory.py
+The step is the run's own (`build_run` on configs/dit_latents.py with synthetic latents described
+instead of read: AdamW, EMA, label dropout), lowered with the run's shardings.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.benchmarks.fsdp_memory
 """
 
 from __future__ import annotations
@@ -14,21 +17,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import jax
-import jax.numpy as jnp
-import optax
-from flax import nnx
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from diffjax import VP, denoising_loss, models  # noqa: E402
+from configs import dit_latents  # noqa: E402
+from diffjax import data as data_lib  # noqa: E402
+from diffjax import models  # noqa: E402
 from diffjax.training import sharding as shard_lib  # noqa: E402
-from diffjax.training.state import create_train_state, make_train_step  # noqa: E402
+from diffjax.training.config import model_overrides  # noqa: E402
+from diffjax.training.run import build_run, make_jitted_train_step, sharded_target  # noqa: E402
 from experiments.benchmarks.common import markdown_table, write_results  # noqa: E402
 
 
@@ -42,26 +44,21 @@ def shard_bytes(abstract, shardings) -> int:
 
 def measure(model_name: str, fsdp: int, batch: int, latent: int, channels: int) -> dict:
     devices = jax.devices()[:8]
-    mesh = shard_lib.create_mesh({"data": len(devices) // fsdp, "fsdp": fsdp, "tensor": 1}, devices)
-    rules = shard_lib.make_rules()
-    config = models.get_config(model_name, image_size=latent, in_channels=channels, num_classes=1000)
-    abstract_model = nnx.eval_shape(lambda: models.build(config))
-    apply, abstract_params = models.functional(abstract_model)
-    loss_fn = denoising_loss(apply, VP(), prediction="eps", cond_keys={"y": "label"})
-    optimizer = optax.adamw(1e-4)
-    abstract_state = jax.eval_shape(lambda p: create_train_state(p, optimizer, 0), abstract_params)
-    params_sharding = shard_lib.param_shardings(
-        abstract_params, models.logical_partition_specs(abstract_model), mesh, rules
-    )
-    state_sharding = shard_lib.state_shardings(abstract_state, params_sharding, optimizer, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding)
+    config = dit_latents.get_config()
+    config.model.name = model_name
+    config.model.overrides = model_overrides(model_name)
+    config.data.image_size = latent
+    config.train.batch_size = config.eval.batch_size = batch
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices) // fsdp, fsdp, 1
+    shape = (latent, latent, channels)
+    data_info = data_lib.DataInfo(shape, shape, {"train": 1_000_000}, dit_latents.NUM_CLASSES)
+    run = build_run(config, data_info, shard_lib.create_mesh(config.mesh, devices))
+    state = sharded_target(run)
     batch_args = {
-        "image": jax.ShapeDtypeStruct((batch, latent, latent, channels), jnp.float32,
-                                      sharding=shard_lib.batch_sharding(mesh, 4)),
-        "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard_lib.batch_sharding(mesh, 1)),
+        "image": jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=shard_lib.batch_sharding(run.mesh, 4)),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=shard_lib.batch_sharding(run.mesh, 1)),
     }
-    step = jax.jit(shard_lib.traced_under_mesh(make_train_step(loss_fn, optimizer, 0.999), mesh, rules),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    step = make_jitted_train_step(run)
     start = time.perf_counter()
     compiled = step.lower(state, batch_args).compile()
     seconds = time.perf_counter() - start
@@ -69,10 +66,10 @@ def measure(model_name: str, fsdp: int, batch: int, latent: int, channels: int) 
     batch_bytes = shard_bytes(batch_args, jax.tree.map(lambda a: a.sharding, batch_args))
     return {
         "model": model_name,
-        "mesh": dict(mesh.shape),
-        "params": models.param_count(abstract_params),
+        "mesh": dict(run.mesh.shape),
+        "params": models.param_count(run.spec.abstract_params),
         "state_bytes_compiled": int(memory.argument_size_in_bytes) - batch_bytes,
-        "state_bytes_shards": shard_bytes(abstract_state, state_sharding),
+        "state_bytes_shards": shard_bytes(run.abstract_state, run.state_sharding),
         "temp_bytes": int(memory.temp_size_in_bytes),
         "compile_seconds": round(seconds, 1),
     }

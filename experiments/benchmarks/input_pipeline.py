@@ -24,17 +24,15 @@ experiments/results/input_pipeline.json.
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import diffjax.data as dd  # noqa: E402
-from diffjax.data import builders, pipeline, sources  # noqa: E402
+import diffjax.data as dd
+from diffjax.data import builders, pipeline, sources
+from diffjax.io import atomic_write_json
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
                             "input_pipeline.json")
@@ -191,9 +189,7 @@ def main():
         "target_met": best_decoding >= TARGET_IMAGES_PER_S,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".tmp", "w") as stream:
-        json.dump(result, stream, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    atomic_write_json(args.out, result)
     print(f"wrote {os.path.relpath(args.out)}")
 
 

@@ -1,6 +1,6 @@
 """Train-step throughput: images/s, step time, model FLOPs and MFU of the full sharded train step.
 
-The step is the one diffjax.training runs: `prepare_run` builds the run from a config (configs/
+The step is the one diffjax.training runs: `build_run` builds the run from a config (configs/
 dit_latents.py for DiT presets, configs/cifar10_{edm,ncsnpp_ve,ddpmpp_vp}.py for the U-Nets) with
 the model preset, batch size, compute dtype and remat swapped in, and `make_jitted_train_step`
 jits loss + grad + clipping + Adam(W) + EMA under the mesh with the state's shardings. Batches are
@@ -18,33 +18,27 @@ With scan_layers XLA counts a loop body once, so DiT runs unrolled unless --scan
 MFU = achieved model FLOP/s / (devices x peak), the peak the dense bf16 one from PEAK_TFLOPS for
 the device (or --peak_tflops); n/a on CPU.
 
-    python experiments/benchmarks/train_step.py --presets DiT-S/2,DDPM++-cifar10 --batch 8 --steps 3
+    python -m experiments.benchmarks.train_step --presets DiT-S/2,DDPM++-cifar10 --batch 8 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import statistics
-import sys
-import tempfile
 import time
-from unittest import mock
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from diffjax import data as data_lib  # noqa: E402
-from diffjax import models  # noqa: E402
-from diffjax.training import loop  # noqa: E402
-from diffjax.training import sharding as shard_lib  # noqa: E402
-from diffjax.training.build import build_loss, model_overrides as run_model_overrides  # noqa: E402
-from diffjax.training.config import model_preset_overrides  # noqa: E402
-from experiments.benchmarks.common import environment, markdown_table, write_results  # noqa: E402
+from diffjax import data as data_lib
+from diffjax import models
+from diffjax.training import sharding as shard_lib
+from diffjax.training.config import model_preset_overrides
+from diffjax.training.from_config import mesh_from_config, model_config_from_config
+from diffjax.training.run import Run, build_run, init_state, make_jitted_train_step
+from experiments.benchmarks.common import environment, markdown_table, write_results
 
 DEFAULT_PRESETS = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2", "DDPM++-cifar10", "NCSN++-cifar10",
                    "DDPM++-cifar10-edm")
@@ -82,10 +76,10 @@ def synthetic_data_info(preset: str) -> data_lib.DataInfo:
     return data_lib.DataInfo(shape, shape, {"train": 1_000_000}, cfg.num_classes or 10)
 
 
-def prepare_synthetic_run(config, workdir: str, data_info: data_lib.DataInfo) -> loop.Run:
-    """`prepare_run` with the data set's description given instead of read from its files."""
-    with mock.patch.object(data_lib, "dataset_info", return_value=data_info):
-        return loop.prepare_run(config, workdir)
+def prepare_synthetic_run(config, workdir: str, data_info: data_lib.DataInfo) -> Run:
+    """The run of `config` for data described by `data_info` (nothing is read; workdir is unused)."""
+    del workdir
+    return build_run(config, data_info, mesh_from_config(config))
 
 
 def benchmark_config(preset: str, batch: int, dtype: str, remat: str, scan_layers: bool):
@@ -98,18 +92,17 @@ def benchmark_config(preset: str, batch: int, dtype: str, remat: str, scan_layer
     return config
 
 
-def forward_macs_per_image(run: loop.Run) -> int:
-    model_config = models.get_config(
-        run.config.model.name, **run_model_overrides(run.config, run.data_info, run.process))
+def forward_macs_per_image(config, run: Run) -> int:
+    model_config = model_config_from_config(config, run.image_shape, run.spec.num_classes, run.process)
     if isinstance(model_config, models.DiTConfig):
         return models.dit_forward_macs(model_config)
     return models.forward_macs(nnx.eval_shape(lambda: models.build(model_config)))
 
 
-def synthetic_batch(run: loop.Run, batch: int) -> dict:
+def synthetic_batch(run: Run, batch: int, num_classes: int) -> dict:
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, *run.image_shape), dtype=np.float32)
-    labels = rng.integers(0, run.data_info.num_classes, batch, dtype=np.int32)
+    labels = rng.integers(0, num_classes, batch, dtype=np.int32)
     return {
         "image": jax.device_put(images, shard_lib.batch_sharding(run.mesh, 4)),
         "label": jax.device_put(labels, shard_lib.batch_sharding(run.mesh, 1)),
@@ -119,29 +112,29 @@ def synthetic_batch(run: loop.Run, batch: int) -> dict:
 def measure(preset: str, batch: int, dtype: str, remat: str, scan_layers: bool, warmup: int,
             steps: int, peak: float | None) -> dict:
     config = benchmark_config(preset, batch, dtype, remat, scan_layers)
-    with tempfile.TemporaryDirectory() as workdir:
-        run = prepare_synthetic_run(config, workdir, synthetic_data_info(preset))
-        step = loop.make_jitted_train_step(run, build_loss(config, run.spec, run.process))
-        state, _ = loop.restore_or_init(run)
-        data = synthetic_batch(run, batch)
-        start = time.perf_counter()
-        compiled = step.lower(state, data).compile()
-        compile_s = time.perf_counter() - start
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        xla_flops = float(cost["flops"]) * run.mesh.devices.size  # cost_analysis is per device
+    data_info = synthetic_data_info(preset)  # the data set's description, given instead of read
+    run = prepare_synthetic_run(config, "", data_info)
+    step = make_jitted_train_step(run)
+    state = init_state(run)
+    data = synthetic_batch(run, batch, data_info.num_classes)
+    start = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost["flops"]) * run.mesh.devices.size  # cost_analysis is per device
 
-        times = []
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, data)
-            jax.block_until_ready((state, metrics))
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        loss = float(metrics["loss"])
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, data)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    loss = float(metrics["loss"])
 
     step_s = statistics.median(times)
-    model_flops = 6 * forward_macs_per_image(run)
+    model_flops = 6 * forward_macs_per_image(config, run)
     devices = run.mesh.devices.size
     achieved = model_flops * batch / step_s
     return {

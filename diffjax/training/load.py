@@ -1,0 +1,149 @@
+"""Load a trained run in Python: `load_run(workdir)` reads the config stored with the checkpoint,
+rebuilds the model, process and denoiser, and restores the parameters; no training data needed.
+
+    run = load_run("work/default")
+    images = run.sample(jax.random.key(0), 16)        # the run's configured sampler, EMA params
+    save_image_grid(images, "grid.png")
+    x0 = run.denoiser.x0(x_t, t)                      # or any diffjax sampler / likelihood
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from diffjax import data as data_lib
+from diffjax.denoisers import Denoiser
+from diffjax.processes import GaussianProcess
+from diffjax.training import sharding as shard_lib
+from diffjax.training.build import network
+from diffjax.training.checkpoint import CheckpointError, Checkpointer, Restored
+from diffjax.training.run import Run, build_run, checkpoint_steps, make_jitted_sampler, sharded_target
+
+__all__ = ["LoadedRun", "load_run", "restore_run", "read_run_metadata", "config_from_metadata"]
+
+log = logging.getLogger("diffjax")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """A trained run: its config (as stored in the checkpoint), parameters and pieces.
+
+    apply(params, x, t, y=None) is the raw network; `denoiser` is the ready Denoiser of the EMA
+    parameters (preconditioning included; class-conditional models: see `denoiser_for`)."""
+
+    config: ml_collections.ConfigDict
+    step: int
+    params: Any
+    ema_params: Any
+    apply: Callable
+    process: GaussianProcess
+    image_shape: tuple[int, int, int]
+    num_classes: int  # 0: unconditional
+    run: Run
+    workdir: str
+
+    def denoiser_for(self, params=None, labels=None) -> Denoiser:
+        """The Denoiser of `params` (default: the EMA parameters) given class `labels` (an int
+        array of the batch size; None for unconditional models, num_classes = the null class)."""
+        params = self.ema_params if params is None else params
+        return self.run.to_denoiser(network(self.apply, params, labels))
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The Denoiser of the EMA parameters (unconditional; conditional models: `denoiser_for`)."""
+        return self.denoiser_for()
+
+    def sample(self, key: jax.Array, num: int, params=None) -> np.ndarray:
+        """`num` samples (num, H, W, C) in [-1, 1] from the run's configured sampler (stored config,
+        sample section: solver, steps, grid, guidance), sharded over the run's mesh."""
+        params = self.ema_params if params is None else params
+        return make_jitted_sampler(self.run, int(num))(params, key)
+
+
+def _tuples(value):
+    """JSON lists back to tuples (configs hold tuples: channel_mult, attn_resolutions, ...)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def config_from_metadata(metadata: dict) -> ml_collections.ConfigDict:
+    if "config" not in metadata:
+        raise CheckpointError("the checkpoint holds no config (written by a diffjax version before 0.1?)")
+    return ml_collections.ConfigDict(_tuples(metadata["config"]))
+
+
+def _checkpoint_directory(workdir: str) -> tuple[str, list[int]]:
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+    steps = checkpoint_steps(directory)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory}; train first (--mode train)")
+    return directory, steps
+
+
+def read_run_metadata(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, metadata) of the checkpoint at `step` (default: the newest) of the run in workdir."""
+    directory, steps = _checkpoint_directory(workdir)
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint at step {step} in {directory}; there are steps {steps}")
+    checkpointer = Checkpointer(directory, async_save=False)
+    try:
+        return step, dict(checkpointer.read_metadata(step))
+    finally:
+        checkpointer.close()
+
+
+def _data_info(config, metadata: dict) -> data_lib.DataInfo:
+    """The data's shape and classes as stored with the checkpoint (older checkpoints: from the data)."""
+    stored = metadata.get("data")
+    if stored is None:
+        return data_lib.dataset_info(config.data)
+    shape = tuple(int(x) for x in stored["image_shape"])
+    return data_lib.DataInfo(shape, shape, {}, int(stored["num_classes"]))
+
+
+def restore_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
+                ) -> tuple[Run, Restored]:
+    """(the Run of the stored config, the whole restored checkpoint: train state, data-iterator
+    state, metadata) of the run in workdir at `step` (default: the newest restorable one).
+    mesh: default every device on a data-only mesh (parameters replicated)."""
+    directory, _ = _checkpoint_directory(workdir)
+    step_read, metadata = read_run_metadata(workdir, step)
+    config = config_from_metadata(metadata)
+    if mesh is None:
+        mesh = shard_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    run = build_run(config, _data_info(config, metadata), mesh)
+    checkpointer = Checkpointer(directory, async_save=False)
+    try:
+        restored = checkpointer.restore(sharded_target(run), step=step)
+    finally:
+        checkpointer.close()
+    if restored.step != step_read:
+        log.warning("the checkpoint at step %d could not be restored; loaded step %d", step_read, restored.step)
+    return run, restored
+
+
+def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> LoadedRun:
+    """The trained run in `workdir` at `step` (default: the newest restorable checkpoint): the
+    config stored with it, raw and EMA parameters, apply, process, denoiser. Needs no training data.
+
+    mesh: where the parameters are placed (default: every device on a data-only mesh, i.e.
+    replicated). Raises CheckpointError when there is no checkpoint (nothing is created)."""
+    run, restored = restore_run(workdir, step, mesh=mesh)
+    state = restored.state
+    return LoadedRun(
+        config=config_from_metadata(restored.metadata), step=int(restored.step), params=state.params,
+        ema_params=state.ema_params, apply=run.spec.apply, process=run.process, image_shape=run.image_shape,
+        num_classes=run.spec.num_classes, run=run,
+        workdir=os.path.dirname(_checkpoint_directory(workdir)[0]),
+    )
