@@ -225,7 +225,7 @@ def test_switching_process_from_the_command_line(tmp_path):
     config = apply_overrides(edm, [("process.options.beta_max", "10"), ("process.name", "vp")])
     assert config.process.name == "vp" and config.process.options.to_dict() == {"beta_max": 10.0}
     assert edm.process.options.to_dict() == {"sigma_min": 0.002, "sigma_max": 80.0}  # the input is not changed
-    assert config.loss.prediction == "edm" and config.loss.time_sampler == "lognormal"  # kept, and valid with vp
+    assert config.loss.prediction == "edm_preconditioned" and config.loss.time_sampler == "lognormal"  # kept, and valid with vp
     validate_config(config)
     default = apply_overrides(_module("default").get_config(), [("process.name", "vp")])
     run = loop.prepare_run(default, str(tmp_path))
