@@ -132,7 +132,7 @@ def main(argv) -> None:
         images, labels = eval_metrics.split_images(base.data, split, FLAGS.bpd_examples, batch_size=batch)
         bpd_key = run.key("bits_per_dim") if FLAGS.bpd_seed is None else jax.random.key(FLAGS.bpd_seed)
         for estimator in ("ode", "elbo"):
-            likelihoods[estimator] = eval_metrics.bits_per_dim(
+            likelihoods[estimator] = eval_metrics.dataset_bits_per_dim(
                 run, params, images, labels, bpd_key, batch_size=batch, estimator=estimator)
             print(estimator, likelihoods[estimator], flush=True)
 

@@ -44,7 +44,7 @@ def prepare(data_config) -> str:
         raise ValueError(
             f"prepare() is for local sources {builders.LOCAL_SOURCES}; source is {config.source!r}")
     dataset_info(config)  # checks the config against the data before the work
-    return builders.prepare(config.source, config.path, config.channels,
+    return builders.build_array_record(config.source, config.path, config.channels,
                             config.data_dir or builders.default_data_dir())
 
 

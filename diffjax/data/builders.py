@@ -323,7 +323,7 @@ def make_builder(source: str, path: str | os.PathLike, channels: int, data_dir: 
     return _BUILDERS[source](config=config, data_dir=os.fspath(data_dir), file_format="array_record")
 
 
-def prepare(source: str, path: str | os.PathLike, channels: int, data_dir: str | os.PathLike) -> str:
+def build_array_record(source: str, path: str | os.PathLike, channels: int, data_dir: str | os.PathLike) -> str:
     """Prepares a local source as array_record TFDS data under data_dir (once); returns its TFDS name.
 
     Atomic: a failure leaves nothing behind but empty parent directories.

@@ -341,7 +341,7 @@ def _array_source(config, split: str, spec: ImageSpec) -> ArraySource:
 def _record_source(config, split: str, info: DataInfo) -> RecordSource:
     data_dir = config.data_dir or builders.default_data_dir()
     if config.source in builders.LOCAL_SOURCES:
-        name = builders.prepare(config.source, config.path, config.channels, data_dir)
+        name = builders.build_array_record(config.source, config.path, config.channels, data_dir)
         builder = tfds.builder(name, data_dir=data_dir)
         # The full header scan of preparation may have found sizes that the first image did not show.
         check_config_fits_data(config, _tfds_info(builder, config, info.image_shape))

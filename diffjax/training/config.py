@@ -225,6 +225,10 @@ def _check_options(fields, options: dict, what: str) -> None:
             raise ValueError(f"unknown option {key!r} for {what}{suggestion}; allowed: {sorted(fields) or 'none'}")
 
 
+def _is_name_in(value, table) -> bool:
+    return isinstance(value, str) and value in table
+
+
 def _selected(config, key: str) -> tuple[str, object] | None:
     """(what, fields) for the option dict `key` under the names the config selects; None if unchecked."""
     if key == "process.options":
@@ -237,9 +241,9 @@ def _selected(config, key: str) -> tuple[str, object] | None:
     if key == "sample.grid_options":
         grid = config.sample.grid or SOLVERS[config.sample.solver or DEFAULT_SOLVER].default_grid
         return f"grid {grid!r}", _grid_fields(grid)
-    if key == "loss.weighting_options" and config.loss.weighting in losses.WEIGHTINGS:
+    if key == "loss.weighting_options" and _is_name_in(config.loss.weighting, losses.WEIGHTINGS):
         return f"weighting {config.loss.weighting!r}", losses.WEIGHTINGS[config.loss.weighting]
-    if key == "loss.time_sampler_options" and config.loss.time_sampler in losses.TIME_SAMPLERS:
+    if key == "loss.time_sampler_options" and _is_name_in(config.loss.time_sampler, losses.TIME_SAMPLERS):
         return f"time sampler {config.loss.time_sampler!r}", losses.TIME_SAMPLERS[config.loss.time_sampler]
     return None  # mesh.rules: checked below
 
@@ -357,9 +361,9 @@ def validate_config(config) -> None:
     loss = config.loss
     for key, allowed in (("prediction", LOSS_PREDICTIONS), ("target", ("",) + LOSS_PREDICTIONS),
                          ("weighting", tuple(losses.WEIGHTINGS)), ("time_sampler", tuple(losses.TIME_SAMPLERS))):
-        former = losses.FORMER_NAMES[key].get(loss[key])
+        former = losses.FORMER_NAMES[key].get(loss[key]) if isinstance(loss[key], str) else None
         hint = f"; {loss[key]!r} is now called {former!r}" if former else ""
-        _require(loss[key] in allowed, f"loss.{key}", loss[key], f"one of {list(allowed)}{hint}")
+        _require(_is_name_in(loss[key], allowed), f"loss.{key}", loss[key], f"one of {list(allowed)}{hint}")
     _require(_finite_number(loss.sigma_data) and loss.sigma_data > 0, "loss.sigma_data", loss.sigma_data,
              "a positive number")
 

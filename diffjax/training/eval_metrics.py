@@ -22,7 +22,7 @@ from diffjax.training.build import network
 from diffjax.training.images import to_uint8
 from diffjax.training.run import Run, make_jitted_sampler
 
-__all__ = ["sample_images", "split_images", "sample_quality", "bits_per_dim", "likelihood_denoiser"]
+__all__ = ["sample_images", "split_images", "sample_quality", "dataset_bits_per_dim", "likelihood_denoiser"]
 
 # Above this many dimensions the divergence is estimated (Hutchinson) instead of computed exactly.
 EXACT_DIVERGENCE_MAX_DIM = 64
@@ -94,7 +94,7 @@ def likelihood_denoiser(run: Run, params, labels):
     return run.to_denoiser(network(spec.apply, params, jnp.asarray(labels, jnp.int32)))
 
 
-def bits_per_dim(run: Run, params, images: np.ndarray, labels, key, *, batch_size: int,
+def dataset_bits_per_dim(run: Run, params, images: np.ndarray, labels, key, *, batch_size: int,
                  estimator: str = "ode") -> dict:
     """Mean bits/dim of uint8 `images` under the model, by the probability-flow ODE ("ode": exact
     divergence up to EXACT_DIVERGENCE_MAX_DIM dimensions, else Hutchinson with one Rademacher probe)

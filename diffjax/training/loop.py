@@ -402,7 +402,7 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     if config.eval.bits_per_dim_examples:
         images, labels = eval_lib.split_images(config.data, split, int(config.eval.bits_per_dim_examples),
                                                batch_size=batch)
-        summary["bits_per_dim"] = eval_lib.bits_per_dim(run, params, images, labels, run.key("bits_per_dim"),
+        summary["bits_per_dim"] = eval_lib.dataset_bits_per_dim(run, params, images, labels, run.key("bits_per_dim"),
                                                         batch_size=batch)
     if run.is_main_process:
         atomic_write_json(os.path.join(loaded.workdir, f"eval_step_{summary['step']:07d}.json"), summary)
