@@ -28,6 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # a jax dependency: numpy's bfloat16
 import numpy as np
 
 from diffjax.evaluation.inception import BLOCKS, BN_EPS, FEATURE_DIM, NUM_CLASSES, Params, conv_specs, validate_params
@@ -141,8 +142,6 @@ _STORAGE_DTYPES = {
 class _StorageType:
     def __init__(self, name: str):
         if name == "BFloat16Storage":
-            import ml_dtypes  # a jax dependency
-
             self.dtype = np.dtype(ml_dtypes.bfloat16)
         elif name in _STORAGE_DTYPES:
             self.dtype = np.dtype(_STORAGE_DTYPES[name])
