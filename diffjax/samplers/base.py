@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from diffjax.denoisers import Denoiser
 from diffjax.processes import GaussianProcess
 from diffjax.samplers.grids import Grid, LogSNR
-from diffjax.validation import check_number
+from diffjax.validation import is_finite_real
 
 __all__ = ["Solver", "Phase", "NoState", "History", "phase_field", "specialise", "check_option"]
 
@@ -75,31 +75,21 @@ def check_option(solver, name: str, ok: bool, allowed: str) -> None:
         raise ValueError(f"{type(solver).__name__} option {name}={value!r:.100} is not allowed; {name} must be {allowed}")
 
 
-def check_unit_interval(solver, name: str) -> None:
+def _check_number_option(solver, name: str, in_range, allowed: str) -> None:
     value = getattr(solver, name)
-    try:
-        ok = 0.0 <= check_number(name, value) <= 1.0
-    except ValueError:
-        ok = False
-    check_option(solver, name, ok, "a number in [0, 1]")
+    check_option(solver, name, is_finite_real(value) and in_range(value), allowed)
+
+
+def check_unit_interval(solver, name: str) -> None:
+    _check_number_option(solver, name, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def check_nonnegative(solver, name: str) -> None:
-    value = getattr(solver, name)
-    try:
-        ok = check_number(name, value) >= 0.0
-    except ValueError:
-        ok = False
-    check_option(solver, name, ok, "a finite number >= 0")
+    _check_number_option(solver, name, lambda v: v >= 0.0, "a finite number >= 0")
 
 
 def check_positive_option(solver, name: str) -> None:
-    value = getattr(solver, name)
-    try:
-        ok = check_number(name, value) > 0.0
-    except ValueError:
-        ok = False
-    check_option(solver, name, ok, "a finite number > 0")
+    _check_number_option(solver, name, lambda v: v > 0.0, "a finite number > 0")
 
 
 def check_order(solver, allowed) -> None:

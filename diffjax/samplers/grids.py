@@ -47,6 +47,12 @@ def _refuse(grid, name: str, allowed: str) -> None:
     raise ValueError(f"{type(grid).__name__} grid option {name}={value!r:.100} is not allowed; {name} must be {allowed}")
 
 
+def _check_positive(grid, name: str) -> None:
+    value = getattr(grid, name)
+    if not (is_finite_real(value) and value > 0):
+        _refuse(grid, name, "a finite number > 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """Base class: `grid(process, steps, t_min, t_max)` -> the decreasing (steps + 1,) times."""
@@ -87,8 +93,7 @@ class Karras(Grid):
     rho: float = 7.0
 
     def __post_init__(self):
-        if not (is_finite_real(self.rho) and self.rho > 0):
-            _refuse(self, "rho", "a finite number > 0")
+        _check_positive(self, "rho")
 
     def __call__(self, process, steps, t_min, t_max):
         rho = float(self.rho)
@@ -120,8 +125,7 @@ class FlowTime(Grid):
     sigma_data: float = 0.5
 
     def __post_init__(self):
-        if not (is_finite_real(self.sigma_data) and self.sigma_data > 0):
-            _refuse(self, "sigma_data", "a finite number > 0")
+        _check_positive(self, "sigma_data")
 
     def __call__(self, process, steps, t_min, t_max):
         log_sigma_data = np.log(self.sigma_data)
