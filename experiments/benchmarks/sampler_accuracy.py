@@ -91,6 +91,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20k samples, NFE 10 only, no optimized grids")
     parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated solver labels to run (a subset of the rows; no files written)")
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the saved .json")
     parser.add_argument("--tuned-only", action="store_true",
                         help="re-run only the 'optimized on benchmark' rows, in the saved .json")
@@ -128,12 +130,13 @@ def main():
         print(f"{label:28s} {grid_label:22s} NFE {row['nfe']:3d}  weight {weight_error:.4f}  "
               f"std {std_error:7.2%}  ({row['seconds']:.1f}s)", flush=True)
 
+    selected = SOLVERS if args.only is None else [row for row in SOLVERS if row[0] in args.only.split(",")]
     if not args.tuned_only:
         for nfe in nfes:
-            for label, name, options in SOLVERS:
+            for label, name, options in selected:
                 for grid in GRIDS:
                     run(label, name, options, grid, grid, nfe)
-        for tol in ([1e-3] if args.quick else [1e-2, 1e-3, 1e-4]):
+        for tol in ([1e-3] if args.quick else [1e-2, 1e-3, 1e-4]) if args.only is None else []:
             run(f"adaptive dopri5 tol={tol:g}", "adaptive", {"rtol": tol, "atol": tol}, "logsnr", "(own steps)", 0)
     if not args.quick:
         # AYS-style grids tuned *on this benchmark* by optimize_grid (not data-agnostic: for reference)
@@ -158,7 +161,7 @@ def main():
         device=device(), versions=versions(), samples=n, default=f"{DEFAULT_SOLVER} / {DEFAULT_SOLVER.default_grid}",
         rows=rows,
     )
-    if not args.quick:
+    if not args.quick and args.only is None:
         with open(os.path.join(RESULTS, "sampler_accuracy.json"), "w") as f:
             json.dump(meta, f, indent=2)
         with open(os.path.join(RESULTS, "sampler_accuracy.md"), "w") as f:
