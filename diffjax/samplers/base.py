@@ -72,7 +72,9 @@ def check_option(solver, name: str, ok: bool, allowed: str) -> None:
     """ValueError naming the solver, the option, its value and what is allowed, unless `ok`."""
     if not ok:
         value = getattr(solver, name)
-        raise ValueError(f"{type(solver).__name__} option {name}={value!r:.100} is not allowed; {name} must be {allowed}")
+        raise ValueError(
+            f"{type(solver).__name__} option {name}={value!r:.100} is not allowed; {name} must be {allowed}"
+        )
 
 
 def _check_number_option(solver, name: str, in_range, allowed: str) -> None:

@@ -44,7 +44,9 @@ def _from_log_snr(process, lam, t_min, t_max):
 
 def _refuse(grid, name: str, allowed: str) -> None:
     value = getattr(grid, name)
-    raise ValueError(f"{type(grid).__name__} grid option {name}={value!r:.100} is not allowed; {name} must be {allowed}")
+    raise ValueError(
+        f"{type(grid).__name__} grid option {name}={value!r:.100} is not allowed; {name} must be {allowed}"
+    )
 
 
 def _check_positive(grid, name: str) -> None:

@@ -23,7 +23,8 @@ __all__ = ["SASolver"]
 class SASolver(PredictorCorrector):
     """SA-Predictor / SA-Corrector (Xue et al. 2023, eq. 14-18) with noise level tau (eta = tau^2):
 
-        x_s = (sigma_s/sigma_t) e^{-eta h} x_t + alpha_s (1+eta) int_{lam_t}^{lam_s} e^{-(1+eta)(lam_s - lam)} P(lam) dlam
+        x_s = (sigma_s/sigma_t) e^{-eta h} x_t
+              + alpha_s (1+eta) int_{lam_t}^{lam_s} e^{-(1+eta)(lam_s - lam)} P(lam) dlam
               + sigma_s sqrt(1 - e^{-2 eta h}) xi,
 
     P the Lagrange polynomial through the last `order` x0 evaluations (predictor) or through the
@@ -49,7 +50,8 @@ class SASolver(PredictorCorrector):
         interval = self.tau_interval
         check_option(
             self, "tau_interval",
-            interval is None or (isinstance(interval, (tuple, list)) and len(interval) == 2 and all(is_finite_real(v) for v in interval)
+            interval is None or (isinstance(interval, (tuple, list)) and len(interval) == 2
+                                 and all(is_finite_real(v) for v in interval)
                                  and 0 <= interval[0] < interval[1]),
             "None or (lo, hi) with 0 <= lo < hi",
         )

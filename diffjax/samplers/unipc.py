@@ -102,7 +102,8 @@ class UniPC(PredictorCorrector):
         return dataclasses.replace(self, order=default_order(process, steps, t_min, t_max))
 
     def init(self, denoiser, x, ts):
-        return History.empty(self.order, x).push(self.evaluate(denoiser, x, ts[0]), half_log_snr(denoiser.process, ts[0]))
+        first = self.evaluate(denoiser, x, ts[0])
+        return History.empty(self.order, x).push(first, half_log_snr(denoiser.process, ts[0]))
 
     def _system(self, state, step, p):
         """D_k and the linear system of UniPC-p for this step."""
