@@ -10,6 +10,7 @@ from diffjax import processes as P
 from diffjax.data.toy import gaussian
 from diffjax.denoisers import Denoiser, autoguidance, classifier_free_guidance, guided
 from diffjax.samplers import SOLVERS, sample
+from diffjax.validation import build_named
 from helpers import CountingNetwork
 
 PROCESS = P.VP()
@@ -27,13 +28,13 @@ def test_scale_one_is_the_conditional_model():
     assert classifier_free_guidance(cond, None, 1.0) is cond
 
 
-@pytest.mark.parametrize("solver", ["gaussian_pc", "unipc", "dpm_solver++", "edm_heun", "deis", "sa_solver", "heun"])
+@pytest.mark.parametrize("name", ["gaussian_pc", "unipc", "dpm_solver++", "edm_heun", "deis", "sa_solver", "heun"])
 @pytest.mark.parametrize("scale", [2.0, 4.0])
-def test_cfg_of_two_gaussians_samples_the_closed_form_guided_gaussian(solver, scale):
+def test_cfg_of_two_gaussians_samples_the_closed_form_guided_gaussian(name, scale):
     """With equal covariances the guided denoiser D_u + w (D_c - D_u) is the exact denoiser of
     N(mu_u + w (mu_c - mu_u), s^2): samples have that mean and the common std."""
     g = classifier_free_guidance(COND.denoiser(PROCESS), UNCOND.denoiser(PROCESS), scale)
-    x = sample(g, jax.random.key(1), (20_000, 2), solver=solver, steps=30)
+    x = sample(g, jax.random.key(1), (20_000, 2), solver=build_named(SOLVERS, name, {}, "solver"), steps=30).samples
     mu_guided = np.array([0.0, 0.5]) + scale * (np.array([1.0, -0.5]) - np.array([0.0, 0.5]))
     np.testing.assert_allclose(np.asarray(jnp.mean(x, 0)), mu_guided, rtol=0.01, atol=0.02)
     np.testing.assert_allclose(np.asarray(jnp.std(x, 0)), [0.4, 0.4], rtol=0.03)
@@ -42,7 +43,7 @@ def test_cfg_of_two_gaussians_samples_the_closed_form_guided_gaussian(solver, sc
 def test_guidance_works_with_every_solver():
     g = classifier_free_guidance(COND.denoiser(PROCESS), UNCOND.denoiser(PROCESS), 2.0, interval=(0.1, 10.0), rescale=0.5)
     for name in SOLVERS:
-        x = sample(g, jax.random.key(0), (256, 2), solver=name, steps=12)
+        x = sample(g, jax.random.key(0), (256, 2), solver=SOLVERS[name](), steps=12).samples
         assert np.all(np.isfinite(np.asarray(x))), name
 
 

@@ -11,9 +11,20 @@ import pytest
 from diffjax import processes as P
 from diffjax.data.toy import gaussian
 from diffjax.denoisers import PREDICTIONS, Denoiser, PathCoefficients, from_x0_eps
-from diffjax.samplers import SOLVERS, optimize_grid, sample
+from diffjax.samplers import GRIDS, SOLVERS, DPMSolverPP, FlowTime, LogSNR, optimize_grid, sample
+from diffjax.samplers.gaussian_pc import fitted_variance, gaussian_step
 from diffjax.samplers.unipc import default_order
+from diffjax.validation import build_named
 from helpers import CountingNetwork
+
+
+def solver(name, **options):
+    """The solver a config names: the one name -> object path of the config boundary."""
+    return build_named(SOLVERS, name, options, "solver")
+
+
+def grid(name, **options):
+    return build_named(GRIDS, name, options, "grid")
 
 GAUSSIAN = gaussian([0.3, -0.2], [0.5, 0.2])
 ALL_PROCESSES = [P.VP(), P.VP.from_betas(np.linspace(1e-4, 0.02, 1000)), P.CosineVP(), P.SubVP(), P.VE(),
@@ -29,7 +40,7 @@ def exact_ode_endpoint(process, g, x_start, t_start, t_end):
     return a1 * mu + jnp.sqrt(a1**2 * s**2 + s1**2) * z
 
 
-def fitted_order(process, solver, grid, steps_list, t_max=None, **options):
+def fitted_order(process, name, grid_name, steps_list, t_max=None, **options):
     """-slope of log(global error) against log(steps), in float64. The global error is the largest
     deviation from the exact ODE solution over the grid times (the sup norm, which unlike the error
     at t_min alone does not profit from cancellations of errors of opposite sign)."""
@@ -37,12 +48,11 @@ def fitted_order(process, solver, grid, steps_list, t_max=None, **options):
     with jax.enable_x64(True):
         errors = []
         for steps in steps_list:
-            _, traj, info = sample(
-                GAUSSIAN.denoiser(process), jax.random.key(0), (16, 2), solver=solver, steps=steps,
-                grid=grid, denoise_final=False, return_trajectory=True, return_info=True, t_max=t_max,
-                **options,
+            result = sample(
+                GAUSSIAN.denoiser(process), jax.random.key(0), (16, 2), solver=solver(name, **options),
+                steps=steps, grid=grid(grid_name), denoise_final=False, return_trajectory=True, t_max=t_max,
             )
-            ts = info["ts"][:, None, None]
+            traj, ts = result.trajectory, result.ts[:, None, None]
             exact = exact_ode_endpoint(process, GAUSSIAN, traj[0], t_max, ts)
             errors.append(float(jnp.max(jnp.abs(traj - exact))))
         slope = np.polyfit(np.log(steps_list), np.log(errors), 1)[0]
@@ -118,7 +128,7 @@ def test_gaussian_pc_converges_at_its_order(options, order):
     """On GAUSSIAN (stds 0.5 and 0.2, which no single fitted variance matches) the error falls at the
     designed order on the solver's own grid: 2 with the corrector; 1 without, because below
     sigma_data the predictor keeps the implied mean constant."""
-    slope, errors = fitted_order(P.VP(), "gaussian_pc", "flow", [16, 24, 32, 48], **options)
+    slope, errors = fitted_order(P.VP(), "gaussian_pc", "flow_time", [16, 24, 32, 48], **options)
     assert order - 0.3 < slope < order + 0.5, (slope, errors)
 
 
@@ -129,10 +139,11 @@ def test_gaussian_pc_is_exact_for_isotropic_gaussian_data(process):
     grid's alpha and sigma (measured 2e-8..2e-7); DPM-Solver++(2M) at 5 steps is 0.12 off."""
     g = gaussian([0.3, -0.2], [0.4, 0.4])
 
-    def worst_error(solver, steps):
-        _, traj, info = sample(g.denoiser(process), jax.random.key(0), (64, 2), solver=solver, steps=steps,
-                               grid="flow", denoise_final=False, return_trajectory=True, return_info=True)
-        exact = exact_ode_endpoint(process, g, traj[0], process.t_max, info["ts"][:, None, None])
+    def worst_error(name, steps):
+        result = sample(g.denoiser(process), jax.random.key(0), (64, 2), solver=solver(name), steps=steps,
+                        grid=FlowTime(), denoise_final=False, return_trajectory=True)
+        traj = result.trajectory
+        exact = exact_ode_endpoint(process, g, traj[0], process.t_max, result.ts[:, None, None])
         return float(jnp.max(jnp.abs(traj - exact) / jnp.maximum(jnp.abs(exact), 1.0)))
 
     with jax.enable_x64(True):
@@ -142,8 +153,6 @@ def test_gaussian_pc_is_exact_for_isotropic_gaussian_data(process):
 
 
 def test_fitted_variance_recovers_the_data_variance_and_clips():
-    from diffjax.samplers.gaussian_pc import fitted_variance
-
     process = P.VP()
     g = gaussian([0.3, -0.2], [0.3, 0.3])
     x = jax.random.normal(jax.random.key(0), (8, 2))
@@ -160,8 +169,6 @@ def test_fitted_variance_recovers_the_data_variance_and_clips():
 def test_gaussian_pc_gradients_are_finite_where_the_fitted_variance_is_zero():
     """optimize_grid differentiates through the solver; a fit clipped to 0 must not give NaN (it did
     through sqrt(s^2), and optimize_grid then returned its initial grid unchanged)."""
-    from diffjax.samplers.gaussian_pc import gaussian_step
-
     x, mean, slope = jnp.ones((4, 2)), jnp.full((4, 2), 0.5), jnp.full((4, 2), 0.1)
     step = lambda s2, t: gaussian_step(P.VP(), x, t, 0.3, s2, mean, slope, 0.8).sum()  # noqa: E731
     grads = jax.grad(step, argnums=(0, 1))(jnp.zeros((4, 1)), 0.5)
@@ -177,19 +184,19 @@ STOCHASTIC = [
     ("dpm_solver++_sde", dict(order=1, eta=0.5), 400),
     ("sa_solver", dict(order=2, corrector_order=2, tau=1.0), 200),
     ("sa_solver", dict(order=3, corrector_order=3, tau=0.5, tau_interval=(0.1, 10.0)), 200),
-    ("edm", dict(s_churn=40.0, s_min=0.05, s_max=50.0), 200),
+    ("edm_stochastic", dict(s_churn=40.0, s_min=0.05, s_max=50.0), 200),
     ("pc", dict(snr=0.1, n_corrector=1), 500),
 ]
 
 
-@pytest.mark.parametrize("solver, options, steps", STOCHASTIC, ids=[f"{s}-{o}" for s, o, _ in STOCHASTIC])
+@pytest.mark.parametrize("name, options, steps", STOCHASTIC, ids=[f"{s}-{o}" for s, o, _ in STOCHASTIC])
 @pytest.mark.parametrize("process", [P.VP(), P.FlowMatching()], ids=["vp", "flow"])
-def test_stochastic_sampler_reproduces_the_marginal(process, solver, options, steps):
+def test_stochastic_sampler_reproduces_the_marginal(process, name, options, steps):
     """N(mu, diag(s^2)) with its exact denoiser: sample mean and std per coordinate within a few
     standard errors (n = 20000) plus the discretization error of `steps` steps."""
     g = gaussian([0.5, -1.0], [0.3, 0.8])
-    x = sample(g.denoiser(process), jax.random.key(1), (20_000, 2), solver=solver, steps=steps,
-               grid="logsnr", **options)
+    x = sample(g.denoiser(process), jax.random.key(1), (20_000, 2), solver=solver(name, **options), steps=steps,
+               grid=LogSNR()).samples
     mean, std = np.asarray(jnp.mean(x, 0)), np.asarray(jnp.std(x, 0))
     np.testing.assert_allclose(mean, [0.5, -1.0], atol=0.02)
     np.testing.assert_allclose(std / np.array([0.3, 0.8]), 1.0, atol=0.03)
@@ -198,10 +205,10 @@ def test_stochastic_sampler_reproduces_the_marginal(process, solver, options, st
 def test_stochastic_samplers_use_fresh_noise_per_step():
     """Different keys give different samples; the same key the same samples."""
     g = gaussian([0.0], [1.0])
-    for name in ("dpm_solver++_sde", "sa_solver", "edm", "pc"):
-        a = sample(g.denoiser(P.VP()), jax.random.key(0), (64, 1), solver=name, steps=8)
-        b = sample(g.denoiser(P.VP()), jax.random.key(0), (64, 1), solver=name, steps=8)
-        c = sample(g.denoiser(P.VP()), jax.random.key(1), (64, 1), solver=name, steps=8)
+    for name in ("dpm_solver++_sde", "sa_solver", "edm_stochastic", "pc"):
+        a = sample(g.denoiser(P.VP()), jax.random.key(0), (64, 1), solver=solver(name), steps=8).samples
+        b = sample(g.denoiser(P.VP()), jax.random.key(0), (64, 1), solver=solver(name), steps=8).samples
+        c = sample(g.denoiser(P.VP()), jax.random.key(1), (64, 1), solver=solver(name), steps=8).samples
         np.testing.assert_array_equal(a, b)
         assert not np.allclose(a, c), name
 
@@ -214,11 +221,13 @@ def test_unipc_default_order_follows_the_step_size():
     t_min, t_max = ddpm.resolve_times(None, None)
     assert [default_order(ddpm, steps, t_min, t_max) for steps in (4, 9, 12, 13, 19, 49)] == [2, 2, 2, 3, 3, 3]
     denoiser = gaussian(np.zeros(16), 0.3).denoiser(ddpm)
-    draw = lambda steps, **options: np.asarray(sample(denoiser, jax.random.key(0), (64, 16), steps=steps, **options))  # noqa: E731
+    def draw(steps, **options):
+        return np.asarray(sample(denoiser, jax.random.key(0), (64, 16), steps=steps, solver=solver("unipc", **options)).samples)
+
     for steps, picked, other in ((9, 2, 3), (19, 3, 2)):
-        default = draw(steps, solver="unipc")
-        np.testing.assert_array_equal(default, draw(steps, solver="unipc", order=picked))
-        assert not np.array_equal(default, draw(steps, solver="unipc", order=other))
+        default = draw(steps)
+        np.testing.assert_array_equal(default, draw(steps, order=picked))
+        assert not np.array_equal(default, draw(steps, order=other))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +236,7 @@ def test_unipc_default_order_follows_the_step_size():
 
 
 @pytest.mark.parametrize(
-    "solver, options, steps, nfe",
+    "name, options, steps, nfe",
     [
         ("dpm_solver", dict(order=3), 4, 12),
         ("dpm_solver", dict(order=2), 5, 10),
@@ -238,13 +247,13 @@ def test_unipc_default_order_follows_the_step_size():
         ("sa_solver", dict(), 7, 7),
         ("deis", dict(order=3), 7, 7),
         ("edm_heun", dict(), 5, 10),
-        ("edm", dict(), 5, 10),
+        ("edm_stochastic", dict(), 5, 10),
         ("pc", dict(n_corrector=2), 4, 12),
     ],
 )
 @pytest.mark.parametrize("process", [P.VP(), P.FlowMatching()], ids=["vp", "flow"])
-def test_reported_nfe_counts_network_calls(process, solver, options, steps, nfe):
-    """info["nfe"] (without the final denoising) equals the number of network calls; on flow
+def test_reported_nfe_counts_network_calls(process, name, options, steps, nfe):
+    """SampleResult.nfe (without the final denoising) equals the number of network calls; on flow
     matching EDM's samplers start with an Euler step (alpha(t_max) = 0), one call fewer."""
     calls = []
     exact = GAUSSIAN.denoiser(process)
@@ -253,11 +262,13 @@ def test_reported_nfe_counts_network_calls(process, solver, options, steps, nfe)
         jax.debug.callback(lambda: calls.append(1))
         return exact.fn(x, t)
 
-    _, info = sample(Denoiser(counting_fn, process, "x0"), jax.random.key(0), (4, 2), solver=solver,
-                     steps=steps, denoise_final=False, return_info=True, **options)
+    result = sample(Denoiser(counting_fn, process, "x0"), jax.random.key(0), (4, 2), solver=solver(name, **options),
+                    steps=steps, denoise_final=False)
     jax.effects_barrier()
-    expected = nfe - (1 if solver.startswith("edm") and isinstance(process, P.FlowMatching) else 0)
-    assert info["nfe"] == expected == len(calls)
+    expected = nfe - (1 if name.startswith("edm") and isinstance(process, P.FlowMatching) else 0)
+    assert result.nfe == expected == len(calls)
+    if not isinstance(process, P.FlowMatching):
+        assert solver(name, **options).steps_for_nfe(nfe, denoise_final=False) == steps
 
 
 
@@ -282,8 +293,8 @@ def test_every_solver_works_with_every_process_and_prediction(name):
         if singular_start and (name == "euler_maruyama" or prediction not in ("x0", "v")):
             t_max = 0.999  # the reverse SDE, and eps/score/flow views, are singular at alpha = 0
         denoiser = _as_prediction(g.denoiser(process), prediction)
-        x = sample(denoiser, jax.random.key(0), (2000, 2), solver=name, steps=steps, t_max=t_max)
-        x = np.asarray(x)
+        x = np.asarray(sample(denoiser, jax.random.key(0), (2000, 2), solver=solver(name), steps=steps,
+                              t_max=t_max).samples)
         assert np.all(np.isfinite(x)), (process, prediction)
         np.testing.assert_allclose(x.mean(0), [0.5, -0.5], atol=0.05, err_msg=f"{process} {prediction}")
         np.testing.assert_allclose(x.std(0), [0.3, 0.3], atol=0.05, err_msg=f"{process} {prediction}")
@@ -299,12 +310,13 @@ def test_adaptive_solver_meets_its_tolerance_and_reports_nfe():
         process = P.VP()
         errors, nfes = [], []
         for tol in (1e-3, 1e-5, 1e-7):
-            x, traj, info = sample(GAUSSIAN.denoiser(process), jax.random.key(0), (32, 2), solver="adaptive",
-                                   steps=4, rtol=tol, atol=tol, denoise_final=False, return_trajectory=True,
-                                   return_info=True)
+            result = sample(GAUSSIAN.denoiser(process), jax.random.key(0), (32, 2),
+                            solver=solver("adaptive", rtol=tol, atol=tol), steps=4, denoise_final=False,
+                            return_trajectory=True)
+            x, traj = result.samples, result.trajectory
             exact = exact_ode_endpoint(process, GAUSSIAN, traj[0], process.t_max, process.t_min)
             errors.append(float(jnp.max(jnp.abs(x - exact))))
-            nfes.append(int(info["nfe"]))
+            nfes.append(int(result.nfe))
             assert traj.shape == (5, 32, 2)  # the grid times are checkpoints
         assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4, errors
         assert nfes[0] < nfes[1] < nfes[2], nfes
@@ -318,12 +330,12 @@ def test_optimize_grid_reduces_the_error_and_returns_a_usable_grid():
     mixture = GaussianMixture.create([0.3, 0.7], [[1.0, -1.0], [-0.5, 0.5]], [0.1, 0.3])
     denoiser = mixture.denoiser(process)
     key = jax.random.key(3)
-    ts, history = optimize_grid(denoiser, steps=5, solver="dpm_solver++", shape=(2,), key=key,
+    ts, history = optimize_grid(denoiser, steps=5, solver=DPMSolverPP(), shape=(2,), key=key,
                                 num_samples=512, iterations=60, reference_steps=200, return_history=True)
     assert isinstance(ts, list) and len(ts) == 6 and all(isinstance(t, float) for t in ts)
     assert ts[0] == process.t_max and ts[-1] == process.t_min and all(a > b for a, b in zip(ts, ts[1:]))
     assert min(history) < 0.7 * history[0], history
-    x = sample(denoiser, jax.random.key(0), (16, 2), solver="dpm_solver++", steps=5, grid=ts)
+    x = sample(denoiser, jax.random.key(0), (16, 2), solver=DPMSolverPP(), steps=5, grid=ts).samples
     assert x.shape == (16, 2)
     # a data sample works as the target too (its empirical distribution's exact denoiser)
     data = mixture.sample(jax.random.key(1), 256)
@@ -339,32 +351,41 @@ def test_optimize_grid_reduces_the_error_and_returns_a_usable_grid():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "name, options, match",
     [
-        ({"solver": "dpm_solver++", "order": 4}, "dpm_solver\\+\\+: order 4 is not supported; allowed orders: \\[1, 2, 3\\]"),
-        ({"solver": "dpm_solver", "order": 0}, "order 0 is not supported; allowed orders: \\[1, 2, 3\\]"),
-        ({"solver": "unipc", "order": 4}, "unipc: order 4 is not supported"),
-        ({"solver": "unipc", "variant": "bh3"}, "unknown variant 'bh3'; allowed: \\['bh1', 'bh2'\\]"),
-        ({"solver": "deis", "order": 5}, "deis: order 5 is not supported; allowed orders: \\[1, 2, 3, 4\\]"),
-        ({"solver": "dpm_solver++_sde", "order": 3}, "order 3 is not supported; allowed orders: \\[1, 2\\]"),
-        ({"solver": "dpm_solver++_sde", "eta": 2.0}, "eta must lie in \\[0, 1\\]"),
-        ({"solver": "sa_solver", "corrector_order": 5}, "corrector_order 5"),
-        ({"solver": "sa_solver", "tau": -1.0}, "tau must be a number >= 0"),
-        ({"solver": "edm", "s_churn": -1.0}, "s_churn must be a number >= 0"),
-        ({"solver": "pc", "n_corrector": -1}, "n_corrector must be an int >= 0"),
-        ({"solver": "adaptive", "rtol": 0.0}, "rtol must be a positive number"),
-        ({"solver": "unipc", "beta": 1.0}, "unknown option\\(s\\) \\['beta'\\] for solver 'unipc'"),
-        ({"solver": "gaussian_pc", "order": 3}, "gaussian_pc: order 3 is not supported; allowed orders: \\[1, 2\\]"),
-        ({"solver": "gaussian_pc", "max_std": 0.0}, "gaussian_pc: max_std must be a finite number > 0, got 0.0"),
-        ({"grid": "optimized"}, "unknown grid 'optimized'; known grids"),
-        ({"grid": [1.0, 0.5]}, "steps \\+ 1"),
+        ("dpm_solver++", {"order": 4}, "DPMSolverPP option order=4 is not allowed; order must be one of \\[1, 2, 3\\]"),
+        ("dpm_solver", {"order": 0}, "DPMSolver option order=0 is not allowed; order must be one of \\[1, 2, 3\\]"),
+        ("unipc", {"order": 4}, "UniPC option order=4 is not allowed"),
+        ("unipc", {"variant": "bh3"}, "UniPC option variant='bh3' is not allowed; variant must be one of \\['bh1', 'bh2'\\]"),
+        ("deis", {"order": 5}, "DEIS option order=5 is not allowed; order must be one of \\[1, 2, 3, 4\\]"),
+        ("dpm_solver++_sde", {"order": 3}, "order=3 is not allowed; order must be one of \\[1, 2\\]"),
+        ("dpm_solver++_sde", {"eta": 2.0}, "eta must be a number in \\[0, 1\\]"),
+        ("sa_solver", {"corrector_order": 5}, "SASolver option corrector_order=5"),
+        ("sa_solver", {"tau": -1.0}, "SASolver option tau=-1.0 is not allowed; tau must be a finite number >= 0"),
+        ("sa_solver", {"tau_interval": (2.0, 1.0)}, "tau_interval must be None or \\(lo, hi\\)"),
+        ("edm_stochastic", {"s_churn": -1.0}, "EDMStochastic option s_churn=-1.0 is not allowed; s_churn must be a finite number >= 0"),
+        ("edm_stochastic", {"s_max": 0.01}, "s_max must be a number >= s_min = 0.05"),
+        ("pc", {"n_corrector": -1}, "LangevinPC option n_corrector=-1 is not allowed; n_corrector must be an int >= 0"),
+        ("adaptive", {"rtol": 0.0}, "Adaptive option rtol=0.0 is not allowed; rtol must be a finite number > 0"),
+        ("unipc", {"beta": 1.0}, "unknown option 'beta' for solver 'unipc'"),
+        ("gaussian_pc", {"order": 3}, "GaussianPC option order=3 is not allowed; order must be one of \\[1, 2\\]"),
+        ("gaussian_pc", {"max_std": 0.0}, "GaussianPC option max_std=0.0 is not allowed; max_std must be a finite number > 0"),
     ],
 )
-def test_bad_input_raises_before_tracing(kwargs, match):
+def test_bad_solver_options_raise_on_construction(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        solver(name, **options)
+
+
+@pytest.mark.parametrize(
+    "grid_value, error, match",
+    [("optimized", TypeError, "grid must be a Grid instance"), ([1.0, 0.5], ValueError, "steps \\+ 1")],
+)
+def test_bad_grid_raises_before_tracing(grid_value, error, match):
     network = CountingNetwork()
     denoiser = Denoiser(network, P.VP(), "eps")
-    with pytest.raises(ValueError, match=match):
-        sample(denoiser, jax.random.key(0), (4, 2), steps=4, **kwargs)
+    with pytest.raises(error, match=match):
+        sample(denoiser, jax.random.key(0), (4, 2), steps=4, grid=grid_value)
     assert network.calls == 0
 
 
@@ -395,15 +416,15 @@ def test_default_sampler_on_the_benchmark_mixture(nfe, max_weight_error, max_std
     """The configuration a user gets without naming a solver or grid (gaussian_pc on its flow grid),
     on the 16-D mixture under the 1000-step DDPM chain with 100k samples, against the issue's
     targets: std error <= 25 % at 5 NFE; weight error <= 0.015 and std error <= 5 % at 10 NFE
-    (measured: 0.116 / 4.8 %, 0.0086 / 0.6 %). 20 NFE: near-exact (0.003 / 1.6 %, mostly the
-    final posterior mean's -1.9 % on the 0.05-std component)."""
+    (experiments/results/sampler_accuracy.md). 20 NFE: near-exact (the remaining std error is mostly
+    the final posterior mean's -1.9 % on the 0.05-std component)."""
     from diffjax.data.toy import benchmark_mixture
 
     mixture = benchmark_mixture(16)
     ddpm = P.VP.from_betas(np.linspace(1e-4, 0.02, 1000))
-    run = jax.jit(lambda key: sample(mixture.denoiser(ddpm), key, (100_000, 16), steps=nfe - 1, return_info=True))
-    x, info = run(jax.random.key(0))
-    assert int(info["nfe"]) == nfe
+    result = sample(mixture.denoiser(ddpm), jax.random.key(0), (100_000, 16), steps=nfe - 1)
+    x = result.samples
+    assert result.nfe == nfe
     weight_error, std_error = mixture.sample_errors(x)
     assert std_error <= max_std_error, (weight_error, std_error)
     if max_weight_error is not None:

@@ -20,6 +20,7 @@ from diffjax import losses
 from diffjax import processes as P
 from diffjax.denoisers import EDMPreconditioned
 from diffjax.samplers import GRIDS, SOLVERS
+from diffjax.validation import build_named
 
 PACKAGE = os.path.dirname(os.path.abspath(diffjax.__file__)) + os.sep
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -127,12 +128,12 @@ def test_denoising_loss_network_and_process(value, first):
     assert_own_error(lambda: diffjax.denoising_loss(*args), "apply_fn" if first else "process")
 
 
-SAMPLE_ARGUMENTS = ["key", "shape", "steps", "solver", "grid", "t_min", "t_max", "grid_options"]
+SAMPLE_ARGUMENTS = ["key", "shape", "steps", "solver", "grid", "t_min", "t_max"]
 
 
 def _sample(denoiser, key, shape, **kwargs):
     """sample() traced, not compiled: validation happens while tracing."""
-    return jax.eval_shape(lambda: diffjax.sample(denoiser, key, shape, **kwargs))
+    return jax.eval_shape(lambda: diffjax.sample(denoiser, key, shape, **kwargs).samples)
 
 
 @SETTINGS
@@ -141,17 +142,21 @@ def test_sample_arguments(data, value):
     denoiser = diffjax.Denoiser(network, data.draw(st.sampled_from([P.VP(), P.EDM()])), "x0")
     kwargs = {"key": jax.random.key(0), "shape": (2, 3), "steps": 3}
     name = data.draw(st.sampled_from(SAMPLE_ARGUMENTS + ["solver option", "grid option"]))
-    if name == "solver option":
-        kwargs["solver"] = data.draw(st.sampled_from(sorted(SOLVERS)))
-        fields = [f.name for f in dataclasses.fields(SOLVERS[kwargs["solver"]]) if f.init]
+    if name == "solver option":  # the config boundary: name + options -> a validated solver object
+        solver_name = data.draw(st.sampled_from(sorted(SOLVERS)))
+        fields = [f.name for f in dataclasses.fields(SOLVERS[solver_name]) if f.init]
         if not fields:
             return
         name = data.draw(st.sampled_from(fields))
-        kwargs[name] = value
+        kwargs["solver"] = assert_own_error(lambda: build_named(SOLVERS, solver_name, {name: value}, "solver"), name)
+        if kwargs["solver"] is None:
+            return
     elif name == "grid option":
-        kwargs["grid"] = data.draw(st.sampled_from(sorted(GRIDS)))
-        kwargs["grid_options"] = {"rho": value}
+        grid_name = data.draw(st.sampled_from(sorted(GRIDS)))
         name = "grid"
+        kwargs["grid"] = assert_own_error(lambda: build_named(GRIDS, grid_name, {"rho": value}, "grid"), name)
+        if kwargs["grid"] is None:
+            return
     else:
         kwargs[name] = value
     out = assert_own_error(lambda: _sample(denoiser, kwargs.pop("key"), kwargs.pop("shape"), **kwargs), name)

@@ -5,13 +5,13 @@ pytree ODE solver); the "adaptive" sampler and `diffjax.likelihood` both run on 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.samplers.base import Solver
+from diffjax.samplers.base import Solver, check_option, check_positive_option
 
 __all__ = ["Adaptive", "dopri5", "ODESolution"]
 
@@ -128,23 +128,22 @@ class Adaptive(Solver):
     by its worst example), and the next step is h * clip(0.9 err^(-1/5), 0.2, 5).
     The grid's times are checkpoints that the integration hits exactly (what `return_trajectory`
     returns); `steps` only sets them. Each attempted step costs 6 NFE (FSAL) plus 1 to start; the
-    count is dynamic and reported in `info["nfe"]`. At most `max_steps` attempts in total.
+    count is dynamic and reported in `SampleResult.nfe`. At most `max_steps` attempts in total.
     """
 
+    fixed_nfe: ClassVar[bool] = False
     rtol: float = 1e-4
     atol: float = 1e-4
     max_steps: int = 4096
 
-    def check(self, process, steps, t_min, t_max):
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"adaptive: {name} must be a positive number, got {value!r}")
-        if not (isinstance(self.max_steps, int) and self.max_steps >= 1):
-            raise ValueError(f"adaptive: max_steps must be an int >= 1, got {self.max_steps!r}")
+    def __post_init__(self):
+        check_positive_option(self, "rtol")
+        check_positive_option(self, "atol")
+        check_option(self, "max_steps", isinstance(self.max_steps, int) and not isinstance(self.max_steps, bool)
+                     and self.max_steps >= 1, "an int >= 1")
 
     def nfe(self, steps):
-        raise ValueError("the adaptive solver's NFE is known only after the run (see info['nfe'])")
+        raise ValueError("the adaptive solver's NFE is known only after the run (SampleResult.nfe)")
 
     def run(self, denoiser, x, ts, keys, return_trajectory):
         solution = dopri5(lambda y, t: denoiser.flow(y, t), x, ts, rtol=self.rtol, atol=self.atol,

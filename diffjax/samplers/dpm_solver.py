@@ -11,18 +11,17 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.processes import broadcast_to_data
-from diffjax.samplers.base import Solver
-from diffjax.samplers.exponential import (
+from diffjax.samplers.base import (
+    History,
+    Solver,
     check_order,
-    data_first_order,
-    ddim_step,
-    half_log_snr,
-    multistep_orders,
-    order_phases,
-    phi_functions,
-    polynomial_correction,
-    push,
+    check_unit_interval,
+    group_phases,
+    phase_field,
+    specialise,
 )
+from diffjax.samplers.ddim import ddim_data_form, ddim_step
+from diffjax.samplers.exponential import half_log_snr, multistep_orders, phi_functions, polynomial_correction
 
 __all__ = ["DPMSolver", "DPMSolverPP", "DPMSolverPPSDE"]
 
@@ -42,8 +41,8 @@ class DPMSolver(Solver):
     order: int = 3
     data_prediction: bool = False
 
-    def check(self, process, steps, t_min, t_max):
-        check_order("dpm_solver", self.order, (1, 2, 3))
+    def __post_init__(self):
+        check_order(self, (1, 2, 3))
 
     def nfe(self, steps):
         return steps * self.order
@@ -86,20 +85,18 @@ class DPMSolver(Solver):
 
 @dataclasses.dataclass(frozen=True)
 class _Multistep(Solver):
-    """History of the last x0 predictions and their half log-SNRs, newest first."""
+    """State: a `History` of the last x0 predictions at their half log-SNRs, newest first."""
 
     order: int = 2
     lower_order_final: bool = True
-
-    def _history_size(self) -> int:
-        return max(self.order - 1, 1)
+    step_order: int = phase_field(0)  # the order of this phase's steps (warm-up and final: lower)
 
     def init(self, denoiser, x, ts):
-        k = self._history_size()
-        return jnp.zeros((k,) + x.shape, x.dtype), jnp.zeros((k,), jnp.float32)
+        return History.empty(max(self.order - 1, 1), x)
 
     def phases(self, steps):
-        return order_phases(multistep_orders(steps, self.order, self.lower_order_final))
+        orders = multistep_orders(steps, self.order, self.lower_order_final)
+        return group_phases([specialise(self, step_order=order) for order in orders])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +112,16 @@ class DPMSolverPP(_Multistep):
     steps the last steps drop to 2, 1. 1 NFE per step; global order = `order`.
     """
 
-    def check(self, process, steps, t_min, t_max):
-        check_order("dpm_solver++", self.order, (1, 2, 3))
+    def __post_init__(self):
+        check_order(self, (1, 2, 3))
 
-    def step(self, denoiser, x, state, t, t_next, key, order):
+    def step(self, denoiser, x, state, t, t_next, key):
         process = denoiser.process
-        history, lams = state
+        history, lams = state.values, state.nodes
+        order = self.step_order
         x0, _ = denoiser.predict(x, t)
         lam_t, lam_s = half_log_snr(process, t), half_log_snr(process, t_next)
-        x_s = data_first_order(process, x, x0, t, t_next)
+        x_s = ddim_data_form(process, x, x0, t, t_next)
         alpha_s = _b(process.alpha(t_next), x)
         if order == 2:
             h = lam_s - lam_t
@@ -133,7 +131,7 @@ class DPMSolverPP(_Multistep):
         elif order == 3:
             values = [x0, history[0], history[1]]
             x_s = x_s + alpha_s * polynomial_correction(values, [lam_t, lams[0], lams[1]], lam_t, lam_s, -1.0)
-        return x_s, (push(history, x0), push(lams, lam_t))
+        return x_s, state.push(x0, lam_t)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,21 +149,20 @@ class DPMSolverPPSDE(_Multistep):
     stochastic: ClassVar[bool] = True
     eta: float = 1.0
 
-    def check(self, process, steps, t_min, t_max):
-        check_order("dpm_solver++_sde", self.order, (1, 2))
-        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
-            raise ValueError(f"dpm_solver++_sde eta must lie in [0, 1], got {self.eta!r}")
+    def __post_init__(self):
+        check_order(self, (1, 2))
+        check_unit_interval(self, "eta")
 
-    def step(self, denoiser, x, state, t, t_next, key, order):
+    def step(self, denoiser, x, state, t, t_next, key):
         process = denoiser.process
-        history, lams = state
+        history, lams = state.values, state.nodes
         x0, _ = denoiser.predict(x, t)
         lam_t, lam_s = half_log_snr(process, t), half_log_snr(process, t_next)
         noise = jax.random.normal(key, x.shape, x.dtype)
-        x_s = data_first_order(process, x, x0, t, t_next, float(self.eta), noise)
-        if order == 2:
+        x_s = ddim_data_form(process, x, x0, t, t_next, float(self.eta), noise)
+        if self.step_order == 2:
             h = lam_s - lam_t
             r = (lam_t - lams[0]) / h
             weight = -jnp.expm1(-(1.0 + self.eta) * h) / (2.0 * r)
             x_s = x_s + _b(process.alpha(t_next) * weight, x) * (x0 - history[0])
-        return x_s, (push(history, x0), push(lams, lam_t))
+        return x_s, state.push(x0, lam_t)

@@ -1,4 +1,4 @@
-"""Shared pieces of the exponential-integrator solvers (DPM-Solver, DPM-Solver++, UniPC, SA-Solver).
+"""Shared math of the exponential-integrator solvers (DPM-Solver, DPM-Solver++, DEIS, UniPC, SA-Solver).
 
 With the half log-SNR  lam(t) = log(alpha_t / sigma_t)  and h = lam_s - lam_t > 0 for a step from t
 to s < t, the probability-flow ODE has the exact solutions (Lu et al. 2022, "DPM-Solver", eq. 3.4;
@@ -31,19 +31,15 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from diffjax.processes import LOG_SNR_CLIP, broadcast_to_data
-from diffjax.samplers.base import Phase
+from diffjax.processes import LOG_SNR_CLIP
 
 __all__ = [
     "half_log_snr",
     "phi_functions",
     "lagrange_exp_weights",
-    "ddim_step",
     "polynomial_correction",
-    "push",
-    "group_phases",
-    "order_phases",
-    "check_order",
+    "multistep_orders",
+    "is_concrete_zero_alpha",
 ]
 
 
@@ -97,14 +93,6 @@ def lagrange_exp_weights(nodes: Sequence, z):
     return weights
 
 
-def ddim_step(process, x0, eps, t_next):
-    """The first-order exponential-integrator step (DDIM): alpha_s x0 + sigma_s eps."""
-    return (
-        broadcast_to_data(process.alpha(t_next), x0) * x0
-        + broadcast_to_data(process.sigma(t_next), x0) * eps
-    )
-
-
 def polynomial_correction(values, lams, lam_t, lam_s, z_scale: float):
     """h sum_{j>=1} w_j (values[j] - values[0]): the higher-order part of the exponential integrator
     for the polynomial through (lams[j], values[j]) (values[0] at lam_t, the base of the step).
@@ -121,29 +109,6 @@ def polynomial_correction(values, lams, lam_t, lam_s, z_scale: float):
     return out
 
 
-def push(history, value):
-    """Put `value` in front of a fixed-size history stack (newest first), dropping the oldest. The
-    value takes the stack's dtype (a discrete chain's log-SNR is float64 under x64)."""
-    return jnp.concatenate([jnp.asarray(value, history.dtype)[None], history[:-1]], axis=0)
-
-
-def group_phases(step_options: Sequence[dict]) -> tuple[Phase, ...]:
-    """Group per-step (static) option dicts into Phases of consecutive equal options."""
-    phases = []
-    for options in step_options:
-        options = tuple(sorted(options.items()))
-        if phases and phases[-1].options == options:
-            phases[-1] = Phase(phases[-1].length + 1, options)
-        else:
-            phases.append(Phase(1, options))
-    return tuple(phases)
-
-
-def order_phases(orders: Sequence[int], **extra) -> tuple[Phase, ...]:
-    """Group a per-step list of (static) orders into consecutive Phases."""
-    return group_phases([{"order": order, **extra} for order in orders])
-
-
 def multistep_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
     """Warm-up with orders 1, 2, ... (no history yet); with `lower_order_final` and fewer than 15
     steps, also end with ..., 2, 1 (DPM-Solver / diffusers' choice for few-step stability)."""
@@ -153,11 +118,6 @@ def multistep_orders(steps: int, order: int, lower_order_final: bool) -> list[in
     return orders
 
 
-def check_order(name: str, order, allowed) -> None:
-    if order not in allowed or isinstance(order, bool):
-        raise ValueError(f"{name}: order {order!r} is not supported; allowed orders: {list(allowed)}")
-
-
 def is_concrete_zero_alpha(process, t: float) -> bool:
     """True when alpha(t) == 0 can be decided now (False for traced processes)."""
     try:
@@ -165,62 +125,3 @@ def is_concrete_zero_alpha(process, t: float) -> bool:
             return bool(process.alpha(jnp.float32(t)) == 0.0)
     except jax.errors.ConcretizationTypeError:
         return False
-
-
-def data_first_order(process, x, x0, t, s, noise_rate=0.0, noise=None):
-    """x_s = (sigma_s/sigma_t) e^{-eta h} x_t + alpha_s (1 - e^{-(1+eta) h}) x0 [+ sigma_s sqrt(1 - e^{-2 eta h}) z]:
-    DPM-Solver++(1) (= DDIM) for eta = 0, its SDE version (SA-Solver, SDE-DPM-Solver++) for
-    eta > 0. e^{-h} = alpha_t sigma_s / (sigma_t alpha_s) comes from the process, so alpha_t = 0
-    (lam_t = -inf) needs no clipping."""
-    alpha_t, sigma_t = process.alpha(t), process.sigma(t)
-    alpha_s, sigma_s = process.alpha(s), process.sigma(s)
-    decay = alpha_t * sigma_s / (sigma_t * alpha_s)  # e^{-h}
-    keep = decay**noise_rate  # e^{-eta h}
-    b = lambda c: broadcast_to_data(c, x)  # noqa: E731
-    out = b(sigma_s / sigma_t * keep) * x + b(alpha_s * (1.0 - decay * keep)) * x0
-    if noise is not None:
-        out = out + b(sigma_s * jnp.sqrt(jnp.maximum(1.0 - keep**2, 0.0))) * noise
-    return out
-
-
-class PredictorCorrector:
-    """Mixin for multistep predictor-corrector solvers (UniPC, SA-Solver) that evaluate the network
-    once per step, at the *predicted* point: the evaluation feeds the corrector of this step and the
-    history of the next (Zhao et al. 2023, Alg. 1). The first evaluation (at the prior sample) is in
-    `init`; the last step skips it (and so the corrector). NFE = steps.
-
-    Subclasses define `order`, `lower_order_final`, `_corrects`, `_predict` and `_correct`, and
-    `_history_size`.
-    """
-
-    def init(self, denoiser, x, ts):
-        x0, _ = denoiser.predict(x, ts[0])
-        k = self._history_size()
-        history = jnp.zeros((k,) + x.shape, x.dtype).at[0].set(x0)
-        lams = jnp.zeros((k,), jnp.float32).at[0].set(half_log_snr(denoiser.process, ts[0]))
-        return history, lams
-
-    def phases(self, steps):
-        orders = multistep_orders(steps, self.order, self.lower_order_final)
-        phases = order_phases(orders[:-1], evaluate=True) + order_phases(orders[-1:], evaluate=False)
-        return phases
-
-    def nfe(self, steps):
-        return steps
-
-    def _noise(self, key, x):
-        return None
-
-    def step(self, denoiser, x, state, t, t_next, key, order, evaluate):
-        process = denoiser.process
-        history, lams = state
-        lam_t, lam_s = half_log_snr(process, t), half_log_snr(process, t_next)
-        noise = self._noise(key, x)
-        x_pred = self._predict(process, x, history, lams, t, t_next, lam_t, lam_s, order, noise)
-        if not evaluate:
-            return x_pred, state
-        x0_new, _ = denoiser.predict(x_pred, t_next)
-        x_new = x_pred
-        if self._corrects:
-            x_new = self._correct(process, x, history, lams, x0_new, t, t_next, lam_t, lam_s, order, noise)
-        return x_new, (push(history, x0_new), push(lams, lam_s))

@@ -18,23 +18,26 @@ steps on, whatever the step sizes.
 
 The fit is what makes few steps work: once a sample has chosen a mode of the data, the solver
 follows that mode's width exactly instead of extrapolating the sigmoid-shaped x0-prediction with a
-polynomial in lam (see unipc.py). On the 16-D benchmark mixture at 10 NFE it reaches weight error
-0.0086 and std error 0.6 % on the "flow" grid (experiments/results/sampler_accuracy.md).
+polynomial in lam (see unipc.py). Its accuracy on the benchmark mixture, on each grid:
+experiments/results/sampler_accuracy.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from diffjax.processes import broadcast_to_data
-from diffjax.samplers.base import Solver
-from diffjax.samplers.exponential import check_order, group_phases, half_log_snr, push
+from diffjax.samplers.base import check_order, check_positive_option, group_phases, phase_field, push, specialise
+from diffjax.samplers.exponential import half_log_snr
+from diffjax.samplers.grids import FlowTime, Grid
+from diffjax.samplers.predictor_corrector import PredictorCorrector
 
-__all__ = ["GaussianPC", "fitted_variance", "gaussian_step"]
+__all__ = ["GaussianPC", "GaussianPCState", "fitted_variance", "gaussian_step"]
 
 
 def _per_sample_sum(v):
@@ -81,74 +84,93 @@ def gaussian_step(process, x, t, s, s2, mean, slope=None, h=None):
     return out + integral * slope
 
 
+class GaussianPCState(NamedTuple):
+    """The last two evaluations (newest first): x0-predictions D, b = (alpha/sigma) eps, and their
+    half log-SNRs."""
+
+    x0s: jax.Array
+    bs: jax.Array
+    lams: jax.Array
+
+
+class GaussianEvaluation(NamedTuple):
+    """One evaluation: the x0-prediction D and b = (alpha/sigma) eps."""
+
+    x0: jax.Array
+    b: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
-class GaussianPC(Solver):
+class GaussianPC(PredictorCorrector):
     """Gaussian-exact predictor-corrector (module docstring): 1 NFE per step, global order 2.
 
     order: 2 extrapolates the implied mean linearly in lam through the last two evaluations while
-      sigma/alpha > sigma_data, and keeps it constant below; 1 keeps it constant everywhere.
-      On a trained MNIST model extrapolating below sigma_data as well raised the FID from 61.2 to
-      72.4 at 10 NFE (order 1: 61.9), while the benchmark mixture's modes are decided above it
-      (experiments/results/mnist_gaussian_pc.md).
+      sigma/alpha > sigma_data, and keeps it constant below; 1 keeps it constant everywhere (what
+      each does on a trained MNIST model: experiments/results/mnist_gaussian_pc.md).
     corrector: re-do each step with the new evaluation (trapezoidal); the last step has none.
     max_std: the largest per-sample data std the fit may return.
     sigma_data: the data's scale (EDM's 0.5 for images in [-1, 1]).
     """
 
-    default_grid: ClassVar[str] = "flow"
+    default_grid: ClassVar[Grid] = FlowTime()
 
     order: int = 2
     corrector: bool = True
     max_std: float = 1.0
     sigma_data: float = 0.5
+    fit: bool = phase_field(True)  # False in the first step (one evaluation: s^2 = 0, DDIM)
 
-    def check(self, process, steps, t_min, t_max):
-        check_order("gaussian_pc", self.order, (1, 2))
-        for name in ("max_std", "sigma_data"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"gaussian_pc: {name} must be a finite number > 0, got {value!r}")
+    def __post_init__(self):
+        check_order(self, (1, 2))
+        check_positive_option(self, "max_std")
+        check_positive_option(self, "sigma_data")
+
+    @property
+    def corrects(self) -> bool:
+        return self.corrector
 
     def phases(self, steps):
         # The first step has one evaluation (s^2 = 0: DDIM); the others fit s^2 to the last two.
         # Every step but the last evaluates the network at its end and corrects.
-        return group_phases([{"fit": i > 0, "evaluate": i < steps - 1} for i in range(steps)])
+        return group_phases([specialise(self, fit=i > 0, evaluate_next=i < steps - 1) for i in range(steps)])
+
+    def evaluate(self, denoiser, x, t):
+        x0, eps = denoiser.predict(x, t)
+        return GaussianEvaluation(x0, _noise_over_scale(denoiser.process, eps, t))
 
     def init(self, denoiser, x, ts):
-        x0, eps = denoiser.predict(x, ts[0])
-        b = _noise_over_scale(denoiser.process, eps, ts[0])
+        first = self.evaluate(denoiser, x, ts[0])
         empty = jnp.zeros((2,) + x.shape, x.dtype)
         lam = half_log_snr(denoiser.process, ts[0])
         lams = jnp.zeros((2,), lam.dtype).at[0].set(lam)
-        return empty.at[0].set(x0), empty.at[0].set(b), lams
+        return GaussianPCState(empty.at[0].set(first.x0), empty.at[0].set(first.b), lams)
 
-    def step(self, denoiser, x, state, t, t_next, key, evaluate, fit):
-        process = denoiser.process
+    def remember(self, state, evaluation, step):
+        return GaussianPCState(
+            push(state.x0s, evaluation.x0), push(state.bs, evaluation.b), push(state.lams, step.lam_s)
+        )
+
+    def predict(self, denoiser, step, state):
+        process, x = denoiser.process, step.x
         x0s, bs, lams = state
-        lam_t, lam_s = half_log_snr(process, t), half_log_snr(process, t_next)
-        max_variance = float(self.max_std) ** 2
-        if fit:
-            s2 = fitted_variance(x0s[0], bs[0], x0s[1], bs[1], max_variance)
-            mean = _implied_mean(x0s[0], bs[0], s2)
-            rate = None
-            if self.order == 2:
-                # lam_t < -log(sigma_data): a scalar switch, as the grid is only known when traced
-                above = (lam_t < -math.log(self.sigma_data)).astype(x.dtype)
-                rate = (mean - _implied_mean(x0s[1], bs[1], s2)) * broadcast_to_data(above / (lam_t - lams[1]), x)
-            x_pred = gaussian_step(process, x, t, t_next, s2, mean, rate, lam_s - lam_t)
-        else:
-            x_pred = gaussian_step(process, x, t, t_next, 0.0, x0s[0])
-        if not evaluate:
-            return x_pred, state
-        x0_new, eps_new = denoiser.predict(x_pred, t_next)
-        b_new = _noise_over_scale(process, eps_new, t_next)
-        x_new = x_pred
-        if self.corrector:
-            s2 = fitted_variance(x0_new, b_new, x0s[0], bs[0], max_variance)
-            mean_t, mean_s = _implied_mean(x0s[0], bs[0], s2), _implied_mean(x0_new, b_new, s2)
-            h = lam_s - lam_t
-            x_new = gaussian_step(process, x, t, t_next, s2, mean_t, (mean_s - mean_t) / broadcast_to_data(h, x), h)
-        return x_new, (push(x0s, x0_new), push(bs, b_new), push(lams, lam_s))
+        if not self.fit:
+            return gaussian_step(process, x, step.t, step.t_next, 0.0, x0s[0])
+        s2 = fitted_variance(x0s[0], bs[0], x0s[1], bs[1], float(self.max_std) ** 2)
+        mean = _implied_mean(x0s[0], bs[0], s2)
+        rate = None
+        if self.order == 2:
+            # lam_t < -log(sigma_data): a scalar switch, as the grid is only known when traced
+            above = (step.lam_t < -math.log(self.sigma_data)).astype(x.dtype)
+            rate = (mean - _implied_mean(x0s[1], bs[1], s2)) * broadcast_to_data(above / (step.lam_t - lams[1]), x)
+        return gaussian_step(process, x, step.t, step.t_next, s2, mean, rate, step.lam_s - step.lam_t)
+
+    def correct(self, denoiser, step, state, new):
+        x0s, bs, _ = state
+        s2 = fitted_variance(new.x0, new.b, x0s[0], bs[0], float(self.max_std) ** 2)
+        mean_t, mean_s = _implied_mean(x0s[0], bs[0], s2), _implied_mean(new.x0, new.b, s2)
+        h = step.lam_s - step.lam_t
+        slope = (mean_s - mean_t) / broadcast_to_data(h, step.x)
+        return gaussian_step(denoiser.process, step.x, step.t, step.t_next, s2, mean_t, slope, h)
 
 
 def _implied_mean(x0, b, s2):

@@ -1,19 +1,25 @@
 """Time discretizations for sampling: decreasing grids t_0 = t_max > ... > t_steps = t_min.
 
-Every grid is a function `(process, steps, t_min, t_max, **options) -> (steps + 1,) array` and
-all of them are expressed through the log-SNR lambda(t), so they mean the same thing for every
-process. The end points are exact; interior points go through `process.t_from_log_snr`.
+A grid is a small frozen dataclass of its options, called as `grid(process, steps, t_min, t_max)`
+to give the (steps + 1,) float32 array of times. The named grids are expressed through the log-SNR
+lambda(t), so they mean the same thing for every process; their end points are exact and interior
+points go through `process.t_from_log_snr`. `Times` holds an explicit grid (e.g. the one
+`optimize_grid` returns), which also fixes the integration range.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffjax.processes import LOG_SNR_CLIP, GaussianProcess
+from diffjax.validation import is_finite_real
 
-__all__ = ["GRIDS", "make_grid", "check_grid"]
+__all__ = ["Grid", "Uniform", "LogSNR", "Karras", "Quadratic", "FlowTime", "Times", "GRIDS", "as_grid"]
 
 
 def _clipped_log_snr(process: GaussianProcess, t: float):
@@ -36,83 +42,154 @@ def _from_log_snr(process, lam, t_min, t_max):
     return ts.at[0].set(t_max).at[-1].set(t_min)
 
 
-def uniform_grid(process, steps, t_min, t_max):
+def _refuse(grid, name: str, allowed: str) -> None:
+    value = getattr(grid, name)
+    raise ValueError(
+        f"{type(grid).__name__} grid option {name}={value!r:.100} is not allowed; {name} must be {allowed}"
+    )
+
+
+def _check_positive(grid, name: str) -> None:
+    value = getattr(grid, name)
+    if not (is_finite_real(value) and value > 0):
+        _refuse(grid, name, "a finite number > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Base class: `grid(process, steps, t_min, t_max)` -> the decreasing (steps + 1,) times."""
+
+    name: ClassVar[str] = ""
+
+    def __call__(self, process: GaussianProcess, steps: int, t_min: float, t_max: float):
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(Grid):
     """Uniform in t (DDPM, score-SDE)."""
-    return jnp.linspace(t_max, t_min, steps + 1, dtype=jnp.float32)
+
+    name: ClassVar[str] = "uniform"
+
+    def __call__(self, process, steps, t_min, t_max):
+        return jnp.linspace(t_max, t_min, steps + 1, dtype=jnp.float32)
 
 
-def log_snr_grid(process, steps, t_min, t_max):
+@dataclasses.dataclass(frozen=True)
+class LogSNR(Grid):
     """Uniform in log-SNR lambda (DPM-Solver, Lu et al. 2022)."""
-    lam = jnp.linspace(_start_log_snr(process, t_min, t_max), _clipped_log_snr(process, t_min), steps + 1)
-    return _from_log_snr(process, lam, t_min, t_max)
+
+    name: ClassVar[str] = "logsnr"
+
+    def __call__(self, process, steps, t_min, t_max):
+        lam = jnp.linspace(_start_log_snr(process, t_min, t_max), _clipped_log_snr(process, t_min), steps + 1)
+        return _from_log_snr(process, lam, t_min, t_max)
 
 
-def karras_grid(process, steps, t_min, t_max, rho: float = 7.0):
+@dataclasses.dataclass(frozen=True)
+class Karras(Grid):
     """EDM's rho-spacing (Karras et al. 2022, eq. 5) of the scaled noise level s = sigma/alpha:
     s_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho."""
-    if not rho > 0:
-        raise ValueError(f"karras grid needs rho > 0, got {rho!r}")
-    s_max = jnp.exp(-0.5 * _start_log_snr(process, t_min, t_max))
-    s_min = jnp.exp(-0.5 * _clipped_log_snr(process, t_min))
-    frac = jnp.linspace(0.0, 1.0, steps + 1)
-    s = (s_max ** (1 / rho) + frac * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-    return _from_log_snr(process, -2.0 * jnp.log(s), t_min, t_max)
+
+    name: ClassVar[str] = "karras"
+    rho: float = 7.0
+
+    def __post_init__(self):
+        _check_positive(self, "rho")
+
+    def __call__(self, process, steps, t_min, t_max):
+        rho = float(self.rho)
+        s_max = jnp.exp(-0.5 * _start_log_snr(process, t_min, t_max))
+        s_min = jnp.exp(-0.5 * _clipped_log_snr(process, t_min))
+        frac = jnp.linspace(0.0, 1.0, steps + 1)
+        s = (s_max ** (1 / rho) + frac * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        return _from_log_snr(process, -2.0 * jnp.log(s), t_min, t_max)
 
 
-def quadratic_grid(process, steps, t_min, t_max):
+@dataclasses.dataclass(frozen=True)
+class Quadratic(Grid):
     """Quadratic in t, dense near t_min (DDIM's "quad" spacing, Song et al. 2021)."""
-    frac = jnp.linspace(1.0, 0.0, steps + 1) ** 2
-    return t_min + frac * (t_max - t_min)
+
+    name: ClassVar[str] = "quadratic"
+
+    def __call__(self, process, steps, t_min, t_max):
+        frac = jnp.linspace(1.0, 0.0, steps + 1) ** 2
+        return t_min + frac * (t_max - t_min)
 
 
-def flow_grid(process, steps, t_min, t_max, sigma_data: float = 0.5):
+@dataclasses.dataclass(frozen=True)
+class FlowTime(Grid):
     """Uniform in tau = s/(s + sigma_data), s = sigma/alpha: the time of the rectified flow
     (alpha = 1 - tau, sigma = tau) of the data divided by sigma_data. Dense where s is near
     sigma_data, where a sample's mode is decided; tau = 1 where alpha = 0."""
-    if not (isinstance(sigma_data, (int, float)) and sigma_data > 0 and np.isfinite(sigma_data)):
-        raise ValueError(f"flow grid needs a finite sigma_data > 0, got {sigma_data!r}")
 
-    def tau(log_snr):  # 1 / (1 + sigma_data e^lam)
-        return jax.nn.sigmoid(-0.5 * log_snr - np.log(sigma_data))
+    name: ClassVar[str] = "flow_time"
+    sigma_data: float = 0.5
 
-    taus = jnp.linspace(tau(_clipped_log_snr(process, t_max)), tau(_clipped_log_snr(process, t_min)), steps + 1)
-    lam = jnp.log1p(-taus) - jnp.log(taus) - np.log(sigma_data)
-    return _from_log_snr(process, 2.0 * lam, t_min, t_max)
+    def __post_init__(self):
+        _check_positive(self, "sigma_data")
 
+    def __call__(self, process, steps, t_min, t_max):
+        log_sigma_data = np.log(self.sigma_data)
 
-GRIDS = {
-    "uniform": uniform_grid,
-    "logsnr": log_snr_grid,
-    "karras": karras_grid,
-    "quadratic": quadratic_grid,
-    "flow": flow_grid,
-}
+        def tau(log_snr):  # 1 / (1 + sigma_data e^lam)
+            return jax.nn.sigmoid(-0.5 * log_snr - log_sigma_data)
+
+        taus = jnp.linspace(tau(_clipped_log_snr(process, t_max)), tau(_clipped_log_snr(process, t_min)), steps + 1)
+        lam = jnp.log1p(-taus) - jnp.log(taus) - log_sigma_data
+        return _from_log_snr(process, 2.0 * lam, t_min, t_max)
 
 
-def check_grid(name) -> None:
-    if not isinstance(name, str) and not hasattr(name, "__len__"):
-        raise ValueError(f"grid must be a name in {sorted(GRIDS)} or an array of times, got {name!r}")
-    if isinstance(name, str) and name not in GRIDS:
-        raise ValueError(f"unknown grid {name!r}; known grids: {sorted(GRIDS)}")
+@dataclasses.dataclass(frozen=True)
+class Times(Grid):
+    """An explicit, strictly decreasing grid of times; its first and last times are the range
+    the sampler integrates over (the prior is drawn at times[0])."""
+
+    name: ClassVar[str] = "times"
+    times: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        try:
+            ts = np.asarray(self.times, np.float64)
+        except (TypeError, ValueError):
+            ts = None
+        if ts is None or ts.ndim != 1 or ts.size < 2 or not np.all(np.isfinite(ts)):
+            _refuse(self, "times", "a 1-D sequence of at least 2 finite numbers")
+        if not np.all(np.diff(ts) < 0):
+            raise ValueError(f"an explicit grid must be strictly decreasing, got {ts.tolist()}")
+        object.__setattr__(self, "times", tuple(float(t) for t in ts))
+
+    @property
+    def steps(self) -> int:
+        return len(self.times) - 1
+
+    def check(self, process: GaussianProcess, steps: int) -> None:
+        if self.steps != steps:
+            raise ValueError(f"an explicit grid needs steps + 1 = {steps + 1} times, got {len(self.times)}")
+        if self.times[-1] < process.t_min or self.times[0] > process.t_max:
+            raise ValueError(
+                f"explicit grid [{self.times[-1]}, {self.times[0]}] leaves the process range "
+                f"[{process.t_min}, {process.t_max}]"
+            )
+
+    def __call__(self, process, steps, t_min, t_max):
+        self.check(process, steps)
+        return jnp.asarray(self.times, jnp.float32)
 
 
-def make_grid(name, process: GaussianProcess, steps: int, t_min: float, t_max: float, **options):
-    """The grid `name` (or an explicit decreasing array of steps + 1 times) as a float32 array."""
-    check_grid(name)
-    if isinstance(name, str):
-        return GRIDS[name](process, steps, t_min, t_max, **options)
-    return _explicit_grid(name, process, steps)
+GRIDS: dict[str, type[Grid]] = {cls.name: cls for cls in (Uniform, LogSNR, Karras, Quadratic, FlowTime)}
 
 
-def _explicit_grid(ts, process: GaussianProcess, steps: int):
-    """Validate a grid given as numbers (e.g. one saved by `optimize_grid`)."""
-    ts = np.asarray(ts, np.float64)
-    if ts.shape != (steps + 1,):
-        raise ValueError(f"an explicit grid needs steps + 1 = {steps + 1} times, got shape {ts.shape}")
-    if not np.all(np.diff(ts) < 0):
-        raise ValueError(f"an explicit grid must be strictly decreasing, got {ts.tolist()}")
-    if ts[-1] < process.t_min or ts[0] > process.t_max:
-        raise ValueError(
-            f"explicit grid [{ts[-1]}, {ts[0]}] leaves the process range [{process.t_min}, {process.t_max}]"
+def as_grid(grid) -> Grid:
+    """A Grid instance, or an explicit decreasing array of times wrapped as `Times`."""
+    if isinstance(grid, Grid):
+        return grid
+    if isinstance(grid, str):
+        raise TypeError(
+            f"grid must be a Grid instance (e.g. LogSNR(), Karras(rho=7.0)) or an array of times, got the "
+            f"string {grid!r:.100}; to build one from a name use validation.build_named(GRIDS, name, options, 'grid') "
+            f"with a name in {sorted(GRIDS)}"
         )
-    return jnp.asarray(ts, jnp.float32)
+    if isinstance(grid, (list, tuple, np.ndarray, jax.Array)):
+        return Times(tuple(np.asarray(grid, np.float64).reshape(-1).tolist()) if np.ndim(grid) == 1 else grid)
+    raise TypeError(f"grid must be a Grid instance or an array of times, got {grid!r:.100}")

@@ -9,8 +9,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from diffjax.samplers.base import Solver
-from diffjax.samplers.first_order import ddim_update
+from diffjax.samplers.base import check_option, check_positive_option
+from diffjax.samplers.ddim import ddim_step
+from diffjax.samplers.predictor_corrector import PredictorCorrector
 
 __all__ = ["LangevinPC"]
 
@@ -29,27 +30,37 @@ def langevin_step(denoiser, x, t, key, snr: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class LangevinPC(Solver):
-    """Predictor-corrector sampler: at each grid time `n_corrector` Langevin steps with
-    signal-to-noise ratio `snr` at t, then the reverse-diffusion (ancestral) predictor to t_next.
+class LangevinPC(PredictorCorrector):
+    """Predictor-corrector sampler (Song et al. 2021, Alg. 4/5) on the shared mechanism: at each
+    grid time `n_corrector` Langevin steps with signal-to-noise ratio `snr` at t (`relax`), then
+    the reverse-diffusion (ancestral) predictor to t_next. It reuses no evaluation:
     (n_corrector + 1) NFE per step.
     """
 
     stochastic: ClassVar[bool] = True
+    reuses_evaluations: ClassVar[bool] = False
     snr: float = 0.16
     n_corrector: int = 1
 
-    def check(self, process, steps, t_min, t_max):
-        if not (isinstance(self.snr, (int, float)) and self.snr > 0):
-            raise ValueError(f"pc: snr must be a positive number, got {self.snr!r}")
-        if not (isinstance(self.n_corrector, int) and not isinstance(self.n_corrector, bool) and self.n_corrector >= 0):
-            raise ValueError(f"pc: n_corrector must be an int >= 0, got {self.n_corrector!r}")
+    def __post_init__(self):
+        check_positive_option(self, "snr")
+        check_option(self, "n_corrector", isinstance(self.n_corrector, int) and not isinstance(self.n_corrector, bool)
+                     and self.n_corrector >= 0, "an int >= 0")
 
-    def nfe(self, steps):
-        return steps * (self.n_corrector + 1)
+    @property
+    def nfe_per_step(self) -> int:  # type: ignore[override]
+        return self.n_corrector + 1
 
-    def step(self, denoiser, x, state, t, t_next, key):
-        keys = jax.random.split(key, self.n_corrector + 1)
+    def _keys(self, key):
+        """n_corrector keys for the Langevin steps, then the predictor's."""
+        return jax.random.split(key, self.n_corrector + 1)
+
+    def relax(self, denoiser, step):
+        x, keys = step.x, self._keys(step.key)
         for k in range(self.n_corrector):
-            x = langevin_step(denoiser, x, t, keys[k], float(self.snr))
-        return ddim_update(denoiser, x, t, t_next, keys[-1], 1.0), state
+            x = langevin_step(denoiser, x, step.t, keys[k], float(self.snr))
+        return x
+
+    def predict(self, denoiser, step, state):
+        x0, eps = denoiser.predict(step.x, step.t)
+        return ddim_step(denoiser.process, x0, eps, step.t_next, 1.0, step.t, self._keys(step.key)[-1])

@@ -14,6 +14,10 @@ import optax
 from diffjax.denoisers import Denoiser
 from diffjax.processes import GaussianProcess
 from diffjax.samplers.base import Solver
+from diffjax.samplers.dpm_solver import DPMSolverPP
+from diffjax.samplers.grids import Grid, LogSNR
+from diffjax.samplers.sampling import draw_prior
+from diffjax.validation import check_count
 
 __all__ = ["optimize_grid", "empirical_denoiser", "grid_from_increments", "increments_from_grid"]
 
@@ -55,20 +59,19 @@ def optimize_grid(
     target: Any,
     process: GaussianProcess | None = None,
     steps: int = 10,
-    solver: str | Solver = "dpm_solver++",
+    solver: Solver = DPMSolverPP(),
     *,
     key=None,
     num_samples: int = 2048,
     shape: tuple[int, ...] | None = None,
     iterations: int = 300,
     learning_rate: float = 0.05,
-    init_grid: Any = "logsnr",
+    init_grid: Grid = LogSNR(),
     reference_steps: int = 256,
-    reference_solver: str | Solver = "dpm_solver++",
+    reference_solver: Solver = DPMSolverPP(),
     denoise_final: bool = True,
     t_min: float | None = None,
     t_max: float | None = None,
-    solver_options: dict | None = None,
     return_history: bool = False,
 ):
     """The `steps + 1` times that minimize a solver's sampling error, as a list of floats (save it
@@ -85,12 +88,10 @@ def optimize_grid(
       target: a `Denoiser`, or a data sample (n, ...) whose empirical distribution's exact denoiser
         is used (then `process` is required).
       process: the process (default: the denoiser's).
-      steps, solver, solver_options: the solver to tune the grid for.
+      steps, solver: the solver (a `Solver` instance) to tune the grid for.
       key: a `jax.random` key for the prior draws (and the noise of stochastic solvers).
       shape: the per-example shape (default: the data's; required with a denoiser).
     """
-    from diffjax.samplers import make_grid, make_solver  # late import: samplers imports this module
-
     if isinstance(target, Denoiser):
         denoiser = target
         process = denoiser.process if process is None else process
@@ -104,10 +105,12 @@ def optimize_grid(
             raise ValueError(f"optimize_grid: data must be (n >= 2, ...), got shape {data.shape}")
         denoiser = empirical_denoiser(data, process)
         shape = data.shape[1:] if shape is None else tuple(shape)
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"optimize_grid: steps must be an int >= 1, got {steps!r}")
-    solver = make_solver(solver, **(solver_options or {}))
-    reference = make_solver(reference_solver)
+    steps = check_count("optimize_grid: steps", steps)
+    for name, value in (("solver", solver), ("reference_solver", reference_solver)):
+        if not isinstance(value, Solver):
+            raise TypeError(f"optimize_grid: {name} must be a Solver instance (e.g. UniPC()), got {value!r:.100}")
+    if not isinstance(init_grid, Grid):
+        raise TypeError(f"optimize_grid: init_grid must be a Grid instance (e.g. LogSNR()), got {init_grid!r:.100}")
     t_min = process.t_min if t_min is None else float(t_min)
     t_max = process.t_max if t_max is None else float(t_max)
     process.check_times(t_min, t_max)
@@ -116,14 +119,14 @@ def optimize_grid(
     key = jax.random.key(0) if key is None else key
 
     key_prior, key_steps, key_ref = jax.random.split(key, 3)
-    x_t = process.sigma(jnp.float32(t_max)) * jax.random.normal(key_prior, (num_samples, *shape))
+    x_t = draw_prior(process, key_prior, (num_samples, *shape), t_max)
     keys = jax.random.split(key_steps, steps)
 
     def finish(x, t_end):
         return denoiser.x0(x, t_end) if denoise_final else x
 
-    ts_ref = make_grid("logsnr", process, reference_steps, t_min, t_max)
-    x_ref, _, _ = reference.run(denoiser, x_t, ts_ref, jax.random.split(key_ref, reference_steps), False)
+    ts_ref = LogSNR()(process, reference_steps, t_min, t_max)
+    x_ref, _, _ = reference_solver.run(denoiser, x_t, ts_ref, jax.random.split(key_ref, reference_steps), False)
     x_ref = finish(x_ref, ts_ref[-1])
 
     def loss(logits):
@@ -131,7 +134,7 @@ def optimize_grid(
         x, _, _ = solver.run(denoiser, x_t, ts, keys, False)
         return _relative_error(finish(x, ts[-1]), x_ref)
 
-    logits = increments_from_grid(make_grid(init_grid, process, steps, t_min, t_max))
+    logits = increments_from_grid(init_grid(process, steps, t_min, t_max))
     opt = optax.adam(learning_rate)
     state = opt.init(logits)
 

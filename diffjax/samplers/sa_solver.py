@@ -10,29 +10,29 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.processes import broadcast_to_data
-from diffjax.samplers.base import Solver
-from diffjax.samplers.exponential import (
-    PredictorCorrector,
-    check_order,
-    data_first_order,
-    polynomial_correction,
-)
+from diffjax.samplers.base import History, check_nonnegative, check_option, check_order
+from diffjax.samplers.ddim import ddim_data_form
+from diffjax.samplers.exponential import half_log_snr, polynomial_correction
+from diffjax.samplers.predictor_corrector import PredictorCorrector
+from diffjax.validation import is_finite_real
 
 __all__ = ["SASolver"]
 
 
 @dataclasses.dataclass(frozen=True)
-class SASolver(PredictorCorrector, Solver):
+class SASolver(PredictorCorrector):
     """SA-Predictor / SA-Corrector (Xue et al. 2023, eq. 14-18) with noise level tau (eta = tau^2):
 
-        x_s = (sigma_s/sigma_t) e^{-eta h} x_t + alpha_s (1+eta) int_{lam_t}^{lam_s} e^{-(1+eta)(lam_s - lam)} P(lam) dlam
+        x_s = (sigma_s/sigma_t) e^{-eta h} x_t
+              + alpha_s (1+eta) int_{lam_t}^{lam_s} e^{-(1+eta)(lam_s - lam)} P(lam) dlam
               + sigma_s sqrt(1 - e^{-2 eta h}) xi,
 
     P the Lagrange polynomial through the last `order` x0 evaluations (predictor) or through the
     evaluation at the predicted point and the last `corrector_order - 1` ones (corrector; same xi).
     tau = 0 gives a deterministic exponential Adams method. `tau_interval` = (lo, hi) applies the
     noise only where the EDM noise level sigma/alpha lies in [lo, hi]. 1 NFE per step (the
-    evaluation at the predicted point serves both); the last step has no corrector.
+    evaluation at the predicted point serves both); the last step has no corrector. State: a
+    `History` of x0 evaluations at their half log-SNRs.
     """
 
     stochastic: ClassVar[bool] = True
@@ -42,27 +42,31 @@ class SASolver(PredictorCorrector, Solver):
     tau_interval: tuple | None = None
     lower_order_final: bool = True
 
+    def __post_init__(self):
+        check_order(self, (1, 2, 3))
+        check_option(self, "corrector_order", self.corrector_order in (0, 1, 2, 3, 4)
+                     and not isinstance(self.corrector_order, bool), "one of [0, 1, 2, 3, 4]")
+        check_nonnegative(self, "tau")
+        interval = self.tau_interval
+        check_option(
+            self, "tau_interval",
+            interval is None or (isinstance(interval, (tuple, list)) and len(interval) == 2
+                                 and all(is_finite_real(v) for v in interval)
+                                 and 0 <= interval[0] < interval[1]),
+            "None or (lo, hi) with 0 <= lo < hi",
+        )
+        if interval is not None:
+            object.__setattr__(self, "tau_interval", tuple(float(v) for v in interval))  # hashable
+
     @property
-    def _corrects(self) -> bool:
+    def corrects(self) -> bool:
         return self.corrector_order > 0
 
-    def _history_size(self) -> int:
-        return max(self.order, self.corrector_order - 1, 1)
+    def init(self, denoiser, x, ts):
+        size = max(self.order, self.corrector_order - 1, 1)
+        return History.empty(size, x).push(self.evaluate(denoiser, x, ts[0]), half_log_snr(denoiser.process, ts[0]))
 
-    def check(self, process, steps, t_min, t_max):
-        check_order("sa_solver", self.order, (1, 2, 3))
-        if self.corrector_order not in (0, 1, 2, 3, 4):
-            raise ValueError(
-                f"sa_solver: corrector_order {self.corrector_order!r} is not supported; allowed: [0, 1, 2, 3, 4]"
-            )
-        if not (isinstance(self.tau, (int, float)) and self.tau >= 0):
-            raise ValueError(f"sa_solver: tau must be a number >= 0, got {self.tau!r}")
-        if self.tau_interval is not None and not (
-            len(self.tau_interval) == 2 and 0 <= self.tau_interval[0] < self.tau_interval[1]
-        ):
-            raise ValueError(f"sa_solver: tau_interval must be (lo, hi) with 0 <= lo < hi, got {self.tau_interval!r}")
-
-    def _noise(self, key, x):
+    def draw_noise(self, key, x):
         return jax.random.normal(key, x.shape, x.dtype) if self.tau > 0 else None
 
     def _eta(self, process, t):
@@ -72,21 +76,22 @@ class SASolver(PredictorCorrector, Solver):
             eta = jnp.where((level >= self.tau_interval[0]) & (level <= self.tau_interval[1]), eta, 0.0)
         return eta
 
-    def _update(self, process, x, values, lams, t, t_next, lam_t, lam_s, noise):
-        eta = self._eta(process, t)
-        x_s = data_first_order(process, x, values[0], t, t_next, eta, noise)
+    def _update(self, process, step, values, lams):
+        eta = self._eta(process, step.t)
+        x_s = ddim_data_form(process, step.x, values[0], step.t, step.t_next, eta, step.noise)
         if len(values) == 1:
             return x_s
         c = 1.0 + eta
-        corr = polynomial_correction(values, lams, lam_t, lam_s, -c)
-        return x_s + broadcast_to_data(process.alpha(t_next) * c, x) * corr
+        corr = polynomial_correction(values, lams, step.lam_t, step.lam_s, -c)
+        return x_s + broadcast_to_data(process.alpha(step.t_next) * c, step.x) * corr
 
-    def _predict(self, process, x, history, lams, t, t_next, lam_t, lam_s, order, noise):
-        values = [history[k] for k in range(order)]
-        return self._update(process, x, values, [lams[k] for k in range(order)], t, t_next, lam_t, lam_s, noise)
+    def predict(self, denoiser, step, state):
+        order = self.step_order
+        values = [state.values[k] for k in range(order)]
+        return self._update(denoiser.process, step, values, [state.nodes[k] for k in range(order)])
 
-    def _correct(self, process, x, history, lams, x0_new, t, t_next, lam_t, lam_s, order, noise):
-        n = min(self.corrector_order, order + 1)
-        values = ([x0_new] + [history[k] for k in range(n - 1)])[:n]
-        nodes = ([lam_s] + [lams[k] for k in range(n - 1)])[:n]
-        return self._update(process, x, values, nodes, t, t_next, lam_t, lam_s, noise)
+    def correct(self, denoiser, step, state, x0_new):
+        n = min(self.corrector_order, self.step_order + 1)
+        values = ([x0_new] + [state.values[k] for k in range(n - 1)])[:n]
+        nodes = ([step.lam_s] + [state.nodes[k] for k in range(n - 1)])[:n]
+        return self._update(denoiser.process, step, values, nodes)

@@ -10,14 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.processes import broadcast_to_data
-from diffjax.samplers.base import Solver
-from diffjax.samplers.exponential import (
-    PredictorCorrector,
-    check_order,
-    data_first_order,
-    half_log_snr,
-    phi_functions,
-)
+from diffjax.samplers.base import History, check_option, check_order
+from diffjax.samplers.ddim import ddim_data_form
+from diffjax.samplers.exponential import half_log_snr, phi_functions
+from diffjax.samplers.predictor_corrector import PredictorCorrector
 
 __all__ = ["UniPC"]
 
@@ -71,7 +67,7 @@ def solve_small(a, b):
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPC(PredictorCorrector, Solver):
+class UniPC(PredictorCorrector):
     """UniPC-p with B(h) variant "bh1" or "bh2" (Zhao et al. 2023), data prediction.
 
     Predictor UniP-p: x_s = (sigma_s/sigma_t) x_t + alpha_s (1 - e^{-h}) x0_t - alpha_s B(h) sum_k a_k D_k,
@@ -79,12 +75,12 @@ class UniPC(PredictorCorrector, Solver):
     with the evaluation at the predicted point added, raising the order to p + 1. The evaluation at
     the predicted point also feeds the next step, so UniPC costs 1 NFE per step; the last step has no
     corrector. Orders warm up as 1, 2, ... and, with `lower_order_final` and fewer than 15 steps,
-    drop at the end. Global order p + 1 with the corrector, p without.
+    drop at the end. Global order p + 1 with the corrector, p without. State: a `History` of x0
+    evaluations at their half log-SNRs.
 
     `order=None` (the default) picks p from the step size (`default_order`): 3, or 2 where the mean
-    log-SNR step h is so large that UniP-3's extrapolation over 2h passes pi/2. On a trained MNIST
-    model at 9 steps (h = 1.18, 10 NFE) UniPC-3 scores FID 76.1 and UniPC-2 64.7 (DDIM 63.0; the
-    1000-step reference 61.2); at 13 steps 64.5 and 63.8 (experiments/results/mnist_unipc_order.md).
+    log-SNR step h is so large that UniP-3's extrapolation over 2h passes pi/2 (what that does on
+    a trained MNIST model: experiments/results/mnist_unipc_order.md).
     """
 
     order: int | None = None
@@ -92,44 +88,48 @@ class UniPC(PredictorCorrector, Solver):
     corrector: bool = True
     lower_order_final: bool = True
 
+    def __post_init__(self):
+        check_order(self, (None, 1, 2, 3))
+        check_option(self, "variant", self.variant in VARIANTS, f"one of {list(VARIANTS)}")
+
     @property
-    def _corrects(self) -> bool:
+    def corrects(self) -> bool:
         return self.corrector
-
-    def _history_size(self) -> int:
-        return self.order
-
-    def check(self, process, steps, t_min, t_max):
-        check_order("unipc", self.order, (None, 1, 2, 3))
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unipc: unknown variant {self.variant!r}; allowed: {list(VARIANTS)}")
 
     def prepare(self, process, steps, t_min, t_max):
         if self.order is not None:
             return self
         return dataclasses.replace(self, order=default_order(process, steps, t_min, t_max))
 
-    def _differences(self, history, lams, lam_t, h, p):
-        rks = [(lams[k] - lam_t) / h for k in range(1, p)]
-        d1s = [(history[k] - history[0]) / rk for k, rk in zip(range(1, p), rks)]
-        return rks, d1s
+    def init(self, denoiser, x, ts):
+        first = self.evaluate(denoiser, x, ts[0])
+        return History.empty(self.order, x).push(first, half_log_snr(denoiser.process, ts[0]))
 
-    def _predict(self, process, x, history, lams, t, t_next, lam_t, lam_s, order, noise):
-        x_s = data_first_order(process, x, history[0], t, t_next)
+    def _system(self, state, step, p):
+        """D_k and the linear system of UniPC-p for this step."""
+        h = step.lam_s - step.lam_t
+        history, lams = state.values, state.nodes
+        rks = [(lams[k] - step.lam_t) / h for k in range(1, p)]
+        d1s = [(history[k] - history[0]) / rk for k, rk in zip(range(1, p), rks)]
+        r, b, b_h = unipc_coefficients(rks + [jnp.ones_like(h)], h, self.variant, p)
+        return d1s, r, b, b_h
+
+    def predict(self, denoiser, step, state):
+        process, x = denoiser.process, step.x
+        x_s = ddim_data_form(process, x, state.values[0], step.t, step.t_next)
+        order = self.step_order
         if order == 1:
             return x_s
-        h = lam_s - lam_t
-        rks, d1s = self._differences(history, lams, lam_t, h, order)
-        r, b, b_h = unipc_coefficients(rks + [jnp.ones_like(h)], h, self.variant, order)
+        d1s, r, b, b_h = self._system(state, step, order)
         rhos = jnp.array([0.5]) if order == 2 else solve_small(r[:-1, :-1], b[:-1])
         res = sum(rhos[k] * d for k, d in enumerate(d1s))
-        return x_s - broadcast_to_data(process.alpha(t_next) * b_h, x) * res
+        return x_s - broadcast_to_data(process.alpha(step.t_next) * b_h, x) * res
 
-    def _correct(self, process, x, history, lams, x0_new, t, t_next, lam_t, lam_s, order, noise):
-        x_s = data_first_order(process, x, history[0], t, t_next)
-        h = lam_s - lam_t
-        rks, d1s = self._differences(history, lams, lam_t, h, order)
-        r, b, b_h = unipc_coefficients(rks + [jnp.ones_like(h)], h, self.variant, order)
+    def correct(self, denoiser, step, state, x0_new):
+        process, x = denoiser.process, step.x
+        x_s = ddim_data_form(process, x, state.values[0], step.t, step.t_next)
+        order = self.step_order
+        d1s, r, b, b_h = self._system(state, step, order)
         rhos = jnp.array([0.5]) if order == 1 else solve_small(r, b)
-        res = sum(rhos[k] * d for k, d in enumerate(d1s)) + rhos[-1] * (x0_new - history[0])
-        return x_s - broadcast_to_data(process.alpha(t_next) * b_h, x) * res
+        res = sum(rhos[k] * d for k, d in enumerate(d1s)) + rhos[-1] * (x0_new - state.values[0])
+        return x_s - broadcast_to_data(process.alpha(step.t_next) * b_h, x) * res

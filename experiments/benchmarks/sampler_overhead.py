@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from diffjax import processes as P  # noqa: E402
 from diffjax.denoisers import Denoiser  # noqa: E402
-from diffjax.samplers import make_solver, sample  # noqa: E402
+from diffjax.samplers import SOLVERS, sample  # noqa: E402
+from diffjax.validation import build_named  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sampler_accuracy import RESULTS, device, versions  # noqa: E402
@@ -40,7 +41,7 @@ CONFIGS = [
     ("sa_solver", "sa_solver", {}),
     ("dpm_solver++_sde", "dpm_solver++_sde", {}),
     ("edm_heun", "edm_heun", {}),
-    ("edm stochastic", "edm", {}),
+    ("edm stochastic", "edm_stochastic", {}),
     ("pc langevin", "pc", {}),
 ]
 
@@ -76,6 +77,8 @@ def median_time(fn, repeats: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--nfe", type=int, default=None,
+                        help="instead of --steps: the most steps within this many evaluations, per solver")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=32)
@@ -100,10 +103,11 @@ def main():
     rows = []
     print(f"{'solver':20s} {'NFE':>5s} {'sample() ms':>12s} {'NFE x call ms':>14s} {'ratio':>7s}")
     for label, name, options in CONFIGS:
-        solver = make_solver(name, **options)
-        nfe = solver.nfe(args.steps)
-        run = jax.jit(lambda k, name=name, options=options: sample(
-            denoiser, k, (args.batch, args.dim), solver=name, steps=args.steps, denoise_final=False, **options))
+        solver = build_named(SOLVERS, name, options, "solver")
+        steps = solver.steps_for_nfe(args.nfe, denoise_final=False) if args.nfe else args.steps
+        nfe = solver.nfe(steps)
+        run = jax.jit(lambda k, solver=solver, steps=steps: sample(
+            denoiser, k, (args.batch, args.dim), solver=solver, steps=steps, denoise_final=False).samples)
         key = jax.random.key(2)
         # Interleave the two measurements so that load changes on the shared machine hit both.
         t_sample, t_calls = [], []
@@ -111,7 +115,7 @@ def main():
             t_sample.append(median_time(lambda: run(key).block_until_ready(), args.repeats))
             t_calls.append(median_time(one_call_loop(nfe), args.repeats))
         ts, tc = statistics.median(t_sample), statistics.median(t_calls)
-        rows.append(dict(solver=label, name=name, options=options, steps=args.steps, nfe=nfe,
+        rows.append(dict(solver=label, name=name, options=options, steps=steps, nfe=nfe,
                          sample_seconds=ts, calls_seconds=tc, ratio=ts / tc))
         print(f"{label:20s} {nfe:5d} {ts * 1e3:12.2f} {tc * 1e3:14.2f} {ts / tc:7.3f}", flush=True)
 
@@ -121,7 +125,7 @@ def main():
             what="jitted sample() wall time / (NFE x one jitted MLP call), tiny MLP, CPU",
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             device=device(), versions=versions(), load_average=os.getloadavg(),
-            settings=dict(steps=args.steps, repeats=args.repeats, batch=args.batch, dim=args.dim,
+            settings=dict(steps=args.steps, nfe=args.nfe, repeats=args.repeats, batch=args.batch, dim=args.dim,
                           width=args.width, mlp="(dim+2) -> width -> width -> dim, silu"),
             rows=rows,
         ), f, indent=2)
