@@ -25,7 +25,8 @@ from ml_collections import config_flags
 import configs
 from diffjax import data as data_lib
 from diffjax import evaluation
-from diffjax.samplers import make_solver
+from diffjax.samplers import SOLVERS
+from diffjax.validation import build_named
 from diffjax.training import eval_metrics
 from diffjax.training.from_config import sampler_from_config
 from diffjax.training.loop import evaluation_split, load_for_config
@@ -68,12 +69,9 @@ def parse_solver(spec: str) -> tuple[str, dict]:
 def steps_for_nfe(solver: str, nfe: int) -> tuple[int, int]:
     """The most steps whose NFE (with the final denoising) is <= nfe, and that NFE."""
     name, options = parse_solver(solver)
-    instance = make_solver(name, **options)
-    for steps in range(nfe, 0, -1):
-        used = instance.nfe(steps) + 1
-        if used <= nfe:
-            return steps, used
-    raise ValueError(f"solver {solver!r} needs more than {nfe} evaluations for one step")
+    instance = build_named(SOLVERS, name, options, "solver")
+    steps = instance.steps_for_nfe(nfe)
+    return steps, instance.nfe(steps) + 1
 
 
 def quality_table(rows, seeds, num):

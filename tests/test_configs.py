@@ -194,7 +194,7 @@ def test_split_config_arguments_forms():
 
 @pytest.mark.parametrize("overrides, options, grid_options", [
     ([("sample.solver", "ddim"), ("sample.solver_options.eta", "0.5")], {"eta": 0.5}, {}),
-    ([("sample.solver_options.s_churn", "10"), ("sample.solver", "edm")], {"s_churn": 10.0}, {}),
+    ([("sample.solver_options.s_churn", "10"), ("sample.solver", "edm_stochastic")], {"s_churn": 10.0}, {}),
     ([("sample.grid", "karras"), ("sample.grid_options.rho", "7")], {}, {"rho": 7.0}),
 ])
 def test_solver_and_grid_options_from_the_command_line(overrides, options, grid_options, tmp_path):

@@ -24,7 +24,6 @@ import ast
 import copy
 import dataclasses
 import importlib.util
-import inspect
 import math
 import os
 import shutil
@@ -204,13 +203,13 @@ def _process_fields(name: str):
     return DDPM_OPTIONS if name == "ddpm" else PROCESSES[name]
 
 
-def _grid_fields(name: str):
-    """The grid's option dataclass, or (a grid function) its keyword options with their defaults."""
-    grid = GRIDS[name]
-    if dataclasses.is_dataclass(grid):
-        return grid
-    parameters = list(inspect.signature(grid).parameters.values())[4:]  # after (process, steps, t_min, t_max)
-    return {p.name: p.default for p in parameters}
+def _solver_class(name: str) -> type:
+    """The solver class config.sample.solver names ('' = the library default's)."""
+    return SOLVERS[name] if name else type(DEFAULT_SOLVER)
+
+
+def _name_of(table: dict, cls: type) -> str:
+    return next(name for name, entry in table.items() if entry is cls)
 
 
 def _check_options(fields, options: dict, what: str) -> None:
@@ -236,11 +235,11 @@ def _selected(config, key: str) -> tuple[str, object] | None:
     if key == "model.overrides":
         return f"model preset {config.model.name!r}", type(models.PRESETS[config.model.name])
     if key == "sample.solver_options":
-        solver = config.sample.solver or DEFAULT_SOLVER
-        return f"solver {solver!r}", SOLVERS[solver]
+        solver = _solver_class(config.sample.solver)
+        return f"solver {config.sample.solver or _name_of(SOLVERS, solver)!r}", solver
     if key == "sample.grid_options":
-        grid = config.sample.grid or SOLVERS[config.sample.solver or DEFAULT_SOLVER].default_grid
-        return f"grid {grid!r}", _grid_fields(grid)
+        grid = GRIDS[config.sample.grid] if config.sample.grid else type(_solver_class(config.sample.solver).default_grid)
+        return f"grid {config.sample.grid or _name_of(GRIDS, grid)!r}", grid
     if key == "loss.weighting_options" and _is_name_in(config.loss.weighting, losses.WEIGHTINGS):
         return f"weighting {config.loss.weighting!r}", losses.WEIGHTINGS[config.loss.weighting]
     if key == "loss.time_sampler_options" and _is_name_in(config.loss.time_sampler, losses.TIME_SAMPLERS):

@@ -17,7 +17,7 @@ import optax
 from diffjax import losses, models
 from diffjax.denoisers import PRECONDITIONED, Denoiser
 from diffjax.processes import GaussianProcess, get_process
-from diffjax.samplers import sample
+from diffjax.samplers import GRIDS, SOLVERS, sample
 from diffjax.training import sharding as shard_lib
 from diffjax.training.config import ConfigError
 from diffjax.training.state import ParamAverage, ema, make_learning_rate, make_optimizer
@@ -146,18 +146,15 @@ def denoiser_factory_from_config(config, process: GaussianProcess) -> Callable[[
 
 
 def sampler_from_config(config) -> Callable:
-    """sampler(denoiser, key, shape) -> samples, with config.sample's solver, steps and grid."""
+    """sampler(denoiser, key, shape) -> samples, with config.sample's solver, steps and grid (''
+    = the library default, the solver's own default grid)."""
     s = config.sample
-    kwargs = dict(
-        solver=_optional(s.solver),
-        steps=int(s.steps),
-        grid=_optional(s.grid),
-        grid_options=s.grid_options.to_dict() or None,
-        **s.solver_options.to_dict(),
-    )
+    solver = build_named(SOLVERS, s.solver, s.solver_options.to_dict(), "sample.solver") if s.solver else None
+    grid = build_named(GRIDS, s.grid, s.grid_options.to_dict(), "sample.grid") if s.grid else None
+    steps = int(s.steps)
 
     def sampler(denoiser: Denoiser, key, shape):
-        return sample(denoiser, key, shape, **kwargs)
+        return sample(denoiser, key, shape, solver=solver, steps=steps, grid=grid).samples
 
     return sampler
 
