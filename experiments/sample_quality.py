@@ -26,10 +26,10 @@ import configs
 from diffjax import data as data_lib
 from diffjax import evaluation
 from diffjax.samplers import SOLVERS
-from diffjax.validation import build_named
 from diffjax.training import eval_metrics
 from diffjax.training.from_config import sampler_from_config
 from diffjax.training.loop import evaluation_split, load_for_config
+from diffjax.validation import build_named
 from experiments.benchmarks.common import markdown_table, write_results
 
 config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "mnist.py"),

@@ -29,10 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.io import atomic_write_text
-from diffjax.kernels import GpuBlockSizes
-from diffjax.kernels import TpuBlockSizes
-from diffjax.kernels import pallas_flash_attention
-from diffjax.kernels import reference_attention  # noqa: E402
+from diffjax.kernels import (
+  GpuBlockSizes,
+  TpuBlockSizes,
+  pallas_flash_attention,
+  reference_attention,  # noqa: E402
+)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
 DEFAULT_SEQS = (256, 512, 1024, 2048, 4096, 8192, 16384)

@@ -23,17 +23,18 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from diffjax import processes as P  # noqa: E402
-from diffjax.data.toy import benchmark_mixture  # noqa: E402
-from diffjax.samplers import DEFAULT_SOLVER, GRIDS as GRID_TABLE, SOLVERS as SOLVER_TABLE, optimize_grid, sample  # noqa: E402
-from diffjax.validation import build_named  # noqa: E402
+from diffjax import processes as P
+from diffjax.data.toy import benchmark_mixture
+from diffjax.io import atomic_write_json, atomic_write_text
+from diffjax.samplers import DEFAULT_SOLVER, optimize_grid, sample
+from diffjax.samplers import GRIDS as GRID_TABLE
+from diffjax.samplers import SOLVERS as SOLVER_TABLE
+from diffjax.validation import build_named
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
 
@@ -101,8 +102,7 @@ def main():
         with open(os.path.join(RESULTS, "sampler_accuracy.json")) as f:
             meta = json.load(f)
         nfes = sorted({r["nfe_budget"] for r in meta["rows"] if r["name"] != "adaptive"})
-        with open(os.path.join(RESULTS, "sampler_accuracy.md"), "w") as f:
-            f.write(markdown(meta["rows"], nfes, meta["samples"]))
+        atomic_write_text(os.path.join(RESULTS, "sampler_accuracy.md"), markdown(meta["rows"], nfes, meta["samples"]))
         return
     n = args.samples or (20_000 if args.quick else 100_000)
     nfes = [10] if args.quick else [5, 10, 20, 50]
@@ -162,10 +162,8 @@ def main():
         rows=rows,
     )
     if not args.quick and args.only is None:
-        with open(os.path.join(RESULTS, "sampler_accuracy.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        with open(os.path.join(RESULTS, "sampler_accuracy.md"), "w") as f:
-            f.write(table)
+        atomic_write_json(os.path.join(RESULTS, "sampler_accuracy.json"), meta)
+        atomic_write_text(os.path.join(RESULTS, "sampler_accuracy.md"), table)
 
 
 NOTES = """

@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from diffjax import processes as P  # noqa: E402
-from diffjax.denoisers import Denoiser  # noqa: E402
-from diffjax.samplers import SOLVERS, sample  # noqa: E402
-from diffjax.validation import build_named  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sampler_accuracy import RESULTS, device, versions  # noqa: E402
+from diffjax import processes as P
+from diffjax.denoisers import Denoiser
+from diffjax.io import atomic_write_json
+from diffjax.samplers import SOLVERS, sample
+from diffjax.validation import build_named
+from experiments.benchmarks.sampler_accuracy import RESULTS, device, versions
 
 CONFIGS = [
     ("gaussian_pc (default)", "gaussian_pc", {}),
@@ -120,15 +116,14 @@ def main():
         print(f"{label:20s} {nfe:5d} {ts * 1e3:12.2f} {tc * 1e3:14.2f} {ts / tc:7.3f}", flush=True)
 
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "sampler_overhead.json"), "w") as f:
-        json.dump(dict(
+    atomic_write_json(os.path.join(RESULTS, "sampler_overhead.json"), dict(
             what="jitted sample() wall time / (NFE x one jitted MLP call), tiny MLP, CPU",
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             device=device(), versions=versions(), load_average=os.getloadavg(),
             settings=dict(steps=args.steps, nfe=args.nfe, repeats=args.repeats, batch=args.batch, dim=args.dim,
                           width=args.width, mlp="(dim+2) -> width -> width -> dim, silu"),
             rows=rows,
-        ), f, indent=2)
+    ))
 
 
 if __name__ == "__main__":
