@@ -22,6 +22,8 @@ run: install
 	$(BIN)/python experiments/main.py --config=configs/default.py --workdir=$(WORKDIR)
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 test-slow: install

@@ -11,7 +11,9 @@ def get_config():
     config.data = default_data_config("digits")
 
     config.process.name = "edm"
-    config.loss.prediction = "edm_preconditioned"  # EDM preconditioning, F target (the network sees c_noise = log(sigma) / 4)
+    config.loss.prediction = (
+        "edm_preconditioned"  # EDM preconditioning, F target (the network sees c_noise = log(sigma) / 4)
+    )
     config.loss.time_sampler = "lognormal"  # EDM's log sigma ~ N(-1.2, 1.2^2): the sampler's defaults
     config.loss.sigma_data = 0.5
 

@@ -219,8 +219,11 @@ class Denoiser:
         return obj
 
     def __repr__(self):
-        kind = f"EDMPreconditioned(sigma_data={self.fn.sigma_data})" if isinstance(self.fn, EDMPreconditioning) else (
-            repr(self.prediction))
+        kind = (
+            f"EDMPreconditioned(sigma_data={self.fn.sigma_data})"
+            if isinstance(self.fn, EDMPreconditioning)
+            else (repr(self.prediction))
+        )
         return f"Denoiser(prediction={kind}, process={self.process!r})"
 
     def coefficients(self, t, x) -> PathCoefficients:
@@ -399,16 +402,19 @@ def classifier_free_guidance(
     if unconditional is None or unconditional is conditional:
         if scale == 1.0:
             return conditional
-        what = "no unconditional model was given" if unconditional is None else (
-            "the unconditional model is the conditional one"
+        what = (
+            "no unconditional model was given"
+            if unconditional is None
+            else ("the unconditional model is the conditional one")
         )
         raise ValueError(
             f"classifier_free_guidance: guidance scale {scale!r} needs a conditional and a separate "
             f"unconditional denoiser, but {what}; pass the model with its condition dropped as "
             "`unconditional`, or use scale=1.0 (no guidance)"
         )
-    return guided(conditional, unconditional, scale, interval=interval, rescale=rescale,
-                  name="classifier_free_guidance")
+    return guided(
+        conditional, unconditional, scale, interval=interval, rescale=rescale, name="classifier_free_guidance"
+    )
 
 
 def autoguidance(
@@ -422,7 +428,5 @@ def autoguidance(
     D = D_weak + scale (D_model - D_weak), the weak model being a smaller or less-trained version of
     the same (conditional or unconditional) model."""
     if weak_model is model and scale != 1.0:
-        raise ValueError(
-            f"autoguidance: guidance scale {scale!r} needs a separate weaker model; got the model itself"
-        )
+        raise ValueError(f"autoguidance: guidance scale {scale!r} needs a separate weaker model; got the model itself")
     return guided(model, weak_model, scale, interval=interval, name="autoguidance")

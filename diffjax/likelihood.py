@@ -74,8 +74,7 @@ def _check_x(denoiser, x) -> None:
         raise ValueError(f"the network cannot take x of shape {shape}: {error}") from error
     if getattr(out, "shape", None) != shape:
         raise ValueError(
-            f"the network maps x of shape {shape} to {getattr(out, 'shape', type(out))}; "
-            "it must return x's shape"
+            f"the network maps x of shape {shape} to {getattr(out, 'shape', type(out))}; it must return x's shape"
         )
 
 
@@ -341,9 +340,7 @@ def bits_per_dim(log_prob_fn: Callable, images: jax.Array, key: jax.Array):
     """
     shape = getattr(images, "shape", None)
     if shape is None or len(shape) < 2:
-        raise ValueError(
-            f"images must be an array of shape (batch, ...) with at least 2 axes, got shape {shape}"
-        )
+        raise ValueError(f"images must be an array of shape (batch, ...) with at least 2 axes, got shape {shape}")
     if not jnp.issubdtype(images.dtype, jnp.integer):
         raise ValueError(f"images must hold integers in [0, 255] (e.g. uint8), got dtype {images.dtype}")
     check_key(key)
@@ -352,7 +349,9 @@ def bits_per_dim(log_prob_fn: Callable, images: jax.Array, key: jax.Array):
     x = (images.astype(jnp.float32) + u) / 128.0 - 1.0
     logp = log_prob_fn(x, key_model)
     if getattr(logp, "shape", None) != shape[:1]:
-        raise ValueError(f"log_prob_fn must return one log-density per example, shape {shape[:1]}; "
-                         f"got {getattr(logp, 'shape', type(logp))}")
+        raise ValueError(
+            f"log_prob_fn must return one log-density per example, shape {shape[:1]}; "
+            f"got {getattr(logp, 'shape', type(logp))}"
+        )
     d = math.prod(shape[1:])
     return -(logp + d * math.log(2.0)) / (d * math.log(2.0)) + 8.0

@@ -459,8 +459,10 @@ def denoising_loss(
         key_t, key_eps, key_net = jax.random.split(key, 3)
         t, density = time_sampler(process, key_t, n, t_min, t_max)
         if jnp.shape(t) != (n,) or jnp.shape(density) != (n,):
-            raise ValueError(f"the time_sampler must return (t, density) of shape ({n},) each, got shapes "
-                             f"{jnp.shape(t)} and {jnp.shape(density)}")
+            raise ValueError(
+                f"the time_sampler must return (t, density) of shape ({n},) each, got shapes "
+                f"{jnp.shape(t)} and {jnp.shape(density)}"
+            )
         eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
         x_t = process.perturb(x0, t, eps)
 

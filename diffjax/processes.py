@@ -65,9 +65,7 @@ def _check_range(t_min: float, t_max: float, lo: float, hi: float, cls_name: str
     check_number(f"{cls_name} t_min", t_min)
     check_number(f"{cls_name} t_max", t_max)
     if not (lo <= t_min < t_max <= hi):
-        raise ValueError(
-            f"{cls_name}: need {lo} <= t_min < t_max <= {hi}, got t_min={t_min!r}, t_max={t_max!r}"
-        )
+        raise ValueError(f"{cls_name}: need {lo} <= t_min < t_max <= {hi}, got t_min={t_min!r}, t_max={t_max!r}")
 
 
 class GaussianProcess:
@@ -289,9 +287,7 @@ class DiscreteVP(GaussianProcess):
         if betas_np.ndim != 1 or betas_np.size < 2:
             raise ValueError(f"betas must be a 1-D array of length >= 2, got shape {betas_np.shape}")
         if not np.all((betas_np > 0) & (betas_np < 1)):
-            raise ValueError(
-                f"betas must lie in (0, 1); got min {betas_np.min()}, max {betas_np.max()}"
-            )
+            raise ValueError(f"betas must lie in (0, 1); got min {betas_np.min()}, max {betas_np.max()}")
         n = betas_np.size
         log_alpha_bar = np.concatenate([[0.0], np.cumsum(np.log1p(-betas_np))])
         t_min = 1.0 / n if t_min is None else t_min
@@ -352,9 +348,7 @@ class CosineVP(GaussianProcess):
         # cos(theta) written as sin(pi/2 - theta): exactly 0 at t = 1 in float32 (cos(pi/2) is
         # not), with the right derivative there.
         t = jnp.asarray(t, jnp.float32)
-        return jnp.sin((1.0 - t) / (1.0 + self.s) * (math.pi / 2)) / math.cos(
-            self.s / (1.0 + self.s) * math.pi / 2
-        )
+        return jnp.sin((1.0 - t) / (1.0 + self.s) * (math.pi / 2)) / math.cos(self.s / (1.0 + self.s) * math.pi / 2)
 
     def sigma(self, t):
         # 1 - cos^2(theta)/cos^2(theta0) = sin(theta - theta0) sin(theta + theta0) / cos^2(theta0),
@@ -421,9 +415,7 @@ class VE(GaussianProcess):
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** jnp.asarray(t, jnp.float32)
 
     def log_snr(self, t):
-        log_sigma = math.log(self.sigma_min) + jnp.asarray(t, jnp.float32) * math.log(
-            self.sigma_max / self.sigma_min
-        )
+        log_sigma = math.log(self.sigma_min) + jnp.asarray(t, jnp.float32) * math.log(self.sigma_max / self.sigma_min)
         return -2.0 * log_sigma
 
     def t_from_log_snr(self, lam):

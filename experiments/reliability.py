@@ -117,7 +117,10 @@ def start(workdir: str, extra: dict | None = None) -> subprocess.Popen:
     log = open(f"{workdir}.log", "a")
     return subprocess.Popen(
         [sys.executable, os.path.join(REPO, "experiments", "main.py"), f"--workdir={workdir}", *flags],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environment_for_runs(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=environment_for_runs(),
     )
 
 
@@ -197,8 +200,11 @@ def final_checkpoint(workdir: str, extra: dict | None = None):
 
 
 def identical(a, b) -> bool:
-    return a[2] == b[2] and a[1] == b[1] and len(a[0]) == len(b[0]) and all(
-        x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a[0], b[0])
+    return (
+        a[2] == b[2]
+        and a[1] == b[1]
+        and len(a[0]) == len(b[0])
+        and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a[0], b[0]))
     )
 
 
@@ -231,9 +237,16 @@ def sigterm_trial(workdir: str, rng: random.Random, reference) -> dict:
     final = final_checkpoint(workdir) if finished else None
     exact = final is not None and identical(final, reference)
     return record(
-        "sigterm", signal_at_step=observed, exit_code=code, clean_exit=bool(clean_exit), saved_steps=saved,
-        restored_step=restored, steps_lost=max(0, observed - restored),
-        checkpoints_lost=sum(s > restored for s in saved), exact=exact, data_ok=exact and data_resumed(workdir),
+        "sigterm",
+        signal_at_step=observed,
+        exit_code=code,
+        clean_exit=bool(clean_exit),
+        saved_steps=saved,
+        restored_step=restored,
+        steps_lost=max(0, observed - restored),
+        checkpoints_lost=sum(s > restored for s in saved),
+        exact=exact,
+        data_ok=exact and data_resumed(workdir),
         survived=bool(clean_exit) and finished and exact and restored >= observed,
     )
 
@@ -260,11 +273,19 @@ def sigkill_trial(workdir: str, rng: random.Random, reference, window: float, sy
     # The bound: the interval, plus the steps trained while an asynchronous write was in flight.
     bounded = reached - restored <= CHECKPOINT_EVERY + max(0, reached - save_step)
     return record(
-        f"sigkill ({'sync' if sync else 'async'} save)", save_step=save_step, kill_delay=round(delay, 3),
-        killed_mid_write=writing and save_step not in on_disk and bool(left_over), killed_at_step=reached,
-        committed_at_kill=on_disk, restored_step=restored, steps_lost=max(0, reached - restored),
-        steps_during_write=max(0, reached - save_step), checkpoints_lost=sum(s > restored for s in on_disk),
-        unfinished_left_after_restart=unfinished_saves(workdir), exact=exact, data_ok=exact and data_resumed(workdir),
+        f"sigkill ({'sync' if sync else 'async'} save)",
+        save_step=save_step,
+        kill_delay=round(delay, 3),
+        killed_mid_write=writing and save_step not in on_disk and bool(left_over),
+        killed_at_step=reached,
+        committed_at_kill=on_disk,
+        restored_step=restored,
+        steps_lost=max(0, reached - restored),
+        steps_during_write=max(0, reached - save_step),
+        checkpoints_lost=sum(s > restored for s in on_disk),
+        unfinished_left_after_restart=unfinished_saves(workdir),
+        exact=exact,
+        data_ok=exact and data_resumed(workdir),
         survived=finished and exact and bounded and not unfinished_saves(workdir),
     )
 
@@ -286,10 +307,16 @@ def nan_trial(workdir: str, rng: random.Random, reference, stop: bool) -> dict:
     finite = final is not None and all(np.all(np.isfinite(x)) for x in final[0] if x.dtype.kind == "f")
     counted = summary.get("skipped_steps") == len(steps)
     return record(
-        "nan (stop after K)" if stop else "nan (skip)", injected_at=list(steps), exit_code=code,
-        diagnosed=diagnosed if stop else None, stopped_at=stopped_at if stop else None,
-        skipped_steps=summary.get("skipped_steps"), params_finite=finite, steps_lost=0,
-        checkpoints_lost=0, data_ok=finished and data_resumed(workdir),
+        "nan (stop after K)" if stop else "nan (skip)",
+        injected_at=list(steps),
+        exit_code=code,
+        diagnosed=diagnosed if stop else None,
+        stopped_at=stopped_at if stop else None,
+        skipped_steps=summary.get("skipped_steps"),
+        params_finite=finite,
+        steps_lost=0,
+        checkpoints_lost=0,
+        data_ok=finished and data_resumed(workdir),
         survived=finished and finite and counted and (diagnosed if stop else True),
     )
 
@@ -328,8 +355,14 @@ def corrupt_trial(workdir: str, rng: random.Random, reference) -> dict:
     exact = final is not None and identical(final, reference)
     # Damage to a file that restoring does not read is harmless: the same step restores exactly.
     return record(
-        "corrupt", damage=f"{how} {victim}", committed_before=before, reported=reported, restored_step=restored,
-        steps_lost=stop_at - restored, checkpoints_lost=sum(restored < s < stop_at for s in before), exact=exact,
+        "corrupt",
+        damage=f"{how} {victim}",
+        committed_before=before,
+        reported=reported,
+        restored_step=restored,
+        steps_lost=stop_at - restored,
+        checkpoints_lost=sum(restored < s < stop_at for s in before),
+        exact=exact,
         data_ok=exact and data_resumed(workdir),
         survived=finished and exact and (reported and restored == stop_at - CHECKPOINT_EVERY or restored == stop_at),
     )
@@ -360,8 +393,11 @@ def summarize(trials: list[dict]) -> list[dict]:
         if scenario.startswith("sigkill"):
             row["killed_mid_write"] = sum(bool(t["killed_mid_write"]) for t in group)
             row["steps_during_write_max"] = max(t["steps_during_write"] for t in group)
-            row["bound"] = str(CHECKPOINT_EVERY) if "sync" in scenario and "async" not in scenario else (
-                f"{CHECKPOINT_EVERY} + steps during the write (here <= {row['steps_during_write_max']})")
+            row["bound"] = (
+                str(CHECKPOINT_EVERY)
+                if "sync" in scenario and "async" not in scenario
+                else (f"{CHECKPOINT_EVERY} + steps during the write (here <= {row['steps_during_write_max']})")
+            )
         rows.append(row)
     return rows
 
@@ -377,8 +413,17 @@ def table_rows(rows: list[dict]) -> list[list]:
             name += f", {r['killed_mid_write']} killed mid-write"
         if "detected" in r:
             name += f" ({r['detected']} detected, {r['trials'] - r['detected']} in bytes restoring does not read)"
-        out.append([name, r["trials"], r["survived"], f"{r['steps_lost_max']} / {r['steps_lost_mean']}", r["bound"],
-                    r["checkpoints_lost"], r["data_lost"]])
+        out.append(
+            [
+                name,
+                r["trials"],
+                r["survived"],
+                f"{r['steps_lost_max']} / {r['steps_lost_mean']}",
+                r["bound"],
+                r["checkpoints_lost"],
+                r["data_lost"],
+            ]
+        )
     return out
 
 
@@ -405,8 +450,11 @@ def main() -> None:
     if proc.returncode != 0:
         raise SystemExit(f"the reference run failed:\n{output(reference_dir)[-3000:]}")
     reference = final_checkpoint(reference_dir)
-    print(f"reference run: {time.perf_counter() - started:.0f} s; checkpoint writes of "
-          f"{', '.join(f'{w:.2f}' for w in windows)} s", flush=True)
+    print(
+        f"reference run: {time.perf_counter() - started:.0f} s; checkpoint writes of "
+        f"{', '.join(f'{w:.2f}' for w in windows)} s",
+        flush=True,
+    )
 
     plan = (
         [("sigterm", lambda w: sigterm_trial(w, rng, reference))] * args.sigterm
@@ -441,12 +489,23 @@ def main() -> None:
     if not args.no_write:
         notes = __doc__.split("Columns:")[1].strip()
         markdown = f"# Reliability\n\n{title}\n\n{table}\n\nColumns: {notes}\n"
-        path = write_results("reliability", {
-            "settings": {"num_steps": NUM_STEPS, "checkpoint_every": CHECKPOINT_EVERY, "write_seconds": windows,
-                         "max_consecutive_nonfinite": MAX_CONSECUTIVE_NONFINITE, "seed": args.seed,
-                         "overrides": overrides()},
-            "rows": rows, "trials": trials, "seconds": round(time.perf_counter() - started),
-        }, markdown)
+        path = write_results(
+            "reliability",
+            {
+                "settings": {
+                    "num_steps": NUM_STEPS,
+                    "checkpoint_every": CHECKPOINT_EVERY,
+                    "write_seconds": windows,
+                    "max_consecutive_nonfinite": MAX_CONSECUTIVE_NONFINITE,
+                    "seed": args.seed,
+                    "overrides": overrides(),
+                },
+                "rows": rows,
+                "trials": trials,
+                "seconds": round(time.perf_counter() - started),
+            },
+            markdown,
+        )
         print(f"wrote {path}")
     if args.workdir is None and all(t["survived"] for t in trials):
         shutil.rmtree(root, ignore_errors=True)

@@ -32,18 +32,30 @@ from diffjax.training.loop import evaluation_split, load_for_config
 from diffjax.validation import build_named
 from experiments.benchmarks.common import markdown_table, write_results
 
-config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "mnist.py"),
-                                "The run's config.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(configs.__file__), "mnist.py"), "The run's config.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "The trained run's directory.", required=True)
-flags.DEFINE_list("solvers", ["ddim", "dpm_solver++", "unipc", "edm_heun"],
-                  "Solvers to compare: name[:option=value[;option=value]], e.g. unipc:order=3.")
+flags.DEFINE_list(
+    "solvers",
+    ["ddim", "dpm_solver++", "unipc", "edm_heun"],
+    "Solvers to compare: name[:option=value[;option=value]], e.g. unipc:order=3.",
+)
 flags.DEFINE_list("nfe", ["10", "20", "50"], "Network evaluations per sample.")
 flags.DEFINE_string("reference", "ddim:1000", "solver:steps of the many-step reference row ('' = none).")
-flags.DEFINE_list("sample_seeds", [], "Seeds of the sampling keys, jax.random.key(seed) (default: the run's "
-                  "'fid' stream; the committed tables used 3); with several, each row reports the FID of every "
-                  "seed and their mean.")
-flags.DEFINE_integer("bpd_seed", None, "Seed of the bits/dim key, jax.random.key(seed) (default: the run's "
-                     "'bits_per_dim' stream; the committed tables used 4).")
+flags.DEFINE_list(
+    "sample_seeds",
+    [],
+    "Seeds of the sampling keys, jax.random.key(seed) (default: the run's "
+    "'fid' stream; the committed tables used 3); with several, each row reports the FID of every "
+    "seed and their mean.",
+)
+flags.DEFINE_integer(
+    "bpd_seed",
+    None,
+    "Seed of the bits/dim key, jax.random.key(seed) (default: the run's "
+    "'bits_per_dim' stream; the committed tables used 4).",
+)
 flags.DEFINE_integer("num_samples", 1000, "Samples per row (and reference images).")
 flags.DEFINE_integer("bpd_examples", 256, "Evaluation-split images for bits/dim (0 = skip).")
 flags.DEFINE_string("name", "mnist_sample_quality", "Results file name.")
@@ -52,7 +64,7 @@ FLAGS = flags.FLAGS
 
 
 def parse_solver(spec: str) -> tuple[str, dict]:
-    """"unipc:order=3;variant=bh1" -> ("unipc", {"order": 3, "variant": "bh1"})."""
+    """ "unipc:order=3;variant=bh1" -> ("unipc", {"order": 3, "variant": "bh1"})."""
     name, _, options = spec.partition(":")
     parsed = {}
     for item in filter(None, options.split(";")):
@@ -79,16 +91,27 @@ def quality_table(rows, seeds, num):
     if len(seeds) == 1:
         headers = ["solver", "steps", "NFE", "FID", "KID x1e3", "sampling s"]
         # with fewer than 1000 samples KID's subsets are the whole sets: no spread to report
-        return headers, [[r["solver"], r["steps"], r["nfe"], f"{r['fid']:.2f}",
-                          f"{r['kid_x1e3']:.2f}" + (f" ± {r['kid_std_x1e3']:.2f}" if num > 1000 else ""),
-                          r["sampling_seconds"]] for r in rows]
+        return headers, [
+            [
+                r["solver"],
+                r["steps"],
+                r["nfe"],
+                f"{r['fid']:.2f}",
+                f"{r['kid_x1e3']:.2f}" + (f" ± {r['kid_std_x1e3']:.2f}" if num > 1000 else ""),
+                r["sampling_seconds"],
+            ]
+            for r in rows
+        ]
     headers = ["solver", "steps", "NFE"] + [f"FID seed {s}" for s in seeds] + ["FID mean", "KID x1e3 mean"]
     table = []
     for i in range(0, len(rows), len(seeds)):
         group = rows[i : i + len(seeds)]
         mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
-        table.append([group[0]["solver"], group[0]["steps"], group[0]["nfe"]]
-                     + [f"{r['fid']:.2f}" for r in group] + [f"{mean('fid'):.2f}", f"{mean('kid_x1e3'):.2f}"])
+        table.append(
+            [group[0]["solver"], group[0]["steps"], group[0]["nfe"]]
+            + [f"{r['fid']:.2f}" for r in group]
+            + [f"{mean('fid'):.2f}", f"{mean('kid_x1e3'):.2f}"]
+        )
     return headers, table
 
 
@@ -121,8 +144,16 @@ def main(argv) -> None:
             samples = eval_metrics.sample_images(row_run, params, num, key, batch_size=batch)
             seconds = time.perf_counter() - start
             quality = eval_metrics.sample_quality(samples, reference, inception, batch_size=batch)
-            rows.append({"solver": solver, "steps": steps, "nfe": nfe, "seed": seed,
-                         "sampling_seconds": round(seconds, 1), **quality})
+            rows.append(
+                {
+                    "solver": solver,
+                    "steps": steps,
+                    "nfe": nfe,
+                    "seed": seed,
+                    "sampling_seconds": round(seconds, 1),
+                    **quality,
+                }
+            )
             print(rows[-1], flush=True)
 
     likelihoods = {}
@@ -131,26 +162,40 @@ def main(argv) -> None:
         bpd_key = run.key("bits_per_dim") if FLAGS.bpd_seed is None else jax.random.key(FLAGS.bpd_seed)
         for estimator in ("ode", "elbo"):
             likelihoods[estimator] = eval_metrics.dataset_bits_per_dim(
-                run, params, images, labels, bpd_key, batch_size=batch, estimator=estimator)
+                run, params, images, labels, bpd_key, batch_size=batch, estimator=estimator
+            )
             print(estimator, likelihoods[estimator], flush=True)
 
     step = loaded.step
     headers, table = quality_table(rows, seeds, num)
-    text = (f"# Sample quality: {base.data.name}, {base.model.name} ({run.spec.num_params / 1e6:.2f}M parameters), "
-            f"{base.process.name} process, {base.loss.prediction} prediction, step {step}, EMA parameters\n\n"
-            f"FID/KID: {num} samples vs the first {num} images of the {split!r} split "
-            "(small-sample FID is biased upwards; compare rows, not published numbers).\n\n"
-            + (FLAGS.remark + "\n\n" if FLAGS.remark else "")
-            + markdown_table(headers, table))
+    text = (
+        f"# Sample quality: {base.data.name}, {base.model.name} ({run.spec.num_params / 1e6:.2f}M parameters), "
+        f"{base.process.name} process, {base.loss.prediction} prediction, step {step}, EMA parameters\n\n"
+        f"FID/KID: {num} samples vs the first {num} images of the {split!r} split "
+        "(small-sample FID is biased upwards; compare rows, not published numbers).\n\n"
+        + (FLAGS.remark + "\n\n" if FLAGS.remark else "")
+        + markdown_table(headers, table)
+    )
     if likelihoods:
         text += "\n\nBits/dim on the first {} images of the {!r} split (uniform dequantization):\n\n".format(
-            FLAGS.bpd_examples, split)
-        text += markdown_table(["estimator", "bits/dim", "std. error", "failed"],
-                               [[k, f"{v['bits_per_dim']:.3f}", f"{v['stderr']:.3f}", v["failed"]]
-                                for k, v in likelihoods.items()])
+            FLAGS.bpd_examples, split
+        )
+        text += markdown_table(
+            ["estimator", "bits/dim", "std. error", "failed"],
+            [[k, f"{v['bits_per_dim']:.3f}", f"{v['stderr']:.3f}", v["failed"]] for k, v in likelihoods.items()],
+        )
     print(text)
-    write_results(FLAGS.name, {"workdir": os.path.abspath(FLAGS.workdir), "step": step,
-                               "config": base.to_dict(), "rows": rows, "bits_per_dim": likelihoods}, text)
+    write_results(
+        FLAGS.name,
+        {
+            "workdir": os.path.abspath(FLAGS.workdir),
+            "step": step,
+            "config": base.to_dict(),
+            "rows": rows,
+            "bits_per_dim": likelihoods,
+        },
+        text,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the CLI / multi-process subprocesses, which compile the same programs again and 
 
 The pytest process itself does not use the cache: it has nothing to reuse in a fresh clone, and
 the compiled programs are released during the run (see `_release_compiled_programs`)."""
+
 import gc
 import os
 import tempfile

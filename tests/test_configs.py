@@ -1,6 +1,7 @@
 """Every configs/*.py builds a run with prepare_run (nothing is compiled), the CIFAR-10 configs use the
 published architectures (whose parameter counts tests/test_models.py checks), configs inherit their
 family's recipe, and the command line sets any key (options included) or names the nearest valid one."""
+
 import dataclasses
 import importlib
 import os
@@ -131,7 +132,8 @@ def test_option_dicts_hold_only_changes():
     assert process_options("edm").to_dict() == {}
     assert process_options("vp", beta_max=10.0).to_dict() == {"beta_max": 10.0}
     assert model_preset_overrides("unet-small", image_size=28, attn_resolutions=(7,)).to_dict() == {
-        "attn_resolutions": (7,)}
+        "attn_resolutions": (7,)
+    }
     with pytest.raises(ConfigError, match=r"unknown option 'beta_maxx' for process 'vp' \(did you mean 'beta_max'\?\)"):
         process_options("vp", beta_maxx=10.0)
     config = _module("default").get_config()
@@ -145,17 +147,28 @@ def test_option_dicts_hold_only_changes():
 
 def run_cli(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "main.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.train.num_stepz=3", "unknown config key 'train.num_stepz'; .*did you mean 'train.num_steps'\\?"),
-    ("--config.trian.num_steps=3", "unknown config key 'trian.num_steps'; .*did you mean 'train.num_steps'\\?"),
-    ("--config.model.overrides.num_res_blockz=1",
-     "config.model.overrides: unknown option 'num_res_blockz' for model preset 'unet-small' "
-     "\\(did you mean 'num_res_blocks'\\?\\)"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.train.num_stepz=3", "unknown config key 'train.num_stepz'; .*did you mean 'train.num_steps'\\?"),
+        ("--config.trian.num_steps=3", "unknown config key 'trian.num_steps'; .*did you mean 'train.num_steps'\\?"),
+        (
+            "--config.model.overrides.num_res_blockz=1",
+            "config.model.overrides: unknown option 'num_res_blockz' for model preset 'unet-small' "
+            "\\(did you mean 'num_res_blocks'\\?\\)",
+        ),
+    ],
+)
 def test_config_typos_give_one_line_with_the_nearest_key(flag, message, tmp_path):
     done = run_cli(f"--workdir={tmp_path / 'run'}", flag)
     assert done.returncode == 2
@@ -173,8 +186,13 @@ def test_help_lists_the_flags_and_how_to_list_config_keys():
 
 
 def test_keys_mode_lists_every_key_with_its_value_and_options():
-    done = run_cli("--config=configs/cifar10_edm.py", "--mode=keys", "--config.sample.solver=ddim",
-                   "--config.sample.solver_options.eta=0.5", timeout=120)
+    done = run_cli(
+        "--config=configs/cifar10_edm.py",
+        "--mode=keys",
+        "--config.sample.solver=ddim",
+        "--config.sample.solver_options.eta=0.5",
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert "train.num_steps = 390625  # optimizer steps of the run" in lines
@@ -187,32 +205,43 @@ def test_keys_mode_lists_every_key_with_its_value_and_options():
 
 def test_split_config_arguments_forms():
     rest, overrides = split_config_arguments(
-        ["prog", "--workdir=w", "--config.a.b=1", "--config.c", "x y", "--config.d", "--noconfig.e", "--mode=keys"])
+        ["prog", "--workdir=w", "--config.a.b=1", "--config.c", "x y", "--config.d", "--noconfig.e", "--mode=keys"]
+    )
     assert rest == ["prog", "--workdir=w", "--mode=keys"]
     assert overrides == [("a.b", "1"), ("c", "x y"), ("d", "true"), ("e", "false")]
 
 
-@pytest.mark.parametrize("overrides, options, grid_options", [
-    ([("sample.solver", "ddim"), ("sample.solver_options.eta", "0.5")], {"eta": 0.5}, {}),
-    ([("sample.solver_options.s_churn", "10"), ("sample.solver", "edm_stochastic")], {"s_churn": 10.0}, {}),
-    ([("sample.grid", "karras"), ("sample.grid_options.rho", "7")], {}, {"rho": 7.0}),
-])
+@pytest.mark.parametrize(
+    "overrides, options, grid_options",
+    [
+        ([("sample.solver", "ddim"), ("sample.solver_options.eta", "0.5")], {"eta": 0.5}, {}),
+        ([("sample.solver_options.s_churn", "10"), ("sample.solver", "edm_stochastic")], {"s_churn": 10.0}, {}),
+        ([("sample.grid", "karras"), ("sample.grid_options.rho", "7")], {}, {"rho": 7.0}),
+    ],
+)
 def test_solver_and_grid_options_from_the_command_line(overrides, options, grid_options, tmp_path):
     config = apply_overrides(_module("default").get_config(), overrides)
     assert config.sample.solver_options.to_dict() == options and config.sample.grid_options.to_dict() == grid_options
     loop.prepare_run(config, str(tmp_path))  # traces sample() with these options (nothing is compiled)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ([("sample.solver", "ddim"), ("sample.solver_options.etta", "0.5")],
-     r"config.sample.solver_options: unknown option 'etta' for solver 'ddim' \(did you mean 'eta'\?\)"),
-    ([("sample.solver_options.eta", "0.5")], "unknown option 'eta' for solver 'gaussian_pc'"),  # the default solver
-    ([("sample.grid", "karras"), ("sample.grid_options.rhoo", "7")],
-     r"config.sample.grid_options: unknown option 'rhoo' for grid 'karras' \(did you mean 'rho'\?\)"),
-    ([("sample.solver", "ddim"), ("sample.solver_options.eta", "'high'")], "option eta of solver 'ddim' must be"),
-    ([("train.num_steps", "3.5")], r"config.train.num_steps = '3.5' is not allowed; expected an int"),
-    ([("sample.solver_options", "{}")], "config.sample.solver_options is a group of keys"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [("sample.solver", "ddim"), ("sample.solver_options.etta", "0.5")],
+            r"config.sample.solver_options: unknown option 'etta' for solver 'ddim' \(did you mean 'eta'\?\)",
+        ),
+        ([("sample.solver_options.eta", "0.5")], "unknown option 'eta' for solver 'gaussian_pc'"),  # the default solver
+        (
+            [("sample.grid", "karras"), ("sample.grid_options.rhoo", "7")],
+            r"config.sample.grid_options: unknown option 'rhoo' for grid 'karras' \(did you mean 'rho'\?\)",
+        ),
+        ([("sample.solver", "ddim"), ("sample.solver_options.eta", "'high'")], "option eta of solver 'ddim' must be"),
+        ([("train.num_steps", "3.5")], r"config.train.num_steps = '3.5' is not allowed; expected an int"),
+        ([("sample.solver_options", "{}")], "config.sample.solver_options is a group of keys"),
+    ],
+)
 def test_bad_options_from_the_command_line_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(apply_overrides(_module("default").get_config(), overrides))
@@ -225,7 +254,9 @@ def test_switching_process_from_the_command_line(tmp_path):
     config = apply_overrides(edm, [("process.options.beta_max", "10"), ("process.name", "vp")])
     assert config.process.name == "vp" and config.process.options.to_dict() == {"beta_max": 10.0}
     assert edm.process.options.to_dict() == {"sigma_min": 0.002, "sigma_max": 80.0}  # the input is not changed
-    assert config.loss.prediction == "edm_preconditioned" and config.loss.time_sampler == "lognormal"  # kept, and valid with vp
+    assert (
+        config.loss.prediction == "edm_preconditioned" and config.loss.time_sampler == "lognormal"
+    )  # kept, and valid with vp
     validate_config(config)
     default = apply_overrides(_module("default").get_config(), [("process.name", "vp")])
     run = loop.prepare_run(default, str(tmp_path))
@@ -235,8 +266,9 @@ def test_switching_process_from_the_command_line(tmp_path):
 
 
 def test_data_name_selects_the_data_set_from_the_command_line():
-    config = apply_overrides(_module("default").get_config(),
-                             [("data.name", "mnist"), ("model.overrides.attn_resolutions", "(7,)")])
+    config = apply_overrides(
+        _module("default").get_config(), [("data.name", "mnist"), ("model.overrides.attn_resolutions", "(7,)")]
+    )
     assert config.data.name == "mnist" and config.data.source == "npz" and config.data.image_size == 28
     assert config.data.path.endswith("mnist.npz")
     if pathlib.Path(config.data.path).exists():

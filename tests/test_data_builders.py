@@ -84,8 +84,17 @@ def test_npz_round_trip_exact(tmp_path):
         "y_test": np.array([3, 0, 1, 2, 3], np.uint8),
     }
     np.savez(tmp_path / "small.npz", **arrays)
-    name = dd.prepare(_config("npz", tmp_path / "small.npz", tmp_path / "tfds", image_size=7, channels=3,
-                              resize_method="bilinear", num_classes=4))
+    name = dd.prepare(
+        _config(
+            "npz",
+            tmp_path / "small.npz",
+            tmp_path / "tfds",
+            image_size=7,
+            channels=3,
+            resize_method="bilinear",
+            num_classes=4,
+        )
+    )
     assert name.startswith("diffjax_npz/small-c3-")
     for split in ("train", "test"):
         expected = list(zip(arrays[f"x_{split}"], arrays[f"y_{split}"]))
@@ -95,8 +104,10 @@ def test_npz_round_trip_exact(tmp_path):
 def test_idx_round_trip_exact(tmp_path):
     idx_dir = tmp_path / "idx"
     idx_dir.mkdir()
-    images = {"train": RNG.integers(0, 256, (9, 4, 5), dtype=np.uint8),
-              "t10k": RNG.integers(0, 256, (4, 4, 5), dtype=np.uint8)}
+    images = {
+        "train": RNG.integers(0, 256, (9, 4, 5), dtype=np.uint8),
+        "t10k": RNG.integers(0, 256, (4, 4, 5), dtype=np.uint8),
+    }
     labels = {"train": RNG.integers(0, 10, 9, dtype=np.uint8), "t10k": np.array([9, 0, 5, 5], np.uint8)}
     for prefix in images:
         _write_idx(idx_dir / f"{prefix}-images-idx3-ubyte.gz", images[prefix])
@@ -123,14 +134,14 @@ def test_image_archive_round_trip_exact(tmp_path, layout):
         path = tmp_path / "images.tar"
         with tarfile.open(path, "w") as archive:
             archive.add(folder, arcname=".")
-    config = _config(layout, path, tmp_path / "tfds", image_size=6, channels=3, num_classes=3,
-                     resize_method="bilinear")
+    config = _config(layout, path, tmp_path / "tfds", image_size=6, channels=3, num_classes=3, resize_method="bilinear")
     name = dd.prepare(config)
     for split in ("train", "test"):
         _assert_round_trip(_read_back(name, split, tmp_path / "tfds"), _expected_archive(files, split))
     # Original files are stored byte for byte (the grayscale one is converted to RGB PNG).
-    records = tfds.data_source(name, split="test", data_dir=str(tmp_path / "tfds"),
-                               decoders={"image": tfds.decode.SkipDecoding()})
+    records = tfds.data_source(
+        name, split="test", data_dir=str(tmp_path / "tfds"), decoders={"image": tfds.decode.SkipDecoding()}
+    )
     assert records[0]["image"] == files["test/cat/000.jpg"]
 
 
@@ -198,12 +209,10 @@ def test_tfds_source_reads_prepared_data_by_name(tmp_path):
     images = RNG.integers(0, 256, (12, 5, 5), dtype=np.uint8)
     labels = np.arange(12) % 4
     np.savez(tmp_path / "c.npz", x_train=images, y_train=labels)
-    name = dd.prepare(_config("npz", tmp_path / "c.npz", tmp_path / "tfds", image_size=5, channels=1,
-                              num_classes=4))
+    name = dd.prepare(_config("npz", tmp_path / "c.npz", tmp_path / "tfds", image_size=5, channels=1, num_classes=4))
     config = _config("tfds", "", tmp_path / "tfds", tfds_name=name, image_size=5, channels=1, num_classes=4)
     assert dd.dataset_info(config).num_examples == {"train": 12}
-    iterator = dd.make_iterator(config, split="train", global_batch_size=12, seed=0, shuffle=False,
-                                num_epochs=1)
+    iterator = dd.make_iterator(config, split="train", global_batch_size=12, seed=0, shuffle=False, num_epochs=1)
     batch = next(iterator)
     np.testing.assert_array_equal(np.round((batch["image"][..., 0] + 1) * 127.5).astype(np.uint8), images)
     np.testing.assert_array_equal(batch["label"], labels)

@@ -13,18 +13,25 @@ MNIST = config_lib.shared_data_dir() / "mnist.npz"
 CIFAR10 = config_lib.shared_data_dir() / "cifar10-jpeg.tar"
 needs_mnist = pytest.mark.skipif(not MNIST.exists(), reason=f"{MNIST} is not present")
 needs_cifar10 = pytest.mark.skipif(not CIFAR10.exists(), reason=f"{CIFAR10} is not present")
-needs_fashion = pytest.mark.skipif(not Path(config_lib.FASHION_MNIST_DIR).exists(),
-                                   reason="apt package dataset-fashion-mnist is not installed")
+needs_fashion = pytest.mark.skipif(
+    not Path(config_lib.FASHION_MNIST_DIR).exists(), reason="apt package dataset-fashion-mnist is not installed"
+)
 
 
 @pytest.fixture
 def small_npz(tmp_path):
     path = tmp_path / "small.npz"
-    np.savez(path, x_train=np.zeros((10, 28, 28), np.uint8), y_train=np.arange(10) % 10,
-             x_test=np.zeros((3, 28, 28), np.uint8), y_test=np.arange(3))
+    np.savez(
+        path,
+        x_train=np.zeros((10, 28, 28), np.uint8),
+        y_train=np.arange(10) % 10,
+        x_test=np.zeros((3, 28, 28), np.uint8),
+        y_test=np.arange(3),
+    )
     config = dd.base_data_config()
-    config.update(source="npz", path=str(path), image_size=28, channels=1, num_classes=10,
-                  data_dir=str(tmp_path / "tfds"))
+    config.update(
+        source="npz", path=str(path), image_size=28, channels=1, num_classes=10, data_dir=str(tmp_path / "tfds")
+    )
     return config
 
 
@@ -57,13 +64,12 @@ def test_mnist_from_shared_npz_has_the_known_shapes_and_statistics():
     assert info.num_examples == {"train": 60000, "test": 10000} and info.num_classes == 10
     total = total_sq = count = 0.0
     labels = []
-    for batch in dd.make_iterator(config, split="train", global_batch_size=10000, seed=0, shuffle=False,
-                                  num_epochs=1):
+    for batch in dd.make_iterator(config, split="train", global_batch_size=10000, seed=0, shuffle=False, num_epochs=1):
         pixels = _uint8_units(batch["image"])
-        total, total_sq, count = total + pixels.sum(), total_sq + (pixels ** 2).sum(), count + pixels.size
+        total, total_sq, count = total + pixels.sum(), total_sq + (pixels**2).sum(), count + pixels.size
         labels.append(batch["label"])
     mean = total / count
-    std = np.sqrt(total_sq / count - mean ** 2)
+    std = np.sqrt(total_sq / count - mean**2)
     assert round(mean, 2) == 33.32 and round(std, 2) == 78.57
     assert len(np.concatenate(labels)) == 60000 and set(np.concatenate(labels)) == set(range(10))
 
@@ -155,8 +161,7 @@ def test_unknown_keys_and_wrong_types_are_named(small_npz):
 def test_bad_iterator_arguments_are_named(small_npz, tmp_path):
     cases = [
         (dict(split="validation"), "unknown split 'validation'.*'test', 'train'"),
-        (dict(global_batch_size=9, process_count=2),
-         "global_batch_size=9 is not divisible by process_count=2"),
+        (dict(global_batch_size=9, process_count=2), "global_batch_size=9 is not divisible by process_count=2"),
         (dict(process_index=2, process_count=2), "process_index=2 must be < process_count=2"),
         (dict(seed=-1), "seed must be an integer >= 0"),
         (dict(num_epochs=0), "num_epochs must be an integer >= 1"),

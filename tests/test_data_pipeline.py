@@ -25,8 +25,7 @@ def indexed_npz(tmp_path_factory):
 
 def _config(path, **overrides):
     config = dd.base_data_config()
-    config.update(source="npz", path=str(path), image_size=4, channels=1, num_classes=7, in_memory=True,
-                  **overrides)
+    config.update(source="npz", path=str(path), image_size=4, channels=1, num_classes=7, in_memory=True, **overrides)
     return config
 
 
@@ -51,8 +50,16 @@ def test_two_hosts_see_disjoint_shards_covering_an_epoch(indexed_npz):
     config = _config(indexed_npz)
     seen = []
     for host in (0, 1):
-        iterator = dd.make_iterator(config, split="train", global_batch_size=16, seed=5, process_index=host,
-                                    process_count=2, num_epochs=1, drop_remainder=False)
+        iterator = dd.make_iterator(
+            config,
+            split="train",
+            global_batch_size=16,
+            seed=5,
+            process_index=host,
+            process_count=2,
+            num_epochs=1,
+            drop_remainder=False,
+        )
         batches = list(iterator)
         assert len(batches) == -(-NUM_RECORDS // 16)
         assert all(b["image"].shape == (8, 4, 4, 1) for b in batches)
@@ -65,8 +72,12 @@ def test_host_batches_concatenate_to_the_single_host_batch(indexed_npz):
     """With flips and dequantization on: randomness is per example, so host count does not matter."""
     config = _config(indexed_npz, random_flip=True, dequantize=True)
     single = _take(dd.make_iterator(config, split="train", global_batch_size=24, seed=3), 20)
-    hosts = [_take(dd.make_iterator(config, split="train", global_batch_size=24, seed=3, process_index=h,
-                                    process_count=3), 20) for h in range(3)]
+    hosts = [
+        _take(
+            dd.make_iterator(config, split="train", global_batch_size=24, seed=3, process_index=h, process_count=3), 20
+        )
+        for h in range(3)
+    ]
     for step, batch in enumerate(single):
         for key in batch:
             np.testing.assert_array_equal(np.concatenate([h[step][key] for h in hosts]), batch[key])
@@ -97,18 +108,25 @@ def test_seed_changes_order_and_same_seed_repeats(indexed_npz):
 def test_batches_straddle_epochs_without_losing_examples(indexed_npz):
     """Endless stream: the first 2n positions are two full epochs even though 32 does not divide n."""
     config = _config(indexed_npz)
-    ids = np.concatenate([_record_ids(b) for b in _take(dd.make_iterator(
-        config, split="train", global_batch_size=32, seed=9), -(-2 * NUM_RECORDS // 32))])
+    ids = np.concatenate(
+        [
+            _record_ids(b)
+            for b in _take(
+                dd.make_iterator(config, split="train", global_batch_size=32, seed=9), -(-2 * NUM_RECORDS // 32)
+            )
+        ]
+    )
     assert sorted(ids[:NUM_RECORDS]) == list(range(NUM_RECORDS))
-    assert sorted(ids[NUM_RECORDS:2 * NUM_RECORDS]) == list(range(NUM_RECORDS))
+    assert sorted(ids[NUM_RECORDS : 2 * NUM_RECORDS]) == list(range(NUM_RECORDS))
 
 
 def test_finite_stream_lengths_and_mask(indexed_npz):
     config = _config(indexed_npz)
     kept = list(dd.make_iterator(config, split="train", global_batch_size=32, seed=0, num_epochs=2))
     assert len(kept) == 2 * NUM_RECORDS // 32 and "mask" not in kept[0]
-    padded = list(dd.make_iterator(config, split="train", global_batch_size=32, seed=0, num_epochs=2,
-                                   drop_remainder=False))
+    padded = list(
+        dd.make_iterator(config, split="train", global_batch_size=32, seed=0, num_epochs=2, drop_remainder=False)
+    )
     assert len(padded) == -(-2 * NUM_RECORDS // 32)
     assert sum(int(b["mask"].sum()) for b in padded) == 2 * NUM_RECORDS
     assert padded[-1]["mask"].sum() == 2 * NUM_RECORDS % 32
@@ -118,8 +136,12 @@ def test_finite_stream_lengths_and_mask(indexed_npz):
 def test_resume_from_saved_state_is_exact(indexed_npz, worker_count):
     """Interrupted after 5 batches, restored from its saved state: batches 6..12 are the uninterrupted
     ones. The reference runs in-process, so worker processes must not change the batches either."""
-    uninterrupted = _take(dd.make_iterator(_config(indexed_npz, random_flip=True, dequantize=True),
-                                           split="train", global_batch_size=30, seed=11), 12)
+    uninterrupted = _take(
+        dd.make_iterator(
+            _config(indexed_npz, random_flip=True, dequantize=True), split="train", global_batch_size=30, seed=11
+        ),
+        12,
+    )
     config = _config(indexed_npz, random_flip=True, dequantize=True, worker_count=worker_count)
     make = lambda: dd.make_iterator(config, split="train", global_batch_size=30, seed=11)
     interrupted = make()
@@ -140,8 +162,9 @@ def test_resume_with_other_host_count_gives_the_same_global_batches(indexed_npz)
     want = _take(one_host, 2)
     parts = []
     for host in (0, 1):
-        iterator = dd.make_iterator(config, split="train", global_batch_size=20, seed=4, process_index=host,
-                                    process_count=2)
+        iterator = dd.make_iterator(
+            config, split="train", global_batch_size=20, seed=4, process_index=host, process_count=2
+        )
         iterator.set_state(state)
         parts.append(_take(iterator, 2))
     for step in range(2):
@@ -195,10 +218,8 @@ def test_augment_scaling_flip_and_dequantization():
     assert np.all(units >= many - 1e-4) and np.all(units <= many + 1 + 1e-4)
     assert len(np.unique(noisy[:, 0, 0, 0])) == len(noisy)  # every example draws its own noise
     assert abs(float((units - many).mean()) - 0.5) < 0.02
-    np.testing.assert_array_equal(noisy, pipeline.augment(many, positions, seed=0, random_flip=False,
-                                                          dequantize=True))
-    assert not np.array_equal(noisy, pipeline.augment(many, positions, seed=1, random_flip=False,
-                                                      dequantize=True))
+    np.testing.assert_array_equal(noisy, pipeline.augment(many, positions, seed=0, random_flip=False, dequantize=True))
+    assert not np.array_equal(noisy, pipeline.augment(many, positions, seed=1, random_flip=False, dequantize=True))
 
 
 def test_batch_plan_positions_are_host_blocks():

@@ -27,9 +27,7 @@ PROCESSES = {
     "flow": P.FlowMatching(),
 }
 
-MIXTURE = GaussianMixture.create(
-    [0.3, 0.7], [[1.0, -0.5, 0.2], [-0.8, 0.4, 0.0]], [[0.3, 0.2, 0.5], [0.6, 0.4, 0.25]]
-)
+MIXTURE = GaussianMixture.create([0.3, 0.7], [[1.0, -0.5, 0.2], [-0.8, 0.4, 0.0]], [[0.3, 0.2, 0.5], [0.6, 0.4, 0.25]])
 
 
 def random_times(process, key, n):
@@ -201,8 +199,9 @@ def test_edm_network_misuse_is_caught():
         return x
 
     raw.prediction = EDMPreconditioned(0.5)
-    with pytest.raises(ValueError, match="declares prediction EDMPreconditioned\\(sigma_data=0.5\\) but was given "
-                                         "prediction 'x0'"):
+    with pytest.raises(
+        ValueError, match="declares prediction EDMPreconditioned\\(sigma_data=0.5\\) but was given prediction 'x0'"
+    ):
         Denoiser(raw, edm, "x0")
     with pytest.raises(ValueError, match="declares prediction"):
         Denoiser(raw, edm, EDMPreconditioned(1.0))  # another sigma_data than the network's

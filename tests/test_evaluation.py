@@ -4,6 +4,7 @@ Tests marked by need: most use random Inception params and small inputs (fast, n
 `weights` tests fetch the real FID weights once per session (skipped when offline); `torch`
 tests compare with the reference TorchScript model in PyTorch (skipped without torch).
 """
+
 from __future__ import annotations
 
 import io
@@ -172,7 +173,7 @@ def _is_direct(logits, splits):
     p /= p.sum(1, keepdims=True)
     n, scores = len(p), []
     for i in range(splits):
-        part = p[i * n // splits:(i + 1) * n // splits]
+        part = p[i * n // splits : (i + 1) * n // splits]
         kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
         scores.append(np.exp(kl.sum(1).mean()))
     return np.mean(scores), np.std(scores)
@@ -265,16 +266,19 @@ def test_preprocess_scaling_and_grayscale():
     np.testing.assert_allclose(raw[1], tf[1] + 0.3 / 128, atol=1e-5)
 
 
-@pytest.mark.parametrize("images,kwargs,match", [
-    (np.zeros((2, 3, 8, 8), np.uint8), {}, "NCHW"),
-    (np.zeros((2, 8, 8), np.uint8), {}, "channel axis"),
-    (np.zeros((2, 8, 8, 4), np.uint8), {}, "1 or 3 channels"),
-    (np.zeros((2, 8, 8, 3), np.float32), {}, "explicit value_range"),
-    (np.zeros((2, 8, 8, 3), np.uint8), {"value_range": (-1, 1)}, "must be None or"),
-    (np.zeros((2, 8, 8, 3), np.int32), {}, "dtype int32"),
-    (np.full((2, 8, 8, 3), 255.0, np.float32), {"value_range": (-1, 1)}, r"span \[255, 255\]"),
-    (np.zeros((2, 8, 8, 3), np.uint8), {"preprocessing": "bicubic"}, "not one of"),
-])
+@pytest.mark.parametrize(
+    "images,kwargs,match",
+    [
+        (np.zeros((2, 3, 8, 8), np.uint8), {}, "NCHW"),
+        (np.zeros((2, 8, 8), np.uint8), {}, "channel axis"),
+        (np.zeros((2, 8, 8, 4), np.uint8), {}, "1 or 3 channels"),
+        (np.zeros((2, 8, 8, 3), np.float32), {}, "explicit value_range"),
+        (np.zeros((2, 8, 8, 3), np.uint8), {"value_range": (-1, 1)}, "must be None or"),
+        (np.zeros((2, 8, 8, 3), np.int32), {}, "dtype int32"),
+        (np.full((2, 8, 8, 3), 255.0, np.float32), {"value_range": (-1, 1)}, r"span \[255, 255\]"),
+        (np.zeros((2, 8, 8, 3), np.uint8), {"preprocessing": "bicubic"}, "not one of"),
+    ],
+)
 def test_bad_images_raise_clear_errors(random_params, images, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ev.extract_features(random_params, images, progress=False, size=75, **kwargs)
@@ -291,7 +295,9 @@ def test_params_structure_is_validated(random_params):
     assert len(jax.tree.leaves(params)) == 3 * len(conv_specs()) == 3 * 94
     params["Mixed_6b"]["branch7x7_2"]["kernel"] = jnp.zeros((7, 1, 128, 128))
     del params["Mixed_7c"]["branch_pool"]
-    with pytest.raises(ValueError, match=r"(?s)Mixed_6b.branch7x7_2.kernel: shape \(7, 1, 128, 128\).*Mixed_7c.branch_pool: missing"):
+    with pytest.raises(
+        ValueError, match=r"(?s)Mixed_6b.branch7x7_2.kernel: shape \(7, 1, 128, 128\).*Mixed_7c.branch_pool: missing"
+    ):
         ev.validate_params(params)
 
 
@@ -315,10 +321,12 @@ def test_extract_features_sharded_equals_single_device(small_setup):
     params, images, direct = small_setup
     assert jax.device_count() == 8, "tests/conftest.py sets up 8 CPU devices"
     eight = ev.extract_features(params, images, size=75, batch_size=8, progress=False)
-    one = ev.extract_features(params, images, size=75, batch_size=3, progress=False,
-                              mesh=ev.data_mesh(jax.devices()[:1]))
-    uneven = ev.extract_features(params, iter([images[:2], images[2:9], images[9:]]), size=75, batch_size=4,
-                                 progress=False)
+    one = ev.extract_features(
+        params, images, size=75, batch_size=3, progress=False, mesh=ev.data_mesh(jax.devices()[:1])
+    )
+    uneven = ev.extract_features(
+        params, iter([images[:2], images[2:9], images[9:]]), size=75, batch_size=4, progress=False
+    )
     assert eight.shape == (11, ev.FEATURE_DIM)
     np.testing.assert_allclose(eight, direct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(one, direct, rtol=1e-5, atol=1e-6)
@@ -433,7 +441,9 @@ def _random_pytorch_fid_state_dict(torch, rng):
     for path, spec in conv_specs().items():
         base = ".".join(path)
         c = spec.out_channels
-        sd[f"{base}.conv.weight"] = torch.from_numpy(rng.normal(size=(c, spec.in_channels, *spec.kernel)).astype(np.float32))
+        sd[f"{base}.conv.weight"] = torch.from_numpy(
+            rng.normal(size=(c, spec.in_channels, *spec.kernel)).astype(np.float32)
+        )
         sd[f"{base}.bn.weight"] = torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32))
         sd[f"{base}.bn.bias"] = torch.from_numpy(rng.normal(size=c).astype(np.float32))
         sd[f"{base}.bn.running_mean"] = torch.from_numpy(rng.normal(size=c).astype(np.float32))
@@ -457,8 +467,12 @@ def test_pytorch_fid_state_dict_loads_without_torch_code(tmp_path, zip_format):
         scale = sd[f"{base}.bn.weight"].double().numpy() / np.sqrt(sd[f"{base}.bn.running_var"].double().numpy() + 1e-3)
         np.testing.assert_array_equal(leaf["kernel"], sd[f"{base}.conv.weight"].numpy().transpose(2, 3, 1, 0))
         np.testing.assert_allclose(leaf["scale"], scale, rtol=1e-6)
-        np.testing.assert_allclose(leaf["bias"], sd[f"{base}.bn.bias"].double().numpy()
-                                   - sd[f"{base}.bn.running_mean"].double().numpy() * scale, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            leaf["bias"],
+            sd[f"{base}.bn.bias"].double().numpy() - sd[f"{base}.bn.running_mean"].double().numpy() * scale,
+            rtol=1e-5,
+            atol=1e-6,
+        )
     np.testing.assert_array_equal(params["fc"]["kernel"], sd["fc.weight"].numpy().T)
     np.testing.assert_array_equal(params["fc"]["bias"], sd["fc.bias"].numpy())
     del sd["Mixed_6c.branch7x7dbl_3.bn.running_var"]

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CountingNetwork
 
 from diffjax import processes as P
 from diffjax.data.toy import gaussian
 from diffjax.denoisers import Denoiser, autoguidance, classifier_free_guidance, guided
 from diffjax.samplers import SOLVERS, sample
 from diffjax.validation import build_named
-from helpers import CountingNetwork
 
 PROCESS = P.VP()
 COND = gaussian([1.0, -0.5], [0.4, 0.4])
@@ -41,7 +41,9 @@ def test_cfg_of_two_gaussians_samples_the_closed_form_guided_gaussian(name, scal
 
 
 def test_guidance_works_with_every_solver():
-    g = classifier_free_guidance(COND.denoiser(PROCESS), UNCOND.denoiser(PROCESS), 2.0, interval=(0.1, 10.0), rescale=0.5)
+    g = classifier_free_guidance(
+        COND.denoiser(PROCESS), UNCOND.denoiser(PROCESS), 2.0, interval=(0.1, 10.0), rescale=0.5
+    )
     for name in SOLVERS:
         x = sample(g, jax.random.key(0), (256, 2), solver=SOLVERS[name](), steps=12).samples
         assert np.all(np.isfinite(np.asarray(x))), name
@@ -89,16 +91,20 @@ def test_guided_denoiser_mixes_prediction_types():
     )
 
 
-
-
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda c, u: classifier_free_guidance(c, None, 3.0),
-         "guidance scale 3.0 needs a conditional and a separate unconditional denoiser, but no unconditional model was given"),
+        (
+            lambda c, u: classifier_free_guidance(c, None, 3.0),
+            "guidance scale 3.0 needs a conditional and a separate unconditional denoiser, "
+            "but no unconditional model was given",
+        ),
         (lambda c, u: classifier_free_guidance(c, c, 3.0), "the unconditional model is the conditional one"),
         (lambda c, u: classifier_free_guidance(c, u, float("nan")), "scale must be a finite number"),
-        (lambda c, u: classifier_free_guidance(c, u, 2.0, interval=(2.0, 1.0)), "interval must be \\(sigma_lo, sigma_hi\\)"),
+        (
+            lambda c, u: classifier_free_guidance(c, u, 2.0, interval=(2.0, 1.0)),
+            "interval must be \\(sigma_lo, sigma_hi\\)",
+        ),
         (lambda c, u: classifier_free_guidance(c, u, 2.0, rescale=1.5), "rescale must lie in \\[0, 1\\], got 1.5"),
         (lambda c, u: classifier_free_guidance(c, Denoiser(u.fn, P.EDM(), "eps"), 2.0), "different processes"),
         (lambda c, u: autoguidance(c, c, 2.0), "needs a separate weaker model"),

@@ -67,8 +67,11 @@ def test_hutchinson_agrees_with_the_exact_trace_within_its_standard_error(probe)
     denoiser = MIXTURE.denoiser(process)
     x = MIXTURE.sample(jax.random.key(2), 8)
     exact = jax.jit(lambda x: log_likelihood(denoiser, x, jax.random.key(0)))(x)
-    run = jax.jit(lambda x, key: log_likelihood(denoiser, x, key, divergence="hutchinson", probe=probe,
-                                                num_probes=128, return_info=True))
+    run = jax.jit(
+        lambda x, key: log_likelihood(
+            denoiser, x, key, divergence="hutchinson", probe=probe, num_probes=128, return_info=True
+        )
+    )
     estimate, info = run(x, jax.random.key(3))
     stderr = np.asarray(info["stderr"])
     assert np.all(np.isfinite(stderr)) and np.all(stderr > 1e-3), stderr  # the probes do vary
@@ -126,7 +129,9 @@ def elbo_and_closed_form(process, num_points=8, replicas=512, num_times=64):
     marginal_var = a0**2 * s**2 + sig0**2
     post_var = 1.0 / (1.0 / sig0**2 + 1.0 / marginal_var)
     post_mean = post_var * (a0 * x / sig0**2 + a0 * mu / marginal_var)
-    kl = 0.5 * np.sum(np.log(post_var / sig0**2) + sig0**2 / post_var + (a0 * x - post_mean) ** 2 / post_var - 1, axis=1)
+    kl = 0.5 * np.sum(
+        np.log(post_var / sig0**2) + sig0**2 / post_var + (a0 * x - post_mean) ** 2 / post_var - 1, axis=1
+    )
     return values.mean(axis=1), values.std(axis=1, ddof=1) / math.sqrt(replicas), log_p, kl
 
 
@@ -216,7 +221,10 @@ class CountingNetwork:
     "kwargs, match",
     [
         ({"divergence": "trace"}, "unknown divergence 'trace'; allowed: \\['exact', 'hutchinson'\\]"),
-        ({"divergence": "hutchinson", "probe": "sphere"}, "unknown probe 'sphere'; allowed: \\['rademacher', 'gaussian'\\]"),
+        (
+            {"divergence": "hutchinson", "probe": "sphere"},
+            "unknown probe 'sphere'; allowed: \\['rademacher', 'gaussian'\\]",
+        ),
         ({"divergence": "hutchinson", "num_probes": 0}, "num_probes must be an int >= 1, got 0"),
         ({"num_probes": 2.0}, "num_probes must be an int >= 1, got 2.0"),
         ({"rtol": 0.0}, "rtol must be a positive finite number, got 0.0"),
@@ -238,7 +246,9 @@ def test_bad_data_shapes_are_named(fn):
     denoiser = Denoiser(CountingNetwork(), P.VP(), "eps")
     with pytest.raises(ValueError, match="the network cannot take x of shape \\(4, 3\\)"):
         fn(denoiser, jnp.zeros((4, 3)), jax.random.key(0))
-    with pytest.raises(ValueError, match="x must be an array of shape \\(batch, ...\\) with at least 2 axes, got shape \\(4,\\)"):
+    with pytest.raises(
+        ValueError, match="x must be an array of shape \\(batch, ...\\) with at least 2 axes, got shape \\(4,\\)"
+    ):
         fn(denoiser, jnp.zeros((4,)), jax.random.key(0))
     with pytest.raises(ValueError, match="x must be floating point, got dtype int32"):
         fn(denoiser, jnp.zeros((4, 2), jnp.int32), jax.random.key(0))
@@ -252,7 +262,9 @@ def test_elbo_and_bits_per_dim_bad_input():
         elbo(Denoiser(network, P.VP(), "eps"), jnp.zeros((4, 2)), jax.random.key(0), num_times=0)
     assert network.calls == 0
     uniform = lambda x, key: jnp.zeros(x.shape[:1])  # noqa: E731
-    with pytest.raises(ValueError, match="images must hold integers in \\[0, 255\\] \\(e.g. uint8\\), got dtype float32"):
+    with pytest.raises(
+        ValueError, match="images must hold integers in \\[0, 255\\] \\(e.g. uint8\\), got dtype float32"
+    ):
         bits_per_dim(uniform, jnp.zeros((4, 2, 2, 1)), jax.random.key(0))
     with pytest.raises(ValueError, match="images must be an array of shape \\(batch, ...\\)"):
         bits_per_dim(uniform, jnp.zeros((4,), jnp.uint8), jax.random.key(0))

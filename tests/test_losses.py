@@ -179,9 +179,7 @@ def test_likelihood_weighting_is_unbiased_across_samplers():
     params = (TRUE_MEAN + 0.2, TRUE_LOG_STD - 0.1)
 
     def estimate(sampler):
-        loss_fn = jax.jit(
-            losses.denoising_loss(net, process, weighting=LikelihoodWeighting(), time_sampler=sampler)
-        )
+        loss_fn = jax.jit(losses.denoising_loss(net, process, weighting=LikelihoodWeighting(), time_sampler=sampler))
         values = []
         for i in range(40):
             key_data, key_loss = jax.random.split(jax.random.key(i))
@@ -205,9 +203,7 @@ def mlp_apply(params, x, t):
 def mlp_init(key, width=64):
     sizes = [(10, width), (width, width), (width, 2)]
     keys = jax.random.split(key, len(sizes))
-    return [
-        (jax.random.normal(k, s) / np.sqrt(s[0]), jnp.zeros(s[1])) for k, s in zip(keys, sizes)
-    ]
+    return [(jax.random.normal(k, s) / np.sqrt(s[0]), jnp.zeros(s[1])) for k, s in zip(keys, sizes)]
 
 
 @pytest.mark.parametrize(
@@ -255,8 +251,11 @@ def test_loss_decreases_training_a_tiny_mlp_on_2d_data(name, prediction, weighti
         ({"prediction": "edm"}, ValueError, "is now spelled EDMPreconditioned"),
         ({"prediction": "flow"}, ValueError, "is now spelled 'velocity'"),
         ({"target": "velocity2"}, ValueError, "unknown target"),
-        ({"weighting": "min_snr"}, TypeError,
-         r"weighting must be an object such as MinSNR\(gamma=5.0\) \(the config name 'min_snr' is MinSNR\(\)\)"),
+        (
+            {"weighting": "min_snr"},
+            TypeError,
+            r"weighting must be an object such as MinSNR\(gamma=5.0\) \(the config name 'min_snr' is MinSNR\(\)\)",
+        ),
         ({"weighting": 3.0}, TypeError, "weighting must be an object"),
         ({"time_sampler": "beta"}, TypeError, "time_sampler must be an object"),
         ({"t_min": 0.0}, ValueError, "outside"),
@@ -305,8 +304,12 @@ def test_options_are_frozen_hashable_and_built_from_config_names():
 
 
 def test_former_config_names_map_to_current_ones():
-    current = {"prediction": set(PREDICTIONS) | set(PRECONDITIONED), "target": set(PREDICTIONS) | set(PRECONDITIONED),
-               "weighting": set(losses.WEIGHTINGS), "time_sampler": set(losses.TIME_SAMPLERS)}
+    current = {
+        "prediction": set(PREDICTIONS) | set(PRECONDITIONED),
+        "target": set(PREDICTIONS) | set(PRECONDITIONED),
+        "weighting": set(losses.WEIGHTINGS),
+        "time_sampler": set(losses.TIME_SAMPLERS),
+    }
     for key, renames in losses.FORMER_NAMES.items():
         for old, new in renames.items():
             assert new in current[key] and old not in current[key], (key, old, new)
@@ -346,12 +349,19 @@ def test_user_defined_weighting_and_time_sampler():
     x0_hat = gaussian_posterior_mean(params, x_t, alpha * jnp.ones(64), sigma * jnp.ones(64))
     want = float(jnp.mean((1.0 + alpha**2 / sigma**2) * jnp.mean((x0_hat - x0) ** 2, axis=1)))
     for target in ("x0", "eps", "v"):
-        loss_fn = losses.denoising_loss(exact_network(process, "x0"), process, prediction="x0", target=target,
-                                        weighting=X0Squared(), time_sampler=FixedTimes(0.5))
+        loss_fn = losses.denoising_loss(
+            exact_network(process, "x0"),
+            process,
+            prediction="x0",
+            target=target,
+            weighting=X0Squared(),
+            time_sampler=FixedTimes(0.5),
+        )
         loss, _ = loss_fn(params, key, x0)
         np.testing.assert_allclose(float(loss), want, rtol=1e-4)
-    np.testing.assert_allclose(losses.loss_weight(X0Squared(), "x0", process, t, jnp.ones(64)), 1 + alpha**2 / sigma**2,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.loss_weight(X0Squared(), "x0", process, t, jnp.ones(64)), 1 + alpha**2 / sigma**2, rtol=1e-5
+    )
 
 
 def test_array_batch_equals_dict_batch():
@@ -425,6 +435,7 @@ def test_declared_raw_edm_network_is_not_used_as_another_prediction():
     with pytest.raises(ValueError, match="declares prediction EDMPreconditioned.*given prediction 'x0'"):
         losses.denoising_loss(raw, process, prediction="x0")
     losses.denoising_loss(raw, process, prediction=EDM_RAW)  # the declared one is fine
-    with pytest.raises(ValueError, match="declares prediction 'x0' but was given prediction EDMPreconditioned.*"
-                                         "already preconditioned"):
+    with pytest.raises(
+        ValueError, match="declares prediction 'x0' but was given prediction EDMPreconditioned.*already preconditioned"
+    ):
         Denoiser(EDMPreconditioning(lambda x, c: x, process), process, EDM_RAW)

@@ -55,9 +55,7 @@ def test_generic_bisection_inverse_matches_closed_form():
     """The base-class bisection (used by SubVP) agrees with VP's closed-form inverse."""
     vp = P.VP()
     lam = vp.log_snr(interior_times(vp))
-    np.testing.assert_allclose(
-        P.GaussianProcess.t_from_log_snr(vp, lam), vp.t_from_log_snr(lam), atol=1e-5
-    )
+    np.testing.assert_allclose(P.GaussianProcess.t_from_log_snr(vp, lam), vp.t_from_log_snr(lam), atol=1e-5)
 
 
 def closed_form_sde(name, process, t):

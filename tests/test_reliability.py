@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_training import TINY_FLAGS, restore_final_state, run_cli, tiny_config
 
 from diffjax.training import ConfigError, TrainingStopped, train
-from diffjax.training.checkpoint import CheckpointError, Checkpointer
 from diffjax.training import run as run_module
+from diffjax.training.checkpoint import Checkpointer, CheckpointError
 from diffjax.training.state import create_train_state
 from experiments import reliability as rel
-from test_training import TINY_FLAGS, restore_final_state, run_cli, tiny_config
 
 # ------------------------------------------------------------------------------------------------
 # kills: the CLI in a subprocess
@@ -71,8 +71,12 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, one_
 
 
 def test_missing_data_file_is_a_clear_cli_error(tmp_path):
-    done = run_cli(f"--workdir={tmp_path / 'run'}", *TINY_FLAGS, "--config.data.source=npz",
-                   "--config.data.path=/nonexistent/digits.npz")
+    done = run_cli(
+        f"--workdir={tmp_path / 'run'}",
+        *TINY_FLAGS,
+        "--config.data.source=npz",
+        "--config.data.path=/nonexistent/digits.npz",
+    )
     assert done.returncode == 2 and "/nonexistent/digits.npz" in done.stderr
     assert "Traceback" not in done.stderr
 

@@ -5,14 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CountingNetwork
 
 from diffjax import processes as P
 from diffjax.data.toy import benchmark_mixture, gaussian
 from diffjax.denoisers import Denoiser
 from diffjax.samplers import (
+    DDIM,
     GRIDS,
     SOLVERS,
-    DDIM,
     FlowTime,
     GaussianPC,
     Karras,
@@ -22,7 +23,6 @@ from diffjax.samplers import (
     sample,
 )
 from diffjax.validation import build_named
-from helpers import CountingNetwork
 
 
 def solver(name, **options):
@@ -32,6 +32,7 @@ def solver(name, **options):
 
 def grid(name, **options):
     return build_named(GRIDS, name, options, "grid")
+
 
 DDPM = P.VP.from_betas(np.linspace(1e-4, 0.02, 1000))
 MIXTURE = benchmark_mixture(16)
@@ -49,8 +50,14 @@ MIXTURE = benchmark_mixture(16)
 def test_sampler_reproduces_the_mixture(solver_name, steps, grid_name, n):
     """The exact denoiser of the 16-D mixture (stds 0.05..0.5) under the discrete DDPM chain:
     mixture weights within 0.02 (sum of absolute errors), every component's std within 3 %."""
-    x = sample(MIXTURE.denoiser(DDPM), jax.random.key(0), (n, 16), solver=solver(solver_name), steps=steps,
-               grid=grid(grid_name)).samples
+    x = sample(
+        MIXTURE.denoiser(DDPM),
+        jax.random.key(0),
+        (n, 16),
+        solver=solver(solver_name),
+        steps=steps,
+        grid=grid(grid_name),
+    ).samples
     weight_error, std_error = MIXTURE.sample_errors(x)
     assert weight_error <= 0.02, (weight_error, MIXTURE.sample_statistics(x))
     assert std_error <= 0.03, (std_error, MIXTURE.sample_statistics(x))
@@ -86,8 +93,14 @@ def test_convergence_order_on_a_gaussian(process, grid_name, name, order):
         errors = []
         for steps in steps_list:
             result = sample(
-                g.denoiser(process), jax.random.key(0), (64, 2), solver=solver(name), steps=steps,
-                grid=grid(grid_name), denoise_final=False, return_trajectory=True,
+                g.denoiser(process),
+                jax.random.key(0),
+                (64, 2),
+                solver=solver(name),
+                steps=steps,
+                grid=grid(grid_name),
+                denoise_final=False,
+                return_trajectory=True,
             )
             x, traj = result.samples, result.trajectory
             exact = exact_ode_endpoint(process, g, traj[0], process.t_max, process.t_min)
@@ -118,7 +131,12 @@ def test_reported_nfe_counts_network_calls(name, steps, denoise_final, nfe):
 
     denoiser = Denoiser(counting_fn, DDPM, "x0")
     result = sample(
-        denoiser, jax.random.key(0), (8, 16), solver=solver(name), steps=steps, denoise_final=denoise_final,
+        denoiser,
+        jax.random.key(0),
+        (8, 16),
+        solver=solver(name),
+        steps=steps,
+        denoise_final=denoise_final,
     )
     jax.effects_barrier()
     assert result.nfe == nfe == len(calls)
@@ -183,7 +201,9 @@ def test_flow_grid_is_uniform_in_the_rectified_flow_time():
     ts = np.asarray(FlowTime(sigma_data=1.0)(flow, 4, flow.t_min, flow.t_max))
     # with sigma_data = 1, tau is flow matching's own t: the grid is uniform in t
     np.testing.assert_allclose(ts, np.linspace(flow.t_max, flow.t_min, 5), rtol=1e-4)
-    with pytest.raises(ValueError, match="FlowTime grid option sigma_data=-1.0 is not allowed; sigma_data must be a finite number > 0"):
+    with pytest.raises(
+        ValueError, match="FlowTime grid option sigma_data=-1.0 is not allowed; sigma_data must be a finite number > 0"
+    ):
         FlowTime(sigma_data=-1.0)
     with pytest.raises(ValueError, match="Karras grid option rho=0.0 is not allowed"):
         Karras(rho=0.0)
@@ -198,8 +218,6 @@ def test_explicit_grid():
         sample(denoiser, jax.random.key(0), (8, 16), steps=5, grid=ts[::-1])
     with pytest.raises(ValueError, match="steps \\+ 1"):
         sample(denoiser, jax.random.key(0), (8, 16), steps=4, grid=ts)
-
-
 
 
 @pytest.mark.parametrize(
@@ -234,7 +252,14 @@ def test_bad_input_raises_before_tracing(kwargs, match):
         (GRIDS, "grid", "flow", {}, ValueError, "unknown grid 'flow' \\(did you mean 'flow_time'\\?\\)"),
         (SOLVERS, "solver", "edm", {}, ValueError, "unknown solver 'edm'"),
         (SOLVERS, "solver", "heun", {"eta": 0.5}, ValueError, "unknown option 'eta' for solver 'heun'"),
-        (SOLVERS, "solver", "ddim", {"eta": 2.0}, ValueError, "DDIM option eta=2.0 is not allowed; eta must be a number in \\[0, 1\\]"),
+        (
+            SOLVERS,
+            "solver",
+            "ddim",
+            {"eta": 2.0},
+            ValueError,
+            "DDIM option eta=2.0 is not allowed; eta must be a number in \\[0, 1\\]",
+        ),
         (SOLVERS, "solver", "ddim", {"eta": "big"}, TypeError, "option eta of solver 'ddim' must be of type float"),
         (GRIDS, "grid", "karras", {"rho": -7.0}, ValueError, "Karras grid option rho=-7.0 is not allowed"),
     ],
@@ -276,9 +301,13 @@ def test_repeated_eager_calls_do_not_retrace():
 
 
 def test_solvers_validate_their_options_on_construction():
-    with pytest.raises(ValueError, match="GaussianPC option max_std=-1 is not allowed; max_std must be a finite number > 0"):
+    with pytest.raises(
+        ValueError, match="GaussianPC option max_std=-1 is not allowed; max_std must be a finite number > 0"
+    ):
         GaussianPC(max_std=-1)
-    with pytest.raises(ValueError, match="UniPC option order=4 is not allowed; order must be one of \\[None, 1, 2, 3\\]"):
+    with pytest.raises(
+        ValueError, match="UniPC option order=4 is not allowed; order must be one of \\[None, 1, 2, 3\\]"
+    ):
         UniPC(order=4)
 
 
@@ -288,8 +317,15 @@ def test_truncated_explicit_grid_starts_from_its_first_time():
     right weights and widths."""
     edm = P.EDM()
     ts = np.asarray(Karras()(edm, 18, edm.t_min, 12.4), np.float64)
-    result = sample(MIXTURE.denoiser(edm), jax.random.key(0), (20_000, 16), solver=solver("dpm_solver++"),
-                    steps=18, grid=ts, return_trajectory=True)
+    result = sample(
+        MIXTURE.denoiser(edm),
+        jax.random.key(0),
+        (20_000, 16),
+        solver=solver("dpm_solver++"),
+        steps=18,
+        grid=ts,
+        return_trajectory=True,
+    )
     assert float(result.ts[0]) == pytest.approx(12.4)
     start_std = float(jnp.std(result.trajectory[0]))
     assert abs(start_std / 12.4 - 1) < 0.02, start_std  # the prior N(0, 12.4^2 I), not N(0, 80^2 I)

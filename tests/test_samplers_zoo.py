@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import CountingNetwork
 
 from diffjax import processes as P
 from diffjax.data.toy import gaussian
@@ -15,7 +16,6 @@ from diffjax.samplers import GRIDS, SOLVERS, DPMSolverPP, FlowTime, LogSNR, opti
 from diffjax.samplers.gaussian_pc import fitted_variance, gaussian_step
 from diffjax.samplers.unipc import default_order
 from diffjax.validation import build_named
-from helpers import CountingNetwork
 
 
 def solver(name, **options):
@@ -26,9 +26,17 @@ def solver(name, **options):
 def grid(name, **options):
     return build_named(GRIDS, name, options, "grid")
 
+
 GAUSSIAN = gaussian([0.3, -0.2], [0.5, 0.2])
-ALL_PROCESSES = [P.VP(), P.VP.from_betas(np.linspace(1e-4, 0.02, 1000)), P.CosineVP(), P.SubVP(), P.VE(),
-                 P.EDM(), P.FlowMatching()]
+ALL_PROCESSES = [
+    P.VP(),
+    P.VP.from_betas(np.linspace(1e-4, 0.02, 1000)),
+    P.CosineVP(),
+    P.SubVP(),
+    P.VE(),
+    P.EDM(),
+    P.FlowMatching(),
+]
 
 
 def exact_ode_endpoint(process, g, x_start, t_start, t_end):
@@ -49,8 +57,15 @@ def fitted_order(process, name, grid_name, steps_list, t_max=None, **options):
         errors = []
         for steps in steps_list:
             result = sample(
-                GAUSSIAN.denoiser(process), jax.random.key(0), (16, 2), solver=solver(name, **options),
-                steps=steps, grid=grid(grid_name), denoise_final=False, return_trajectory=True, t_max=t_max,
+                GAUSSIAN.denoiser(process),
+                jax.random.key(0),
+                (16, 2),
+                solver=solver(name, **options),
+                steps=steps,
+                grid=grid(grid_name),
+                denoise_final=False,
+                return_trajectory=True,
+                t_max=t_max,
             )
             traj, ts = result.trajectory, result.ts[:, None, None]
             exact = exact_ode_endpoint(process, GAUSSIAN, traj[0], t_max, ts)
@@ -84,9 +99,7 @@ DETERMINISTIC = [
 ]
 
 
-@pytest.mark.parametrize(
-    "solver, options, order", DETERMINISTIC, ids=[f"{s}-{o}" for s, o, _ in DETERMINISTIC]
-)
+@pytest.mark.parametrize("solver, options, order", DETERMINISTIC, ids=[f"{s}-{o}" for s, o, _ in DETERMINISTIC])
 def test_deterministic_solver_converges_at_its_order(solver, options, order):
     """VP process, log-SNR grid: the fitted slope of the global error against the number of steps
     is the designed order. DEIS interpolates in sigma/alpha, which spans 0.01..160 here, so it
@@ -104,8 +117,12 @@ def test_deterministic_solver_converges_at_its_order(solver, options, order):
 )
 @pytest.mark.parametrize(
     "solver, options, order",
-    [("dpm_solver++", dict(order=3), 3), ("unipc", dict(order=2, variant="bh1"), 3),
-     ("dpm_solver", dict(order=2), 2), ("edm_heun", dict(), 2)],
+    [
+        ("dpm_solver++", dict(order=3), 3),
+        ("unipc", dict(order=2, variant="bh1"), 3),
+        ("dpm_solver", dict(order=2), 2),
+        ("edm_heun", dict(), 2),
+    ],
     ids=["dpm++3m", "unipc2", "dpm2", "edm_heun"],
 )
 def test_orders_hold_for_other_processes(process, grid, solver, options, order):
@@ -121,7 +138,8 @@ def test_orders_hold_for_other_processes(process, grid, solver, options, order):
 
 
 @pytest.mark.parametrize(
-    "options, order", [(dict(), 2), (dict(order=1), 2), (dict(corrector=False), 1)],
+    "options, order",
+    [(dict(), 2), (dict(order=1), 2), (dict(corrector=False), 1)],
     ids=["default", "order1", "no-corrector"],
 )
 def test_gaussian_pc_converges_at_its_order(options, order):
@@ -140,8 +158,16 @@ def test_gaussian_pc_is_exact_for_isotropic_gaussian_data(process):
     g = gaussian([0.3, -0.2], [0.4, 0.4])
 
     def worst_error(name, steps):
-        result = sample(g.denoiser(process), jax.random.key(0), (64, 2), solver=solver(name), steps=steps,
-                        grid=FlowTime(), denoise_final=False, return_trajectory=True)
+        result = sample(
+            g.denoiser(process),
+            jax.random.key(0),
+            (64, 2),
+            solver=solver(name),
+            steps=steps,
+            grid=FlowTime(),
+            denoise_final=False,
+            return_trajectory=True,
+        )
         traj = result.trajectory
         exact = exact_ode_endpoint(process, g, traj[0], process.t_max, result.ts[:, None, None])
         return float(jnp.max(jnp.abs(traj - exact) / jnp.maximum(jnp.abs(exact), 1.0)))
@@ -195,8 +221,9 @@ def test_stochastic_sampler_reproduces_the_marginal(process, name, options, step
     """N(mu, diag(s^2)) with its exact denoiser: sample mean and std per coordinate within a few
     standard errors (n = 20000) plus the discretization error of `steps` steps."""
     g = gaussian([0.5, -1.0], [0.3, 0.8])
-    x = sample(g.denoiser(process), jax.random.key(1), (20_000, 2), solver=solver(name, **options), steps=steps,
-               grid=LogSNR()).samples
+    x = sample(
+        g.denoiser(process), jax.random.key(1), (20_000, 2), solver=solver(name, **options), steps=steps, grid=LogSNR()
+    ).samples
     mean, std = np.asarray(jnp.mean(x, 0)), np.asarray(jnp.std(x, 0))
     np.testing.assert_allclose(mean, [0.5, -1.0], atol=0.02)
     np.testing.assert_allclose(std / np.array([0.3, 0.8]), 1.0, atol=0.03)
@@ -221,8 +248,11 @@ def test_unipc_default_order_follows_the_step_size():
     t_min, t_max = ddpm.resolve_times(None, None)
     assert [default_order(ddpm, steps, t_min, t_max) for steps in (4, 9, 12, 13, 19, 49)] == [2, 2, 2, 3, 3, 3]
     denoiser = gaussian(np.zeros(16), 0.3).denoiser(ddpm)
+
     def draw(steps, **options):
-        return np.asarray(sample(denoiser, jax.random.key(0), (64, 16), steps=steps, solver=solver("unipc", **options)).samples)
+        return np.asarray(
+            sample(denoiser, jax.random.key(0), (64, 16), steps=steps, solver=solver("unipc", **options)).samples
+        )
 
     for steps, picked, other in ((9, 2, 3), (19, 3, 2)):
         default = draw(steps)
@@ -262,8 +292,14 @@ def test_reported_nfe_counts_network_calls(process, name, options, steps, nfe):
         jax.debug.callback(lambda: calls.append(1))
         return exact.fn(x, t)
 
-    result = sample(Denoiser(counting_fn, process, "x0"), jax.random.key(0), (4, 2), solver=solver(name, **options),
-                    steps=steps, denoise_final=False)
+    result = sample(
+        Denoiser(counting_fn, process, "x0"),
+        jax.random.key(0),
+        (4, 2),
+        solver=solver(name, **options),
+        steps=steps,
+        denoise_final=False,
+    )
     jax.effects_barrier()
     expected = nfe - (1 if name.startswith("edm") and isinstance(process, P.FlowMatching) else 0)
     assert result.nfe == expected == len(calls)
@@ -271,12 +307,13 @@ def test_reported_nfe_counts_network_calls(process, name, options, steps, nfe):
         assert solver(name, **options).steps_for_nfe(nfe, denoise_final=False) == steps
 
 
-
 def _as_prediction(denoiser, prediction):
     """The exact denoiser re-expressed as a network that predicts `prediction`."""
+
     def fn(x, t):
         x0, eps = denoiser.predict(x, t)
         return from_x0_eps(x0, eps, prediction, PathCoefficients.at(denoiser.process, t, x))
+
     return Denoiser(fn, denoiser.process, prediction)
 
 
@@ -293,8 +330,9 @@ def test_every_solver_works_with_every_process_and_prediction(name):
         if singular_start and (name == "euler_maruyama" or prediction not in ("x0", "v")):
             t_max = 0.999  # the reverse SDE, and eps/score/flow views, are singular at alpha = 0
         denoiser = _as_prediction(g.denoiser(process), prediction)
-        x = np.asarray(sample(denoiser, jax.random.key(0), (2000, 2), solver=solver(name), steps=steps,
-                              t_max=t_max).samples)
+        x = np.asarray(
+            sample(denoiser, jax.random.key(0), (2000, 2), solver=solver(name), steps=steps, t_max=t_max).samples
+        )
         assert np.all(np.isfinite(x)), (process, prediction)
         np.testing.assert_allclose(x.mean(0), [0.5, -0.5], atol=0.05, err_msg=f"{process} {prediction}")
         np.testing.assert_allclose(x.std(0), [0.3, 0.3], atol=0.05, err_msg=f"{process} {prediction}")
@@ -310,9 +348,15 @@ def test_adaptive_solver_meets_its_tolerance_and_reports_nfe():
         process = P.VP()
         errors, nfes = [], []
         for tol in (1e-3, 1e-5, 1e-7):
-            result = sample(GAUSSIAN.denoiser(process), jax.random.key(0), (32, 2),
-                            solver=solver("adaptive", rtol=tol, atol=tol), steps=4, denoise_final=False,
-                            return_trajectory=True)
+            result = sample(
+                GAUSSIAN.denoiser(process),
+                jax.random.key(0),
+                (32, 2),
+                solver=solver("adaptive", rtol=tol, atol=tol),
+                steps=4,
+                denoise_final=False,
+                return_trajectory=True,
+            )
             x, traj = result.samples, result.trajectory
             exact = exact_ode_endpoint(process, GAUSSIAN, traj[0], process.t_max, process.t_min)
             errors.append(float(jnp.max(jnp.abs(x - exact))))
@@ -330,8 +374,17 @@ def test_optimize_grid_reduces_the_error_and_returns_a_usable_grid():
     mixture = GaussianMixture.create([0.3, 0.7], [[1.0, -1.0], [-0.5, 0.5]], [0.1, 0.3])
     denoiser = mixture.denoiser(process)
     key = jax.random.key(3)
-    ts, history = optimize_grid(denoiser, steps=5, solver=DPMSolverPP(), shape=(2,), key=key,
-                                num_samples=512, iterations=60, reference_steps=200, return_history=True)
+    ts, history = optimize_grid(
+        denoiser,
+        steps=5,
+        solver=DPMSolverPP(),
+        shape=(2,),
+        key=key,
+        num_samples=512,
+        iterations=60,
+        reference_steps=200,
+        return_history=True,
+    )
     assert isinstance(ts, list) and len(ts) == 6 and all(isinstance(t, float) for t in ts)
     assert ts[0] == process.t_max and ts[-1] == process.t_min and all(a > b for a, b in zip(ts, ts[1:]))
     assert min(history) < 0.7 * history[0], history
@@ -348,28 +401,38 @@ def test_optimize_grid_reduces_the_error_and_returns_a_usable_grid():
 # ------------------------------------------------------------------------------------------------
 
 
-
-
 @pytest.mark.parametrize(
     "name, options, match",
     [
         ("dpm_solver++", {"order": 4}, "DPMSolverPP option order=4 is not allowed; order must be one of \\[1, 2, 3\\]"),
         ("dpm_solver", {"order": 0}, "DPMSolver option order=0 is not allowed; order must be one of \\[1, 2, 3\\]"),
         ("unipc", {"order": 4}, "UniPC option order=4 is not allowed"),
-        ("unipc", {"variant": "bh3"}, "UniPC option variant='bh3' is not allowed; variant must be one of \\['bh1', 'bh2'\\]"),
+        (
+            "unipc",
+            {"variant": "bh3"},
+            "UniPC option variant='bh3' is not allowed; variant must be one of \\['bh1', 'bh2'\\]",
+        ),
         ("deis", {"order": 5}, "DEIS option order=5 is not allowed; order must be one of \\[1, 2, 3, 4\\]"),
         ("dpm_solver++_sde", {"order": 3}, "order=3 is not allowed; order must be one of \\[1, 2\\]"),
         ("dpm_solver++_sde", {"eta": 2.0}, "eta must be a number in \\[0, 1\\]"),
         ("sa_solver", {"corrector_order": 5}, "SASolver option corrector_order=5"),
         ("sa_solver", {"tau": -1.0}, "SASolver option tau=-1.0 is not allowed; tau must be a finite number >= 0"),
         ("sa_solver", {"tau_interval": (2.0, 1.0)}, "tau_interval must be None or \\(lo, hi\\)"),
-        ("edm_stochastic", {"s_churn": -1.0}, "EDMStochastic option s_churn=-1.0 is not allowed; s_churn must be a finite number >= 0"),
+        (
+            "edm_stochastic",
+            {"s_churn": -1.0},
+            "EDMStochastic option s_churn=-1.0 is not allowed; s_churn must be a finite number >= 0",
+        ),
         ("edm_stochastic", {"s_max": 0.01}, "s_max must be a number >= s_min = 0.05"),
         ("pc", {"n_corrector": -1}, "LangevinPC option n_corrector=-1 is not allowed; n_corrector must be an int >= 0"),
         ("adaptive", {"rtol": 0.0}, "Adaptive option rtol=0.0 is not allowed; rtol must be a finite number > 0"),
         ("unipc", {"beta": 1.0}, "unknown option 'beta' for solver 'unipc'"),
         ("gaussian_pc", {"order": 3}, "GaussianPC option order=3 is not allowed; order must be one of \\[1, 2\\]"),
-        ("gaussian_pc", {"max_std": 0.0}, "GaussianPC option max_std=0.0 is not allowed; max_std must be a finite number > 0"),
+        (
+            "gaussian_pc",
+            {"max_std": 0.0},
+            "GaussianPC option max_std=0.0 is not allowed; max_std must be a finite number > 0",
+        ),
     ],
 )
 def test_bad_solver_options_raise_on_construction(name, options, match):

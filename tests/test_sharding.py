@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
-
-from diffjax.training import train
-from diffjax.training import sharding as shard_lib
 from test_training import REPO, TINY_FLAGS, restore_final_state, tiny_config
+
+from diffjax.training import sharding as shard_lib
+from diffjax.training import train
 
 
 def mesh_config(shape, num_steps):
@@ -84,13 +84,21 @@ def check_param_shardings(params, run):
 def test_logical_to_mesh_rules():
     mesh = shard_lib.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = shard_lib.make_rules()
-    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (8, 16), mesh, rules) == PartitionSpec("fsdp", "tensor")
+    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (8, 16), mesh, rules) == PartitionSpec(
+        "fsdp", "tensor"
+    )
     # not divisible: replicated
-    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (3, 16), mesh, rules) == PartitionSpec(None, "tensor")
+    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (3, 16), mesh, rules) == PartitionSpec(
+        None, "tensor"
+    )
     # the same mesh axis is used once per array
-    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "conv_out"), (8, 8), mesh, rules) == PartitionSpec("fsdp", None)
+    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "conv_out"), (8, 8), mesh, rules) == PartitionSpec(
+        "fsdp", None
+    )
     rules = shard_lib.make_rules({"embed": ["tensor"], "mlp": []})
-    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (8, 16), mesh, rules) == PartitionSpec("tensor", None)
+    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (8, 16), mesh, rules) == PartitionSpec(
+        "tensor", None
+    )
     with pytest.raises(ValueError, match="unknown mesh axes"):
         shard_lib.make_rules({"embed": ["model"]})
 
@@ -130,9 +138,20 @@ def run_processes(workdir, num_steps, port):
     ]
     procs = [
         subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "experiments", "main.py"), f"--workdir={workdir}",
-             f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}", *flags],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                os.path.join(REPO, "experiments", "main.py"),
+                f"--workdir={workdir}",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *flags,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]
@@ -185,26 +204,37 @@ def test_per_shard_flash_attention_matches_reference(impl):
     on_mesh = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
 
     def loss(q, k, v, impl):
-        out = kernels.flash_attention(q, k, v, mask=mask, implementation=impl, interpret=impl != "xla",
-                                      partition_spec=spec)
+        out = kernels.flash_attention(
+            q, k, v, mask=mask, implementation=impl, interpret=impl != "xla", partition_spec=spec
+        )
         return jnp.sum(out**2), out
 
-    sharded = jax.jit(shard_lib.traced_under_mesh(
-        jax.value_and_grad(lambda q, k, v: loss(q, k, v, impl), argnums=(0, 1, 2), has_aux=True),
-        mesh, shard_lib.make_rules()))
+    sharded = jax.jit(
+        shard_lib.traced_under_mesh(
+            jax.value_and_grad(lambda q, k, v: loss(q, k, v, impl), argnums=(0, 1, 2), has_aux=True),
+            mesh,
+            shard_lib.make_rules(),
+        )
+    )
     # wait for the sharded program before running others: XLA:CPU's in-process collectives can
     # deadlock when a second program is dispatched while one with collectives is in flight
     (_, out), grads = jax.block_until_ready(sharded(on_mesh(q), on_mesh(k), on_mesh(v)))
-    (_, ref_out), ref_grads = jax.value_and_grad(lambda q, k, v: loss(q, k, v, "xla"), argnums=(0, 1, 2),
-                                                 has_aux=True)(q, k, v)
+    (_, ref_out), ref_grads = jax.value_and_grad(lambda q, k, v: loss(q, k, v, "xla"), argnums=(0, 1, 2), has_aux=True)(
+        q, k, v
+    )
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="shard only batch"):
-        jax.jit(shard_lib.traced_under_mesh(
-            lambda q: kernels.flash_attention(q, q, q, implementation="pallas_tpu", interpret=True,
-                                              partition_spec=PartitionSpec(None, "data")),
-            mesh, shard_lib.make_rules()))(on_mesh(q))
+        jax.jit(
+            shard_lib.traced_under_mesh(
+                lambda q: kernels.flash_attention(
+                    q, q, q, implementation="pallas_tpu", interpret=True, partition_spec=PartitionSpec(None, "data")
+                ),
+                mesh,
+                shard_lib.make_rules(),
+            )
+        )(on_mesh(q))
 
 
 def test_sharded_dit_train_step_lowers_for_tpu():
@@ -219,8 +249,9 @@ def test_sharded_dit_train_step_lowers_for_tpu():
 
     mesh = shard_lib.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = shard_lib.make_rules()
-    config = models.get_config("DiT-B/2", image_size=32, in_channels=4, num_classes=1000,
-                               attention_impl="pallas_tpu", dtype="bfloat16")
+    config = models.get_config(
+        "DiT-B/2", image_size=32, in_channels=4, num_classes=1000, attention_impl="pallas_tpu", dtype="bfloat16"
+    )
     abstract = nnx.eval_shape(lambda: models.build(config))
     apply, abstract_params = models.functional(abstract)
     loss_fn = denoising_loss(apply, VP(), prediction="eps", cond_keys={"y": "label"})
@@ -228,13 +259,18 @@ def test_sharded_dit_train_step_lowers_for_tpu():
     abstract_state = jax.eval_shape(lambda p: create_train_state(p, optimizer, 0), abstract_params)
     params_sharding = shard_lib.param_shardings(abstract_params, models.logical_partition_specs(abstract), mesh, rules)
     state_sharding = shard_lib.state_shardings(abstract_state, params_sharding, optimizer, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sharding
+    )
     batch = {
         "image": jax.ShapeDtypeStruct((32, 32, 32, 4), jnp.float32, sharding=shard_lib.batch_sharding(mesh, 4)),
         "label": jax.ShapeDtypeStruct((32,), jnp.int32, sharding=shard_lib.batch_sharding(mesh, 1)),
     }
-    step = jax.jit(shard_lib.traced_under_mesh(make_train_step(loss_fn, optimizer, ema(0.999)), mesh, rules),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    step = jax.jit(
+        shard_lib.traced_under_mesh(make_train_step(loss_fn, optimizer, ema(0.999)), mesh, rules),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
     exported = jax.export.export(step, platforms=["tpu"])(state, batch)
     text = exported.mlir_module()
     assert exported.platforms == ("tpu",) and exported.nr_devices == 8

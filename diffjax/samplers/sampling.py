@@ -209,8 +209,18 @@ def sample(
     check_prediction_is_defined(denoiser, t_max)
 
     run = _run_compiled if _hashable(denoiser) else _run
-    result = run(denoiser, key, solver=solver, grid=grid, shape=shape, steps=steps, t_min=t_min, t_max=t_max,
-                 denoise_final=bool(denoise_final), return_trajectory=bool(return_trajectory))
+    result = run(
+        denoiser,
+        key,
+        solver=solver,
+        grid=grid,
+        shape=shape,
+        steps=steps,
+        t_min=t_min,
+        t_max=t_max,
+        denoise_final=bool(denoise_final),
+        return_trajectory=bool(return_trajectory),
+    )
     if solver.fixed_nfe:  # known statically: a Python int, not an array
         result = dataclasses.replace(result, nfe=solver.nfe(steps) + (1 if denoise_final else 0))
     return result

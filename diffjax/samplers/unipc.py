@@ -58,9 +58,11 @@ def solve_small(a, b):
     def det(m):
         if n == 2:
             return m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
-        return (m[0, 0] * (m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1])
-                - m[0, 1] * (m[1, 0] * m[2, 2] - m[1, 2] * m[2, 0])
-                + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0]))
+        return (
+            m[0, 0] * (m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1])
+            - m[0, 1] * (m[1, 0] * m[2, 2] - m[1, 2] * m[2, 0])
+            + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0])
+        )
 
     d = det(a)
     return jnp.stack([det(a.at[:, k].set(b)) / d for k in range(n)])

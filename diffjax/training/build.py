@@ -95,8 +95,9 @@ def sampling_denoiser(to_denoiser: Callable, spec: ModelSpec, params, num: int, 
     return classifier_free_guidance(denoiser, to_denoiser(network(spec.apply, params, null)), guidance_scale)
 
 
-def make_sample_fn(sampler: Callable, to_denoiser: Callable, spec: ModelSpec, image_shape,
-                   guidance_scale: float = 1.0) -> Callable:
+def make_sample_fn(
+    sampler: Callable, to_denoiser: Callable, spec: ModelSpec, image_shape, guidance_scale: float = 1.0
+) -> Callable:
     """sample_fn(params, key, num) -> images (num, H, W, C) in data space, jittable with num static.
     sampler(denoiser, key, shape) draws the samples (see from_config.sampler_from_config)."""
     image_shape = tuple(image_shape)

@@ -91,7 +91,9 @@ class Checkpointer:
             if unfinished:
                 log.warning("removing unfinished checkpoint writes (an interrupted save): %s", unfinished)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
             cleanup_tmp_directories=remove_unfinished,
         )
         handlers = {
@@ -155,8 +157,9 @@ class Checkpointer:
     def read_metadata(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
 
-    def restore(self, abstract_state, step: int | None = None,
-                check_metadata: Callable[[int, dict], None] | None = None) -> Restored | None:
+    def restore(
+        self, abstract_state, step: int | None = None, check_metadata: Callable[[int, dict], None] | None = None
+    ) -> Restored | None:
         """Restore the newest restorable checkpoint (or `step`) onto `abstract_state`'s shapes,
         dtypes and shardings. Returns None when there is no checkpoint at all.
 
@@ -181,13 +184,15 @@ class Checkpointer:
                 continue
             restored.skipped = skipped
             return restored
-        raise CheckpointError(
-            f"no restorable checkpoint in {self.directory}: steps {skipped} all failed (see the log)"
-        )
+        raise CheckpointError(f"no restorable checkpoint in {self.directory}: steps {skipped} all failed (see the log)")
 
     def _report_damaged(self, step: int, err: Exception, skipped: list[int]) -> None:
-        log.error("checkpoint at step %d cannot be restored (%s: %s); trying an older one",
-                  step, type(err).__name__, str(err)[:300])
+        log.error(
+            "checkpoint at step %d cannot be restored (%s: %s); trying an older one",
+            step,
+            type(err).__name__,
+            str(err)[:300],
+        )
         skipped.append(step)
         self.damaged.add(step)
 

@@ -32,8 +32,9 @@ from typing import Sequence
 import ml_collections
 
 from diffjax import losses, models
+from diffjax.data.config import CUSTOM, DATA_KEYS, default_data_config
+from diffjax.data.config import PRESETS as DATA_PRESETS
 from diffjax.denoisers import PRECONDITIONED, PREDICTIONS
-from diffjax.data.config import CUSTOM, DATA_KEYS, PRESETS as DATA_PRESETS, default_data_config
 from diffjax.processes import PROCESSES
 from diffjax.samplers import DEFAULT_SOLVER, GRIDS, SOLVERS
 from diffjax.training.sharding import DEFAULT_RULES
@@ -238,7 +239,9 @@ def _selected(config, key: str) -> tuple[str, object] | None:
         solver = _solver_class(config.sample.solver)
         return f"solver {config.sample.solver or _name_of(SOLVERS, solver)!r}", solver
     if key == "sample.grid_options":
-        grid = GRIDS[config.sample.grid] if config.sample.grid else type(_solver_class(config.sample.solver).default_grid)
+        grid = (
+            GRIDS[config.sample.grid] if config.sample.grid else type(_solver_class(config.sample.solver).default_grid)
+        )
         return f"grid {config.sample.grid or _name_of(GRIDS, grid)!r}", grid
     if key == "loss.weighting_options" and _is_name_in(config.loss.weighting, losses.WEIGHTINGS):
         return f"weighting {config.loss.weighting!r}", losses.WEIGHTINGS[config.loss.weighting]
@@ -258,10 +261,16 @@ def option_fields(config, key: str) -> dict:
         return dict(fields)
     if isinstance(fields, type) and key == "model.overrides":
         preset = models.PRESETS[config.model.name]
-        return {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)
-                if f.name not in DATA_DERIVED_MODEL_FIELDS}
-    return {f.name: f.default if f.default is not dataclasses.MISSING else LIBRARY_DEFAULT
-            for f in dataclasses.fields(fields) if f.init}
+        return {
+            f.name: getattr(preset, f.name)
+            for f in dataclasses.fields(preset)
+            if f.name not in DATA_DERIVED_MODEL_FIELDS
+        }
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else LIBRARY_DEFAULT
+        for f in dataclasses.fields(fields)
+        if f.init
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,11 +296,11 @@ def _unknown_key_message(key: str, known: Sequence[str]) -> str:
     for depth in range(len(parts)):
         section = ".".join(parts[:depth])
         prefix = section + "." if section else ""
-        children = sorted({k[len(prefix):].split(".")[0] for k in known if k.startswith(prefix)})
+        children = sorted({k[len(prefix) :].split(".")[0] for k in known if k.startswith(prefix)})
         if parts[depth] not in children:
             break
     hint = nearest(parts[depth], children)
-    suggestion = f"; did you mean {'.'.join(parts[:depth] + [hint] + parts[depth + 1:])!r}?" if hint else ""
+    suggestion = f"; did you mean {'.'.join(parts[:depth] + [hint] + parts[depth + 1 :])!r}?" if hint else ""
     return f"unknown config key {key!r}; allowed keys in {section or 'the top level'}: {children}{suggestion}"
 
 
@@ -324,8 +333,12 @@ def _check_option_dicts(config) -> None:
     for key in FREE_FORM_KEYS:
         value = _get_path(config, key)
         _require(isinstance(value, (dict, ml_collections.ConfigDict)), key, value, "a dict of options")
-    _require(all(isinstance(v, str) for v in config.mesh.rules.values()), "mesh.rules", dict(config.mesh.rules),
-             "mesh axis names as strings, e.g. 'fsdp' or 'data,fsdp'")
+    _require(
+        all(isinstance(v, str) for v in config.mesh.rules.values()),
+        "mesh.rules",
+        dict(config.mesh.rules),
+        "mesh axis names as strings, e.g. 'fsdp' or 'data,fsdp'",
+    )
     for key in FREE_FORM_KEYS:
         selected = _selected(config, key)
         if selected is None:
@@ -341,12 +354,24 @@ def validate_config(config) -> None:
     """Raise ConfigError for unknown keys or bad values (cheap: nothing is built or compiled)."""
     _check_known_keys(config)
     _require(_int(config.seed) and abs(config.seed) < 2**63, "seed", config.seed, "an int")
-    _require(isinstance(config.process.name, str) and config.process.name in PROCESSES, "process.name",
-             config.process.name, f"one of {sorted(PROCESSES)}")
-    _require(isinstance(config.model.name, str) and config.model.name in models.PRESETS, "model.name",
-             config.model.name, f"one of {list(models.PRESETS)}")
-    _require(isinstance(config.model.class_conditional, bool), "model.class_conditional",
-             config.model.class_conditional, "True or False")
+    _require(
+        isinstance(config.process.name, str) and config.process.name in PROCESSES,
+        "process.name",
+        config.process.name,
+        f"one of {sorted(PROCESSES)}",
+    )
+    _require(
+        isinstance(config.model.name, str) and config.model.name in models.PRESETS,
+        "model.name",
+        config.model.name,
+        f"one of {list(models.PRESETS)}",
+    )
+    _require(
+        isinstance(config.model.class_conditional, bool),
+        "model.class_conditional",
+        config.model.class_conditional,
+        "True or False",
+    )
     sample = config.sample
     for key, table in (("solver", SOLVERS), ("grid", GRIDS)):
         _require(isinstance(sample[key], str), f"sample.{key}", sample[key], "a name ('' = the library default)")
@@ -358,69 +383,137 @@ def validate_config(config) -> None:
     _check_option_dicts(config)
 
     loss = config.loss
-    for key, allowed in (("prediction", LOSS_PREDICTIONS), ("target", ("",) + LOSS_PREDICTIONS),
-                         ("weighting", tuple(losses.WEIGHTINGS)), ("time_sampler", tuple(losses.TIME_SAMPLERS))):
+    for key, allowed in (
+        ("prediction", LOSS_PREDICTIONS),
+        ("target", ("",) + LOSS_PREDICTIONS),
+        ("weighting", tuple(losses.WEIGHTINGS)),
+        ("time_sampler", tuple(losses.TIME_SAMPLERS)),
+    ):
         former = losses.FORMER_NAMES[key].get(loss[key]) if isinstance(loss[key], str) else None
         hint = f"; {loss[key]!r} is now called {former!r}" if former else ""
         _require(_is_name_in(loss[key], allowed), f"loss.{key}", loss[key], f"one of {list(allowed)}{hint}")
-    _require(_finite_number(loss.sigma_data) and loss.sigma_data > 0, "loss.sigma_data", loss.sigma_data,
-             "a positive number")
+    _require(
+        _finite_number(loss.sigma_data) and loss.sigma_data > 0, "loss.sigma_data", loss.sigma_data, "a positive number"
+    )
 
     optim = config.optim
     _require(optim.name in OPTIMIZERS, "optim.name", optim.name, f"one of {list(OPTIMIZERS)}")
-    _require(_finite_number(optim.learning_rate) and optim.learning_rate > 0, "optim.learning_rate",
-             optim.learning_rate, "a positive number")
+    _require(
+        _finite_number(optim.learning_rate) and optim.learning_rate > 0,
+        "optim.learning_rate",
+        optim.learning_rate,
+        "a positive number",
+    )
     for key in ("b1", "b2"):
         value = optim[key]
         _require(_finite_number(value) and 0 <= value < 1, f"optim.{key}", value, "a number in [0, 1)")
     _require(_finite_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps, "a positive number")
-    _require(_finite_number(optim.weight_decay) and optim.weight_decay >= 0, "optim.weight_decay",
-             optim.weight_decay, "a number >= 0")
+    _require(
+        _finite_number(optim.weight_decay) and optim.weight_decay >= 0,
+        "optim.weight_decay",
+        optim.weight_decay,
+        "a number >= 0",
+    )
     _require(optim.schedule in SCHEDULES, "optim.schedule", optim.schedule, f"one of {list(SCHEDULES)}")
-    _require(_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps",
-             optim.warmup_steps, "an int >= 0")
-    _require(_finite_number(optim.min_lr_ratio) and 0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio",
-             optim.min_lr_ratio, "a number in [0, 1]")
-    _require(_finite_number(optim.grad_clip) and optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip,
-             "a number >= 0 (0 disables clipping)")
+    _require(
+        _int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "an int >= 0"
+    )
+    _require(
+        _finite_number(optim.min_lr_ratio) and 0 <= optim.min_lr_ratio <= 1,
+        "optim.min_lr_ratio",
+        optim.min_lr_ratio,
+        "a number in [0, 1]",
+    )
+    _require(
+        _finite_number(optim.grad_clip) and optim.grad_clip >= 0,
+        "optim.grad_clip",
+        optim.grad_clip,
+        "a number >= 0 (0 disables clipping)",
+    )
 
     train = config.train
-    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                "max_consecutive_nonfinite"):
+    for key in (
+        "num_steps",
+        "batch_size",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_consecutive_nonfinite",
+    ):
         _require(_positive_int(train[key]), f"train.{key}", train[key], "a positive int")
-    _require(_int(train.sample_every) and train.sample_every >= 0, "train.sample_every",
-             train.sample_every, "an int >= 0 (0: only at the end)")
-    _require(_finite_number(train.ema_decay) and 0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay,
-             "a number in [0, 1)")
-    _require(_finite_number(train.label_dropout) and 0 <= train.label_dropout < 1, "train.label_dropout",
-             train.label_dropout, "a number in [0, 1)")
+    _require(
+        _int(train.sample_every) and train.sample_every >= 0,
+        "train.sample_every",
+        train.sample_every,
+        "an int >= 0 (0: only at the end)",
+    )
+    _require(
+        _finite_number(train.ema_decay) and 0 <= train.ema_decay < 1,
+        "train.ema_decay",
+        train.ema_decay,
+        "a number in [0, 1)",
+    )
+    _require(
+        _finite_number(train.label_dropout) and 0 <= train.label_dropout < 1,
+        "train.label_dropout",
+        train.label_dropout,
+        "a number in [0, 1)",
+    )
     for key in ("ema_warmup", "async_checkpointing", "progress_bar"):
         _require(isinstance(train[key], bool), f"train.{key}", train[key], "True or False")
     inject = train.inject_nonfinite_at
-    _require(isinstance(inject, (tuple, list)) and all(map(_positive_int, inject)), "train.inject_nonfinite_at",
-             inject, "a tuple of positive step numbers")
-    _require(train.nonfinite_policy in NONFINITE_POLICIES, "train.nonfinite_policy", train.nonfinite_policy,
-             f"one of {list(NONFINITE_POLICIES)}")
+    _require(
+        isinstance(inject, (tuple, list)) and all(map(_positive_int, inject)),
+        "train.inject_nonfinite_at",
+        inject,
+        "a tuple of positive step numbers",
+    )
+    _require(
+        train.nonfinite_policy in NONFINITE_POLICIES,
+        "train.nonfinite_policy",
+        train.nonfinite_policy,
+        f"one of {list(NONFINITE_POLICIES)}",
+    )
 
     _require(_positive_int(sample.steps), "sample.steps", sample.steps, "a positive int")
     _require(_positive_int(sample.num_samples), "sample.num_samples", sample.num_samples, "a positive int")
-    _require(_finite_number(sample.guidance_scale) and sample.guidance_scale >= 0, "sample.guidance_scale",
-             sample.guidance_scale, "a number >= 0")
+    _require(
+        _finite_number(sample.guidance_scale) and sample.guidance_scale >= 0,
+        "sample.guidance_scale",
+        sample.guidance_scale,
+        "a number >= 0",
+    )
 
     _require(isinstance(config.eval.fid, bool), "eval.fid", config.eval.fid, "True or False")
     for key in ("num_samples", "batch_size", "loss_batches"):
         _require(_positive_int(config.eval[key]), f"eval.{key}", config.eval[key], "a positive int")
-    _require(_int(config.eval.bits_per_dim_examples) and config.eval.bits_per_dim_examples >= 0,
-             "eval.bits_per_dim_examples", config.eval.bits_per_dim_examples, "an int >= 0")
-    _require(isinstance(config.eval.inception_weights, str), "eval.inception_weights", config.eval.inception_weights,
-             "a path ('' = cache / download)")
+    _require(
+        _int(config.eval.bits_per_dim_examples) and config.eval.bits_per_dim_examples >= 0,
+        "eval.bits_per_dim_examples",
+        config.eval.bits_per_dim_examples,
+        "an int >= 0",
+    )
+    _require(
+        isinstance(config.eval.inception_weights, str),
+        "eval.inception_weights",
+        config.eval.inception_weights,
+        "a path ('' = cache / download)",
+    )
 
     for axis in ("data", "fsdp", "tensor"):
         value = config.mesh[axis]
-        _require(_int(value) and (value == -1 or value > 0), f"mesh.{axis}", value,
-                 "a positive int or -1 (the remaining devices)")
-    _require(sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1, "mesh", dict(config.mesh),
-             "at most one axis set to -1")
+        _require(
+            _int(value) and (value == -1 or value > 0),
+            f"mesh.{axis}",
+            value,
+            "a positive int or -1 (the remaining devices)",
+        )
+    _require(
+        sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1,
+        "mesh",
+        dict(config.mesh),
+        "at most one axis set to -1",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,7 +545,7 @@ def split_config_arguments(argv: Sequence[str], name: str = "config") -> tuple[l
         stripped = arg.lstrip("-")
         negated = stripped.startswith(f"no{name}.")
         if arg.startswith("-") and (stripped.startswith(f"{name}.") or negated):
-            key, has_value, text = stripped[len(f"no{name}.") if negated else len(f"{name}."):].partition("=")
+            key, has_value, text = stripped[len(f"no{name}.") if negated else len(f"{name}.") :].partition("=")
             if negated:
                 text = "false"
             elif not has_value:

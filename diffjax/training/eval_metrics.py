@@ -32,8 +32,9 @@ def sample_images(run: Run, params, num: int, key, *, batch_size: int, progress:
     """`num` uint8 images from the run's sampler, `batch_size` per compiled call."""
     sampler = make_jitted_sampler(run, batch_size)
     chunks = []
-    for i in tqdm.trange(math.ceil(num / batch_size), desc="sampling", unit="batch",
-                         disable=not (progress and interactive())):
+    for i in tqdm.trange(
+        math.ceil(num / batch_size), desc="sampling", unit="batch", disable=not (progress and interactive())
+    ):
         chunks.append(to_uint8(sampler(params, jax.random.fold_in(key, i))))
     return np.concatenate(chunks)[:num]
 
@@ -41,7 +42,12 @@ def sample_images(run: Run, params, num: int, key, *, batch_size: int, progress:
 def split_images(data_config, split: str, num: int, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
     """The first `num` images (uint8, in the data set's order) and labels of `split`, on this host."""
     iterator = data_lib.make_iterator(
-        data_config, split=split, global_batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
+        data_config,
+        split=split,
+        global_batch_size=batch_size,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
         drop_remainder=False,
     )
     images, labels = [], []
@@ -60,21 +66,29 @@ def _rgb(images: np.ndarray) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
-def sample_quality(samples: np.ndarray, reference: evaluation.ReferenceStatistics, inception_params,
-                   *, batch_size: int = 256) -> dict:
+def sample_quality(
+    samples: np.ndarray, reference: evaluation.ReferenceStatistics, inception_params, *, batch_size: int = 256
+) -> dict:
     """FID and KID (x 1e3) of uint8 samples against cached reference statistics."""
-    features = evaluation.extract_features(inception_params, _rgb(samples), batch_size=batch_size,
-                                           desc="Inception features (samples)")
+    features = evaluation.extract_features(
+        inception_params, _rgb(samples), batch_size=batch_size, desc="Inception features (samples)"
+    )
     stats = evaluation.compute_statistics(features)
     fid = evaluation.frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
     subset = min(1000, len(features), reference.num_samples)
     kid_mean, kid_std = evaluation.kid(features, reference.features, subset_size=subset)
-    return {"fid": float(fid), "kid_x1e3": 1e3 * kid_mean, "kid_std_x1e3": 1e3 * kid_std,
-            "num_samples": int(len(samples)), "num_reference": int(reference.num_samples)}
+    return {
+        "fid": float(fid),
+        "kid_x1e3": 1e3 * kid_mean,
+        "kid_std_x1e3": 1e3 * kid_std,
+        "num_samples": int(len(samples)),
+        "num_reference": int(reference.num_samples),
+    }
 
 
-def reference_for_split(data_config, split: str, num: int, inception_params, *,
-                        batch_size: int = 256) -> evaluation.ReferenceStatistics:
+def reference_for_split(
+    data_config, split: str, num: int, inception_params, *, batch_size: int = 256
+) -> evaluation.ReferenceStatistics:
     """Inception statistics of the first `num` images of `split`, cached by data set, size and count."""
     name = f"{data_config.name}_{split}_{int(data_config.image_size)}px_{num}"
     return evaluation.reference_statistics(
@@ -94,8 +108,9 @@ def likelihood_denoiser(run: Run, params, labels):
     return run.to_denoiser(network(spec.apply, params, jnp.asarray(labels, jnp.int32)))
 
 
-def dataset_bits_per_dim(run: Run, params, images: np.ndarray, labels, key, *, batch_size: int,
-                 estimator: str = "ode") -> dict:
+def dataset_bits_per_dim(
+    run: Run, params, images: np.ndarray, labels, key, *, batch_size: int, estimator: str = "ode"
+) -> dict:
     """Mean bits/dim of uint8 `images` under the model, by the probability-flow ODE ("ode": exact
     divergence up to EXACT_DIVERGENCE_MAX_DIM dimensions, else Hutchinson with one Rademacher probe)
     or the ELBO ("elbo", an upper bound on bits/dim). Returns mean, standard error over examples
@@ -115,13 +130,17 @@ def dataset_bits_per_dim(run: Run, params, images: np.ndarray, labels, key, *, b
 
     step = jax.jit(run.under_mesh(bpd_batch))
     values = []
-    for i in tqdm.trange(math.ceil(len(images) / batch_size), desc=f"bits/dim ({estimator})", unit="batch",
-                           disable=not interactive()):
-        x = images[i * batch_size:(i + 1) * batch_size]
-        y = labels[i * batch_size:(i + 1) * batch_size]
+    for i in tqdm.trange(
+        math.ceil(len(images) / batch_size), desc=f"bits/dim ({estimator})", unit="batch", disable=not interactive()
+    ):
+        x = images[i * batch_size : (i + 1) * batch_size]
+        y = labels[i * batch_size : (i + 1) * batch_size]
         values.append(np.asarray(jax.device_get(step(params, x, y, jax.random.fold_in(key, i)))))
     values = np.concatenate(values)
     finite = values[np.isfinite(values)]
-    return {"bits_per_dim": float(finite.mean()) if finite.size else float("nan"),
-            "stderr": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else float("nan"),
-            "examples": int(values.size), "failed": int(values.size - finite.size)}
+    return {
+        "bits_per_dim": float(finite.mean()) if finite.size else float("nan"),
+        "stderr": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else float("nan"),
+        "examples": int(values.size),
+        "failed": int(values.size - finite.size),
+    }

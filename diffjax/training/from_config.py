@@ -116,8 +116,9 @@ def _loss_option(config, key: str, table: dict):
     return build_named(table, name, options, f"loss.{key}")
 
 
-def loss_from_config(config, apply: Callable, process: GaussianProcess, *, conditional: bool,
-                     dropout: bool) -> Callable:
+def loss_from_config(
+    config, apply: Callable, process: GaussianProcess, *, conditional: bool, dropout: bool
+) -> Callable:
     """loss_fn(params, key, batch) -> (loss, aux) from config.loss; labels go to the model as y."""
     try:
         return losses.denoising_loss(
@@ -161,14 +162,26 @@ def sampler_from_config(config) -> Callable:
 
 def learning_rate_from_config(config) -> optax.Schedule:
     o = config.optim
-    return make_learning_rate(float(o.learning_rate), int(config.train.num_steps), warmup_steps=int(o.warmup_steps),
-                              schedule=o.schedule, min_lr_ratio=float(o.min_lr_ratio))
+    return make_learning_rate(
+        float(o.learning_rate),
+        int(config.train.num_steps),
+        warmup_steps=int(o.warmup_steps),
+        schedule=o.schedule,
+        min_lr_ratio=float(o.min_lr_ratio),
+    )
 
 
 def optimizer_from_config(config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
     o = config.optim
-    return make_optimizer(learning_rate, name=o.name, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
-                          weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip))
+    return make_optimizer(
+        learning_rate,
+        name=o.name,
+        b1=float(o.b1),
+        b2=float(o.b2),
+        eps=float(o.eps),
+        weight_decay=float(o.weight_decay),
+        grad_clip=float(o.grad_clip),
+    )
 
 
 def average_from_config(config) -> ParamAverage:
@@ -179,8 +192,11 @@ def schedule_fields(config) -> dict:
     """The config values the learning-rate schedule depends on (train.num_steps only for cosine
     decay: a constant schedule is the same for any length)."""
     o = config.optim
-    fields = {"optim.learning_rate": o.learning_rate, "optim.schedule": o.schedule,
-              "optim.warmup_steps": o.warmup_steps}
+    fields = {
+        "optim.learning_rate": o.learning_rate,
+        "optim.schedule": o.schedule,
+        "optim.warmup_steps": o.warmup_steps,
+    }
     if o.schedule == "cosine":
         fields.update({"optim.min_lr_ratio": o.min_lr_ratio, "train.num_steps": config.train.num_steps})
     return fields

@@ -23,7 +23,7 @@ from diffjax.denoisers import Denoiser
 from diffjax.processes import GaussianProcess
 from diffjax.training import sharding as shard_lib
 from diffjax.training.build import network
-from diffjax.training.checkpoint import CheckpointError, Checkpointer, Restored
+from diffjax.training.checkpoint import Checkpointer, CheckpointError, Restored
 from diffjax.training.run import Run, build_run, checkpoint_steps, make_jitted_sampler, sharded_target
 
 __all__ = ["LoadedRun", "load_run", "restore_run", "read_run_metadata", "config_from_metadata"]
@@ -112,8 +112,9 @@ def _data_info(config, metadata: dict) -> data_lib.DataInfo:
     return data_lib.DataInfo(shape, shape, {}, int(stored["num_classes"]))
 
 
-def restore_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
-                ) -> tuple[Run, Restored]:
+def restore_run(
+    workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
+) -> tuple[Run, Restored]:
     """(the Run of the stored config, the whole restored checkpoint: train state, data-iterator
     state, metadata) of the run in workdir at `step` (default: the newest restorable one).
     mesh: default every device on a data-only mesh (parameters replicated)."""
@@ -142,8 +143,14 @@ def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh |
     run, restored = restore_run(workdir, step, mesh=mesh)
     state = restored.state
     return LoadedRun(
-        config=config_from_metadata(restored.metadata), step=int(restored.step), params=state.params,
-        ema_params=state.ema_params, apply=run.spec.apply, process=run.process, image_shape=run.image_shape,
-        num_classes=run.spec.num_classes, run=run,
+        config=config_from_metadata(restored.metadata),
+        step=int(restored.step),
+        params=state.params,
+        ema_params=state.ema_params,
+        apply=run.spec.apply,
+        process=run.process,
+        image_shape=run.image_shape,
+        num_classes=run.spec.num_classes,
+        run=run,
         workdir=os.path.dirname(_checkpoint_directory(workdir)[0]),
     )

@@ -61,8 +61,15 @@ from diffjax.training.run import (
     restore_or_init,
 )
 
-__all__ = ["train", "prepare_training", "prepare_run", "sample_from_checkpoint", "evaluate", "TrainingStopped",
-           "fid_sample_count"]
+__all__ = [
+    "train",
+    "prepare_training",
+    "prepare_run",
+    "sample_from_checkpoint",
+    "evaluate",
+    "TrainingStopped",
+    "fid_sample_count",
+]
 
 log = logging.getLogger("diffjax")
 
@@ -132,8 +139,9 @@ def prepare_training(config, workdir: str, devices=None) -> tuple[Run, str]:
     data_info = data_lib.dataset_info(config.data)  # missing files, bad image size: clear errors
     mesh = fc.mesh_from_config(config, devices)
     run = build_run(config, data_info, mesh)
-    check_batch_sizes(mesh, {"train.batch_size": int(config.train.batch_size),
-                             "eval.batch_size": int(config.eval.batch_size)})
+    check_batch_sizes(
+        mesh, {"train.batch_size": int(config.train.batch_size), "eval.batch_size": int(config.eval.batch_size)}
+    )
     workdir = check_environment(workdir, run.abstract_state, int(config.train.keep_checkpoints))
     return run, workdir
 
@@ -186,8 +194,12 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
     policy, max_nonfinite = t.nonfinite_policy, int(t.max_consecutive_nonfinite)
 
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)  # all checks passed
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(t.keep_checkpoints),
-                                async_save=bool(t.async_checkpointing), remove_unfinished=True)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=int(t.keep_checkpoints),
+        async_save=bool(t.async_checkpointing),
+        remove_unfinished=True,
+    )
     try:
         state, data_state, restored = restore_or_init(run, checkpointer)
     except BaseException:
@@ -200,8 +212,12 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
     start_step = int(jax.device_get(state.step))
 
     iterator = data_lib.make_iterator(
-        config.data, split="train", global_batch_size=int(t.batch_size), seed=run.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        config.data,
+        split="train",
+        global_batch_size=int(t.batch_size),
+        seed=run.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     if data_state is not None:
         iterator.set_state(data_state)
@@ -209,11 +225,24 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
     train_step = make_jitted_train_step(run)
     sampler = make_jitted_sampler(run, int(config.sample.num_samples))
     writer = MetricWriter(workdir, enabled=run.is_main_process)
-    log.info("model %s: %.2fM parameters; mesh %s; data %s %s; %d -> %d steps", config.model.name,
-             run.spec.num_params / 1e6, dict(run.mesh.shape), config.data.source, run.image_shape, start_step,
-             num_steps)
-    progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                         disable=not (run.is_main_process and t.progress_bar and interactive()), file=sys.stderr)
+    log.info(
+        "model %s: %.2fM parameters; mesh %s; data %s %s; %d -> %d steps",
+        config.model.name,
+        run.spec.num_params / 1e6,
+        dict(run.mesh.shape),
+        config.data.source,
+        run.image_shape,
+        start_step,
+        num_steps,
+    )
+    progress = tqdm.tqdm(
+        total=num_steps,
+        initial=start_step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (run.is_main_process and t.progress_bar and interactive()),
+        file=sys.stderr,
+    )
 
     def save(step, state):
         return checkpointer.save(step, state, iterator.get_state(), run.metadata)
@@ -234,8 +263,14 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
             progress.update(1)
             nonfinite_run = int(jax.device_get(state.consecutive_nonfinite))
             if nonfinite_run:
-                _check_nonfinite(policy, max_nonfinite, step, nonfinite_run,
-                                 int(jax.device_get(state.skipped_steps)), nonfinite_inputs(batch))
+                _check_nonfinite(
+                    policy,
+                    max_nonfinite,
+                    step,
+                    nonfinite_run,
+                    int(jax.device_get(state.skipped_steps)),
+                    nonfinite_inputs(batch),
+                )
             if step % log_every == 0 or step == num_steps:
                 elapsed = time.perf_counter() - window_start
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -284,16 +319,28 @@ def _final_save(checkpointer: Checkpointer, save, step: int, saved_step: int, st
         log.exception("saving the final checkpoint at step %d failed", step)
 
 
-def _check_nonfinite(policy: str, max_consecutive: int, step: int, consecutive: int, skipped: int,
-                     bad_inputs: str) -> None:
+def _check_nonfinite(
+    policy: str, max_consecutive: int, step: int, consecutive: int, skipped: int, bad_inputs: str
+) -> None:
     limit = 1 if policy == "stop" else max_consecutive
-    cause = (f"the batch holds non-finite input data ({bad_inputs})" if bad_inputs
-             else "the batch is finite: the loss or gradient overflowed")
-    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d in total); %s",
-                step, consecutive, skipped, cause)
+    cause = (
+        f"the batch holds non-finite input data ({bad_inputs})"
+        if bad_inputs
+        else "the batch is finite: the loss or gradient overflowed"
+    )
+    log.warning(
+        "step %d: non-finite loss or gradient; update skipped (%d in a row, %d in total); %s",
+        step,
+        consecutive,
+        skipped,
+        cause,
+    )
     if consecutive >= limit:
-        hint = ("Check the data set for NaN/inf." if bad_inputs
-                else "Lower optim.learning_rate, set optim.grad_clip, or check the data for NaN/inf.")
+        hint = (
+            "Check the data set for NaN/inf."
+            if bad_inputs
+            else "Lower optim.learning_rate, set optim.grad_clip, or check the data for NaN/inf."
+        )
         raise TrainingStopped(
             f"stopping at step {step}: {consecutive} consecutive steps with non-finite loss or gradients "
             f"(policy {policy!r}, limit {limit}); {cause}. Parameters stay at the last finite update and the "
@@ -312,8 +359,13 @@ def load_for_config(config, workdir: str, devices=None) -> tuple[LoadedRun, Run]
     validate_config(config)
     mesh = fc.mesh_from_config(config, devices)
     step, saved = read_run_metadata(workdir)  # no checkpoint: CheckpointError, nothing created
-    check_compatible(os.path.join(os.path.abspath(workdir), "checkpoints"), step, saved,
-                     {"compatibility": config_compatibility(config)}, schedule=False)
+    check_compatible(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        step,
+        saved,
+        {"compatibility": config_compatibility(config)},
+        schedule=False,
+    )
     loaded = load_run(workdir, mesh=mesh)
     scale = float(config.sample.guidance_scale)
     if scale != 1.0 and not loaded.run.spec.conditional:
@@ -335,24 +387,32 @@ def sample_from_checkpoint(config, workdir: str, devices=None) -> dict:
     if run.is_main_process:
         out = os.path.join(loaded.workdir, "samples")
         os.makedirs(out, exist_ok=True)
-        summary["grid"] = save_image_grid(images, os.path.join(out, f"sample_step_{step:07d}.png"),
-                                          upscale=max(1, 64 // max(run.image_shape[:2])))
+        summary["grid"] = save_image_grid(
+            images, os.path.join(out, f"sample_step_{step:07d}.png"), upscale=max(1, 64 // max(run.image_shape[:2]))
+        )
         uint8 = to_uint8(images)
-        summary["npz"] = atomic_write(os.path.join(out, f"sample_step_{step:07d}.npz"),
-                                      lambda f: np.savez(f, images=uint8))
+        summary["npz"] = atomic_write(
+            os.path.join(out, f"sample_step_{step:07d}.npz"), lambda f: np.savez(f, images=uint8)
+        )
     return summary
 
 
 def evaluation_split(data_info) -> str:
-    """"test" when the data set has one, else "train" (e.g. scikit-learn's 8x8 digits)."""
+    """ "test" when the data set has one, else "train" (e.g. scikit-learn's 8x8 digits)."""
     return "test" if "test" in data_info.num_examples else "train"
 
 
 def test_loss(run: Run, data_config, params, split: str, *, batches: int, batch_size: int) -> float:
     """Mean denoising loss of `params` on `split` (fixed keys: comparable across runs)."""
     iterator = data_lib.make_iterator(
-        data_config, split=split, global_batch_size=batch_size, seed=run.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(), shuffle=False, num_epochs=1,
+        data_config,
+        split=split,
+        global_batch_size=batch_size,
+        seed=run.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        shuffle=False,
+        num_epochs=1,
     )
     loss_fn = run.loss_fn
     evaluate_batch = jax.jit(run.under_mesh(lambda p, key, batch: loss_fn(p, key, batch)[0]))
@@ -388,8 +448,9 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     summary = {
         "step": loaded.step,
         "split": split,
-        "test_loss": test_loss(run, config.data, params, split, batches=int(config.eval.loss_batches),
-                               batch_size=batch),
+        "test_loss": test_loss(
+            run, config.data, params, split, batches=int(config.eval.loss_batches), batch_size=batch
+        ),
         "sampler": {k: config.sample[k] for k in ("solver", "steps", "grid", "guidance_scale")},
     }
     if config.eval.fid:
@@ -400,10 +461,12 @@ def evaluate(config, workdir: str, devices=None) -> dict:
         samples = eval_lib.sample_images(run, params, num, run.key("fid"), batch_size=batch)
         summary.update(eval_lib.sample_quality(samples, reference, inception, batch_size=batch))
     if config.eval.bits_per_dim_examples:
-        images, labels = eval_lib.split_images(config.data, split, int(config.eval.bits_per_dim_examples),
-                                               batch_size=batch)
-        summary["bits_per_dim"] = eval_lib.dataset_bits_per_dim(run, params, images, labels, run.key("bits_per_dim"),
-                                                        batch_size=batch)
+        images, labels = eval_lib.split_images(
+            config.data, split, int(config.eval.bits_per_dim_examples), batch_size=batch
+        )
+        summary["bits_per_dim"] = eval_lib.dataset_bits_per_dim(
+            run, params, images, labels, run.key("bits_per_dim"), batch_size=batch
+        )
     if run.is_main_process:
         atomic_write_json(os.path.join(loaded.workdir, f"eval_step_{summary['step']:07d}.json"), summary)
     return summary

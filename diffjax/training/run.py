@@ -20,7 +20,7 @@ from diffjax.processes import GaussianProcess
 from diffjax.training import from_config as fc
 from diffjax.training import sharding as shard_lib
 from diffjax.training.build import ModelSpec, build_model_spec, label_dropout_transform, make_sample_fn
-from diffjax.training.checkpoint import CheckpointError, Checkpointer
+from diffjax.training.checkpoint import Checkpointer, CheckpointError
 from diffjax.training.config import ConfigError, validate_config
 from diffjax.training.state import ParamAverage, TrainState, create_train_state, make_train_step, stream_key
 
@@ -149,14 +149,27 @@ def build_run(config, data_info, mesh: jax.sharding.Mesh) -> Run:
     optimizer = fc.optimizer_from_config(config, learning_rate)
     average = fc.average_from_config(config)
     abstract_state = jax.eval_shape(
-        lambda: create_train_state(spec.init_params(), optimizer, stream_key(seed, "train"), average=average))
+        lambda: create_train_state(spec.init_params(), optimizer, stream_key(seed, "train"), average=average)
+    )
     params_sharding = shard_lib.param_shardings(spec.abstract_params, spec.logical_specs, mesh, rules)
     state_sharding = shard_lib.state_shardings(abstract_state, params_sharding, optimizer, mesh)
     return Run(
-        process=process, spec=spec, image_shape=image_shape, loss_fn=loss_fn, to_denoiser=to_denoiser,
-        sampler=sampler, guidance_scale=guidance_scale, label_dropout=label_dropout, mesh=mesh, rules=rules,
-        learning_rate=learning_rate, optimizer=optimizer, average=average, seed=seed,
-        abstract_state=abstract_state, state_sharding=state_sharding,
+        process=process,
+        spec=spec,
+        image_shape=image_shape,
+        loss_fn=loss_fn,
+        to_denoiser=to_denoiser,
+        sampler=sampler,
+        guidance_scale=guidance_scale,
+        label_dropout=label_dropout,
+        mesh=mesh,
+        rules=rules,
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        average=average,
+        seed=seed,
+        abstract_state=abstract_state,
+        state_sharding=state_sharding,
         metadata=run_metadata(config, spec, image_shape, num_classes),
     )
 
@@ -246,12 +259,14 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for every leaf that differs between two nested dicts."""
     old, new = _flatten(saved), _flatten(current)
     missing = "<absent>"
-    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+    return [
+        f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k, missing) != new.get(k, missing)
+    ]
 
 
-def check_compatible(directory: str, step: int, saved_metadata: dict, metadata: dict, *,
-                     schedule: bool = True) -> None:
+def check_compatible(directory: str, step: int, saved_metadata: dict, metadata: dict, *, schedule: bool = True) -> None:
     """Refuse a checkpoint written by an incompatible config (or, if `schedule`, with another
     learning-rate schedule), naming the differing fields only."""
     differences = config_differences(saved_metadata.get("compatibility", {}), metadata["compatibility"])

@@ -79,8 +79,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     if -1 in sizes:
         if num_devices % fixed:
             raise ValueError(
-                f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({fixed}) do not divide the "
-                f"{num_devices} devices"
+                f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({fixed}) do not divide the {num_devices} devices"
             )
         sizes[sizes.index(-1)] = num_devices // fixed
     if math.prod(sizes) != num_devices:
@@ -159,8 +158,9 @@ def param_shardings(abstract_params, logical_specs, mesh: Mesh, rules) -> Any:
     )
 
 
-def state_shardings(abstract_state, params_sharding, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    trainable=None):
+def state_shardings(
+    abstract_state, params_sharding, optimizer: optax.GradientTransformation, mesh: Mesh, trainable=None
+):
     """Shardings of a TrainState: params and EMA by the rules, the optimizer's per-parameter
     statistics like their parameters (trained leaves only, see state.trainable_leaves), scalars
     replicated."""

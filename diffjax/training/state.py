@@ -104,8 +104,9 @@ def ema(decay: float, *, warmup: bool = True) -> ParamAverage:
     return ParamAverage(init, update)
 
 
-def make_learning_rate(peak: float, num_steps: int, *, warmup_steps: int = 0, schedule: str = "constant",
-                       min_lr_ratio: float = 0.0) -> optax.Schedule:
+def make_learning_rate(
+    peak: float, num_steps: int, *, warmup_steps: int = 0, schedule: str = "constant", min_lr_ratio: float = 0.0
+) -> optax.Schedule:
     """Linear warm-up to `peak`, then constant or cosine decay to peak * min_lr_ratio at num_steps."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
@@ -118,9 +119,16 @@ def make_learning_rate(peak: float, num_steps: int, *, warmup_steps: int = 0, sc
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after], [warmup_steps])
 
 
-def make_optimizer(learning_rate: optax.Schedule, *, name: str = "adamw", b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, weight_decay: float = 0.0, grad_clip: float = 0.0
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate: optax.Schedule,
+    *,
+    name: str = "adamw",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+) -> optax.GradientTransformation:
     """Global-norm clipping (if grad_clip > 0), then Adam or AdamW on the scheduled rate."""
     if name == "adamw":
         opt = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
@@ -170,8 +178,14 @@ def _merge(trained, tree, mask: list[bool]):
     return treedef.unflatten([n if m else x for n, x, m in zip(new, leaves, mask)])
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation, key, *,
-                       average: ParamAverage | None = None, trainable: Trainable = None) -> TrainState:
+def create_train_state(
+    params,
+    optimizer: optax.GradientTransformation,
+    key,
+    *,
+    average: ParamAverage | None = None,
+    trainable: Trainable = None,
+) -> TrainState:
     """The state at step 0. key: a jax.random key (or an int seed for jax.random.key(seed)).
     average: the parameter average (default: ema(0.0), i.e. a copy of the parameters)."""
     if isinstance(key, int):

@@ -91,15 +91,32 @@ def main() -> None:
         f = row["mesh"]["fsdp"]
         ratio = row["state_bytes_compiled"] / (unsharded / f) if unsharded else float("nan")
         row["ratio_to_ideal"] = round(ratio, 4)
-        table.append([f, row["mesh"]["data"], f"{row['state_bytes_compiled'] / 2**30:.3f}",
-                      f"{row['state_bytes_shards'] / 2**30:.3f}", f"{ratio:.3f}", f"{row['temp_bytes'] / 2**30:.2f}",
-                      row["compile_seconds"]])
+        table.append(
+            [
+                f,
+                row["mesh"]["data"],
+                f"{row['state_bytes_compiled'] / 2**30:.3f}",
+                f"{row['state_bytes_shards'] / 2**30:.3f}",
+                f"{ratio:.3f}",
+                f"{row['temp_bytes'] / 2**30:.2f}",
+                row["compile_seconds"],
+            ]
+        )
         print(table[-1], flush=True)
-    headers = ["fsdp", "data", "state GiB/device (compiled)", "state GiB/device (shards)",
-               "ratio to unsharded/fsdp", "temp GiB/device", "compile s"]
-    text = (f"# FSDP memory: {args.model}, {rows[0]['params'] / 1e6:.1f}M parameters, train state = "
-            f"params + AdamW (mu, nu) + EMA, f32, batch {args.batch} of {args.latent}x{args.latent}x"
-            f"{args.channels}\n\n" + markdown_table(headers, table) + "\n\nTarget: ratio <= 1.15 at fsdp = 8.\n")
+    headers = [
+        "fsdp",
+        "data",
+        "state GiB/device (compiled)",
+        "state GiB/device (shards)",
+        "ratio to unsharded/fsdp",
+        "temp GiB/device",
+        "compile s",
+    ]
+    text = (
+        f"# FSDP memory: {args.model}, {rows[0]['params'] / 1e6:.1f}M parameters, train state = "
+        f"params + AdamW (mu, nu) + EMA, f32, batch {args.batch} of {args.latent}x{args.latent}x"
+        f"{args.channels}\n\n" + markdown_table(headers, table) + "\n\nTarget: ratio <= 1.15 at fsdp = 8.\n"
+    )
     print(text)
     write_results("fsdp_memory", {"args": vars(args), "rows": rows}, text)
 

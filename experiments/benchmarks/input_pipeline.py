@@ -34,8 +34,7 @@ import diffjax.data as dd
 from diffjax.data import builders, pipeline, sources
 from diffjax.io import atomic_write_json
 
-RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
-                            "input_pipeline.json")
+RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results", "input_pipeline.json")
 TARGET_IMAGES_PER_S = 5000
 ROWS = (  # (label, in_memory, num_threads, worker_count)
     ("JPEG decode, 1 process, no reader threads", False, 0, 0),
@@ -89,8 +88,12 @@ def measure_row(config, batch: int, seconds: float, windows: int = 3) -> dict:
             count += 1
         rates.append(count * batch / (time.perf_counter() - start))
     iterator.close()
-    return {"images_per_s": max(rates), "images_per_s_median": float(np.median(rates)),
-            "window_rates": rates, "setup_and_warmup_s": warmup_s}
+    return {
+        "images_per_s": max(rates),
+        "images_per_s_median": float(np.median(rates)),
+        "window_rates": rates,
+        "setup_and_warmup_s": warmup_s,
+    }
 
 
 def stage_costs(config, batch: int, repeats: int = 8) -> dict:
@@ -109,8 +112,7 @@ def stage_costs(config, batch: int, repeats: int = 8) -> dict:
 
     def read_and_parse(indices):
         records = source.records.__getitems__([int(i) for i in indices])
-        return [tf_example_pb2.Example.FromString(r).features.feature["image"].bytes_list.value[0]
-                for r in records]
+        return [tf_example_pb2.Example.FromString(r).features.feature["image"].bytes_list.value[0] for r in records]
 
     def decode_all(spec):
         return lambda encoded: [sources.decode_image(data, spec) for data in encoded]
@@ -122,10 +124,12 @@ def stage_costs(config, batch: int, repeats: int = 8) -> dict:
         "read_and_parse_records": per_image_us(read_and_parse, index_batches),
         "jpeg_decode_direct_libjpeg": per_image_us(decode_all(source.spec), encoded),
         "jpeg_decode_pil_image_open": per_image_us(decode_all(sources.ImageSpec(32, 3)), encoded),
-        "augment_flip_dequantize_scale": per_image_us(lambda x: pipeline.augment(
-            x, positions, seed=0, random_flip=True, dequantize=True), images),
-        "augment_scale_only": per_image_us(lambda x: pipeline.augment(
-            x, positions, seed=0, random_flip=False, dequantize=False), images),
+        "augment_flip_dequantize_scale": per_image_us(
+            lambda x: pipeline.augment(x, positions, seed=0, random_flip=True, dequantize=True), images
+        ),
+        "augment_scale_only": per_image_us(
+            lambda x: pipeline.augment(x, positions, seed=0, random_flip=False, dequantize=False), images
+        ),
         "source_read_total": per_image_us(source.read, index_batches),
     }
 
@@ -151,25 +155,31 @@ def main():
     for label, in_memory, threads, workers in ROWS:
         row_config = _config(args.data_dir, in_memory=in_memory, num_threads=threads, worker_count=workers)
         result = measure_row(row_config, args.batch, args.seconds)
-        rows.append({"row": label, "decoding": not in_memory, "num_threads": threads, "worker_count": workers,
-                     **result})
+        rows.append(
+            {"row": label, "decoding": not in_memory, "num_threads": threads, "worker_count": workers, **result}
+        )
         print(f"  measured: {label}: {result['images_per_s']:.0f} images/s", flush=True)
     load_after = os.getloadavg()
 
-    print(f"\nInput pipeline, CIFAR-10 32x32 RGB, host batch {args.batch}, flip + dequantize + scale "
-          f"({os.cpu_count()} CPUs: {_cpu_name()}; load average before/after "
-          f"{load_before[0]:.1f}/{load_after[0]:.1f})")
+    print(
+        f"\nInput pipeline, CIFAR-10 32x32 RGB, host batch {args.batch}, flip + dequantize + scale "
+        f"({os.cpu_count()} CPUs: {_cpu_name()}; load average before/after "
+        f"{load_before[0]:.1f}/{load_after[0]:.1f})"
+    )
     print(f"{'configuration':48s} {'images/s':>10s} {'median':>10s} {'setup+warmup s':>15s}")
     for row in rows:
-        print(f"{row['row']:48s} {row['images_per_s']:10.0f} {row['images_per_s_median']:10.0f} "
-              f"{row['setup_and_warmup_s']:15.1f}")
+        print(
+            f"{row['row']:48s} {row['images_per_s']:10.0f} {row['images_per_s_median']:10.0f} "
+            f"{row['setup_and_warmup_s']:15.1f}"
+        )
     print("\nSingle-thread cost per image (microseconds)")
     for stage, micros in costs.items():
         print(f"  {stage:34s} {micros:8.1f}")
     best_decoding = max(r["images_per_s"] for r in rows if r["decoding"])
     verdict = "met" if best_decoding >= TARGET_IMAGES_PER_S else "NOT met"
-    print(f"\nBest with JPEG decoding: {best_decoding:.0f} images/s "
-          f"(target >= {TARGET_IMAGES_PER_S} per host: {verdict})")
+    print(
+        f"\nBest with JPEG decoding: {best_decoding:.0f} images/s (target >= {TARGET_IMAGES_PER_S} per host: {verdict})"
+    )
     if prepare_s is not None:
         print(f"One-off preparation of the tar as array_record: {prepare_s:.1f} s")
 
@@ -179,8 +189,12 @@ def main():
         "device": f"cpu x{os.cpu_count()} ({_cpu_name()}), shared machine",
         "load_average_1min_before_after": [load_before[0], load_after[0]],
         "versions": _versions(),
-        "settings": {"host_batch": args.batch, "seconds_per_row": args.seconds, "process_count": 1,
-                     "augmentation": ["random_flip", "dequantize", "scale_to_[-1,1]"]},
+        "settings": {
+            "host_batch": args.batch,
+            "seconds_per_row": args.seconds,
+            "process_count": 1,
+            "augmentation": ["random_flip", "dequantize", "scale_to_[-1,1]"],
+        },
         "prepare_seconds": prepare_s,
         "rows": rows,
         "stage_microseconds_per_image_single_thread": costs,

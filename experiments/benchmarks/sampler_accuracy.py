@@ -65,7 +65,11 @@ SOLVERS = [
     ("pc langevin snr=0.16", "pc", {}),
 ]
 GRIDS = ["flow_time", "logsnr", "karras", "uniform", "quadratic"]
-TUNED = ("gaussian_pc (default)", "unipc bh2, order by step", "dpm++ 2M")  # the solvers also run on benchmark-tuned grids
+TUNED = (
+    "gaussian_pc (default)",
+    "unipc bh2, order by step",
+    "dpm++ 2M",
+)  # the solvers also run on benchmark-tuned grids
 
 
 def make_solver(name, options):
@@ -92,11 +96,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20k samples, NFE 10 only, no optimized grids")
     parser.add_argument("--samples", type=int, default=None)
-    parser.add_argument("--only", default=None,
-                        help="comma-separated solver labels to run (a subset of the rows; no files written)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated solver labels to run (a subset of the rows; no files written)"
+    )
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the saved .json")
-    parser.add_argument("--tuned-only", action="store_true",
-                        help="re-run only the 'optimized on benchmark' rows, in the saved .json")
+    parser.add_argument(
+        "--tuned-only", action="store_true", help="re-run only the 'optimized on benchmark' rows, in the saved .json"
+    )
     args = parser.parse_args()
     if args.markdown_only:
         with open(os.path.join(RESULTS, "sampler_accuracy.json")) as f:
@@ -122,13 +128,25 @@ def main():
         x, info = result.samples, {"nfe": result.nfe}
         weight_error, std_error = mixture.sample_errors(x)
         _, stds = mixture.sample_statistics(x)
-        row = dict(solver=label, name=name, options=options, grid=grid_label, nfe_budget=nfe,
-                   nfe=int(info["nfe"]), steps=steps, weight_error=weight_error, std_error=std_error,
-                   component_std_errors=[float(v) for v in stds / mixture.rms_stds() - 1],
-                   seconds=time.perf_counter() - t0)
+        row = dict(
+            solver=label,
+            name=name,
+            options=options,
+            grid=grid_label,
+            nfe_budget=nfe,
+            nfe=int(info["nfe"]),
+            steps=steps,
+            weight_error=weight_error,
+            std_error=std_error,
+            component_std_errors=[float(v) for v in stds / mixture.rms_stds() - 1],
+            seconds=time.perf_counter() - t0,
+        )
         rows.append(row)
-        print(f"{label:28s} {grid_label:22s} NFE {row['nfe']:3d}  weight {weight_error:.4f}  "
-              f"std {std_error:7.2%}  ({row['seconds']:.1f}s)", flush=True)
+        print(
+            f"{label:28s} {grid_label:22s} NFE {row['nfe']:3d}  weight {weight_error:.4f}  "
+            f"std {std_error:7.2%}  ({row['seconds']:.1f}s)",
+            flush=True,
+        )
 
     selected = SOLVERS if args.only is None else [row for row in SOLVERS if row[0] in args.only.split(",")]
     if not args.tuned_only:
@@ -144,8 +162,9 @@ def main():
             for label, name, options in [row for row in SOLVERS if row[0] in TUNED]:
                 solver = make_solver(name, options)
                 steps = solver.steps_for_nfe(nfe)
-                ts = optimize_grid(denoiser, steps=steps, solver=solver, shape=(16,), key=jax.random.key(1),
-                                   iterations=200)
+                ts = optimize_grid(
+                    denoiser, steps=steps, solver=solver, shape=(16,), key=jax.random.key(1), iterations=200
+                )
                 run(label, name, options, ts, "optimized on benchmark", nfe)
 
     if args.tuned_only:
@@ -158,7 +177,10 @@ def main():
     meta = dict(
         what="sampler accuracy on the exact denoiser of the 16-D 4-component mixture, DDPM chain",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=device(), versions=versions(), samples=n, default=f"{DEFAULT_SOLVER} / {DEFAULT_SOLVER.default_grid}",
+        device=device(),
+        versions=versions(),
+        samples=n,
+        default=f"{DEFAULT_SOLVER} / {DEFAULT_SOLVER.default_grid}",
         rows=rows,
     )
     if not args.quick and args.only is None:

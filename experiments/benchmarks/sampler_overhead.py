@@ -73,8 +73,12 @@ def median_time(fn, repeats: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--nfe", type=int, default=None,
-                        help="instead of --steps: the most steps within this many evaluations, per solver")
+    parser.add_argument(
+        "--nfe",
+        type=int,
+        default=None,
+        help="instead of --steps: the most steps within this many evaluations, per solver",
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=32)
@@ -94,6 +98,7 @@ def main():
             for _ in range(n):
                 y = mlp_jit(y, t)
             y.block_until_ready()
+
         return go
 
     rows = []
@@ -102,8 +107,11 @@ def main():
         solver = build_named(SOLVERS, name, options, "solver")
         steps = solver.steps_for_nfe(args.nfe, denoise_final=False) if args.nfe else args.steps
         nfe = solver.nfe(steps)
-        run = jax.jit(lambda k, solver=solver, steps=steps: sample(
-            denoiser, k, (args.batch, args.dim), solver=solver, steps=steps, denoise_final=False).samples)
+        run = jax.jit(
+            lambda k, solver=solver, steps=steps: (
+                sample(denoiser, k, (args.batch, args.dim), solver=solver, steps=steps, denoise_final=False).samples
+            )
+        )
         key = jax.random.key(2)
         # Interleave the two measurements so that load changes on the shared machine hit both.
         t_sample, t_calls = [], []
@@ -111,19 +119,41 @@ def main():
             t_sample.append(median_time(lambda: run(key).block_until_ready(), args.repeats))
             t_calls.append(median_time(one_call_loop(nfe), args.repeats))
         ts, tc = statistics.median(t_sample), statistics.median(t_calls)
-        rows.append(dict(solver=label, name=name, options=options, steps=steps, nfe=nfe,
-                         sample_seconds=ts, calls_seconds=tc, ratio=ts / tc))
+        rows.append(
+            dict(
+                solver=label,
+                name=name,
+                options=options,
+                steps=steps,
+                nfe=nfe,
+                sample_seconds=ts,
+                calls_seconds=tc,
+                ratio=ts / tc,
+            )
+        )
         print(f"{label:20s} {nfe:5d} {ts * 1e3:12.2f} {tc * 1e3:14.2f} {ts / tc:7.3f}", flush=True)
 
     os.makedirs(RESULTS, exist_ok=True)
-    atomic_write_json(os.path.join(RESULTS, "sampler_overhead.json"), dict(
+    atomic_write_json(
+        os.path.join(RESULTS, "sampler_overhead.json"),
+        dict(
             what="jitted sample() wall time / (NFE x one jitted MLP call), tiny MLP, CPU",
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            device=device(), versions=versions(), load_average=os.getloadavg(),
-            settings=dict(steps=args.steps, nfe=args.nfe, repeats=args.repeats, batch=args.batch, dim=args.dim,
-                          width=args.width, mlp="(dim+2) -> width -> width -> dim, silu"),
+            device=device(),
+            versions=versions(),
+            load_average=os.getloadavg(),
+            settings=dict(
+                steps=args.steps,
+                nfe=args.nfe,
+                repeats=args.repeats,
+                batch=args.batch,
+                dim=args.dim,
+                width=args.width,
+                mlp="(dim+2) -> width -> width -> dim, silu",
+            ),
             rows=rows,
-    ))
+        ),
+    )
 
 
 if __name__ == "__main__":

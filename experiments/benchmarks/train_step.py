@@ -40,14 +40,29 @@ from diffjax.training.from_config import mesh_from_config, model_config_from_con
 from diffjax.training.run import Run, build_run, init_state, make_jitted_train_step
 from experiments.benchmarks.common import environment, markdown_table, write_results
 
-DEFAULT_PRESETS = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2", "DDPM++-cifar10", "NCSN++-cifar10",
-                   "DDPM++-cifar10-edm")
+DEFAULT_PRESETS = (
+    "DiT-S/2",
+    "DiT-B/2",
+    "DiT-L/2",
+    "DiT-XL/2",
+    "DDPM++-cifar10",
+    "NCSN++-cifar10",
+    "DDPM++-cifar10-edm",
+)
 
 # Dense bf16 peak TFLOP/s per device; the first substring found in the lower-cased device kind wins.
 PEAK_TFLOPS = (
-    ("h100 pcie", 756.0), ("h100", 989.0), ("h200", 989.0), ("gh200", 989.0), ("a100", 312.0),
-    ("tpu v4", 275.0), ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5p", 459.0),
-    ("tpu v5", 459.0), ("tpu v6", 918.0),
+    ("h100 pcie", 756.0),
+    ("h100", 989.0),
+    ("h200", 989.0),
+    ("gh200", 989.0),
+    ("a100", 312.0),
+    ("tpu v4", 275.0),
+    ("tpu v5 lite", 197.0),
+    ("tpu v5e", 197.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5", 459.0),
+    ("tpu v6", 918.0),
 )
 
 
@@ -109,8 +124,9 @@ def synthetic_batch(run: Run, batch: int, num_classes: int) -> dict:
     }
 
 
-def measure(preset: str, batch: int, dtype: str, remat: str, scan_layers: bool, warmup: int,
-            steps: int, peak: float | None) -> dict:
+def measure(
+    preset: str, batch: int, dtype: str, remat: str, scan_layers: bool, warmup: int, steps: int, peak: float | None
+) -> dict:
     config = benchmark_config(preset, batch, dtype, remat, scan_layers)
     data_info = synthetic_data_info(preset)  # the data set's description, given instead of read
     run = prepare_synthetic_run(config, "", data_info)
@@ -138,10 +154,17 @@ def measure(preset: str, batch: int, dtype: str, remat: str, scan_layers: bool, 
     devices = run.mesh.devices.size
     achieved = model_flops * batch / step_s
     return {
-        "preset": preset, "batch": batch, "dtype": dtype, "remat": remat,
+        "preset": preset,
+        "batch": batch,
+        "dtype": dtype,
+        "remat": remat,
         "scan_layers": scan_layers if preset.startswith("DiT-") else None,
-        "params_M": run.spec.num_params / 1e6, "devices": devices, "compile_s": compile_s,
-        "step_s": step_s, "step_times_s": times, "images_per_s": batch / step_s,
+        "params_M": run.spec.num_params / 1e6,
+        "devices": devices,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "step_times_s": times,
+        "images_per_s": batch / step_s,
         "model_gflops_per_image": model_flops / 1e9,
         "xla_gflops_per_image": xla_flops / batch / 1e9,
         "xla_to_model_flops": xla_flops / batch / model_flops,
@@ -152,21 +175,49 @@ def measure(preset: str, batch: int, dtype: str, remat: str, scan_layers: bool, 
 
 
 def render_markdown(env: dict, args, platform: str, peak: float | None, rows: list[dict]) -> str:
-    headers = ["model", "params (M)", "batch", "dtype", "remat", "step (ms)", "images/s",
-               "model GFLOP/img", "XLA GFLOP/img", "XLA / model", "TFLOP/s", "MFU"]
-    table = [[r["preset"], f"{r['params_M']:.1f}", r["batch"], r["dtype"], r["remat"],
-              f"{1e3 * r['step_s']:.0f}", f"{r['images_per_s']:.3g}", f"{r['model_gflops_per_image']:.2f}",
-              f"{r['xla_gflops_per_image']:.2f}", f"{r['xla_to_model_flops']:.3f}",
-              f"{r['achieved_tflops']:.3g}", "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"]
-             for r in rows]
-    title = (f"# Train step ({env['device']} x {env['device_count']}, {env['date']}, jax "
-             f"{env['versions']['jax']}; warm-up {args.warmup}, median of {args.steps} steps)")
+    headers = [
+        "model",
+        "params (M)",
+        "batch",
+        "dtype",
+        "remat",
+        "step (ms)",
+        "images/s",
+        "model GFLOP/img",
+        "XLA GFLOP/img",
+        "XLA / model",
+        "TFLOP/s",
+        "MFU",
+    ]
+    table = [
+        [
+            r["preset"],
+            f"{r['params_M']:.1f}",
+            r["batch"],
+            r["dtype"],
+            r["remat"],
+            f"{1e3 * r['step_s']:.0f}",
+            f"{r['images_per_s']:.3g}",
+            f"{r['model_gflops_per_image']:.2f}",
+            f"{r['xla_gflops_per_image']:.2f}",
+            f"{r['xla_to_model_flops']:.3f}",
+            f"{r['achieved_tflops']:.3g}",
+            "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %",
+        ]
+        for r in rows
+    ]
+    title = (
+        f"# Train step ({env['device']} x {env['device_count']}, {env['date']}, jax "
+        f"{env['versions']['jax']}; warm-up {args.warmup}, median of {args.steps} steps)"
+    )
     if peak:
         peak_line = f"MFU against a dense bf16 peak of {peak:g} TFLOP/s per device."
     else:
         peak_line = "MFU: n/a " + ("on CPU." if platform == "cpu" else "(unknown device: pass --peak_tflops).")
-    flops_line = ("Model FLOPs = 6 x forward MACs per image; XLA = cost_analysis() of the compiled step "
-                  "(elementwise work included, padded convolution taps excluded).")
+    flops_line = (
+        "Model FLOPs = 6 x forward MACs per image; XLA = cost_analysis() of the compiled step "
+        "(elementwise work included, padded convolution taps excluded)."
+    )
     return "\n\n".join(x for x in (title, args.note, peak_line, flops_line, markdown_table(headers, table)) if x)
 
 
@@ -189,8 +240,7 @@ def main(argv=None) -> None:
     peak = args.peak_tflops or (None if device.platform == "cpu" else peak_tflops(device.device_kind))
     rows = []
     for preset in args.presets.split(","):
-        row = measure(preset, args.batch, args.dtype, args.remat, args.scan_layers, args.warmup,
-                      args.steps, peak)
+        row = measure(preset, args.batch, args.dtype, args.remat, args.scan_layers, args.warmup, args.steps, peak)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "step_times_s"}, flush=True)
 
