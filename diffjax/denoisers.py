@@ -259,10 +259,6 @@ class Denoiser:
         """The probability-flow ODE velocity dx/dt (= f x - g^2/2 score)."""
         return self.view("velocity", x, t)
 
-    def flow(self, x, t):
-        """The former name of `velocity`, kept until samplers/ call `velocity` (remove at merge)."""
-        return self.velocity(x, t)
-
     def with_fn(self, fn: Callable, prediction: str | None = None) -> Denoiser:
         """The same process with another network (used by guidance combinators)."""
         return Denoiser(fn, self.process, self.prediction if prediction is None else prediction)

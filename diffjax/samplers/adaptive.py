@@ -153,7 +153,7 @@ class Adaptive(Solver):
 
     def run(self, denoiser, x, ts, keys, return_trajectory):
         solution = dopri5(
-            lambda y, t: denoiser.flow(y, t),
+            lambda y, t: denoiser.velocity(y, t),
             x,
             ts,
             rtol=self.rtol,

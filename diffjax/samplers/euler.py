@@ -20,7 +20,7 @@ class Euler(Solver):
     1 NFE per step; first order."""
 
     def step(self, denoiser, x, state, t, t_next, key):
-        return x + (t_next - t) * denoiser.flow(x, t), state
+        return x + (t_next - t) * denoiser.velocity(x, t), state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,9 +46,9 @@ class Heun(Solver):
 
     def step(self, denoiser, x, state, t, t_next, key):
         h = t_next - t
-        d = denoiser.flow(x, t)
+        d = denoiser.velocity(x, t)
         x_euler = x + h * d
-        return heun_correction(x_euler, d, denoiser.flow(x_euler, t_next), h), state
+        return heun_correction(x_euler, d, denoiser.velocity(x_euler, t_next), h), state
 
 
 def _noise_level_heun(denoiser, x, t, t_next, correct: bool):
