@@ -1,5 +1,7 @@
 """Small test doubles shared by several test files."""
 
+import pathlib
+
 
 class CountingNetwork:
     """An identity network that records its calls, so a test can show that validation happened
@@ -11,3 +13,11 @@ class CountingNetwork:
     def __call__(self, x, t):
         self.calls += 1
         return x
+
+
+def readme_example(name: str) -> str:
+    """The Python block of README.md marked `<!-- readme-example: name -->`, verbatim."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = f"<!-- readme-example: {name} -->\n```python\n"
+    start = readme.index(marker) + len(marker)
+    return readme[start : readme.index("```", start)]

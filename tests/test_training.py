@@ -7,6 +7,7 @@ import subprocess
 import sys
 import zlib
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,13 +254,7 @@ def test_sample_and_eval_modes(tmp_path, monkeypatch):
     monkeypatch.setattr(data_lib, "dataset_info", no_data)
     monkeypatch.setattr(data_lib, "make_iterator", no_data)
     monkeypatch.chdir(tmp_path)
-    readme_example = f"""
-import jax
-from diffjax.training import load_run, save_image_grid
-run = load_run({workdir!r})                        # config, params, process, denoiser: from the checkpoint
-images = run.sample(jax.random.key(0), 16)         # the run's sampler on the EMA parameters
-save_image_grid(images, "grid.png")
-"""
+    readme_example = helpers.readme_example("load_run").replace('"work/default"', repr(str(workdir)))
     namespace = {}
     exec(readme_example, namespace)
     run = namespace["run"]
