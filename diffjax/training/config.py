@@ -26,7 +26,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import shutil
 from typing import Sequence
 
 import ml_collections
@@ -47,8 +46,6 @@ __all__ = [
     "SELECTOR_KEYS",
     "apply_overrides",
     "base_config",
-    "check_free_space",
-    "check_workdir",
     "describe_config",
     "load_config_file",
     "model_preset_overrides",
@@ -117,7 +114,11 @@ CONFIG_KEYS = {
     "sample.solver_options": ({}, "options of the solver, e.g. eta=0.5 for ddim ({} = its defaults)"),
     "sample.grid_options": ({}, "options of the grid, e.g. rho=7.0 for karras ({} = its defaults)"),
     "eval.fid": (True, "FID/KID in --mode eval (needs the Inception weights)"),
-    "eval.num_samples": (1000, "samples for FID/KID, and images of the evaluation split they are compared with"),
+    "eval.num_samples": (
+        0,
+        "samples for FID/KID, and images of the evaluation split they are compared with "
+        "(0 = sized for the machine: 256 on a CPU, 10,000 on an accelerator)",
+    ),
     "eval.batch_size": (256, "batch size of evaluation"),
     "eval.loss_batches": (20, "batches of the test split for the test loss"),
     "eval.bits_per_dim_examples": (0, "examples for bits/dim (0 = skip)"),
@@ -485,8 +486,14 @@ def validate_config(config) -> None:
     )
 
     _require(isinstance(config.eval.fid, bool), "eval.fid", config.eval.fid, "True or False")
-    for key in ("num_samples", "batch_size", "loss_batches"):
+    for key in ("batch_size", "loss_batches"):
         _require(_positive_int(config.eval[key]), f"eval.{key}", config.eval[key], "a positive int")
+    _require(
+        _int(config.eval.num_samples) and config.eval.num_samples >= 0,
+        "eval.num_samples",
+        config.eval.num_samples,
+        "an int >= 0 (0 = sized for the machine)",
+    )
     _require(
         _int(config.eval.bits_per_dim_examples) and config.eval.bits_per_dim_examples >= 0,
         "eval.bits_per_dim_examples",
@@ -678,27 +685,3 @@ def describe_config(config) -> str:
             else:
                 lines.append(f"{key}.{option} = {allowed[option]!r}  # default of {what}")
     return "\n".join(lines)
-
-
-def check_workdir(workdir: str) -> str:
-    """Create the directory if needed and make sure it is writable; returns its absolute path."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise ConfigError(f"work directory {workdir!r} is not writable: {err.strerror or err}") from err
-    return workdir
-
-
-def check_free_space(path: str, needed_bytes: int, what: str) -> None:
-    """Raise ConfigError when the file system holding `path` has less than `needed_bytes` free."""
-    free = shutil.disk_usage(path).free
-    if free < needed_bytes:
-        raise ConfigError(
-            f"{path!r} has {free / 2**20:.1f} MiB free, but {what} need about {needed_bytes / 2**20:.1f} MiB; "
-            "free some disk space or use another work directory"
-        )
