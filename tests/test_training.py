@@ -480,9 +480,11 @@ def test_time_scale_has_one_owner():
 
     config = tiny_config()
     process = process_from_config(config)
-    assert network_time_scale(config, process) == 250.0  # default.py sets it explicitly
-    del config.model.overrides["time_scale"]
+    assert "time_scale" not in config.model.overrides  # no config hard-codes it
     assert network_time_scale(config, process) == 250.0  # EDM preconditioning
+    config.model.overrides.time_scale = 7.0
+    assert network_time_scale(config, process) == 7.0  # an explicit override wins
+    del config.model.overrides["time_scale"]
     config.loss.prediction = "eps"
     assert network_time_scale(config, process) == pytest.approx(1000.0 / float(process.t_max))
     assert built_run(config).spec.num_params > 0

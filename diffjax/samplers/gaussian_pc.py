@@ -105,8 +105,8 @@ class GaussianPC(PredictorCorrector):
     """Gaussian-exact predictor-corrector (module docstring): 1 NFE per step, global order 2.
 
     order: 2 extrapolates the implied mean linearly in lam through the last two evaluations while
-      sigma/alpha > sigma_data, and keeps it constant below; 1 keeps it constant everywhere (what
-      each does on a trained MNIST model: experiments/results/mnist_gaussian_pc.md).
+      sigma/alpha > sigma_data, and keeps it constant below; order 1 keeps it constant everywhere.
+      How the two compare on a trained MNIST model: `experiments/results/mnist_gaussian_pc.md`.
     corrector: re-do each step with the new evaluation (trapezoidal); the last step has none.
     max_std: the largest per-sample data std the fit may return.
     sigma_data: the data's scale (EDM's 0.5 for images in [-1, 1]).
