@@ -55,6 +55,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, one_device)
     assert final_step == step + 1 and data_state["next_batch"] == step + 1  # the data position went on
 
 
+@pytest.mark.slow  # default-run time: an end-to-end run of its own
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, one_device):
     workdir = str(tmp_path / "run")
     writing = os.path.join(workdir, "checkpoints", "6" + rel.TMP_SUFFIX)
@@ -175,6 +176,7 @@ def test_nonfinite_parameters_are_never_saved(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # default-run time: an end-to-end run of its own
 def test_nonfinite_steps_are_skipped_counted_then_stop_the_run(tmp_path):
     workdir = str(tmp_path / "run")
     handler = signal.getsignal(signal.SIGTERM)
@@ -192,6 +194,7 @@ def test_nonfinite_steps_are_skipped_counted_then_stop_the_run(tmp_path):
     assert logged == {2: 1, 4: 0, 8: 0}
 
 
+@pytest.mark.slow  # default-run time: an end-to-end run of its own
 def test_stop_policy_stops_at_the_first_nonfinite_step(tmp_path):
     config = tiny_config(num_steps=4, inject_nonfinite_at=(3,), nonfinite_policy="stop")
     with pytest.raises(TrainingStopped, match="stopping at step 3: 1 consecutive"):

@@ -111,6 +111,7 @@ def test_mesh_shape_resolution_and_errors():
         shard_lib.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
 
 
+@pytest.mark.slow  # default-run time: an end-to-end run of its own
 def test_checkpoint_restores_onto_a_different_mesh(single_device_run, tmp_path):
     """Saved with fsdp=8 after 2 steps, resumed with data=2, fsdp=4 for 2 more: the same as 4
     steps on one device."""
