@@ -143,17 +143,19 @@ class GaussianProcess:
         """Draw x_t ~ N(alpha(t) x0, sigma(t)^2 I); t broadcasts over the leading axis."""
         return self.perturb(x0, t, jax.random.normal(key, x0.shape, x0.dtype))
 
-    def prior_std(self):
-        return self.sigma(jnp.float32(self.t_max))
+    def prior_std(self, t=None):
+        """sigma(t) at the start of sampling, t_max by default."""
+        return self.sigma(jnp.float32(self.t_max if t is None else t))
 
-    def prior_sample(self, key, shape, dtype=jnp.float32):
-        """x_T ~ N(0, sigma(t_max)^2 I)."""
-        return self.prior_std().astype(dtype) * jax.random.normal(key, shape, dtype)
+    def prior_sample(self, key, shape, dtype=jnp.float32, t=None):
+        """x_t ~ N(0, sigma(t)^2 I), t = t_max by default (alpha(t) x0 is taken as negligible): the
+        prior, or the start of a run whose grid begins below t_max."""
+        return self.prior_std(t).astype(dtype) * jax.random.normal(key, shape, dtype)
 
     def prior_logp(self, x, t=None):
         """log N(x; 0, sigma(t)^2 I) per example (summed over all axes but the first); t defaults to
         t_max, where it is the prior that `prior_sample` draws from."""
-        std = self.prior_std() if t is None else self.sigma(t)
+        std = self.prior_std(t)
         d = math.prod(x.shape[1:])
         sq = per_example(jnp.sum, x**2)
         return -0.5 * sq / std**2 - d * jnp.log(std) - 0.5 * d * math.log(2 * math.pi)

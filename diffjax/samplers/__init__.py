@@ -46,7 +46,6 @@ from diffjax.samplers.sampling import (
     SOLVERS,
     SampleResult,
     check_prediction_is_defined,
-    draw_prior,
     sample,
 )
 from diffjax.samplers.unipc import UniPC
@@ -59,7 +58,6 @@ __all__ = [
     "GRIDS",
     "DEFAULT_SOLVER",
     "check_prediction_is_defined",
-    "draw_prior",
     # the protocol
     "Solver",
     "Phase",

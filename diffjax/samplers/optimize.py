@@ -16,7 +16,6 @@ from diffjax.processes import GaussianProcess
 from diffjax.samplers.base import Solver
 from diffjax.samplers.dpm_solver import DPMSolverPP
 from diffjax.samplers.grids import Grid, LogSNR
-from diffjax.samplers.sampling import draw_prior
 from diffjax.validation import check_count
 
 __all__ = ["optimize_grid", "empirical_denoiser", "grid_from_increments", "increments_from_grid"]
@@ -119,7 +118,7 @@ def optimize_grid(
     key = jax.random.key(0) if key is None else key
 
     key_prior, key_steps, key_ref = jax.random.split(key, 3)
-    x_t = draw_prior(process, key_prior, (num_samples, *shape), t_max)
+    x_t = process.prior_sample(key_prior, (num_samples, *shape), jnp.result_type(float), t=t_max)
     keys = jax.random.split(key_steps, steps)
 
     def finish(x, t_end):

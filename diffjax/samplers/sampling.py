@@ -32,7 +32,7 @@ from diffjax.samplers.sa_solver import SASolver
 from diffjax.samplers.unipc import UniPC
 from diffjax.validation import check_count, check_key, check_shape
 
-__all__ = ["sample", "SampleResult", "SOLVERS", "GRIDS", "DEFAULT_SOLVER", "check_prediction_is_defined", "draw_prior"]
+__all__ = ["sample", "SampleResult", "SOLVERS", "GRIDS", "DEFAULT_SOLVER", "check_prediction_is_defined"]
 
 # The names a config may use; `validation.build_named(SOLVERS, name, options, "solver")` makes the
 # instance. The dataclasses' own defaults are the only defaults.
@@ -92,16 +92,6 @@ def check_prediction_is_defined(denoiser: Denoiser, t_max: float) -> None:
         )
 
 
-def draw_prior(process: GaussianProcess, key, shape, t_start: float):
-    """x ~ N(0, sigma(t_start)^2 I) in the default float dtype: the process's prior, or, for a run
-    that starts below t_max, the marginal at t_start of x0 = 0 (alpha(t_start) x0 taken as
-    negligible in both)."""
-    dtype = jnp.result_type(float)
-    if t_start == process.t_max:
-        return process.prior_sample(key, shape, dtype)
-    return process.marginal_sample(key, jnp.zeros(shape, dtype), jnp.float32(t_start))
-
-
 def _check_network_output(denoiser: Denoiser, shape) -> None:
     """Trace the network alone (no compilation) and compare its output shape with `shape`."""
     out = jax.eval_shape(
@@ -122,7 +112,7 @@ def _run(denoiser, key, solver, grid, shape, steps, t_min, t_max, denoise_final,
     process = denoiser.process
     ts = grid(process, steps, t_min, t_max)
     key_prior, key_steps = jax.random.split(key)
-    x = draw_prior(process, key_prior, shape, t_max)
+    x = process.prior_sample(key_prior, shape, jnp.result_type(float), t=t_max)
     x_end, trajectory, nfe = solver.run(denoiser, x, ts, jax.random.split(key_steps, steps), return_trajectory)
     out = denoiser.x0(x_end, ts[-1]) if denoise_final else x_end
     trajectory = jnp.concatenate([x[None], trajectory]) if return_trajectory else None
