@@ -155,7 +155,7 @@ class GaussianProcess:
     def prior_logp(self, x, t=None):
         """log N(x; 0, sigma(t)^2 I) per example (summed over all axes but the first); t defaults to
         t_max, where it is the prior that `prior_sample` draws from."""
-        std = self.prior_std(t)
+        std = self.prior_std() if t is None else self.sigma(t)
         d = math.prod(x.shape[1:])
         sq = per_example(jnp.sum, x**2)
         return -0.5 * sq / std**2 - d * jnp.log(std) - 0.5 * d * math.log(2 * math.pi)
