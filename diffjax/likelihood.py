@@ -23,6 +23,7 @@ jittable, and bad input raises ValueError naming the value before anything is co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -35,10 +36,35 @@ from diffjax.samplers import check_prediction_is_defined
 from diffjax.samplers.adaptive import dopri5
 from diffjax.validation import check_count, check_key, check_positive
 
-__all__ = ["DIVERGENCES", "PROBES", "log_likelihood", "elbo", "bits_per_dim"]
+__all__ = ["DIVERGENCES", "PROBES", "LogLikelihood", "ELBO", "log_likelihood", "elbo", "bits_per_dim"]
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LogLikelihood:
+    """What `log_likelihood` returns (a pytree): log p in nats per example (nan where the run used up
+    max_steps), the evaluations of the augmented right-hand side (one network evaluation with its
+    JVPs each), and the standard error per example of the Hutchinson mean over probes
+    (std over probes / sqrt(num_probes); 0 for "exact", nan for one probe)."""
+
+    log_prob: jax.Array
+    nfe: jax.Array
+    stderr: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ELBO:
+    """What `elbo` returns (a pytree): the bound in nats per example and its three positive loss
+    terms, value = -(reconstruction + prior_kl + diffusion), each of shape (batch,)."""
+
+    value: jax.Array
+    reconstruction: jax.Array
+    prior_kl: jax.Array
+    diffusion: jax.Array
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,8 +185,7 @@ def log_likelihood(
     max_steps: int = 4096,
     t_min: float | None = None,
     t_max: float | None = None,
-    return_info: bool = False,
-):
+) -> LogLikelihood:
     """log p_{t_min}(x) in nats per example by the probability-flow ODE (FFJORD; score_sde).
 
     Integrates d/dt [x, delta] = [v(x, t), div v(x, t)] from (x, 0) at t_min to t_max, v the
@@ -180,12 +205,9 @@ def log_likelihood(
       rtol, atol, max_steps: error control of `dopri5`, on x and on delta (one step size for the
         batch, so results depend on the batch's other examples only within the tolerance).
       t_min, t_max: the integration range (default: the process's).
-      return_info: also return {"nfe": evaluations of the augmented right-hand side (one network
-        evaluation with its JVPs each), "stderr": standard error per example of the Hutchinson mean
-        over probes (std over probes / sqrt(num_probes); 0 for "exact", nan for one probe)}.
 
     Returns:
-      log p of shape (batch,) (nan for examples of a run that used up max_steps), or (log p, info).
+      a `LogLikelihood`: `.log_prob` of shape (batch,), `.nfe`, `.stderr`.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r:.100}; allowed: {list(DIVERGENCES)}")
@@ -216,15 +238,13 @@ def log_likelihood(
     t_end = process.t_from_log_snr(lams[1])  # t_max, unless its log-SNR was clipped
     per_probe = process.prior_logp(x_end, t_end)[:, None] + delta
     logp = jnp.where(solution.success, jnp.mean(per_probe, axis=1), jnp.nan)
-    if not return_info:
-        return logp
     if not hutchinson:
         stderr = jnp.zeros_like(logp)
     elif num_probes == 1:
         stderr = jnp.full_like(logp, jnp.nan)
     else:
         stderr = jnp.std(per_probe, axis=1, ddof=1) / math.sqrt(num_probes)
-    return logp, {"nfe": solution.nfe, "stderr": stderr}
+    return LogLikelihood(log_prob=logp, nfe=solution.nfe, stderr=stderr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,8 +289,7 @@ def elbo(
     num_times: int = 16,
     t_min: float | None = None,
     t_max: float | None = None,
-    return_info: bool = False,
-):
+) -> ELBO:
     """The continuous-time ELBO (Kingma et al. 2021, VDM: the T -> infinity bound), a lower bound on
     log p(x) in nats per example, for every Gaussian path (it depends on the path only through the
     log-SNR at its ends, VDM's invariance to the noise schedule):
@@ -289,8 +308,7 @@ def elbo(
     constant) and stratified; noise and times come from per-example keys.
 
     Returns:
-      the ELBO of shape (batch,), or (elbo, info) with info the three (positive) loss terms
-      {"reconstruction", "prior_kl", "diffusion"}, each of shape (batch,).
+      an `ELBO`: `.value` of shape (batch,) and its three loss terms.
     """
     check_count("num_times", num_times)
     process, t_min, t_max = _checked_inputs(denoiser, key, x, t_min, t_max)
@@ -306,9 +324,7 @@ def elbo(
     diffusion = _diffusion_loss(denoiser, x, key, lam_lo, lam_hi, num_times)
 
     value = -(reconstruction + prior_kl + diffusion)
-    if not return_info:
-        return value
-    return value, {"reconstruction": reconstruction, "prior_kl": prior_kl, "diffusion": diffusion}
+    return ELBO(value=value, reconstruction=reconstruction, prior_kl=prior_kl, diffusion=diffusion)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,8 +346,9 @@ def bits_per_dim(log_prob_fn: Callable, images: jax.Array, key: jax.Array):
 
     Args:
       log_prob_fn: `log_prob_fn(x, key) -> (batch,)` log-density in nats, e.g.
-        `functools.partial(log_likelihood, denoiser)` or `functools.partial(elbo, denoiser)` (a lower
-        bound on log p, hence a further upper bound on bpd).
+        `lambda x, key: log_likelihood(denoiser, x, key).log_prob` or
+        `lambda x, key: elbo(denoiser, x, key).value` (a lower bound on log p, hence a further upper
+        bound on bpd).
       images: integers of shape (batch, ...) in [0, 255] (e.g. uint8 NHWC).
       key: split into the dequantization noise and `log_prob_fn`'s key.
 
@@ -348,6 +365,11 @@ def bits_per_dim(log_prob_fn: Callable, images: jax.Array, key: jax.Array):
     u = jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(_per_example_keys(key_u, images))
     x = (images.astype(jnp.float32) + u) / 128.0 - 1.0
     logp = log_prob_fn(x, key_model)
+    if isinstance(logp, LogLikelihood | ELBO):
+        field = "log_prob" if isinstance(logp, LogLikelihood) else "value"
+        raise TypeError(
+            f"log_prob_fn must return an array of shape {shape[:1]}, got a {type(logp).__name__}: return its .{field}"
+        )
     if getattr(logp, "shape", None) != shape[:1]:
         raise ValueError(
             f"log_prob_fn must return one log-density per example, shape {shape[:1]}; "

@@ -2,7 +2,6 @@
 exact denoiser under every process, Hutchinson against the exact trace within its standard error,
 the ELBO against the exact density of the model it bounds, bits/dim of known densities, bad input."""
 
-import functools
 import math
 
 import jax
@@ -52,13 +51,13 @@ def test_exact_log_likelihood_matches_the_mixture_density(name):
     remains is mostly the prior's neglect of alpha(t_max) x0)."""
     process = ALL_PROCESSES[name]
     x = MIXTURE.sample(jax.random.key(1), 16)
-    run = jax.jit(lambda x, key: log_likelihood(MIXTURE.denoiser(process), x, key, return_info=True))
-    logp, info = run(x, jax.random.key(0))
+    run = jax.jit(lambda x, key: log_likelihood(MIXTURE.denoiser(process), x, key))
+    result = run(x, jax.random.key(0))
     exact = marginal_log_prob(MIXTURE, process, process.t_min, x)
-    error = np.abs(np.asarray(logp - exact)) / MIXTURE.dim
+    error = np.abs(np.asarray(result.log_prob - exact)) / MIXTURE.dim
     assert error.max() < 0.01, (name, error.max())
-    assert 1 < int(info["nfe"]) < 1000 and (int(info["nfe"]) - 1) % 6 == 0
-    np.testing.assert_array_equal(info["stderr"], 0.0)
+    assert 1 < int(result.nfe) < 1000 and (int(result.nfe) - 1) % 6 == 0
+    np.testing.assert_array_equal(result.stderr, 0.0)
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
@@ -66,24 +65,20 @@ def test_hutchinson_agrees_with_the_exact_trace_within_its_standard_error(probe)
     process = P.VP()
     denoiser = MIXTURE.denoiser(process)
     x = MIXTURE.sample(jax.random.key(2), 8)
-    exact = jax.jit(lambda x: log_likelihood(denoiser, x, jax.random.key(0)))(x)
-    run = jax.jit(
-        lambda x, key: log_likelihood(
-            denoiser, x, key, divergence="hutchinson", probe=probe, num_probes=128, return_info=True
-        )
-    )
-    estimate, info = run(x, jax.random.key(3))
-    stderr = np.asarray(info["stderr"])
+    exact = jax.jit(lambda x: log_likelihood(denoiser, x, jax.random.key(0)).log_prob)(x)
+    run = jax.jit(lambda x, key: log_likelihood(denoiser, x, key, divergence="hutchinson", probe=probe, num_probes=128))
+    estimate = run(x, jax.random.key(3))
+    stderr = np.asarray(estimate.stderr)
     assert np.all(np.isfinite(stderr)) and np.all(stderr > 1e-3), stderr  # the probes do vary
-    z = np.asarray(estimate - exact) / stderr
+    z = np.asarray(estimate.log_prob - exact) / stderr
     assert np.all(np.abs(z) < 4.0), z
 
 
 def test_running_out_of_steps_gives_nan_not_a_wrong_number():
     x = GAUSSIAN.sample(jax.random.key(4), 4)
-    run = jax.jit(lambda x, key: log_likelihood(GAUSSIAN.denoiser(P.EDM()), x, key, max_steps=3, return_info=True))
-    logp, info = run(x, jax.random.key(0))
-    assert np.all(np.isnan(logp)) and int(info["nfe"]) == 1 + 3 * 6
+    run = jax.jit(lambda x, key: log_likelihood(GAUSSIAN.denoiser(P.EDM()), x, key, max_steps=3))
+    result = run(x, jax.random.key(0))
+    assert np.all(np.isnan(result.log_prob)) and int(result.nfe) == 1 + 3 * 6
 
 
 def test_log_likelihood_on_image_shaped_data_and_bits_per_dim():
@@ -93,7 +88,8 @@ def test_log_likelihood_on_image_shaped_data_and_bits_per_dim():
     images = jnp.round((jnp.clip(MIXTURE.sample(jax.random.key(5), 8), -1, 1) + 1) * 127.5)
     images = images.astype(jnp.uint8).reshape(8, 2, 2, 1)
     key = jax.random.key(6)
-    ode = jax.jit(lambda im, k: bits_per_dim(functools.partial(log_likelihood, MIXTURE.denoiser(process)), im, k))
+    log_prob = lambda x, k: log_likelihood(MIXTURE.denoiser(process), x, k).log_prob  # noqa: E731
+    ode = jax.jit(lambda im, k: bits_per_dim(log_prob, im, k))
     exact_log_prob = lambda x, _: marginal_log_prob(MIXTURE, process, process.t_min, x)  # noqa: E731
     exact = jax.jit(lambda im, k: bits_per_dim(exact_log_prob, im, k))(images, key)
     got = ode(images, key)
@@ -118,7 +114,7 @@ def elbo_and_closed_form(process, num_points=8, replicas=512, num_times=64):
     N(z0; a0 x, sig0^2) N(z0; a0 mu, a0^2 s^2 + sig0^2), per dimension (up to the prior's
     neglect of alpha(t_max) x0)."""
     x = GAUSSIAN.sample(jax.random.key(7), num_points)
-    run = jax.jit(lambda x, key: elbo(GAUSSIAN.denoiser(process), x, key, num_times=num_times))
+    run = jax.jit(lambda x, key: elbo(GAUSSIAN.denoiser(process), x, key, num_times=num_times).value)
     values = np.asarray(run(jnp.repeat(x, replicas, axis=0), jax.random.key(8))).reshape(num_points, replicas)
 
     x, mu, s = (np.asarray(a, np.float64) for a in (x, GAUSSIAN.means[0], GAUSSIAN.stds[0]))
@@ -156,16 +152,16 @@ def test_elbo_equals_the_closed_form_bound_for_a_gaussian(process):
 def test_elbo_terms_and_batch_independence():
     process = P.VE()
     x = GAUSSIAN.sample(jax.random.key(9), 4)
-    run = jax.jit(lambda x, key: elbo(GAUSSIAN.denoiser(process), x, key, num_times=8, return_info=True))
-    value, terms = run(x, jax.random.key(0))
-    np.testing.assert_allclose(value, -(terms["reconstruction"] + terms["prior_kl"] + terms["diffusion"]), rtol=1e-6)
+    run = jax.jit(lambda x, key: elbo(GAUSSIAN.denoiser(process), x, key, num_times=8))
+    bound = run(x, jax.random.key(0))
+    np.testing.assert_allclose(bound.value, -(bound.reconstruction + bound.prior_kl + bound.diffusion), rtol=1e-6)
     # reconstruction term of the Gaussian decoder: D/2 log(2 pi e s0^2), s0 = sigma_min for VE
-    np.testing.assert_allclose(terms["reconstruction"], 0.5 * 2 * math.log(2 * math.pi * math.e * 0.01**2), rtol=1e-5)
+    np.testing.assert_allclose(bound.reconstruction, 0.5 * 2 * math.log(2 * math.pi * math.e * 0.01**2), rtol=1e-5)
     # prior KL of N(x, 50^2) from N(0, 50^2): |x|^2 / (2 50^2)
-    np.testing.assert_allclose(terms["prior_kl"], np.sum(np.asarray(x) ** 2, axis=1) / (2 * 50.0**2), rtol=1e-3)
-    assert np.all(terms["diffusion"] > 0)
-    np.testing.assert_allclose(run(x[:2], jax.random.key(0))[0], value[:2], rtol=1e-6)  # per-example keys
-    assert not np.allclose(run(x, jax.random.key(1))[0], value)
+    np.testing.assert_allclose(bound.prior_kl, np.sum(np.asarray(x) ** 2, axis=1) / (2 * 50.0**2), rtol=1e-3)
+    assert np.all(bound.diffusion > 0)
+    np.testing.assert_allclose(run(x[:2], jax.random.key(0)).value, bound.value[:2], rtol=1e-6)  # per-example keys
+    assert not np.allclose(run(x, jax.random.key(1)).value, bound.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +266,12 @@ def test_elbo_and_bits_per_dim_bad_input():
         bits_per_dim(uniform, jnp.zeros((4,), jnp.uint8), jax.random.key(0))
     with pytest.raises(ValueError, match="log_prob_fn must return one log-density per example, shape \\(4,\\)"):
         bits_per_dim(lambda x, key: jnp.zeros(()), jnp.zeros((4, 2), jnp.uint8), jax.random.key(0))
+    with pytest.raises(TypeError, match="got a LogLikelihood: return its .log_prob"):
+        bits_per_dim(
+            lambda x, key: log_likelihood(Denoiser(network, P.VP(), "eps"), x, key),
+            jnp.zeros((4, 2), jnp.uint8),
+            jax.random.key(0),
+        )
 
 
 def test_eps_network_at_alpha_zero_is_refused():

@@ -146,6 +146,60 @@ SELECTOR_KEYS = {
     "sample.grid": "sample.grid_options",
 }
 
+# Sampler names that were renamed (former -> current); loss renames are losses.FORMER_NAMES.
+FORMER_SAMPLER_NAMES = {"solver": {"edm": "edm_stochastic"}, "grid": {"flow": "flow_time"}}
+
+# Flat loss keys of configs written before the option dicts: key -> (the weighting or time
+# sampler it belonged to, its option dict, the option's name there).
+FORMER_LOSS_KEYS = {
+    "min_snr_gamma": ("weighting", "min_snr", "gamma"),
+    "sigmoid_bias": ("weighting", "sigmoid", "bias"),
+    "antithetic": ("time_sampler", "uniform", "antithetic"),
+    "lognormal_mean": ("time_sampler", "lognormal", "mean"),
+    "lognormal_std": ("time_sampler", "lognormal", "std"),
+    "logit_normal_mean": ("time_sampler", "logit_normal", "mean"),
+    "logit_normal_std": ("time_sampler", "logit_normal", "std"),
+}
+
+
+def upgrade_config_dict(stored: dict) -> tuple[dict, list[str]]:
+    """A config dict as an older diffjax stored it with a checkpoint, in today's keys and names:
+    (the upgraded copy, one line per change). Renamed losses, solvers and grids get their new
+    names; the flat loss keys (min_snr_gamma, lognormal_mean, ...) move into the option dict of
+    the weighting or time sampler they configured (and are dropped when that one is not selected);
+    keys added since get their defaults. A current config comes back unchanged, with no lines."""
+    config = copy.deepcopy(stored)
+    changes = []
+    loss = config.get("loss", {})
+    for key, renames in losses.FORMER_NAMES.items():
+        if isinstance(loss.get(key), str) and loss[key] in renames:
+            changes.append(f"loss.{key}: {loss[key]!r} -> {renames[loss[key]]!r}")
+            loss[key] = renames[loss[key]]
+    for key, (selector, name, option) in FORMER_LOSS_KEYS.items():
+        if key not in loss:
+            continue
+        value = loss.pop(key)
+        if loss.get(selector) == name:
+            loss.setdefault(f"{selector}_options", {})[option] = value
+            changes.append(f"loss.{key} -> loss.{selector}_options.{option}")
+        else:
+            changes.append(f"loss.{key} dropped (loss.{selector} is {loss.get(selector)!r}, not {name!r})")
+    sample = config.get("sample", {})
+    for key, renames in FORMER_SAMPLER_NAMES.items():
+        if isinstance(sample.get(key), str) and sample[key] in renames:
+            changes.append(f"sample.{key}: {sample[key]!r} -> {renames[sample[key]]!r}")
+            sample[key] = renames[sample[key]]
+    for key, (default, _) in CONFIG_KEYS.items():
+        *parents, leaf = key.split(".")
+        section = config
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        if leaf not in section:
+            section[leaf] = copy.deepcopy(default)
+            changes.append(f"{key} added with its default {default!r}")
+    return config, changes
+
+
 # Options of the "ddpm" process (a DiscreteVP made from linear betas by get_process).
 DDPM_OPTIONS = {"beta_start": 1e-4, "beta_end": 0.02, "num_steps": 1000}
 # Model fields that come from the data set (image size, channels, classes), not the config.
@@ -380,7 +434,9 @@ def validate_config(config) -> None:
             if sample[key]:
                 check_choice(key, sample[key], table)
         except ValueError as err:
-            raise ConfigError(f"config.sample: {err}") from err
+            former = FORMER_SAMPLER_NAMES[key].get(sample[key])
+            hint = f"; {sample[key]!r} is now called {former!r}" if former else ""
+            raise ConfigError(f"config.sample: {err}{hint}") from err
     _check_option_dicts(config)
 
     loss = config.loss

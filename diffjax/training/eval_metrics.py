@@ -7,7 +7,6 @@ the devices of this process (`diffjax.evaluation.extract_features`).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -122,10 +121,10 @@ def dataset_bits_per_dim(
     def bpd_batch(params, x, y, key):
         denoiser = likelihood_denoiser(run, params, y)
         if estimator == "elbo":
-            log_prob = functools.partial(likelihood.elbo, denoiser)
+            log_prob = lambda x, key: likelihood.elbo(denoiser, x, key).value  # noqa: E731
         else:
             divergence = "exact" if dim <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
-            log_prob = functools.partial(likelihood.log_likelihood, denoiser, divergence=divergence)
+            log_prob = lambda x, key: likelihood.log_likelihood(denoiser, x, key, divergence=divergence).log_prob  # noqa: E731
         return likelihood.bits_per_dim(log_prob, x, key)
 
     step = jax.jit(run.under_mesh(bpd_batch))

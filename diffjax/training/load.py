@@ -24,6 +24,7 @@ from diffjax.processes import GaussianProcess
 from diffjax.training import sharding as shard_lib
 from diffjax.training.build import network
 from diffjax.training.checkpoint import Checkpointer, CheckpointError, Restored
+from diffjax.training.config import upgrade_config_dict
 from diffjax.training.run import Run, build_run, checkpoint_steps, make_jitted_sampler, sharded_target
 
 __all__ = ["LoadedRun", "load_run", "restore_run", "read_run_metadata", "config_from_metadata"]
@@ -77,9 +78,14 @@ def _tuples(value):
 
 
 def config_from_metadata(metadata: dict) -> ml_collections.ConfigDict:
+    """The config stored with a checkpoint, in today's keys and names (an older run's renamed
+    losses, solvers and grids and its flat loss keys are translated, each change logged)."""
     if "config" not in metadata:
         raise CheckpointError("the checkpoint holds no config (written by a diffjax version before 0.1?)")
-    return ml_collections.ConfigDict(_tuples(metadata["config"]))
+    config, changes = upgrade_config_dict(_tuples(metadata["config"]))
+    for change in changes:
+        log.info("stored config upgraded: %s", change)
+    return ml_collections.ConfigDict(config)
 
 
 def _checkpoint_directory(workdir: str) -> tuple[str, list[int]]:
