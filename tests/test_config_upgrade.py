@@ -1,5 +1,8 @@
 """Configs stored with checkpoints by an older diffjax load under today's names and keys."""
 
+import json
+import os
+
 import pytest
 
 from diffjax import losses
@@ -62,3 +65,15 @@ def test_a_former_solver_name_in_a_new_config_is_named():
     config.sample.solver = "edm"
     with pytest.raises(ConfigError, match="'edm' is now called 'edm_stochastic'"):
         validate_config(config)
+
+
+def test_a_config_stored_by_an_older_version_validates():
+    """The config stored with the run behind the committed MNIST sample-quality table."""
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "config_2026_11_mnist.json")
+    with open(path) as f:
+        stored = json.load(f)["config"]
+    config = config_from_metadata({"config": stored})
+    validate_config(config)
+    assert config.loss.prediction == "edm_preconditioned"
+    assert _loss_option(config, "time_sampler", losses.TIME_SAMPLERS) == losses.LogNormal(mean=-1.2, std=1.2)
+    assert _loss_option(config, "weighting", losses.WEIGHTINGS) == losses.Constant()
