@@ -12,14 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
-from test_training import REPO, TINY_FLAGS, restore_final_state, tiny_config
+from test_training import REPO, SMALLEST_FLAGS, restore_final_state, smallest_config
 
 from diffjax.training import sharding as shard_lib
 from diffjax.training import train
 
 
 def mesh_config(shape, num_steps):
-    config = tiny_config(num_steps=num_steps)
+    """smallest_config on a mesh: its parameters carry every logical axis the rules map (conv
+    channels, embeddings, attention heads in the middle block, norms)."""
+    config = smallest_config(num_steps=num_steps)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     config.sample.num_samples = 8
     return config
@@ -132,7 +134,7 @@ def free_port() -> int:
 def run_processes(workdir, num_steps, port):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     flags = [
-        *TINY_FLAGS,
+        *SMALLEST_FLAGS,
         f"--config.train.num_steps={num_steps}",
         "--config.sample.num_samples=8",
         "--config.mesh.data=-1",
