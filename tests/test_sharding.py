@@ -57,6 +57,7 @@ def assert_same_training(reference, other):
 ONE_AXIS_MESHES = [pytest.param(shape, marks=pytest.mark.slow) for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1)]]
 
 
+@pytest.mark.xdist_group("single_device_run")
 @pytest.mark.parametrize("shape", [*ONE_AXIS_MESHES, (2, 2, 2)], ids=str)
 def test_mesh_training_matches_one_device(shape, single_device_run, tmp_path):
     workdir = str(tmp_path / "mesh")
@@ -113,6 +114,7 @@ def test_mesh_shape_resolution_and_errors():
         shard_lib.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
 
 
+@pytest.mark.xdist_group("single_device_run")
 @pytest.mark.slow  # default-run time: an end-to-end run of its own
 def test_checkpoint_restores_onto_a_different_mesh(single_device_run, tmp_path):
     """Saved with fsdp=8 after 2 steps, resumed with data=2, fsdp=4 for 2 more: the same as 4

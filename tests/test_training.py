@@ -269,6 +269,7 @@ def copy_of(workdir, tmp_path):
     return shutil.copytree(workdir, str(tmp_path / "run"))
 
 
+@pytest.mark.xdist_group("trained_run")
 def test_sample_and_eval_modes(trained_run, tmp_path, monkeypatch):
     workdir = copy_of(trained_run, tmp_path)
     config = trained_run_config()
@@ -346,6 +347,7 @@ def test_sample_without_checkpoint_is_a_clear_error_and_creates_nothing(tmp_path
     assert not workdir.exists()
 
 
+@pytest.mark.xdist_group("trained_run")
 def test_incompatible_checkpoint_is_refused_by_its_differing_fields(trained_run, tmp_path):
     workdir = copy_of(trained_run, tmp_path)
     other = trained_run_config()
@@ -360,6 +362,7 @@ def test_incompatible_checkpoint_is_refused_by_its_differing_fields(trained_run,
     assert rel_steps(workdir) == [2, 4]
 
 
+@pytest.mark.xdist_group("trained_run")
 def test_resuming_with_another_schedule_is_refused(trained_run, tmp_path):
     """A cosine schedule depends on train.num_steps: resuming with another length is refused,
     naming the old and new values (test_resume_continues_exactly resumes a constant schedule with
@@ -577,6 +580,7 @@ SMALLEST_FLAGS = [
 ]
 
 
+@pytest.mark.xdist_group("trained_run")
 def test_cli_samples_a_trained_run(trained_run, tmp_path):
     """--mode=sample on a trained run. The CLI's train mode runs to the end (exit 0, the summary,
     the final samples) in test_reliability.py's SIGTERM test."""
