@@ -73,9 +73,10 @@ def tiny_config(**train_overrides):
 
 
 def smallest_config(**train_overrides):
-    """tiny_config with a one-level U-Net (its middle block keeps one attention layer): for the
-    end-to-end tests of the loop, the checkpoints, the mesh and the command line, whose subject is
-    not the network's depth; it compiles in about half the time of tiny_config's."""
+    """tiny_config with a one-level U-Net (its middle block keeps an attention layer, so every
+    logical parameter axis is still there): for the end-to-end tests of the loop, the checkpoints,
+    the mesh and the command line, whose subject is not the network's depth. A smaller program
+    to compile: most of those tests' time."""
     config = tiny_config(**train_overrides)
     config.model.overrides.channel_mult = (1,)
     config.model.overrides.attn_resolutions = ()
