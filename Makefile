@@ -1,7 +1,8 @@
 # The two commands of the README. Both create (or reuse) a virtual environment in .venv and
 # install diffjax into it; nothing outside the repository is touched.
 #   make run    train the embedded default (8x8 digits, offline) and write samples to work/default
-#   make test   run the test suite (without the tests marked slow)
+#   make test   run the test suite (without the tests marked slow) in two worker processes
+#               (pytest-xdist: most of the run is single-threaded XLA compilation)
 #   make test-slow  run only the tests marked slow
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +25,7 @@ run: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow

@@ -157,20 +157,29 @@ def run_cli(*args, timeout=300):
     )
 
 
-@pytest.mark.parametrize(
-    "flag, message",
-    [
-        ("--config.train.num_stepz=3", "unknown config key 'train.num_stepz'; .*did you mean 'train.num_steps'\\?"),
-        ("--config.trian.num_steps=3", "unknown config key 'trian.num_steps'; .*did you mean 'train.num_steps'\\?"),
-        (
-            "--config.model.overrides.num_res_blockz=1",
-            "config.model.overrides: unknown option 'num_res_blockz' for model preset 'unet-small' "
-            "\\(did you mean 'num_res_blocks'\\?\\)",
-        ),
-    ],
-)
-def test_config_typos_give_one_line_with_the_nearest_key(flag, message, tmp_path):
-    done = run_cli(f"--workdir={tmp_path / 'run'}", flag)
+CONFIG_TYPOS = [
+    ("train.num_stepz", "3", "unknown config key 'train.num_stepz'; .*did you mean 'train.num_steps'\\?"),
+    ("trian.num_steps", "3", "unknown config key 'trian.num_steps'; .*did you mean 'train.num_steps'\\?"),
+    (
+        "model.overrides.num_res_blockz",
+        "1",
+        "config.model.overrides: unknown option 'num_res_blockz' for model preset 'unet-small' "
+        "\\(did you mean 'num_res_blocks'\\?\\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("key, value, message", CONFIG_TYPOS, ids=[key for key, _, _ in CONFIG_TYPOS])
+def test_config_typos_name_the_nearest_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(apply_overrides(_module("default").get_config(), [(key, value)]))
+
+
+def test_config_typo_on_the_command_line_is_one_line(tmp_path):
+    """What the CLI prints for any ConfigError (test_config_typos_name_the_nearest_key checks each
+    message): one line on stderr, exit status 2, nothing written."""
+    key, value, message = CONFIG_TYPOS[2]
+    done = run_cli(f"--workdir={tmp_path / 'run'}", f"--config.{key}={value}")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("diffjax: error: "), done.stderr[-2000:]

@@ -266,6 +266,7 @@ def test_preprocess_scaling_and_grayscale():
     np.testing.assert_allclose(raw[1], tf[1] + 0.3 / 128, atol=1e-5)
 
 
+@pytest.mark.xdist_group("inception_random_params")
 @pytest.mark.parametrize(
     "images,kwargs,match",
     [
@@ -289,6 +290,7 @@ def test_bad_images_raise_clear_errors(random_params, images, kwargs, match):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("inception_random_params")
 def test_params_structure_is_validated(random_params):
     params = jax.tree.map(lambda x: x, random_params)  # fresh dicts, same leaves
     ev.validate_params(params)
@@ -301,6 +303,7 @@ def test_params_structure_is_validated(random_params):
         ev.validate_params(params)
 
 
+@pytest.mark.xdist_group("inception_random_params")
 def test_inception_pool_shapes_and_size_limit(random_params):
     params = random_params
     out = jax.jit(ev.inception_pool)(params, jnp.zeros((2, 75, 75, 3)))
@@ -317,6 +320,7 @@ def small_setup(random_params):
     return params, images, direct
 
 
+@pytest.mark.xdist_group("inception_random_params")
 def test_extract_features_sharded_equals_single_device(small_setup):
     params, images, direct = small_setup
     assert jax.device_count() == 8, "tests/conftest.py sets up 8 CPU devices"
@@ -333,6 +337,7 @@ def test_extract_features_sharded_equals_single_device(small_setup):
     np.testing.assert_allclose(uneven, direct, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.xdist_group("inception_random_params")
 def test_extract_features_on_a_2d_mesh(small_setup):
     params, images, direct = small_setup
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ("batch", "model"))
@@ -342,6 +347,7 @@ def test_extract_features_on_a_2d_mesh(small_setup):
         ev.extract_features(params, images, size=75, progress=False, mesh=mesh)
 
 
+@pytest.mark.xdist_group("inception_random_params")
 def test_reference_statistics_are_cached_atomically(small_setup, tmp_path):
     params, images, direct = small_setup
     calls = []

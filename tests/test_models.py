@@ -137,6 +137,7 @@ def test_overrides_accept_lists_and_dtypes():
     hash(cfg)  # configs stay hashable (they are static attributes of the modules)
 
 
+@pytest.mark.xdist_group("tiny_models")
 def test_input_errors(tiny):
     model, _, _ = tiny["dit"]
     x, t, y = _inputs(model.cfg)
@@ -278,6 +279,7 @@ def test_xla_cost_analysis_agrees_with_counted_macs(name):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("tiny_models")
 @pytest.mark.parametrize("name", list(TINY))
 def test_output_shape_dtype_and_labels(tiny, name):
     model, apply, params = tiny[name]
@@ -294,6 +296,7 @@ def test_output_shape_dtype_and_labels(tiny, name):
     assert float(jnp.max(jnp.abs(apply(params, x, t + 0.5, y) - out))) > 1e-4
 
 
+@pytest.mark.xdist_group("tiny_models")
 def test_examples_are_independent(tiny):
     model, apply, params = tiny["dit"]
     x, t, y = _inputs(model.cfg, batch=3)
@@ -377,6 +380,7 @@ def test_scanned_dit_program_size_is_flat_in_depth(scan_layers):
         assert num_eqns(12) > num_eqns(2)
 
 
+@pytest.mark.xdist_group("tiny_models")
 @pytest.mark.parametrize("name", list(TINY))
 def test_models_hold_only_parameters(tiny, name):
     model = tiny[name][0]
@@ -420,12 +424,14 @@ def _reference_dit(p, cfg, x, t, y):
     return out.reshape(b, h, w, c)
 
 
+@pytest.mark.xdist_group("tiny_models")
 def test_dit_matches_a_direct_transcription_of_the_paper(tiny):
     model, apply, params = tiny["dit"]
     x, t, y = _inputs(model.cfg)
     np.testing.assert_allclose(apply(params, x, t, y), _reference_dit(params, model.cfg, x, t, y), atol=2e-5)
 
 
+@pytest.mark.xdist_group("tiny_models")
 def test_scan_and_unrolled_dit_agree(tiny):
     model, apply, params = tiny["dit"]
     _, apply_unrolled, params_unrolled = _tiny("dit", scan_layers=False)
@@ -434,6 +440,7 @@ def test_scan_and_unrolled_dit_agree(tiny):
     np.testing.assert_allclose(apply(params, x, t, y), apply_unrolled(params, x, t, y), atol=1e-5)
 
 
+@pytest.mark.xdist_group("tiny_models")
 @pytest.mark.parametrize("name", ["dit", "adm"])
 def test_bf16_compute_tracks_f32(tiny, name):
     model, apply, params = tiny[name]
@@ -447,6 +454,7 @@ def test_bf16_compute_tracks_f32(tiny, name):
     assert 0 < rel < 3e-2, rel  # bf16 really is used, and stays close
 
 
+@pytest.mark.xdist_group("tiny_models")
 def test_dropout_uses_call_time_key(tiny):
     model, apply, params = tiny["adm"]
     x, t, y = _inputs(model.cfg)
@@ -457,6 +465,7 @@ def test_dropout_uses_call_time_key(tiny):
     assert float(jnp.max(jnp.abs(a - c))) > 1e-4 and float(jnp.max(jnp.abs(a - eval_out))) > 1e-4
 
 
+@pytest.mark.xdist_group("tiny_models")
 @pytest.mark.parametrize("name, policy", [("dit", "full"), pytest.param("adm", "dots", marks=pytest.mark.slow)])
 def test_remat_gives_the_same_gradients(tiny, name, policy):
     model, apply, params = tiny[name]
@@ -470,6 +479,7 @@ def test_remat_gives_the_same_gradients(tiny, name, policy):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.xdist_group("tiny_models")
 def test_attention_goes_through_kernels(monkeypatch, tiny):
     from diffjax import kernels
 
@@ -531,6 +541,7 @@ def _check_specs(model):
     return specs
 
 
+@pytest.mark.xdist_group("tiny_models")
 @pytest.mark.parametrize("name", list(TINY))
 def test_logical_specs_cover_every_param(tiny, name):
     _check_specs(tiny[name][0])
@@ -554,6 +565,7 @@ def _mesh_222():
     return jax.make_mesh((2, 2, 2), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+@pytest.mark.xdist_group("tiny_models")
 def test_sharded_forward_matches_single_device(tiny):
     # Parameters sharded by their logical names, activations constrained under the rules. The batch
     # goes over "data" only: over ("data", "fsdp") XLA CPU miscompiles (see the repro below).

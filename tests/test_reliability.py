@@ -36,9 +36,15 @@ def one_device(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
 
 
+# the one-level U-Net of test_training.smallest_config: the network is not what these tests are about
+SMALLEST_MODEL = {"model.overrides.channel_mult": (1,), "model.overrides.attn_resolutions": ()}
+
+
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, one_device):
+    """SIGTERM: the step finishes, the checkpoint is saved, exit 0; the restarted CLI resumes there
+    and trains to the end (exit 0, its summary, the final samples: the CLI's train mode)."""
     workdir = str(tmp_path / "run")
-    long_run = {"train.num_steps": 1000, "train.checkpoint_every": 1000}
+    long_run = {**SMALLEST_MODEL, "train.num_steps": 1000, "train.checkpoint_every": 1000}
     proc = rel.start(workdir, long_run)
     assert rel.wait_until(lambda: rel.last_logged_step(workdir) >= 2, proc, poll=0.01)
     observed = rel.last_logged_step(workdir)
@@ -49,8 +55,11 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, one_device)
     assert step >= observed and f"stopped by signal SIGTERM at step {step}; checkpoint saved" in out
     assert '"stopped_by": "signal SIGTERM"' in out
 
-    assert rel.run_to_end(workdir, {"train.num_steps": step + 1}) == 0
-    assert rel.resumed_steps(rel.output(workdir)) == [step]
+    assert rel.run_to_end(workdir, {**SMALLEST_MODEL, "train.num_steps": step + 1}) == 0
+    restarted = rel.output(workdir)[len(out) :]
+    assert rel.resumed_steps(restarted) == [step]
+    assert f'"step": {step + 1}' in restarted and f"diffjax: outputs in {workdir}" in restarted
+    assert os.path.exists(os.path.join(workdir, "samples", f"step_{step + 1:07d}.png"))
     _, data_state, final_step = rel.final_checkpoint(workdir)
     assert final_step == step + 1 and data_state["next_batch"] == step + 1  # the data position went on
 

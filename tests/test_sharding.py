@@ -12,14 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
-from test_training import REPO, TINY_FLAGS, restore_final_state, tiny_config
+from test_training import REPO, SMALLEST_FLAGS, restore_final_state, smallest_config
 
 from diffjax.training import sharding as shard_lib
 from diffjax.training import train
 
 
 def mesh_config(shape, num_steps):
-    config = tiny_config(num_steps=num_steps)
+    """smallest_config on a mesh: its parameters carry every logical axis the rules map (conv
+    channels, embeddings, attention heads in the middle block, norms)."""
+    config = smallest_config(num_steps=num_steps)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     config.sample.num_samples = 8
     return config
@@ -55,6 +57,7 @@ def assert_same_training(reference, other):
 ONE_AXIS_MESHES = [pytest.param(shape, marks=pytest.mark.slow) for shape in [(8, 1, 1), (2, 4, 1), (1, 8, 1)]]
 
 
+@pytest.mark.xdist_group("single_device_run")
 @pytest.mark.parametrize("shape", [*ONE_AXIS_MESHES, (2, 2, 2)], ids=str)
 def test_mesh_training_matches_one_device(shape, single_device_run, tmp_path):
     workdir = str(tmp_path / "mesh")
@@ -111,6 +114,7 @@ def test_mesh_shape_resolution_and_errors():
         shard_lib.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
 
 
+@pytest.mark.xdist_group("single_device_run")
 @pytest.mark.slow  # default-run time: an end-to-end run of its own
 def test_checkpoint_restores_onto_a_different_mesh(single_device_run, tmp_path):
     """Saved with fsdp=8 after 2 steps, resumed with data=2, fsdp=4 for 2 more: the same as 4
@@ -132,7 +136,7 @@ def free_port() -> int:
 def run_processes(workdir, num_steps, port):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     flags = [
-        *TINY_FLAGS,
+        *SMALLEST_FLAGS,
         f"--config.train.num_steps={num_steps}",
         "--config.sample.num_samples=8",
         "--config.mesh.data=-1",

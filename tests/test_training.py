@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -68,6 +69,17 @@ def tiny_config(**train_overrides):
     config.eval.fid = False
     for key, value in train_overrides.items():
         config.train[key] = value
+    return config
+
+
+def smallest_config(**train_overrides):
+    """tiny_config with a one-level U-Net (its middle block keeps an attention layer, so every
+    logical parameter axis is still there): for the end-to-end tests of the loop, the checkpoints,
+    the mesh and the command line, whose subject is not the network's depth. A smaller program
+    to compile: most of those tests' time."""
+    config = tiny_config(**train_overrides)
+    config.model.overrides.channel_mult = (1,)
+    config.model.overrides.attn_resolutions = ()
     return config
 
 
@@ -214,17 +226,17 @@ def restore_final_state(config, workdir, devices=None):
 
 def test_resume_continues_exactly(tmp_path):
     """Stopping after 4 steps and restarting gives bit-identical state, optimizer state and data
-    position to an uninterrupted 8-step run."""
+    position to an uninterrupted 8-step run (a constant schedule resumes with another length)."""
     straight = str(tmp_path / "straight")
-    train(tiny_config(num_steps=8), straight)
+    train(smallest_config(num_steps=8), straight)
 
     resumed = str(tmp_path / "resumed")
-    first = train(tiny_config(num_steps=4), resumed)
+    first = train(smallest_config(num_steps=4), resumed)
     assert first["step"] == 4
-    second = train(tiny_config(num_steps=8), resumed)
+    second = train(smallest_config(num_steps=8), resumed)
     assert second["step"] == 8
 
-    a, b = restore_final_state(tiny_config(), straight), restore_final_state(tiny_config(), resumed)
+    a, b = restore_final_state(smallest_config(), straight), restore_final_state(smallest_config(), resumed)
     assert a.step == b.step == 8
     for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -235,10 +247,33 @@ def test_resume_continues_exactly(tmp_path):
     assert os.path.exists(os.path.join(resumed, "samples", "step_0000008.png"))
 
 
-def test_sample_and_eval_modes(tmp_path, monkeypatch):
-    workdir = str(tmp_path / "run")
-    config = tiny_config(num_steps=4)
-    train(config, workdir)
+def trained_run_config():
+    """The config of the shared `trained_run`: smallest_config, 4 steps with a cosine schedule (whose
+    length a resume may not change), checkpoints at steps 2 and 4."""
+    config = smallest_config(num_steps=4, checkpoint_every=2)
+    config.optim.schedule = "cosine"
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short run, trained once, for the tests that need a trained run but not their own training
+    (sample and eval modes, load_run, the CLI's sample mode, refused resumes). They work on a copy
+    (`copy_of`), so that none sees another's outputs."""
+    workdir = str(tmp_path_factory.mktemp("trained_run") / "run")
+    summary = train(trained_run_config(), workdir)
+    assert summary["step"] == 4 and rel_steps(workdir) == [2, 4]
+    return workdir
+
+
+def copy_of(workdir, tmp_path):
+    return shutil.copytree(workdir, str(tmp_path / "run"))
+
+
+@pytest.mark.xdist_group("trained_run")
+def test_sample_and_eval_modes(trained_run, tmp_path, monkeypatch):
+    workdir = copy_of(trained_run, tmp_path)
+    config = trained_run_config()
     out = sample_from_checkpoint(config, workdir)
     images = np.load(out["npz"])["images"]
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
@@ -260,7 +295,7 @@ def test_sample_and_eval_modes(tmp_path, monkeypatch):
     run = namespace["run"]
     assert os.path.exists(tmp_path / "grid.png") and namespace["images"].shape == (16, 8, 8, 1)
     assert run.step == 4 and run.config.model.overrides.model_channels == 8 and run.image_shape == (8, 8, 1)
-    assert tuple(run.config.model.overrides.channel_mult) == (1, 2)
+    assert tuple(run.config.model.overrides.channel_mult) == (1,) and run.config.optim.schedule == "cosine"
     # the loaded parameters are the checkpoint's, and its denoiser is EDM-preconditioned (x0-prediction)
     monkeypatch.undo()
     restored = restore_final_state(config, workdir)
@@ -313,10 +348,10 @@ def test_sample_without_checkpoint_is_a_clear_error_and_creates_nothing(tmp_path
     assert not workdir.exists()
 
 
-def test_incompatible_checkpoint_is_refused_by_its_differing_fields(tmp_path):
-    workdir = str(tmp_path / "run")
-    train(tiny_config(num_steps=2, checkpoint_every=2), workdir)
-    other = tiny_config(num_steps=4)
+@pytest.mark.xdist_group("trained_run")
+def test_incompatible_checkpoint_is_refused_by_its_differing_fields(trained_run, tmp_path):
+    workdir = copy_of(trained_run, tmp_path)
+    other = trained_run_config()
     other.model.overrides.model_channels = 16
     with pytest.raises(CheckpointError, match="incompatible config.*model") as error:
         train(other, workdir)
@@ -325,19 +360,20 @@ def test_incompatible_checkpoint_is_refused_by_its_differing_fields(tmp_path):
     assert "norm_groups" not in message and len(message) < 400  # the differing field only
     with pytest.raises(CheckpointError, match="model.overrides.model_channels: 8 -> 16"):
         sample_from_checkpoint(other, workdir)
+    assert rel_steps(workdir) == [2, 4]
 
 
-def test_resuming_with_another_schedule_is_refused(tmp_path):
+@pytest.mark.xdist_group("trained_run")
+def test_resuming_with_another_schedule_is_refused(trained_run, tmp_path):
     """A cosine schedule depends on train.num_steps: resuming with another length is refused,
-    naming the old and new values; a constant schedule resumes with any length."""
-    workdir = str(tmp_path / "run")
-    config = tiny_config(num_steps=2, checkpoint_every=2)
-    config.optim.schedule = "cosine"
-    train(config, workdir)
-    config.train.num_steps = 4
-    with pytest.raises(CheckpointError, match="learning-rate schedule.*train.num_steps: 2 -> 4"):
+    naming the old and new values (test_resume_continues_exactly resumes a constant schedule with
+    another length)."""
+    workdir = copy_of(trained_run, tmp_path)
+    config = trained_run_config()
+    config.train.num_steps = 6
+    with pytest.raises(CheckpointError, match="learning-rate schedule.*train.num_steps: 4 -> 6"):
         train(config, workdir)
-    assert rel_steps(workdir) == [2]
+    assert rel_steps(workdir) == [2, 4]
 
 
 def rel_steps(workdir):
@@ -537,22 +573,30 @@ def run_cli(*args):
     )
 
 
-def test_cli_train_then_sample(tmp_path):
-    workdir = str(tmp_path / "cli")
-    done = run_cli(f"--workdir={workdir}", *TINY_FLAGS)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert '"step": 3' in done.stdout and "outputs in" in done.stdout
-    sampled = run_cli(f"--workdir={workdir}", "--mode=sample", *TINY_FLAGS)
+# smallest_config() as command-line flags
+SMALLEST_FLAGS = [
+    *TINY_FLAGS,
+    "--config.model.overrides.channel_mult=(1,)",
+    "--config.model.overrides.attn_resolutions=()",
+]
+
+
+@pytest.mark.xdist_group("trained_run")
+def test_cli_samples_a_trained_run(trained_run, tmp_path):
+    """--mode=sample on a trained run. The CLI's train mode runs to the end (exit 0, the summary,
+    the final samples) in test_reliability.py's SIGTERM test."""
+    workdir = copy_of(trained_run, tmp_path)
+    sampled = run_cli(f"--workdir={workdir}", "--mode=sample", *SMALLEST_FLAGS)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
-    assert os.path.exists(os.path.join(workdir, "samples", "sample_step_0000003.png"))
+    assert '"step": 4' in sampled.stdout and "outputs in" in sampled.stdout
+    assert os.path.exists(os.path.join(workdir, "samples", "sample_step_0000004.png"))
 
 
 def test_cli_reports_bad_values_clearly(tmp_path):
+    """(An unknown key on the command line: test_configs.py's typo tests.)"""
     done = run_cli(f"--workdir={tmp_path}", "--config.process.name=vpp")
     assert done.returncode == 2
     assert "config.process.name = 'vpp' is not allowed" in done.stderr
-    unknown = run_cli(f"--workdir={tmp_path}", "--config.train.num_stepz=3")
-    assert unknown.returncode != 0 and "num_stepz" in unknown.stderr
 
 
 def test_inception_download_is_announced_with_size_and_destination(tmp_path, monkeypatch, caplog):
