@@ -20,7 +20,7 @@ import pytest
 
 from diffjax.denoisers import Denoiser
 from diffjax.processes import DiscreteVP
-from diffjax.samplers import SOLVERS, Times, sample
+from diffjax.samplers import SOLVERS, Karras, LogSNR, Times, sample
 from diffjax.validation import build_named
 
 FIXTURES = Path(__file__).parent / "fixtures" / "peers"
@@ -141,6 +141,21 @@ def test_the_other_convention_misses(denoiser, case, change):
     fixture = load(case)
     rel = relative_difference(run(denoiser, fixture, **change).samples, fixture["reference"])
     assert np.median(rel) > 20 * TOLERANCE, f"{case} with {change}: median relative difference {np.median(rel):.2e}"
+
+
+@pytest.mark.parametrize("case, grid", [("dpm++2m_karras_8", Karras()), ("dpm++2m_lu_6", LogSNR())])
+def test_our_named_grids_are_diffusers_karras_sigmas_and_lu_lambdas(denoiser, case, grid):
+    """Karras(rho=7) and LogSNR() over the process's whole range, with N - 1 steps, are the N nonzero
+    nodes of diffusers' use_karras_sigmas / use_lu_lambdas (which then append sigma = 0). Tolerance:
+    diffusers' small noise levels inherit the float32 rounding of its alphas_cumprod, which
+    1 - alphas_cumprod magnifies near alpha = 1 (worst at sigma_min); ours come from log1p of the
+    betas."""
+    fixture = load(case)
+    process = denoiser.process
+    nodes = fixture["grid_sigmas"][:-1] / fixture["grid_alphas"][:-1]  # noise levels sigma/alpha
+    ts = grid(process, nodes.size - 1, process.t_min, process.t_max)  # float32 throughout
+    ours = np.asarray(process.sigma(ts), np.float64) / np.asarray(process.alpha(ts), np.float64)
+    np.testing.assert_allclose(ours, nodes, rtol=2e-4)
 
 
 def test_fixtures_are_all_checked():
