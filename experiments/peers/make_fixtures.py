@@ -31,7 +31,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from diffjax.denoisers import Denoiser
-from diffjax.samplers import DDIM, SOLVERS, Times, sample
+from diffjax.samplers import DDIM, SOLVERS, Karras, LogSNR, Times, sample
 from diffjax.validation import build_named
 from experiments.benchmarks.common import markdown_table, write_results
 from experiments.peers import diffusers_schedulers as peers
@@ -177,6 +177,21 @@ def make_case(case: str, params: dict, process, denoiser) -> dict:
     }
 
 
+def grid_agreement(process, nodes: int = 10) -> tuple[list, dict]:
+    """Karras() and LogSNR() against diffusers' karras sigmas and Lu lambdas (DPM-Solver++ settings)."""
+    rows, records = [], {}
+    zero = lambda x, a, s: np.zeros_like(x)  # noqa: E731  (only the grid is read)
+    for setting, grid in (("dpm++2m_karras", Karras()), ("dpm++2m_lu", LogSNR())):
+        probe = peers.run_setting(setting, zero, np.zeros((1, DIM)), nodes)
+        theirs = probe.grid_sigmas[:-1] / probe.grid_alphas[:-1]
+        ts = grid(process, theirs.size - 1, process.t_min, process.t_max)
+        ours = np.asarray(process.sigma(ts), np.float64) / np.asarray(process.alpha(ts), np.float64)
+        worst = float(np.max(np.abs(ours / theirs - 1.0)))
+        records[setting] = worst
+        rows.append([f"`{setting}`", theirs.size, f"`{grid!r}`", f"{worst:.1e}"])
+    return rows, records
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), help=f"subset of {list(CASES)}")
@@ -214,6 +229,8 @@ def main(argv=None) -> None:
     table = markdown_table(
         ["diffusers setting", "NFE", "diffjax solver (options)", "max rel. diff", "median rel. diff"], rows
     )
+    grid_rows, grid_records = grid_agreement(process)
+    grid_table = markdown_table(["diffusers grid", "nodes", "diffjax grid", "max rel. diff of sigma/alpha"], grid_rows)
     markdown = (
         "# Faithfulness to diffusers 0.42.1\n\n"
         "Our solvers on diffusers' grid (mapped onto our DiscreteVP of the same 1000-step linear chain),"
@@ -221,13 +238,18 @@ def main(argv=None) -> None:
         f" closed-form denoiser; {BATCH} samples. Relative difference per sample ||ours - diffusers|| /"
         " ||diffusers||; ours runs in float32, diffusers in float64 on its float32 grid.\n"
         "Made by `python -m experiments.peers.make_fixtures`; checked by tests/test_faithfulness.py.\n\n"
-        f"{table}\n"
+        f"{table}\n\n"
+        "Our named grids over the whole range with N - 1 steps against diffusers' N nonzero nodes (the"
+        " difference is largest at sigma_min, where diffusers' float32 alphas_cumprod loses digits in"
+        " 1 - alphas_cumprod):\n\n"
+        f"{grid_table}\n"
     )
     import diffusers  # the peers extra
     import torch
 
     versions = {"diffusers": diffusers.__version__, "torch": torch.__version__}
-    path = write_results("faithfulness", {"peers": versions, "cases": records, "batch": BATCH, "dim": DIM}, markdown)
+    payload = {"peers": versions, "cases": records, "grids": grid_records, "batch": BATCH, "dim": DIM}
+    path = write_results("faithfulness", payload, markdown)
     print(markdown)
     print(f"wrote {path} and {len(args.cases)} fixtures under {FIXTURES}")
 
