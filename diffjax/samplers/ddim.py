@@ -52,7 +52,17 @@ def ddim_data_form(process, x, x0, t, s, noise_rate=0.0, noise=None):
 @dataclasses.dataclass(frozen=True)
 class DDIM(Solver):
     """DDIM (Song, Meng & Ermon 2021). eta = 0: deterministic (the first-order exponential
-    integrator of the probability-flow ODE); eta = 1: ancestral sampling. 1 NFE per step."""
+    integrator of the probability-flow ODE); eta = 1: ancestral sampling. 1 NFE per step.
+
+    Against diffusers (eta = 0): its DDIMScheduler with set_alpha_to_one ends with a step into
+    alpha = 1, i.e. the x0 prediction at its last timestep, which is `sample(...,
+    denoise_final=True)` on its N timesteps as an explicit grid (N - 1 steps). It steps from
+    timestep t to t - T // N (T training steps), which with "trailing" spacing is its next
+    timestep only when N divides T; otherwise no grid reproduces it. Its default
+    clip_sample=True clamps x0 to [-1, 1]; nothing here clips. Its EulerDiscreteScheduler (Euler in
+    the noise level sigma/alpha on x/alpha, s_churn = 0) is this same step: DDIM on its nonzero
+    sigmas with denoise_final=True reproduces it. eta > 0 was not compared.
+    """
 
     eta: float = 0.0
 

@@ -17,7 +17,11 @@ __all__ = ["Euler", "EulerMaruyama"]
 @dataclasses.dataclass(frozen=True)
 class Euler(Solver):
     """Euler on the probability-flow ODE dx/dt = f x - g^2/2 score = alpha' x0 + sigma' eps.
-    1 NFE per step; first order."""
+    1 NFE per step; first order.
+
+    This is Euler in the process's time t. diffusers' EulerDiscreteScheduler is Euler in the noise
+    level sigma/alpha on x/alpha instead, which is `DDIM()` (see there), not this solver.
+    """
 
     def step(self, denoiser, x, state, t, t_next, key):
         return x + (t_next - t) * denoiser.velocity(x, t), state

@@ -40,7 +40,8 @@ def noise_level(process, t):
 @dataclasses.dataclass(frozen=True)
 class Heun(Solver):
     """Heun's method (explicit trapezoid) on the probability-flow ODE dx/dt = alpha' x0 + sigma' eps
-    in the process's t. 2 NFE per step; second order."""
+    in the process's t. 2 NFE per step; second order. diffusers' HeunDiscreteScheduler is Heun in
+    the noise level sigma/alpha, i.e. `EDMHeun` (see there), not this solver."""
 
     nfe_per_step: ClassVar[int] = 2
 
@@ -69,6 +70,11 @@ class EDMHeun(Solver):
     EDM noise level s = sigma/alpha (not in the process's t, unlike `Heun`). 2 NFE per step; second
     order. Where alpha(t_max) = 0 (flow matching, cosine) s is infinite at the start, so the first
     step is an Euler step (1 NFE), mirroring EDM's Euler step into s = 0.
+
+    Against diffusers' HeunDiscreteScheduler (s_churn-free, prediction via x0): its N steps make
+    2N - 1 network calls, the last step into sigma = 0 being an Euler step, which returns the x0
+    prediction at its last nonzero sigma; that is `sample(..., denoise_final=True)` on its N
+    nonzero sigmas (N - 1 steps) here, with the same count of calls.
     """
 
     nfe_per_step: ClassVar[int] = 2
