@@ -229,7 +229,9 @@ def _gaussian_problem(noise):
 
 
 def _errors(method, obs, n=6000, steps=200, **kw):
-    result = Po.posterior_sample(PRIOR.denoiser(PROCESS), obs, jax.random.key(3), method, num_samples=n, steps=steps, **kw)
+    result = Po.posterior_sample(
+        PRIOR.denoiser(PROCESS), obs, jax.random.key(3), method, num_samples=n, steps=steps, **kw
+    )
     return result
 
 
@@ -282,9 +284,21 @@ def _counting_denoiser():
 @pytest.mark.parametrize(
     "make, error, match",
     [
-        (lambda: O.Observation(O.random_projection((4,), 2), jnp.zeros((1, 3)), 0.1), ValueError, "per-example shape \\(2,\\)"),
-        (lambda: O.Observation(O.random_projection((4,), 2), jnp.zeros((1, 2)), -0.1), ValueError, "noise_std must be >= 0"),
-        (lambda: O.measure(O.colorization((4, 4, 3)), jax.random.key(0), jnp.zeros((2, 4, 4, 1))), ValueError, "in_shape|per-example shape \\(4, 4, 3\\)"),
+        (
+            lambda: O.Observation(O.random_projection((4,), 2), jnp.zeros((1, 3)), 0.1),
+            ValueError,
+            "per-example shape \\(2,\\)",
+        ),
+        (
+            lambda: O.Observation(O.random_projection((4,), 2), jnp.zeros((1, 2)), -0.1),
+            ValueError,
+            "noise_std must be >= 0",
+        ),
+        (
+            lambda: O.measure(O.colorization((4, 4, 3)), jax.random.key(0), jnp.zeros((2, 4, 4, 1))),
+            ValueError,
+            "in_shape|per-example shape \\(4, 4, 3\\)",
+        ),
         (lambda: O.super_resolution((6, 6, 1), 4), ValueError, "factor 4 must divide the image size 6 x 6"),
         (lambda: O.box_inpainting((4, 4, 1), 3, 0, 2, 2), ValueError, "leaves the image"),
         (lambda: O.random_inpainting((4, 4, 1), 1.5), ValueError, "fraction_observed must lie in"),
@@ -310,9 +324,24 @@ def test_bad_operator_input(make, error, match):
             {},
             "singular value decomposition",
         ),
-        (Po.PiGDM(), O.Observation(O.random_projection((4,), 2), jnp.zeros((3, 2)), 0.1), dict(num_samples=5), "num_samples=5"),
-        (Po.DPS(normalize=False), O.Observation(O.random_projection((4,), 2), jnp.zeros((1, 2)), 0.0), {}, "noise_std > 0"),
-        (Po.DDRM(), O.Observation(O.random_projection((4,), 2), jnp.zeros((1, 2)), 0.1), dict(solver=Po.DDIM()), "pass solver=None"),
+        (
+            Po.PiGDM(),
+            O.Observation(O.random_projection((4,), 2), jnp.zeros((3, 2)), 0.1),
+            dict(num_samples=5),
+            "num_samples=5",
+        ),
+        (
+            Po.DPS(normalize=False),
+            O.Observation(O.random_projection((4,), 2), jnp.zeros((1, 2)), 0.0),
+            {},
+            "noise_std > 0",
+        ),
+        (
+            Po.DDRM(),
+            O.Observation(O.random_projection((4,), 2), jnp.zeros((1, 2)), 0.1),
+            dict(solver=Po.DDIM()),
+            "pass solver=None",
+        ),
     ],
 )
 def test_bad_posterior_input_is_refused_before_the_network_runs(method, obs, kwargs, match):

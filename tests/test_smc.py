@@ -63,7 +63,14 @@ def test_effective_sample_size():
 def _run(n, twist, potential="difference", key=0, steps=STEPS, log_potential=None, scale=1.0):
     lp = log_potential or Pa.measurement_log_potential(OBS, data_std=0.6, process=PROCESS)
     return Pa.smc(
-        PRIOR.denoiser(PROCESS), jax.random.key(key), (n, 2), lp, steps=steps, twist=twist, potential=potential, scale=scale
+        PRIOR.denoiser(PROCESS),
+        jax.random.key(key),
+        (n, 2),
+        lp,
+        steps=steps,
+        twist=twist,
+        potential=potential,
+        scale=scale,
     )
 
 

@@ -105,7 +105,9 @@ def mixture_posterior(prior: GaussianMixture, matrix, y, noise_std: float) -> Fu
         post_means.append(mu + gain @ resid)
         post_covs.append(s - gain @ a @ s)
         _, logdet = np.linalg.slogdet(g)
-        log_w.append(math.log(w) - 0.5 * resid @ np.linalg.solve(g, resid) - 0.5 * logdet - 0.5 * len(y) * math.log(2 * math.pi))
+        log_w.append(
+            math.log(w) - 0.5 * resid @ np.linalg.solve(g, resid) - 0.5 * logdet - 0.5 * len(y) * math.log(2 * math.pi)
+        )
     log_w = np.asarray(log_w)
     log_evidence = float(logsumexp(log_w))
     return FullMixture(np.exp(log_w - log_evidence), np.stack(post_means), np.stack(post_covs), log_evidence)

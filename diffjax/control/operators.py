@@ -559,7 +559,9 @@ class FunctionOperator(Operator):
 
     def adjoint(self, y):
         if not self.is_linear:
-            raise ValueError("FunctionOperator: a nonlinear operator has no adjoint; pass is_linear=True if fn is linear")
+            raise ValueError(
+                "FunctionOperator: a nonlinear operator has no adjoint; pass is_linear=True if fn is linear"
+            )
         like = jax.ShapeDtypeStruct((y.shape[0],) + self.in_shape, y.dtype)
         (x,) = jax.linear_transpose(self.fn, like)(y)
         return x

@@ -157,7 +157,9 @@ def _transition(process, x0, eps, t, s, eta):
     return mean, c
 
 
-def _smc_program(denoiser, key, log_potential, shape, steps, grid, t_min, t_max, lam, potential, twist, eta, resampler, threshold):
+def _smc_program(
+    denoiser, key, log_potential, shape, steps, grid, t_min, t_max, lam, potential, twist, eta, resampler, threshold
+):
     process = denoiser.process
     n = shape[0]
     ts = grid(process, steps, t_min, t_max)
@@ -218,7 +220,20 @@ def _smc_program(denoiser, key, log_potential, shape, steps, grid, t_min, t_max,
     return SMCResult(carry["x0"], carry["log_w"], log_z, ess, resampled, steps + 1)
 
 
-_STATIC = ("log_potential", "shape", "steps", "grid", "t_min", "t_max", "lam", "potential", "twist", "eta", "resampler", "threshold")
+_STATIC = (
+    "log_potential",
+    "shape",
+    "steps",
+    "grid",
+    "t_min",
+    "t_max",
+    "lam",
+    "potential",
+    "twist",
+    "eta",
+    "resampler",
+    "threshold",
+)
 _smc_compiled = jax.jit(_smc_program, static_argnames=_STATIC)
 
 
@@ -302,7 +317,10 @@ def _check_reward(reward, shape) -> None:
         raise TypeError(f"reward must be callable x0 -> (batch,), got {reward!r:.100}")
     out = jax.eval_shape(reward, jax.ShapeDtypeStruct(shape, jnp.float32))
     if getattr(out, "shape", None) != (shape[0],):
-        raise ValueError(f"reward returned shape {getattr(out, 'shape', type(out))} for a batch of {shape[0]}; it must return ({shape[0]},)")
+        raise ValueError(
+            f"reward returned shape {getattr(out, 'shape', type(out))} for a batch of {shape[0]}; "
+            f"it must return ({shape[0]},)"
+        )
 
 
 def best_of_n(denoiser: Denoiser, key, shape, reward: Callable, num_candidates: int, **sample_options):

@@ -118,7 +118,9 @@ class PosteriorMethod:
     def check_observation(self, observation: Observation) -> None:
         name = type(self).__name__
         if not isinstance(observation, Observation):
-            raise TypeError(f"{name}: observation must be a diffjax.control Observation, got {type(observation).__name__}")
+            raise TypeError(
+                f"{name}: observation must be a diffjax.control Observation, got {type(observation).__name__}"
+            )
         if self.needs_svd:
             observation.operator.check_svd(name)
         if self.noiseless_only and observation.noise_std > 0:
