@@ -62,9 +62,8 @@ def methods(prior_std, noise):
         ("DiffPIR", Po.DiffPIR()),
         ("RED-diff", Po.RedDiff()),
     ]
-    if noise > 0:
-        out.insert(0, ("DPS (likelihood form)", Po.DPS(normalize=False)))
-    else:
+    out.insert(0, ("DPS", Po.DPS()))
+    if noise == 0:
         out += [("DDNM", Po.DDNM()), ("replacement", Po.Replacement())]
     return out
 
@@ -152,7 +151,8 @@ def main(quick: bool = False):
         "",
         f"Exact denoiser of the prior (VP process), {n} samples per method, {steps} steps (1 NFE per step; "
         "DPS, PiGDM and TDS also back-propagate through the denoiser); solver = DDIM(eta=1) for the "
-        "guidance methods. Errors from `control.exact.mixture_fit_errors`: `weights` = sum |w_hat - w| over "
+        "guidance methods (PiGDM, DDNM), DPS with its default scale 1 (normalised gradient). "
+        "Errors from `control.exact.mixture_fit_errors`: `weights` = sum |w_hat - w| over "
         "posterior components, `means` = max component mean error / its RMS std, `covs` = max relative "
         "Frobenius error of a component covariance, `mean`/`cov` the same for the whole posterior. For the "
         "noiseless inpainting they are measured on the two unobserved coordinates. `residual` = RMS |y - A x|; "

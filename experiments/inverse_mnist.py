@@ -3,7 +3,7 @@ PSNR and measurement residual per method, run time at equal NFE against plain sa
 per problem (rows: truth, A^+ y, then one row per method).
 
     python -m experiments.inverse_mnist --workdir=<a trained MNIST run> [--num_images=8 --steps=50]
-    python -m experiments.inverse_mnist --prior=gmm      # no trained run: the exact denoiser of a
+    python -m experiments.inverse_mnist                  # no trained run: the exact denoiser of a
                                                           # 10-component diagonal Gaussian mixture fitted
                                                           # to the MNIST training set (one per digit)
 

@@ -6,15 +6,17 @@ Two shapes of method, both run by `posterior_sample(denoiser, observation, key, 
   grad log p_t(x | y) = grad log p_t(x) + grad log p_t(y | x) is written in the x0 view,
   x0' = x0 + sigma^2/alpha * g with g the likelihood-score approximation:
 
-    DPS    g = -scale grad_x |y - A x0(x)|  (normalize=True, the reference code's step) or
-           -scale grad_x |y - A x0(x)|^2 / (2 s^2)          (Chung et al. 2023, "Diffusion
-           Posterior Sampling for General Noisy Inverse Problems")
     PiGDM  g = scale (dx0/dx)^T A^T (r_t^2 A A^T + s^2 I)^{-1} (y - A x0),  r_t^2 the variance
            of x0 | x_t for data of std data_std (Song et al. 2023, "Pseudoinverse-Guided
            Diffusion Models"); exact for isotropic Gaussian data of that std
     DDNM   x0' = x0 + A^+ (y - A x0): range-null-space decomposition, noiseless (Wang et al. 2023)
 
 - solver steps (one `step(denoiser, x, state, t, t_next, key)` like every solver):
+
+    DPS          Chung et al. 2023, "Diffusion Posterior Sampling for General Noisy Inverse Problems",
+                 Alg. 1: a DDIM(eta) step (eta = 1: ancestral) from the same evaluation, then
+                 x_next -= scale * grad_{x_t} |y - A x0(x_t)| (normalize=True, the reference code's step)
+                 or scale * grad_{x_t} |y - A x0(x_t)|^2 / (2 s^2) (normalize=False)
 
     Replacement  score_sde's imputation (Song et al. 2021, App. I.2): after each step of an inner
                  solver, the measured spectral part of x is replaced by a draw of alpha y + sigma z
@@ -42,7 +44,7 @@ from diffjax.control.operators import Observation
 from diffjax.denoisers import Denoiser
 from diffjax.processes import broadcast_to_data, per_example
 from diffjax.samplers.base import Phase, Solver, check_nonnegative, check_positive_option, check_unit_interval
-from diffjax.samplers.ddim import DDIM, Ancestral
+from diffjax.samplers.ddim import DDIM, Ancestral, ddim_step
 from diffjax.samplers.sampling import SampleResult, sample
 from diffjax.validation import check_count, check_key
 
@@ -136,45 +138,6 @@ class PosteriorMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPS(PosteriorMethod):
-    """Diffusion posterior sampling; see the module docstring. `normalize=False` needs noise_std > 0."""
-
-    scale: float = 1.0
-    normalize: bool = True
-    needs_svd: ClassVar[bool] = False
-    denoise_final: ClassVar[bool] = True
-    is_guidance: ClassVar[bool] = True
-
-    def __post_init__(self):
-        check_positive_option(self, "scale")
-
-    def check_observation(self, observation):
-        super().check_observation(observation)
-        if not self.normalize and observation.noise_std == 0:
-            raise ValueError("DPS(normalize=False) weighs the residual by 1/noise_std^2 and needs noise_std > 0")
-
-    def guide(self, denoiser: Denoiser, observation: Observation) -> Denoiser:
-        self.check_observation(observation)
-        scale, normalize, var = float(self.scale), self.normalize, observation.noise_std**2
-
-        def fn(x, t):
-            def residual(x):
-                x0 = denoiser.x0(x, t)
-                return observation.residual(x0), x0
-
-            r, pullback, x0 = jax.vjp(residual, x, has_aux=True)
-            if normalize:
-                norm = jnp.sqrt(per_example(jnp.sum, r**2, keepdims=True))
-                cotangent = r / jnp.maximum(norm, 1e-12)
-            else:
-                cotangent = r / var
-            (grad,) = pullback(cotangent)  # grad_x |r| (normalize) or grad_x |r|^2 / (2 s^2)
-            return x0 + x0_correction(denoiser.process, t, x, -scale * grad)
-
-        return Denoiser(fn, denoiser.process, "x0")
-
-
-@dataclasses.dataclass(frozen=True)
 class PiGDM(PosteriorMethod):
     """Pseudoinverse-guided diffusion; see the module docstring."""
 
@@ -238,6 +201,41 @@ class _ObservedSolver(Solver, PosteriorMethod):
         if inner is not None:
             raise ValueError(f"{type(self).__name__} is a solver itself; pass solver=None")
         return dataclasses.replace(self, observation=observation)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPS(_ObservedSolver):
+    """Diffusion posterior sampling; see the module docstring. 1 NFE and one backward pass per step;
+    `normalize=False` needs noise_std > 0."""
+
+    scale: float = 1.0
+    normalize: bool = True
+    eta: float = 1.0
+    needs_svd: ClassVar[bool] = False
+    denoise_final: ClassVar[bool] = True
+    stochastic: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_positive_option(self, "scale")
+        check_unit_interval(self, "eta")
+
+    def check_observation(self, observation):
+        super().check_observation(observation)
+        if not self.normalize and observation.noise_std == 0:
+            raise ValueError("DPS(normalize=False) weighs the residual by 1/noise_std^2 and needs noise_std > 0")
+
+    def step(self, denoiser, x, state, t, t_next, key):
+        obs = self.observation
+
+        def loss(x):
+            x0, eps = denoiser.predict(x, t)
+            sq = per_example(jnp.sum, obs.residual(x0) ** 2)
+            value = jnp.sqrt(sq) if self.normalize else sq / (2 * obs.noise_std**2)
+            return jnp.sum(value), (x0, eps)
+
+        grad, (x0, eps) = jax.grad(loss, has_aux=True)(x)
+        x_next = ddim_step(denoiser.process, x0, eps, t_next, float(self.eta), t, key)
+        return x_next - self.scale * grad, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,8 +434,8 @@ def posterior_sample(
 ) -> SampleResult:
     """Samples of x | y for `observation` = (A, y, noise_std) under the prior of `denoiser`.
 
-    One sample per row of y (or `num_samples` of them when y has batch 1). Guidance methods (DPS,
-    PiGDM, DDNM) run `sample()` with the guided denoiser and `solver` (default `DDIM(eta=1)`);
+    One sample per row of y (or `num_samples` of them when y has batch 1). Guidance methods
+    (PiGDM, DDNM) run `sample()` with the guided denoiser and `solver` (default `DDIM(eta=1)`);
     solver methods run themselves (Replacement wraps `solver`, default `Ancestral()`).
     `denoise_final` defaults to the method's own choice. Everything else is `sample()`'s."""
     if not isinstance(denoiser, Denoiser):
