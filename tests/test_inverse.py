@@ -235,6 +235,7 @@ def _errors(method, obs, n=6000, steps=200, **kw):
     return result
 
 
+@pytest.mark.slow  # the default run checks PiGDM's exactness at the denoiser level
 def test_pigdm_samples_the_exact_gaussian_posterior_of_a_random_projection():
     obs, post = _gaussian_problem(0.3)
     x = _errors(Po.PiGDM(data_std=C), obs).samples
