@@ -4,8 +4,8 @@
     python -m experiments.device_check --dry-run --out-dir /tmp/dc   # CPU, tiny sizes, every code path
     experiments/device_check.sh                              # the same with a hard wall-clock stop
 
-Sections, each with a share of the time (`--budget-s`, default 420 s: torch 80, attention 150,
-train step 150, sampling 40; the rest of the 8 minutes is start-up and compilation slack):
+Sections, each with a share of the time (`--budget-s`, default 420 s: torch 80, attention 140,
+train step 140, sampling 60; the rest of the 8 minutes is start-up and slack):
 
 1. attention: flash attention forward and forward+backward, bf16, head dims 128 and 64, sequence
    1k-16k at 16k tokens (batch = 16384 / seq) and 2048 hidden (heads = 2048 / head_dim): our Pallas
@@ -119,7 +119,7 @@ class Plan:
 
 def full_plan() -> Plan:
     return Plan(
-        budgets_s={"torch_train_step": 80.0, "attention": 150.0, "train_step": 150.0, "sampling": 40.0},
+        budgets_s={"torch_train_step": 80.0, "attention": 140.0, "train_step": 140.0, "sampling": 60.0},
         head_dims=(128, 64),
         seqs=(1024, 4096, 16384, 2048, 8192),
         tokens=16384,
@@ -154,7 +154,7 @@ def full_plan() -> Plan:
         sample_nfes=(10, 50),
         sample_model_changes=(),
         sample_repeats=3,
-        sample_estimate_s=15.0,
+        sample_estimate_s=25.0,
     )
 
 
@@ -483,8 +483,9 @@ def run_train_steps(plan: Plan, guard: TimeGuard, report: Report, peak: float | 
         report.add("train_step", row)
 
 
-def torch_rows(plan: Plan, guard: TimeGuard, dry_run: bool) -> list[dict]:
-    """The torch section's rows (run in a child process: see `run_torch_train_step`)."""
+def torch_rows(plan: Plan, guard: TimeGuard, dry_run: bool, on_row: Callable = lambda rows: None) -> list[dict]:
+    """The torch section's rows (run in a child process: see `run_torch_train_step`);
+    `on_row(rows)` after each, so a child stopped from outside keeps what it measured."""
     base = {"preset": plan.torch_preset, "batch": plan.torch_batch}
     try:
         torch, _ = torch_peers.import_torch()
@@ -502,6 +503,7 @@ def torch_rows(plan: Plan, guard: TimeGuard, dry_run: bool) -> list[dict]:
         reason = guard.skip_reason(plan.torch_estimate_s * (2 if mode != "eager" else 1))
         if reason:
             rows.append({**row, "skipped": reason})
+            on_row(rows)
             continue
         try:
             torch.manual_seed(0)
@@ -525,6 +527,7 @@ def torch_rows(plan: Plan, guard: TimeGuard, dry_run: bool) -> list[dict]:
             row = _record_error(row, err)
         print(f"[torch_train_step] {_row_summary(row)}", flush=True)
         rows.append(row)
+        on_row(rows)
     return rows
 
 
@@ -542,19 +545,28 @@ def run_torch_train_step(plan: Plan, guard: TimeGuard, dry_run: bool) -> list[di
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         try:
             done = subprocess.run(command, env=env, cwd=root, timeout=budget + 30.0, check=False)
-            rows = json.load(open(path)) if os.path.exists(path) else []
-            if not rows:
-                rows = [{"preset": plan.torch_preset, "mode": "eager", "error": f"child exited {done.returncode}"}]
+            problem = f"child exited {done.returncode}" if done.returncode else None
         except subprocess.TimeoutExpired:
-            rows = [{"preset": plan.torch_preset, "mode": "eager", "error": f"child stopped after {budget + 30:.0f} s"}]
+            problem = f"child stopped after {budget + 30:.0f} s"
+        rows = _read_json(path) or []
+    if problem:
+        rows.append({"preset": plan.torch_preset, "batch": plan.torch_batch, "mode": "-", "error": problem})
     return rows
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def torch_child(path: str, budget_s: float, dry_run: bool) -> None:
     plan = dry_plan() if dry_run else full_plan()
     guard = TimeGuard({"torch_train_step": budget_s}, ("torch_train_step",))
     guard.start("torch_train_step")
-    atomic_write_json(path, torch_rows(plan, guard, dry_run))
+    torch_rows(plan, guard, dry_run, on_row=lambda rows: atomic_write_json(path, rows))
 
 
 def diffjax_over_torch(report: Report) -> None:

@@ -2,7 +2,7 @@
 refusal to write a dry run into experiments/results, its table, and its `--dry-run` on CPU.
 
 The default run covers the guard, the table and the dry run of the sampling section (one tiny DiT
-compiled twice); the whole dry run (every section: Pallas in interpret mode, three train steps, the
+compiled once); the whole dry run (every section: Pallas in interpret mode, three train steps, the
 PyTorch child process, sampling) takes minutes on a shared 2-core machine and is marked slow."""
 
 import json

@@ -233,11 +233,16 @@ def worker(task: str, contestant: str) -> None:
 
 
 class Contestant:
-    def __init__(self, task: str, name: str):
+    """A worker process; `xla_flags` (diffjax variants) go into its XLA_FLAGS."""
+
+    def __init__(self, task: str, name: str, xla_flags: str = ""):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "JAX_PLATFORMS": "cpu"}
         env.pop("XLA_FLAGS", None)
-        command = [sys.executable, "-m", "experiments.benchmarks.cpu_vs_torch", "--worker", task, name]
+        if xla_flags:
+            env["XLA_FLAGS"] = xla_flags
+        kind = "diffjax" if name.startswith("diffjax") else name
+        command = [sys.executable, "-m", "experiments.benchmarks.cpu_vs_torch", "--worker", task, kind]
         self.name = name
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
         self.process = subprocess.Popen(command, cwd=root, env=env, text=True, **pipes)
@@ -261,12 +266,16 @@ class Contestant:
         self.process.wait(timeout=60)
 
 
-def run_task(task: str, rounds: int) -> dict:
+def run_task(task: str, rounds: int, names=None, variants: dict | None = None) -> dict:
+    """Interleaved rounds of `names` (default: CONTESTANTS[task]) and of diffjax `variants`
+    ({label: XLA_FLAGS}, contestants "diffjax <label>")."""
     batch, steps, _ = SETTINGS[task]
     contestants = []
+    entries = [(name, "") for name in (names or CONTESTANTS[task])]
+    entries += [(f"diffjax {label}", flags) for label, flags in (variants or {}).items()]
     try:
-        for name in CONTESTANTS[task]:
-            contestants.append(Contestant(task, name))
+        for name, flags in entries:
+            contestants.append(Contestant(task, name, flags))
             print(f"{task}: {name} ready {contestants[-1].startup}", flush=True)
         per_round = {c.name: [] for c in contestants}
         for r in range(rounds):
@@ -279,6 +288,7 @@ def run_task(task: str, rounds: int) -> dict:
         for c in contestants:
             c.close()
     result = {"batch": batch, "steps_per_round": steps, "rounds": rounds, "contestants": {}}
+    result["xla_flags"] = {name: flags for name, flags in entries if flags}
     for c in contestants:
         ratios = [j / t for j, t in zip(per_round["diffjax"], per_round[c.name])]
         result["contestants"][c.name] = {
@@ -321,6 +331,13 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="default: per task (unet 10, dit 6, sample 8)")
     parser.add_argument("--name", default="cpu_vs_torch", help="results/<name>.{json,md}")
     parser.add_argument("--note", default="", help="a line above the table")
+    parser.add_argument("--contestants", default=None, help="comma-separated subset of diffjax,torch,torch.compile")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="label=XLA_FLAGS: one more diffjax contestant run with these XLA flags (repeatable)",
+    )
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -332,9 +349,14 @@ def main(argv=None) -> None:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise SystemExit(f"unknown tasks {unknown}; choose from {TASKS}")
+    names = args.contestants.split(",") if args.contestants else None
+    if names and "diffjax" not in names:
+        raise SystemExit("--contestants must include diffjax (the ratios are against it)")
+    variants = dict(v.split("=", 1) for v in args.variant)
     results = {}
     for task in tasks:
-        results[task] = run_task(task, args.rounds or SETTINGS[task][2])
+        chosen = [n for n in names if n in CONTESTANTS[task]] if names else None
+        results[task] = run_task(task, args.rounds or SETTINGS[task][2], chosen, variants)
     markdown = "\n\n".join(
         x
         for x in (
