@@ -354,20 +354,21 @@ def main(argv=None) -> None:
         raise SystemExit("--contestants must include diffjax (the ratios are against it)")
     variants = dict(v.split("=", 1) for v in args.variant)
     results = {}
-    for task in tasks:
+    for task in tasks:  # the table is rewritten after every task: a stopped run keeps the finished ones
         chosen = [n for n in names if n in CONTESTANTS[task]] if names else None
         results[task] = run_task(task, args.rounds or SETTINGS[task][2], chosen, variants)
-    markdown = "\n\n".join(
-        x
-        for x in (
-            "# diffjax vs PyTorch on CPU (float32, 2 threads each side, interleaved rounds, separate processes)",
-            args.note,
-            render(results),
+        markdown = "\n\n".join(
+            x
+            for x in (
+                "# diffjax vs PyTorch on CPU (float32, 2 threads each side, interleaved rounds, separate processes)",
+                args.note,
+                render(results),
+            )
+            if x
         )
-        if x
-    )
-    print(markdown)
-    print("wrote", write_results(args.name, {"threads": THREADS, "settings": SETTINGS, "results": results}, markdown))
+        payload = {"threads": THREADS, "settings": SETTINGS, "results": results}
+        print(markdown)
+        print("wrote", write_results(args.name, payload, markdown))
 
 
 if __name__ == "__main__":
