@@ -246,7 +246,11 @@ class Contestant:
         self.name = name
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
         self.process = subprocess.Popen(command, cwd=root, env=env, text=True, **pipes)
+        self.startup = None
+
+    def wait_ready(self) -> dict:
         self.startup = self._read()
+        return self.startup
 
     def _read(self) -> dict:
         while True:
@@ -266,9 +270,10 @@ class Contestant:
         self.process.wait(timeout=60)
 
 
-def run_task(task: str, rounds: int, names=None, variants: dict | None = None) -> dict:
+def run_task(task: str, rounds: int, names=None, variants: dict | None = None, parallel_start: bool = False) -> dict:
     """Interleaved rounds of `names` (default: CONTESTANTS[task]) and of diffjax `variants`
-    ({label: XLA_FLAGS}, contestants "diffjax <label>")."""
+    ({label: XLA_FLAGS}, contestants "diffjax <label>"). `parallel_start` starts every process at
+    once (quicker; their first-step times then overlap and are not comparable)."""
     batch, steps, _ = SETTINGS[task]
     contestants = []
     entries = [(name, "") for name in (names or CONTESTANTS[task])]
@@ -276,7 +281,10 @@ def run_task(task: str, rounds: int, names=None, variants: dict | None = None) -
     try:
         for name, flags in entries:
             contestants.append(Contestant(task, name, flags))
-            print(f"{task}: {name} ready {contestants[-1].startup}", flush=True)
+            if not parallel_start:
+                print(f"{task}: {name} ready {contestants[-1].wait_ready()}", flush=True)
+        for c in contestants if parallel_start else ():
+            print(f"{task}: {c.name} ready {c.wait_ready()}", flush=True)
         per_round = {c.name: [] for c in contestants}
         for r in range(rounds):
             order = contestants[r % len(contestants) :] + contestants[: r % len(contestants)]
@@ -338,6 +346,9 @@ def main(argv=None) -> None:
         default=[],
         help="label=XLA_FLAGS: one more diffjax contestant run with these XLA flags (repeatable)",
     )
+    parser.add_argument(
+        "--parallel-start", action="store_true", help="start all processes at once (first-step times overlap)"
+    )
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -356,7 +367,7 @@ def main(argv=None) -> None:
     results = {}
     for task in tasks:  # the table is rewritten after every task: a stopped run keeps the finished ones
         chosen = [n for n in names if n in CONTESTANTS[task]] if names else None
-        results[task] = run_task(task, args.rounds or SETTINGS[task][2], chosen, variants)
+        results[task] = run_task(task, args.rounds or SETTINGS[task][2], chosen, variants, args.parallel_start)
         markdown = "\n\n".join(
             x
             for x in (
