@@ -112,3 +112,28 @@ def test_full_dry_run_exercises_every_section(tmp_path):
             assert max(row["relative_error"].values()) < 2e-2, row  # bf16 inputs, f32 reference
     assert {r["mode"] for r in result["sections"]["torch_train_step"]} == {"eager", "torch.compile"}
     assert sorted(os.listdir(RESULTS_DIR)) == before
+
+
+def test_enable_compilation_cache_sets_jax_options_and_checks_its_input(tmp_path, monkeypatch):
+    import jax
+
+    from diffjax.training.run import default_compilation_cache_dir, enable_compilation_cache
+
+    keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {key: jax.config.values[key] for key in keys}
+    try:
+        directory = enable_compilation_cache(str(tmp_path / "cache"), min_compile_time_s=0.25)
+        assert directory == str(tmp_path / "cache") and os.path.isdir(directory)
+        assert jax.config.values["jax_enable_compilation_cache"] is True
+        assert jax.config.values["jax_compilation_cache_dir"] == directory
+        assert jax.config.values["jax_persistent_cache_min_compile_time_secs"] == 0.25
+        with pytest.raises(ValueError, match="min_compile_time_s=-1"):
+            enable_compilation_cache(str(tmp_path), min_compile_time_s=-1)
+    finally:
+        for key, value in saved.items():
+            jax.config.update(key, value)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_compilation_cache_dir() == str(tmp_path / "diffjax" / "jax-compilation-cache")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    assert default_compilation_cache_dir() == "/elsewhere"
