@@ -41,6 +41,13 @@ flags.DEFINE_enum(
     "What to do: train (resumes), sample or eval a trained run, or "
     "keys: print every config key with its value and meaning.",
 )
+flags.DEFINE_string(
+    "compilation_cache",
+    "auto",
+    "JAX's persistent compilation cache, so a second run (or --mode=sample/eval after training) reads "
+    "its compiled programs back instead of compiling again: 'auto' = $JAX_COMPILATION_CACHE_DIR or "
+    "~/.cache/diffjax/jax-compilation-cache ($XDG_CACHE_HOME respected), a directory, or 'off'.",
+)
 flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (auto-detected on TPU pods, SLURM, Open MPI)."
 )
@@ -101,6 +108,18 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _setup_compilation_cache() -> None:
+    if FLAGS.compilation_cache == "off":
+        return
+    from diffjax.training.run import enable_compilation_cache
+
+    directory = None if FLAGS.compilation_cache == "auto" else FLAGS.compilation_cache
+    try:
+        enable_compilation_cache(directory)
+    except OSError as err:  # an unwritable cache must not stop a run: compile as without one
+        logging.getLogger("diffjax").warning("compilation cache off: %s", err)
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -118,6 +137,7 @@ def main(argv) -> int:
         print(f"diffjax: error: {err}", file=sys.stderr)
         return 2
     _setup_logging()
+    _setup_compilation_cache()
     _initialize_distributed()
     try:
         if FLAGS.mode == "train":

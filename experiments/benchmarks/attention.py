@@ -6,7 +6,8 @@ Pallas attention kernels bundled with JAX.
     python experiments/benchmarks/attention.py --gpu-blocks 128,64,64,64,8,3 --gpu-blocks ...
 
 FLOPs (FlashAttention-2 convention, the same for every implementation; non-causal):
-    forward = 4 * batch * heads * seq_q * seq_k * head_dim,   forward+backward = 3.5 * forward.
+    forward = 4 * batch * heads * seq_q * seq_k * head_dim,
+    backward = 2.5 * forward, so forward+backward = 3.5 * forward.
 Memory is XLA's compiled memory analysis of the jitted forward+backward step: `temp` is what XLA
 allocates beyond inputs and outputs (quadratic in seq for XLA attention, linear for flash kernels).
 
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -34,7 +36,7 @@ from diffjax.kernels import (
     GpuBlockSizes,
     TpuBlockSizes,
     pallas_flash_attention,
-    reference_attention,  # noqa: E402
+    reference_attention,
 )
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
@@ -183,12 +185,17 @@ def _device_kind() -> str:
 # measuring
 
 
-def make_inputs(problem: Problem, layout: str, seed: int = 0):
+FLOPS_CONVENTION = "forward 4*B*H*S*S*D (non-causal); backward 2.5x forward; forward+backward 3.5x forward"
+FWD_BWD_FLOPS_FACTOR = 3.5  # backward = 2.5 x forward (FlashAttention-2's count), forward+backward = 3.5 x
+
+
+def make_inputs(problem: Problem, layout: str = "bshd", seed: int = 0):
+    """q, k, v, d_out drawn in (batch, seq, heads, head_dim), then laid out as `layout`: every
+    implementation sees the same values."""
     shape = (problem.batch, problem.seq, problem.heads, problem.head_dim)
-    if layout == "bhsd":
-        shape = (problem.batch, problem.heads, problem.seq, problem.head_dim)
     keys = jax.random.split(jax.random.key(seed), 4)
-    return [jax.random.normal(key, shape, jnp.dtype(problem.dtype)) for key in keys]
+    arrays = [jax.random.normal(key, shape, jnp.dtype(problem.dtype)) for key in keys]
+    return [from_bshd(x, layout) for x in arrays]
 
 
 def forward_and_backward(fn):
@@ -202,16 +209,17 @@ def forward_and_backward(fn):
 
 
 def time_compiled(fn, args, warmup: int, iters: int):
-    """Median seconds per call of jit(fn)(*args), and XLA's memory analysis of it."""
+    """(median seconds per call of jit(fn)(*args), XLA's memory analysis, the last output)."""
     compiled = jax.jit(fn).lower(*args).compile()
+    out = None
     for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
+        out = jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        out = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return statistics.median(times), _memory(compiled)
+    return statistics.median(times), _memory(compiled), out
 
 
 def _memory(compiled):
@@ -232,34 +240,65 @@ def to_bshd(x, layout):
     return x if layout == "bshd" else jnp.transpose(x, (0, 2, 1, 3))
 
 
-def relative_errors(fn, layout, q, k, v, d_out):
-    """Output and gradient relative errors against the f32 reference (small problems only)."""
-    f32 = lambda x: to_bshd(x, layout).astype(jnp.float32)
-    out, grads = jax.jit(lambda *a: (fn(*a[:3]), forward_and_backward(fn)(*a)))(q, k, v, d_out)
-    ref = lambda q, k, v: reference_attention(q, k, v)
-    ref_out, ref_vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
-    ref_grads = ref_vjp(f32(d_out))
-    err = lambda a, b: float(jnp.linalg.norm(f32(a) - b) / jnp.linalg.norm(b))
-    return {"out": err(out, ref_out), **{f"d{n}": err(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
+def from_bshd(x, layout):
+    return x if layout == "bshd" else jnp.transpose(x, (0, 2, 1, 3))
 
 
-def measure(name, build, problem, args):
+@functools.partial(jax.jit, static_argnames="chunk")
+def _chunked_reference(q, k, v, d_out, chunk):
+    b, s, h, d = q.shape
+    split = lambda x: x.astype(jnp.float32).reshape(b, s // chunk, chunk, h, d).swapaxes(0, 1)
+    k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+
+    def body(carry, xs):
+        q_i, d_out_i = xs
+        out_i, vjp = jax.vjp(lambda q_, k_, v_: reference_attention(q_, k_, v_), q_i, k32, v32)
+        dq_i, dk_i, dv_i = vjp(d_out_i)
+        return (carry[0] + dk_i, carry[1] + dv_i), (out_i, dq_i)
+
+    (dk, dv), (out, dq) = jax.lax.scan(body, (jnp.zeros_like(k32), jnp.zeros_like(v32)), (split(q), split(d_out)))
+    join = lambda x: x.swapaxes(0, 1).reshape(b, s, h, d)
+    return join(out), (join(dq), dk, dv)
+
+
+def reference_values(q, k, v, d_out, chunk: int = 1024):
+    """float32 reference output and (dq, dk, dv) of (batch, seq, heads, head_dim) inputs, computed over
+    chunks of `chunk` queries (memory batch * heads * chunk * seq, not seq^2), at HIGHEST precision."""
+    seq = q.shape[1]
+    chunk = chunk if seq % chunk == 0 else seq
+    with jax.default_matmul_precision("highest"):
+        return _chunked_reference(q, k, v, d_out, min(chunk, seq))
+
+
+def relative_errors(out, grads, layout, reference) -> dict:
+    """||x - ref|| / ||ref|| of the output and of each gradient against `reference_values`."""
+    ref_out, ref_grads = reference
+    err = lambda a, b: float(jnp.linalg.norm(to_bshd(a, layout).astype(jnp.float32) - b) / jnp.linalg.norm(b))
+    errors = {"out": err(out, ref_out)}
+    if grads is not None:
+        errors.update({f"d{n}": err(g, r) for n, g, r in zip("qkv", grads, ref_grads)})
+    return errors
+
+
+def measure(name, build, problem, *, interpret=False, warmup=3, iters=20, reference=None, verbose=False):
+    """One row: forward and forward+backward time, TFLOP/s and memory of implementation `name` on
+    `problem`; with `reference` (`reference_values` of `make_inputs(problem)`), the relative errors."""
     row = {"implementation": name, **dataclasses.asdict(problem)}
     try:
-        candidate = build(problem, args.interpret)
+        candidate = build(problem, interpret)
         fn = candidate.fn
         q, k, v, d_out = make_inputs(problem, candidate.layout)
         with candidate.context():
-            fwd_s, fwd_mem = time_compiled(fn, (q, k, v), args.warmup, args.iters)
-            bwd_s, bwd_mem = time_compiled(forward_and_backward(fn), (q, k, v, d_out), args.warmup, args.iters)
-            if args.check and problem.seq <= args.check_max_seq:
-                row["relative_error"] = relative_errors(fn, candidate.layout, q, k, v, d_out)
+            fwd_s, fwd_mem, out = time_compiled(fn, (q, k, v), warmup, iters)
+            bwd_s, bwd_mem, grads = time_compiled(forward_and_backward(fn), (q, k, v, d_out), warmup, iters)
+        if reference is not None:
+            row["relative_error"] = relative_errors(out, grads, candidate.layout, reference)
         flops = problem.forward_flops()
         row.update(
             forward_ms=fwd_s * 1e3,
             forward_tflops=flops / fwd_s / 1e12,
             fwd_bwd_ms=bwd_s * 1e3,
-            fwd_bwd_tflops=3.5 * flops / bwd_s / 1e12,
+            fwd_bwd_tflops=FWD_BWD_FLOPS_FACTOR * flops / bwd_s / 1e12,
             forward_memory=fwd_mem,
             fwd_bwd_memory=bwd_mem,
         )
@@ -267,7 +306,7 @@ def measure(name, build, problem, args):
         row["skipped"] = str(e)
     except Exception as e:  # noqa: BLE001 -- record the failure, keep benchmarking the others
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        if args.verbose:
+        if verbose:
             traceback.print_exc()
     return row
 
@@ -383,7 +422,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode")
     p.add_argument("--check", action="store_true", help="also measure error against the reference")
-    p.add_argument("--check-max-seq", type=int, default=2048)
+    p.add_argument("--check-max-seq", type=int, default=16384)
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -421,8 +460,20 @@ def main(argv=None):
                 head_dim=head_dim,
                 dtype=args.dtype,
             )
+            reference = None
+            if args.check and seq <= args.check_max_seq:
+                reference = reference_values(*make_inputs(problem))
             for name, build in builders.items():
-                row = measure(name, build, problem, args)
+                row = measure(
+                    name,
+                    build,
+                    problem,
+                    interpret=args.interpret,
+                    warmup=args.warmup,
+                    iters=args.iters,
+                    reference=reference,
+                    verbose=args.verbose,
+                )
                 rows.append(row)
                 print(format_table([row]).splitlines()[-1], flush=True)
 
@@ -430,7 +481,7 @@ def main(argv=None):
     payload = {
         "environment": env,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "flops_convention": "forward 4*B*H*S*S*D; forward+backward 3.5x forward",
+        "flops_convention": FLOPS_CONVENTION,
         "rows": rows,
         "ratios": ratios_to(rows, baseline),
     }

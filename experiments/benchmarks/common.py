@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 
@@ -41,13 +42,29 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, payload: dict, markdown: str | None = None) -> str:
-    """Write results/<name>.json (with the environment) and, if given, results/<name>.md,
-    atomically; returns the JSON path."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+def write_results(name: str, payload: dict, markdown: str | None = None, directory: str = RESULTS_DIR) -> str:
+    """Write <directory>/<name>.json (with the environment) and, if given, <directory>/<name>.md,
+    atomically (default directory: experiments/results); returns the JSON path."""
+    os.makedirs(directory, exist_ok=True)
     payload = {"environment": environment(), **payload}
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    path = os.path.join(directory, f"{name}.json")
     atomic_write_json(path, payload)
     if markdown is not None:
-        atomic_write_text(os.path.join(RESULTS_DIR, f"{name}.md"), markdown.rstrip() + "\n")
+        atomic_write_text(os.path.join(directory, f"{name}.md"), markdown.rstrip() + "\n")
     return path
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lower-case form of `text` (e.g. a device kind)."""
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+
+
+def package_versions(*names: str) -> dict:
+    """Installed versions of the given distributions (None where not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

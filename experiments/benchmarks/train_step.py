@@ -97,11 +97,16 @@ def prepare_synthetic_run(config, workdir: str, data_info: data_lib.DataInfo) ->
     return build_run(config, data_info, mesh_from_config(config))
 
 
-def benchmark_config(preset: str, batch: int, dtype: str, remat: str, scan_layers: bool):
-    config = config_for(preset)
+def benchmark_config(
+    preset: str, batch: int, dtype: str, remat: str, scan_layers: bool, model_changes: dict | None = None, config=None
+):
+    """`config` (default: the preset's, `config_for`) with the model preset, its dtype, remat (and
+    scan_layers for DiT) and any other preset fields in `model_changes` (e.g. a tiny depth), and the
+    batch size for training, sampling and evaluation."""
+    config = config_for(preset) if config is None else config
     extra = {"scan_layers": scan_layers} if preset.startswith("DiT-") else {}
     config.model.name = preset
-    config.model.overrides = model_preset_overrides(preset, dtype=dtype, remat=remat, **extra)
+    config.model.overrides = model_preset_overrides(preset, dtype=dtype, remat=remat, **extra, **(model_changes or {}))
     config.train.batch_size = config.sample.num_samples = config.eval.batch_size = batch
     config.train.async_checkpointing = False
     return config
@@ -125,9 +130,19 @@ def synthetic_batch(run: Run, batch: int, num_classes: int) -> dict:
 
 
 def measure(
-    preset: str, batch: int, dtype: str, remat: str, scan_layers: bool, warmup: int, steps: int, peak: float | None
+    preset: str,
+    batch: int,
+    dtype: str,
+    remat: str,
+    scan_layers: bool,
+    warmup: int,
+    steps: int,
+    peak: float | None,
+    model_changes: dict | None = None,
 ) -> dict:
-    config = benchmark_config(preset, batch, dtype, remat, scan_layers)
+    """One row: compile time, median step time, images/s, model and XLA FLOPs and MFU of the full
+    train step of `preset` (with `model_changes` to its config) on synthetic data."""
+    config = benchmark_config(preset, batch, dtype, remat, scan_layers, model_changes)
     data_info = synthetic_data_info(preset)  # the data set's description, given instead of read
     run = prepare_synthetic_run(config, "", data_info)
     step = make_jitted_train_step(run)
@@ -155,6 +170,7 @@ def measure(
     achieved = model_flops * batch / step_s
     return {
         "preset": preset,
+        "model_changes": dict(model_changes or {}),
         "batch": batch,
         "dtype": dtype,
         "remat": remat,
