@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
-from diffjax.denoisers import Denoiser, EDMPreconditioned
+from diffjax.denoisers import Denoiser, EDMPreconditioned, LearnedVarianceDenoiser
 from diffjax.models.api import build, functional, get_config
 from diffjax.models.configs import ModelConfig
 from diffjax.models.torch_files import is_safetensors, load_torch_object, read_safetensors
@@ -88,6 +88,10 @@ class Pretrained:
         return fn
 
     def denoiser(self, y=None, params=None) -> Denoiser:
+        """A `Denoiser`; for a learned-variance model a `LearnedVarianceDenoiser` (for
+        `LearnedVarianceAncestral`; every other solver uses the prediction alone)."""
+        if self.learned_variance:
+            return LearnedVarianceDenoiser(self._raw(params, y), self.process, self.prediction)
         return Denoiser(self.network(y, params), self.process, self.prediction)
 
 
