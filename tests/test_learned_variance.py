@@ -83,7 +83,7 @@ def test_vlb_term_is_the_kl_and_the_decoder():
     x_t = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
     v = jnp.asarray(rng.uniform(-1, 1, (2, 3)), jnp.float32)
     i = np.array([40, 1])  # a KL step and the decoder step
-    got = vlb_term(CHAIN, x0, x_t, jnp.asarray(i / N), jnp.asarray((i - 1) / N), x0_hat, v)
+    got = jax.jit(vlb_term)(CHAIN, x0, x_t, jnp.asarray(i / N), jnp.asarray((i - 1) / N), x0_hat, v)
     # step 40: KL(q || p) from eq. 7 with p's variance exp(f log beta + (1 - f) log beta_tilde)
     mean_q, var_tilde, beta = _ddpm_posterior(40, np.asarray(x_t[0], np.float64), np.asarray(x0[0], np.float64))
     mean_p, _, _ = _ddpm_posterior(40, np.asarray(x_t[0], np.float64), np.asarray(x0_hat[0], np.float64))
@@ -113,11 +113,15 @@ def test_hybrid_loss_trains_the_mean_by_mse_and_the_variance_by_the_bound():
     batch = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (16, 4, 4, 1)), jnp.float32)
     key = jax.random.key(0)
     full, mse_only = hybrid_loss(_toy_net, CHAIN), hybrid_loss(_toy_net, CHAIN, vlb_weight=0.0)
-    g_full = jax.grad(lambda p: full(p, key, batch)[0])(params)
-    g_mse = jax.grad(lambda p: mse_only(p, key, batch)[0])(params)
+
+    @jax.jit
+    def run(p):
+        (loss, aux), g_full = jax.value_and_grad(lambda q: full(q, key, batch), has_aux=True)(p)
+        return loss, aux, g_full, jax.grad(lambda q: mse_only(q, key, batch)[0])(p)
+
+    loss, aux, g_full, g_mse = run(params)
     np.testing.assert_allclose(g_full["a"], g_mse["a"], rtol=1e-6)  # stop-gradient: the bound leaves eps alone
     assert float(g_mse["b"]) == 0.0 and abs(float(g_full["b"])) > 0.0
-    loss, aux = full(params, key, batch)
     np.testing.assert_allclose(loss, aux["mse"] + aux["vlb"], rtol=1e-6)
     with pytest.raises(TypeError, match="DiscreteVP"):
         hybrid_loss(_toy_net, VP())
@@ -162,7 +166,8 @@ def test_one_step_has_the_interpolated_variance():
     x = jnp.zeros((20000, 1))
     t, s = 0.5, 0.5 - 1 / N * 20
     den = LearnedVarianceDenoiser(_gaussian_eps(1.0, 0.0), CHAIN, "eps")
-    x_next, _ = LearnedVarianceAncestral().step(den, x, None, jnp.float32(t), jnp.float32(s), jax.random.key(5))
+    step = jax.jit(lambda x, key: LearnedVarianceAncestral().step(den, x, None, jnp.float32(t), jnp.float32(s), key)[0])
+    x_next = step(x, jax.random.key(5))
     _, log_min, log_max = gaussian_posterior(CHAIN, x, x, jnp.array([t]), jnp.array([s]))
     want = float(jnp.exp(0.5 * (log_min[0] + log_max[0])))  # v = 0: the geometric mean
     assert abs(float(jnp.var(x_next)) / want - 1) < 0.05  # 20000 draws: std error of a variance ~ 1 %
