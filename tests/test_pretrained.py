@@ -231,3 +231,13 @@ def test_edm_label_mapping_config():
     assert models.get_config("NCSN++-cifar10", num_classes=10).class_embedding == "table"
     with pytest.raises(ValueError, match="class_embedding"):
         models.get_config("DDPM++-cifar10", class_embedding="onehot")
+
+
+@pytest.mark.slow
+def test_readme_example_samples_a_loaded_dit():
+    import helpers
+
+    namespace = {}
+    exec(helpers.readme_example("pretrained"), namespace)
+    out = namespace["out"]
+    assert out.samples.shape == (2, 8, 8, 4) and out.nfe == 25 and bool(jnp.all(jnp.isfinite(out.samples)))

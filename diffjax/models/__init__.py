@@ -39,6 +39,9 @@ Model contract (the rest of diffjax relies on it)
   `build(ToyMLPConfig(data_dim=2))`) takes x of shape (batch, data_dim) with the same call contract;
   `sinusoidal_embedding(t, dim)` and `gaussian_fourier_embedding(t, freqs)` are the time
   features every model uses.
+* Published checkpoints: `load_pretrained(path, **options)` (DiT, guided-diffusion, EDM SongUNet,
+  diffusers DiT; see `diffjax.models.pretrained`) returns a `Pretrained` with the process and
+  prediction the network was trained with.
 * FLOPs: `dit_forward_macs(config)` (closed form) and `forward_macs(model)` (counted from the traced
   forward; works on abstract models).
 """
@@ -67,6 +70,7 @@ from diffjax.models.layers import (
     sinusoidal_embedding,
 )
 from diffjax.models.mlp import ToyMLP
+from diffjax.models.pretrained import Pretrained, load_pretrained
 from diffjax.models.unet import ADMUNet, SongUNet
 
 __all__ = [
@@ -79,6 +83,7 @@ __all__ = [
     "ModelConfig",
     "PARAM_AXES",
     "PRESETS",
+    "Pretrained",
     "REMAT_CHOICES",
     "SongUNet",
     "SongUNetConfig",
@@ -92,6 +97,7 @@ __all__ = [
     "functional",
     "gaussian_fourier_embedding",
     "get_config",
+    "load_pretrained",
     "logical_partition_specs",
     "param_count",
     "preset_names",
