@@ -13,6 +13,8 @@ Formats (inferred from the file's content, not its name):
   `torch.save(net.state_dict())` or as safetensors (EDM's `.pkl` pickles torch modules together
   with their source code and is not read). Keys may carry EDMPrecond's "model." prefix. Returned
   with the EDM process and `EDMPreconditioned(sigma_data)` (EDMPrecond only).
+- "diffusers-vae": a diffusers folder of `AutoencoderKL` (Stable Diffusion's VAE), returned as a
+  `PretrainedAutoencoder` (the `AutoencoderKL` model with its scaling factor).
 - "diffusers-dit": a diffusers folder (config.json + diffusion_pytorch_model.safetensors or .bin) of
   `DiTTransformer2DModel`; loaded with `frequency_shift=1` and `mlp_norm_eps=1e-5` (diffusers'
   settings), the time embedding of the first block (diffusers stores one per block).
@@ -40,11 +42,12 @@ from flax.nnx import traversals
 
 from diffjax.denoisers import Denoiser, EDMPreconditioned, LearnedVarianceDenoiser
 from diffjax.models.api import build, functional, get_config
+from diffjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from diffjax.models.configs import ModelConfig
 from diffjax.models.torch_files import is_safetensors, load_torch_object, read_safetensors
 from diffjax.processes import EDM, DiscreteVP, GaussianProcess
 
-FORMATS = ("dit", "adm", "edm", "diffusers-dit")
+FORMATS = ("dit", "adm", "edm", "diffusers-dit", "diffusers-vae")
 _DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S, B, L, XL
 
 
@@ -176,10 +179,12 @@ def load_pretrained(
             raise ValueError(f"{str(path)!r} is a folder without config.json: not a diffusers model folder")
         config = json.loads(cfg_path.read_text())
         name = config.get("_class_name")
+        if name == "AutoencoderKL":
+            return _from_diffusers_vae(_state_dict(_diffusers_weights(path)), config, options, param_dtype, dtype, path)
         if name != "DiTTransformer2DModel":
             raise ValueError(
-                f"{str(path)!r}: diffusers class {name!r} is not supported; known: DiTTransformer2DModel "
-                f"(formats {FORMATS})"
+                f"{str(path)!r}: diffusers class {name!r} is not supported; known: DiTTransformer2DModel, "
+                f"AutoencoderKL (formats {FORMATS})"
             )
         sd = _state_dict(_diffusers_weights(path))
         return _finish(*_from_diffusers_dit(sd, config, options), param_dtype, dtype, "diffusers-dit", path)
@@ -208,21 +213,7 @@ def _finish(config_name, overrides, params, extras, options, param_dtype, dtype,
         raise ValueError(f"unknown option(s) {unknown} for format {kind!r}")
     cfg = get_config(config_name, **overrides, param_dtype=param_dtype, dtype=dtype)
     model = nnx.eval_shape(lambda: build(cfg))
-    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
-    want = traversals.flatten_mapping(nnx.to_pure_dict(abstract))
-    got = traversals.flatten_mapping(params)
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or extra:
-        raise ValueError(f"{str(path)!r} ({kind}): parameters missing {missing[:5]}, unexpected {extra[:5]}")
-    for k, leaf in want.items():
-        if tuple(got[k].shape) != tuple(leaf.shape):
-            raise ValueError(
-                f"{str(path)!r} ({kind}): parameter {'/'.join(map(str, k))} has shape {got[k].shape}, "
-                f"the model expects {leaf.shape}"
-            )
-    typed = {k: jnp.asarray(np.asarray(got[k], np.float32), leaf.dtype) for k, leaf in want.items()}
-    nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(typed))
-    model = nnx.merge(graphdef, abstract, rest)
+    _set_params(model, params, path, kind)
     apply, params = functional(model)
     return Pretrained(model=model, config=cfg, apply=apply, params=params, format=kind, **extras)
 
@@ -681,4 +672,116 @@ def _from_edm(sd, options):
     return preset, ov, params, extras, options
 
 
-__all__ = ["FORMATS", "Pretrained", "ddpm_betas", "load_pretrained"]
+# ----------------------------------------------------------------------------------------------
+# diffusers AutoencoderKL (Stable Diffusion's VAE)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PretrainedAutoencoder:
+    """A loaded autoencoder: `model` (an `AutoencoderKL` with the weights; use `encode_latents` /
+    `decode_latents`), its `config` (scaling and shift factors included) and the `format`."""
+
+    model: AutoencoderKL
+    config: AutoencoderConfig
+    format: str
+
+
+def _vae_resblock(sd, name) -> dict:
+    out = {
+        "norm0": _norm(sd, f"{name}.norm1"),
+        "conv0": _conv(sd, f"{name}.conv1"),
+        "norm1": _norm(sd, f"{name}.norm2"),
+        "conv1": _conv(sd, f"{name}.conv2"),
+    }
+    if f"{name}.conv_shortcut.weight" in sd:
+        out["skip"] = _conv(sd, f"{name}.conv_shortcut")
+    return out
+
+
+def _vae_middle(sd, name) -> dict:
+    a = f"{name}.attentions.0"
+    lin = lambda n: sd[f"{a}.{n}.weight"].reshape(sd[f"{a}.{n}.weight"].shape[:2])  # noqa: E731 (1x1 convs too)
+    w = np.stack([lin("to_q").T, lin("to_k").T, lin("to_v").T], axis=1)  # (C, 3, C)
+    b = np.stack([sd[f"{a}.to_q.bias"], sd[f"{a}.to_k.bias"], sd[f"{a}.to_v.bias"]])
+    return {
+        "block0": _vae_resblock(sd, f"{name}.resnets.0"),
+        "attn": {
+            "norm": _norm(sd, f"{a}.group_norm"),
+            "attn": {
+                "qkv": {"kernel": np.ascontiguousarray(w)[:, :, None, :], "bias": b[:, None, :]},
+                "out": {"kernel": np.ascontiguousarray(lin("to_out.0").T)[None], "bias": sd[f"{a}.to_out.0.bias"]},
+            },
+        },
+        "block1": _vae_resblock(sd, f"{name}.resnets.1"),
+    }
+
+
+def _from_diffusers_vae(sd, config, options, param_dtype, dtype, path) -> PretrainedAutoencoder:
+    if options:
+        raise ValueError(f"unknown option(s) {sorted(options)} for format 'diffusers-vae'")
+    if not config.get("use_quant_conv", True) or not config.get("use_post_quant_conv", True):
+        raise ValueError(f"{str(path)!r}: AutoencoderKL without quant convs is not supported")
+    cfg = AutoencoderConfig(
+        in_channels=config.get("in_channels", 3),
+        latent_channels=config.get("latent_channels", 4),
+        block_out_channels=tuple(config.get("block_out_channels", (64,))),
+        layers_per_block=config.get("layers_per_block", 1),
+        norm_groups=config.get("norm_num_groups", 32),
+        scaling_factor=float(config.get("scaling_factor", 0.18215)),
+        shift_factor=float(config.get("shift_factor") or 0.0),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    ).validate()
+    nlev, lpb = len(cfg.block_out_channels), cfg.layers_per_block
+    enc: dict = {"blocks": {}}
+    for i in range(nlev):
+        for j in range(lpb):
+            enc["blocks"][f"level{i}_block{j}"] = _vae_resblock(sd, f"encoder.down_blocks.{i}.resnets.{j}")
+        if i != nlev - 1:
+            enc["blocks"][f"level{i}_down"] = {"conv": _conv(sd, f"encoder.down_blocks.{i}.downsamplers.0.conv")}
+    enc.update(
+        conv_in=_conv(sd, "encoder.conv_in"),
+        mid=_vae_middle(sd, "encoder.mid_block"),
+        norm_out=_norm(sd, "encoder.conv_norm_out"),
+        conv_out=_conv(sd, "encoder.conv_out"),
+        quant_conv=_conv(sd, "quant_conv"),
+    )
+    dec: dict = {"blocks": {}}
+    for i in range(nlev):
+        for j in range(lpb + 1):
+            dec["blocks"][f"level{i}_block{j}"] = _vae_resblock(sd, f"decoder.up_blocks.{i}.resnets.{j}")
+        if i != nlev - 1:
+            dec["blocks"][f"level{i}_up"] = {"conv": _conv(sd, f"decoder.up_blocks.{i}.upsamplers.0.conv")}
+    dec.update(
+        post_quant_conv=_conv(sd, "post_quant_conv"),
+        conv_in=_conv(sd, "decoder.conv_in"),
+        mid=_vae_middle(sd, "decoder.mid_block"),
+        norm_out=_norm(sd, "decoder.conv_norm_out"),
+        conv_out=_conv(sd, "decoder.conv_out"),
+    )
+    model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    _set_params(model, {"encoder": enc, "decoder": dec}, path, "diffusers-vae")
+    return PretrainedAutoencoder(model=model, config=cfg, format="diffusers-vae")
+
+
+def _set_params(model, params, path, kind) -> None:
+    """Check `params` against the (abstract) model's parameters and put them in, cast to its dtypes."""
+    abstract = nnx.state(model, nnx.Param)
+    want = traversals.flatten_mapping(nnx.to_pure_dict(abstract))
+    got = traversals.flatten_mapping(params)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"{str(path)!r} ({kind}): parameters missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, leaf in want.items():
+        if tuple(got[k].shape) != tuple(leaf.shape):
+            raise ValueError(
+                f"{str(path)!r} ({kind}): parameter {'/'.join(map(str, k))} has shape {got[k].shape}, "
+                f"the model expects {leaf.shape}"
+            )
+    typed = {k: jnp.asarray(np.asarray(got[k], np.float32), leaf.dtype) for k, leaf in want.items()}
+    nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(typed))
+    nnx.update(model, abstract)
+
+
+__all__ = ["FORMATS", "Pretrained", "PretrainedAutoencoder", "ddpm_betas", "load_pretrained"]

@@ -238,6 +238,30 @@ def make_diffusers_dit(torch):
     return dict(x=nhwc(x), t=t.numpy(), y=y.numpy(), out=nhwc(out))
 
 
+def make_diffusers_vae(torch):
+    from diffusers import AutoencoderKL
+
+    net = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+    perturb(torch, net, 5)
+    x = torch.tanh(inputs(torch, 3, 16, 15))
+    z = inputs(torch, 4, 8, 16)
+    with torch.no_grad():
+        posterior = net.encode(x).latent_dist
+        decoded = net.decode(z).sample
+    net.save_pretrained(OUT / "diffusers_vae", safe_serialization=True)
+    return dict(x=nhwc(x), mean=nhwc(posterior.mean), logvar=nhwc(posterior.logvar), z=nhwc(z), decoded=nhwc(decoded))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dit", type=Path, required=True)
@@ -249,6 +273,7 @@ def main():
     from safetensors.torch import save_file
 
     torch.set_grad_enabled(False)
+    torch.manual_seed(0)  # buffers drawn at construction (NCSN++ frequencies)
     OUT.mkdir(parents=True, exist_ok=True)
     sys.meta_path.insert(0, _NoTorchvision())
     load_package("timm", args.timm / "timm")
@@ -276,6 +301,7 @@ def main():
         "edm_ddpmpp": make_edm(torch, networks, "ddpmpp", save_edm),
         "edm_ncsnpp": make_edm(torch, networks, "ncsnpp", save_edm),
         "diffusers_dit": make_diffusers_dit(torch),
+        "diffusers_vae": make_diffusers_vae(torch),
     }
     arrays = {f"{name}/{k}": np.asarray(v) for name, r in refs.items() for k, v in r.items()}
     np.savez_compressed(OUT / "reference_outputs.npz", **arrays)
