@@ -1,0 +1,61 @@
+"""The SD autoencoder (AutoencoderKL) against diffusers on a tiny random-weight network (fixture from
+experiments/pretrained/make_fixtures.py), the latent scaling and chunking."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffjax.models import load_pretrained
+from diffjax.models.autoencoder import AutoencoderConfig, AutoencoderKL, decode_latents, encode_latents
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pretrained"
+
+
+def rel_rms(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+
+
+@pytest.fixture(scope="module")
+def vae():
+    with np.load(FIXTURES / "reference_outputs.npz") as z:
+        ref = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("diffusers_vae/")}
+    return load_pretrained(FIXTURES / "diffusers_vae"), ref
+
+
+def test_encode_and_decode_equal_diffusers(vae):
+    pt, ref = vae
+    assert pt.format == "diffusers-vae" and pt.config.scaling_factor == 0.18215
+    model = pt.model
+
+    @jax.jit
+    def run(x, z, key):
+        mean, logvar = model.encode(x)
+        chunked = encode_latents(model, x, chunk_size=1)
+        sampled = encode_latents(model, x, key)
+        return mean, logvar, model.decode(z), chunked, sampled, decode_latents(model, pt.config.scaling_factor * z)
+
+    mean, logvar, decoded, chunked, sampled, via_latents = run(ref["x"], ref["z"], jax.random.key(0))
+    assert rel_rms(mean, ref["mean"]) < 1e-5 and rel_rms(logvar, ref["logvar"]) < 1e-5
+    assert rel_rms(decoded, ref["decoded"]) < 1e-5
+    np.testing.assert_allclose(chunked, 0.18215 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(via_latents, decoded, rtol=1e-5, atol=1e-5)
+    # a posterior sample: standardised by the posterior it is N(0, 1)
+    z = (sampled / 0.18215 - mean) / jnp.exp(0.5 * logvar)
+    assert abs(float(jnp.mean(z))) < 0.2 and abs(float(jnp.std(z)) - 1) < 0.2
+
+
+def test_bad_configs_and_inputs_are_named():
+    with pytest.raises(ValueError, match="block_out_channels"):
+        AutoencoderConfig(block_out_channels=(8, 12), norm_groups=8).validate()
+    model = nnx.eval_shape(
+        lambda: AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_groups=4), rngs=nnx.Rngs(0))
+    )
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model.encode(jnp.zeros((1, 15, 16, 3)))
+    with pytest.raises(ValueError, match="4\\)"):
+        model.decode(jnp.zeros((1, 8, 8, 3)))
