@@ -59,3 +59,49 @@ def test_bad_configs_and_inputs_are_named():
         model.encode(jnp.zeros((1, 15, 16, 3)))
     with pytest.raises(ValueError, match="4\\)"):
         model.decode(jnp.zeros((1, 8, 8, 3)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The latent data path: a cache written once, read by the pipeline as float latents
+# ----------------------------------------------------------------------------------------------
+
+
+def _pool_encoder(images):
+    """A stand-in encoder (2x2 mean pool, times 2): deterministic and exact to check against."""
+    b, h, w, c = images.shape
+    return 2.0 * images.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def test_latent_cache_feeds_the_pipeline(tmp_path):
+    import diffjax.data as dd
+    from diffjax.data.latents import build_latent_cache, latent_cache_info
+
+    images_cfg = dd.default_data_config("digits")
+    source = dd.open_source(images_cfg, "train")
+    path = build_latent_cache(
+        {"train": source},
+        _pool_encoder,
+        tmp_path / "digits_latents.npz",
+        num_classes=10,
+        batch_size=500,
+        meta={"autoencoder": "pool2", "scaling_factor": 2.0},
+    )
+    shape, counts, num_classes, meta = latent_cache_info(path)
+    assert shape == (8, 8, 1) and counts == {"train": len(source)} and num_classes == 10
+    assert meta == {"autoencoder": "pool2", "scaling_factor": 2.0}
+
+    config = dd.base_data_config()
+    config.update(source="latents", path=str(path), image_size=8, channels=1, num_classes=10, random_flip=True)
+    it = dd.make_iterator(config, split="train", global_batch_size=64, seed=3, shuffle=False)
+    batch = next(it)
+    assert batch["image"].dtype == np.float32 and batch["image"].shape == (64, 8, 8, 1)
+    images, labels = source.read(np.arange(64))
+    x = images.astype(np.float32) / 127.5 - 1
+    plain, flipped = _pool_encoder(x), _pool_encoder(x[:, :, ::-1])
+    is_plain = np.all(np.isclose(batch["image"], plain, atol=1e-6), axis=(1, 2, 3))
+    is_flipped = np.all(np.isclose(batch["image"], flipped, atol=1e-6), axis=(1, 2, 3))
+    assert np.all(is_plain | is_flipped) and 10 < is_flipped.sum() < 54  # about half flipped
+    np.testing.assert_array_equal(batch["label"], labels)
+    config.update(dequantize=True)
+    with pytest.raises(ValueError, match="float latents"):
+        dd.make_iterator(config, split="train", global_batch_size=64, seed=3)
