@@ -1,6 +1,6 @@
 """Host memory of `load_pretrained` on a DiT checkpoint in the original format (a torch.save'd state
 dict of random weights, written here with torch): peak RSS of a fresh process that only loads it,
-divided by the checkpoint's size. Prints a table and writes experiments/results/pretrained_memory.*.
+divided by the checkpoint's size. Prints a table and writes experiments/results/pretrained_memory_<model>.*.
 
     python experiments/benchmarks/pretrained_memory.py --model DiT-B/2 [--keep DIR]
 """
@@ -85,7 +85,7 @@ def main():
     }
     table = markdown_table(list(row), [list(row.values())])
     print(table)
-    write_results("pretrained_memory", {"rows": [row]}, table)
+    write_results(f"pretrained_memory_{args.model.replace('/', '-')}", {"rows": [row]}, table)
 
 
 if __name__ == "__main__":
