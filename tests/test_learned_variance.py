@@ -108,6 +108,7 @@ def _toy_net(params, x, t):
     return jnp.concatenate([params["a"] * x, jnp.tanh(params["b"]) * jnp.ones_like(x)], -1)
 
 
+@pytest.mark.slow
 def test_hybrid_loss_trains_the_mean_by_mse_and_the_variance_by_the_bound():
     params = {"a": jnp.float32(0.3), "b": jnp.float32(0.2)}
     batch = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (16, 4, 4, 1)), jnp.float32)
@@ -148,16 +149,6 @@ def test_with_the_posterior_variance_it_is_the_fixed_variance_ancestral_sampler(
     a = sample(lv, key, shape, solver=LearnedVarianceAncestral(), steps=11, grid=grid).samples
     b = sample(plain, key, shape, solver=Ancestral(), steps=11, grid=grid).samples
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # v = 1 takes beta_t: another sampler (larger steps' noise), with the same mean per step
-    c = sample(
-        LearnedVarianceDenoiser(_gaussian_eps(0.7, 1.0), CHAIN, "eps"),
-        key,
-        shape,
-        solver=LearnedVarianceAncestral(),
-        steps=11,
-        grid=grid,
-    ).samples
-    assert float(jnp.max(jnp.abs(c - a))) > 1e-3
     with pytest.raises(TypeError, match="LearnedVarianceDenoiser"):
         sample(plain, key, shape, solver=LearnedVarianceAncestral(), steps=11, grid=grid)
 
@@ -186,19 +177,18 @@ def test_respaced_times_are_guided_diffusions():
     "name, overrides",
     [
         ("DiT-S/2", dict(image_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=3)),
-        (
+        pytest.param(
             "ADM-cifar10",
             dict(
-                image_size=8,
-                model_channels=16,
-                channel_mult=(1,),
-                num_res_blocks=1,
-                attn_resolutions=(),
-                norm_groups=8,
-                num_heads=2,
+                image_size=8, model_channels=16, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(), norm_groups=8
             ),
+            marks=pytest.mark.slow,
         ),
-        ("DDPM++-cifar10", dict(image_size=8, nf=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())),
+        pytest.param(
+            "DDPM++-cifar10",
+            dict(image_size=8, nf=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_learn_sigma_doubles_the_output_channels(name, overrides):
