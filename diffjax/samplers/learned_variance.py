@@ -20,21 +20,21 @@ __all__ = ["LearnedVarianceAncestral", "respaced_times"]
 class LearnedVarianceAncestral(Solver):
     """x_s ~ N(mu(x_t, x0_hat), exp(f log sigma_{t|s}^2 + (1 - f) log sigma_tilde^2)), f = (v + 1)/2:
     the Gaussian posterior q(x_s | x_t, x0) with x0 predicted and the variance interpolated by the
-    network's v (`LearnedVarianceDenoiser`). With v = -1 it is `Ancestral`. 1 NFE per step; the
+    network's v (`LearnedVarianceDenoiser`; a plain `Denoiser` has no v and gets v = -1). With
+    v = -1 it is `Ancestral`. 1 NFE per step; the
     last step of guided-diffusion's loop (to the chain's start, no noise) is `sample`'s final
     denoising."""
 
     stochastic: ClassVar[bool] = True
 
     def step(self, denoiser, x, state, t, t_next, key):
-        if not isinstance(denoiser, LearnedVarianceDenoiser):
-            raise TypeError(
-                "LearnedVarianceAncestral needs a LearnedVarianceDenoiser (a network with 2C output channels), "
-                f"got {type(denoiser).__name__}"
-            )
         batch = x.shape[0]
         t_b, s_b = jnp.broadcast_to(t, (batch,)), jnp.broadcast_to(t_next, (batch,))
-        x0, _, v = denoiser.predict_with_variance(x, t_b)
+        if isinstance(denoiser, LearnedVarianceDenoiser):
+            x0, _, v = denoiser.predict_with_variance(x, t_b)
+        else:  # no learned variance: v = -1, the posterior's own (this is then `Ancestral`)
+            x0, eps = denoiser.predict(x, t_b)
+            v = -jnp.ones_like(x0)
         mean, log_min, log_max = gaussian_posterior(denoiser.process, x, x0, t_b, s_b)
         log_var = interpolated_log_variance(v, log_min, log_max)
         noise = jax.random.normal(key, x0.shape, x0.dtype)
