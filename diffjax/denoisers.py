@@ -52,6 +52,10 @@ __all__ = [
     "guided",
     "classifier_free_guidance",
     "autoguidance",
+    "gaussian_posterior",
+    "interpolated_log_variance",
+    "split_learned_variance",
+    "LearnedVarianceDenoiser",
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
@@ -426,3 +430,71 @@ def autoguidance(
     if weak_model is model and scale != 1.0:
         raise ValueError(f"autoguidance: guidance scale {scale!r} needs a separate weaker model; got the model itself")
     return guided(model, weak_model, scale, interval=interval, name="autoguidance")
+
+
+# ------------------------------------------------------------------------------------------------
+# Learned variances (improved DDPM, Nichol & Dhariwal 2021)
+# ------------------------------------------------------------------------------------------------
+
+
+def gaussian_posterior(process: GaussianProcess, x_t, x0, t, s):
+    """q(x_s | x_t, x0) for s < t on any Gaussian path: (mean, log_var_min, log_var_max), where
+    log_var_min is the posterior's own log-variance sigma_s^2 (1 - e^{lambda_t - lambda_s}) and
+    log_var_max that of the forward step, sigma_{t|s}^2 = sigma_t^2 (1 - e^{lambda_t - lambda_s})
+    (DDPM's beta_t); mean = (alpha_{t|s} sigma_s^2 x_t + alpha_s sigma_{t|s}^2 x0) / sigma_t^2.
+    t and s are of shape (batch,); the variances have that shape too."""
+    lam_t, lam_s = process.log_snr(t), process.log_snr(s)
+    log_gap = jnp.log(-jnp.expm1(lam_t - lam_s))  # log(1 - e^{lambda_t - lambda_s})
+    log_sigma_t, log_sigma_s = jnp.log(process.sigma(t)), jnp.log(process.sigma(s))
+    alpha_t, alpha_s = process.alpha(t), process.alpha(s)
+    keep = jnp.exp(lam_t - lam_s)  # alpha_{t|s}^2 sigma_s^2 / sigma_t^2
+    b = lambda c: broadcast_to_data(c, x_t)  # noqa: E731
+    mean = b(keep * alpha_s / alpha_t) * x_t + b(alpha_s * (1.0 - keep)) * x0
+    return mean, 2.0 * log_sigma_s + log_gap, 2.0 * log_sigma_t + log_gap
+
+
+def interpolated_log_variance(v, log_var_min, log_var_max):
+    """Improved DDPM's learned variance: log var = f log_var_max + (1 - f) log_var_min with
+    f = (v + 1) / 2, v the network's variance output (v = -1: the posterior's, v = 1: beta_t)."""
+    frac = (v + 1.0) / 2.0
+    return frac * broadcast_to_data(log_var_max, v) + (1.0 - frac) * broadcast_to_data(log_var_min, v)
+
+
+def split_learned_variance(output):
+    """(prediction, v) from a network output with 2C channels on the last axis (DiT, ADM order)."""
+    c = output.shape[-1]
+    if c % 2:
+        raise ValueError(f"a learned-variance network returns 2C channels; got {c} channels")
+    return output[..., : c // 2], output[..., c // 2 :]
+
+
+@jax.tree_util.register_pytree_node_class
+class LearnedVarianceDenoiser(Denoiser):
+    """A Denoiser for a network `fn(x, t)` with 2C output channels: the prediction (of type
+    `prediction`), then improved DDPM's variance interpolation v. Every view uses the prediction;
+    `predict_with_variance` also returns v (for `LearnedVarianceAncestral` and the VLB loss)."""
+
+    def __init__(self, fn: Callable, process: GaussianProcess, prediction: Prediction = "eps"):
+        if isinstance(prediction, EDMPreconditioned):
+            raise ValueError("a learned-variance network takes a view prediction, not EDMPreconditioned")
+        super().__init__(lambda x, t: split_learned_variance(fn(x, t))[0], process, prediction)
+        self.full_fn = fn
+
+    def tree_flatten(self):
+        return (self.process,), (self.fn, self.prediction, self.full_fn)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.fn, obj.prediction, obj.full_fn = aux
+        (obj.process,) = children
+        return obj
+
+    def predict_with_variance(self, x, t):
+        """(x0, eps, v) at (x, t): one network evaluation."""
+        t = _time_for_batch(t, x)
+        out, v = split_learned_variance(self.full_fn(x, t))
+        if out.shape != x.shape:
+            raise ValueError(f"network output shape {out.shape} (first half) differs from input shape {x.shape}")
+        x0, eps = to_x0_eps(out, self.prediction, x, PathCoefficients.at(self.process, t, x))
+        return x0, eps, v

@@ -322,7 +322,7 @@ def test_every_solver_works_with_every_process_and_prediction(name):
     """Each solver with each process (and the five prediction types, cycled) reproduces the mean
     and the spread of a Gaussian to within a coarse tolerance (40 steps; 200 for first-order ones)."""
     g = gaussian([0.5, -0.5], [0.3, 0.3])
-    steps = 200 if name in ("ddim", "ancestral", "euler", "euler_maruyama", "pc") else 40
+    steps = 200 if name in ("ddim", "ancestral", "learned_variance", "euler", "euler_maruyama", "pc") else 40
     for i, process in enumerate(ALL_PROCESSES):
         prediction = PREDICTIONS[(i + sorted(SOLVERS).index(name)) % len(PREDICTIONS)]
         t_max = None

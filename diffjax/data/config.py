@@ -27,8 +27,8 @@ import ml_collections
 
 from diffjax.validation import check_choice
 
-SOURCES = ("sklearn_digits", "npz", "idx", "image_tar", "image_folder", "tfds", "toy")
-FILE_SOURCES = ("npz", "idx", "image_tar", "image_folder")
+SOURCES = ("sklearn_digits", "npz", "idx", "image_tar", "image_folder", "tfds", "toy", "latents")
+FILE_SOURCES = ("npz", "idx", "image_tar", "image_folder", "latents")
 RESIZE_METHODS = ("none", "nearest", "bilinear", "bicubic", "box", "lanczos")
 PRESETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 CUSTOM = "custom"  # data.name of a data set described by its keys, not a preset
@@ -46,7 +46,7 @@ DATA_KEYS = {
     "image_key": (str, "image", "feature holding the image in TFDS records"),
     "label_key": (str, "label", "feature holding the class label ('' = unlabelled, labels are 0)"),
     "image_size": (int, 32, "output height = width"),
-    "channels": (int, 3, "1 (grayscale) or 3 (RGB); archives are converted to it"),
+    "channels": (int, 3, "1 (grayscale) or 3 (RGB); archives are converted to it; latents: their channels"),
     "resize_method": (str, "none", f"'none' (images already image_size) or a PIL filter {RESIZE_METHODS[1:]}"),
     "center_crop": (bool, False, "crop the largest centred square before resizing"),
     "random_flip": (bool, False, "random horizontal flip, p = 1/2 per example"),
@@ -168,8 +168,10 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"unknown data source {c.source!r}; sources are {SOURCES}")
     if c.resize_method not in RESIZE_METHODS:
         raise ValueError(f"unknown resize_method {c.resize_method!r}; allowed: {RESIZE_METHODS}")
-    if c.channels not in (1, 3):
+    if c.channels not in (1, 3) and not (c.source == "latents" and c.channels >= 1):
         raise ValueError(f"channels must be 1 or 3, got {c.channels}")
+    if c.source == "latents" and (c.dequantize or c.resize_method != "none" or c.center_crop):
+        raise ValueError("source 'latents' holds float latents: dequantize, resize_method and center_crop do not apply")
     if c.image_size < 1:
         raise ValueError(f"image_size must be positive, got {c.image_size}")
     if c.num_classes < 0:

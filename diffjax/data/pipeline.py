@@ -36,6 +36,7 @@ from absl import flags
 
 from diffjax.data import sources
 from diffjax.data.config import validate_data_config
+from diffjax.data.latents import LatentSource
 
 STATE_VERSION = 1
 
@@ -124,6 +125,11 @@ def augment(images: np.ndarray, positions: np.ndarray, *, seed: int, random_flip
     return out
 
 
+def flip_draws(positions: np.ndarray, seed: int) -> np.ndarray:
+    """The per-example flip decisions of `augment` (the first draw of each example's stream)."""
+    return np.array([np.random.Generator(np.random.Philox(key=[int(p), seed])).random() < 0.5 for p in positions], bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchLoader:
     """batch index -> this host's batch {"image", "label"[, "mask"]}; picklable for grain workers."""
@@ -136,13 +142,18 @@ class BatchLoader:
     def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
         positions = self.plan.positions(batch_index)
         records, valid = self.plan.records(positions)
-        images, labels = self.source.read(records)
-        batch = {
-            "image": augment(
-                images, positions, seed=self.plan.seed, random_flip=self.random_flip, dequantize=self.dequantize
-            ),
-            "label": labels.astype(np.int32),
-        }
+        if isinstance(self.source, LatentSource):  # float latents; flips pick the flipped image's latents
+            flips = flip_draws(positions, self.plan.seed) if self.random_flip else np.zeros(len(records), bool)
+            images, labels = self.source.read_flipped(records, flips) if self.random_flip else self.source.read(records)
+            batch = {"image": np.asarray(images, np.float32), "label": labels.astype(np.int32)}
+        else:
+            images, labels = self.source.read(records)
+            batch = {
+                "image": augment(
+                    images, positions, seed=self.plan.seed, random_flip=self.random_flip, dequantize=self.dequantize
+                ),
+                "label": labels.astype(np.int32),
+            }
         if not self.plan.drop_remainder and self.plan.num_epochs is not None:
             batch["mask"] = valid
         return batch

@@ -25,7 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from tensorflow_datasets.proto import tf_example_pb2
 
-from diffjax.data import builders, formats
+from diffjax.data import builders, formats, latents
 from diffjax.data.config import validate_data_config
 
 DIGITS_NUM_EXAMPLES = 1797
@@ -79,6 +79,9 @@ def _source_info(config) -> DataInfo:
         raise ValueError("source 'toy' is sampled by diffjax.data.toy, not by the image pipeline")
     if config.source == "sklearn_digits":
         return DataInfo(output, (8, 8, 1), {"train": DIGITS_NUM_EXAMPLES}, 10)
+    if config.source == "latents":
+        shape, counts, num_classes, _ = latents.latent_cache_info(config.path)
+        return DataInfo(output, shape, counts, num_classes)
     if config.source in builders.LOCAL_SOURCES:
         data_dir = config.data_dir or builders.default_data_dir()
         if builders.is_prepared(config.source, config.path, config.channels, data_dir):
@@ -370,6 +373,8 @@ def open_source(data_config, split: str):
     config = validate_data_config(data_config)
     info = dataset_info(config)
     check_split(info, split, config.source)
+    if config.source == "latents":
+        return latents.open_latent_source(config.path, split, config.num_classes)
     spec = ImageSpec.from_config(config)
     if config.source == "sklearn_digits":
         source = _digits_source(spec)

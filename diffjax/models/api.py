@@ -90,8 +90,11 @@ def _presets() -> dict[str, ModelConfig]:
         "NCSN++-cifar10-deep": dataclasses.replace(ncsnpp, num_res_blocks=8),
         # EDM's re-tuned CIFAR-10 networks (Karras et al. 2022, config F): 3 levels of 256 channels,
         # dropout 0.13, fed EDM's c_noise = log(sigma) / 4 (time_scale 1).
-        "DDPM++-cifar10-edm": dataclasses.replace(ddpmpp, ch_mult=(2, 2, 2), dropout=0.13, time_scale=1.0),
-        "NCSN++-cifar10-edm": dataclasses.replace(ncsnpp, ch_mult=(2, 2, 2), dropout=0.13),
+        # Class-conditional versions (num_classes=...) take labels through EDM's map_label.
+        "DDPM++-cifar10-edm": dataclasses.replace(
+            ddpmpp, ch_mult=(2, 2, 2), dropout=0.13, time_scale=1.0, class_embedding="linear"
+        ),
+        "NCSN++-cifar10-edm": dataclasses.replace(ncsnpp, ch_mult=(2, 2, 2), dropout=0.13, class_embedding="linear"),
         # Improved DDPM CIFAR-10 (Nichol & Dhariwal 2021) and ADM ImageNet 64x64 (Dhariwal & Nichol).
         "ADM-cifar10": ADMUNetConfig(
             image_size=32,

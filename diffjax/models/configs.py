@@ -38,6 +38,8 @@ class ModelConfig:
       kernels pick the best for the platform.
     remat: rematerialization of each residual/transformer block: "none", "full" (save nothing),
       "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
+    learn_sigma: output 2 * in_channels channels, the prediction followed by the variance
+      interpolation v of improved DDPM (Nichol & Dhariwal 2021), as DiT's and ADM's code name it.
     """
 
     image_size: int | tuple[int, int]
@@ -48,6 +50,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str | None = None
     remat: str = "none"
+    learn_sigma: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -83,6 +90,8 @@ class ModelConfig:
             )
         if self.remat not in REMAT_CHOICES:
             _fail(cls, "remat", self.remat, f"one of {REMAT_CHOICES}")
+        if not isinstance(self.learn_sigma, bool):
+            _fail(cls, "learn_sigma", self.learn_sigma, "True or False")
         return self
 
 
@@ -120,7 +129,10 @@ class SongUNetConfig(ModelConfig):
     resampling with fir_kernel), skip_rescale (divide residual sums by sqrt 2), progressive
     ("none" | "output_skip" | "residual"), progressive_input ("none" | "input_skip" | "residual"),
     progressive_combine ("sum" | "cat"), embedding_type ("positional" | "fourier"), fourier_scale,
-    init_scale (scale of the last conv of each block; 0 = zero init).
+    init_scale (scale of the last conv of each block; 0 = zero init), class_embedding (how labels
+    enter: "table", a (num_classes + 1)-row table added after the time MLP as in ADM; "linear", EDM's
+    `map_label`, a biased Linear of sqrt(num_classes) * one_hot(y) added to the noise features before
+    the time MLP, the null class being the zero vector).
     """
 
     nf: int = 128
@@ -139,6 +151,7 @@ class SongUNetConfig(ModelConfig):
     embedding_type: str = "positional"
     fourier_scale: float = 16.0
     init_scale: float = 0.0
+    class_embedding: str = "table"
 
     def validate(self):
         super().validate()
@@ -156,6 +169,7 @@ class SongUNetConfig(ModelConfig):
             progressive_input=("none", "input_skip", "residual"),
             progressive_combine=("sum", "cat"),
             embedding_type=("positional", "fourier"),
+            class_embedding=("table", "linear"),
         )
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -221,6 +235,9 @@ class DiTConfig(ModelConfig):
     patch_size p, hidden_size D, depth (number of adaLN-Zero blocks), num_heads, mlp_ratio,
     frequency_embedding_size (sinusoidal features of t before the time MLP), scan_layers (stack the
     blocks and run them with a scan: compile time flat in depth; False unrolls the same parameters).
+    frequency_shift and mlp_norm_eps are 0 and 1e-6 in the original DiT; diffusers'
+    DiTTransformer2DModel uses time frequencies 10000^(-k / (half - 1)) (frequency_shift 1) and eps
+    1e-5 in the LayerNorm before each block's MLP (its norm3).
     """
 
     patch_size: int = 2
@@ -230,6 +247,8 @@ class DiTConfig(ModelConfig):
     mlp_ratio: float = 4.0
     frequency_embedding_size: int = 256
     scan_layers: bool = True
+    frequency_shift: int = 0
+    mlp_norm_eps: float = 1e-6
 
     def validate(self):
         super().validate()
@@ -245,6 +264,10 @@ class DiTConfig(ModelConfig):
             _fail(cls, "hidden_size", self.hidden_size, "must be divisible by 4 (2-D sin-cos positions)")
         if not self.mlp_ratio > 0 or int(self.hidden_size * self.mlp_ratio) < 1:
             _fail(cls, "mlp_ratio", self.mlp_ratio, "a positive number")
+        if self.frequency_shift not in (0, 1):
+            _fail(cls, "frequency_shift", self.frequency_shift, "0 (original DiT) or 1 (diffusers)")
+        if not isinstance(self.mlp_norm_eps, (int, float)) or not self.mlp_norm_eps > 0:
+            _fail(cls, "mlp_norm_eps", self.mlp_norm_eps, "a positive number")
         return self
 
     @property

@@ -58,12 +58,13 @@ class DiTBlock(nnx.Module):
         self.fc1 = L.Dense(d, cfg.mlp_hidden, names=("embed", "mlp"), kernel_init=xavier_uniform(), **dt)
         self.fc2 = L.Dense(cfg.mlp_hidden, d, names=("mlp", "embed"), kernel_init=xavier_uniform(), **dt)
         self.modulation = L.Dense(d, 6 * d, names=("embed", "mlp"), kernel_init=L.zeros_init, **dt)
+        self.mlp_norm_eps = cfg.mlp_norm_eps
 
     def __call__(self, x, silu_c):
         mod = self.modulation(silu_c)[:, None, :]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
         x = x + gate_a * self.attn(modulate(L.layer_norm(x), shift_a, scale_a))
-        h = self.fc1(modulate(L.layer_norm(x), shift_m, scale_m))
+        h = self.fc1(modulate(L.layer_norm(x, self.mlp_norm_eps), shift_m, scale_m))
         h = L.constrain(jax.nn.gelu(h, approximate=True), ("batch", "seq", "act_mlp"))
         x = x + gate_m * self.fc2(h)
         return L.constrain(x, ("batch", "seq", "act_embed"))
@@ -78,8 +79,8 @@ class DiT(nnx.Module):
     time MLP on sinusoidal features, class embedding with a null class (row num_classes),
     `depth` adaLN-Zero blocks, adaLN final layer (zero-initialised) and unpatchify.
 
-    Unlike the reference DiT the output always has the input's channels (no learned-sigma half) and
-    the position table is a constant of the input size, not a stored buffer.
+    With learn_sigma the output has 2C channels (the prediction, then the variance interpolation v),
+    as the reference DiT; the position table is a constant of the input size, not a stored buffer.
     """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -105,7 +106,7 @@ class DiT(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_modulation = L.Dense(d, 2 * d, names=("embed", "mlp"), kernel_init=L.zeros_init, **dt)
-        self.final_linear = L.Dense(d, p * p * c, names=("embed", None), kernel_init=L.zeros_init, **dt)
+        self.final_linear = L.Dense(d, p * p * cfg.out_channels, names=("embed", None), kernel_init=L.zeros_init, **dt)
 
     def _patchify(self, x):
         b, h, w, c = x.shape
@@ -116,7 +117,7 @@ class DiT(nnx.Module):
         return tokens + jnp.asarray(pos, tokens.dtype)[None]
 
     def _unpatchify(self, tokens, h, w):
-        b, p, c = tokens.shape[0], self.cfg.patch_size, self.cfg.in_channels
+        b, p, c = tokens.shape[0], self.cfg.patch_size, self.cfg.out_channels
         x = tokens.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, h, w, c)
 
@@ -143,7 +144,9 @@ class DiT(nnx.Module):
         t = L.check_time(t, b)
         y = L.labels_or_null(y, b, cfg.num_classes)
         tokens = L.constrain(self._patchify(x.astype(cfg.compute_dtype)), ("batch", "seq", "act_embed"))
-        freq = L.sinusoidal_embedding(cfg.time_scale * t, cfg.frequency_embedding_size)
+        freq = L.sinusoidal_embedding(
+            cfg.time_scale * t, cfg.frequency_embedding_size, endpoint=cfg.frequency_shift == 1
+        )
         cond = self.time1(jax.nn.silu(self.time0(freq)))
         if y is not None:
             cond = cond + self.class_embed(y)

@@ -324,14 +324,26 @@ def sinusoidal_embedding(
     return emb
 
 
-def gaussian_fourier_embedding(t: jax.Array, num_features: int, *, scale: float, seed: int = 0) -> jax.Array:
-    """Random Fourier features [sin(2 pi t W), cos(2 pi t W)], W ~ N(0, scale^2) (Tancik et al. 2020;
-    NCSN++ in Song et al. 2021). W is fixed (not trained) and derived from `seed`, so it is a
-    constant of the architecture rather than a parameter. Output (batch, 2 * num_features), float32.
+def gaussian_fourier_embedding(t: jax.Array, freqs: jax.Array) -> jax.Array:
+    """Fourier features [sin(2 pi t w), cos(2 pi t w)] of t for frequencies `freqs` (Tancik et al. 2020;
+    NCSN++ in Song et al. 2021, where w ~ N(0, scale^2) is drawn once and kept fixed). Output
+    (batch, 2 * len(freqs)), float32.
     """
-    w = scale * np.random.default_rng(seed).standard_normal(num_features).astype(np.float32)
-    proj = t.astype(jnp.float32)[:, None] * jnp.asarray(w)[None] * (2 * np.pi)
+    proj = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None] * (2 * np.pi)
     return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
+
+
+class FourierFeatures(nnx.Module):
+    """NCSN++'s Gaussian Fourier time features with the frequencies stored as a parameter `freqs`
+    (w ~ N(0, scale^2) at init, like score-SDE's `W` and EDM's `freqs` buffer) so a trained network's
+    frequencies load with it. The frequencies get no gradient (stop_gradient), as in the references."""
+
+    def __init__(self, num_features: int, *, scale: float, rngs: nnx.Rngs):
+        init = lambda key, shape, dtype: scale * jax.random.normal(key, shape, dtype)  # noqa: E731
+        self.freqs = _param(init, rngs.params(), (num_features,), jnp.float32, (None,))
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return gaussian_fourier_embedding(t, jax.lax.stop_gradient(self.freqs[...]))
 
 
 class ClassEmbedding(nnx.Module):

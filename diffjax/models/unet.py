@@ -142,7 +142,8 @@ def _song_attention(cfg: SongUNetConfig, channels: int, rngs) -> AttnBlock:
 
 class SongUNet(nnx.Module):
     """DDPM++ and NCSN++ U-Nets (Song et al. 2021, "Score-Based Generative Modeling through SDEs"),
-    with the class embedding (plus a null class) added to the time embedding as in ADM.
+    with the class embedding (plus a null class) added to the time embedding as in ADM
+    (class_embedding "table") or EDM's map_label before the time MLP (class_embedding "linear").
 
     Structure follows score_sde's `NCSNpp`: a conv stem, `num_res_blocks` residual blocks per level
     (attention after each block at `attn_resolutions`), resampling blocks between levels, optional
@@ -160,7 +161,21 @@ class SongUNet(nnx.Module):
         emb_in = 2 * nf if cfg.embedding_type == "fourier" else nf
         self.temb0 = L.Dense(emb_in, temb_dim, names=(None, "mlp"), kernel_init=L.scaled_fan_avg_uniform(), **dt)
         self.temb1 = L.Dense(temb_dim, temb_dim, names=("mlp", "embed"), kernel_init=L.scaled_fan_avg_uniform(), **dt)
-        self.class_embed = L.ClassEmbedding(cfg.num_classes, temb_dim, **dt) if cfg.num_classes else None
+        self.fourier = (
+            L.FourierFeatures(nf, scale=cfg.fourier_scale, rngs=rngs) if cfg.embedding_type == "fourier" else None
+        )
+        self.class_embed = (
+            L.ClassEmbedding(cfg.num_classes, temb_dim, **dt)
+            if cfg.num_classes and cfg.class_embedding == "table"
+            else None
+        )
+        # EDM's map_label: a biased Linear of sqrt(num_classes) * one_hot(y) added to the noise features
+        # before the time MLP; the null class is the zero vector (so it maps to the bias alone).
+        self.map_label = (
+            L.Dense(cfg.num_classes, emb_in, names=("classes", None), kernel_init=L.scaled_fan_avg_uniform(), **dt)
+            if cfg.num_classes and cfg.class_embedding == "linear"
+            else None
+        )
 
         def block(cin, cout, **kw):
             return SongResBlock(cfg, cin, cout, temb_dim, rngs=rngs, **kw)
@@ -221,7 +236,7 @@ class SongUNet(nnx.Module):
                 if i == nlev - 1 or cfg.progressive == "output_skip":
                     up[f"level{i}_pyramid_norm"] = L.GroupNorm(ch, min(ch // 4, 32), eps=1e-6, **dt)
                     if cfg.progressive == "output_skip":
-                        up[f"level{i}_pyramid_conv"] = L.Conv2d(ch, cfg.in_channels, 3, kernel_init=out_init, **dt)
+                        up[f"level{i}_pyramid_conv"] = L.Conv2d(ch, cfg.out_channels, 3, kernel_init=out_init, **dt)
                     else:
                         up[f"level{i}_pyramid_conv"] = L.Conv2d(ch, ch, 3, kernel_init=conv_init, **dt)
                 if i != nlev - 1:
@@ -230,7 +245,7 @@ class SongUNet(nnx.Module):
                         if cfg.progressive == "output_skip"
                         else resample(pyramid_ch, ch, up=True, with_conv=True)
                     )
-                pyramid_ch = cfg.in_channels if cfg.progressive == "output_skip" else ch
+                pyramid_ch = cfg.out_channels if cfg.progressive == "output_skip" else ch
             if i != 0:
                 if cfg.resblock_type == "ddpm":
                     up[f"level{i}_up"] = resample(ch, ch, up=True, with_conv=cfg.resamp_with_conv)
@@ -240,17 +255,20 @@ class SongUNet(nnx.Module):
         self.up = nnx.Dict(up)
         if cfg.progressive != "output_skip":
             self.norm_out = L.GroupNorm(ch, min(ch // 4, 32), eps=1e-6, **dt)
-            self.conv_out = L.Conv2d(ch, cfg.in_channels, 3, kernel_init=out_init, **dt)
+            self.conv_out = L.Conv2d(ch, cfg.out_channels, 3, kernel_init=out_init, **dt)
 
     def _time_embedding(self, t, y):
         cfg = self.cfg
         s = cfg.time_scale * t
         if cfg.embedding_type == "fourier":
-            emb = L.gaussian_fourier_embedding(s, cfg.nf, scale=cfg.fourier_scale)
+            emb = self.fourier(s)
         else:
             emb = L.sinusoidal_embedding(s, cfg.nf, cos_first=False, endpoint=True)
+        if y is not None and self.map_label is not None:
+            one_hot = jax.nn.one_hot(y, cfg.num_classes, dtype=jnp.float32)  # the null class -> zeros
+            emb = emb + self.map_label(one_hot * math.sqrt(cfg.num_classes)).astype(jnp.float32)
         temb = self.temb1(jax.nn.silu(self.temb0(emb)))
-        if y is not None:
+        if y is not None and self.class_embed is not None:
             temb = temb + self.class_embed(y)
         return temb
 
@@ -463,7 +481,7 @@ class ADMUNet(nnx.Module):
         self.up = nnx.Dict(up)
         self.down_order, self.up_order = tuple(down), tuple(up)  # forward order of the layers
         self.norm_out = L.GroupNorm(ch, cfg.norm_groups, eps=1e-5, **dt)
-        self.conv_out = L.Conv2d(ch, cfg.in_channels, 3, kernel_init=L.zeros_init, **dt)
+        self.conv_out = L.Conv2d(ch, cfg.out_channels, 3, kernel_init=L.zeros_init, **dt)
 
     def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
         cfg = self.cfg

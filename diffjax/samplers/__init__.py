@@ -19,6 +19,7 @@ validated on construction. Config names (the `SOLVERS` table, for
     pc                predictor-corrector with Langevin corrector (snr, n_corrector)       n+1, -
     sa_solver         SA-Solver stochastic Adams predictor/corrector (tau)                 1, -
     gaussian_pc       exact for isotropic Gaussian data, variance fitted per sample (default)  1, 2
+    learned_variance  ancestral with improved DDPM's learned variance (LearnedVarianceDenoiser)  1, -
 
 Grids (the `GRIDS` table): "uniform" `Uniform()`, "logsnr" `LogSNR()`, "karras" `Karras(rho)`,
 "quadratic" `Quadratic()`, "flow_time" `FlowTime(sigma_data)` (uniform in sigma/(sigma + sigma_data
@@ -38,6 +39,7 @@ from diffjax.samplers.gaussian_pc import GaussianPC
 from diffjax.samplers.grids import GRIDS, FlowTime, Grid, Karras, LogSNR, Quadratic, Times, Uniform
 from diffjax.samplers.heun import EDMHeun, EDMStochastic, Heun
 from diffjax.samplers.langevin import LangevinPC
+from diffjax.samplers.learned_variance import LearnedVarianceAncestral, respaced_times
 from diffjax.samplers.optimize import optimize_grid
 from diffjax.samplers.predictor_corrector import PCStep, PredictorCorrector
 from diffjax.samplers.sa_solver import SASolver
@@ -78,6 +80,8 @@ __all__ = [
     "DEIS",
     "EDMHeun",
     "EDMStochastic",
+    "LearnedVarianceAncestral",
+    "respaced_times",
     "Adaptive",
     "LangevinPC",
     "SASolver",

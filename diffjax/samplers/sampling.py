@@ -28,6 +28,7 @@ from diffjax.samplers.gaussian_pc import GaussianPC
 from diffjax.samplers.grids import GRIDS, Grid, Times, as_grid
 from diffjax.samplers.heun import EDMHeun, EDMStochastic, Heun
 from diffjax.samplers.langevin import LangevinPC
+from diffjax.samplers.learned_variance import LearnedVarianceAncestral
 from diffjax.samplers.sa_solver import SASolver
 from diffjax.samplers.unipc import UniPC
 from diffjax.validation import check_count, check_key, check_shape
@@ -53,6 +54,7 @@ SOLVERS: dict[str, type[Solver]] = {
     "pc": LangevinPC,
     "sa_solver": SASolver,
     "gaussian_pc": GaussianPC,
+    "learned_variance": LearnedVarianceAncestral,
 }
 
 # The default: the Gaussian-exact predictor-corrector on its flow-time grid; what it reaches:

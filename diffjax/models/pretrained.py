@@ -1,0 +1,787 @@
+"""Published checkpoints in: `load_pretrained(path)` reads a checkpoint of a reference implementation
+and returns our model with those weights, the process and the prediction it was trained with.
+
+Formats (inferred from the file's content, not its name):
+
+- "dit": facebookresearch/DiT `.pt` (a state dict, or a training checkpoint with "ema"/"model");
+  linear betas 1e-4..0.02 over 1000 steps, eps prediction, learned sigma when the output has 2C
+  channels.
+- "adm": openai/guided-diffusion and improved-diffusion `UNetModel` `.pt` (state dict). The file
+  holds no schedule, image size or head count: pass `image_size`, `noise_schedule` ("linear" or
+  "cosine"), `diffusion_steps`, `num_heads` / `num_head_channels`, `attention_order`.
+- "edm": NVlabs/edm `SongUNet` (DDPM++ and NCSN++, conditional or not) as a state dict saved with
+  `torch.save(net.state_dict())` or as safetensors (EDM's `.pkl` pickles torch modules together
+  with their source code and is not read). Keys may carry EDMPrecond's "model." prefix. Returned
+  with the EDM process and `EDMPreconditioned(sigma_data)` (EDMPrecond only).
+- "diffusers-vae": a diffusers folder of `AutoencoderKL` (Stable Diffusion's VAE), returned as a
+  `PretrainedAutoencoder` (the `AutoencoderKL` model with its scaling factor).
+- "diffusers-dit": a diffusers folder (config.json + diffusion_pytorch_model.safetensors or .bin) of
+  `DiTTransformer2DModel`; loaded with `frequency_shift=1` and `mlp_norm_eps=1e-5` (diffusers'
+  settings), the time embedding of the first block (diffusers stores one per block).
+
+Torch files are read without torch (`diffjax.models.torch_files`), safetensors with numpy. A
+network input convention is part of the result: DDPM chains embed the integer step j = N t - 1 of
+the discrete process at t = (j + 1) / N; EDM networks see c_noise = log(sigma) / 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx import traversals
+
+from diffjax.denoisers import Denoiser, EDMPreconditioned, LearnedVarianceDenoiser
+from diffjax.models.api import build, functional, get_config
+from diffjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from diffjax.models.configs import ModelConfig
+from diffjax.models.torch_files import is_safetensors, load_torch_object, read_safetensors
+from diffjax.processes import EDM, DiscreteVP, GaussianProcess
+
+FORMATS = ("dit", "adm", "edm", "diffusers-dit", "diffusers-vae")
+_DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S, B, L, XL
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pretrained:
+    """A loaded checkpoint: the model (weights set), its process and prediction.
+
+    `network(y=None)` is `fn(x, t)` in the process's time returning the prediction (the first C
+    channels when the variance is learned); `variance_network(y=None)` returns (prediction, v) for a
+    learned-variance model; `denoiser(y=None)` wraps `network` in a `Denoiser`. `apply` / `params`
+    are the functional view of `model` (the raw network, called with the network's own time input).
+    """
+
+    model: nnx.Module
+    config: ModelConfig
+    process: GaussianProcess
+    prediction: Any
+    format: str
+    learned_variance: bool
+    time_input: Callable[[jax.Array], jax.Array]
+    apply: Callable
+    params: dict
+
+    def _raw(self, params, y):
+        params = self.params if params is None else params
+        return lambda x, t: self.apply(params, x, self.time_input(t), y)
+
+    def network(self, y=None, params=None) -> Callable:
+        raw, c = self._raw(params, y), self.config.in_channels
+        return (lambda x, t: raw(x, t)[..., :c]) if self.learned_variance else raw
+
+    def variance_network(self, y=None, params=None) -> Callable:
+        if not self.learned_variance:
+            raise ValueError(f"this {self.format} checkpoint has no learned variance (output has C channels)")
+        raw, c = self._raw(params, y), self.config.in_channels
+
+        def fn(x, t):
+            out = raw(x, t)
+            return out[..., :c], out[..., c:]
+
+        return fn
+
+    def denoiser(self, y=None, params=None) -> Denoiser:
+        """A `Denoiser`; for a learned-variance model a `LearnedVarianceDenoiser` (for
+        `LearnedVarianceAncestral`; every other solver uses the prediction alone)."""
+        if self.learned_variance:
+            return LearnedVarianceDenoiser(self._raw(params, y), self.process, self.prediction)
+        return Denoiser(self.network(y, params), self.process, self.prediction)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules of the DDPM-family checkpoints (improved DDPM, Nichol & Dhariwal 2021).
+# ----------------------------------------------------------------------------------------------
+
+
+def ddpm_betas(schedule: str, steps: int) -> np.ndarray:
+    """guided-diffusion's `get_named_beta_schedule`: "linear" (1e-4..0.02 scaled by 1000 / steps) or
+    "cosine" (alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2), betas clipped at 0.999)."""
+    if schedule == "linear":
+        scale = 1000 / steps
+        return np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
+    if schedule == "cosine":
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array([min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)])
+    raise ValueError(f"noise_schedule={schedule!r} is invalid: one of ('linear', 'cosine')")
+
+
+def _step_index(steps: int) -> Callable:
+    return lambda t: jnp.asarray(t, jnp.float32) * steps - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the files
+# ----------------------------------------------------------------------------------------------
+
+
+def _state_dict(path: Path) -> dict[str, np.ndarray]:
+    if is_safetensors(path):
+        return read_safetensors(path)
+    obj = load_torch_object(path)
+    if isinstance(obj, dict):
+        for key in ("ema", "state_dict", "model"):
+            if isinstance(obj.get(key), dict) and any(isinstance(v, np.ndarray) for v in obj[key].values()):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    flat = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    for prefix in ("module.", "_orig_mod."):
+        if flat and all(k.startswith(prefix) for k in flat):
+            flat = {k[len(prefix) :]: v for k, v in flat.items()}
+    return flat
+
+
+def _detect(sd: dict[str, np.ndarray]) -> str:
+    if "x_embedder.proj.weight" in sd:
+        return "dit"
+    if "input_blocks.0.0.weight" in sd:
+        return "adm"
+    keys = {k.removeprefix("model.") for k in sd}
+    if "map_layer0.weight" in keys and any(k.startswith("dec.") and "_aux_conv" in k for k in keys):
+        return "edm"
+    if "map_layer0.weight" in keys and "out_conv.weight" in keys:
+        raise ValueError("EDM's DhariwalUNet (ADM) state dicts are not supported; use guided-diffusion's checkpoints")
+    return ""
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    param_dtype: str = "float32",
+    dtype: str = "float32",
+    **options,
+) -> Pretrained:
+    """Load a published checkpoint (see the module docstring for the formats and their options).
+
+    The format is inferred from the content; `format=` forces one of FORMATS. Parameters are stored
+    in `param_dtype` ("float32" or "bfloat16") and computed in `dtype`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint: {str(path)!r}")
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format={format!r} is invalid: one of {FORMATS} (or None to infer it)")
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ValueError(f"{str(path)!r} is a folder without config.json: not a diffusers model folder")
+        config = json.loads(cfg_path.read_text())
+        name = config.get("_class_name")
+        if name == "AutoencoderKL":
+            return _from_diffusers_vae(_state_dict(_diffusers_weights(path)), config, options, param_dtype, dtype, path)
+        if name != "DiTTransformer2DModel":
+            raise ValueError(
+                f"{str(path)!r}: diffusers class {name!r} is not supported; known: DiTTransformer2DModel, "
+                f"AutoencoderKL (formats {FORMATS})"
+            )
+        sd = _state_dict(_diffusers_weights(path))
+        return _finish(*_from_diffusers_dit(sd, config, options), param_dtype, dtype, "diffusers-dit", path)
+    sd = _state_dict(path)
+    kind = format or _detect(sd)
+    if kind not in ("dit", "adm", "edm"):
+        some = ", ".join(sorted(sd)[:5])
+        raise ValueError(
+            f"{str(path)!r}: could not tell the checkpoint's format from its keys ({some}, ...); "
+            f"known formats: {FORMATS}"
+        )
+    convert = {"dit": _from_dit, "adm": _from_adm, "edm": _from_edm}[kind]
+    return _finish(*convert(sd, options), param_dtype, dtype, kind, path)
+
+
+def _diffusers_weights(folder: Path) -> Path:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(f"{str(folder)!r} has no diffusion_pytorch_model.safetensors or .bin")
+
+
+def _finish(config_name, overrides, params, extras, options, param_dtype, dtype, kind, path) -> Pretrained:
+    unknown = sorted(set(options))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for format {kind!r}")
+    cfg = get_config(config_name, **overrides, param_dtype=param_dtype, dtype=dtype)
+    model = nnx.eval_shape(lambda: build(cfg))
+    _set_params(model, params, path, kind)
+    apply, params = functional(model)
+    return Pretrained(model=model, config=cfg, apply=apply, params=params, format=kind, **extras)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers: torch (out, in[, kh, kw]) -> ours (in, out) / HWIO.
+# ----------------------------------------------------------------------------------------------
+
+
+def _linear(sd, name) -> dict:
+    out = {"kernel": np.ascontiguousarray(sd[f"{name}.weight"].T)}
+    if f"{name}.bias" in sd:
+        out["bias"] = sd[f"{name}.bias"]
+    return out
+
+
+def _conv(sd, name) -> dict:
+    w = sd[f"{name}.weight"]
+    if w.ndim == 3:  # Conv1d 1x1 (guided-diffusion attention)
+        w = w[..., None]
+    out = {"kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0))}
+    if f"{name}.bias" in sd:
+        out["bias"] = sd[f"{name}.bias"]
+    return out
+
+
+def _norm(sd, name) -> dict:
+    return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+
+
+def _class_table(table: np.ndarray, num_classes: int) -> np.ndarray:
+    """A (num_classes [+ 1], D) table as ours with a null row (zeros where the reference has none)."""
+    if table.shape[0] == num_classes:
+        table = np.concatenate([table, np.zeros_like(table[:1])])
+    return table
+
+
+def _require(sd: dict, keys, kind: str) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise ValueError(f"not a {kind} state dict: missing {missing[:5]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT (facebookresearch/DiT) and diffusers' DiTTransformer2DModel
+# ----------------------------------------------------------------------------------------------
+
+
+def _dit_qkv(w: np.ndarray, b: np.ndarray, heads: int) -> dict:
+    d = w.shape[1]
+    return {"kernel": np.ascontiguousarray(w.T).reshape(d, 3, heads, d // heads), "bias": b.reshape(3, heads, -1)}
+
+
+def _dit_out(w: np.ndarray, b: np.ndarray, heads: int) -> dict:
+    d = w.shape[0]
+    return {"kernel": np.ascontiguousarray(w.T).reshape(heads, d // heads, d), "bias": b}
+
+
+def _stack(blocks: list[dict]) -> dict:
+    return jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+
+
+def _dit_overrides(hidden, c_in, p, depth, c_out, num_classes, image_size, mlp_hidden, options) -> dict:
+    heads = options.pop("num_heads", _DIT_HEADS.get(hidden))
+    if heads is None:
+        raise ValueError(f"hidden size {hidden} is not a published DiT size: pass num_heads=")
+    if c_out not in (c_in, 2 * c_in):
+        raise ValueError(f"DiT output has {c_out} channels; expected {c_in} or {2 * c_in} (learned sigma)")
+    return dict(
+        image_size=image_size,
+        in_channels=c_in,
+        patch_size=p,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_hidden / hidden,
+        num_classes=num_classes,
+        learn_sigma=c_out == 2 * c_in,
+        time_scale=1.0,
+    )
+
+
+def _ddpm_extras(options, learned: bool, steps_default: int = 1000, schedule_default: str = "linear") -> dict:
+    steps = options.pop("diffusion_steps", steps_default)
+    schedule = options.pop("noise_schedule", schedule_default)
+    return dict(
+        process=DiscreteVP.from_betas(ddpm_betas(schedule, steps)),
+        prediction="eps",
+        learned_variance=learned,
+        time_input=_step_index(steps),
+    )
+
+
+def _from_dit(sd, options):
+    _require(sd, ["x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight"], "DiT")
+    w = sd["x_embedder.proj.weight"]
+    hidden, c_in, p = w.shape[0], w.shape[1], w.shape[2]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    c_out = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if "pos_embed" not in sd and "image_size" not in options:
+        raise ValueError("DiT state dict without pos_embed: pass image_size=")
+    default_size = int(round(math.sqrt(sd["pos_embed"].shape[1]))) * p if "pos_embed" in sd else None
+    image_size = options.pop("image_size", default_size)
+    table = sd["y_embedder.embedding_table.weight"]
+    num_classes = options.pop("num_classes", table.shape[0] - 1)
+    mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    ov = _dit_overrides(hidden, c_in, p, depth, c_out, num_classes, image_size, mlp_hidden, options)
+    heads = ov["num_heads"]
+    blocks = []
+    for i in range(depth):
+        b = f"blocks.{i}."
+        blocks.append(
+            {
+                "attn": {
+                    "qkv": _dit_qkv(sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"], heads),
+                    "out": _dit_out(sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"], heads),
+                },
+                "fc1": _linear(sd, b + "mlp.fc1"),
+                "fc2": _linear(sd, b + "mlp.fc2"),
+                "modulation": _linear(sd, b + "adaLN_modulation.1"),
+            }
+        )
+    params = {
+        "patch_embed": _conv(sd, "x_embedder.proj"),
+        "time0": _linear(sd, "t_embedder.mlp.0"),
+        "time1": _linear(sd, "t_embedder.mlp.2"),
+        "class_embed": {"table": _class_table(table, num_classes)},
+        "blocks": _stack(blocks),
+        "final_modulation": _linear(sd, "final_layer.adaLN_modulation.1"),
+        "final_linear": _linear(sd, "final_layer.linear"),
+    }
+    return "DiT-S/2", ov, params, _ddpm_extras(options, ov["learn_sigma"]), options
+
+
+def _from_diffusers_dit(sd, config, options):
+    if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+        raise ValueError(f"diffusers DiT with norm_type {config.get('norm_type')!r} is not supported")
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    hidden, p, c_in = heads * head_dim, config["patch_size"], config["in_channels"]
+    c_out = config.get("out_channels") or c_in
+    depth = config["num_layers"]
+    num_classes = config.get("num_embeds_ada_norm") or 1000
+    mlp_hidden = sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+    options.setdefault("num_heads", heads)
+    ov = _dit_overrides(hidden, c_in, p, depth, c_out, num_classes, config["sample_size"], mlp_hidden, options)
+    ov.update(frequency_shift=1, mlp_norm_eps=float(config.get("norm_eps", 1e-5)))
+    emb = "transformer_blocks.0.norm1.emb."
+    for i in range(1, depth):
+        for k in ("timestep_embedder.linear_1.weight", "class_embedder.embedding_table.weight"):
+            other = sd[f"transformer_blocks.{i}.norm1.emb.{k}"]
+            if not np.array_equal(other, sd[emb + k]):
+                raise ValueError(
+                    f"diffusers DiT block {i} has its own {k}; one shared time/label embedding is supported"
+                )
+    blocks = []
+    for i in range(depth):
+        b = f"transformer_blocks.{i}."
+        qkv_w = np.concatenate([sd[b + f"attn1.to_{n}.weight"] for n in "qkv"])
+        qkv_b = np.concatenate([sd[b + f"attn1.to_{n}.bias"] for n in "qkv"])
+        blocks.append(
+            {
+                "attn": {
+                    "qkv": _dit_qkv(qkv_w, qkv_b, heads),
+                    "out": _dit_out(sd[b + "attn1.to_out.0.weight"], sd[b + "attn1.to_out.0.bias"], heads),
+                },
+                "fc1": _linear(sd, b + "ff.net.0.proj"),
+                "fc2": _linear(sd, b + "ff.net.2"),
+                "modulation": _linear(sd, b + "norm1.linear"),
+            }
+        )
+    params = {
+        "patch_embed": _conv(sd, "pos_embed.proj"),
+        "time0": _linear(sd, emb + "timestep_embedder.linear_1"),
+        "time1": _linear(sd, emb + "timestep_embedder.linear_2"),
+        "class_embed": {"table": _class_table(sd[emb + "class_embedder.embedding_table.weight"], num_classes)},
+        "blocks": _stack(blocks),
+        "final_modulation": _linear(sd, "proj_out_1"),
+        "final_linear": _linear(sd, "proj_out_2"),
+    }
+    return "DiT-S/2", ov, params, _ddpm_extras(options, ov["learn_sigma"]), options
+
+
+# ----------------------------------------------------------------------------------------------
+# ADM (openai/guided-diffusion, improved-diffusion)
+# ----------------------------------------------------------------------------------------------
+
+
+def _submodules(sd, prefix: str) -> dict[int, dict[int, set]]:
+    """{block index: {submodule index: set of key remainders}} under `prefix` (input_blocks, ...)."""
+    out: dict[int, dict[int, set]] = {}
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(\d+)\.(.+)$")
+    for k in sd:
+        m = pat.match(k)
+        if m:
+            out.setdefault(int(m.group(1)), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
+    return out
+
+
+def _is_attention(keys: set) -> bool:
+    return "qkv.weight" in keys
+
+
+def _adm_resblock(sd, name) -> dict:
+    out = {
+        "norm0": _norm(sd, f"{name}.in_layers.0"),
+        "conv0": _conv(sd, f"{name}.in_layers.2"),
+        "temb": _linear(sd, f"{name}.emb_layers.1"),
+        "norm1": _norm(sd, f"{name}.out_layers.0"),
+        "conv1": _conv(sd, f"{name}.out_layers.3"),
+    }
+    if f"{name}.skip_connection.weight" in sd:
+        out["skip"] = _conv(sd, f"{name}.skip_connection")
+    return out
+
+
+def _adm_attention(sd, name, heads: int, order: str) -> dict:
+    w = sd[f"{name}.qkv.weight"][..., 0]  # (3C, C)
+    b = sd[f"{name}.qkv.bias"]
+    c = w.shape[1]
+    hd = c // heads
+    if order == "legacy":  # QKVAttentionLegacy: per head [q, k, v]
+        w4, b3 = w.reshape(heads, 3, hd, c), b.reshape(heads, 3, hd)
+        kernel, bias = w4.transpose(3, 1, 0, 2), b3.transpose(1, 0, 2)
+    elif order == "new":  # QKVAttention: [q (all heads), k, v]
+        w4, b3 = w.reshape(3, heads, hd, c), b.reshape(3, heads, hd)
+        kernel, bias = w4.transpose(3, 0, 1, 2), b3
+    else:
+        raise ValueError(f"attention_order={order!r} is invalid: one of ('legacy', 'new')")
+    pw = sd[f"{name}.proj_out.weight"][..., 0]  # (C, C)
+    return {
+        "norm": _norm(sd, f"{name}.norm"),
+        "attn": {
+            "qkv": {"kernel": np.ascontiguousarray(kernel), "bias": np.ascontiguousarray(bias)},
+            "out": {"kernel": np.ascontiguousarray(pw.T).reshape(heads, hd, c), "bias": sd[f"{name}.proj_out.bias"]},
+        },
+    }
+
+
+def _from_adm(sd, options):
+    _require(sd, ["input_blocks.0.0.weight", "out.2.weight", "time_embed.0.weight"], "guided-diffusion UNetModel")
+    if "image_size" not in options:
+        raise ValueError("guided-diffusion checkpoints do not record the image size: pass image_size=")
+    image_size = options.pop("image_size")
+    mc, c_in = sd["input_blocks.0.0.weight"].shape[:2]
+    c_out = sd["out.2.weight"].shape[0]
+    inputs, outputs = _submodules(sd, "input_blocks"), _submodules(sd, "output_blocks")
+    # The first output block with an upsampler (a submodule that is neither the ResBlock nor
+    # attention) closes the deepest level: its index is num_res_blocks.
+    ups = [k for k in sorted(outputs) if any(j > 0 and not _is_attention(v) for j, v in outputs[k].items())]
+    nrb = ups[0] if ups else len(outputs) - 1
+    nlev = len(outputs) // (nrb + 1)
+    mult = tuple(
+        int(sd[f"output_blocks.{(nlev - 1 - i) * (nrb + 1)}.0.out_layers.3.weight"].shape[0] // mc) for i in range(nlev)
+    )
+    attn_res, k = [], 1
+    for level in range(nlev):
+        for _ in range(nrb):
+            if 1 in inputs[k] and _is_attention(inputs[k][1]):
+                attn_res.append(image_size // 2**level)
+            k += 1
+        k += level != nlev - 1
+    emb_out = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+    first_out = sd["input_blocks.1.0.out_layers.3.weight"].shape[0]
+    has_down_conv = any("op.weight" in v.get(0, set()) for v in inputs.values())
+    num_classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else 0
+    order = options.pop("attention_order", "legacy")
+    ov = dict(
+        image_size=image_size,
+        in_channels=c_in,
+        model_channels=mc,
+        channel_mult=mult,
+        num_res_blocks=nrb,
+        attn_resolutions=tuple(sorted(set(attn_res), reverse=True)),
+        num_heads=options.pop("num_heads", 1),
+        num_head_channels=options.pop("num_head_channels", -1),
+        resblock_updown=nlev > 1 and not has_down_conv,
+        use_scale_shift_norm=emb_out == 2 * first_out,
+        conv_resample=True,
+        num_classes=num_classes,
+        learn_sigma=c_out == 2 * c_in,
+        norm_groups=32,
+        dropout=0.0,
+        time_scale=1.0,
+    )
+    cfg = get_config("ADM-cifar10", **ov)
+    heads_of = lambda ch: ch // cfg.num_head_channels if cfg.num_head_channels != -1 else cfg.num_heads  # noqa: E731
+    probe = nnx.eval_shape(lambda: build(cfg))
+    params: dict = {
+        "conv_in": _conv(sd, "input_blocks.0.0"),
+        "temb0": _linear(sd, "time_embed.0"),
+        "temb1": _linear(sd, "time_embed.2"),
+        "norm_out": _norm(sd, "out.0"),
+        "conv_out": _conv(sd, "out.2"),
+        "down": {},
+        "up": {},
+        "mid_block0": _adm_resblock(sd, "middle_block.0"),
+        "mid_attn": _adm_attention(sd, "middle_block.1", heads_of(sd["middle_block.1.norm.weight"].shape[0]), order),
+        "mid_block1": _adm_resblock(sd, "middle_block.2"),
+    }
+    if num_classes:
+        params["class_embed"] = {"table": _class_table(sd["label_emb.weight"], num_classes)}
+    k = 0
+    for name in probe.down_order:
+        if "_attn" in name:
+            base = f"input_blocks.{k}.1"
+            params["down"][name] = _adm_attention(sd, base, heads_of(sd[f"{base}.norm.weight"].shape[0]), order)
+            continue
+        k += 1
+        base = f"input_blocks.{k}.0"
+        params["down"][name] = (
+            {"conv": _conv(sd, f"{base}.op")} if f"{base}.op.weight" in sd else _adm_resblock(sd, base)
+        )
+    k, sub = -1, 0
+    for name in probe.up_order:
+        if "_block" in name:
+            k, sub = k + 1, 0
+            params["up"][name] = _adm_resblock(sd, f"output_blocks.{k}.0")
+        elif "_attn" in name:
+            sub += 1
+            base = f"output_blocks.{k}.{sub}"
+            params["up"][name] = _adm_attention(sd, base, heads_of(sd[f"{base}.norm.weight"].shape[0]), order)
+        else:
+            sub += 1
+            base = f"output_blocks.{k}.{sub}"
+            params["up"][name] = (
+                {"conv": _conv(sd, f"{base}.conv")} if f"{base}.conv.weight" in sd else _adm_resblock(sd, base)
+            )
+    extras = _ddpm_extras(options, ov["learn_sigma"])
+    return "ADM-cifar10", ov, params, extras, options
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM (NVlabs/edm SongUNet: DDPM++ and NCSN++)
+# ----------------------------------------------------------------------------------------------
+
+
+def _edm_block(sd, name) -> tuple[dict, dict | None]:
+    block = {
+        "norm0": _norm(sd, f"{name}.norm0"),
+        "conv0": _conv(sd, f"{name}.conv0"),
+        "temb": _linear(sd, f"{name}.affine"),
+        "norm1": _norm(sd, f"{name}.norm1"),
+        "conv1": _conv(sd, f"{name}.conv1"),
+    }
+    if f"{name}.skip.weight" in sd:
+        block["skip"] = _conv(sd, f"{name}.skip")
+    attn = None
+    if f"{name}.qkv.weight" in sd:
+        w = sd[f"{name}.qkv.weight"][:, :, 0, 0]  # (3C, C): channel o = c * 3 + k (one head)
+        b = sd[f"{name}.qkv.bias"]
+        c = w.shape[1]
+        attn = {
+            "norm": _norm(sd, f"{name}.norm2"),
+            "attn": {
+                "qkv": {
+                    "kernel": np.ascontiguousarray(w.reshape(c, 3, c).transpose(2, 1, 0)[:, :, None, :]),
+                    "bias": np.ascontiguousarray(b.reshape(c, 3).T[:, None, :]),
+                },
+                "out": {
+                    "kernel": np.ascontiguousarray(sd[f"{name}.proj.weight"][:, :, 0, 0].T)[None],
+                    "bias": sd[f"{name}.proj.bias"],
+                },
+            },
+        }
+    return block, attn
+
+
+def _from_edm(sd, options):
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    conv_keys = [k for k in sd if re.match(r"^enc\.\d+x\d+_conv\.weight$", k)]
+    _require(sd, ["map_layer0.weight", "map_layer1.weight"], "EDM SongUNet")
+    if len(conv_keys) != 1:
+        raise ValueError("not an EDM SongUNet state dict: no unique enc.<res>x<res>_conv")
+    res = int(conv_keys[0].split(".")[1].split("x")[0])
+    mc, c_in = sd[conv_keys[0]].shape[:2]
+    levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"^enc\.(\d+)x\d+_", k)] if m}, reverse=True)
+    nlev = len(levels)
+    nrb = len({k.split(".")[1] for k in sd if re.match(rf"^enc\.{res}x{res}_block\d+\.", k)})
+    mult = tuple(int(sd[f"enc.{r}x{r}_block0.conv0.weight"].shape[0] // mc) for r in levels)
+    attn = tuple(r for r in levels if f"enc.{r}x{r}_block0.qkv.weight" in sd)
+    fourier = "map_noise.freqs" in sd
+    residual = any("_aux_residual" in k for k in sd)
+    if any("_aux_skip" in k or "_aux_up" in k for k in sd):
+        raise ValueError("EDM SongUNet with encoder/decoder type 'skip' is not supported")
+    filters = [v for k, v in sd.items() if k.endswith("resample_filter")]
+    fir_kernel = (1.0, 1.0)
+    if filters:
+        f2 = filters[0][0, 0].astype(np.float64)
+        f1 = np.sqrt(np.diag(f2))
+        fir_kernel = tuple(float(v) for v in f1 / f1.min())
+    fir = len(fir_kernel) > 2
+    num_classes = sd["map_label.weight"].shape[1] if "map_label.weight" in sd else 0
+    c_out = sd[f"dec.{res}x{res}_aux_conv.weight"].shape[0]
+    if c_out != c_in:
+        raise ValueError(f"EDM SongUNet with {c_out} output channels for {c_in} input channels is not supported")
+    if "map_augment.weight" in sd and options.pop("keep_augment", False):
+        raise ValueError("augmentation labels (map_augment) are not supported")
+    ov = dict(
+        image_size=res,
+        in_channels=c_in,
+        nf=mc,
+        ch_mult=mult,
+        num_res_blocks=nrb,
+        attn_resolutions=attn,
+        num_classes=num_classes,
+        fir=fir,
+        fir_kernel=fir_kernel if fir else (1, 3, 3, 1),
+        progressive_input="residual" if residual else "none",
+        dropout=0.0,
+    )
+    preset = "NCSN++-cifar10-edm" if fourier else "DDPM++-cifar10-edm"
+    if fourier != residual:
+        ov["embedding_type"] = "fourier" if fourier else "positional"
+    params: dict = {
+        "conv_in": _conv(sd, conv_keys[0].removesuffix(".weight")),
+        "temb0": _linear(sd, "map_layer0"),
+        "temb1": _linear(sd, "map_layer1"),
+        "down": {},
+        "up": {},
+    }
+    if fourier:
+        params["fourier"] = {"freqs": sd["map_noise.freqs"]}
+    if num_classes:
+        params["map_label"] = _linear(sd, "map_label")
+    for i, r in enumerate(levels):
+        p = f"enc.{r}x{r}_"
+        if i > 0:
+            params["down"][f"level{i - 1}_down"], _ = _edm_block(sd, p + "down")
+            if residual:
+                params["down"][f"level{i - 1}_pyramid"] = {"conv": _conv(sd, p + "aux_residual")}
+        for j in range(nrb):
+            params["down"][f"level{i}_block{j}"], a = _edm_block(sd, p + f"block{j}")
+            if a is not None:
+                params["down"][f"level{i}_attn{j}"] = a
+    for i in reversed(range(nlev)):
+        r = levels[i]
+        p = f"dec.{r}x{r}_"
+        if i == nlev - 1:
+            params["mid_block0"], params["mid_attn"] = _edm_block(sd, p + "in0")
+            params["mid_block1"], _ = _edm_block(sd, p + "in1")
+        else:
+            params["up"][f"level{i + 1}_up"], _ = _edm_block(sd, p + "up")
+        for j in range(nrb + 1):
+            params["up"][f"level{i}_block{j}"], a = _edm_block(sd, p + f"block{j}")
+            if a is not None:
+                params["up"][f"level{i}_attn"] = a
+    params["norm_out"] = _norm(sd, f"dec.{res}x{res}_aux_norm")
+    params["conv_out"] = _conv(sd, f"dec.{res}x{res}_aux_conv")
+    sigma_data = options.pop("sigma_data", 0.5)
+    extras = dict(
+        process=EDM(),
+        prediction=EDMPreconditioned(sigma_data),
+        learned_variance=False,
+        time_input=lambda c_noise: c_noise,
+    )
+    return preset, ov, params, extras, options
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers AutoencoderKL (Stable Diffusion's VAE)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PretrainedAutoencoder:
+    """A loaded autoencoder: `model` (an `AutoencoderKL` with the weights; use `encode_latents` /
+    `decode_latents`), its `config` (scaling and shift factors included) and the `format`."""
+
+    model: AutoencoderKL
+    config: AutoencoderConfig
+    format: str
+
+
+def _vae_resblock(sd, name) -> dict:
+    out = {
+        "norm0": _norm(sd, f"{name}.norm1"),
+        "conv0": _conv(sd, f"{name}.conv1"),
+        "norm1": _norm(sd, f"{name}.norm2"),
+        "conv1": _conv(sd, f"{name}.conv2"),
+    }
+    if f"{name}.conv_shortcut.weight" in sd:
+        out["skip"] = _conv(sd, f"{name}.conv_shortcut")
+    return out
+
+
+def _vae_middle(sd, name) -> dict:
+    a = f"{name}.attentions.0"
+    lin = lambda n: sd[f"{a}.{n}.weight"].reshape(sd[f"{a}.{n}.weight"].shape[:2])  # noqa: E731 (1x1 convs too)
+    w = np.stack([lin("to_q").T, lin("to_k").T, lin("to_v").T], axis=1)  # (C, 3, C)
+    b = np.stack([sd[f"{a}.to_q.bias"], sd[f"{a}.to_k.bias"], sd[f"{a}.to_v.bias"]])
+    return {
+        "block0": _vae_resblock(sd, f"{name}.resnets.0"),
+        "attn": {
+            "norm": _norm(sd, f"{a}.group_norm"),
+            "attn": {
+                "qkv": {"kernel": np.ascontiguousarray(w)[:, :, None, :], "bias": b[:, None, :]},
+                "out": {"kernel": np.ascontiguousarray(lin("to_out.0").T)[None], "bias": sd[f"{a}.to_out.0.bias"]},
+            },
+        },
+        "block1": _vae_resblock(sd, f"{name}.resnets.1"),
+    }
+
+
+def _from_diffusers_vae(sd, config, options, param_dtype, dtype, path) -> PretrainedAutoencoder:
+    if options:
+        raise ValueError(f"unknown option(s) {sorted(options)} for format 'diffusers-vae'")
+    if not config.get("use_quant_conv", True) or not config.get("use_post_quant_conv", True):
+        raise ValueError(f"{str(path)!r}: AutoencoderKL without quant convs is not supported")
+    cfg = AutoencoderConfig(
+        in_channels=config.get("in_channels", 3),
+        latent_channels=config.get("latent_channels", 4),
+        block_out_channels=tuple(config.get("block_out_channels", (64,))),
+        layers_per_block=config.get("layers_per_block", 1),
+        norm_groups=config.get("norm_num_groups", 32),
+        scaling_factor=float(config.get("scaling_factor", 0.18215)),
+        shift_factor=float(config.get("shift_factor") or 0.0),
+        dtype=dtype,
+        param_dtype=param_dtype,
+    ).validate()
+    nlev, lpb = len(cfg.block_out_channels), cfg.layers_per_block
+    enc: dict = {"blocks": {}}
+    for i in range(nlev):
+        for j in range(lpb):
+            enc["blocks"][f"level{i}_block{j}"] = _vae_resblock(sd, f"encoder.down_blocks.{i}.resnets.{j}")
+        if i != nlev - 1:
+            enc["blocks"][f"level{i}_down"] = {"conv": _conv(sd, f"encoder.down_blocks.{i}.downsamplers.0.conv")}
+    enc.update(
+        conv_in=_conv(sd, "encoder.conv_in"),
+        mid=_vae_middle(sd, "encoder.mid_block"),
+        norm_out=_norm(sd, "encoder.conv_norm_out"),
+        conv_out=_conv(sd, "encoder.conv_out"),
+        quant_conv=_conv(sd, "quant_conv"),
+    )
+    dec: dict = {"blocks": {}}
+    for i in range(nlev):
+        for j in range(lpb + 1):
+            dec["blocks"][f"level{i}_block{j}"] = _vae_resblock(sd, f"decoder.up_blocks.{i}.resnets.{j}")
+        if i != nlev - 1:
+            dec["blocks"][f"level{i}_up"] = {"conv": _conv(sd, f"decoder.up_blocks.{i}.upsamplers.0.conv")}
+    dec.update(
+        post_quant_conv=_conv(sd, "post_quant_conv"),
+        conv_in=_conv(sd, "decoder.conv_in"),
+        mid=_vae_middle(sd, "decoder.mid_block"),
+        norm_out=_norm(sd, "decoder.conv_norm_out"),
+        conv_out=_conv(sd, "decoder.conv_out"),
+    )
+    model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    _set_params(model, {"encoder": enc, "decoder": dec}, path, "diffusers-vae")
+    return PretrainedAutoencoder(model=model, config=cfg, format="diffusers-vae")
+
+
+def _set_params(model, params, path, kind) -> None:
+    """Check `params` against the (abstract) model's parameters and put them in, cast to its dtypes."""
+    abstract = nnx.state(model, nnx.Param)
+    want = traversals.flatten_mapping(nnx.to_pure_dict(abstract))
+    got = traversals.flatten_mapping(params)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"{str(path)!r} ({kind}): parameters missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, leaf in want.items():
+        if tuple(got[k].shape) != tuple(leaf.shape):
+            raise ValueError(
+                f"{str(path)!r} ({kind}): parameter {'/'.join(map(str, k))} has shape {got[k].shape}, "
+                f"the model expects {leaf.shape}"
+            )
+    typed = {k: jnp.asarray(np.asarray(got[k], np.float32), leaf.dtype) for k, leaf in want.items()}
+    nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(typed))
+    nnx.update(model, abstract)
+
+
+__all__ = ["FORMATS", "Pretrained", "PretrainedAutoencoder", "ddpm_betas", "load_pretrained"]
