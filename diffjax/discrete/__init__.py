@@ -1,0 +1,1 @@
+"""Discrete-state diffusion: processes, the categorical denoiser, losses, samplers and the ELBO."""
