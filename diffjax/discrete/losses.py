@@ -90,7 +90,7 @@ def masked_elbo_integrand(denoiser: CategoricalDenoiser, x0, x_t, t):
 
 def masked_diffusion_loss(denoiser: CategoricalDenoiser, key, x0, times: DiscreteTimes = DiscreteTimes()):
     """One-sample estimate of -ELBO (nats per example, (batch,)) of the masked process."""
-    _check_masked(denoiser)
+    _check_masked(denoiser).check_data(x0)
     key_t, key_x = jax.random.split(key)
     t = times(key_t, x0.shape[0])
     x_t = denoiser.process.marginal_sample(key_x, x0, t)
@@ -111,6 +111,8 @@ def step_kl(denoiser: CategoricalDenoiser, x0, x_t, s, t):
 
 def d3pm_hybrid_loss(denoiser: CategoricalDenoiser, key, x0, num_steps: int, ce_weight: float = 0.01):
     """KL_i + ce_weight * sum_n -log mu(x0^n | x_t) at a uniformly drawn step i of num_steps, (batch,)."""
+    denoiser.process.check_data(x0)
+    check_count("num_steps", num_steps)
     key_i, key_x = jax.random.split(key)
     i = jax.random.randint(key_i, (x0.shape[0],), 1, num_steps + 1)
     t, s = i / num_steps, (i - 1) / num_steps
