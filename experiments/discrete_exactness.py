@@ -5,7 +5,7 @@ The distribution: sequences of 4 tokens over 3 symbols from a random first-order
 (`EnumerableSequences.markov_chain(0, 3, 4)`, 81 sequences). The Monte Carlo floor is the TV of N
 exact draws from the table. Writes experiments/results/discrete_exactness.{json,md}.
 
-    python -m experiments.discrete_exactness [--samples 20000]
+    python -m experiments.discrete_exactness [--samples 10000]
 """
 
 from __future__ import annotations
@@ -21,28 +21,28 @@ from diffjax.discrete.samplers import ConfidenceUnmasking, DiscreteAncestral, Fi
 from diffjax.discrete.toy import EnumerableSequences
 from experiments.benchmarks.common import markdown_table, write_results
 
-STEPS = (1, 2, 4, 8, 16, 64, 256)
+STEPS = (1, 4, 16, 64)
 
 
 def cases():
     v = 3
-    masked, cosine = MaskedProcess.create(v), MaskedProcess.create(v, CosineSchedule())
+    masked = MaskedProcess.create(v)
     learned = MaskedProcess.create(v, LearnedPolynomial(jax.numpy.log(jax.numpy.array([0.5, 1.0, 2.0]))))
     yield "masked linear", masked, DiscreteAncestral()
     yield "masked linear", masked, TauLeaping()
     yield "masked linear", masked, FirstHitting()
     yield "masked linear", masked, ConfidenceUnmasking()
-    yield "masked cosine", cosine, DiscreteAncestral()
+    yield "masked cosine", MaskedProcess.create(v, CosineSchedule()), DiscreteAncestral()
     yield "masked state-dependent (w = 0.5, 1, 2)", learned, DiscreteAncestral()
     yield "uniform linear", UniformProcess(v), DiscreteAncestral()
     yield "uniform linear", UniformProcess(v), TauLeaping()
-    for kind in ("uniform", "absorbing", "gaussian", "band"):
-        yield f"D3PM {kind} (T = 256)", D3PM.create(v, kind, 256), DiscreteAncestral()
+    for kind in ("uniform", "absorbing", "band"):
+        yield f"D3PM {kind} (T = 64)", D3PM.create(v, kind, 64), DiscreteAncestral()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--samples", type=int, default=10000)
     args = parser.parse_args()
     dist = EnumerableSequences.markov_chain(0, 3, 4)
     n = args.samples

@@ -106,7 +106,9 @@ def main():
             nats = jnp.concatenate(
                 [masked_elbo_nats(den, jax.random.key(i), valid[i : i + 128], 8) for i in range(0, len(valid), 128)]
             )
-            out = sample_tokens(den, jax.random.key(1), (4, args.length), DiscreteAncestral(), 4 * args.length, cache=True)
+            out = sample_tokens(
+                den, jax.random.key(1), (4, args.length), DiscreteAncestral(), 4 * args.length, cache=True
+            )
             fh = sample_tokens(den, jax.random.key(2), (4, args.length), FirstHitting())
             samples[kind] = [decode_tokens(s) for s in out.tokens] + [decode_tokens(s) for s in fh.tokens]
             extra = {"sample_nfe_ancestral_cached": int(out.nfe), "sample_steps": 4 * args.length}
@@ -118,7 +120,9 @@ def main():
             samples[kind] = [decode_tokens(s) for s in x]
             extra = {}
         results[kind] = {
-            "params": param_count(params) if not isinstance(params, dict) else sum(p.size for p in jax.tree.leaves(params)),
+            "params": param_count(params)
+            if not isinstance(params, dict)
+            else sum(p.size for p in jax.tree.leaves(params)),
             "valid_bits_per_char": float(jnp.mean(nats) / (args.length * math.log(2.0))),
             "train_bits_per_char_last50": float(np.mean(losses[-50:])),
             "train_seconds": train_seconds,
@@ -126,10 +130,18 @@ def main():
         }
         print(kind, results[kind])
     rows = [
-        [k, v["params"], f"{v['train_bits_per_char_last50']:.3f}", f"{v['valid_bits_per_char']:.3f}", f"{v['train_seconds']:.0f}"]
+        [
+            k,
+            v["params"],
+            f"{v['train_bits_per_char_last50']:.3f}",
+            f"{v['valid_bits_per_char']:.3f}",
+            f"{v['train_seconds']:.0f}",
+        ]
         for k, v in results.items()
     ]
-    table = markdown_table(["model", "parameters", "train bits/char (last 50 steps)", "validation bits/char", "train s"], rows)
+    table = markdown_table(
+        ["model", "parameters", "train bits/char (last 50 steps)", "validation bits/char", "train s"], rows
+    )
     sample_text = "\n\n".join(f"### {k}\n\n" + "\n".join("    " + repr(s) for s in v) for k, v in samples.items())
     md = (
         "# Character-level text: masked diffusion vs autoregressive, same size, same steps\n\n"

@@ -15,7 +15,7 @@ import pytest
 
 from diffjax.discrete.denoisers import CategoricalDenoiser, discrete_guidance
 from diffjax.discrete.likelihood import discrete_elbo_nats, masked_elbo_nats
-from diffjax.discrete.losses import d3pm_hybrid_loss, masked_elbo_integrand, masked_diffusion_loss, step_kl
+from diffjax.discrete.losses import d3pm_hybrid_loss, masked_diffusion_loss, masked_elbo_integrand, step_kl
 from diffjax.discrete.processes import (
     D3PM,
     CosineSchedule,
@@ -69,7 +69,8 @@ PROCESS_IDS = ["masked", "masked_cos", "masked_poly", "masked_learned", "uniform
 
 
 @pytest.mark.parametrize(
-    "process", [p if i in (3, 8) else pytest.param(p, marks=pytest.mark.slow) for i, p in enumerate(all_processes())],
+    "process",
+    [p if i in (3, 8) else pytest.param(p, marks=pytest.mark.slow) for i, p in enumerate(all_processes())],
     ids=PROCESS_IDS,
 )
 def test_matrices_are_stochastic_and_compose(process):
@@ -95,7 +96,9 @@ def test_d3pm_cumulative_products_are_repeated_multiplication(transition):
     np.testing.assert_allclose(process.transition_matrix(2 / 6, 5 / 6), steps[2] @ steps[3] @ steps[4], atol=1e-5)
 
 
-@pytest.mark.parametrize("transition", ["band", *[pytest.param(k, marks=pytest.mark.slow) for k in ("uniform", "absorbing", "gaussian")]])
+@pytest.mark.parametrize(
+    "transition", ["band", *[pytest.param(k, marks=pytest.mark.slow) for k in ("uniform", "absorbing", "gaussian")]]
+)
 def test_d3pm_posterior_is_bayes_by_enumerating_paths(transition):
     process = D3PM.create(3, transition, 3)
     q = np.asarray(process.step_matrices, np.float64)
@@ -146,7 +149,9 @@ def _continuous_bound(dist, process, x0, theta=0.0, nodes=NODES, weights=WEIGHTS
     den = CategoricalDenoiser(lambda x, s: dist.x0_logits(process, x, s) + theta, process)
     x_t = jnp.where(PATTERNS, process.mask_id, x0[None])
     p, t = x_t.shape[0], jnp.asarray((nodes + 1) / 2, jnp.float32)
-    vals = masked_elbo_integrand(den, jnp.tile(x0, (t.shape[0] * p, 1)), jnp.tile(x_t, (t.shape[0], 1)), jnp.repeat(t, p))
+    vals = masked_elbo_integrand(
+        den, jnp.tile(x0, (t.shape[0] * p, 1)), jnp.tile(x_t, (t.shape[0], 1)), jnp.repeat(t, p)
+    )
     return jnp.sum(weights / 2 * jnp.sum(_pattern_probs(process, x0, t) * vals.reshape(-1, p), axis=1))
 
 

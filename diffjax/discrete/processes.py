@@ -183,9 +183,9 @@ class DiscreteProcess:
         """q(x_t | x_0) for tokens x0 of shape (batch, ...) and t of shape () or (batch,):
         x0.shape + (num_states,)."""
         q = self.marginal_matrix(_per_example(t, x0))  # (batch, V, S)
-        return jnp.take_along_axis(q[:, None], x0.reshape(x0.shape[0], -1)[..., None, None], axis=2)[
-            :, :, 0
-        ].reshape(x0.shape + (self.num_states,))
+        return jnp.take_along_axis(q[:, None], x0.reshape(x0.shape[0], -1)[..., None, None], axis=2)[:, :, 0].reshape(
+            x0.shape + (self.num_states,)
+        )
 
     def marginal_sample(self, key, x0, t):
         """x_t ~ q(x_t | x_0), t broadcasting over the leading axis."""
@@ -493,7 +493,9 @@ def build_discrete_process(name: str, vocab_size: int, options: dict | None = No
         allowed = {"transition", "num_steps", "band"}
         unknown = set(options) - allowed
         if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for discrete process 'd3pm'; allowed: {sorted(allowed)}")
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)} for discrete process 'd3pm'; allowed: {sorted(allowed)}"
+            )
         return D3PM.create(vocab_size, **options)
     schedule_name = options.pop("schedule", "linear")
     if schedule_name == "learned_polynomial":

@@ -274,13 +274,17 @@ def sample_tokens(
     steps = check_count("steps", steps)
     sampler = DiscreteAncestral() if sampler is None else sampler
     if not isinstance(sampler, tuple(DISCRETE_SAMPLERS.values())):
-        raise TypeError(f"sampler must be one of {sorted(c.__name__ for c in DISCRETE_SAMPLERS.values())}, got {sampler!r:.100}")
+        raise TypeError(
+            f"sampler must be one of {sorted(c.__name__ for c in DISCRETE_SAMPLERS.values())}, got {sampler!r:.100}"
+        )
     sampler.check(denoiser)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be True or False, got {cache!r:.100}")
     if cache and not denoiser.time_free:
         raise ValueError("cache=True reuses the network's output while x_t is unchanged: it needs time_free=True")
     _check_network_output(denoiser, shape)
+    if isinstance(sampler, FirstHitting):
+        steps = 1  # unused: one compiled program for every step count
     return _sample_jit(denoiser, key, sampler=sampler, shape=shape, steps=steps, cache=cache)
 
 

@@ -38,6 +38,9 @@ Model contract (the rest of diffjax relies on it)
   `build(ToyMLPConfig(data_dim=2))`) takes x of shape (batch, data_dim) with the same call contract;
   `sinusoidal_embedding(t, dim)` and `gaussian_fourier_embedding(t, n, scale=...)` are the time
   features every model uses.
+* Token sequences and token images (discrete diffusion): `SequenceTransformer(SequenceConfig(...))`
+  takes integer states (batch, length) or (batch, height, width) and returns logits x.shape + (vocab,),
+  built from the DiT blocks without patching; `causal=True` is the autoregressive baseline.
 * FLOPs: `dit_forward_macs(config)` (closed form) and `forward_macs(model)` (counted from the traced
   forward; works on abstract models).
 """
@@ -66,6 +69,7 @@ from diffjax.models.layers import (
     sinusoidal_embedding,
 )
 from diffjax.models.mlp import ToyMLP
+from diffjax.models.sequence import SequenceConfig, SequenceTransformer
 from diffjax.models.unet import ADMUNet, SongUNet
 
 __all__ = [
@@ -79,6 +83,8 @@ __all__ = [
     "PARAM_AXES",
     "PRESETS",
     "REMAT_CHOICES",
+    "SequenceConfig",
+    "SequenceTransformer",
     "SongUNet",
     "SongUNetConfig",
     "ToyMLP",

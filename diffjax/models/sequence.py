@@ -115,7 +115,9 @@ class SequenceTransformer(nnx.Module):
         dt = dict(dtype=block_cfg.compute_dtype, param_dtype=block_cfg.storage_dtype, rngs=rngs)
         # the class-embedding table of num_states rows (its "null" row is the last state)
         self.embed = L.ClassEmbedding(cfg.num_states - 1, d, init=L.normal_init(0.02), **dt)
-        self.time0 = L.Dense(cfg.frequency_embedding_size, d, names=(None, "mlp"), kernel_init=L.normal_init(0.02), **dt)
+        self.time0 = L.Dense(
+            cfg.frequency_embedding_size, d, names=(None, "mlp"), kernel_init=L.normal_init(0.02), **dt
+        )
         self.time1 = L.Dense(d, d, names=("mlp", "embed"), kernel_init=L.normal_init(0.02), **dt)
         block = _CausalBlock if cfg.causal else DiTBlock
 
@@ -141,7 +143,9 @@ class SequenceTransformer(nnx.Module):
         if y is not None:
             raise ValueError("SequenceTransformer is unconditional: y must be None")
         if tuple(x.shape[1:]) != expected or not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"SequenceTransformer expects integer tokens of shape (batch, *{expected}), got {x.shape} {x.dtype}")
+            raise ValueError(
+                f"SequenceTransformer expects integer tokens of shape (batch, *{expected}), got {x.shape} {x.dtype}"
+            )
         b = x.shape[0]
         t = L.check_time(t, b)
         tokens = self.embed(x.reshape(b, -1)) + jnp.asarray(self._positions())[None]
