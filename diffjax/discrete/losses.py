@@ -132,13 +132,16 @@ def make_discrete_loss_fn(
     *,
     time_free: bool = False,
     times: DiscreteTimes = DiscreteTimes(),
-    num_steps: int = 1000,
+    num_steps: int | None = None,
     ce_weight: float = 0.01,
 ) -> Callable:
     """`loss_fn(params, key, batch) -> (loss, aux)` for `make_train_step`: apply(params, x_t, t) -> logits;
-    batch: tokens (batch, ...) or a dict with "tokens". loss is nats per token; aux["bits_per_token"]
+    batch: tokens (batch, ...) or a dict with "tokens". num_steps (d3pm_hybrid): the grid, by default the
+    D3PM's own steps (1000 for continuous-time processes). loss is nats per token; aux["bits_per_token"]
     is the same in bits (for "masked_elbo" an unbiased estimate of the -ELBO)."""
     check_choice("discrete loss", loss, DISCRETE_LOSSES)
+    if num_steps is None:
+        num_steps = getattr(process, "num_steps", 1000)
     check_count("num_steps", num_steps)
     check_number("ce_weight", ce_weight)
 
