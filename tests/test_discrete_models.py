@@ -34,6 +34,7 @@ def test_sequence_transformer_sees_later_positions_only_when_bidirectional(causa
     assert (earlier_change == 0.0) if causal else (earlier_change > 1e-4)
 
 
+@pytest.mark.slow
 def test_pixel_variant_and_sharding_names():
     cfg = SequenceConfig(num_states=3, vocab_size=2, length=(4, 4), hidden_size=16, depth=1, num_heads=2)
     model = SequenceTransformer(cfg, rngs=nnx.Rngs(0))
