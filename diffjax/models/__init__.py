@@ -42,6 +42,9 @@ Model contract (the rest of diffjax relies on it)
 * Published checkpoints: `load_pretrained(path, **options)` (DiT, guided-diffusion, EDM SongUNet,
   diffusers DiT; see `diffjax.models.pretrained`) returns a `Pretrained` with the process and
   prediction the network was trained with.
+* Token sequences and token images (discrete diffusion): `SequenceTransformer(SequenceConfig(...))`
+  takes integer states (batch, length) or (batch, height, width) and returns logits x.shape + (vocab,),
+  built from the DiT blocks without patching; `causal=True` is the autoregressive baseline.
 * FLOPs: `dit_forward_macs(config)` (closed form) and `forward_macs(model)` (counted from the traced
   forward; works on abstract models).
 """
@@ -71,6 +74,7 @@ from diffjax.models.layers import (
 )
 from diffjax.models.mlp import ToyMLP
 from diffjax.models.pretrained import Pretrained, load_pretrained
+from diffjax.models.sequence import SequenceConfig, SequenceTransformer
 from diffjax.models.unet import ADMUNet, SongUNet
 
 __all__ = [
@@ -85,6 +89,8 @@ __all__ = [
     "PRESETS",
     "Pretrained",
     "REMAT_CHOICES",
+    "SequenceConfig",
+    "SequenceTransformer",
     "SongUNet",
     "SongUNetConfig",
     "ToyMLP",
