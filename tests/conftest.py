@@ -18,6 +18,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_enable_compilation_cache", False)
+# Start the CPU backend now, with the 8 devices above: a test that changes XLA_FLAGS for its
+# subprocesses (test_reliability's one_device) must not decide this process's device count when it
+# happens to run first (as it can in a pytest-xdist worker or a -k selection).
+jax.devices()
 
 
 MAX_MEMORY_MAPS = 20_000
