@@ -14,6 +14,7 @@ from diffjax.processes import broadcast_to_data
 from diffjax.samplers.base import (
     History,
     Solver,
+    check_option,
     check_order,
     check_unit_interval,
     group_phases,
@@ -21,7 +22,13 @@ from diffjax.samplers.base import (
     specialise,
 )
 from diffjax.samplers.ddim import ddim_data_form, ddim_step
-from diffjax.samplers.exponential import half_log_snr, multistep_orders, phi_functions, polynomial_correction
+from diffjax.samplers.exponential import (
+    check_lower_order_final,
+    half_log_snr,
+    multistep_orders,
+    phi_functions,
+    polynomial_correction,
+)
 
 __all__ = ["DPMSolver", "DPMSolverPP", "DPMSolverPPSDE"]
 
@@ -88,7 +95,7 @@ class _Multistep(Solver):
     """State: a `History` of the last x0 predictions at their half log-SNRs, newest first."""
 
     order: int = 2
-    lower_order_final: bool = True
+    lower_order_final: str = "before_denoise"
     step_order: int = phase_field(0)  # the order of this phase's steps (warm-up and final: lower)
 
     def init(self, denoiser, x, ts):
@@ -99,6 +106,9 @@ class _Multistep(Solver):
         return group_phases([specialise(self, step_order=order) for order in orders])
 
 
+QUADRATIC_WEIGHTS = ("exact", "halved")
+
+
 @dataclasses.dataclass(frozen=True)
 class DPMSolverPP(_Multistep):
     """Multistep DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of
@@ -106,14 +116,29 @@ class DPMSolverPP(_Multistep):
 
     2M: x_s = (sigma_s/sigma_t) x_t + alpha_s (1 - e^{-h}) (x0 + (x0 - x0_prev)/(2r)), r = h_prev/h.
     3M: the quadratic through the last three x0 predictions (in lam), integrated exactly against
-    e^{-(lam_s - lam)}. (The reference implementations' 3M weights the quadratic term by half its
-    exact integral, which makes them formally second order; this one is third order, see the tests.)
-    The first steps use orders 1, 2 (no history yet); with `lower_order_final` and fewer than 15
-    steps the last steps drop to 2, 1. 1 NFE per step; global order = `order`.
+    e^{-(lam_s - lam)} (`quadratic_weight="exact"`: third order), or with its quadratic term
+    weighted by half its exact integral (`"halved"`: diffusers' DPMSolverMultistepScheduler, formally
+    second order). The first steps use orders 1, 2 (no history yet); the last ones are lowered as
+    `lower_order_final` says (exponential.LOWER_ORDER_FINAL; default "before_denoise"). 1 NFE per
+    step; global order = `order`.
+
+    Against diffusers' DPMSolverMultistepScheduler (dpmsolver++, solver_type "midpoint", the
+    default) on its grid: its run of N steps ends with a first-order step into sigma = 0, which is
+    the x0 prediction at its last nonzero node; here that is `sample(..., denoise_final=True)` on
+    the N nonzero nodes (N - 1 steps) with lower_order_final="before_denoise", which also lowers
+    3M's step before it to order 2 like diffusers does below 15 steps. Its 3M needs
+    `quadratic_weight="halved"`. Its "heun" solver_type, its SDE variants and thresholding have no
+    counterpart here.
     """
+
+    quadratic_weight: str = "exact"
 
     def __post_init__(self):
         check_order(self, (1, 2, 3))
+        check_lower_order_final(self)
+        check_option(
+            self, "quadratic_weight", self.quadratic_weight in QUADRATIC_WEIGHTS, f"one of {list(QUADRATIC_WEIGHTS)}"
+        )
 
     def step(self, denoiser, x, state, t, t_next, key):
         process = denoiser.process
@@ -121,17 +146,31 @@ class DPMSolverPP(_Multistep):
         order = self.step_order
         x0, _ = denoiser.predict(x, t)
         lam_t, lam_s = half_log_snr(process, t), half_log_snr(process, t_next)
+        h = lam_s - lam_t
         x_s = ddim_data_form(process, x, x0, t, t_next)
         alpha_s = _b(process.alpha(t_next), x)
         if order == 2:
-            h = lam_s - lam_t
             r = (lam_t - lams[0]) / h
             (phi1,) = phi_functions(-h, 1)
             x_s = x_s + alpha_s * (h * phi1 / (2.0 * r)) * (x0 - history[0])
         elif order == 3:
-            values = [x0, history[0], history[1]]
-            x_s = x_s + alpha_s * polynomial_correction(values, [lam_t, lams[0], lams[1]], lam_t, lam_s, -1.0)
+            values, nodes = [x0, history[0], history[1]], [lam_t, lams[0], lams[1]]
+            correction = polynomial_correction(values, nodes, lam_t, lam_s, -1.0)
+            if self.quadratic_weight == "halved":
+                correction = correction - half_quadratic_integral(values, nodes, h)
+            x_s = x_s + alpha_s * correction
         return x_s, state.push(x0, lam_t)
+
+
+def half_quadratic_integral(values, nodes, h):
+    """Half the exact integral of the quadratic term c2 (lam - lam_t)^2 of the polynomial through
+    (nodes, values) against e^{-(lam_s - lam)} over one step: c2 h^3 phi_3(-h), c2 the second
+    divided difference."""
+    slope_new = (values[0] - values[1]) / (nodes[0] - nodes[1])
+    slope_old = (values[1] - values[2]) / (nodes[1] - nodes[2])
+    c2 = (slope_new - slope_old) / (nodes[0] - nodes[2])
+    _, _, phi3 = phi_functions(-h, 3)
+    return (h**3 * phi3) * c2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +190,7 @@ class DPMSolverPPSDE(_Multistep):
 
     def __post_init__(self):
         check_order(self, (1, 2))
+        check_lower_order_final(self)
         check_unit_interval(self, "eta")
 
     def step(self, denoiser, x, state, t, t_next, key):

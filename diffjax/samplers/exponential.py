@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.processes import LOG_SNR_CLIP
+from diffjax.samplers.base import check_option
 
 __all__ = [
     "half_log_snr",
@@ -39,6 +40,8 @@ __all__ = [
     "lagrange_exp_weights",
     "polynomial_correction",
     "multistep_orders",
+    "check_lower_order_final",
+    "LOWER_ORDER_FINAL",
     "is_concrete_zero_alpha",
 ]
 
@@ -109,12 +112,37 @@ def polynomial_correction(values, lams, lam_t, lam_s, z_scale: float):
     return out
 
 
-def multistep_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
-    """Warm-up with orders 1, 2, ... (no history yet); with `lower_order_final` and fewer than 15
-    steps, also end with ..., 2, 1 (DPM-Solver / diffusers' choice for few-step stability)."""
+# How a multistep solver lowers its order at the end of a short run (fewer than
+# LOWER_ORDER_MAX_STEPS steps, counting the final denoising as a step where it is one):
+#   "before_denoise"  the final denoising x0 = D(x, t_min) counts as one more, first-order step, so
+#                     the steps before it take ..., 3, 2 (order 3) and order 2 is never lowered;
+#                     diffusers' convention, whose runs end with a step into sigma = 0 (= that x0)
+#   "last_steps"      the last ODE steps themselves take ..., 2, 1 (then the final denoising, if
+#                     any, is an extra evaluation); diffusers' DPM-Solver/DEIS/UniPC runs that end
+#                     at sigma_min instead of 0 do this
+#   "none"            no lowering
+LOWER_ORDER_FINAL = ("before_denoise", "last_steps", "none")
+LOWER_ORDER_MAX_STEPS = 15
+
+
+def check_lower_order_final(solver) -> None:
+    """ValueError unless `solver.lower_order_final` is one of LOWER_ORDER_FINAL."""
+    value = solver.lower_order_final
+    check_option(
+        solver,
+        "lower_order_final",
+        isinstance(value, str) and value in LOWER_ORDER_FINAL,
+        f"one of {list(LOWER_ORDER_FINAL)}",
+    )
+
+
+def multistep_orders(steps: int, order: int, lower_order_final: str) -> list[int]:
+    """Warm-up with orders 1, 2, ... (no history yet), then `order`; the end lowered as
+    `lower_order_final` says (LOWER_ORDER_FINAL above) in runs of fewer than 15 steps."""
     orders = [min(order, i + 1) for i in range(steps)]
-    if lower_order_final and steps < 15:
-        orders = [min(o, steps - i) for i, o in enumerate(orders)]
+    extra = 1 if lower_order_final == "before_denoise" else 0
+    if lower_order_final != "none" and steps + extra < LOWER_ORDER_MAX_STEPS:
+        orders = [min(o, steps - i + extra) for i, o in enumerate(orders)]
     return orders
 
 

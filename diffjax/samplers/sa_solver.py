@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from diffjax.processes import broadcast_to_data
 from diffjax.samplers.base import History, check_nonnegative, check_option, check_order
 from diffjax.samplers.ddim import ddim_data_form
-from diffjax.samplers.exponential import half_log_snr, polynomial_correction
+from diffjax.samplers.exponential import check_lower_order_final, half_log_snr, polynomial_correction
 from diffjax.samplers.predictor_corrector import PredictorCorrector
 from diffjax.validation import is_finite_real
 
@@ -40,10 +40,11 @@ class SASolver(PredictorCorrector):
     corrector_order: int = 2
     tau: float = 1.0
     tau_interval: tuple | None = None
-    lower_order_final: bool = True
+    lower_order_final: str = "last_steps"  # exponential.LOWER_ORDER_FINAL
 
     def __post_init__(self):
         check_order(self, (1, 2, 3))
+        check_lower_order_final(self)
         check_option(
             self,
             "corrector_order",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from diffjax.processes import broadcast_to_data
 from diffjax.samplers.base import History, check_option, check_order
 from diffjax.samplers.ddim import ddim_data_form
-from diffjax.samplers.exponential import half_log_snr, phi_functions
+from diffjax.samplers.exponential import check_lower_order_final, half_log_snr, phi_functions
 from diffjax.samplers.predictor_corrector import PredictorCorrector
 
 __all__ = ["UniPC"]
@@ -76,23 +76,35 @@ class UniPC(PredictorCorrector):
     D_k = (x0_{t_k} - x0_t)/r_k over the p-1 previous evaluations; corrector UniC-p re-does the step
     with the evaluation at the predicted point added, raising the order to p + 1. The evaluation at
     the predicted point also feeds the next step, so UniPC costs 1 NFE per step; the last step has no
-    corrector. Orders warm up as 1, 2, ... and, with `lower_order_final` and fewer than 15 steps,
-    drop at the end. Global order p + 1 with the corrector, p without. State: a `History` of x0
-    evaluations at their half log-SNRs.
+    corrector. Orders warm up as 1, 2, ... and the last ones are lowered as `lower_order_final`
+    says (exponential.LOWER_ORDER_FINAL; default "before_denoise"). Global order p + 1 with the
+    corrector, p without. State: a `History` of x0 evaluations at their half log-SNRs.
 
     `order=None` (the default) picks p from the step size (`default_order`): 3, or 2 where the mean
     log-SNR step h is so large that UniP-3's extrapolation over 2h passes pi/2 (what that does on
     a trained MNIST model: experiments/results/mnist_unipc_order.md).
+
+    Against diffusers' UniPCMultistepScheduler (predict_x0, bh1/bh2) on its grid: its run of N
+    steps ends with an order-1 step into sigma = 0, which returns the x0 prediction at the
+    (uncorrected) predicted point of its last nonzero node; here that is `sample(...,
+    denoise_final=True)` on the N nonzero nodes (N - 1 steps) with lower_order_final=
+    "before_denoise". Its runs that end at sigma_min (final_sigmas_type="sigma_min") correspond to
+    all N + 1 nodes, denoise_final=False, lower_order_final="last_steps". Remaining differences:
+    diffusers' default order is 2 (here: chosen by step size, `default_order`); diffusers lowers the
+    final orders at any number of steps, this solver only below 15 (which matters only for order 3);
+    its `disable_corrector` list and the noise-prediction form (predict_x0=False) have no
+    counterpart here.
     """
 
     order: int | None = None
     variant: str = "bh2"
     corrector: bool = True
-    lower_order_final: bool = True
+    lower_order_final: str = "before_denoise"
 
     def __post_init__(self):
         check_order(self, (None, 1, 2, 3))
         check_option(self, "variant", self.variant in VARIANTS, f"one of {list(VARIANTS)}")
+        check_lower_order_final(self)
 
     @property
     def corrects(self) -> bool:
