@@ -123,3 +123,26 @@ def test_ideal_denoiser_matches_brute_force(chunk):
     np.testing.assert_allclose(np.asarray(got).reshape(5, -1), want, atol=2e-5)
     nearest = np.argmin(np.sum((x.reshape(5, 1, -1) - flat[None]) ** 2, -1), axis=1)
     np.testing.assert_array_equal(data.nearest(jnp.asarray(x, jnp.float32)), nearest)
+
+
+@pytest.mark.slow  # compiles three solvers twice
+@pytest.mark.parametrize(
+    "solver_name, options, grid_name",
+    [("gaussian_pc", (), "flow_time"), ("unipc", (), "logsnr"), ("dpm_solver++", (("order", 3),), "karras")],
+)
+def test_suite_driver_takes_the_steps_sample_takes(gaussian, solver_name, options, grid_name):
+    """The suite runs a solver step by step (one compiled program per step); from the same start it gives
+    what `sample()` gives with the whole loop compiled."""
+    from diffjax.samplers import sample
+    from experiments.benchmarks.sampler_suite import Method, run_method
+
+    process = PROCESSES["ddpm"]
+    method = Method(solver_name, options, grid_name)
+    result = sample(
+        gaussian.denoiser(process), jax.random.key(9), (8, 6), solver=method.solver(), grid=method.grid(),
+        steps=method.solver().steps_for_nfe(6), return_trajectory=True,
+    )  # fmt: skip
+    z = result.trajectory[0] / process.sigma(process.t_max)
+    x, nfe = run_method(process, gaussian, method, 6, z)
+    assert nfe == result.nfe == 6
+    np.testing.assert_allclose(x, result.samples, rtol=1e-5, atol=1e-5)

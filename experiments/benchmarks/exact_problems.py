@@ -78,7 +78,9 @@ def load_cifar10(n: int) -> np.ndarray:
 
     per_class = -(-n // 10)
     with tarfile.open(os.path.join(SHARED_DATA, "cifar10-jpeg.tar")) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/") and m.name.endswith(".jpg")]
+        members = [
+            m for m in tar.getmembers() if m.isfile() and m.name.startswith("train/") and m.name.endswith(".jpg")
+        ]
         by_class: dict[str, list] = {}
         for m in sorted(members, key=lambda m: m.name):
             by_class.setdefault(m.name.split("/")[1], []).append(m)
@@ -94,7 +96,12 @@ def load_digits_8x8(n: int) -> np.ndarray:
     return (x / 8.0 - 1.0).reshape(x.shape[0], -1)
 
 
-IMAGE_SETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10, "digits": load_digits_8x8}
+IMAGE_SETS = {
+    "mnist": load_mnist,
+    "fashion_mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "digits": load_digits_8x8,
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,8 +110,8 @@ IMAGE_SETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "cifar10
 
 
 def make_mixture(seed: int, dim: int, components: int, separation: float, scale: float, anisotropy: float):
-    """Means at distance ~`separation` (random directions), component stds `scale` times a per-dimension
-    factor log-uniform in [1/anisotropy, 1]... times a per-component factor in [0.5, 1]; random weights."""
+    """K components in `dim` dimensions: means at distance ~`separation` (random directions), component stds `scale` times a per-dimension
+    factor log-uniform in [1/anisotropy, 1] and a per-component factor uniform in [0.5, 1]; random weights."""
     rng = np.random.default_rng(seed)
     directions = rng.standard_normal((components, dim))
     means = separation / np.sqrt(2) * directions / np.linalg.norm(directions, axis=1, keepdims=True)
@@ -117,13 +124,18 @@ def make_mixture(seed: int, dim: int, components: int, separation: float, scale:
 # (name, dim, components, separation, scale, anisotropy)
 MIXTURES = [
     ("mix16_sep6_iso", 16, 4, 6.0, 0.5, 1.0),
-    ("mix32_sep2_aniso10", 32, 8, 2.0, 0.3, 10.0),
-    ("mix8_sep20_aniso100", 8, 3, 20.0, 2.0, 100.0),
+    ("mix16_sep2_aniso10", 16, 4, 2.0, 0.3, 10.0),
+    ("mix16_sep20_aniso100", 16, 4, 20.0, 2.0, 100.0),
 ]
+MIXTURES_FULL = MIXTURES + [("mix32_sep3_aniso30_k8", 32, 8, 3.0, 1.0, 30.0)]
 
 # (name, dim, exponent, scale)
-GAUSSIANS = [("gauss64_p1", 64, 1.0, 1.0), ("gauss256_p2", 256, 2.0, 1.0), ("gauss768_p0.5", 768, 0.5, 0.5)]
-GAUSSIANS_FULL = GAUSSIANS + [("gauss3072_p1", 3072, 1.0, 1.0), ("gauss1024_p3", 1024, 3.0, 2.0)]
+GAUSSIANS = [("gauss256_p1", 256, 1.0, 1.0), ("gauss256_p2", 256, 2.0, 1.0), ("gauss256_p0.5", 256, 0.5, 0.5)]
+GAUSSIANS_FULL = GAUSSIANS + [
+    ("gauss64_p1", 64, 1.0, 1.0),
+    ("gauss1024_p3", 1024, 3.0, 2.0),
+    ("gauss3072_p1", 3072, 1.0, 1.0),
+]
 
 
 def build_problems(full: bool = False) -> list[Problem]:
@@ -136,6 +148,8 @@ def build_problems(full: bool = False) -> list[Problem]:
     for name, loader in IMAGE_SETS.items():
         n = sizes[name] if full else (1797 if name == "digits" else 500 if name == "cifar10" else 1000)
         problems.append(Problem(f"{name}{n}", "images", EmpiricalData.create(loader(n)), 1000 if full else 200))
-    for seed, (name, dim, k, sep, scale, aniso) in enumerate(MIXTURES):
-        problems.append(Problem(name, "mixture", make_mixture(seed, dim, k, sep, scale, aniso), 20000 if full else 4096))
+    for seed, (name, dim, k, sep, scale, aniso) in enumerate(MIXTURES_FULL if full else MIXTURES):
+        problems.append(
+            Problem(name, "mixture", make_mixture(seed, dim, k, sep, scale, aniso), 20000 if full else 4096)
+        )
     return problems

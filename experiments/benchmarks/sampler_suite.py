@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import math
 import os
 import time
 
@@ -41,11 +40,11 @@ import numpy as np
 from tqdm import tqdm
 
 from diffjax import processes as P
-from diffjax.data.exact import EmpiricalData, GaussianData
+from diffjax.data.exact import GaussianData
 from diffjax.denoisers import Denoiser
 from diffjax.samplers import GRIDS, SOLVERS
 from diffjax.validation import build_named
-from experiments.benchmarks.common import markdown_table, write_results
+from experiments.benchmarks.common import RESULTS_DIR, write_results
 from experiments.benchmarks.exact_problems import Problem, build_problems
 
 NFES = (3, 5, 8, 10, 15, 20, 50)
@@ -60,7 +59,8 @@ def make_process(name: str):
 
 
 PROCESS_SWEEP = ("vp", "cosine", "edm", "flow")  # besides "ddpm", on the problems below
-SWEEP_PROBLEMS = ("gauss256_p2", "mnist1000", "mnist2000", "mix16_sep6_iso")
+SWEEP_PROBLEMS = ("gauss256_p2", "mix16_sep6_iso")
+SWEEP_PROBLEMS_FULL = SWEEP_PROBLEMS + ("mnist2000",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,20 +95,17 @@ CANDIDATE_SOLVERS = [
     ("gaussian_pc", ()),
     ("gaussian_pc", (("order", 1),)),
     ("unipc", ()),
-    ("unipc", (("lower_order_final", False),)),
     ("unipc", (("order", 2),)),
     ("unipc", (("order", 2), ("variant", "bh1"))),
     ("unipc", (("order", 3), ("variant", "bh1"))),
+    ("unipc", (("lower_order_final", "none"),)),
     ("dpm_solver++", (("order", 2),)),
-    ("dpm_solver++", (("order", 2), ("lower_order_final", False))),
     ("dpm_solver++", (("order", 3),)),
     ("deis", (("order", 3),)),
     ("ddim", ()),
-    ("euler", ()),
     ("heun", ()),
-    ("edm_heun", ()),
 ]
-CANDIDATE_GRIDS = [("logsnr", ()), ("karras", ()), ("flow_time", ()), ("uniform", ())]
+CANDIDATE_GRIDS = [("logsnr", ()), ("karras", ()), ("flow_time", ())]
 CURRENT_DEFAULT = Method("gaussian_pc", (), "flow_time")
 REFERENCE = Method("dpm_solver++", (("order", 3),), "logsnr")
 
@@ -251,9 +248,12 @@ def peers_module():
     if importlib.util.find_spec("diffusers") is None:
         return None
     try:
-        from experiments.peers import diffusers_schedulers  # noqa: PLC0415 (optional extra)
+        import torch  # noqa: PLC0415 (optional extra)
+
+        from experiments.peers import diffusers_schedulers  # noqa: PLC0415
     except ImportError:
         return None
+    torch.set_num_threads(1)  # small tensors: many threads on a busy machine make each op ~100x slower
     return diffusers_schedulers
 
 
@@ -265,21 +265,49 @@ def peers_module():
 def entries(problems, full: bool):
     """(problem, process name) pairs: every problem under the DDPM chain, the sweep problems under all."""
     out = [(p, "ddpm") for p in problems]
-    out += [(p, name) for p in problems if p.name in SWEEP_PROBLEMS for name in PROCESS_SWEEP]
+    sweep = SWEEP_PROBLEMS_FULL if full else SWEEP_PROBLEMS
+    out += [(p, name) for p in problems if p.name in sweep for name in PROCESS_SWEEP]
     return out
 
 
-def run_suite(full: bool = False, peers: bool = True, methods=None, nfes=NFES, reference_steps=None, log=print):
-    """Run every method on every (problem, process); returns the JSON-able result dict."""
+def run_suite(
+    full: bool = False,
+    peers: bool = True,
+    methods=None,
+    nfes=NFES,
+    reference_steps=None,
+    log=print,
+    save=None,
+    done=None,
+):
+    """Run every method on every (problem, process); returns the JSON-able result dict. `save(payload)` is
+    called after every entry with the results so far; entries in `done` (a payload) are kept, not rerun."""
     problems = build_problems(full)
     methods = candidate_methods() if methods is None else methods
     reference_steps = reference_steps or (400 if full else 200)
     peer = peers_module() if peers else None
-    rows, references = [], []
-    start = time.perf_counter()
+    rows, references = (list(done["rows"]), list(done["references"])) if done else ([], [])
+    finished = {r["entry"] for r in references}
+    start = time.perf_counter() - (done["seconds"] if done else 0.0)
+
+    def payload():
+        return {
+            "full": full,
+            "nfes": list(nfes),
+            "methods": [m.label for m in methods],
+            "current_default": CURRENT_DEFAULT.label,
+            "reference_method": REFERENCE.label,
+            "reference_steps": [reference_steps, 2 * reference_steps],
+            "references": references,
+            "rows": rows,
+            "seconds": time.perf_counter() - start,
+        }
+
     for problem, process_name in entries(problems, full):
         process = make_process(process_name)
         entry = f"{problem.name}/{process_name}"
+        if entry in finished:
+            continue
         z = jax.random.normal(jax.random.key(hash(problem.name) % 2**31), (problem.batch, problem.dim))
         t0 = time.perf_counter()
         ref, converged = reference(process, problem, z, reference_steps)
@@ -303,26 +331,35 @@ def run_suite(full: bool = False, peers: bool = True, methods=None, nfes=NFES, r
         if peer is not None and process_name == "ddpm":
             rows += run_peers(peer, problem, process, z, ref, ref_nearest, nfes)
         log(f"{entry}: reference gap {converged:.2e}, {time.perf_counter() - t0:.1f} s")
-    return {
-        "full": full,
-        "nfes": list(nfes),
-        "methods": [m.label for m in methods],
-        "current_default": CURRENT_DEFAULT.label,
-        "reference_method": REFERENCE.label,
-        "reference_steps": [reference_steps, 2 * reference_steps],
-        "references": references,
-        "rows": rows,
-        "seconds": time.perf_counter() - start,
-    }
+        if save is not None:
+            save(payload())
+    return payload()
+
+
+# diffusers' settings run beside ours (the rest of experiments/peers' SETTING_NAMES are variants of these)
+PEER_SETTINGS = (
+    "dpm++2m",
+    "dpm++2m_karras",
+    "dpm++2m_lu",
+    "dpm++3m_karras",
+    "unipc_bh2",
+    "unipc_bh2_karras",
+    "unipc3_bh2",
+    "deis",
+    "ddim_trailing",
+    "euler_karras",
+    "heun_karras",
+)
 
 
 def run_peers(peer, problem, process, z, ref, ref_nearest, nfes) -> list[dict]:
     """diffusers' settings on the DDPM chain from the same noise (their start must be ours: t_max)."""
     x0_fn = problem.x0_fn()
-    noise = np.asarray(z)
+    x_start = np.asarray(_prior(process, np.float32(process.t_max), z), np.float64)
     rows = []
-    for name in peer.SETTINGS:
+    for name in tqdm(PEER_SETTINGS, desc="diffusers", leave=False, mininterval=5):
         for nfe in nfes:
+            noise = x_start / peer.initial_std(name, nfe, DDPM_BETAS)
             try:
                 result = peer.run_setting(name, x0_fn, noise, nfe, betas=DDPM_BETAS)
             except ValueError:
@@ -334,3 +371,37 @@ def run_peers(peer, problem, process, z, ref, ref_nearest, nfes) -> list[dict]:
                  "error": relative_error(x, ref), **class_metrics(problem, x, ref_nearest)}
             )  # fmt: skip
     return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the issue's full size")
+    parser.add_argument("--no-peers", action="store_true", help="skip diffusers even when installed")
+    parser.add_argument("--name", default="sampler_suite", help="results/<name>.json, .md, .png")
+    parser.add_argument("--report-only", action="store_true", help="rebuild tables and plot from the JSON")
+    parser.add_argument("--resume", action="store_true", help="keep the entries already in the JSON")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/diffjax_suite_jax"))
+    path = os.path.join(RESULTS_DIR, f"{args.name}.json")
+    done = None
+    if args.report_only or args.resume:
+        with open(path) as f:
+            done = json.load(f)
+    if args.report_only:
+        payload = done
+    else:
+        save = functools.partial(write_results, args.name)
+        payload = run_suite(full=args.full, peers=not args.no_peers, save=save, done=done)
+        write_results(args.name, payload)
+    report(payload, args.name)
+
+
+def report(payload, name):
+    """Tables (markdown), plot and selection from a suite's payload."""
+    from experiments.benchmarks import sampler_selection  # noqa: PLC0415
+
+    sampler_selection.write_report(payload, name)
+
+
+if __name__ == "__main__":
+    main()
