@@ -72,7 +72,10 @@ def _rk4_flow(process, data, x, t_from, t_to, steps=400):
     return x
 
 
-@pytest.mark.parametrize("name", sorted(PROCESSES))
+@pytest.mark.parametrize(
+    "name",
+    ["vp", "edm", "flow", pytest.param("cosine", marks=pytest.mark.slow), pytest.param("ddpm", marks=pytest.mark.slow)],
+)
 def test_gaussian_flow_map_solves_the_probability_flow_ode(gaussian, name):
     """The closed form equals a converged RK4 solve of the ODE from an interior time down to a small one,
     under every process family (only (alpha, sigma) enter the closed form)."""
@@ -107,7 +110,9 @@ def test_gaussian_data_refuses_a_basis_that_is_not_orthonormal():
         GaussianData.create(np.zeros(2), np.eye(2), np.array([1.0, 0.0]))
 
 
-@pytest.mark.parametrize("chunk", [3, 7, 100])
+@pytest.mark.parametrize(
+    "chunk", [3, pytest.param(7, marks=pytest.mark.slow), pytest.param(100, marks=pytest.mark.slow)]
+)
 def test_ideal_denoiser_matches_brute_force(chunk):
     """Chunked running softmax (with padding when chunk does not divide N) equals the direct softmax over
     all 7 points, also at a noise level where one point dominates; nearest() equals a direct argmin."""

@@ -110,8 +110,9 @@ IMAGE_SETS = {
 
 
 def make_mixture(seed: int, dim: int, components: int, separation: float, scale: float, anisotropy: float):
-    """K components in `dim` dimensions: means at distance ~`separation` (random directions), component stds `scale` times a per-dimension
-    factor log-uniform in [1/anisotropy, 1] and a per-component factor uniform in [0.5, 1]; random weights."""
+    """K components in `dim` dimensions: means at distance ~`separation` in random directions; component
+    stds `scale` times a per-dimension factor log-uniform in [1/anisotropy, 1] and a per-component factor
+    uniform in [0.5, 1]; random weights."""
     rng = np.random.default_rng(seed)
     directions = rng.standard_normal((components, dim))
     means = separation / np.sqrt(2) * directions / np.linalg.norm(directions, axis=1, keepdims=True)
