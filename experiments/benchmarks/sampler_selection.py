@@ -274,7 +274,7 @@ def write_report(payload, name="sampler_suite"):
             e = errors[winner]
             best = max(min(errors.values()), 1e-6)
             _, bp = best_of(errors, is_peer)
-            to_peer = _fmt(max(e, 1e-6) / bp, 2) if math.isfinite(bp) else "-"
+            to_peer = _fmt(max(e, 1e-6) / max(bp, 1e-6), 2) if math.isfinite(bp) else "-"
             cells.append(f"{_fmt(e)} ({_fmt(max(e, 1e-6) / best, 2)}, {to_peer})")
         body.append(cells)
     lines += [markdown_table(head, body), ""]
