@@ -1,0 +1,388 @@
+"""Choosing the default sampler from the sampler suite's results by its worst case, and the suite's report.
+
+For every entry (problem under a process) and NFE, a method's ratio is its error over the smallest error
+any method (ours or diffusers') reached there. A candidate's score is its worst ratio over the entries and
+the NFEs 5, 10 and 20; the default is the candidate with the smallest score (`minimax`). To guard against
+fitting the suite, the choice is made on the selection entries only, and the held-out entries (one
+problem per class and one process family, `HELD_OUT`) are reported separately.
+
+    python experiments/benchmarks/sampler_selection.py [--name sampler_suite]
+
+reads experiments/results/<name>.json and writes <name>.md (tables) and <name>.png (error vs NFE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+
+import numpy as np
+
+from experiments.benchmarks.common import RESULTS_DIR, markdown_table
+
+SELECTION_NFES = (5, 10, 20)
+# Held out of the choice: one problem per class (under every process) and one process family.
+HELD_OUT_PROBLEMS = ("fashion_mnist", "gauss256_p0.5", "mix16_sep20_aniso100")
+HELD_OUT_PROCESSES = ("cosine",)
+
+
+def is_held_out(entry: str) -> bool:
+    problem, process = entry.split("/")
+    return process in HELD_OUT_PROCESSES or any(problem.startswith(p) for p in HELD_OUT_PROBLEMS)
+
+
+def entry_class(row) -> str:
+    """Problem class, with the non-DDPM processes as their own class ("process sweep")."""
+    return row["kind"] if row["process"] == "ddpm" else f"sweep:{row['process']}"
+
+
+def error_table(rows):
+    """{(entry, nfe): {method: error}} and the class of each entry."""
+    table = collections.defaultdict(dict)
+    classes = {}
+    for r in rows:
+        err = r["error"] if math.isfinite(r["error"]) else float("inf")
+        table[(r["entry"], r["nfe"])][r["method"]] = err
+        classes[r["entry"]] = entry_class(r)
+    return table, classes
+
+
+def best_of(errors: dict, keep) -> tuple[str, float]:
+    chosen = {m: e for m, e in errors.items() if keep(m)}
+    if not chosen:
+        return "", float("nan")
+    m = min(chosen, key=chosen.get)
+    return m, chosen[m]
+
+
+def is_peer(method: str) -> bool:
+    return method.startswith("diffusers ")
+
+
+def worst_ratios(table, methods, entries, nfes=SELECTION_NFES, floor=1e-6):
+    """{method: (worst ratio, (entry, nfe) where)} over the given entries and NFEs; the best error is
+    floored at `floor` (float32 round-off) so exact methods do not make every other ratio infinite."""
+    out = {}
+    for m in methods:
+        worst, where = 0.0, None
+        for entry in entries:
+            for nfe in nfes:
+                errors = table.get((entry, nfe))
+                if not errors or m not in errors:
+                    continue
+                best = max(min(errors.values()), floor)
+                ratio = max(errors[m], floor) / best
+                if ratio > worst:
+                    worst, where = ratio, (entry, nfe)
+        out[m] = (worst, where)
+    return out
+
+
+def minimax(table, classes, candidates):
+    """The candidate with the smallest worst ratio on the selection entries, and all scores."""
+    selection = sorted(e for e in classes if not is_held_out(e))
+    held_out = sorted(e for e in classes if is_held_out(e))
+    on_selection = worst_ratios(table, candidates, selection)
+    on_held_out = worst_ratios(table, candidates, held_out)
+    on_all = worst_ratios(table, candidates, sorted(classes))
+    winner = min(candidates, key=lambda m: on_selection[m][0])
+    return winner, on_selection, on_held_out, on_all, selection, held_out
+
+
+def geomean(values):
+    values = [v for v in values if v > 0 and math.isfinite(v)]
+    return float(np.exp(np.mean(np.log(values)))) if values else float("nan")
+
+
+def _fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def class_summary(table, classes, method, nfes):
+    """Per class and NFE: geometric mean over the class's entries of the method's error, of the best of
+    ours and of the best diffusers setting (per entry), and the method's worst ratio to each."""
+    out = {}
+    for cls in sorted(set(classes.values())):
+        entries = [e for e, c in classes.items() if c == cls]
+        for nfe in nfes:
+            mine, ours, peers, r_ours, r_peer, r_all = [], [], [], [], [], []
+            for e in entries:
+                errors = table.get((e, nfe), {})
+                if method not in errors:
+                    continue
+                _, bo = best_of(errors, lambda m: not is_peer(m))
+                _, bp = best_of(errors, is_peer)
+                best_all = max(min(errors.values()), 1e-6)
+                mine.append(errors[method])
+                ours.append(bo)
+                r_ours.append(max(errors[method], 1e-6) / max(bo, 1e-6))
+                r_all.append(max(errors[method], 1e-6) / best_all)
+                if math.isfinite(bp):
+                    peers.append(bp)
+                    r_peer.append(max(errors[method], 1e-6) / max(bp, 1e-6))
+            out[(cls, nfe)] = {
+                "method": geomean(mine),
+                "best_ours": geomean(ours),
+                "best_diffusers": geomean(peers) if peers else float("nan"),
+                "worst_ratio_to_best": max(r_all) if r_all else float("nan"),
+                "worst_ratio_to_diffusers": max(r_peer) if r_peer else float("nan"),
+            }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# A log-log plot with Pillow (no matplotlib needed)
+# ------------------------------------------------------------------------------------------------
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (127, 127, 127)]
+
+
+def plot_panels(panels, path, title):
+    """panels: [(panel title, {label: [(nfe, error)]})]; a grid of log-log panels as a PNG."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415 (Pillow is a dependency; only the plot needs it)
+
+    cols = 3
+    rows = -(-len(panels) // cols)
+    pw, ph, margin = 420, 320, 55
+    image = Image.new("RGB", (cols * pw, rows * ph + 40 + 18 * 6), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill="black")
+    labels = []
+    for i, (name, series) in enumerate(panels):
+        ox, oy = (i % cols) * pw, 40 + (i // cols) * ph
+        values = [e for pts in series.values() for _, e in pts if e > 0 and math.isfinite(e)]
+        if not values:
+            continue
+        lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+        hi = max(hi, lo + 1)
+        x0, x1, y0, y1 = ox + margin, ox + pw - 15, oy + ph - 40, oy + 25
+        xmin, xmax = math.log(3), math.log(50)
+
+        def xy(nfe, err, x0=x0, x1=x1, y0=y0, y1=y1, lo=lo, hi=hi, xmin=xmin, xmax=xmax):
+            fx = (math.log(nfe) - xmin) / (xmax - xmin)
+            fy = (math.log10(err) - lo) / (hi - lo)
+            return x0 + fx * (x1 - x0), y0 + fy * (y1 - y0)
+
+        draw.rectangle([x0, y1, x1, y0], outline="black")
+        draw.text((x0, oy + 5), name, fill="black")
+        for k in range(lo, hi + 1):
+            _, y = xy(3, 10.0**k)
+            draw.line([x0, y, x1, y], fill=(225, 225, 225))
+            draw.text((ox + 8, y - 6), f"1e{k}", fill="black")
+        for nfe in (3, 5, 10, 20, 50):
+            x, _ = xy(nfe, 10.0**lo)
+            draw.line([x, y0, x, y1], fill=(225, 225, 225))
+            draw.text((x - 6, y0 + 5), str(nfe), fill="black")
+        draw.text((x1 - 60, y0 + 20), "NFE", fill="black")
+        for j, (label, pts) in enumerate(series.items()):
+            color = COLORS[j % len(COLORS)]
+            pts = [xy(n, e) for n, e in sorted(pts) if e > 0 and math.isfinite(e)]
+            if len(pts) > 1:
+                draw.line(pts, fill=color, width=2)
+            for x, y in pts:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+            if label not in labels:
+                labels.append(label)
+    for j, label in enumerate(labels):
+        y = 40 + rows * ph + 4 + 18 * j
+        draw.rectangle([10, y + 3, 30, y + 9], fill=COLORS[j % len(COLORS)])
+        draw.text((38, y), label, fill="black")
+    tmp = path + ".tmp.png"
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+
+
+def write_report(payload, name="sampler_suite"):
+    rows = payload["rows"]
+    nfes = payload["nfes"]
+    current = payload["current_default"]
+    table, classes = error_table(rows)
+    ours = sorted({r["method"] for r in rows if r["library"] == "diffjax"})
+    peers = sorted({r["method"] for r in rows if r["library"] == "diffusers"})
+    winner, on_sel, on_held, on_all, selection, held_out = minimax(table, classes, ours)
+    peer_scores = worst_ratios(table, peers, [e for e in classes if e.endswith("/ddpm")])
+    best_peer = min(peers, key=lambda m: peer_scores[m][0]) if peers else None
+
+    lines = [f"# Sampler suite ({'full' if payload['full'] else 'default'} size)", ""]
+    env = payload.get("environment", {})
+    lines += [
+        f"{env.get('date', '')}, {env.get('device', '')}, jax {env.get('versions', {}).get('jax', '')}; "
+        f"{len(classes)} entries (problem/process), {len(ours)} of our settings, {len(peers)} diffusers settings; "
+        f"suite time {payload['seconds'] / 60:.1f} min (shared 2-core machine). "
+        "Error: RMS(x - x_ref)/RMS(x_ref - mean x_ref) from the same noise, x_ref the exact probability-flow "
+        f"solution (closed form for Gaussians; else {payload['reference_method']} at "
+        f"{payload['reference_steps'][1]} steps). NFE counts every network call.",
+        "",
+        "## Summary per problem class and NFE (geometric mean of the error over the class's problems)",
+        "",
+        f"Chosen default (minimax on the selection entries): **{winner}**; previous default: {current}.",
+        "",
+    ]
+    summary_new = class_summary(table, classes, winner, nfes)
+    summary_old = class_summary(table, classes, current, nfes)
+    head = ["class", "NFE", "chosen default", "previous default", "best of ours", "best diffusers",
+            "chosen / best (worst)", "chosen / best diffusers (worst)"]  # fmt: skip
+    body = []
+    for (cls, nfe), s in sorted(summary_new.items()):
+        o = summary_old[(cls, nfe)]
+        body.append([cls, nfe, _fmt(s["method"]), _fmt(o["method"]), _fmt(s["best_ours"]), _fmt(s["best_diffusers"]),
+                     _fmt(s["worst_ratio_to_best"]), _fmt(s["worst_ratio_to_diffusers"])])  # fmt: skip
+    lines += [markdown_table(head, body), ""]
+
+    lines += ["## Minimax: worst ratio to the best method per entry at NFE 5, 10, 20", ""]
+    lines += [
+        f"Selection entries ({len(selection)}): all but the held-out problems {list(HELD_OUT_PROBLEMS)} and the "
+        f"{list(HELD_OUT_PROCESSES)} process ({len(held_out)} entries). The best per entry is over every method, "
+        "diffusers' included.",
+        "",
+    ]
+    ranked = sorted(ours, key=lambda m: on_sel[m][0])
+    head = ["our setting", "worst ratio (selection)", "where", "worst ratio (held out)", "where", "worst (all)"]
+    body = [[m, _fmt(on_sel[m][0]), f"{on_sel[m][1]}", _fmt(on_held[m][0]), f"{on_held[m][1]}", _fmt(on_all[m][0])]
+            for m in ranked[:20]]  # fmt: skip
+    body += [[f"{current} (previous default)", _fmt(on_sel[current][0]), f"{on_sel[current][1]}",
+              _fmt(on_held[current][0]), f"{on_held[current][1]}", _fmt(on_all[current][0])]]  # fmt: skip
+    lines += [markdown_table(head, body), ""]
+    if peers:
+        lines += ["diffusers settings on the DDPM-chain entries (same ratios):", ""]
+        ranked_p = sorted(peers, key=lambda m: peer_scores[m][0])
+        peer_rows = [[m, _fmt(peer_scores[m][0]), f"{peer_scores[m][1]}"] for m in ranked_p]
+        lines += [markdown_table(["diffusers setting", "worst ratio", "where"], peer_rows), ""]
+        lines += [f"Best diffusers setting by the same minimax: **{best_peer}**.", ""]
+
+    # per-NFE ratios of the chosen default against the best diffusers setting and the best method
+    lines += ["## The chosen default per entry and NFE", ""]
+    head = ["entry", "held out"] + [f"NFE {n}: err (÷best, ÷best diffusers)" for n in nfes]
+    body = []
+    for entry in sorted(classes):
+        cells = [entry, "yes" if is_held_out(entry) else ""]
+        for nfe in nfes:
+            errors = table.get((entry, nfe), {})
+            if winner not in errors:
+                cells.append("-")
+                continue
+            e = errors[winner]
+            best = max(min(errors.values()), 1e-6)
+            _, bp = best_of(errors, is_peer)
+            to_peer = _fmt(max(e, 1e-6) / max(bp, 1e-6), 2) if math.isfinite(bp) else "-"
+            cells.append(f"{_fmt(e)} ({_fmt(max(e, 1e-6) / best, 2)}, {to_peer})")
+        body.append(cells)
+    lines += [markdown_table(head, body), ""]
+
+    lines += class_metric_tables(rows, payload, winner, current, best_peer)
+    lines += reference_table(payload)
+
+    path = os.path.join(RESULTS_DIR, f"{name}.md")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    os.replace(tmp, path)
+    write_plot(table, classes, winner, current, best_peer, nfes, os.path.join(RESULTS_DIR, f"{name}.png"))
+    print("\n".join(lines[:60]))
+    return winner
+
+
+def class_metric_tables(rows, payload, winner, current, best_peer):
+    """Decile log-variance errors (Gaussians), nearest-image agreement (images), weight/std errors (mixtures)
+    for the chosen default, the previous default and the best diffusers setting, on the DDPM entries."""
+    by = {(r["entry"], r["method"], r["nfe"]): r for r in rows}
+    refs = {r["entry"]: r for r in payload["references"]}
+    shown = [m for m in (winner, current, best_peer) if m]
+    out = ["## Per-class measures (DDPM chain)", ""]
+    body = []
+    for entry, ref in sorted(refs.items()):
+        if not entry.endswith("/ddpm") or ref["kind"] != "gaussian":
+            continue
+        body.append([entry, "exact reference", 0, " ".join(f"{v:+.2f}" for v in ref["decile_log_var"])])
+        for m in shown:
+            for nfe in SELECTION_NFES:
+                r = by.get((entry, m, nfe))
+                if r:
+                    body.append([entry, m, nfe, " ".join(f"{v:+.2f}" for v in r["decile_log_var"])])
+    out += ["Gaussians: log(var_hat/var) per decile of the spectrum (largest first), against the data:", ""]
+    out += [markdown_table(["entry", "method", "NFE", "deciles 1..10"], body), ""]
+    body = []
+    for entry, ref in sorted(refs.items()):
+        if not entry.endswith("/ddpm") or ref["kind"] != "images":
+            continue
+        for m in shown:
+            body.append([entry, m] + [_fmt(by[(entry, m, n)].get("nn_agreement")) if (entry, m, n) in by else "-"
+                                      for n in payload["nfes"]])  # fmt: skip
+    out += ["Images: fraction of samples whose nearest training image is the reference's:", ""]
+    out += [markdown_table(["entry", "method"] + [f"NFE {n}" for n in payload["nfes"]], body), ""]
+    body = []
+    for entry, ref in sorted(refs.items()):
+        if ref["kind"] != "mixture":
+            continue
+        body.append([entry, "exact reference", "-", _fmt(ref["weight_error"]), _fmt(ref["std_error"])])
+        for m in shown:
+            for nfe in SELECTION_NFES:
+                r = by.get((entry, m, nfe))
+                if r:
+                    body.append([entry, m, nfe, _fmt(r["weight_error"]), _fmt(r["std_error"])])
+    out += ["Mixtures: weight error sum|w_hat - w| and worst per-(component, dimension) std error |s_hat/s - 1| "
+            "(the exact reference's row is the sampling floor):", ""]  # fmt: skip
+    out += [markdown_table(["entry", "method", "NFE", "weight error", "std error"], body), ""]
+    return out
+
+
+def reference_table(payload):
+    out = [
+        "## References",
+        "",
+        "Gap: relative difference between the reference solves at N and 2N steps (0: closed form).",
+        "",
+    ]
+    body = [[r["entry"], r["dim"], r["batch"], _fmt(r["reference_gap"])] for r in payload["references"]]
+    return out + [markdown_table(["entry", "dim", "samples", "gap"], body), ""]
+
+
+def write_plot(table, classes, winner, current, best_peer, nfes, path):
+    panels = []
+    for cls in sorted(set(classes.values())):
+        entries = [e for e, c in classes.items() if c == cls]
+        series = {}
+        for label, keep in (
+            (f"chosen: {winner}", lambda m: m == winner),
+            (f"previous: {current}", lambda m: m == current),
+            ("best of ours (per point)", lambda m: not is_peer(m)),
+            ("best diffusers (per point)", is_peer),
+        ):
+            pts = []
+            for nfe in nfes:
+                errs = [best_of(table.get((e, nfe), {}), keep)[1] for e in entries]
+                errs = [e for e in errs if math.isfinite(e)]
+                if errs:
+                    pts.append((nfe, geomean(errs)))
+            if pts:
+                series[label] = pts
+        if best_peer:
+            pts = [
+                (nfe, geomean([table.get((e, nfe), {}).get(best_peer, float("nan")) for e in entries])) for nfe in nfes
+            ]
+            series[f"{best_peer}"] = [p for p in pts if math.isfinite(p[1])]
+        panels.append((f"{cls} ({len(entries)} problems): geomean error", series))
+    plot_panels(panels, path, "Sampler suite: relative error vs NFE (log-log), same noise, exact references")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="sampler_suite")
+    args = parser.parse_args(argv)
+    with open(os.path.join(RESULTS_DIR, f"{args.name}.json")) as f:
+        payload = json.load(f)
+    write_report(payload, args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Sampler suite: every solver x grid on exact problems we did not design, side by side with diffusers.
+
+Problems (experiments/benchmarks/exact_problems.py): power-law Gaussians in random bases, the ideal
+denoiser of real image sets (MNIST, Fashion-MNIST, CIFAR-10, 8x8 digits), Gaussian mixtures at several
+scales, separations and anisotropies. Each is sampled under the 1000-step DDPM chain (linear betas
+1e-4..0.02, the process diffusers' schedulers assume), and a subset under every other process family
+(VP, cosine, EDM, flow matching).
+
+Every run starts from the same noise z: x_T = sigma(t_max) z, integrates to t_min and ends with the
+final denoising D(x, t_min) (NFE counts every network call, that one included). The answer it is
+compared with is the exact probability-flow solution from that x_T, denoised the same way: closed-form
+for Gaussians (`GaussianData.flow_map`), otherwise a converged reference solve (two reference solves, at
+N and 2N steps, agree; the table shows by how much). Error = RMS(x - x_ref) / RMS(x_ref - mean(x_ref)).
+Also: Gaussian covariance log-eigenvalue errors by decile (per basis direction, against the data),
+nearest-training-image agreement with the reference (images), mixture weight error and worst
+per-dimension std error (mixtures). diffusers' schedulers (experiments/peers/, optional extra) run on the
+DDPM-chain problems from the same noise when installed.
+
+    python experiments/benchmarks/sampler_suite.py            # default size (minutes on 2 CPUs)
+    python experiments/benchmarks/sampler_suite.py --full     # the issue's size
+    python experiments/benchmarks/sampler_suite.py --no-peers # ours only
+
+Writes experiments/results/sampler_suite.json / .md and sampler_suite.png (error vs NFE, log-log), and
+the default's selection (experiments/benchmarks/sampler_selection.py) to sampler_suite_selection.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from diffjax import processes as P
+from diffjax.data.exact import GaussianData
+from diffjax.denoisers import Denoiser
+from diffjax.samplers import GRIDS, SOLVERS
+from diffjax.validation import build_named
+from experiments.benchmarks.common import RESULTS_DIR, write_results
+from experiments.benchmarks.exact_problems import Problem, build_problems
+
+NFES = (3, 5, 8, 10, 15, 20, 50)
+SELECTION_NFES = (5, 10, 20)
+DDPM_BETAS = np.linspace(1e-4, 0.02, 1000)
+
+
+def make_process(name: str):
+    if name == "ddpm":
+        return P.VP.from_betas(DDPM_BETAS)
+    return {"vp": P.VP, "cosine": P.CosineVP, "edm": P.EDM, "flow": P.FlowMatching}[name]()
+
+
+PROCESS_SWEEP = ("vp", "cosine", "edm", "flow")  # besides "ddpm", on the problems below
+SWEEP_PROBLEMS = ("gauss256_p2", "mix16_sep6_iso")
+SWEEP_PROBLEMS_FULL = SWEEP_PROBLEMS + ("mnist2000",)
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods: (solver, options) x grid
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A solver name with options and a grid name with options, as in a config."""
+
+    solver_name: str
+    solver_options: tuple = ()
+    grid_name: str = "logsnr"
+    grid_options: tuple = ()
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.solver_options)
+        gopts = ",".join(f"{k}={v}" for k, v in self.grid_options)
+        return f"{self.solver_name}({opts}) @ {self.grid_name}" + (f"({gopts})" if gopts else "")
+
+    def solver(self):
+        return build_named(SOLVERS, self.solver_name, dict(self.solver_options), "solver")
+
+    def grid(self):
+        return build_named(GRIDS, self.grid_name, dict(self.grid_options), "grid")
+
+
+# (solver name, options): the candidates; each on every grid in CANDIDATE_GRIDS.
+CANDIDATE_SOLVERS = [
+    ("gaussian_pc", ()),
+    ("gaussian_pc", (("order", 1),)),
+    ("unipc", ()),
+    ("unipc", (("order", 2),)),
+    ("unipc", (("order", 2), ("variant", "bh1"))),
+    ("unipc", (("order", 3), ("variant", "bh1"))),
+    ("unipc", (("lower_order_final", "none"),)),
+    ("dpm_solver++", (("order", 2),)),
+    ("dpm_solver++", (("order", 3),)),
+    ("deis", (("order", 3),)),
+    ("ddim", ()),
+    ("heun", ()),
+]
+CANDIDATE_GRIDS = [("logsnr", ()), ("karras", ()), ("flow_time", ())]
+CURRENT_DEFAULT = Method("gaussian_pc", (), "flow_time")
+REFERENCE = Method("dpm_solver++", (("order", 3),), "logsnr")
+
+
+def candidate_methods() -> list[Method]:
+    return [Method(s, so, g, go) for s, so in CANDIDATE_SOLVERS for g, go in CANDIDATE_GRIDS]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one method on one problem from given noise
+# ------------------------------------------------------------------------------------------------
+
+
+def _denoiser(process, data) -> Denoiser:
+    return Denoiser(lambda x, t: data.posterior_mean(x, process.alpha(t), process.sigma(t)), process, "x0")
+
+
+@functools.partial(jax.jit, static_argnames=("solver",))
+def _init(process, data, solver, x, t_max):
+    return solver.init(_denoiser(process, data), x, t_max[None])
+
+
+@functools.partial(jax.jit, static_argnames=("solver",))
+def _step(process, data, solver, x, state, t, t_next, key):
+    return solver.step(_denoiser(process, data), x, state, t, t_next, key)
+
+
+@jax.jit
+def _denoise(process, data, x, t):
+    return _denoiser(process, data).x0(x, t)
+
+
+def integrate(process, data, solver, ts, z):
+    """x_T = sigma(t_max) z, the (prepared) solver over ts, then D(x, t_min): the steps `Solver.run`
+    takes, phase by phase, each step one compiled call. So one step program serves every NFE and grid
+    (ts is traced); `sample()` compiles the whole loop instead, with the same result
+    (tests/test_sampler_suite.py)."""
+    ts = np.asarray(ts, np.float32)
+    x = _prior(process, ts[0], z)
+    key = jax.random.key(0)  # the candidates are deterministic
+    state = _init(process, data, solver, x, ts[0])
+    i = 0
+    for phase in solver.phases(len(ts) - 1):
+        for _ in range(phase.length):
+            x, state = _step(process, data, phase.solver, x, state, ts[i], ts[i + 1], key)
+            i += 1
+    return _denoise(process, data, x, ts[-1])
+
+
+@jax.jit
+def _prior(process, t_max, z):
+    return process.sigma(t_max) * z
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "steps", "t_min", "t_max"))
+def _grid_times(process, grid, steps, t_min, t_max):
+    return grid(process, steps, t_min, t_max)
+
+
+def run_method(process, data, method: Method, nfe: int, z):
+    """(samples, the NFE used) for `method` with at most `nfe` network calls (final denoising included)."""
+    solver = method.solver()
+    steps = solver.steps_for_nfe(nfe)
+    t_min, t_max = process.resolve_times()
+    solver.check(process, steps, t_min, t_max)
+    solver = solver.prepare(process, steps, t_min, t_max)
+    ts = _grid_times(process, method.grid(), steps, t_min, t_max)
+    return integrate(process, data, solver, ts, z), solver.nfe(steps) + 1
+
+
+@jax.jit
+def _gaussian_reference(process, data: GaussianData, z):
+    t_min, t_max = process.t_min, process.t_max
+    x_t = process.sigma(t_max) * z
+    x = data.flow_map(x_t, process.alpha(t_max), process.sigma(t_max), process.alpha(t_min), process.sigma(t_min))
+    return data.posterior_mean(x, process.alpha(t_min), process.sigma(t_min))
+
+
+def reference(process, problem: Problem, z, steps: int):
+    """(x_ref, how far it is from converged): closed form for Gaussians (0), else REFERENCE at 2*steps
+    (and the relative difference from the same at `steps`)."""
+    if isinstance(problem.data, GaussianData):
+        return _gaussian_reference(process, problem.data, z), 0.0
+    fine, _ = run_method(process, problem.data, REFERENCE, 2 * steps + 1, z)
+    coarse, _ = run_method(process, problem.data, REFERENCE, steps + 1, z)
+    return fine, relative_error(coarse, fine)
+
+
+def relative_error(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    spread = np.sqrt(np.mean((ref - ref.mean(0)) ** 2))
+    return float(np.sqrt(np.mean((x - ref) ** 2)) / spread)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-class metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def decile_log_variance_errors(data: GaussianData, x) -> list[float]:
+    """Per basis direction log(var_hat / var) (mean-centred by the known mean), averaged per decile of the
+    spectrum (largest eigenvalues first)."""
+    z = (np.asarray(x, np.float64) - np.asarray(data.mean)) @ np.asarray(data.basis, np.float64)
+    log_ratio = np.log(np.mean(z**2, axis=0) / np.asarray(data.variances, np.float64))
+    return [float(np.mean(part)) for part in np.array_split(log_ratio, 10)]
+
+
+def mixture_errors(mixture, x) -> dict:
+    """Weight error sum |w_hat - w| and the worst per-(component, dimension) relative std error."""
+    flat = np.asarray(x, np.float64)
+    k = np.asarray(mixture.assign(jnp.asarray(x)))
+    weights = np.bincount(k, minlength=mixture.num_components) / len(k)
+    worst = 0.0
+    for j in range(mixture.num_components):
+        members = flat[k == j]
+        if len(members) < 10:
+            worst = max(worst, 1.0)
+            continue
+        std = np.sqrt(np.mean((members - np.asarray(mixture.means[j])) ** 2, axis=0))
+        worst = max(worst, float(np.max(np.abs(std / np.asarray(mixture.stds[j]) - 1.0))))
+    return {"weight_error": float(np.sum(np.abs(weights - np.asarray(mixture.weights)))), "std_error": worst}
+
+
+def class_metrics(problem: Problem, x, ref_nearest=None) -> dict:
+    if problem.kind == "gaussian":
+        return {"decile_log_var": decile_log_variance_errors(problem.data, x)}
+    if problem.kind == "images":
+        nearest = np.asarray(problem.data.nearest(jnp.asarray(x)))
+        return {"nn_agreement": float(np.mean(nearest == ref_nearest))} if ref_nearest is not None else {}
+    return mixture_errors(problem.data, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers beside ours (optional)
+# ------------------------------------------------------------------------------------------------
+
+
+def peers_module():
+    """experiments.peers.diffusers_schedulers when it and diffusers are importable, else None."""
+    if importlib.util.find_spec("diffusers") is None:
+        return None
+    try:
+        import torch  # noqa: PLC0415 (optional extra)
+
+        from experiments.peers import diffusers_schedulers  # noqa: PLC0415
+    except ImportError:
+        return None
+    torch.set_num_threads(1)  # small tensors: many threads on a busy machine make each op ~100x slower
+    return diffusers_schedulers
+
+
+# ------------------------------------------------------------------------------------------------
+# The suite
+# ------------------------------------------------------------------------------------------------
+
+
+def entries(problems, full: bool):
+    """(problem, process name) pairs: every problem under the DDPM chain, the sweep problems under all."""
+    out = [(p, "ddpm") for p in problems]
+    sweep = SWEEP_PROBLEMS_FULL if full else SWEEP_PROBLEMS
+    out += [(p, name) for p in problems if p.name in sweep for name in PROCESS_SWEEP]
+    return out
+
+
+def run_suite(
+    full: bool = False,
+    peers: bool = True,
+    methods=None,
+    nfes=NFES,
+    reference_steps=None,
+    log=print,
+    save=None,
+    done=None,
+):
+    """Run every method on every (problem, process); returns the JSON-able result dict. `save(payload)` is
+    called after every entry with the results so far; entries in `done` (a payload) are kept, not rerun."""
+    problems = build_problems(full)
+    methods = candidate_methods() if methods is None else methods
+    reference_steps = reference_steps or (400 if full else 200)
+    peer = peers_module() if peers else None
+    rows, references = (list(done["rows"]), list(done["references"])) if done else ([], [])
+    finished = {r["entry"] for r in references}
+    start = time.perf_counter() - (done["seconds"] if done else 0.0)
+
+    def payload():
+        return {
+            "full": full,
+            "nfes": list(nfes),
+            "methods": [m.label for m in methods],
+            "current_default": CURRENT_DEFAULT.label,
+            "reference_method": REFERENCE.label,
+            "reference_steps": [reference_steps, 2 * reference_steps],
+            "references": references,
+            "rows": rows,
+            "seconds": time.perf_counter() - start,
+        }
+
+    for problem, process_name in entries(problems, full):
+        process = make_process(process_name)
+        entry = f"{problem.name}/{process_name}"
+        if entry in finished:
+            continue
+        z = jax.random.normal(jax.random.key(hash(problem.name) % 2**31), (problem.batch, problem.dim))
+        t0 = time.perf_counter()
+        ref, converged = reference(process, problem, z, reference_steps)
+        ref_nearest = np.asarray(problem.data.nearest(ref)) if problem.kind == "images" else None
+        references.append(
+            {"entry": entry, "problem": problem.name, "kind": problem.kind, "process": process_name,
+             "dim": problem.dim, "batch": problem.batch, "reference_gap": converged,
+             **class_metrics(problem, ref)}
+        )  # fmt: skip
+        for method in tqdm(methods, desc=entry, leave=False, mininterval=5):
+            for nfe in nfes:
+                try:
+                    x, used = run_method(process, problem.data, method, nfe, z)
+                except ValueError:  # fewer evaluations than one step needs
+                    continue
+                rows.append(
+                    {"entry": entry, "problem": problem.name, "kind": problem.kind, "process": process_name,
+                     "library": "diffjax", "method": method.label, "nfe": nfe, "nfe_used": used,
+                     "error": relative_error(x, ref), **class_metrics(problem, x, ref_nearest)}
+                )  # fmt: skip
+        if peer is not None and process_name == "ddpm":
+            rows += run_peers(peer, problem, process, z, ref, ref_nearest, nfes)
+        log(f"{entry}: reference gap {converged:.2e}, {time.perf_counter() - t0:.1f} s")
+        if save is not None:
+            save(payload())
+    return payload()
+
+
+# diffusers' settings run beside ours (the rest of experiments/peers' SETTING_NAMES are variants of these)
+PEER_SETTINGS = (
+    "dpm++2m",
+    "dpm++2m_karras",
+    "dpm++2m_lu",
+    "dpm++3m_karras",
+    "unipc_bh2",
+    "unipc_bh2_karras",
+    "unipc3_bh2",
+    "deis",
+    "ddim_trailing",
+    "euler_karras",
+    "heun_karras",
+)
+
+
+def run_peers(peer, problem, process, z, ref, ref_nearest, nfes) -> list[dict]:
+    """diffusers' settings on the DDPM chain from the same noise (their start must be ours: t_max)."""
+    x0_fn = problem.x0_fn()
+    x_start = np.asarray(_prior(process, np.float32(process.t_max), z), np.float64)
+    rows = []
+    for name in tqdm(PEER_SETTINGS, desc="diffusers", leave=False, mininterval=5):
+        for nfe in nfes:
+            noise = x_start / peer.initial_std(name, nfe, DDPM_BETAS)
+            try:
+                result = peer.run_setting(name, x0_fn, noise, nfe, betas=DDPM_BETAS)
+            except ValueError:
+                continue
+            x = np.asarray(result.samples, np.float32).reshape(z.shape)
+            rows.append(
+                {"entry": f"{problem.name}/ddpm", "problem": problem.name, "kind": problem.kind, "process": "ddpm",
+                 "library": "diffusers", "method": f"diffusers {name}", "nfe": nfe, "nfe_used": int(result.nfe),
+                 "error": relative_error(x, ref), **class_metrics(problem, x, ref_nearest)}
+            )  # fmt: skip
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the issue's full size")
+    parser.add_argument("--no-peers", action="store_true", help="skip diffusers even when installed")
+    parser.add_argument("--name", default="sampler_suite", help="results/<name>.json, .md, .png")
+    parser.add_argument("--report-only", action="store_true", help="rebuild tables and plot from the JSON")
+    parser.add_argument("--resume", action="store_true", help="keep the entries already in the JSON")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/diffjax_suite_jax"))
+    path = os.path.join(RESULTS_DIR, f"{args.name}.json")
+    done = None
+    if args.report_only or args.resume:
+        with open(path) as f:
+            done = json.load(f)
+    if args.report_only:
+        payload = done
+    else:
+        save = functools.partial(write_results, args.name)
+        payload = run_suite(full=args.full, peers=not args.no_peers, save=save, done=done)
+        write_results(args.name, payload)
+    report(payload, args.name)
+
+
+def report(payload, name):
+    """Tables (markdown), plot and selection from a suite's payload."""
+    from experiments.benchmarks import sampler_selection  # noqa: PLC0415
+
+    sampler_selection.write_report(payload, name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The exact answers the sampler suite (experiments/benchmarks/sampler_suite.py) measures against:
+Gaussian data's posterior mean and closed-form probability-flow solution (diffjax/data/exact.py), and the
+ideal denoiser of a point set, each checked against an independent computation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import processes as P
+from diffjax.data.exact import EmpiricalData, GaussianData, power_law_gaussian, random_basis
+
+PROCESSES = {
+    "vp": P.VP(),
+    "cosine": P.CosineVP(),
+    "edm": P.EDM(),
+    "flow": P.FlowMatching(),
+    "ddpm": P.VP.from_betas(np.linspace(1e-4, 0.02, 1000)),
+}
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    return power_law_gaussian(jax.random.key(0), 6, exponent=2.0, scale=0.8, mean_norm=0.7)
+
+
+def test_random_basis_is_orthonormal_and_seeded():
+    q = random_basis(jax.random.key(3), 5)
+    np.testing.assert_allclose(q.T @ q, np.eye(5), atol=1e-12)
+    np.testing.assert_array_equal(q, random_basis(jax.random.key(3), 5))
+    assert not np.allclose(q, random_basis(jax.random.key(4), 5))
+
+
+def test_gaussian_posterior_mean_is_bayes_rule_with_the_full_covariance(gaussian):
+    """mu + a C (a^2 C + s^2 I)^-1 (x - a mu), C = U diag(v) U^T, per example (a, s) arrays."""
+    mean, basis, var = (np.asarray(a, np.float64) for a in (gaussian.mean, gaussian.basis, gaussian.variances))
+    cov = basis @ np.diag(var) @ basis.T
+    x = np.asarray(jax.random.normal(jax.random.key(1), (3, 6)), np.float64)
+    alpha, sigma = np.array([0.9, 0.5, 1.0]), np.array([0.3, 0.8, 2.0])
+    want = np.stack(
+        [
+            mean + a * cov @ np.linalg.solve(a**2 * cov + s**2 * np.eye(6), xi - a * mean)
+            for xi, a, s in zip(x, alpha, sigma)
+        ]
+    )
+    got = gaussian.posterior_mean(jnp.asarray(x, jnp.float32), alpha, sigma)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def _rk4_flow(process, data, x, t_from, t_to, steps=400):
+    """A converged numeric solve of the probability-flow ODE dx/dt = alpha' D + sigma' eps in the process's
+    own time (RK4 on a grid uniform in log sigma/alpha, mapped back to t)."""
+    lam = jnp.linspace(process.log_snr(t_from), process.log_snr(t_to), steps + 1)
+    ts = process.t_from_log_snr(lam).at[0].set(t_from).at[-1].set(t_to)
+    denoiser = data.denoiser(process)
+
+    def velocity(x, t):
+        return denoiser.velocity(x, jnp.full((x.shape[0],), t))
+
+    def step(x, pair):
+        t, s = pair
+        h = s - t
+        k1 = velocity(x, t)
+        k2 = velocity(x + 0.5 * h * k1, t + 0.5 * h)
+        k3 = velocity(x + 0.5 * h * k2, t + 0.5 * h)
+        k4 = velocity(x + h * k3, s)
+        return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), None
+
+    x, _ = jax.lax.scan(step, x, (ts[:-1], ts[1:]))
+    return x
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["vp", "edm", "flow", pytest.param("cosine", marks=pytest.mark.slow), pytest.param("ddpm", marks=pytest.mark.slow)],
+)
+def test_gaussian_flow_map_solves_the_probability_flow_ode(gaussian, name):
+    """The closed form equals a converged RK4 solve of the ODE from an interior time down to a small one,
+    under every process family (only (alpha, sigma) enter the closed form)."""
+    process = PROCESSES[name]
+    t_from = 0.8 * process.t_max if name != "edm" else 20.0
+    t_to = 0.05 if name != "edm" else 0.05
+    x = jax.random.normal(jax.random.key(2), (4, 6)) * process.sigma(t_from)
+    numeric = _rk4_flow(process, gaussian, x, t_from, t_to)
+    closed = gaussian.flow_map(
+        x, process.alpha(t_from), process.sigma(t_from), process.alpha(t_to), process.sigma(t_to)
+    )
+    scale = float(jnp.sqrt(jnp.mean(closed**2)))
+    assert float(jnp.max(jnp.abs(numeric - closed))) < 1e-4 * max(scale, 1.0), name
+
+
+def test_gaussian_flow_map_transports_the_marginals(gaussian):
+    """Pushing exact samples of p_t through the map gives p_s: the covariance is right (2 10^4 samples)."""
+    a1, s1, a2, s2 = 0.3, 0.95, 0.98, 0.2
+    x0 = gaussian.sample(jax.random.key(5), 20_000)
+    xt = a1 * x0 + s1 * jax.random.normal(jax.random.key(6), x0.shape)
+    xs = np.asarray(gaussian.flow_map(xt, a1, s1, a2, s2), np.float64)
+    basis, var = np.asarray(gaussian.basis, np.float64), np.asarray(gaussian.variances, np.float64)
+    want = basis @ np.diag(a2**2 * var + s2**2) @ basis.T
+    np.testing.assert_allclose(np.cov(xs.T), want, atol=0.04 * np.max(np.abs(want)))
+    np.testing.assert_allclose(xs.mean(0), a2 * np.asarray(gaussian.mean), atol=0.02)
+
+
+def test_gaussian_data_refuses_a_basis_that_is_not_orthonormal():
+    with pytest.raises(ValueError, match="orthonormal"):
+        GaussianData.create(np.zeros(2), np.ones((2, 2)), np.ones(2))
+    with pytest.raises(ValueError, match="variances must be positive"):
+        GaussianData.create(np.zeros(2), np.eye(2), np.array([1.0, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "chunk", [3, pytest.param(7, marks=pytest.mark.slow), pytest.param(100, marks=pytest.mark.slow)]
+)
+def test_ideal_denoiser_matches_brute_force(chunk):
+    """Chunked running softmax (with padding when chunk does not divide N) equals the direct softmax over
+    all 7 points, also at a noise level where one point dominates; nearest() equals a direct argmin."""
+    points = np.asarray(jax.random.uniform(jax.random.key(7), (7, 2, 3), minval=-1, maxval=1), np.float64)
+    data = EmpiricalData.create(points, chunk=chunk)
+    flat = points.reshape(7, -1)
+    x = np.asarray(jax.random.normal(jax.random.key(8), (5, 2, 3)), np.float64)
+    alpha, sigma = np.array([1.0, 0.9, 0.5, 0.99, 0.2]), np.array([0.01, 0.3, 0.8, 0.1, 1.0])
+    logits = -np.sum((x.reshape(5, 1, -1) - alpha[:, None, None] * flat[None]) ** 2, -1) / (2 * sigma[:, None] ** 2)
+    w = np.exp(logits - logits.max(1, keepdims=True))
+    want = (w / w.sum(1, keepdims=True)) @ flat
+    got = data.posterior_mean(jnp.asarray(x, jnp.float32), alpha, sigma)
+    np.testing.assert_allclose(np.asarray(got).reshape(5, -1), want, atol=2e-5)
+    nearest = np.argmin(np.sum((x.reshape(5, 1, -1) - flat[None]) ** 2, -1), axis=1)
+    np.testing.assert_array_equal(data.nearest(jnp.asarray(x, jnp.float32)), nearest)
+
+
+@pytest.mark.slow  # compiles three solvers twice
+@pytest.mark.parametrize(
+    "solver_name, options, grid_name",
+    [("gaussian_pc", (), "flow_time"), ("unipc", (), "logsnr"), ("dpm_solver++", (("order", 3),), "karras")],
+)
+def test_suite_driver_takes_the_steps_sample_takes(gaussian, solver_name, options, grid_name):
+    """The suite runs a solver step by step (one compiled program per step); from the same start it gives
+    what `sample()` gives with the whole loop compiled."""
+    from diffjax.samplers import sample
+    from experiments.benchmarks.sampler_suite import Method, run_method
+
+    process = PROCESSES["ddpm"]
+    method = Method(solver_name, options, grid_name)
+    result = sample(
+        gaussian.denoiser(process), jax.random.key(9), (8, 6), solver=method.solver(), grid=method.grid(),
+        steps=method.solver().steps_for_nfe(6), return_trajectory=True,
+    )  # fmt: skip
+    z = result.trajectory[0] / process.sigma(process.t_max)
+    x, nfe = run_method(process, gaussian, method, 6, z)
+    assert nfe == result.nfe == 6
+    np.testing.assert_allclose(x, result.samples, rtol=1e-5, atol=1e-5)
