@@ -317,7 +317,11 @@ def _as_prediction(denoiser, prediction):
     return Denoiser(fn, denoiser.process, prediction)
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+# learned_variance on a plain Denoiser is the ancestral sampler (tests/test_learned_variance.py shows
+# it equal to Ancestral), so its sweep repeats ancestral's: slow set only.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "learned_variance" else n for n in sorted(SOLVERS)]
+)
 def test_every_solver_works_with_every_process_and_prediction(name):
     """Each solver with each process (and the five prediction types, cycled) reproduces the mean
     and the spread of a Gaussian to within a coarse tolerance (40 steps; 200 for first-order ones)."""
