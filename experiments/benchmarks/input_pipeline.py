@@ -23,7 +23,6 @@ experiments/results/input_pipeline.json.
 
 import argparse
 import datetime
-import importlib.metadata
 import os
 import platform
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import diffjax.data as dd
 from diffjax.data import builders, pipeline, sources
 from diffjax.io import atomic_write_json
+from experiments.benchmarks.common import package_versions
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results", "input_pipeline.json")
 TARGET_IMAGES_PER_S = 5000
@@ -58,13 +58,7 @@ def _cpu_name() -> str:
 
 def _versions() -> dict:
     names = ("numpy", "grain", "tensorflow-datasets", "array-record", "pillow", "jax")
-    versions = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {"python": platform.python_version(), **package_versions(*names)}
 
 
 def _config(data_dir: str, **overrides):
