@@ -25,6 +25,7 @@ from diffjax import processes as P
 from diffjax.control import operators as O
 from diffjax.control import posterior as Po
 from diffjax.data.toy import GaussianMixture
+from diffjax.evaluation import psnr
 from diffjax.samplers import DDIM, sample
 from diffjax.training.images import save_image_grid
 from diffjax.training.load import load_run
@@ -53,12 +54,6 @@ def methods(noise):
     if noise == 0:
         out += [("DDNM", Po.DDNM()), ("replacement", Po.Replacement())]
     return out
-
-
-def psnr(x, truth):
-    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = np.mean((np.clip(x, -1, 1) - truth) ** 2, axis=tuple(range(1, x.ndim)))
-    return 10 * np.log10(4.0 / np.maximum(mse, 1e-12))
 
 
 def timed(fn, key):

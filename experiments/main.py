@@ -4,6 +4,8 @@
     diffjax --config=configs/mnist.py --config.train.num_steps=2000 --workdir=work/mnist
     diffjax --config=configs/default.py --workdir=work/default --mode=sample
     diffjax --config=configs/default.py --workdir=work/default --mode=eval
+    diffjax --config=configs/mnist.py --workdir=work/mnist --mode=sample \
+        --config.inverse.operator=super_resolution --config.inverse.operator_options.factor=4
     diffjax --config=configs/mnist.py --mode=keys                           # every config key
 
 Without --config the embedded default (configs/default.py: 8x8 digits from scikit-learn, upscaled
@@ -38,8 +40,8 @@ flags.DEFINE_enum(
     "mode",
     "train",
     MODES,
-    "What to do: train (resumes), sample or eval a trained run, or "
-    "keys: print every config key with its value and meaning.",
+    "What to do: train (resumes), sample or eval a trained run (sample with config.inverse.operator set: "
+    "reconstruct measured images), or keys: print every config key with its value and meaning.",
 )
 flags.DEFINE_string(
     "compilation_cache",
@@ -123,7 +125,14 @@ def _setup_compilation_cache() -> None:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from diffjax.training import ConfigError, TrainingStopped, evaluate, sample_from_checkpoint, train
+    from diffjax.training import (
+        ConfigError,
+        TrainingStopped,
+        evaluate,
+        reconstruct_from_checkpoint,
+        sample_from_checkpoint,
+        train,
+    )
     from diffjax.training.checkpoint import CheckpointError
     from diffjax.training.config import apply_overrides, describe_config, load_config_file, validate_config
 
@@ -142,6 +151,8 @@ def main(argv) -> int:
     try:
         if FLAGS.mode == "train":
             summary = train(config, FLAGS.workdir)
+        elif FLAGS.mode == "sample" and config.inverse.operator:
+            summary = reconstruct_from_checkpoint(config, FLAGS.workdir)
         elif FLAGS.mode == "sample":
             summary = sample_from_checkpoint(config, FLAGS.workdir)
         else:

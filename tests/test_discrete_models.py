@@ -13,14 +13,20 @@ from diffjax.models import SequenceConfig, SequenceTransformer, functional, logi
 
 
 def _perturbed(causal: bool, length=6):
+    """An abstract model, its jitted apply, and parameters moved a little from their initial values
+    (zero-initialised output layers would hide any dependence). Parameters are drawn under jit with
+    "rbg" keys: eager initialisation, or threefry's unrolled rounds, compile for tens of seconds."""
     cfg = SequenceConfig(num_states=5, vocab_size=4, length=length, hidden_size=16, depth=2, num_heads=2, causal=causal)
-    model = SequenceTransformer(cfg, rngs=nnx.Rngs(0))
-    apply, params = functional(model)
-    # zero-initialised output layers would hide any dependence: move every parameter a little
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = treedef.unflatten([p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    return model, apply, params
+    model = nnx.eval_shape(lambda: SequenceTransformer(cfg, rngs=nnx.Rngs(0)))
+    apply, _ = functional(model)
+
+    def init():
+        params = functional(SequenceTransformer(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))))[1]
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(1, impl="rbg"), len(leaves))
+        return treedef.unflatten([p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+    return model, jax.jit(apply), jax.jit(init)()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -48,6 +54,7 @@ def test_bad_configs_and_inputs_are_refused():
         SequenceConfig(num_states=3, vocab_size=4, length=8).validate()
     with pytest.raises(ValueError, match="length"):
         SequenceConfig(num_states=5, vocab_size=4, length=0).validate()
-    model, _, _ = _perturbed(False)
+    cfg = SequenceConfig(num_states=5, vocab_size=4, length=6, hidden_size=16, depth=2, num_heads=2)
+    model = nnx.eval_shape(lambda: SequenceTransformer(cfg, rngs=nnx.Rngs(0)))  # refused before any compute
     with pytest.raises(ValueError, match="integer tokens of shape"):
         model(np.zeros((2, 7), np.int32), jnp.zeros(2))

@@ -63,6 +63,7 @@ from diffjax.evaluation.metrics import (
     kid,
     mmd2_unbiased,
     polynomial_kernel,
+    psnr,
 )
 from diffjax.evaluation.weights import (
     WeightsDownloadError,
@@ -99,6 +100,7 @@ __all__ = [
     "mmd2_unbiased",
     "polynomial_kernel",
     "preprocess",
+    "psnr",
     "read_torch_file",
     "reference_statistics",
     "reference_statistics_path",

@@ -1,4 +1,4 @@
-"""FID, KID and Inception Score from Inception features, in float64 on the host.
+"""FID, KID and Inception Score from Inception features, in float64 on the host; PSNR of images.
 
 The metrics are small dense linear algebra on (N, 2048) features; float64 numpy keeps them exact
 (FID cancels large traces; KID averages small differences of kernel means), and needs no scipy.
@@ -152,3 +152,14 @@ def inception_score(logits, *, num_splits: int = 10) -> tuple[float, float]:
         kl = (np.exp(part) * (part - log_py)).sum(axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def psnr(x, truth, data_range: float = 2.0) -> np.ndarray:
+    """Peak signal-to-noise ratio in dB per image: 10 log10(data_range^2 / MSE), x clipped to the range
+    [-data_range / 2, data_range / 2] of `truth` (default: images in [-1, 1]); MSE floored at 1e-12."""
+    x, truth = np.asarray(x, np.float64), np.asarray(truth, np.float64)
+    if x.shape != truth.shape or x.ndim < 2:
+        raise ValueError(f"psnr needs two batches of the same shape (N, ...), got {x.shape} and {truth.shape}")
+    half = data_range / 2
+    mse = np.mean((np.clip(x, -half, half) - truth) ** 2, axis=tuple(range(1, x.ndim)))
+    return 10 * np.log10(data_range**2 / np.maximum(mse, 1e-12))

@@ -4,6 +4,7 @@ checkpoints, metrics, the loop, and `load_run` for a trained run."""
 from diffjax.training.checkpoint import Checkpointer, CheckpointError
 from diffjax.training.config import ConfigError, base_config, validate_config
 from diffjax.training.images import save_image_grid
+from diffjax.training.inverse import reconstruct_from_checkpoint
 from diffjax.training.load import LoadedRun, load_run
 from diffjax.training.loop import TrainingStopped, evaluate, prepare_training, sample_from_checkpoint, train
 from diffjax.training.run import Run, build_run, check_environment
@@ -36,6 +37,7 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "prepare_training",
+    "reconstruct_from_checkpoint",
     "sample_from_checkpoint",
     "save_image_grid",
     "stream_key",

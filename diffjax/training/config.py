@@ -8,12 +8,14 @@ a one-line message naming the key, the value and what is allowed (for a misspelt
 valid one), before anything is built or compiled.
 
 Option dicts (process.options, model.overrides, loss.*_options, sample.solver_options,
-sample.grid_options) hold only what differs from the library's defaults, which live with the objects
-they configure (the process, model preset, solver and grid dataclasses); `{}` means "the library
+sample.grid_options, inverse.operator_options, inverse.method_options) hold only what differs from
+the library's defaults, which live with the objects they configure (the process, model preset,
+solver, grid and posterior-method dataclasses, the operator's arguments); `{}` means "the library
 default". Their keys are checked against the fields of the object the matching name selects.
 
 On the command line (`apply_overrides`), changing a name that selects an object (process.name,
-model.name, sample.solver, sample.grid, loss.weighting, loss.time_sampler) empties that object's
+model.name, sample.solver, sample.grid, loss.weighting, loss.time_sampler, inverse.operator,
+inverse.method) empties that object's
 option dict first, and `data.name` loads that data preset; the `--config.<dict>.<key>` overrides of
 the same command line are applied after that, whatever their order.
 """
@@ -24,6 +26,7 @@ import ast
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import math
 import os
 from typing import Sequence
@@ -31,13 +34,15 @@ from typing import Sequence
 import ml_collections
 
 from diffjax import losses, models
+from diffjax.control.operators import OPERATORS
+from diffjax.control.posterior import POSTERIOR_METHODS
 from diffjax.data.config import CUSTOM, DATA_KEYS, default_data_config
 from diffjax.data.config import PRESETS as DATA_PRESETS
 from diffjax.denoisers import PRECONDITIONED, PREDICTIONS
 from diffjax.processes import PROCESSES
 from diffjax.samplers import DEFAULT_SOLVER, GRIDS, SOLVERS
 from diffjax.training.sharding import DEFAULT_RULES
-from diffjax.validation import check_choice, check_dataclass_fields, nearest
+from diffjax.validation import build_named, check_choice, check_dataclass_fields, nearest
 
 __all__ = [
     "CONFIG_KEYS",
@@ -59,6 +64,7 @@ NONFINITE_POLICIES = ("skip", "stop")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 LIBRARY_DEFAULT = "(library default)"
+REQUIRED = "(required)"
 # What config.loss.prediction / loss.target may name: a network view, or a preconditioned raw network.
 LOSS_PREDICTIONS = PREDICTIONS + tuple(PRECONDITIONED)
 
@@ -113,6 +119,18 @@ CONFIG_KEYS = {
     "sample.guidance_scale": (1.0, "classifier-free guidance scale (1 = none)"),
     "sample.solver_options": ({}, "options of the solver, e.g. eta=0.5 for ddim ({} = its defaults)"),
     "sample.grid_options": ({}, "options of the grid, e.g. rho=7.0 for karras ({} = its defaults)"),
+    "inverse.operator": (
+        "",
+        f"--mode sample reconstructs measured images when set: one of {sorted(OPERATORS)} ('' = plain sampling)",
+    ),
+    "inverse.operator_options": ({}, "the operator's arguments, e.g. factor=4 for super_resolution"),
+    "inverse.method": ("pigdm", f"the posterior sampler: one of {sorted(POSTERIOR_METHODS)}"),
+    "inverse.method_options": (
+        {},
+        "options of the method, e.g. scale=0.5 for dps ({} = its defaults; data_std defaults to loss.sigma_data)",
+    ),
+    "inverse.noise_std": (0.0, "standard deviation of the measurement noise (images in [-1, 1])"),
+    "inverse.num_images": (8, "images of the evaluation split measured and reconstructed"),
     "eval.fid": (True, "FID/KID in --mode eval (needs the Inception weights)"),
     "eval.num_samples": (
         0,
@@ -144,6 +162,8 @@ SELECTOR_KEYS = {
     "loss.time_sampler": "loss.time_sampler_options",
     "sample.solver": "sample.solver_options",
     "sample.grid": "sample.grid_options",
+    "inverse.operator": "inverse.operator_options",
+    "inverse.method": "inverse.method_options",
 }
 
 # Sampler names that were renamed (former -> current); loss renames are losses.FORMER_NAMES.
@@ -302,7 +322,18 @@ def _selected(config, key: str) -> tuple[str, object] | None:
         return f"weighting {config.loss.weighting!r}", losses.WEIGHTINGS[config.loss.weighting]
     if key == "loss.time_sampler_options" and _is_name_in(config.loss.time_sampler, losses.TIME_SAMPLERS):
         return f"time sampler {config.loss.time_sampler!r}", losses.TIME_SAMPLERS[config.loss.time_sampler]
+    if key == "inverse.operator_options" and _is_name_in(config.inverse.operator, OPERATORS):
+        return f"operator {config.inverse.operator!r}", operator_arguments(config.inverse.operator)
+    if key == "inverse.method_options" and _is_name_in(config.inverse.method, POSTERIOR_METHODS):
+        return f"posterior method {config.inverse.method!r}", POSTERIOR_METHODS[config.inverse.method]
     return None  # mesh.rules: checked below
+
+
+def operator_arguments(name: str) -> dict:
+    """The arguments of OPERATORS[name] after the image shape, with their defaults (REQUIRED where
+    there is none)."""
+    parameters = list(inspect.signature(OPERATORS[name]).parameters.values())[1:]
+    return {p.name: REQUIRED if p.default is inspect.Parameter.empty else p.default for p in parameters}
 
 
 def option_fields(config, key: str) -> dict:
@@ -541,6 +572,8 @@ def validate_config(config) -> None:
         "a number >= 0",
     )
 
+    _validate_inverse(config.inverse)
+
     _require(isinstance(config.eval.fid, bool), "eval.fid", config.eval.fid, "True or False")
     for key in ("batch_size", "loss_batches"):
         _require(_positive_int(config.eval[key]), f"eval.{key}", config.eval[key], "a positive int")
@@ -577,6 +610,44 @@ def validate_config(config) -> None:
         dict(config.mesh),
         "at most one axis set to -1",
     )
+
+
+def _validate_inverse(inverse) -> None:
+    """config.inverse: names, the operator's required arguments, noise level and image count (the
+    option dicts' keys are checked with the other option dicts)."""
+    _require(
+        inverse.operator == "" or _is_name_in(inverse.operator, OPERATORS),
+        "inverse.operator",
+        inverse.operator,
+        f"one of {sorted(OPERATORS)} or '' (plain sampling)",
+    )
+    _require(
+        _is_name_in(inverse.method, POSTERIOR_METHODS),
+        "inverse.method",
+        inverse.method,
+        f"one of {sorted(POSTERIOR_METHODS)}",
+    )
+    try:
+        build_named(POSTERIOR_METHODS, inverse.method, dict(inverse.method_options), "inverse.method")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.inverse.method_options: {err}") from err
+    if inverse.operator:
+        arguments = operator_arguments(inverse.operator)
+        missing = [k for k, v in arguments.items() if v == REQUIRED and k not in inverse.operator_options]
+        _require(
+            not missing,
+            "inverse.operator_options",
+            dict(inverse.operator_options),
+            f"the arguments {missing} of operator {inverse.operator!r} (e.g. "
+            f"--config.inverse.operator_options.{missing[0] if missing else ''}=...)",
+        )
+    _require(
+        _finite_number(inverse.noise_std) and inverse.noise_std >= 0,
+        "inverse.noise_std",
+        inverse.noise_std,
+        "a number >= 0",
+    )
+    _require(_positive_int(inverse.num_images), "inverse.num_images", inverse.num_images, "a positive int")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import jax
 import optax
 
 from diffjax import losses, models
+from diffjax.control.operators import OPERATORS, Operator
+from diffjax.control.posterior import POSTERIOR_METHODS, PosteriorMethod
 from diffjax.denoisers import PRECONDITIONED, Denoiser
 from diffjax.processes import GaussianProcess, get_process
 from diffjax.samplers import GRIDS, SOLVERS, sample
@@ -31,6 +33,7 @@ __all__ = [
     "loss_from_config",
     "denoiser_factory_from_config",
     "sampler_from_config",
+    "inverse_problem_from_config",
     "learning_rate_from_config",
     "optimizer_from_config",
     "average_from_config",
@@ -158,6 +161,22 @@ def sampler_from_config(config) -> Callable:
         return sample(denoiser, key, shape, solver=solver, steps=steps, grid=grid).samples
 
     return sampler
+
+
+def inverse_problem_from_config(config, image_shape) -> tuple[Operator, PosteriorMethod, float]:
+    """(operator, posterior method, noise_std) of config.inverse for images of `image_shape`. A
+    method with a `data_std` option gets config.loss.sigma_data unless its options set it."""
+    inv = config.inverse
+    try:
+        operator = OPERATORS[inv.operator](tuple(image_shape), **inv.operator_options.to_dict())
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.inverse.operator_options: {err}") from err
+    options = inv.method_options.to_dict()
+    fields = {f.name for f in dataclasses.fields(POSTERIOR_METHODS[inv.method])}
+    if "data_std" in fields:
+        options.setdefault("data_std", float(config.loss.sigma_data))
+    method = build_named(POSTERIOR_METHODS, inv.method, options, "inverse.method")
+    return operator, method, float(inv.noise_std)
 
 
 def learning_rate_from_config(config) -> optax.Schedule:

@@ -10,6 +10,7 @@ number of steps that stays within the budget (the table shows the NFE actually u
 
     python experiments/benchmarks/sampler_accuracy.py               # full table (~20 min on 2 CPUs)
     python experiments/benchmarks/sampler_accuracy.py --quick       # 20k samples, NFE 10 only
+    python experiments/benchmarks/sampler_accuracy.py --only "dpm++ 2M;ddim" --merge  # re-run rows
 
 Prints a table; writes experiments/results/sampler_accuracy.json (device, versions, date, rows) and
 experiments/results/sampler_accuracy.md (the commit-ready table).
@@ -44,10 +45,12 @@ SOLVERS = [
     ("gaussian_pc order 1", "gaussian_pc", {"order": 1}),
     ("gaussian_pc, no corrector", "gaussian_pc", {"corrector": False}),
     ("unipc bh2, order by step", "unipc", {}),
+    ("unipc bh2, order by step, lower_order_final=last_steps", "unipc", {"lower_order_final": "last_steps"}),
     ("unipc-3 bh2", "unipc", {"order": 3}),
     ("unipc-2 bh2", "unipc", {"order": 2}),
     ("unipc-3 bh1", "unipc", {"order": 3, "variant": "bh1"}),
     ("dpm++ 2M", "dpm_solver++", {"order": 2}),
+    ("dpm++ 2M, lower_order_final=last_steps", "dpm_solver++", {"order": 2, "lower_order_final": "last_steps"}),
     ("dpm++ 3M", "dpm_solver++", {"order": 3}),
     ("dpm-solver-3 (single-step)", "dpm_solver", {"order": 3}),
     ("dpm-solver-2 (single-step)", "dpm_solver", {"order": 2}),
@@ -97,7 +100,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="20k samples, NFE 10 only, no optimized grids")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument(
-        "--only", default=None, help="comma-separated solver labels to run (a subset of the rows; no files written)"
+        "--only",
+        default=None,
+        help="solver labels to run, separated by ';' (a subset of the rows; no files written unless --merge)",
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="with --only: replace those rows in the saved .json and rebuild the .md"
     )
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the saved .json")
     parser.add_argument(
@@ -148,7 +156,10 @@ def main():
             flush=True,
         )
 
-    selected = SOLVERS if args.only is None else [row for row in SOLVERS if row[0] in args.only.split(",")]
+    selected = SOLVERS if args.only is None else [row for row in SOLVERS if row[0] in args.only.split(";")]
+    if args.only is not None and len(selected) != len(args.only.split(";")):
+        known = [row[0] for row in SOLVERS]
+        raise SystemExit(f"--only {args.only!r}: each label must be one of {known} (separated by ';')")
     if not args.tuned_only:
         for nfe in nfes:
             for label, name, options in selected:
@@ -159,7 +170,7 @@ def main():
     if not args.quick:
         # AYS-style grids tuned *on this benchmark* by optimize_grid (not data-agnostic: for reference)
         for nfe in nfes:
-            for label, name, options in [row for row in SOLVERS if row[0] in TUNED]:
+            for label, name, options in [row for row in selected if row[0] in TUNED]:
                 solver = make_solver(name, options)
                 steps = solver.steps_for_nfe(nfe)
                 ts = optimize_grid(
@@ -171,6 +182,11 @@ def main():
         with open(os.path.join(RESULTS, "sampler_accuracy.json")) as f:
             saved = json.load(f)["rows"]
         rows = [r for r in saved if r["grid"] != "optimized on benchmark"] + rows
+    if args.merge:
+        with open(os.path.join(RESULTS, "sampler_accuracy.json")) as f:
+            saved = json.load(f)["rows"]
+        rerun = {label for label, _, _ in selected}
+        rows = [r for r in saved if r["solver"] not in rerun] + rows
     table = markdown(rows, nfes, n)
     print(table)
     os.makedirs(RESULTS, exist_ok=True)
@@ -183,7 +199,7 @@ def main():
         default=f"{DEFAULT_SOLVER} / {DEFAULT_SOLVER.default_grid}",
         rows=rows,
     )
-    if not args.quick and args.only is None:
+    if not args.quick and (args.only is None or args.merge):
         atomic_write_json(os.path.join(RESULTS, "sampler_accuracy.json"), meta)
         atomic_write_text(os.path.join(RESULTS, "sampler_accuracy.md"), table)
 
