@@ -256,6 +256,7 @@ def _key_bias(mask, batch, seq_k, padded_k):
 
 _FLASH_FORWARD = {"pallas_gpu": pallas_gpu.gpu_flash_forward, "pallas_tpu": pallas_tpu.tpu_flash_forward}
 _FLASH_BACKWARD = {"pallas_gpu": pallas_gpu.gpu_flash_backward, "pallas_tpu": pallas_tpu.tpu_flash_backward}
+_FLASH_TANGENT = {"pallas_gpu": pallas_gpu.gpu_flash_tangent, "pallas_tpu": pallas_tpu.tpu_flash_tangent}
 
 
 def _kernel_forward(config, q, k, v, bias):
@@ -263,24 +264,139 @@ def _kernel_forward(config, q, k, v, bias):
     return forward(q, k, v, bias, scale=config.scale, blocks=config.blocks, interpret=config.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_backward(config, q, k, v, bias, out, lse, d_out, d_lse=None):
+    backward = _FLASH_BACKWARD[config.implementation]
+    return backward(
+        q,
+        k,
+        v,
+        bias,
+        out,
+        lse,
+        d_out,
+        scale=config.scale,
+        blocks=config.blocks,
+        interpret=config.interpret,
+        d_lse=d_lse,
+    )
+
+
+def _kernel_tangent(config, residuals, tangents):
+    """The linear map (tq, tk, tv) -> d out at the point `residuals` = (q, k, v, bias, out, lse)."""
+    tangent = _FLASH_TANGENT[config.implementation]
+    interpret = _linear_call_interpret(config)
+    return tangent(*residuals, *tangents, scale=config.scale, blocks=config.blocks, interpret=interpret)
+
+
+def _kernel_tangent_transpose(config, residuals, d_out):
+    """Transpose of `_kernel_tangent`: the cotangent d_out -> (dq, dk, dv), i.e. the flash backward."""
+    backward = _FLASH_BACKWARD[config.implementation]
+    interpret = _linear_call_interpret(config)
+    return tuple(backward(*residuals, d_out, scale=config.scale, blocks=config.blocks, interpret=interpret))
+
+
+def _linear_call_interpret(config):
+    """`linear_call` cannot lower a callee with effects, and the TPU interpret mode has some (ordered
+    callbacks): there, the TPU kernels run on the generic (effect-free) Pallas HLO interpreter."""
+    if config.interpret and config.implementation == "pallas_tpu":
+        return pallas_tpu.HLO_INTERPRETER
+    return config.interpret
+
+
+# Differentiation structure (both modes use the Pallas kernels; nothing seq_q x seq_k is stored):
+#
+#   _flash_core           custom_jvp. Its JVP rule runs the forward kernel for (out, lse) and the
+#                         tangent kernel for d out. Reverse mode (jax.grad / vjp) linearizes this
+#                         rule and transposes the tangent, whose transpose is the flash backward.
+#   _flash_forward_with_lse   custom_vjp (out, lse), so that the rule itself can be differentiated
+#                         in reverse mode (jax.grad of a function of jax.jvp), by the flash backward.
+#   _output_tangent       custom_jvp around a `linear_call`: the tangent kernel with the flash
+#                         backward as its transpose. Its own JVP rule (used only when the tangent is
+#                         differentiated again) is the same kernel for the tangent-of-tangent part
+#                         plus a plain-JAX second derivative in (q, k, v), which does store
+#                         seq_q x seq_k arrays.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _flash_core(config, q, k, v, bias):
     return _kernel_forward(config, q, k, v, bias)[0]
 
 
-def _flash_core_fwd(config, q, k, v, bias):
+@_flash_core.defjvp
+def _flash_core_jvp(config, primals, tangents):
+    q, k, v, bias = primals
+    tq, tk, tv, _ = tangents  # the key bias (the mask) has no derivative
+    out, lse = _flash_forward_with_lse(config, q, k, v, bias)
+    return out, _output_tangent(config, q, k, v, bias, out, lse, tq, tk, tv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_forward_with_lse(config, q, k, v, bias):
+    return _kernel_forward(config, q, k, v, bias)
+
+
+def _flash_forward_with_lse_fwd(config, q, k, v, bias):
     out, lse = _kernel_forward(config, q, k, v, bias)
-    return out, (q, k, v, bias, out, lse)
+    return (out, lse), (q, k, v, bias, out, lse)
 
 
-def _flash_core_bwd(config, residuals, d_out):
-    q, k, v, bias, out, lse = residuals
-    backward = _FLASH_BACKWARD[config.implementation]
-    dq, dk, dv = backward(
-        q, k, v, bias, out, lse, d_out, scale=config.scale, blocks=config.blocks, interpret=config.interpret
-    )
+def _flash_forward_with_lse_bwd(config, residuals, cotangents):
+    d_out, d_lse = cotangents
+    dq, dk, dv = _kernel_backward(config, *residuals, d_out, d_lse)
+    bias = residuals[3]
     d_bias = None if bias is None else jnp.zeros_like(bias)  # the mask is not differentiable
     return dq, dk, dv, d_bias
 
 
-_flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
+_flash_forward_with_lse.defvjp(_flash_forward_with_lse_fwd, _flash_forward_with_lse_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _output_tangent(config, q, k, v, bias, out, lse, tq, tk, tv):
+    """d out for input tangents (tq, tk, tv) at (q, k, v); out, lse are the forward's, saved."""
+    return jax.custom_derivatives.linear_call(
+        functools.partial(_kernel_tangent, config),
+        functools.partial(_kernel_tangent_transpose, config),
+        (q, k, v, bias, out, lse),
+        (tq, tk, tv),
+    )
+
+
+def _output_tangent_jvp(config, primals, tangents):
+    q, k, v, bias, out, lse, tq, tk, tv = primals
+    dq, dk, dv, _, _, _, dtq, dtk, dtv = tangents  # out and lse are functions of q, k, v: no own terms
+    t_out = _output_tangent(config, *primals)
+    terms = []
+    if not _all_symbolic_zeros(dtq, dtk, dtv):  # linear in (tq, tk, tv): the same kernel
+        terms.append(_output_tangent(config, q, k, v, bias, out, lse, *_instantiate(dtq, dtk, dtv)))
+    if not _all_symbolic_zeros(dq, dk, dv):  # the second derivative in (q, k, v): plain JAX
+        second = jax.jvp(
+            lambda q, k, v: _reference_output_tangent(config, q, k, v, bias, tq, tk, tv),
+            (q, k, v),
+            _instantiate(dq, dk, dv),
+        )[1]
+        terms.append(second)
+    return t_out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(t_out)
+
+
+_output_tangent.defjvp(_output_tangent_jvp, symbolic_zeros=True)
+
+
+def _all_symbolic_zeros(*tangents):
+    return all(isinstance(t, jax.custom_derivatives.SymbolicZero) for t in tangents)
+
+
+def _instantiate(*tangents):
+    return tuple(
+        jnp.zeros(t.shape, t.dtype) if isinstance(t, jax.custom_derivatives.SymbolicZero) else t for t in tangents
+    )
+
+
+def _reference_output_tangent(config, q, k, v, bias, tq, tk, tv):
+    """`_output_tangent` in plain JAX on the kernels' padded layout (stores seq_q x seq_k arrays)."""
+    layout = (lambda x: jnp.transpose(x, (0, 2, 1, 3))) if config.implementation == "pallas_tpu" else (lambda x: x)
+    mask = None if bias is None else bias == 0.0
+    attend = lambda q, k, v: reference.reference_attention(
+        layout(q), layout(k), layout(v), mask=mask, softmax_scale=config.scale
+    )
+    return layout(jax.jvp(attend, (q, k, v), (tq, tk, tv))[1])
