@@ -201,6 +201,34 @@ def test_linearize_matches_reference():
     assert relative_error(linear(d_out, k, v), ref_linear(d_out, k, v)) < 1e-5
 
 
+VMAP_VARIANTS = {
+    "vmap_of_jvp": lambda f, x, tx: jax.vmap(lambda x, tx: jax.jvp(f, (x,), (tx,))[1])(x, tx),
+    "grad_of_vmap": lambda f, x, tx: jax.grad(lambda x: jnp.sum(jax.vmap(f)(x) * tx))(x),
+    "vmap_of_grad": lambda f, x, tx: jax.vmap(jax.grad(lambda x, tx: jnp.sum(f(x) * tx)))(x, tx),
+}
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "vmap_of_grad",
+        pytest.param("vmap_of_jvp", marks=pytest.mark.slow),
+        pytest.param("grad_of_vmap", marks=pytest.mark.slow),
+    ],
+)
+def test_vmap_of_jvp_and_grad(variant):
+    """jax.vmap with jvp and grad (the tangent's `linear_call` needs the vmap rule of
+    linear_call_batching.py)."""
+    x = jax.random.normal(jax.random.key(6), (2, 1, 20, 1, 16))  # vmapped axis first
+    tx = jax.random.normal(jax.random.key(7), x.shape)
+    self_attention = lambda attn: lambda x: attn(x, x, x)
+    result = jax.jit(VMAP_VARIANTS[variant], static_argnums=0)(
+        self_attention(attention_fn("pallas_gpu", None, None)), x, tx
+    )
+    expected = VMAP_VARIANTS[variant](self_attention(reference_fn(None, None)), x, tx)
+    assert relative_error(result, expected) < 1e-5
+
+
 # --------------------------------------------------------------------------------------------------
 # the raw tangent kernels, several blocks on every grid axis, each on its own interpreter
 

@@ -17,7 +17,12 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from diffjax.kernels import pallas_gpu, pallas_tpu, reference
+from diffjax.kernels import (
+    linear_call_batching,  # noqa: F401 -- registers jax.vmap of linear_call
+    pallas_gpu,
+    pallas_tpu,
+    reference,
+)
 from diffjax.kernels.tiling import round_up
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_gpu", "pallas_tpu")
