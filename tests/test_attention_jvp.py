@@ -319,7 +319,20 @@ def test_jvp_lowers_for_accelerator(implementation, platform, custom_call, dtype
     assert set(re.findall(r"diffjax_flash_\w+", module)) == {
         f"diffjax_flash_{k}_{suffix}" for k in ("forward", "tangent")
     }
-    assert f"custom_call @{custom_call}" in module
+    assert module.count(f"custom_call @{custom_call}") == 2  # one launch of each
+
+
+@pytest.mark.parametrize("implementation,platform,custom_call", PLATFORMS)
+def test_grad_still_launches_three_kernels(implementation, platform, custom_call):
+    """jax.grad of the attention alone: forward, dQ and dK/dV, once each, as before forward mode."""
+
+    def program(q, k, v, tq, tk, tv, mask):
+        attn = lambda q, k, v: flash_attention(q, k, v, mask=mask, implementation=implementation)
+        return jax.grad(lambda *a: jnp.sum(attn(*a).astype(jnp.float32) * tq), argnums=(0, 1, 2))(q, k, v)
+
+    module = export_module(program, implementation, platform, (2, 1000, 4, 64), jnp.bfloat16)
+    assert module.count(f"custom_call @{custom_call}") == 3
+    assert "diffjax_flash_tangent" not in module
 
 
 @pytest.mark.parametrize("implementation,platform,custom_call", PLATFORMS)
