@@ -3,10 +3,12 @@
     O = softmax(scale * Q K^T + B) V,     B_bj = 0 where mask[b, j] else -inf
 
 Implementations: "pallas_gpu" (Triton), "pallas_tpu" (Mosaic), both FlashAttention-2 (Dao 2023)
-forward and backward with a `jax.custom_vjp` that recomputes attention blockwise from the saved
-log-sum-exp, so memory is linear in sequence length; "xla" and "cudnn" go through
+forward and backward that recompute attention blockwise from the saved log-sum-exp, so memory is
+linear in sequence length, plus a blockwise tangent kernel for forward mode (`jax.jvp`, as
+continuous-time consistency models need; Lu & Song 2024, appendix); "xla" and "cudnn" go through
 `jax.nn.dot_product_attention`. This module does the user-facing part: checking inputs, choosing
-the implementation, padding to the kernels' tile sizes, and the custom VJP.
+the implementation, padding to the kernels' tile sizes, and the custom derivatives (a custom JVP
+whose tangent is transposed by the flash backward; see `_flash_core` below).
 """
 
 import dataclasses

@@ -1,6 +1,7 @@
 """Forward mode through attention: `jax.jvp` of diffjax's flash attention (Pallas forward + tangent
-kernels) against `jax.jvp` of XLA attention, over sequence lengths: time, compiled memory, and
-(with --check) the error of the output and its tangent against a float32 reference.
+kernels) against `jax.jvp` of XLA attention, over sequence lengths: time (and its ratio to the
+same implementation's plain forward), compiled memory, and (with --check) the error of the output
+and its tangent against a float32 reference.
 
     python -m experiments.benchmarks.attention_jvp                  # full sweep, local accelerator
     python -m experiments.benchmarks.attention_jvp --tiny           # CPU smoke run, interpret mode
@@ -130,11 +131,14 @@ def measure(implementation: str, problem, settings: Settings, reference=None) ->
     fn = attention(implementation, interpret)
     args = make_inputs(problem)
     try:
+        forward_s, _, _ = attention_bench.time_compiled(fn, args[:3], settings.warmup, settings.iters)
         seconds, memory, (out, t_out) = attention_bench.time_compiled(
             jvp_program(fn), args, settings.warmup, settings.iters
         )
         row.update(
+            forward_ms=forward_s * 1e3,
             jvp_ms=seconds * 1e3,
+            jvp_over_forward=seconds / forward_s,
             jvp_tflops=JVP_FLOPS_FACTOR * problem.forward_flops() / seconds / 1e12,
             jvp_memory=memory,
         )
@@ -178,7 +182,7 @@ def run(settings: Settings) -> list[dict]:
     return rows
 
 
-HEADERS = ["implementation", "seq", "batch", "heads", "d", "jvp ms", "jvp TF/s", "jvp temp MiB"]
+HEADERS = ["implementation", "seq", "batch", "heads", "d", "fwd ms", "jvp ms", "jvp/fwd", "jvp TF/s", "jvp temp MiB"]
 HEADERS += ["grad(jvp) ms", "grad(jvp) temp MiB", "rel err out", "rel err tangent", "note"]
 
 
@@ -199,7 +203,9 @@ def table_rows(rows) -> list[list]:
                 r["batch"],
                 r["heads"],
                 r["head_dim"],
+                f"{r['forward_ms']:.3f}" if "forward_ms" in r else "-",
                 f"{r['jvp_ms']:.3f}" if "jvp_ms" in r else "-",
+                f"{r['jvp_over_forward']:.2f}" if "jvp_over_forward" in r else "-",
                 f"{r['jvp_tflops']:.2f}" if "jvp_tflops" in r else "-",
                 _mib(r.get("jvp_memory")),
                 f"{r['grad_of_jvp_ms']:.3f}" if "grad_of_jvp_ms" in r else "-",
@@ -304,7 +310,7 @@ def main(argv=None):
         "",
     ]
     lines += [
-        f"- {r['implementation']} / {r['baseline']} seq={r['seq']}: jvp {r['speedup']:.2f}x faster"
+        f"- {r['implementation']} vs {r['baseline']} seq={r['seq']}: jvp speed-up {r['speedup']:.2f}x"
         + (f", temp memory {r['temp_memory_ratio']:.3f}x" if r["temp_memory_ratio"] is not None else "")
         for r in payload["ratios"]
     ]
