@@ -201,6 +201,23 @@ def test_linearize_matches_reference():
     assert relative_error(linear(d_out, k, v), ref_linear(d_out, k, v)) < 1e-5
 
 
+def test_linear_call_vmap_rule_on_a_closed_form():
+    """The vmap rule of linear_call_batching.py on y = r * x (residual r, linear x; transpose
+    ct -> r * ct), batched in r only, in x only, and in both; then the transpose under vmap."""
+    custom = lambda r, x: jax.custom_derivatives.linear_call(
+        lambda r, x: r * x, lambda r, ct: r * ct + 0.0 * ct, r, x
+    )  # the transpose is written differently from the callee, so the test sees which one ran
+    r = jnp.arange(1.0, 7.0).reshape(2, 3)
+    x = jnp.arange(10.0, 16.0).reshape(2, 3)
+    np.testing.assert_array_equal(jax.vmap(custom)(r, x), r * x)
+    np.testing.assert_array_equal(jax.vmap(custom, in_axes=(0, None))(r, x[0]), r * x[0])
+    np.testing.assert_array_equal(jax.vmap(custom, in_axes=(None, 1))(r[:, 0], x), (r[:, :1] * x).T)
+    transposed = jax.vmap(lambda r, ct: jax.linear_transpose(lambda x: custom(r, x), x[0])(ct)[0])(r, x)
+    np.testing.assert_array_equal(transposed, r * x)
+    grads = jax.vmap(jax.grad(lambda r, x: jnp.sum(custom(r, x) ** 2), argnums=1), in_axes=(None, 0))(r[0], x)
+    np.testing.assert_array_equal(grads, 2 * r[0] ** 2 * x)
+
+
 VMAP_VARIANTS = {
     "vmap_of_jvp": lambda f, x, tx: jax.vmap(lambda x, tx: jax.jvp(f, (x,), (tx,))[1])(x, tx),
     "grad_of_vmap": lambda f, x, tx: jax.grad(lambda x: jnp.sum(jax.vmap(f)(x) * tx))(x),
@@ -211,7 +228,7 @@ VMAP_VARIANTS = {
 @pytest.mark.parametrize(
     "variant",
     [
-        "vmap_of_grad",
+        pytest.param("vmap_of_grad", marks=pytest.mark.slow),
         pytest.param("vmap_of_jvp", marks=pytest.mark.slow),
         pytest.param("grad_of_vmap", marks=pytest.mark.slow),
     ],
@@ -289,7 +306,8 @@ def check_tangent_kernel(implementation, blocks, to_bshd, q, k, v, mask):
     assert relative_error(to_bshd(t_out), ref_t_out) < 1e-5
 
 
-@pytest.mark.parametrize("implementation", [pytest.param("pallas_gpu", marks=pytest.mark.slow), "pallas_tpu"])
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", PALLAS)
 def test_tangent_kernel_writes_every_output_element(implementation):
     """Each kernel on its own interpreter (TPU: Pallas' TPU interpret mode, which the `jax.jvp` path
     cannot use inside `linear_call`), so unwritten or stale blocks show as NaN or wrong values."""
