@@ -19,7 +19,7 @@ from test_kernels import (
     relative_error,
 )
 
-from diffjax.kernels import flash_attention, pallas_gpu, pallas_tpu, reference_attention
+from diffjax.kernels import attention, flash_attention, pallas_gpu, pallas_tpu, reference_attention
 
 PALLAS = ("pallas_gpu", "pallas_tpu")
 IMPLEMENTATIONS = PALLAS + ("xla",)
@@ -137,7 +137,8 @@ COMBINED = Case("ragged_empty_row_mask_f32", 2, 40, 72, 2, 32, mask="empty_row")
 
 
 @pytest.mark.parametrize("implementation", [pytest.param("pallas_gpu", marks=pytest.mark.slow), "pallas_tpu", "xla"])
-def test_jvp_and_grad_of_jvp_match_reference(implementation):
+def test_jvp_and_grad_of_jvp_match_reference(implementation, monkeypatch):
+    monkeypatch.setattr(attention, "SECOND_DERIVATIVE_QUERY_CHUNK", 32)  # several query chunks
     q, k, v, mask, _ = make_inputs(COMBINED, seed=20)
     tangents = tangents_like(q, k, v, seed=21)
 
@@ -392,6 +393,19 @@ def test_jvp_stores_no_seq_by_seq_array_outside_the_kernels(platform):
     kernel_module = export_module(jvp_program(implementation), implementation, platform, shape, jnp.bfloat16)
     assert largest_array(kernel_module) <= seq * 64
     xla_module = export_module(jvp_program("xla"), "xla", platform, shape, jnp.bfloat16)  # control
+    assert largest_array(xla_module) >= seq * seq
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_grad_of_jvp_stores_only_query_chunks_by_seq(platform):
+    """The second derivative (plain JAX) runs over query chunks under jax.checkpoint: its largest
+    array is (chunk, seq_k), not (seq_q, seq_k) as for XLA attention."""
+    seq = 2048
+    shape = (1, seq, 1, 64)
+    implementation = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+    module = export_module(grad_of_jvp_program(implementation), implementation, platform, shape, jnp.bfloat16)
+    assert largest_array(module) <= attention.SECOND_DERIVATIVE_QUERY_CHUNK * seq
+    xla_module = export_module(grad_of_jvp_program("xla"), "xla", platform, shape, jnp.bfloat16)  # control
     assert largest_array(xla_module) >= seq * seq
 
 

@@ -25,7 +25,7 @@ from diffjax.kernels import (
     pallas_tpu,
     reference,
 )
-from diffjax.kernels.tiling import round_up
+from diffjax.kernels.tiling import largest_power_of_two_divisor, round_up
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_gpu", "pallas_tpu")
 PALLAS_IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu")
@@ -320,8 +320,8 @@ def _linear_call_interpret(config):
 #   _output_tangent       custom_jvp around a `linear_call`: the tangent kernel with the flash
 #                         backward as its transpose. Its own JVP rule (used only when the tangent is
 #                         differentiated again) is the same kernel for the tangent-of-tangent part
-#                         plus a plain-JAX second derivative in (q, k, v), which does store
-#                         seq_q x seq_k arrays.
+#                         plus a plain-JAX second derivative in (q, k, v), over query chunks under
+#                         jax.checkpoint (arrays of chunk x seq_k, no fused kernel).
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -377,12 +377,7 @@ def _output_tangent_jvp(config, primals, tangents):
     if not _all_symbolic_zeros(dtq, dtk, dtv):  # linear in (tq, tk, tv): the same kernel
         terms.append(_output_tangent(config, q, k, v, bias, out, lse, *_instantiate(dtq, dtk, dtv)))
     if not _all_symbolic_zeros(dq, dk, dv):  # the second derivative in (q, k, v): plain JAX
-        second = jax.jvp(
-            lambda q, k, v: _reference_output_tangent(config, q, k, v, bias, tq, tk, tv),
-            (q, k, v),
-            _instantiate(dq, dk, dv),
-        )[1]
-        terms.append(second)
+        terms.append(_second_derivative(config, q, k, v, bias, tq, tk, tv, *_instantiate(dq, dk, dv)))
     return t_out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(t_out)
 
 
@@ -399,11 +394,27 @@ def _instantiate(*tangents):
     )
 
 
-def _reference_output_tangent(config, q, k, v, bias, tq, tk, tv):
-    """`_output_tangent` in plain JAX on the kernels' padded layout (stores seq_q x seq_k arrays)."""
-    layout = (lambda x: jnp.transpose(x, (0, 2, 1, 3))) if config.implementation == "pallas_tpu" else (lambda x: x)
+SECOND_DERIVATIVE_QUERY_CHUNK = 512
+
+
+def _second_derivative(config, q, k, v, bias, tq, tk, tv, dq, dk, dv):
+    """d/d(q, k, v) of the output tangent along (dq, dk, dv), with (tq, tk, tv) fixed, in plain JAX
+    over chunks of queries, each under `jax.checkpoint`: reverse mode recomputes a chunk's
+    (chunk, seq_k) scores instead of storing all seq_q x seq_k of them."""
+    to_bshd = (lambda x: jnp.transpose(x, (0, 2, 1, 3))) if config.implementation == "pallas_tpu" else (lambda x: x)
+    q, k, v, tq, tk, tv, dq, dk, dv = map(to_bshd, (q, k, v, tq, tk, tv, dq, dk, dv))
     mask = None if bias is None else bias == 0.0
-    attend = lambda q, k, v: reference.reference_attention(
-        layout(q), layout(k), layout(v), mask=mask, softmax_scale=config.scale
-    )
-    return layout(jax.jvp(attend, (q, k, v), (tq, tk, tv))[1])
+    batch, seq_q, heads, head_dim = q.shape
+    chunk = min(SECOND_DERIVATIVE_QUERY_CHUNK, largest_power_of_two_divisor(seq_q))
+
+    def attend(q, k, v):
+        return reference.reference_attention(q, k, v, mask=mask, softmax_scale=config.scale)
+
+    @jax.checkpoint
+    def one_chunk(q_i, tq_i, dq_i, k, v, tk, tv, dk, dv):
+        tangent = lambda q_i, k, v: jax.jvp(attend, (q_i, k, v), (tq_i, tk, tv))[1]
+        return jax.jvp(tangent, (q_i, k, v), (dq_i, dk, dv))[1]
+
+    split = lambda x: jnp.moveaxis(x.reshape(batch, seq_q // chunk, chunk, heads, head_dim), 1, 0)
+    chunks = jax.lax.map(lambda xs: one_chunk(*xs, k, v, tk, tv, dk, dv), (split(q), split(tq), split(dq)))
+    return to_bshd(jnp.moveaxis(chunks, 0, 1).reshape(batch, seq_q, heads, head_dim))
