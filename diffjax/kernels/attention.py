@@ -3,10 +3,12 @@
     O = softmax(scale * Q K^T + B) V,     B_bj = 0 where mask[b, j] else -inf
 
 Implementations: "pallas_gpu" (Triton), "pallas_tpu" (Mosaic), both FlashAttention-2 (Dao 2023)
-forward and backward with a `jax.custom_vjp` that recomputes attention blockwise from the saved
-log-sum-exp, so memory is linear in sequence length; "xla" and "cudnn" go through
+forward and backward that recompute attention blockwise from the saved log-sum-exp, so memory is
+linear in sequence length, plus a blockwise tangent kernel for forward mode (`jax.jvp`, as
+continuous-time consistency models need; Lu & Song 2024, appendix); "xla" and "cudnn" go through
 `jax.nn.dot_product_attention`. This module does the user-facing part: checking inputs, choosing
-the implementation, padding to the kernels' tile sizes, and the custom VJP.
+the implementation, padding to the kernels' tile sizes, and the custom derivatives (a custom JVP
+whose tangent is transposed by the flash backward; see `_flash_core` below).
 """
 
 import dataclasses
@@ -17,8 +19,13 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from diffjax.kernels import pallas_gpu, pallas_tpu, reference
-from diffjax.kernels.tiling import round_up
+from diffjax.kernels import (
+    linear_call_batching,  # noqa: F401 -- registers jax.vmap of linear_call
+    pallas_gpu,
+    pallas_tpu,
+    reference,
+)
+from diffjax.kernels.tiling import largest_power_of_two_divisor, round_up
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_gpu", "pallas_tpu")
 PALLAS_IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu")
@@ -256,6 +263,7 @@ def _key_bias(mask, batch, seq_k, padded_k):
 
 _FLASH_FORWARD = {"pallas_gpu": pallas_gpu.gpu_flash_forward, "pallas_tpu": pallas_tpu.tpu_flash_forward}
 _FLASH_BACKWARD = {"pallas_gpu": pallas_gpu.gpu_flash_backward, "pallas_tpu": pallas_tpu.tpu_flash_backward}
+_FLASH_TANGENT = {"pallas_gpu": pallas_gpu.gpu_flash_tangent, "pallas_tpu": pallas_tpu.tpu_flash_tangent}
 
 
 def _kernel_forward(config, q, k, v, bias):
@@ -263,24 +271,150 @@ def _kernel_forward(config, q, k, v, bias):
     return forward(q, k, v, bias, scale=config.scale, blocks=config.blocks, interpret=config.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_backward(config, q, k, v, bias, out, lse, d_out, d_lse=None):
+    backward = _FLASH_BACKWARD[config.implementation]
+    return backward(
+        q,
+        k,
+        v,
+        bias,
+        out,
+        lse,
+        d_out,
+        scale=config.scale,
+        blocks=config.blocks,
+        interpret=config.interpret,
+        d_lse=d_lse,
+    )
+
+
+def _kernel_tangent(config, residuals, tangents):
+    """The linear map (tq, tk, tv) -> d out at the point `residuals` = (q, k, v, bias, out, lse)."""
+    tangent = _FLASH_TANGENT[config.implementation]
+    interpret = _linear_call_interpret(config)
+    return tangent(*residuals, *tangents, scale=config.scale, blocks=config.blocks, interpret=interpret)
+
+
+def _kernel_tangent_transpose(config, residuals, d_out):
+    """Transpose of `_kernel_tangent`: the cotangent d_out -> (dq, dk, dv), i.e. the flash backward."""
+    backward = _FLASH_BACKWARD[config.implementation]
+    interpret = _linear_call_interpret(config)
+    return tuple(backward(*residuals, d_out, scale=config.scale, blocks=config.blocks, interpret=interpret))
+
+
+def _linear_call_interpret(config):
+    """`linear_call` cannot lower a callee with effects, and the TPU interpret mode has some (ordered
+    callbacks): there, the TPU kernels run on the generic (effect-free) Pallas HLO interpreter."""
+    if config.interpret and config.implementation == "pallas_tpu":
+        return pallas_tpu.HLO_INTERPRETER
+    return config.interpret
+
+
+# Differentiation structure (both modes use the Pallas kernels; nothing seq_q x seq_k is stored):
+#
+#   _flash_core           custom_jvp. Its JVP rule runs the forward kernel for (out, lse) and the
+#                         tangent kernel for d out. Reverse mode (jax.grad / vjp) linearizes this
+#                         rule and transposes the tangent, whose transpose is the flash backward.
+#   _flash_forward_with_lse   custom_vjp (out, lse), so that the rule itself can be differentiated
+#                         in reverse mode (jax.grad of a function of jax.jvp), by the flash backward.
+#   _output_tangent       custom_jvp around a `linear_call`: the tangent kernel with the flash
+#                         backward as its transpose. Its own JVP rule (used only when the tangent is
+#                         differentiated again) is the same kernel for the tangent-of-tangent part
+#                         plus a plain-JAX second derivative in (q, k, v), over query chunks under
+#                         jax.checkpoint (arrays of chunk x seq_k, no fused kernel).
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _flash_core(config, q, k, v, bias):
     return _kernel_forward(config, q, k, v, bias)[0]
 
 
-def _flash_core_fwd(config, q, k, v, bias):
+@_flash_core.defjvp
+def _flash_core_jvp(config, primals, tangents):
+    q, k, v, bias = primals
+    tq, tk, tv, _ = tangents  # the key bias (the mask) has no derivative
+    out, lse = _flash_forward_with_lse(config, q, k, v, bias)
+    return out, _output_tangent(config, q, k, v, bias, out, lse, tq, tk, tv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_forward_with_lse(config, q, k, v, bias):
+    return _kernel_forward(config, q, k, v, bias)
+
+
+def _flash_forward_with_lse_fwd(config, q, k, v, bias):
     out, lse = _kernel_forward(config, q, k, v, bias)
-    return out, (q, k, v, bias, out, lse)
+    return (out, lse), (q, k, v, bias, out, lse)
 
 
-def _flash_core_bwd(config, residuals, d_out):
-    q, k, v, bias, out, lse = residuals
-    backward = _FLASH_BACKWARD[config.implementation]
-    dq, dk, dv = backward(
-        q, k, v, bias, out, lse, d_out, scale=config.scale, blocks=config.blocks, interpret=config.interpret
-    )
+def _flash_forward_with_lse_bwd(config, residuals, cotangents):
+    d_out, d_lse = cotangents
+    dq, dk, dv = _kernel_backward(config, *residuals, d_out, d_lse)
+    bias = residuals[3]
     d_bias = None if bias is None else jnp.zeros_like(bias)  # the mask is not differentiable
     return dq, dk, dv, d_bias
 
 
-_flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
+_flash_forward_with_lse.defvjp(_flash_forward_with_lse_fwd, _flash_forward_with_lse_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _output_tangent(config, q, k, v, bias, out, lse, tq, tk, tv):
+    """d out for input tangents (tq, tk, tv) at (q, k, v); out, lse are the forward's, saved."""
+    return jax.custom_derivatives.linear_call(
+        functools.partial(_kernel_tangent, config),
+        functools.partial(_kernel_tangent_transpose, config),
+        (q, k, v, bias, out, lse),
+        (tq, tk, tv),
+    )
+
+
+def _output_tangent_jvp(config, primals, tangents):
+    q, k, v, bias, out, lse, tq, tk, tv = primals
+    dq, dk, dv, _, _, _, dtq, dtk, dtv = tangents  # out and lse are functions of q, k, v: no own terms
+    t_out = _output_tangent(config, *primals)
+    terms = []
+    if not _all_symbolic_zeros(dtq, dtk, dtv):  # linear in (tq, tk, tv): the same kernel
+        terms.append(_output_tangent(config, q, k, v, bias, out, lse, *_instantiate(dtq, dtk, dtv)))
+    if not _all_symbolic_zeros(dq, dk, dv):  # the second derivative in (q, k, v): plain JAX
+        terms.append(_second_derivative(config, q, k, v, bias, tq, tk, tv, *_instantiate(dq, dk, dv)))
+    return t_out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(t_out)
+
+
+_output_tangent.defjvp(_output_tangent_jvp, symbolic_zeros=True)
+
+
+def _all_symbolic_zeros(*tangents):
+    return all(isinstance(t, jax.custom_derivatives.SymbolicZero) for t in tangents)
+
+
+def _instantiate(*tangents):
+    return tuple(
+        jnp.zeros(t.shape, t.dtype) if isinstance(t, jax.custom_derivatives.SymbolicZero) else t for t in tangents
+    )
+
+
+SECOND_DERIVATIVE_QUERY_CHUNK = 512
+
+
+def _second_derivative(config, q, k, v, bias, tq, tk, tv, dq, dk, dv):
+    """d/d(q, k, v) of the output tangent along (dq, dk, dv), with (tq, tk, tv) fixed, in plain JAX
+    over chunks of queries, each under `jax.checkpoint`: reverse mode recomputes a chunk's
+    (chunk, seq_k) scores instead of storing all seq_q x seq_k of them."""
+    to_bshd = (lambda x: jnp.transpose(x, (0, 2, 1, 3))) if config.implementation == "pallas_tpu" else (lambda x: x)
+    q, k, v, tq, tk, tv, dq, dk, dv = map(to_bshd, (q, k, v, tq, tk, tv, dq, dk, dv))
+    mask = None if bias is None else bias == 0.0
+    batch, seq_q, heads, head_dim = q.shape
+    chunk = min(SECOND_DERIVATIVE_QUERY_CHUNK, largest_power_of_two_divisor(seq_q))
+
+    def attend(q, k, v):
+        return reference.reference_attention(q, k, v, mask=mask, softmax_scale=config.scale)
+
+    @jax.checkpoint
+    def one_chunk(q_i, tq_i, dq_i, k, v, tk, tv, dk, dv):
+        tangent = lambda q_i, k, v: jax.jvp(attend, (q_i, k, v), (tq_i, tk, tv))[1]
+        return jax.jvp(tangent, (q_i, k, v), (dq_i, dk, dv))[1]
+
+    split = lambda x: jnp.moveaxis(x.reshape(batch, seq_q // chunk, chunk, heads, head_dim), 1, 0)
+    chunks = jax.lax.map(lambda xs: one_chunk(*xs, k, v, tk, tv, dk, dv), (split(q), split(tq), split(dq)))
+    return to_bshd(jnp.moveaxis(chunks, 0, 1).reshape(batch, seq_q, heads, head_dim))

@@ -73,6 +73,27 @@ def block_backward(q, k, v, do, bias_row, lse_col, delta_col, scale, precision):
     return p, ds
 
 
+def block_tangent(q, k, v, tq, tk, tv, bias_row, lse_col, scale, precision):
+    """One (bq, bk) tile of the forward-mode (JVP) pass, from the saved log-sum-exp.
+
+    With P = softmax(S) and dS = scale (dQ K^T + Q dK^T) (the mask has no tangent), the tangent of
+    O = P V is  dO = (P * dS) V + P dV - mu O,  mu_i = sum_j P_ij dS_ij  (from dP = P * (dS - mu)).
+    Returns this tile's share of (P * dS) V + P dV, (bq, d), and of mu, (bq, 1), both f32; summed
+    over key tiles they need no rescaling because P = exp(S - lse) is already normalized.
+    """
+    s = block_scores(q, k, bias_row, scale, precision)
+    p = jnp.exp(s - lse_col)
+    ds = (dot_nt(tq, k, precision) + dot_nt(q, tk, precision)) * scale
+    p_ds = p * ds
+    acc = dot_nn(p_ds.astype(v.dtype), v, precision) + dot_nn(p.astype(tv.dtype), tv, precision)
+    return acc, jnp.sum(p_ds, axis=1, keepdims=True)
+
+
+def finalize_tangent(acc, mu, out):
+    """dO = acc - mu * O (f32), where acc and mu are summed over all key tiles."""
+    return acc - mu * out.astype(jnp.float32)
+
+
 def with_optional_bias(kernel, has_bias: bool, *, num_inputs: int):
     """Adapts kernel(*input_refs, bias_ref, *output_and_scratch_refs) to a call without a bias
     operand (bias_ref becomes None), so each kernel is written once."""

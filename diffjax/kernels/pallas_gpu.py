@@ -6,6 +6,7 @@ over the other sequence with `fori_loop`; nothing of size seq x seq is ever stor
   forward:  grid (q blocks, batch, heads)  -> out, lse (batch, heads, seq_q)
   dK, dV:   grid (k blocks, batch, heads), loop over q blocks
   dQ:       grid (q blocks, batch, heads), loop over k blocks
+  tangent:  grid (q blocks, batch, heads), loop over k blocks (forward mode, from the saved lse)
 
 Callers pad: seq_q a multiple of block_q, seq_k of block_k, head_dim a power of two >= 16 (Triton
 tensors are powers of two); padded keys are masked through the bias. See attention.py.
@@ -185,13 +186,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def gpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: GpuBlockSizes, interpret=False):
-    """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics."""
+def gpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: GpuBlockSizes, interpret=False, d_lse=None):
+    """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics.
+    d_lse: optional cotangent of lse, like lse; since d lse_i / d S_ij = P_ij it enters as
+    dS = P * (dP - delta + d_lse), i.e. through delta."""
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
     bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
     precision = block_math.matmul_precision(q.dtype)
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    if d_lse is not None:
+        delta = delta - d_lse
     params = _compiler_params(blocks, head_dim)
     has_bias = bias is not None
     bias_args = [bias] if has_bias else []
@@ -236,3 +241,67 @@ def gpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: GpuBloc
         name="diffjax_flash_dq_gpu",
     )(q, k, v, d_out, lse, delta, *bias_args)
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# forward mode (JVP)
+
+
+def _tangent_kernel(
+    q_ref, k_ref, v_ref, tq_ref, tk_ref, tv_ref, out_ref, lse_ref, bias_ref, t_out_ref, *, scale, block_k, precision
+):
+    q = q_ref[...]
+    tq = tq_ref[...]
+    lse = lse_ref[...][:, None]
+    block_q, head_dim = q.shape
+    num_k_blocks = k_ref.shape[0] // block_k
+
+    def visit_key_block(j, carry):
+        acc, mu = carry
+        start = pl.multiple_of(j * block_k, block_k)
+        keys = pl.ds(start, block_k)
+        acc_j, mu_j = block_math.block_tangent(
+            q,
+            k_ref[keys, :],
+            v_ref[keys, :],
+            tq,
+            tk_ref[keys, :],
+            tv_ref[keys, :],
+            _bias_row(bias_ref, start, block_k),
+            lse,
+            scale,
+            precision,
+        )
+        return acc + acc_j, mu + mu_j
+
+    init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.zeros((block_q, 1), jnp.float32))
+    acc, mu = lax.fori_loop(0, num_k_blocks, visit_key_block, init)
+    t_out_ref[...] = block_math.finalize_tangent(acc, mu, out_ref[...]).astype(t_out_ref.dtype)
+
+
+def gpu_flash_tangent(q, k, v, bias, out, lse, tq, tk, tv, *, scale, blocks: GpuBlockSizes, interpret=False):
+    """Forward-mode tangent of the output: padded inputs, their tangents (tq, tk, tv) and the saved
+    (out, lse) -> d out like q. One kernel with the forward's tiles; linear in (tq, tk, tv)."""
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k = k.shape[1]
+    bq, bk = blocks.block_q, blocks.block_k
+    kernel = block_math.with_optional_bias(_tangent_kernel, bias is not None, num_inputs=8)
+    kernel = functools.partial(kernel, scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype))
+    row_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+    stats_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    in_specs = [row_block, all_keys, all_keys, row_block, all_keys, all_keys, row_block, stats_block]
+    args = [q, k, v, tq, tk, tv, out, lse]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0)))
+        args.append(bias)
+    return pl.pallas_call(
+        kernel,
+        grid=(seq_q // bq, batch, heads),
+        in_specs=in_specs,
+        out_specs=row_block,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(blocks, head_dim),
+        interpret=interpret,
+        name="diffjax_flash_tangent_gpu",
+    )(*args)

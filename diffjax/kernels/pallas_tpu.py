@@ -7,6 +7,7 @@ with running statistics in VMEM scratch; the pipeline streams the k/v (or q/dO) 
   forward:  grid (batch, heads, q blocks, k blocks)  -> out, lse (batch, heads, 1, seq_q)
   dQ:       grid (batch, heads, q blocks, k blocks)
   dK, dV:   grid (batch, heads, k blocks, q blocks)
+  tangent:  grid (batch, heads, q blocks, k blocks)   (forward mode, from the saved lse)
 
 Per-row statistics (lse, delta) live in HBM as rows (1, seq) (lane-dense) and become columns
 (bq, 1) inside the kernels. Callers pad seq to multiples of the tiles (all multiples of 128) and
@@ -62,7 +63,15 @@ def tpu_padded_head_dim(head_dim: int) -> int:
     return 64 if head_dim <= 64 else tiling.round_up(head_dim, LANES)
 
 
-def _interpret_params(interpret: bool):
+HLO_INTERPRETER = "hlo"
+
+
+def _interpret_params(interpret: bool | str):
+    """True: Pallas' TPU interpret mode (models TPU memory; uses ordered callbacks, i.e. effects).
+    HLO_INTERPRETER: the generic Pallas HLO interpreter, effect-free, for places that cannot carry
+    effects (`jax.custom_derivatives.linear_call`)."""
+    if interpret == HLO_INTERPRETER:
+        return True
     return pltpu.InterpretParams() if interpret else False
 
 
@@ -218,14 +227,17 @@ def _dkv_kernel(
         dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def tpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBlockSizes, interpret=False):
-    """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics."""
+def tpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBlockSizes, interpret=False, d_lse=None):
+    """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics.
+    d_lse: optional cotangent of lse, like lse; it enters through delta (see gpu_flash_backward)."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
     precision = block_math.matmul_precision(q.dtype)
     delta = jnp.einsum("bhsd,bhsd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
     delta = delta[:, :, None, :]
+    if d_lse is not None:
+        delta = delta - d_lse
     has_bias = bias is not None
     bias_args = [bias.reshape(batch, 1, seq_k)] if has_bias else []
     interpret = _interpret_params(interpret)
@@ -268,3 +280,82 @@ def tpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBloc
         name="diffjax_flash_dkv_tpu",
     )(q, k, v, d_out, lse, delta, *bias_args)
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# forward mode (JVP)
+
+
+def _tangent_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    tq_ref,
+    tk_ref,
+    tv_ref,
+    out_ref,
+    lse_ref,
+    bias_ref,
+    t_out_ref,
+    acc_scratch,
+    mu_scratch,
+    *,
+    scale,
+    precision,
+):
+    k_step = pl.program_id(3)
+
+    @pl.when(k_step == 0)
+    def _start():
+        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+        mu_scratch[...] = jnp.zeros(mu_scratch.shape, jnp.float32)
+
+    acc_j, mu_j = block_math.block_tangent(
+        q_ref[...],
+        k_ref[...],
+        v_ref[...],
+        tq_ref[...],
+        tk_ref[...],
+        tv_ref[...],
+        _bias_row(bias_ref),
+        _row_to_column(lse_ref),
+        scale,
+        precision,
+    )
+    acc = acc_scratch[...] + acc_j
+    mu = mu_scratch[...] + mu_j
+    acc_scratch[...] = acc
+    mu_scratch[...] = mu
+
+    @pl.when(k_step == pl.num_programs(3) - 1)
+    def _finish():
+        t_out_ref[...] = block_math.finalize_tangent(acc, mu, out_ref[...]).astype(t_out_ref.dtype)
+
+
+def tpu_flash_tangent(q, k, v, bias, out, lse, tq, tk, tv, *, scale, blocks: TpuBlockSizes, interpret=False):
+    """Forward-mode tangent of the output: padded (batch, heads, seq, d) inputs, their tangents and
+    the saved (out, lse) -> d out like q. One kernel with the forward's tiles; linear in (tq, tk, tv)."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    bq, bk = blocks.block_q, blocks.block_k
+    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, j, 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, kv_spec, kv_spec, q_spec, row_spec]
+    args = [q, k, v, tq, tk, tv, out, lse]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, j)))
+        args.append(bias.reshape(batch, 1, seq_k))
+    kernel = block_math.with_optional_bias(_tangent_kernel, bias is not None, num_inputs=8)
+    kernel = functools.partial(kernel, scale=scale, precision=block_math.matmul_precision(q.dtype))
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, seq_q // bq, seq_k // bk),
+        in_specs=in_specs,
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret_params(interpret),
+        name="diffjax_flash_tangent_tpu",
+    )(*args)
