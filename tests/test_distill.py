@@ -143,6 +143,7 @@ def test_cd_loss_is_zero_at_the_exact_consistency_function(gaussian):
         schedule=KarrasDiscretisation(intervals=12),
         metric=L2(),
     )
+    loss = jax.jit(loss)
     exact, aux = loss(_student(1.0), jax.random.key(2), x0)
     perturbed, _ = loss(_student(1.05), jax.random.key(2), x0)
     assert float(exact) < 1e-9 < 1e-6 < float(perturbed)  # both sides move with the scale: a small gap
@@ -163,7 +164,7 @@ def test_ct_loss_is_zero_at_the_exact_consistency_function_of_a_point_mass():
     point = GaussianData.create(np.array([0.3, -0.2]), np.eye(2), np.array([1e-12, 1e-12]))
     x0 = point.sample(jax.random.key(3), 256)
     for schedule in (ImprovedDiscretisation(total_iterations=100, s0=4, s1=16), EasyDiscretisation(100)):
-        loss = consistency_training_loss(_scaled_edm_net(point), EDM, schedule=schedule, metric=L2())
+        loss = jax.jit(consistency_training_loss(_scaled_edm_net(point), EDM, schedule=schedule, metric=L2()))
         batch = {"image": x0, "step": jnp.int32(150)}
         exact, _ = loss(_student(1.0), jax.random.key(4), batch)
         perturbed, _ = loss(_student(1.05), jax.random.key(4), batch)
@@ -270,7 +271,8 @@ def test_scm_tangent_and_gradient_vanish_at_the_exact_consistency_function(gauss
     assert float(jnp.max(jnp.abs(g_exact))) < 1e-4
     assert float(jnp.mean(jnp.abs(g_off))) > 1e-2
     loss = scm_loss(apply, TRIG, teacher=teacher, weighting=None)
-    grad = lambda s: jax.grad(lambda p: loss(p, jax.random.key(9), x)[0])(_student(s))["student"]["scale"]  # noqa: E731
+    grad_fn = jax.jit(jax.grad(lambda p: loss(p, jax.random.key(9), x)[0]))
+    grad = lambda s: grad_fn(_student(s))["student"]["scale"]  # noqa: E731
     assert abs(float(grad(1.0))) < 1e-5
     assert abs(float(grad(1.1))) > 1e-3
 
@@ -324,6 +326,7 @@ def test_progressive_loss_is_zero_for_a_point_mass_teacher():
             prediction="x0",
             target=target,
         )
+        loss = jax.jit(loss)
         exact, _ = loss({"student": {"shift": 0.0}}, jax.random.key(0), jnp.zeros((128, 2)) + mu)
         off, _ = loss({"student": {"shift": 0.05}}, jax.random.key(0), jnp.zeros((128, 2)) + mu)
         assert float(exact) < 1e-8 < 1e-4 < float(off)
