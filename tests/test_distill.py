@@ -7,6 +7,7 @@ losses and tangents have exact answers: zero at F*, positive when F* is perturbe
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
@@ -21,6 +22,8 @@ from diffjax.denoisers import Denoiser
 from diffjax.distill import (
     L2,
     AdaptiveWeighting,
+    AverageVelocity,
+    AverageVelocityJump,
     ConsistencyFunction,
     ConsistencySampler,
     EasyDiscretisation,
@@ -34,14 +37,18 @@ from diffjax.distill import (
     consistency_distillation_loss,
     consistency_grid,
     consistency_training_loss,
+    meanflow_loss,
+    meanflow_target,
     scm_loss,
     scm_tangent,
+    shortcut_loss,
     update_target,
 )
 from diffjax.distill.progressive import progressive_distillation_loss, progressive_target, student_times
-from diffjax.samplers import DDIM, Ancestral, sample
+from diffjax.samplers import DDIM, Ancestral, Times, sample
 from diffjax.samplers.base import Solver
 from diffjax.samplers.ddim import ddim_step
+from experiments.distill_mixture import mixture_4d, run_pd
 
 SD = 0.5
 EDM = P.EDM()
@@ -332,3 +339,87 @@ def test_progressive_loss_is_zero_for_a_point_mass_teacher():
         assert float(exact) < 1e-8 < 1e-4 < float(off)
     with pytest.raises(ValueError, match="2N \\+ 1"):
         progressive_distillation_loss(lambda p, x, t: x, TRIG, teacher, (1.5, 1.0, 0.5, 0.1))
+
+
+@pytest.mark.slow
+def test_progressive_distillation_of_an_exact_teacher_reaches_the_mixture():
+    """experiments/distill_mixture.py's PD run at a small budget: 1- and 2-step students of the exact
+    4-D mixture teacher put the mixture weights within 0.25 (sum of errors; 0 is exact, 1.2 is a
+    collapse onto the heaviest component)."""
+    args = argparse.Namespace(iterations=1200, batch=256, lr=1e-3, ema=0.995, samples=5000, seed=0)
+    samples, info = run_pd(args, 0)
+    for nfe in (1, 2):
+        weight_error, _ = mixture_4d().sample_errors(samples[nfe])
+        assert weight_error < 0.25, (nfe, weight_error, info)
+
+
+# ------------------------------------------------------------------------------------------------
+# MeanFlow and shortcut models
+# ------------------------------------------------------------------------------------------------
+
+FM = P.FlowMatching()
+
+
+def _scaled_average_velocity(data: GaussianData, process):
+    """The exact average velocity of `data`, times params["scale"]: (x - flow(x, t -> r)) / (t - r),
+    and the exact velocity where r = t."""
+    velocity = data.denoiser(process).velocity
+
+    def apply(params, x, t, r):
+        gap = (t - r)[:, None]
+        moved = data.flow_map(x, process.alpha(t), process.sigma(t), process.alpha(r), process.sigma(r))
+        average = (x - moved) / jnp.where(gap > 0, gap, 1.0)
+        return params["scale"] * jnp.where(gap > 0, average, velocity(x, t))
+
+    return apply
+
+
+def test_meanflow_target_is_a_fixed_point_at_the_exact_average_velocity(gaussian):
+    apply = _scaled_average_velocity(gaussian, FM)
+    x0 = gaussian.sample(jax.random.key(12), 256)
+    t = jnp.linspace(0.2, 0.99, 256)
+    r = t * jnp.linspace(0.0, 0.9, 256)
+    x_t = FM.perturb(x0, t, jax.random.normal(jax.random.key(13), x0.shape))
+    v = gaussian.denoiser(FM).velocity(x_t, t)
+    u, target = meanflow_target(lambda x, s, q: apply({"scale": 1.0}, x, s, q), x_t, t, r, v)
+    np.testing.assert_allclose(target, u, atol=2e-4)
+    u_off, target_off = meanflow_target(lambda x, s, q: apply({"scale": 1.1}, x, s, q), x_t, t, r, v)
+    assert float(jnp.mean(jnp.abs(target_off - u_off))) > 1e-2
+    loss = jax.jit(meanflow_loss(apply, FM, teacher=gaussian.denoiser(FM), equal_fraction=0.0, power=0.0))
+    assert (
+        float(loss(_student(1.0), jax.random.key(14), x0)[0])
+        < 1e-7
+        < 1e-3
+        < float(loss(_student(1.1), jax.random.key(14), x0)[0])
+    )
+
+
+def test_shortcut_loss_is_zero_at_the_exact_average_velocity(gaussian):
+    apply = _scaled_average_velocity(gaussian, FM)
+    x0 = gaussian.sample(jax.random.key(15), 256)
+    loss = jax.jit(shortcut_loss(apply, FM, teacher=gaussian.denoiser(FM)))
+    exact, aux = loss(_student(1.0), jax.random.key(16), x0)
+    assert float(aux["consistency_mse"]) < 1e-9 and float(aux["flow_mse"]) < 1e-9
+    _, aux_off = loss(_student(1.1), jax.random.key(16), x0)
+    assert float(aux_off["consistency_mse"]) > 1e-4 and float(aux_off["flow_mse"]) > 1e-4
+
+
+def test_average_velocity_jumps_draw_the_data(gaussian):
+    model = AverageVelocity(lambda x, t, r: _scaled_average_velocity(gaussian, FM)({"scale": 1.0}, x, t, r))
+    cov = np.asarray(gaussian.basis @ jnp.diag(gaussian.variances) @ gaussian.basis.T)
+    result = sample(
+        model.denoiser(FM),
+        jax.random.key(17),
+        (40000, 2),
+        solver=AverageVelocityJump(),
+        steps=1,
+        grid=Times((FM.t_max, FM.t_min)),
+        denoise_final=False,
+    )
+    x = np.asarray(result.samples)
+    np.testing.assert_allclose(x.mean(0), gaussian.mean, atol=0.02)
+    np.testing.assert_allclose(np.cov(x.T), cov, atol=0.02)
+    with pytest.raises(TypeError, match="AverageVelocity"):
+        sample(
+            gaussian.denoiser(FM), jax.random.key(0), (4, 2), solver=AverageVelocityJump(), steps=1, denoise_final=False
+        )

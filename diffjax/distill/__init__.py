@@ -1,5 +1,6 @@
 """Few-step generation on the training core: consistency distillation and training (CD, CT with the
-iCT/ECT schedules), continuous-time consistency models (sCM on TrigFlow), progressive distillation,
+iCT/ECT schedules), continuous-time consistency models (sCM on TrigFlow), MeanFlow and shortcut models (average
+velocities), progressive distillation,
 and the samplers for the resulting one- and few-step models.
 
 Every objective is a `loss_fn(params, key, batch) -> (loss, aux)` for
@@ -18,6 +19,14 @@ from diffjax.distill.consistency import (
     karras_noise_levels,
     teacher_ode_step,
 )
+from diffjax.distill.meanflow import (
+    AverageVelocity,
+    AverageVelocityJump,
+    meanflow_loss,
+    meanflow_target,
+    shortcut_loss,
+)
+from diffjax.distill.progressive import progressive_distillation_loss, progressive_target, student_times
 from diffjax.distill.samplers import ConsistencySampler, consistency_grid
 from diffjax.distill.scm import (
     AdaptiveWeighting,
@@ -50,4 +59,12 @@ __all__ = [
     "AdaptiveWeighting",
     "scm_tangent",
     "scm_loss",
+    "AverageVelocity",
+    "AverageVelocityJump",
+    "meanflow_target",
+    "meanflow_loss",
+    "shortcut_loss",
+    "progressive_target",
+    "progressive_distillation_loss",
+    "student_times",
 ]
