@@ -8,16 +8,21 @@ MLPs (`diffjax.models.ToyMLP`) trained with `diffjax.training.make_train_step`:
     cd        consistency distillation on EDM, one DDIM step of the teacher, Karras grid, L2
     ct-ict    consistency training from data on EDM, iCT schedule, pseudo-Huber
     ct-ect    consistency training from data on EDM, ECT schedule, pseudo-Huber
-    scd       sCM distillation on TrigFlow (teacher velocity, jvp tangent, normalisation, adaptive weighting)
+    scd       sCM distillation on TrigFlow (teacher velocity, jvp tangent, normalisation, adaptive
+              weighting, tangent warm-up over the first fifth; ToyMLP time_scale 10 instead of 100)
     sct       sCM training from data on TrigFlow
     pd        progressive distillation on TrigFlow, DDIM 16 -> 8 -> 4 -> 2 -> 1 steps, v target
+    meanflow  MeanFlow from data on flow matching (u(x, t, r): t embedded, t - r a fifth input)
+    meanflow-d  MeanFlow with the teacher's velocity in place of the conditional one
+    shortcut  shortcut model from data on flow matching (same network)
 
-Each student is sampled with 1 and 2 network evaluations (`ConsistencySampler`, DDIM on its grid for
-pd); the mixture-weight error (sum |w_hat - w|) and the worst relative std error
-(`GaussianMixture.sample_errors`, as experiments/benchmarks/sampler_accuracy.py) are compared with
-the data itself (the sampling-noise floor) and the teacher at 50 NFE (the default solver).
+Each student is sampled with 1 and 2 network evaluations (`ConsistencySampler`; DDIM on its grid
+for pd; `AverageVelocityJump` for meanflow and shortcut); the mixture-weight error (sum
+|w_hat - w|) and the worst relative std error (`GaussianMixture.sample_errors`, as
+experiments/benchmarks/sampler_accuracy.py) are compared with the data itself (the sampling-noise
+floor) and the teacher at 50 NFE (the default solver).
 
-    python -m experiments.distill_mixture                 # all methods (about 10-15 min on 2 CPUs)
+    python -m experiments.distill_mixture                 # all methods (minutes per method on 2 CPUs)
     python -m experiments.distill_mixture --iterations 300 --samples 5000 --no-write   # smoke run
 
 Writes experiments/results/distill_mixture.{json,md} via experiments/benchmarks/common.py.
@@ -31,6 +36,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -47,10 +53,11 @@ from diffjax.samplers import DDIM, Times, Uniform, sample
 from diffjax.training import create_train_state, ema, make_train_step
 from experiments.benchmarks.common import RESULTS_DIR, markdown_table, write_results
 
-METHODS = ("cd", "ct-ict", "ct-ect", "scd", "sct", "pd")
+METHODS = ("cd", "ct-ict", "ct-ect", "scd", "sct", "pd", "meanflow", "meanflow-d", "shortcut")
 EDM = P.EDM()
 TRIG = D.TrigFlow(sigma_data=0.5)
-EDM_MID, TRIG_MID = 0.8, 1.1  # the intermediate time of 2-step consistency sampling
+FM = P.FlowMatching()
+EDM_MID, TRIG_MID, FM_MID = 0.8, 1.1, 0.5  # the intermediate time of 2-step sampling
 
 
 def mixture_4d() -> GaussianMixture:
@@ -58,10 +65,21 @@ def mixture_4d() -> GaussianMixture:
     return GaussianMixture.create([0.1, 0.2, 0.3, 0.4], 0.75 * hadamard, [0.05, 0.1, 0.25, 0.5])
 
 
-def new_mlp(seed: int):
-    model = ToyMLP(ToyMLPConfig(data_dim=4, width=128, depth=3, time_scale=100.0), rngs=nnx.Rngs(seed))
+def new_mlp(seed: int, time_scale: float = 100.0):
+    model = ToyMLP(ToyMLPConfig(data_dim=4, width=128, depth=3, time_scale=time_scale), rngs=nnx.Rngs(seed))
     apply, params = functional(model)
     return (lambda p, x, t: apply(p, x, t)), params
+
+
+def new_two_time_mlp(seed: int):
+    """u(x, t, r) for MeanFlow / shortcut models: a ToyMLP embedding t, with t - r as a fifth input."""
+    model = ToyMLP(ToyMLPConfig(data_dim=5, width=128, depth=3, time_scale=100.0), rngs=nnx.Rngs(seed))
+    apply, params = functional(model)
+
+    def net(p, x, t, r):
+        return apply(p, jnp.concatenate([x, (t - r)[:, None]], axis=1), t)[:, :4]
+
+    return net, params
 
 
 def train(loss_fn, params, trainable, args, label, seed):
@@ -115,7 +133,7 @@ def run_consistency(method, args, seed):
 
 
 def run_scm(method, args, seed):
-    apply, params = new_mlp(seed)
+    apply, params = new_mlp(seed, time_scale=10.0)  # sCM: a small time-embedding scale keeps d F / dt tame
     weighting = D.AdaptiveWeighting()
     teacher = mixture_4d().denoiser(TRIG) if method == "scd" else None
     loss = D.scm_loss(apply, TRIG, teacher=teacher, weighting=weighting, tangent_warmup=max(args.iterations // 5, 1))
@@ -126,6 +144,30 @@ def run_scm(method, args, seed):
         "seconds": seconds,
         "final_loss": last,
     }
+
+
+def run_average_velocity(method, args, seed):
+    apply, params = new_two_time_mlp(seed)
+    if method == "shortcut":
+        loss = D.shortcut_loss(apply, FM)
+    else:
+        loss = D.meanflow_loss(apply, FM, teacher=mixture_4d().denoiser(FM) if method == "meanflow-d" else None)
+    state, seconds, last = train(loss, {"student": params}, None, args, method, seed)
+    student = state.ema_params["student"]
+    model = D.AverageVelocity(lambda x, t, r: apply(student, x, t, r)).denoiser(FM)
+    out = {}
+    for nfe, times in ((1, (FM.t_max, FM.t_min)), (2, (FM.t_max, FM_MID, FM.t_min))):
+        result = sample(
+            model,
+            jax.random.key(seed),
+            (args.samples, 4),
+            solver=D.AverageVelocityJump(),
+            steps=nfe,
+            grid=Times(times),
+            denoise_final=False,
+        )
+        out[nfe] = result.samples
+    return out, {"seconds": seconds, "final_loss": last}
 
 
 def run_pd(args, seed):
@@ -188,7 +230,8 @@ def markdown(rows, meta) -> str:
         "# Few-step students of an exact teacher (4-D Gaussian mixture)\n\n"
         f"{meta['samples']} samples per row; students: ToyMLP width 128, depth 3, {meta['iterations']} Adam steps "
         f"(lr {meta['lr']}, batch {meta['batch']}, EMA {meta['ema']}; pd: the same steps split over its 4 rounds), "
-        f"seed {meta['seed']}; 2-step consistency sampling re-noises at t = {EDM_MID} (EDM) / {TRIG_MID} (TrigFlow); "
+        f"seed {meta['seed']}; 2-step sampling goes through t = {EDM_MID} (EDM) / {TRIG_MID} (TrigFlow) / "
+        f"{FM_MID} (flow matching); "
         "weight error = sum |w_hat - w|, std error = worst |s_hat/s - 1| over components "
         "(`GaussianMixture.sample_errors`). The last column subtracts the teacher at 50 NFE "
         "(exact denoiser, default solver).\n\n" + markdown_table(headers, body) + "\n"
@@ -228,7 +271,7 @@ def main():
             **errors(mixture.sample(jax.random.fold_in(key, 7), args.samples)),
         },
     ]
-    for name, process in (("EDM", EDM), ("TrigFlow", TRIG)):
+    for name, process in (("EDM", EDM), ("TrigFlow", TRIG), ("FlowMatching", FM)):
         x = sample(mixture.denoiser(process), key, (args.samples, 4), steps=49).samples
         rows.append(
             {
@@ -277,9 +320,12 @@ def main():
         elif method in ("scd", "sct"):
             samples, info = run_scm(method, args, args.seed)
             process, source = "TrigFlow", "exact teacher" if method == "scd" else "data"
-        else:
+        elif method == "pd":
             samples, info = run_pd(args, args.seed)
             process, source = "TrigFlow", "exact teacher (DDIM 16)"
+        else:
+            samples, info = run_average_velocity(method, args, args.seed)
+            process, source = "FlowMatching", "exact teacher" if method == "meanflow-d" else "data"
         details[method] = info
         for nfe, x in samples.items():
             row = {"method": method, "process": process, "source": source, "nfe": nfe, **errors(x)}

@@ -44,6 +44,7 @@ from diffjax.distill import (
     shortcut_loss,
     update_target,
 )
+from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss
 from diffjax.distill.progressive import progressive_distillation_loss, progressive_target, student_times
 from diffjax.samplers import DDIM, Ancestral, Times, sample
 from diffjax.samplers.base import Solver
@@ -423,3 +424,48 @@ def test_average_velocity_jumps_draw_the_data(gaussian):
         sample(
             gaussian.denoiser(FM), jax.random.key(0), (4, 2), solver=AverageVelocityJump(), steps=1, denoise_final=False
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# distribution matching
+# ------------------------------------------------------------------------------------------------
+
+
+def _scaled_gaussian(data: GaussianData, scale: float) -> GaussianData:
+    return GaussianData(data.mean, data.basis, data.variances * scale**2)
+
+
+def test_distribution_matching_gradient_points_back_to_the_data(gaussian):
+    """With exact denoisers: zero when the generator's distribution is the data's; a too-wide
+    generator (std x 1.3) is pulled in, a too-narrow one (x 0.7) pushed out."""
+    real = gaussian.denoiser(EDM)
+    t = jnp.full((20000,), 0.5)
+    eps = jax.random.normal(jax.random.key(18), (20000, 2))
+    for scale, sign in ((1.0, 0.0), (1.3, 1.0), (0.7, -1.0)):
+        fake_data = _scaled_gaussian(gaussian, scale)
+        x = fake_data.sample(jax.random.key(19), 20000)
+        grad = distribution_matching_gradient(real, fake_data.denoiser(EDM), x, t, eps)
+        outward = float(jnp.mean(jnp.sum(grad * (x - gaussian.mean), axis=1)))
+        if sign == 0.0:
+            assert float(jnp.max(jnp.abs(grad))) < 1e-5
+        else:
+            assert outward * sign > 0.05, (scale, outward)
+
+
+def test_dmd_loss_is_stationary_at_the_data(gaussian):
+    """Generator z -> mean + g (exact one-step flow map - mean), fake = the exact denoiser of its
+    distribution: no generator gradient at g = 1; at g = 1.3 the gradient shrinks g."""
+
+    def generator(params, z, t):
+        x = gaussian.flow_map(z, 1.0, t, 1.0, 0.0)
+        return gaussian.mean + params["g"] * (x - gaussian.mean)
+
+    def fake(params, x, t):
+        return _scaled_gaussian(gaussian, params["g"]).posterior_mean(x, 1.0, t)
+
+    loss = dmd_loss(generator, fake, EDM, gaussian.denoiser(EDM), t_min=0.05, t_max=5.0)
+    grad = jax.jit(jax.grad(lambda p: loss(p, jax.random.key(20), jnp.zeros((8192, 2)))[0]))
+    at_data = grad({"generator": {"g": 1.0}, "fake": {"g": 1.0}})
+    wide = grad({"generator": {"g": 1.3}, "fake": {"g": 1.3}})
+    assert abs(float(at_data["generator"]["g"])) < 1e-6
+    assert float(wide["generator"]["g"]) > 1e-2

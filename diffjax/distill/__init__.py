@@ -1,11 +1,11 @@
 """Few-step generation on the training core: consistency distillation and training (CD, CT with the
-iCT/ECT schedules), continuous-time consistency models (sCM on TrigFlow), MeanFlow and shortcut models (average
-velocities), progressive distillation,
-and the samplers for the resulting one- and few-step models.
+iCT/ECT schedules), continuous-time consistency models (sCM on TrigFlow), MeanFlow and shortcut
+models (average velocities), progressive distillation, distribution matching (DMD), and the samplers
+for the resulting one- and few-step models.
 
 Every objective is a `loss_fn(params, key, batch) -> (loss, aux)` for
 `diffjax.training.make_train_step`, over a params pytree holding the student (and, where used, an
-EMA target, a teacher, an adaptive weighting); see `diffjax.distill.common`.
+EMA target, a teacher, an adaptive weighting, a fake-score network); see `diffjax.distill.common`.
 """
 
 from diffjax.distill.common import L2, PseudoHuber, update_target
@@ -19,6 +19,7 @@ from diffjax.distill.consistency import (
     karras_noise_levels,
     teacher_ode_step,
 )
+from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss
 from diffjax.distill.meanflow import (
     AverageVelocity,
     AverageVelocityJump,
@@ -67,4 +68,6 @@ __all__ = [
     "progressive_target",
     "progressive_distillation_loss",
     "student_times",
+    "distribution_matching_gradient",
+    "dmd_loss",
 ]
