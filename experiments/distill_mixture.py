@@ -15,6 +15,8 @@ MLPs (`diffjax.models.ToyMLP`) trained with `diffjax.training.make_train_step`:
     meanflow  MeanFlow from data on flow matching (u(x, t, r): t embedded, t - r a fifth input)
     meanflow-d  MeanFlow with the teacher's velocity in place of the conditional one
     shortcut  shortcut model from data on flow matching (same network)
+    dmd       distribution matching on EDM: a one-step generator (EDM-preconditioned MLP at sigma_max)
+              and an online fake denoiser (EDM-preconditioned MLP), log-normal matching times
 
 Each student is sampled with 1 and 2 network evaluations (`ConsistencySampler`; DDIM on its grid
 for pd; `AverageVelocityJump` for meanflow and shortcut); the mixture-weight error (sum
@@ -45,15 +47,16 @@ from tqdm import tqdm
 from diffjax import distill as D
 from diffjax import processes as P
 from diffjax.data.toy import GaussianMixture
-from diffjax.denoisers import Denoiser
+from diffjax.denoisers import Denoiser, EDMPreconditioned
 from diffjax.distill.progressive import progressive_distillation_loss, student_times
 from diffjax.io import atomic_write_text
+from diffjax.losses import LogNormal
 from diffjax.models import ToyMLP, ToyMLPConfig, functional
 from diffjax.samplers import DDIM, Times, Uniform, sample
 from diffjax.training import create_train_state, ema, make_train_step
 from experiments.benchmarks.common import RESULTS_DIR, markdown_table, write_results
 
-METHODS = ("cd", "ct-ict", "ct-ect", "scd", "sct", "pd", "meanflow", "meanflow-d", "shortcut")
+METHODS = ("cd", "ct-ict", "ct-ect", "scd", "sct", "pd", "meanflow", "meanflow-d", "shortcut", "dmd")
 EDM = P.EDM()
 TRIG = D.TrigFlow(sigma_data=0.5)
 FM = P.FlowMatching()
@@ -170,6 +173,26 @@ def run_average_velocity(method, args, seed):
     return out, {"seconds": seconds, "final_loss": last}
 
 
+def run_dmd(args, seed):
+    generator_apply, generator_params = new_mlp(seed)
+    fake_apply, fake_params = new_mlp(seed + 1)
+    preconditioned = EDMPreconditioned(0.5)
+    loss = D.dmd_loss(
+        generator_apply,
+        fake_apply,
+        EDM,
+        mixture_4d().denoiser(EDM),
+        generator_prediction=preconditioned,
+        fake_prediction=preconditioned,
+        time_sampler=LogNormal(),
+    )
+    params = {"generator": generator_params, "fake": fake_params}
+    state, seconds, last = train(loss, params, None, args, "dmd", seed)
+    gen = Denoiser(lambda x, t: generator_apply(state.ema_params["generator"], x, t), EDM, preconditioned)
+    z = EDM.prior_sample(jax.random.key(seed), (args.samples, 4))
+    return {1: gen.x0(z, EDM.t_max)}, {"seconds": seconds, "final_loss": last}
+
+
 def run_pd(args, seed):
     """Rounds 16 -> 8 -> 4 -> 2 -> 1 DDIM steps; each student starts from the previous one."""
     apply, params = new_mlp(seed)
@@ -249,6 +272,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the saved .json")
+    parser.add_argument(
+        "--append", action="store_true", help="replace only these methods' rows in the saved .json (same settings)"
+    )
     args = parser.parse_args()
     if args.markdown_only:
         with open(os.path.join(RESULTS_DIR, "distill_mixture.json")) as f:
@@ -323,6 +349,9 @@ def main():
         elif method == "pd":
             samples, info = run_pd(args, args.seed)
             process, source = "TrigFlow", "exact teacher (DDIM 16)"
+        elif method == "dmd":
+            samples, info = run_dmd(args, args.seed)
+            process, source = "EDM", "exact teacher"
         else:
             samples, info = run_average_velocity(method, args, args.seed)
             process, source = "FlowMatching", "exact teacher" if method == "meanflow-d" else "data"
@@ -335,6 +364,13 @@ def main():
                 f"({info['seconds']:.0f}s training)",
                 flush=True,
             )
+    if args.append:
+        with open(os.path.join(RESULTS_DIR, "distill_mixture.json")) as f:
+            saved = json.load(f)
+        if saved["meta"] != meta:
+            raise SystemExit(f"--append needs the saved run's settings {saved['meta']}, got {meta}")
+        rows = [r for r in saved["rows"] if r["method"] not in methods] + [r for r in rows if r["method"] in methods]
+        details = {**{k: v for k, v in saved["training"].items() if k not in methods}, **details}
     md = markdown(rows, meta)
     print(md)
     if not args.no_write:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffjax.denoisers import Denoiser, check_prediction
+from diffjax.denoisers import Denoiser, EDMPreconditioned, check_prediction
 from diffjax.distill.common import batch_data, check_name, check_teacher, network_params, resolve_teacher
 from diffjax.losses import UniformTime, denoising_loss
 from diffjax.processes import GaussianProcess, per_example
@@ -47,8 +47,8 @@ def dmd_loss(
     process: GaussianProcess,
     teacher,
     *,
-    generator_prediction: str = "x0",
-    fake_prediction: str = "x0",
+    generator_prediction: str | EDMPreconditioned = "x0",
+    fake_prediction: str | EDMPreconditioned = "x0",
     time_sampler=UniformTime(),
     t_min: float | None = None,
     t_max: float | None = None,
@@ -73,8 +73,9 @@ def dmd_loss(
     check_teacher(teacher)
     if isinstance(teacher, Denoiser) and teacher.process != process:
         raise ValueError(f"the teacher's process {teacher.process!r} differs from the loss's {process!r}")
-    check_prediction(generator_prediction)
-    check_prediction(fake_prediction)
+    for prediction in (generator_prediction, fake_prediction):
+        if not isinstance(prediction, EDMPreconditioned):
+            check_prediction(prediction)
     check_number("fake_weight", fake_weight)
     for name, value in (("generator", generator), ("fake", fake), ("data_key", data_key)):
         check_name(name, value)
