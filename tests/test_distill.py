@@ -49,7 +49,6 @@ from diffjax.distill.progressive import progressive_distillation_loss, progressi
 from diffjax.samplers import DDIM, Ancestral, Times, sample
 from diffjax.samplers.base import Solver
 from diffjax.samplers.ddim import ddim_step
-from experiments.distill_mixture import mixture_4d, run_pd, run_scm
 
 SD = 0.5
 EDM = P.EDM()
@@ -360,6 +359,8 @@ def test_progressive_distillation_of_an_exact_teacher_reaches_the_mixture():
     """experiments/distill_mixture.py's PD run at a small budget: 1- and 2-step students of the exact
     4-D mixture teacher put the mixture weights within 0.25 (sum of errors; 0 is exact, 1.2 is a
     collapse onto the heaviest component)."""
+    from experiments.distill_mixture import mixture_4d, run_pd  # slow only: keeps collection light
+
     args = argparse.Namespace(iterations=1200, batch=256, lr=1e-3, ema=0.995, samples=5000, seed=0)
     samples, info = run_pd(args, 0)
     for nfe in (1, 2):
@@ -488,6 +489,8 @@ def test_dmd_loss_is_stationary_at_the_data(gaussian):
 def test_scm_distillation_of_an_exact_teacher_reaches_the_mixture_weights():
     """experiments/distill_mixture.py's sCD run at a small budget: the one-step student puts the
     mixture weights within 0.2 (1.2 is the collapse onto one component that sCM showed at Adam 1e-3)."""
+    from experiments.distill_mixture import mixture_4d, run_scm  # slow only: keeps collection light
+
     args = argparse.Namespace(iterations=2000, batch=256, lr=1e-3, ema=0.995, samples=5000, seed=0)
     samples, info = run_scm("scd", args, 0)
     weight_error, _ = mixture_4d().sample_errors(samples[1])
