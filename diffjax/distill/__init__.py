@@ -1,0 +1,73 @@
+"""Few-step generation on the training core: consistency distillation and training (CD, CT with the
+iCT/ECT schedules), continuous-time consistency models (sCM on TrigFlow), MeanFlow and shortcut
+models (average velocities), progressive distillation, distribution matching (DMD), and the samplers
+for the resulting one- and few-step models.
+
+Every objective is a `loss_fn(params, key, batch) -> (loss, aux)` for
+`diffjax.training.make_train_step`, over a params pytree holding the student (and, where used, an
+EMA target, a teacher, an adaptive weighting, a fake-score network); see `diffjax.distill.common`.
+"""
+
+from diffjax.distill.common import L2, PseudoHuber, update_target
+from diffjax.distill.consistency import (
+    ConsistencyFunction,
+    EasyDiscretisation,
+    ImprovedDiscretisation,
+    KarrasDiscretisation,
+    consistency_distillation_loss,
+    consistency_training_loss,
+    karras_noise_levels,
+    teacher_ode_step,
+)
+from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss
+from diffjax.distill.meanflow import (
+    AverageVelocity,
+    AverageVelocityJump,
+    meanflow_loss,
+    meanflow_target,
+    shortcut_loss,
+)
+from diffjax.distill.progressive import progressive_distillation_loss, progressive_target, student_times
+from diffjax.distill.samplers import ConsistencySampler, consistency_grid
+from diffjax.distill.scm import (
+    AdaptiveWeighting,
+    TangentClipping,
+    TangentNormalization,
+    TrigFlow,
+    TrigFlowConsistency,
+    scm_loss,
+    scm_tangent,
+)
+
+__all__ = [
+    "L2",
+    "PseudoHuber",
+    "update_target",
+    "ConsistencyFunction",
+    "KarrasDiscretisation",
+    "ImprovedDiscretisation",
+    "EasyDiscretisation",
+    "karras_noise_levels",
+    "teacher_ode_step",
+    "consistency_distillation_loss",
+    "consistency_training_loss",
+    "ConsistencySampler",
+    "consistency_grid",
+    "TrigFlow",
+    "TrigFlowConsistency",
+    "TangentNormalization",
+    "TangentClipping",
+    "AdaptiveWeighting",
+    "scm_tangent",
+    "scm_loss",
+    "AverageVelocity",
+    "AverageVelocityJump",
+    "meanflow_target",
+    "meanflow_loss",
+    "shortcut_loss",
+    "progressive_target",
+    "progressive_distillation_loss",
+    "student_times",
+    "distribution_matching_gradient",
+    "dmd_loss",
+]
