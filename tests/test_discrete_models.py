@@ -13,20 +13,15 @@ from diffjax.models import SequenceConfig, SequenceTransformer, functional, logi
 
 
 def _perturbed(causal: bool, length=6):
-    """An abstract model, its jitted apply, and parameters moved a little from their initial values
-    (zero-initialised output layers would hide any dependence). Parameters are drawn under jit with
-    "rbg" keys: eager initialisation, or threefry's unrolled rounds, compile for tens of seconds."""
+    """An abstract model, its jitted apply, and random parameters drawn on the host (initial values
+    would hide dependence behind zero-initialised output layers; initialising through the model's
+    initialisers would compile one program per parameter)."""
     cfg = SequenceConfig(num_states=5, vocab_size=4, length=length, hidden_size=16, depth=2, num_heads=2, causal=causal)
     model = nnx.eval_shape(lambda: SequenceTransformer(cfg, rngs=nnx.Rngs(0)))
-    apply, _ = functional(model)
-
-    def init():
-        params = functional(SequenceTransformer(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))))[1]
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.key(1, impl="rbg"), len(leaves))
-        return treedef.unflatten([p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-    return model, jax.jit(apply), jax.jit(init)()
+    apply, abstract_params = functional(model)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda p: jnp.asarray(0.2 * rng.standard_normal(p.shape), p.dtype), abstract_params)
+    return model, jax.jit(apply), params
 
 
 @pytest.mark.parametrize("causal", [False, True])

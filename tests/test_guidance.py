@@ -40,13 +40,19 @@ def test_cfg_of_two_gaussians_samples_the_closed_form_guided_gaussian(name, scal
     np.testing.assert_allclose(np.asarray(jnp.std(x, 0)), [0.4, 0.4], rtol=0.03)
 
 
-def test_guidance_works_with_every_solver():
+# One solver per family in the default run (the rest: `pytest -m slow`).
+GUIDED_DEFAULT_RUN = ("ancestral", "ddim", "dpm_solver++_sde", "edm_heun", "gaussian_pc", "pc", "unipc")
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in GUIDED_DEFAULT_RUN else pytest.param(n, marks=pytest.mark.slow) for n in sorted(SOLVERS)]
+)
+def test_guidance_works_with_every_solver(name):
     g = classifier_free_guidance(
         COND.denoiser(PROCESS), UNCOND.denoiser(PROCESS), 2.0, interval=(0.1, 10.0), rescale=0.5
     )
-    for name in SOLVERS:
-        x = sample(g, jax.random.key(0), (256, 2), solver=SOLVERS[name](), steps=12).samples
-        assert np.all(np.isfinite(np.asarray(x))), name
+    x = sample(g, jax.random.key(0), (256, 2), solver=SOLVERS[name](), steps=12).samples
+    assert np.all(np.isfinite(np.asarray(x))), name
 
 
 def test_guidance_interval_switches_on_the_noise_level():

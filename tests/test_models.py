@@ -513,7 +513,7 @@ def test_adam_steps_reduce_mse():
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    opt_state = opt.init(params)
+    opt_state = jax.jit(opt.init)(params)  # one program, not one per leaf shape
     losses = []
     for _ in range(25):
         params, opt_state, loss = step(params, opt_state)

@@ -41,7 +41,7 @@ MIXTURE = benchmark_mixture(16)
 @pytest.mark.parametrize(
     "solver_name, steps, grid_name, n",
     [
-        ("ddim", 500, "logsnr", 100_000),
+        pytest.param("ddim", 500, "logsnr", 100_000, marks=pytest.mark.slow),  # DDIM: also tests/test_faithfulness
         ("euler_maruyama", 500, "uniform", 50_000),
         ("ancestral", 1000, "logsnr", 50_000),
         ("heun", 50, "karras", 100_000),

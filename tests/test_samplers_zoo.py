@@ -75,31 +75,39 @@ def fitted_order(process, name, grid_name, steps_list, t_max=None, **options):
 
 
 # (solver, options, designed order). UniPC's corrector raises the order of UniP-p to p + 1.
+# The variants marked slow repeat a tested step (order 1 = DDIM, another prediction or variant of
+# a tested order) or need hundreds of steps (DEIS); `pytest -m slow` runs them.
+SLOW = pytest.mark.slow
 DETERMINISTIC = [
-    ("dpm_solver", dict(order=1), 1),
+    pytest.param("dpm_solver", dict(order=1), 1, marks=SLOW),
     ("dpm_solver", dict(order=2), 2),
     ("dpm_solver", dict(order=3), 3),
-    ("dpm_solver", dict(order=2, data_prediction=True), 2),
-    ("dpm_solver", dict(order=3, data_prediction=True), 3),
-    ("dpm_solver++", dict(order=1), 1),
+    pytest.param("dpm_solver", dict(order=2, data_prediction=True), 2, marks=SLOW),
+    pytest.param("dpm_solver", dict(order=3, data_prediction=True), 3, marks=SLOW),
+    pytest.param("dpm_solver++", dict(order=1), 1, marks=SLOW),
     ("dpm_solver++", dict(order=2), 2),
     ("dpm_solver++", dict(order=3), 3),
     ("unipc", dict(order=1, variant="bh1"), 2),
-    ("unipc", dict(order=2, variant="bh1"), 3),
+    pytest.param("unipc", dict(order=2, variant="bh1"), 3, marks=SLOW),
     ("unipc", dict(order=2, variant="bh2"), 3),
     ("unipc", dict(order=3, variant="bh2"), 4),
     ("unipc", dict(order=2, variant="bh2", corrector=False), 2),
-    ("unipc", dict(order=3, variant="bh1", corrector=False), 3),
-    ("deis", dict(order=2), 2),
+    pytest.param("unipc", dict(order=3, variant="bh1", corrector=False), 3, marks=SLOW),
+    pytest.param("deis", dict(order=2), 2, marks=SLOW),
     ("deis", dict(order=3), 3),
-    ("deis", dict(order=4), 4),
+    pytest.param("deis", dict(order=4), 4, marks=SLOW),
     ("edm_heun", dict(), 2),
     ("sa_solver", dict(order=3, corrector_order=0, tau=0.0), 3),
     ("sa_solver", dict(order=2, corrector_order=3, tau=0.0), 3),
 ]
 
 
-@pytest.mark.parametrize("solver, options, order", DETERMINISTIC, ids=[f"{s}-{o}" for s, o, _ in DETERMINISTIC])
+def _case_id(case) -> str:
+    solver, options, _ = case.values if hasattr(case, "values") else case
+    return f"{solver}-{options}"
+
+
+@pytest.mark.parametrize("solver, options, order", DETERMINISTIC, ids=[_case_id(c) for c in DETERMINISTIC])
 def test_deterministic_solver_converges_at_its_order(solver, options, order):
     """VP process, log-SNR grid: the fitted slope of the global error against the number of steps
     is the designed order. DEIS interpolates in sigma/alpha, which spans 0.01..160 here, so it
@@ -139,7 +147,7 @@ def test_orders_hold_for_other_processes(process, grid, solver, options, order):
 
 @pytest.mark.parametrize(
     "options, order",
-    [(dict(), 2), (dict(order=1), 2), (dict(corrector=False), 1)],
+    [(dict(), 2), pytest.param(dict(order=1), 2, marks=pytest.mark.slow), (dict(corrector=False), 1)],
     ids=["default", "order1", "no-corrector"],
 )
 def test_gaussian_pc_converges_at_its_order(options, order):
