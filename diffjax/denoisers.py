@@ -48,6 +48,7 @@ __all__ = [
     "check_prediction",
     "network_view",
     "check_network",
+    "check_wrapped_network",
     "check_declared_prediction",
     "guided",
     "classifier_free_guidance",
@@ -157,6 +158,16 @@ class EDMPreconditioned:
 PRECONDITIONED = {"edm_preconditioned": EDMPreconditioned}
 
 Prediction = str | EDMPreconditioned
+
+
+def check_wrapped_network(net, sigma_data: float, process=None) -> None:
+    """The fields of a network wrapper (EDM preconditioning, consistency functions): a callable `net`,
+    sigma_data > 0 and, where given, a diffjax process."""
+    if not callable(net):
+        raise TypeError(f"net must be callable, got {type(net).__name__}")
+    if process is not None and not isinstance(process, GaussianProcess):
+        raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
+    check_positive("sigma_data", sigma_data)
 
 
 def check_declared_prediction(fn: Callable, prediction: Prediction) -> None:
@@ -285,11 +296,7 @@ class EDMPreconditioning:
     prediction: ClassVar[str] = "x0"
 
     def __post_init__(self):
-        if not callable(self.net):
-            raise TypeError(f"net must be callable, got {type(self.net).__name__}")
-        if not isinstance(self.process, GaussianProcess):
-            raise TypeError(f"process must be a diffjax process, got {type(self.process).__name__}")
-        check_positive("sigma_data", self.sigma_data)
+        check_wrapped_network(self.net, self.sigma_data, self.process)
 
     def coefficients(self, t):
         """(c_in, c_skip, c_out, c_noise) at t, each of t's shape."""

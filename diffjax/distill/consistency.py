@@ -30,7 +30,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from diffjax.denoisers import Denoiser
+from diffjax.denoisers import Denoiser, check_wrapped_network
 from diffjax.distill.common import (
     L2,
     PseudoHuber,
@@ -115,11 +115,7 @@ class ConsistencyFunction:
     prediction: ClassVar[str] = "x0"
 
     def __post_init__(self):
-        if not callable(self.net):
-            raise TypeError(f"net must be callable, got {type(self.net).__name__}")
-        if not isinstance(self.process, GaussianProcess):
-            raise TypeError(f"process must be a diffjax process, got {type(self.process).__name__}")
-        check_positive("sigma_data", self.sigma_data)
+        check_wrapped_network(self.net, self.sigma_data, self.process)
         if self.t_min is not None:
             check_number("t_min", self.t_min)
 

@@ -31,7 +31,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from diffjax.denoisers import Denoiser
+from diffjax.denoisers import Denoiser, check_wrapped_network
 from diffjax.distill.common import (
     apply_student,
     batch_data,
@@ -101,9 +101,7 @@ class TrigFlowConsistency:
     prediction: ClassVar[str] = "x0"
 
     def __post_init__(self):
-        if not callable(self.net):
-            raise TypeError(f"net must be callable, got {type(self.net).__name__}")
-        check_positive("sigma_data", self.sigma_data)
+        check_wrapped_network(self.net, self.sigma_data)
 
     def __call__(self, x, t):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
