@@ -4,6 +4,8 @@ ideal denoiser of a point set, each checked against an independent computation."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,8 @@ import pytest
 
 from diffjax import processes as P
 from diffjax.data.exact import EmpiricalData, GaussianData, power_law_gaussian, random_basis
+from diffjax.processes import DiscreteVP
+from diffjax.samplers import Linspace
 
 PROCESSES = {
     "vp": P.VP(),
@@ -151,3 +155,26 @@ def test_suite_driver_takes_the_steps_sample_takes(gaussian, solver_name, option
     x, nfe = run_method(process, gaussian, method, 6, z)
     assert nfe == result.nfe == 6
     np.testing.assert_allclose(x, result.samples, rtol=1e-5, atol=1e-5)
+
+
+PEER_FIXTURES = Path(__file__).parent / "fixtures" / "peers"
+
+
+@pytest.mark.parametrize("case", ["unipc_bh2_10", "dpm++2m_10"])
+def test_linspace_grid_is_diffusers_default_timestep_spacing(case):
+    """On diffusers' DDPM chain, `Linspace` with steps = NFE - 1 gives the timesteps diffusers' default
+    ("linspace") spacing made for the committed fixture (999, 899, ..., 500, ..., 100: round half to even)."""
+    fixture = np.load(PEER_FIXTURES / f"{case}.npz")
+    process = DiscreteVP.from_betas(np.load(PEER_FIXTURES / "problem.npz")["betas"])
+    times = np.asarray(fixture["times"], np.float64)
+    ts = np.asarray(Linspace()(process, times.size - 1, process.t_min, process.t_max), np.float64)
+    np.testing.assert_allclose(ts, times, rtol=0, atol=2e-7)  # the fixture's times: diffusers' alphas inverted
+    # the formula: timesteps round(linspace(0, 999, steps + 2))[1:] reversed, at t = (k + 1) / 1000
+    np.testing.assert_allclose(ts * 1000 - 1, [999, 899, 799, 699, 599, 500, 400, 300, 200, 100], atol=1e-3)
+
+
+def test_linspace_grid_in_continuous_time_is_uniform_and_stops_one_spacing_above_t_min():
+    process = P.VP()
+    ts = np.asarray(Linspace()(process, 4, process.t_min, process.t_max), np.float64)
+    want = process.t_min + np.array([5, 4, 3, 2, 1]) / 5 * (process.t_max - process.t_min)
+    np.testing.assert_allclose(ts, want, rtol=1e-6)
