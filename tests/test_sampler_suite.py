@@ -4,6 +4,8 @@ ideal denoiser of a point set, each checked against an independent computation."
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -178,3 +180,37 @@ def test_linspace_grid_in_continuous_time_is_uniform_and_stops_one_spacing_above
     ts = np.asarray(Linspace()(process, 4, process.t_min, process.t_max), np.float64)
     want = process.t_min + np.array([5, 4, 3, 2, 1]) / 5 * (process.t_max - process.t_min)
     np.testing.assert_allclose(ts, want, rtol=1e-6)
+
+
+def _label_of(solver) -> str:
+    """The suite's label of a solver instance on its default grid: the non-default options by name."""
+    from diffjax.samplers import GRIDS, SOLVERS
+
+    name = next(n for n, cls in SOLVERS.items() if cls is type(solver))
+    defaults = type(solver)()
+    options = tuple(
+        (f.name, getattr(solver, f.name))
+        for f in dataclasses.fields(solver)
+        if f.init and getattr(solver, f.name) != getattr(defaults, f.name)
+    )
+    grid = solver.default_grid
+    grid_name = next(n for n, cls in GRIDS.items() if cls is type(grid))
+    grid_options = tuple(
+        (f.name, getattr(grid, f.name)) for f in dataclasses.fields(grid) if getattr(grid, f.name) != f.default
+    )
+    from experiments.benchmarks.sampler_suite import Method
+
+    return Method(name, options, grid_name, grid_options).label
+
+
+def test_the_default_is_the_committed_suites_choice():
+    """DEFAULT_SOLVER on its default grid is the setting the selection rule picks from the committed
+    sampler-suite run (experiments/results/sampler_suite.json): change one, rerun the other."""
+    from diffjax.samplers import DEFAULT_SOLVER
+    from experiments.benchmarks.common import RESULTS_DIR
+    from experiments.benchmarks.sampler_selection import selection
+
+    with open(Path(RESULTS_DIR) / "sampler_suite.json") as f:
+        payload = json.load(f)
+    *_, (ranked, *_) = selection(payload)
+    assert _label_of(DEFAULT_SOLVER) == ranked[0]
