@@ -214,3 +214,30 @@ def test_the_default_is_the_committed_suites_choice():
         payload = json.load(f)
     *_, (ranked, *_) = selection(payload)
     assert _label_of(DEFAULT_SOLVER) == ranked[0]
+
+
+def test_selection_floors_errors_and_breaks_ties_by_the_next_worst_ratio():
+    """Errors below an entry's floor (reference gap, 1e-3, image resolution) are ties; among worst ratios
+    within 5 %, the next-worst decides."""
+    from experiments.benchmarks.sampler_selection import error_floors, minimax, ratio
+
+    references = [
+        {"entry": "img/ddpm", "reference_gap": 1e-8, "one_sample_error": 0.05},
+        {"entry": "gauss/ddpm", "reference_gap": 0.0},
+        {"entry": "mix/ddpm", "reference_gap": 2e-3},
+    ]
+    floors = error_floors(references)
+    assert floors == {"img/ddpm": 0.05, "gauss/ddpm": 1e-3, "mix/ddpm": 2e-3}
+    assert ratio(0.04, 1e-7, floors["img/ddpm"]) == 1.0  # one sample's resolution: a tie
+    assert ratio(0.2, 1e-7, floors["img/ddpm"]) == pytest.approx(4.0)
+    assert ratio(1e-4, 1e-6, floors["gauss/ddpm"]) == 1.0
+    # a: worst 4.0, next 3.0; b: worst 4.1 (a tie with a), next 1.0; c: worst 6
+    errors = {
+        ("img/ddpm", 5): {"a": 0.2, "b": 0.205, "c": 0.3, "diffusers x": 1e-7},
+        ("gauss/ddpm", 5): {"a": 3e-3, "b": 1e-3, "c": 1e-3, "diffusers x": 0.5},
+        ("mix/ddpm", 5): {"a": 0.01, "b": 0.01, "c": 0.01, "diffusers x": 0.01},
+    }
+    classes = {"img/ddpm": "images", "gauss/ddpm": "gaussian", "mix/ddpm": "mixture"}
+    ranked, worst, *_ = minimax(errors, classes, ["a", "b", "c"], floors)
+    assert worst["a"][0] == pytest.approx(4.0) and worst["b"][0] == pytest.approx(4.1)
+    assert ranked == ["b", "a", "c"]

@@ -16,12 +16,19 @@ nearest-training-image agreement with the reference (images), mixture weight err
 per-dimension std error (mixtures). diffusers' schedulers (experiments/peers/, optional extra) run on the
 DDPM-chain problems from the same noise when installed.
 
-    python experiments/benchmarks/sampler_suite.py            # default size (minutes on 2 CPUs)
-    python experiments/benchmarks/sampler_suite.py --full     # the issue's size
+    python experiments/benchmarks/sampler_suite.py            # default size (~11 CPU-minutes)
+    python experiments/benchmarks/sampler_suite.py --full     # the issue's size (every candidate, more data)
     python experiments/benchmarks/sampler_suite.py --no-peers # ours only
+    python experiments/benchmarks/sampler_suite.py --report-only  # tables and plot from the JSON
 
-Writes experiments/results/sampler_suite.json / .md and sampler_suite.png (error vs NFE, log-log), and
-the default's selection (experiments/benchmarks/sampler_selection.py) to sampler_suite_selection.md.
+Default size: 10 problems under the DDPM chain and 3 of them (a Gaussian, a mixture, the 8x8 digits)
+under VP, cosine, EDM and flow matching (22 entries), with DEFAULT_CANDIDATES (6 solvers on 1-4 grids
+each: one compiled step program per solver serves every grid) and 11 diffusers settings. --full: more
+and larger problems, more samples, MNIST in the process sweep, and every solver in CANDIDATE_SOLVERS on
+every grid in CANDIDATE_GRIDS.
+
+Writes experiments/results/sampler_suite.json, and from it (experiments/benchmarks/sampler_selection.py:
+the default's selection, tables) sampler_suite.md and sampler_suite.png (error vs NFE, log-log).
 """
 
 from __future__ import annotations
