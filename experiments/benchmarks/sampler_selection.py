@@ -271,6 +271,35 @@ def minimax_class_table(table, classes, methods, floors, nfes=SELECTION_NFES):
     return markdown_table(head, body)
 
 
+CLASS_TITLES = {"gaussian": "Gaussians", "images": "images", "mixture": "mixtures", "sweep": "VP, cosine, EDM, flow"}
+
+
+def compact_summary(payload, winner, nfes=SELECTION_NFES) -> str:
+    """The README's table: per class (the four non-DDPM processes together) geometric-mean errors of the
+    chosen default, the former default, the best of ours and the best diffusers setting, and the default's
+    worst ratios, NFEs side by side."""
+    table, classes = error_table(payload["rows"])
+    floors = error_floors(payload["references"])
+    merged = {e: ("sweep" if c.startswith("sweep:") else c) for e, c in classes.items()}
+    new = class_summary(table, merged, winner, nfes, floors)
+    old = class_summary(table, merged, payload["current_default"], nfes, floors)
+    head = ["class", "NFE", "default", "former default", "best of ours", "best diffusers", "default ÷ best",
+            "default ÷ best diffusers"]  # fmt: skip
+    body = []
+    for cls, title in CLASS_TITLES.items():
+        count = len({e for e, c in merged.items() if c == cls})
+        if not count:
+            continue
+
+        def cells(summary, key, digits):
+            return " / ".join(_fmt(summary[(cls, n)][key], digits) for n in nfes)
+
+        body.append([f"{title} ({count})", " / ".join(map(str, nfes)), cells(new, "method", 2), cells(old, "method", 2),
+                     cells(new, "best_ours", 2), cells(new, "best_diffusers", 2), cells(new, "worst_ratio_to_best", 2),
+                     cells(new, "worst_ratio_to_diffusers", 2)])  # fmt: skip
+    return markdown_table(head, body)
+
+
 def selection(payload):
     """(winner, runner-ups, scores...) of the payload's diffjax settings; see `minimax`."""
     rows = payload["rows"]
@@ -315,6 +344,8 @@ def write_report(payload, name="sampler_suite"):
         f"ratio): **{winner}**; previous default: {current}.",
         "",
     ]
+    lines += ["Compact (NFE 5 / 10 / 20; the four non-DDPM processes together; entry counts in brackets):", "",
+              compact_summary(payload, winner), "", "Per class and NFE:", ""]  # fmt: skip
     summary_new = class_summary(table, classes, winner, nfes, floors)
     summary_old = class_summary(table, classes, current, nfes, floors)
     head = ["class", "NFE", "chosen default", "previous default", "best of ours", "best diffusers",
