@@ -378,11 +378,16 @@ def write_report(payload, name="sampler_suite"):
         e: max(float(r["reference_gap"]), ERROR_FLOOR) for e, r in ((r["entry"], r) for r in payload["references"])
     }
     plain_ranked, plain_sel, *_ = minimax(table, classes, ours, plain)
+    same = plain_ranked[0] == winner
     lines += [
         f"Sensitivity: with the floor max(reference gap, {ERROR_FLOOR:g}) alone (no image resolution floor) the "
-        f"same rule picks {plain_ranked[0]} (worst ratio {_fmt(plain_sel[plain_ranked[0]][0])} on the selection, "
-        f"{_fmt(plain_sel[winner][0])} for {winner}): there, entries where some method puts every image sample "
-        "on the reference's training image (error ~1e-7) decide the choice.",
+        + (
+            f"same rule picks the same setting (worst ratio {_fmt(plain_sel[winner][0])} on the selection)."
+            if same
+            else f"same rule picks {plain_ranked[0]} (worst ratio {_fmt(plain_sel[plain_ranked[0]][0])} on the "
+            f"selection, {_fmt(plain_sel[winner][0])} for {winner}): entries where some method puts every image "
+            "sample on the reference's training image (error ~1e-7) decide that choice."
+        ),
         "",
     ]
     shown = list(dict.fromkeys(ranked[:3] + ([current] if current in on_sel else [])))
