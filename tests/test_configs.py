@@ -241,7 +241,7 @@ def test_solver_and_grid_options_from_the_command_line(overrides, options, grid_
             [("sample.solver", "ddim"), ("sample.solver_options.etta", "0.5")],
             r"config.sample.solver_options: unknown option 'etta' for solver 'ddim' \(did you mean 'eta'\?\)",
         ),
-        ([("sample.solver_options.eta", "0.5")], "unknown option 'eta' for solver 'gaussian_pc'"),  # the default solver
+        ([("sample.solver_options.eta", "0.5")], "unknown option 'eta' for solver 'unipc'"),  # the default solver
         (
             [("sample.grid", "karras"), ("sample.grid_options.rhoo", "7")],
             r"config.sample.grid_options: unknown option 'rhoo' for grid 'karras' \(did you mean 'rho'\?\)",

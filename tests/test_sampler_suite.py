@@ -4,6 +4,10 @@ ideal denoiser of a point set, each checked against an independent computation."
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +15,8 @@ import pytest
 
 from diffjax import processes as P
 from diffjax.data.exact import EmpiricalData, GaussianData, power_law_gaussian, random_basis
+from diffjax.processes import DiscreteVP
+from diffjax.samplers import Linspace
 
 PROCESSES = {
     "vp": P.VP(),
@@ -151,3 +157,87 @@ def test_suite_driver_takes_the_steps_sample_takes(gaussian, solver_name, option
     x, nfe = run_method(process, gaussian, method, 6, z)
     assert nfe == result.nfe == 6
     np.testing.assert_allclose(x, result.samples, rtol=1e-5, atol=1e-5)
+
+
+PEER_FIXTURES = Path(__file__).parent / "fixtures" / "peers"
+
+
+@pytest.mark.parametrize("case", ["unipc_bh2_10", "dpm++2m_10"])
+def test_linspace_grid_is_diffusers_default_timestep_spacing(case):
+    """On diffusers' DDPM chain, `Linspace` with steps = NFE - 1 gives the timesteps diffusers' default
+    ("linspace") spacing made for the committed fixture (999, 899, ..., 500, ..., 100: round half to even)."""
+    fixture = np.load(PEER_FIXTURES / f"{case}.npz")
+    process = DiscreteVP.from_betas(np.load(PEER_FIXTURES / "problem.npz")["betas"])
+    times = np.asarray(fixture["times"], np.float64)
+    ts = np.asarray(Linspace()(process, times.size - 1, process.t_min, process.t_max), np.float64)
+    np.testing.assert_allclose(ts, times, rtol=0, atol=2e-7)  # the fixture's times: diffusers' alphas inverted
+    # the formula: timesteps round(linspace(0, 999, steps + 2))[1:] reversed, at t = (k + 1) / 1000
+    np.testing.assert_allclose(ts * 1000 - 1, [999, 899, 799, 699, 599, 500, 400, 300, 200, 100], atol=1e-3)
+
+
+def test_linspace_grid_in_continuous_time_is_uniform_and_stops_one_spacing_above_t_min():
+    process = P.VP()
+    ts = np.asarray(Linspace()(process, 4, process.t_min, process.t_max), np.float64)
+    want = process.t_min + np.array([5, 4, 3, 2, 1]) / 5 * (process.t_max - process.t_min)
+    np.testing.assert_allclose(ts, want, rtol=1e-6)
+
+
+def _label_of(solver) -> str:
+    """The suite's label of a solver instance on its default grid: the non-default options by name."""
+    from diffjax.samplers import GRIDS, SOLVERS
+
+    name = next(n for n, cls in SOLVERS.items() if cls is type(solver))
+    defaults = type(solver)()
+    options = tuple(
+        (f.name, getattr(solver, f.name))
+        for f in dataclasses.fields(solver)
+        if f.init and getattr(solver, f.name) != getattr(defaults, f.name)
+    )
+    grid = solver.default_grid
+    grid_name = next(n for n, cls in GRIDS.items() if cls is type(grid))
+    grid_options = tuple(
+        (f.name, getattr(grid, f.name)) for f in dataclasses.fields(grid) if getattr(grid, f.name) != f.default
+    )
+    from experiments.benchmarks.sampler_suite import Method
+
+    return Method(name, options, grid_name, grid_options).label
+
+
+def test_the_default_is_the_committed_suites_choice():
+    """DEFAULT_SOLVER on its default grid is the setting the selection rule picks from the committed
+    sampler-suite run (experiments/results/sampler_suite.json): change one, rerun the other."""
+    from diffjax.samplers import DEFAULT_SOLVER
+    from experiments.benchmarks.common import RESULTS_DIR
+    from experiments.benchmarks.sampler_selection import selection
+
+    with open(Path(RESULTS_DIR) / "sampler_suite.json") as f:
+        payload = json.load(f)
+    *_, (ranked, *_) = selection(payload)
+    assert _label_of(DEFAULT_SOLVER) == ranked[0]
+
+
+def test_selection_floors_errors_and_breaks_ties_by_the_next_worst_ratio():
+    """Errors below an entry's floor (reference gap, 1e-3, image resolution) are ties; among worst ratios
+    within 5 %, the next-worst decides."""
+    from experiments.benchmarks.sampler_selection import error_floors, minimax, ratio
+
+    references = [
+        {"entry": "img/ddpm", "reference_gap": 1e-8, "one_sample_error": 0.05},
+        {"entry": "gauss/ddpm", "reference_gap": 0.0},
+        {"entry": "mix/ddpm", "reference_gap": 2e-3},
+    ]
+    floors = error_floors(references)
+    assert floors == {"img/ddpm": 0.05, "gauss/ddpm": 1e-3, "mix/ddpm": 2e-3}
+    assert ratio(0.04, 1e-7, floors["img/ddpm"]) == 1.0  # one sample's resolution: a tie
+    assert ratio(0.2, 1e-7, floors["img/ddpm"]) == pytest.approx(4.0)
+    assert ratio(1e-4, 1e-6, floors["gauss/ddpm"]) == 1.0
+    # a: worst 4.0, next 3.0; b: worst 4.1 (a tie with a), next 1.0; c: worst 6
+    errors = {
+        ("img/ddpm", 5): {"a": 0.2, "b": 0.205, "c": 0.3, "diffusers x": 1e-7},
+        ("gauss/ddpm", 5): {"a": 3e-3, "b": 1e-3, "c": 1e-3, "diffusers x": 0.5},
+        ("mix/ddpm", 5): {"a": 0.01, "b": 0.01, "c": 0.01, "diffusers x": 0.01},
+    }
+    classes = {"img/ddpm": "images", "gauss/ddpm": "gaussian", "mix/ddpm": "mixture"}
+    ranked, worst, *_ = minimax(errors, classes, ["a", "b", "c"], floors)
+    assert worst["a"][0] == pytest.approx(4.0) and worst["b"][0] == pytest.approx(4.1)
+    assert ranked == ["b", "a", "c"]

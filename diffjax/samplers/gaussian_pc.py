@@ -21,11 +21,14 @@ follows that mode's width exactly instead of extrapolating the sigmoid-shaped x0
 polynomial in lam (see unipc.py). Its accuracy on the benchmark mixture, on each grid:
 experiments/results/sampler_accuracy.md.
 
-Where it wins and where it loses: it is exact for isotropic Gaussian data and strong wherever the
-data near each sample is close to isotropic at the current noise level (few NFE, well-separated
-modes); the one variance it fits per sample cannot follow an anisotropic spectrum, so on Gaussians
-with power-law spectra and on image data it falls behind UniPC and DPM-Solver++ as NFE grows.
-Measured on problems we did not design, beside diffusers: experiments/results/sampler_suite.md.
+Where it wins and where it loses (the sampler suite, experiments/results/sampler_suite.md, exact
+problems beside diffusers): it is exact for isotropic Gaussian data and the most accurate of all
+settings at few NFE on Gaussian data, even with anisotropic power-law spectra, and on overlapping,
+mildly anisotropic mixtures at every NFE measured. It loses wherever the data near a sample is far
+from one isotropic Gaussian: on the ideal denoiser of real image sets and on well-separated strongly
+anisotropic mixtures it is behind UniPC and DPM-Solver++ at every NFE, and on Gaussians with steep
+spectra the polynomial solvers on the log-SNR grid overtake it as NFE grows. That worst case is why
+it is an option and not the default (`DEFAULT_SOLVER`).
 """
 
 from __future__ import annotations

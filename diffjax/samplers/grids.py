@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.processes import LOG_SNR_CLIP, GaussianProcess
+from diffjax.processes import LOG_SNR_CLIP, DiscreteVP, GaussianProcess
 from diffjax.validation import is_finite_real
 
-__all__ = ["Grid", "Uniform", "LogSNR", "Karras", "Quadratic", "FlowTime", "Times", "GRIDS", "as_grid"]
+__all__ = ["Grid", "Uniform", "LogSNR", "Karras", "Quadratic", "FlowTime", "Linspace", "Times", "GRIDS", "as_grid"]
 
 
 def _clipped_log_snr(process: GaussianProcess, t: float):
@@ -60,6 +60,7 @@ class Grid:
     """Base class: `grid(process, steps, t_min, t_max)` -> the decreasing (steps + 1,) times."""
 
     name: ClassVar[str] = ""
+    ends_at_t_min: ClassVar[bool] = True  # False: the last time lies above t_min (`Linspace`)
 
     def __call__(self, process: GaussianProcess, steps: int, t_min: float, t_max: float):
         raise NotImplementedError
@@ -141,6 +142,30 @@ class FlowTime(Grid):
 
 
 @dataclasses.dataclass(frozen=True)
+class Linspace(Grid):
+    """diffusers' default timestep spacing ("linspace", with the final step to sigma = 0): steps + 2
+    points evenly spaced in t from t_max down to t_min, the last one dropped, so the grid ends one
+    spacing above t_min and the final denoising happens there, as diffusers' DPM-Solver++, UniPC and
+    DEIS schedulers end with the x0-prediction at their last timestep. On a discrete DDPM chain
+    (`DiscreteVP`) the points are rounded to the chain's steps as diffusers rounds its timesteps
+    (round half to even), so the grid is exactly diffusers'; in continuous time it is uniform in t
+    (which suits VP-type processes, not EDM's t = sigma)."""
+
+    name: ClassVar[str] = "linspace"
+    ends_at_t_min: ClassVar[bool] = False
+
+    def __call__(self, process, steps, t_min, t_max):
+        fractions = np.linspace(1.0, 0.0, steps + 2)[:-1]
+        if isinstance(process, DiscreteVP):  # diffusers' timesteps k = i - 1 at t = i / N
+            n = process.num_steps
+            k_min, k_max = float(t_min) * n - 1, float(t_max) * n - 1
+            ts = (np.round(k_min + fractions * (k_max - k_min)) + 1) / n
+        else:
+            ts = float(t_min) + fractions * (float(t_max) - float(t_min))
+        return jnp.asarray(ts, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
 class Times(Grid):
     """An explicit, strictly decreasing grid of times; its first and last times are the range
     the sampler integrates over (the prior is drawn at times[0])."""
@@ -177,7 +202,7 @@ class Times(Grid):
         return jnp.asarray(self.times, jnp.float32)
 
 
-GRIDS: dict[str, type[Grid]] = {cls.name: cls for cls in (Uniform, LogSNR, Karras, Quadratic, FlowTime)}
+GRIDS: dict[str, type[Grid]] = {cls.name: cls for cls in (Uniform, LogSNR, Karras, Quadratic, FlowTime, Linspace)}
 
 
 def as_grid(grid) -> Grid:

@@ -57,9 +57,10 @@ SOLVERS: dict[str, type[Solver]] = {
     "learned_variance": LearnedVarianceAncestral,
 }
 
-# The default: the Gaussian-exact predictor-corrector on its flow-time grid; what it reaches:
-# experiments/results/sampler_accuracy.md and mnist_gaussian_pc.md.
-DEFAULT_SOLVER: Solver = GaussianPC()
+# The default: UniPC bh2 with the order by step on its log-SNR grid, the setting with the smallest worst
+# ratio to the best method (ours or diffusers') per problem over the sampler suite's selection entries
+# (experiments/benchmarks/sampler_suite.py; tables: experiments/results/sampler_suite.md).
+DEFAULT_SOLVER: Solver = UniPC()
 
 
 @jax.tree_util.register_dataclass
@@ -165,10 +166,9 @@ def sample(
       key: a `jax.random` key; split into the prior draw and one key per step.
       shape: the batch shape, e.g. (batch, H, W, C).
       solver: a `Solver` instance, e.g. `UniPC(order=2, variant="bh2")` (names for configs:
-        `SOLVERS`). Default: `GaussianPC()` on its `FlowTime()` grid, an exponential integrator
-        exact for isotropic Gaussian data with UniPC's one-evaluation corrector
-        (samplers/gaussian_pc.py); 1 NFE per step. How it and the others compare:
-        experiments/results/sampler_accuracy.md and mnist_gaussian_pc.md.
+        `SOLVERS`). Default: `UniPC()` (bh2, the order by step, diffusers' final-step
+        convention) on its `LogSNR()` grid, 1 NFE per step: chosen by its worst case over the
+        sampler suite of exact problems (experiments/results/sampler_suite.md).
       steps: number of solver steps; the network is evaluated `solver.nfe(steps)` times, plus
         one for the final denoising (`solver.steps_for_nfe(nfe)` inverts this).
       grid: a `Grid` instance (`LogSNR()`, `Karras(rho=7.0)`, `FlowTime(sigma_data=0.5)`,

@@ -28,8 +28,8 @@ from diffjax.validation import build_named
 from experiments.benchmarks.sampler_accuracy import RESULTS, device, versions
 
 CONFIGS = [
-    ("gaussian_pc (default)", "gaussian_pc", {}),
-    ("unipc", "unipc", {}),
+    ("gaussian_pc", "gaussian_pc", {}),
+    ("unipc (default)", "unipc", {}),
     ("ddim", "ddim", {}),
     ("dpm_solver++ 3M", "dpm_solver++", {"order": 3}),
     ("dpm_solver-3", "dpm_solver", {"order": 3}),

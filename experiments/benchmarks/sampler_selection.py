@@ -1,8 +1,18 @@
 """Choosing the default sampler from the sampler suite's results by its worst case, and the suite's report.
 
 For every entry (problem under a process) and NFE, a method's ratio is its error over the smallest error
-any method (ours or diffusers') reached there. A candidate's score is its worst ratio over the entries and
-the NFEs 5, 10 and 20; the default is the candidate with the smallest score (`minimax`). To guard against
+any method (ours or diffusers') reached there, both floored at the entry's error floor: the larger of the
+reference's own convergence error (the relative gap between its N- and 2N-step solves; 0 for the closed-form
+Gaussian references), ERROR_FLOOR = 1e-3, and on image sets the metric's resolution: the error that one
+sample of the batch at another training image than the reference's causes (sampler_suite.one_sample_error).
+Below the floor errors are not resolved, so they count as ties: image samples end exactly on training
+images, so a batch that all lands on the reference's images has error ~1e-7 and one that differs in one
+sample of 200 has ~0.1; without the resolution floor that one sample would be a ratio of ~1e5 (or 1e2 with
+the 1e-3 floor), and a handful of such collapses would decide the whole selection.
+
+A candidate's score is its worst ratio over the entries and
+the NFEs 5, 10 and 20; the default is the candidate with the smallest score (`minimax`; scores within 5 %
+are ties, broken by the next-worst ratio, and so on). To guard against
 fitting the suite, the choice is made on the selection entries only, and the held-out entries (one
 problem per class and one process family, `HELD_OUT`) are reported separately.
 
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -24,6 +35,7 @@ import numpy as np
 from experiments.benchmarks.common import RESULTS_DIR, markdown_table
 
 SELECTION_NFES = (5, 10, 20)
+ERROR_FLOOR = 1e-3  # the absolute minimum of every entry's error floor
 # Held out of the choice: one problem per class (under every process) and one process family.
 HELD_OUT_PROBLEMS = ("fashion_mnist", "gauss256_p0.5", "mix16_sep20_aniso100")
 HELD_OUT_PROCESSES = ("cosine",)
@@ -50,6 +62,20 @@ def error_table(rows):
     return table, classes
 
 
+def error_floors(references) -> dict:
+    """{entry: floor}: max(the reference's N vs 2N-step gap, ERROR_FLOOR, and on image sets the error of one
+    sample at another training image, `one_sample_error`)."""
+    return {
+        r["entry"]: max(float(r["reference_gap"]), ERROR_FLOOR, float(r.get("one_sample_error", 0.0)))
+        for r in references
+    }
+
+
+def ratio(error: float, best: float, floor: float) -> float:
+    """error / best with both raised to the floor (errors below it are ties)."""
+    return max(error, floor) / max(best, floor)
+
+
 def best_of(errors: dict, keep) -> tuple[str, float]:
     chosen = {m: e for m, e in errors.items() if keep(m)}
     if not chosen:
@@ -62,9 +88,9 @@ def is_peer(method: str) -> bool:
     return method.startswith("diffusers ")
 
 
-def worst_ratios(table, methods, entries, nfes=SELECTION_NFES, floor=1e-6):
-    """{method: (worst ratio, (entry, nfe) where)} over the given entries and NFEs; the best error is
-    floored at `floor` (float32 round-off) so exact methods do not make every other ratio infinite."""
+def worst_ratios(table, methods, entries, floors, nfes=SELECTION_NFES, best_among=None):
+    """{method: (worst ratio, (entry, nfe) where)} over the given entries and NFEs; the best is over every
+    method, or over those `best_among(method)` keeps (e.g. the diffusers settings), floored per entry."""
     out = {}
     for m in methods:
         worst, where = 0.0, None
@@ -73,23 +99,52 @@ def worst_ratios(table, methods, entries, nfes=SELECTION_NFES, floor=1e-6):
                 errors = table.get((entry, nfe))
                 if not errors or m not in errors:
                     continue
-                best = max(min(errors.values()), floor)
-                ratio = max(errors[m], floor) / best
-                if ratio > worst:
-                    worst, where = ratio, (entry, nfe)
+                _, best = best_of(errors, best_among or (lambda _: True))
+                if not math.isfinite(best):
+                    continue
+                r = ratio(errors[m], best, floors[entry])
+                if r > worst:
+                    worst, where = r, (entry, nfe)
         out[m] = (worst, where)
     return out
 
 
-def minimax(table, classes, candidates):
-    """The candidate with the smallest worst ratio on the selection entries, and all scores."""
+TIE = 1.05  # worst ratios within 5 % of each other are ties, broken by the next-worst ratio (leximax)
+
+
+def sorted_ratios(table, method, entries, floors, nfes=SELECTION_NFES) -> list[float]:
+    """The method's floored ratios to the best method over the entries and NFEs, largest first."""
+    ratios = [
+        ratio(errors[method], min(errors.values()), floors[e])
+        for e in entries
+        for n in nfes
+        if method in (errors := table.get((e, n), {}))
+    ]
+    return sorted(ratios, reverse=True)
+
+
+def compare_leximax(a: list[float], b: list[float]) -> int:
+    """-1 if ratio list a (largest first) is better than b: the first pair that differs by more than TIE
+    decides; 0 if none does."""
+    for x, y in zip(a, b):
+        if x > TIE * y:
+            return 1
+        if y > TIE * x:
+            return -1
+    return 0
+
+
+def minimax(table, classes, candidates, floors):
+    """The candidate with the smallest worst ratio on the selection entries (ties within TIE broken by the
+    next-worst ratio, and so on), and all scores."""
     selection = sorted(e for e in classes if not is_held_out(e))
     held_out = sorted(e for e in classes if is_held_out(e))
-    on_selection = worst_ratios(table, candidates, selection)
-    on_held_out = worst_ratios(table, candidates, held_out)
-    on_all = worst_ratios(table, candidates, sorted(classes))
-    winner = min(candidates, key=lambda m: on_selection[m][0])
-    return winner, on_selection, on_held_out, on_all, selection, held_out
+    on_selection = worst_ratios(table, candidates, selection, floors)
+    on_held_out = worst_ratios(table, candidates, held_out, floors)
+    on_all = worst_ratios(table, candidates, sorted(classes), floors)
+    vectors = {m: sorted_ratios(table, m, selection, floors) for m in candidates}
+    ranked = sorted(candidates, key=functools.cmp_to_key(lambda a, b: compare_leximax(vectors[a], vectors[b])))
+    return ranked, on_selection, on_held_out, on_all, selection, held_out
 
 
 def geomean(values):
@@ -103,28 +158,27 @@ def _fmt(x, digits=3):
     return f"{x:.{digits}g}"
 
 
-def class_summary(table, classes, method, nfes):
+def class_summary(table, classes, method, nfes, floors):
     """Per class and NFE: geometric mean over the class's entries of the method's error, of the best of
-    ours and of the best diffusers setting (per entry), and the method's worst ratio to each."""
+    ours and of the best diffusers setting (per entry), and the method's worst (floored) ratio to the best
+    method and to the best diffusers setting."""
     out = {}
     for cls in sorted(set(classes.values())):
         entries = [e for e, c in classes.items() if c == cls]
         for nfe in nfes:
-            mine, ours, peers, r_ours, r_peer, r_all = [], [], [], [], [], []
+            mine, ours, peers, r_peer, r_all = [], [], [], [], []
             for e in entries:
                 errors = table.get((e, nfe), {})
                 if method not in errors:
                     continue
                 _, bo = best_of(errors, lambda m: not is_peer(m))
                 _, bp = best_of(errors, is_peer)
-                best_all = max(min(errors.values()), 1e-6)
                 mine.append(errors[method])
                 ours.append(bo)
-                r_ours.append(max(errors[method], 1e-6) / max(bo, 1e-6))
-                r_all.append(max(errors[method], 1e-6) / best_all)
+                r_all.append(ratio(errors[method], min(errors.values()), floors[e]))
                 if math.isfinite(bp):
                     peers.append(bp)
-                    r_peer.append(max(errors[method], 1e-6) / max(bp, 1e-6))
+                    r_peer.append(ratio(errors[method], bp, floors[e]))
             out[(cls, nfe)] = {
                 "method": geomean(mine),
                 "best_ours": geomean(ours),
@@ -202,36 +256,100 @@ def plot_panels(panels, path, title):
 # ------------------------------------------------------------------------------------------------
 
 
+def minimax_class_table(table, classes, methods, floors, nfes=SELECTION_NFES):
+    """Per method and class: the worst ratio to the best method / to the best diffusers setting at each NFE."""
+    head = ["setting", "class"] + [f"NFE {n}: ÷best, ÷best diffusers" for n in nfes]
+    body = []
+    for m in methods:
+        summary = class_summary(table, classes, m, nfes, floors)
+        for cls in sorted(set(classes.values())):
+            cells = [m, cls]
+            for nfe in nfes:
+                s = summary[(cls, nfe)]
+                cells.append(f"{_fmt(s['worst_ratio_to_best'], 2)}, {_fmt(s['worst_ratio_to_diffusers'], 2)}")
+            body.append(cells)
+    return markdown_table(head, body)
+
+
+CLASS_TITLES = {"gaussian": "Gaussians", "images": "images", "mixture": "mixtures", "sweep": "VP, cosine, EDM, flow"}
+
+
+def compact_summary(payload, winner, nfes=SELECTION_NFES) -> str:
+    """The README's table: per class (the four non-DDPM processes together) geometric-mean errors of the
+    chosen default, the former default, the best of ours and the best diffusers setting, and the default's
+    worst ratios, NFEs side by side."""
+    table, classes = error_table(payload["rows"])
+    floors = error_floors(payload["references"])
+    merged = {e: ("sweep" if c.startswith("sweep:") else c) for e, c in classes.items()}
+    new = class_summary(table, merged, winner, nfes, floors)
+    old = class_summary(table, merged, payload["current_default"], nfes, floors)
+    head = ["class", "NFE", "default", "former default", "best of ours", "best diffusers", "default ÷ best",
+            "default ÷ best diffusers"]  # fmt: skip
+    body = []
+    for cls, title in CLASS_TITLES.items():
+        count = len({e for e, c in merged.items() if c == cls})
+        if not count:
+            continue
+
+        def cells(summary, key, digits):
+            return " / ".join(_fmt(summary[(cls, n)][key], digits) for n in nfes)
+
+        body.append([f"{title} ({count})", " / ".join(map(str, nfes)), cells(new, "method", 2), cells(old, "method", 2),
+                     cells(new, "best_ours", 2), cells(new, "best_diffusers", 2), cells(new, "worst_ratio_to_best", 2),
+                     cells(new, "worst_ratio_to_diffusers", 2)])  # fmt: skip
+    return markdown_table(head, body)
+
+
+def selection(payload):
+    """(winner, runner-ups, scores...) of the payload's diffjax settings; see `minimax`."""
+    rows = payload["rows"]
+    table, classes = error_table(rows)
+    floors = error_floors(payload["references"])
+    ours = sorted({r["method"] for r in rows if r["library"] == "diffjax"})
+    return table, classes, floors, ours, minimax(table, classes, ours, floors)  # (ranked, ...): ranked[0] wins
+
+
 def write_report(payload, name="sampler_suite"):
     rows = payload["rows"]
     nfes = payload["nfes"]
     current = payload["current_default"]
-    table, classes = error_table(rows)
-    ours = sorted({r["method"] for r in rows if r["library"] == "diffjax"})
+    table, classes, floors, ours, (ranked, on_sel, on_held, on_all, selected, held_out) = selection(payload)
+    winner = ranked[0]
     peers = sorted({r["method"] for r in rows if r["library"] == "diffusers"})
-    winner, on_sel, on_held, on_all, selection, held_out = minimax(table, classes, ours)
-    peer_scores = worst_ratios(table, peers, [e for e in classes if e.endswith("/ddpm")])
+    ddpm_entries = [e for e in classes if e.endswith("/ddpm")]
+    peer_scores = worst_ratios(table, peers, ddpm_entries, floors)
     best_peer = min(peers, key=lambda m: peer_scores[m][0]) if peers else None
+    to_peers = worst_ratios(table, ours, ddpm_entries, floors, best_among=is_peer)
 
     lines = [f"# Sampler suite ({'full' if payload['full'] else 'default'} size)", ""]
     env = payload.get("environment", {})
+    cpu = payload.get("cpu_seconds")
     lines += [
-        f"{env.get('date', '')}, {env.get('device', '')}, jax {env.get('versions', {}).get('jax', '')}; "
+        f"{env.get('date', '')}, {env.get('device', '')}, jax {env.get('versions', {}).get('jax', '')}, "
+        f"diffusers {payload.get('peer_versions', {}).get('diffusers') or '-'}; "
         f"{len(classes)} entries (problem/process), {len(ours)} of our settings, {len(peers)} diffusers settings; "
-        f"suite time {payload['seconds'] / 60:.1f} min (shared 2-core machine). "
+        f"suite wall time {payload['seconds'] / 60:.1f} min"
+        + (f", CPU time {cpu / 60:.1f} min" if cpu else "")
+        + " (shared 2-core machine). "
         "Error: RMS(x - x_ref)/RMS(x_ref - mean x_ref) from the same noise, x_ref the exact probability-flow "
         f"solution (closed form for Gaussians; else {payload['reference_method']} at "
-        f"{payload['reference_steps'][1]} steps). NFE counts every network call.",
+        f"{payload['reference_steps'][1]} steps). NFE counts every network call. Ratios (÷best) use each "
+        f"entry's error floor (column 'floor' below): max(reference gap between its N- and 2N-step solves, "
+        f"{ERROR_FLOOR:g}, and on image sets the error one sample at another training image causes); errors "
+        "below it count as ties.",
         "",
         "## Summary per problem class and NFE (geometric mean of the error over the class's problems)",
         "",
-        f"Chosen default (minimax on the selection entries): **{winner}**; previous default: {current}.",
+        f"Chosen default (minimax on the selection entries, ties within {TIE - 1:.0%} broken by the next-worst "
+        f"ratio): **{winner}**; previous default: {current}.",
         "",
     ]
-    summary_new = class_summary(table, classes, winner, nfes)
-    summary_old = class_summary(table, classes, current, nfes)
+    lines += ["Compact (NFE 5 / 10 / 20; the four non-DDPM processes together; entry counts in brackets):", "",
+              compact_summary(payload, winner), "", "Per class and NFE:", ""]  # fmt: skip
+    summary_new = class_summary(table, classes, winner, nfes, floors)
+    summary_old = class_summary(table, classes, current, nfes, floors)
     head = ["class", "NFE", "chosen default", "previous default", "best of ours", "best diffusers",
-            "chosen / best (worst)", "chosen / best diffusers (worst)"]  # fmt: skip
+            "chosen ÷ best (worst)", "chosen ÷ best diffusers (worst)"]  # fmt: skip
     body = []
     for (cls, nfe), s in sorted(summary_new.items()):
         o = summary_old[(cls, nfe)]
@@ -241,18 +359,40 @@ def write_report(payload, name="sampler_suite"):
 
     lines += ["## Minimax: worst ratio to the best method per entry at NFE 5, 10, 20", ""]
     lines += [
-        f"Selection entries ({len(selection)}): all but the held-out problems {list(HELD_OUT_PROBLEMS)} and the "
+        f"Selection entries ({len(selected)}): all but the held-out problems {list(HELD_OUT_PROBLEMS)} and the "
         f"{list(HELD_OUT_PROCESSES)} process ({len(held_out)} entries). The best per entry is over every method, "
-        "diffusers' included.",
+        'diffusers\' included; "÷ best diffusers" is over the DDPM-chain entries, where diffusers runs.',
         "",
     ]
-    ranked = sorted(ours, key=lambda m: on_sel[m][0])
-    head = ["our setting", "worst ratio (selection)", "where", "worst ratio (held out)", "where", "worst (all)"]
-    body = [[m, _fmt(on_sel[m][0]), f"{on_sel[m][1]}", _fmt(on_held[m][0]), f"{on_held[m][1]}", _fmt(on_all[m][0])]
+    head = ["our setting", "worst ÷best (selection)", "where", "worst ÷best (held out)", "where", "worst ÷best (all)",
+            "worst ÷best diffusers (DDPM)", "where"]  # fmt: skip
+    body = [[m, _fmt(on_sel[m][0]), f"{on_sel[m][1]}", _fmt(on_held[m][0]), f"{on_held[m][1]}", _fmt(on_all[m][0]),
+             _fmt(to_peers[m][0]), f"{to_peers[m][1]}"]
             for m in ranked[:20]]  # fmt: skip
-    body += [[f"{current} (previous default)", _fmt(on_sel[current][0]), f"{on_sel[current][1]}",
-              _fmt(on_held[current][0]), f"{on_held[current][1]}", _fmt(on_all[current][0])]]  # fmt: skip
+    if current in on_sel and current not in ranked[:20]:
+        body += [[f"{current} (previous default)", _fmt(on_sel[current][0]), f"{on_sel[current][1]}",
+                  _fmt(on_held[current][0]), f"{on_held[current][1]}", _fmt(on_all[current][0]),
+                  _fmt(to_peers[current][0]), f"{to_peers[current][1]}"]]  # fmt: skip
     lines += [markdown_table(head, body), ""]
+    plain = {
+        e: max(float(r["reference_gap"]), ERROR_FLOOR) for e, r in ((r["entry"], r) for r in payload["references"])
+    }
+    plain_ranked, plain_sel, *_ = minimax(table, classes, ours, plain)
+    same = plain_ranked[0] == winner
+    lines += [
+        f"Sensitivity: with the floor max(reference gap, {ERROR_FLOOR:g}) alone (no image resolution floor) the "
+        + (
+            f"same rule picks the same setting (worst ratio {_fmt(plain_sel[winner][0])} on the selection)."
+            if same
+            else f"same rule picks {plain_ranked[0]} (worst ratio {_fmt(plain_sel[plain_ranked[0]][0])} on the "
+            f"selection, {_fmt(plain_sel[winner][0])} for {winner}): entries where some method puts every image "
+            "sample on the reference's training image (error ~1e-7) decide that choice."
+        ),
+        "",
+    ]
+    shown = list(dict.fromkeys(ranked[:3] + ([current] if current in on_sel else [])))
+    lines += ["Per class (worst over the class's entries) for the chosen default, the runner-ups and the previous "
+              "default:", "", minimax_class_table(table, classes, shown, floors), ""]  # fmt: skip
     if peers:
         lines += ["diffusers settings on the DDPM-chain entries (same ratios):", ""]
         ranked_p = sorted(peers, key=lambda m: peer_scores[m][0])
@@ -262,20 +402,19 @@ def write_report(payload, name="sampler_suite"):
 
     # per-NFE ratios of the chosen default against the best diffusers setting and the best method
     lines += ["## The chosen default per entry and NFE", ""]
-    head = ["entry", "held out"] + [f"NFE {n}: err (÷best, ÷best diffusers)" for n in nfes]
+    head = ["entry", "held out", "floor"] + [f"NFE {n}: err (÷best, ÷best diffusers)" for n in nfes]
     body = []
     for entry in sorted(classes):
-        cells = [entry, "yes" if is_held_out(entry) else ""]
+        cells = [entry, "yes" if is_held_out(entry) else "", _fmt(floors[entry], 2)]
         for nfe in nfes:
             errors = table.get((entry, nfe), {})
             if winner not in errors:
                 cells.append("-")
                 continue
             e = errors[winner]
-            best = max(min(errors.values()), 1e-6)
             _, bp = best_of(errors, is_peer)
-            to_peer = _fmt(max(e, 1e-6) / max(bp, 1e-6), 2) if math.isfinite(bp) else "-"
-            cells.append(f"{_fmt(e)} ({_fmt(max(e, 1e-6) / best, 2)}, {to_peer})")
+            to_peer = _fmt(ratio(e, bp, floors[entry]), 2) if math.isfinite(bp) else "-"
+            cells.append(f"{_fmt(e)} ({_fmt(ratio(e, min(errors.values()), floors[entry]), 2)}, {to_peer})")
         body.append(cells)
     lines += [markdown_table(head, body), ""]
 

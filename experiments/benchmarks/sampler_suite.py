@@ -16,12 +16,19 @@ nearest-training-image agreement with the reference (images), mixture weight err
 per-dimension std error (mixtures). diffusers' schedulers (experiments/peers/, optional extra) run on the
 DDPM-chain problems from the same noise when installed.
 
-    python experiments/benchmarks/sampler_suite.py            # default size (minutes on 2 CPUs)
-    python experiments/benchmarks/sampler_suite.py --full     # the issue's size
+    python experiments/benchmarks/sampler_suite.py            # default size (~11 CPU-minutes)
+    python experiments/benchmarks/sampler_suite.py --full     # the issue's size (every candidate, more data)
     python experiments/benchmarks/sampler_suite.py --no-peers # ours only
+    python experiments/benchmarks/sampler_suite.py --report-only  # tables and plot from the JSON
 
-Writes experiments/results/sampler_suite.json / .md and sampler_suite.png (error vs NFE, log-log), and
-the default's selection (experiments/benchmarks/sampler_selection.py) to sampler_suite_selection.md.
+Default size: 10 problems under the DDPM chain and 3 of them (a Gaussian, a mixture, the 8x8 digits)
+under VP, cosine, EDM and flow matching (22 entries), with DEFAULT_CANDIDATES (6 solvers on 1-4 grids
+each: one compiled step program per solver serves every grid) and 11 diffusers settings. --full: more
+and larger problems, more samples, MNIST in the process sweep, and every solver in CANDIDATE_SOLVERS on
+every grid in CANDIDATE_GRIDS.
+
+Writes experiments/results/sampler_suite.json, and from it (experiments/benchmarks/sampler_selection.py:
+the default's selection, tables) sampler_suite.md and sampler_suite.png (error vs NFE, log-log).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import importlib.util
 import json
 import os
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +50,10 @@ from tqdm import tqdm
 from diffjax import processes as P
 from diffjax.data.exact import GaussianData
 from diffjax.denoisers import Denoiser
+from diffjax.io import atomic_write_json
 from diffjax.samplers import GRIDS, SOLVERS
 from diffjax.validation import build_named
-from experiments.benchmarks.common import RESULTS_DIR, write_results
+from experiments.benchmarks.common import RESULTS_DIR, package_versions, write_results
 from experiments.benchmarks.exact_problems import Problem, build_problems
 
 NFES = (3, 5, 8, 10, 15, 20, 50)
@@ -59,7 +68,7 @@ def make_process(name: str):
 
 
 PROCESS_SWEEP = ("vp", "cosine", "edm", "flow")  # besides "ddpm", on the problems below
-SWEEP_PROBLEMS = ("gauss256_p2", "mix16_sep6_iso")
+SWEEP_PROBLEMS = ("gauss256_p2", "mix16_sep6_iso", "digits1797")
 SWEEP_PROBLEMS_FULL = SWEEP_PROBLEMS + ("mnist2000",)
 
 
@@ -90,7 +99,7 @@ class Method:
         return build_named(GRIDS, self.grid_name, dict(self.grid_options), "grid")
 
 
-# (solver name, options): the candidates; each on every grid in CANDIDATE_GRIDS.
+# (solver name, options): the full size's candidates, each on every grid in CANDIDATE_GRIDS.
 CANDIDATE_SOLVERS = [
     ("gaussian_pc", ()),
     ("gaussian_pc", (("order", 1),)),
@@ -105,13 +114,25 @@ CANDIDATE_SOLVERS = [
     ("ddim", ()),
     ("heun", ()),
 ]
-CANDIDATE_GRIDS = [("logsnr", ()), ("karras", ()), ("flow_time", ())]
+CANDIDATE_GRIDS = [("logsnr", ()), ("karras", ()), ("flow_time", ()), ("linspace", ())]
+# The default size's candidates: (solver, options, grids). One compiled step program per solver serves
+# every grid, so grids are cheap and solvers are not.
+DEFAULT_CANDIDATES = [
+    ("gaussian_pc", (), ("flow_time", "logsnr")),
+    ("unipc", (), ("logsnr", "karras", "flow_time", "linspace")),
+    ("unipc", (("order", 2),), ("logsnr", "karras", "flow_time", "linspace")),
+    ("dpm_solver++", (("order", 2),), ("logsnr", "karras", "flow_time", "linspace")),
+    ("dpm_solver++", (("order", 3),), ("logsnr", "karras")),
+    ("heun", (), ("karras",)),
+]
 CURRENT_DEFAULT = Method("gaussian_pc", (), "flow_time")
 REFERENCE = Method("dpm_solver++", (("order", 3),), "logsnr")
 
 
-def candidate_methods() -> list[Method]:
-    return [Method(s, so, g, go) for s, so in CANDIDATE_SOLVERS for g, go in CANDIDATE_GRIDS]
+def candidate_methods(full: bool = False) -> list[Method]:
+    if full:
+        return [Method(s, so, g, go) for s, so in CANDIDATE_SOLVERS for g, go in CANDIDATE_GRIDS]
+    return [Method(s, so, g) for s, so, grids in DEFAULT_CANDIDATES for g in grids]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,8 +181,8 @@ def _prior(process, t_max, z):
     return process.sigma(t_max) * z
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "steps", "t_min", "t_max"))
 def _grid_times(process, grid, steps, t_min, t_max):
+    """The grid, computed eagerly (a few operations; compiling it per process, grid and steps costs more)."""
     return grid(process, steps, t_min, t_max)
 
 
@@ -198,6 +219,28 @@ def relative_error(x, ref) -> float:
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     spread = np.sqrt(np.mean((ref - ref.mean(0)) ** 2))
     return float(np.sqrt(np.mean((x - ref) ** 2)) / spread)
+
+
+def one_sample_error(problem: Problem) -> float:
+    """The resolution of `relative_error` on an image set: the error that ONE of the batch's samples at
+    another training image than the reference's causes, i.e. the median distance from a training image to
+    its nearest other one, over sqrt(batch * dim) and the images' RMS spread. Image samples end exactly on
+    training images, so errors below this are "no sample differs" (down to round-off) and count as ties."""
+    points = np.asarray(problem.data.points, np.float64)
+    sq = np.sum(points**2, axis=1)
+    d2 = sq[:, None] + sq[None] - 2.0 * points @ points.T
+    np.fill_diagonal(d2, np.inf)
+    nearest_other = np.sqrt(np.maximum(np.min(d2, axis=1), 0.0))
+    spread = np.sqrt(np.mean((points - points.mean(0)) ** 2))
+    return float(np.median(nearest_other) / np.sqrt(problem.batch * problem.dim) / spread)
+
+
+def add_resolutions(references, problems) -> None:
+    """Fill each image entry's `one_sample_error` (a payload from before it was recorded: --report-only)."""
+    by_name = {p.name: p for p in problems}
+    for r in references:
+        if r["kind"] == "images" and "one_sample_error" not in r:
+            r["one_sample_error"] = one_sample_error(by_name[r["problem"]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,6 +305,11 @@ def peers_module():
 # ------------------------------------------------------------------------------------------------
 
 
+def noise_seed(name: str) -> int:
+    """A seed from the problem's name, the same in every process (Python's str hash is salted per process)."""
+    return zlib.crc32(name.encode())
+
+
 def entries(problems, full: bool):
     """(problem, process name) pairs: every problem under the DDPM chain, the sweep problems under all."""
     out = [(p, "ddpm") for p in problems]
@@ -283,12 +331,13 @@ def run_suite(
     """Run every method on every (problem, process); returns the JSON-able result dict. `save(payload)` is
     called after every entry with the results so far; entries in `done` (a payload) are kept, not rerun."""
     problems = build_problems(full)
-    methods = candidate_methods() if methods is None else methods
+    methods = candidate_methods(full) if methods is None else methods
     reference_steps = reference_steps or (400 if full else 200)
     peer = peers_module() if peers else None
     rows, references = (list(done["rows"]), list(done["references"])) if done else ([], [])
     finished = {r["entry"] for r in references}
     start = time.perf_counter() - (done["seconds"] if done else 0.0)
+    cpu_start = time.process_time() - (done.get("cpu_seconds", 0.0) if done else 0.0)
 
     def payload():
         return {
@@ -301,6 +350,8 @@ def run_suite(
             "references": references,
             "rows": rows,
             "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start,  # every thread of this process
+            "peer_versions": package_versions("diffusers", "torch") if peer is not None else {},
         }
 
     for problem, process_name in entries(problems, full):
@@ -308,7 +359,7 @@ def run_suite(
         entry = f"{problem.name}/{process_name}"
         if entry in finished:
             continue
-        z = jax.random.normal(jax.random.key(hash(problem.name) % 2**31), (problem.batch, problem.dim))
+        z = jax.random.normal(jax.random.key(noise_seed(problem.name)), (problem.batch, problem.dim))
         t0 = time.perf_counter()
         ref, converged = reference(process, problem, z, reference_steps)
         ref_nearest = np.asarray(problem.data.nearest(ref)) if problem.kind == "images" else None
@@ -317,6 +368,8 @@ def run_suite(
              "dim": problem.dim, "batch": problem.batch, "reference_gap": converged,
              **class_metrics(problem, ref)}
         )  # fmt: skip
+        if problem.kind == "images":
+            references[-1]["one_sample_error"] = one_sample_error(problem)
         for method in tqdm(methods, desc=entry, leave=False, mininterval=5):
             for nfe in nfes:
                 try:
@@ -389,10 +442,18 @@ def main(argv=None):
             done = json.load(f)
     if args.report_only:
         payload = done
+        if any(r["kind"] == "images" and "one_sample_error" not in r for r in payload["references"]):
+            add_resolutions(payload["references"], build_problems(payload["full"]))
+            atomic_write_json(path, payload)
+        if "peer_versions" not in payload and any(r["library"] == "diffusers" for r in payload["rows"]):
+            payload["peer_versions"] = package_versions("diffusers", "torch")  # (a run from before they were kept)
+            atomic_write_json(path, payload)
     else:
         save = functools.partial(write_results, args.name)
         payload = run_suite(full=args.full, peers=not args.no_peers, save=save, done=done)
         write_results(args.name, payload)
+        with open(path) as f:
+            payload = json.load(f)  # with the environment
     report(payload, args.name)
 
 
