@@ -326,28 +326,41 @@ def _as_prediction(denoiser, prediction):
 
 
 # learned_variance on a plain Denoiser is the ancestral sampler (tests/test_learned_variance.py shows
-# it equal to Ancestral), so its sweep repeats ancestral's: slow set only.
+# it equal to Ancestral), so its sweep repeats ancestral's; VP, SubVP and VE (covered for every solver
+# by DiscreteVP and EDM, and elsewhere in the suite) run in the slow set too.
+SWEEP_SLOW_PROCESSES = (P.VP, P.SubVP, P.VE)
+
+
+def _sweep_case(name, index):
+    process = ALL_PROCESSES[index]
+    slow = name == "learned_variance" or type(process) in SWEEP_SLOW_PROCESSES
+    case_id = f"{name}-{type(process).__name__}"
+    return (
+        pytest.param(name, index, marks=pytest.mark.slow, id=case_id) if slow else pytest.param(name, index, id=case_id)
+    )
+
+
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "learned_variance" else n for n in sorted(SOLVERS)]
+    "name, process_index", [_sweep_case(n, i) for n in sorted(SOLVERS) for i in range(len(ALL_PROCESSES))]
 )
-def test_every_solver_works_with_every_process_and_prediction(name):
+def test_every_solver_works_with_every_process_and_prediction(name, process_index):
     """Each solver with each process (and the five prediction types, cycled) reproduces the mean
     and the spread of a Gaussian to within a coarse tolerance (40 steps; 200 for first-order ones)."""
     g = gaussian([0.5, -0.5], [0.3, 0.3])
     steps = 200 if name in ("ddim", "ancestral", "learned_variance", "euler", "euler_maruyama", "pc") else 40
-    for i, process in enumerate(ALL_PROCESSES):
-        prediction = PREDICTIONS[(i + sorted(SOLVERS).index(name)) % len(PREDICTIONS)]
-        t_max = None
-        singular_start = isinstance(process, (P.CosineVP, P.FlowMatching))  # alpha(t_max) = 0
-        if singular_start and (name == "euler_maruyama" or prediction not in ("x0", "v")):
-            t_max = 0.999  # the reverse SDE, and eps/score/flow views, are singular at alpha = 0
-        denoiser = _as_prediction(g.denoiser(process), prediction)
-        x = np.asarray(
-            sample(denoiser, jax.random.key(0), (2000, 2), solver=solver(name), steps=steps, t_max=t_max).samples
-        )
-        assert np.all(np.isfinite(x)), (process, prediction)
-        np.testing.assert_allclose(x.mean(0), [0.5, -0.5], atol=0.05, err_msg=f"{process} {prediction}")
-        np.testing.assert_allclose(x.std(0), [0.3, 0.3], atol=0.05, err_msg=f"{process} {prediction}")
+    process = ALL_PROCESSES[process_index]
+    prediction = PREDICTIONS[(process_index + sorted(SOLVERS).index(name)) % len(PREDICTIONS)]
+    t_max = None
+    singular_start = isinstance(process, (P.CosineVP, P.FlowMatching))  # alpha(t_max) = 0
+    if singular_start and (name == "euler_maruyama" or prediction not in ("x0", "v")):
+        t_max = 0.999  # the reverse SDE, and eps/score/flow views, are singular at alpha = 0
+    denoiser = _as_prediction(g.denoiser(process), prediction)
+    x = np.asarray(
+        sample(denoiser, jax.random.key(0), (2000, 2), solver=solver(name), steps=steps, t_max=t_max).samples
+    )
+    assert np.all(np.isfinite(x)), (process, prediction)
+    np.testing.assert_allclose(x.mean(0), [0.5, -0.5], atol=0.05, err_msg=f"{process} {prediction}")
+    np.testing.assert_allclose(x.std(0), [0.3, 0.3], atol=0.05, err_msg=f"{process} {prediction}")
 
 
 # ------------------------------------------------------------------------------------------------
