@@ -411,5 +411,5 @@ def test_grad_of_jvp_stores_only_query_chunks_by_seq(platform):
 
 def test_case_table_covers_several_key_blocks_on_gpu():
     """The default cases must exercise the online accumulation over more than one key tile."""
-    blocks = pallas_gpu.fit_gpu_block_sizes(pallas_gpu.GpuBlockSizes(), CASES[0].seq_q, CASES[0].seq_k)
+    blocks = pallas_gpu.GpuBlockSizes().fitted(CASES[0].seq_q, CASES[0].seq_k)
     assert CASES[0].seq_k // blocks.block_k >= 2 and CASES[0].seq_q // blocks.block_q >= 2

@@ -225,10 +225,10 @@ def _pallas_attention(q, k, v, mask, *, scale, impl, interpret, blocks=None):
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
     if impl == "pallas_gpu":
-        blocks = pallas_gpu.fit_gpu_block_sizes(blocks or pallas_gpu.GpuBlockSizes(), seq_q, seq_k)
+        blocks = (blocks or pallas_gpu.GpuBlockSizes()).fitted(seq_q, seq_k)
         padded_d = pallas_gpu.gpu_padded_head_dim(head_dim)
     else:
-        blocks = pallas_tpu.fit_tpu_block_sizes(blocks or pallas_tpu.TpuBlockSizes(), seq_q, seq_k)
+        blocks = (blocks or pallas_tpu.TpuBlockSizes()).fitted(seq_q, seq_k)
         padded_d = pallas_tpu.tpu_padded_head_dim(head_dim)
     padded_q = round_up(seq_q, blocks.seq_q_multiple)
     padded_k = round_up(seq_k, blocks.seq_k_multiple)

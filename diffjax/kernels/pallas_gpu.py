@@ -14,6 +14,7 @@ tensors are powers of two); padded keys are masked through the bias. See attenti
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,10 @@ SMALLEST_BLOCK = 16  # Triton's dot needs every matmul dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
-class GpuBlockSizes:
+class GpuBlockSizes(tiling.TileSizes):
     """Tile sizes and Triton launch parameters (powers of two). Tune with the benchmark."""
+
+    smallest: ClassVar[int] = SMALLEST_BLOCK
 
     block_q: int = 128
     block_k: int = 64
@@ -41,26 +44,6 @@ class GpuBlockSizes:
         if self.num_warps is not None:
             return self.num_warps
         return 4 if head_dim <= 64 else 8
-
-    def __post_init__(self):
-        tiling.check_tiles(self, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"), SMALLEST_BLOCK)
-
-    @property
-    def seq_q_multiple(self) -> int:
-        return max(self.block_q, self.block_q_bwd)
-
-    @property
-    def seq_k_multiple(self) -> int:
-        return max(self.block_k, self.block_k_bwd)
-
-
-def fit_gpu_block_sizes(blocks: GpuBlockSizes, seq_q: int, seq_k: int) -> GpuBlockSizes:
-    """Shrinks the tiles for short or ragged sequences (see tiling.fit_pair)."""
-    block_q, block_q_bwd = tiling.fit_pair(seq_q, blocks.block_q, blocks.block_q_bwd, SMALLEST_BLOCK)
-    block_k, block_k_bwd = tiling.fit_pair(seq_k, blocks.block_k, blocks.block_k_bwd, SMALLEST_BLOCK)
-    return dataclasses.replace(
-        blocks, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd
-    )
 
 
 def gpu_padded_head_dim(head_dim: int) -> int:

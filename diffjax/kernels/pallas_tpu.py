@@ -16,6 +16,7 @@ head_dim to 64 or a multiple of 128; padded keys are masked through the bias.
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,33 +30,15 @@ SMALLEST_BLOCK = LANES  # sequence tiles sit on lanes (bias, lse rows), so multi
 
 
 @dataclasses.dataclass(frozen=True)
-class TpuBlockSizes:
+class TpuBlockSizes(tiling.TileSizes):
     """Tile sizes, powers of two >= 128 (multiples of the MXU width). Tune with the benchmark."""
+
+    smallest: ClassVar[int] = SMALLEST_BLOCK
 
     block_q: int = 256
     block_k: int = 512
     block_q_bwd: int = 256
     block_k_bwd: int = 256
-
-    def __post_init__(self):
-        tiling.check_tiles(self, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"), SMALLEST_BLOCK)
-
-    @property
-    def seq_q_multiple(self) -> int:
-        return max(self.block_q, self.block_q_bwd)
-
-    @property
-    def seq_k_multiple(self) -> int:
-        return max(self.block_k, self.block_k_bwd)
-
-
-def fit_tpu_block_sizes(blocks: TpuBlockSizes, seq_q: int, seq_k: int) -> TpuBlockSizes:
-    """Shrinks the tiles for short or ragged sequences (see tiling.fit_pair)."""
-    block_q, block_q_bwd = tiling.fit_pair(seq_q, blocks.block_q, blocks.block_q_bwd, SMALLEST_BLOCK)
-    block_k, block_k_bwd = tiling.fit_pair(seq_k, blocks.block_k, blocks.block_k_bwd, SMALLEST_BLOCK)
-    return dataclasses.replace(
-        blocks, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd
-    )
 
 
 def tpu_padded_head_dim(head_dim: int) -> int:

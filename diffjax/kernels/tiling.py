@@ -1,5 +1,10 @@
 """Choosing tile sizes for sequences of any length (the kernels need seq a multiple of the tile)."""
 
+import dataclasses
+from typing import ClassVar
+
+TILE_FIELDS = ("block_q", "block_k", "block_q_bwd", "block_k_bwd")
+
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -40,3 +45,29 @@ def check_tiles(blocks, fields, smallest: int):
         size = getattr(blocks, name)
         if not (isinstance(size, int) and size >= smallest and size & (size - 1) == 0):
             raise ValueError(f"{type(blocks).__name__}.{name}={size!r}; must be a power of two >= {smallest}.")
+
+
+class TileSizes:
+    """What the backends' frozen block-size dataclasses share: the forward tiles block_q, block_k and
+    the backward tiles block_q_bwd, block_k_bwd, powers of two >= the backend's `smallest`."""
+
+    smallest: ClassVar[int]
+
+    def __post_init__(self):
+        check_tiles(self, TILE_FIELDS, self.smallest)
+
+    @property
+    def seq_q_multiple(self) -> int:
+        return max(self.block_q, self.block_q_bwd)
+
+    @property
+    def seq_k_multiple(self) -> int:
+        return max(self.block_k, self.block_k_bwd)
+
+    def fitted(self, seq_q: int, seq_k: int):
+        """These tiles shrunk for short or ragged sequences (see fit_pair)."""
+        block_q, block_q_bwd = fit_pair(seq_q, self.block_q, self.block_q_bwd, self.smallest)
+        block_k, block_k_bwd = fit_pair(seq_k, self.block_k, self.block_k_bwd, self.smallest)
+        return dataclasses.replace(
+            self, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd
+        )
