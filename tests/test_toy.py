@@ -10,7 +10,7 @@ from flax import nnx
 
 import diffjax
 from diffjax import models
-from diffjax.data.toy import TOY_2D, ring_mixture, sample_toy_2d
+from diffjax.data.toy import TOY_2D, benchmark_mixture, ring_mixture, sample_toy_2d
 
 
 def _posterior_mean_formula(x, means, std, weights, alpha, sigma):
@@ -123,3 +123,10 @@ def test_toy_mlp_training_lowers_the_denoising_loss():
     after = float(eval_loss(params))
     assert np.isfinite(after)
     assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("dim", [4, 12, 8.0])
+def test_benchmark_mixture_refuses_dimensions_without_four_sign_patterns(dim):
+    with pytest.raises(ValueError, match="power of two >= 8"):
+        benchmark_mixture(dim)
+    assert benchmark_mixture(8).means.shape == (4, 8)

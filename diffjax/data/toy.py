@@ -170,9 +170,10 @@ def gaussian(mean, std) -> GaussianMixture:
 def benchmark_mixture(dim: int = 16) -> GaussianMixture:
     """The mixture the sampler checks use: `dim`-D, 4 isotropic components with stds
     0.05, 0.1, 0.25, 0.5 and weights 0.1, 0.2, 0.3, 0.4, means on orthogonal +-0.75 sign
-    patterns (Hadamard rows), so each mean has norm 0.75 sqrt(dim) and pairs are far apart."""
-    if dim < 4 or dim & (dim - 1):
-        raise ValueError(f"dim must be a power of two >= 4, got {dim}")
+    patterns (Hadamard rows 1-4, skipping the constant row 0), so each mean has norm 0.75 sqrt(dim)
+    and pairs are far apart."""
+    if not isinstance(dim, int) or dim < 8 or dim & (dim - 1):
+        raise ValueError(f"dim must be a power of two >= 8 (four non-constant Hadamard rows), got {dim!r}")
     hadamard = np.array([[1.0]])
     while hadamard.shape[0] < dim:
         hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
