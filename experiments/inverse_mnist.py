@@ -7,7 +7,7 @@ per problem (rows: truth, A^+ y, then one row per method).
                                                           # 10-component diagonal Gaussian mixture fitted
                                                           # to the MNIST training set (one per digit)
 
-writes experiments/results/inverse_mnist.{json,md} and inverse_mnist_<problem>.png.
+writes experiments/results/<name>.{json,md} and <name>_<problem>.png (--name, default inverse_mnist).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def mnist_mixture(data_path: str) -> GaussianMixture:
     return GaussianMixture.create(weights, means, stds)
 
 
-def main(workdir: str | None, num_images: int, steps: int, data_path: str):
+def main(workdir: str | None, num_images: int, steps: int, data_path: str, results_name: str = "inverse_mnist"):
     if workdir:
         run = load_run(workdir)
         denoiser, shape, model = run.denoiser, tuple(run.image_shape), f"trained run {workdir} (step {run.step})"
@@ -119,7 +119,7 @@ def main(workdir: str | None, num_images: int, steps: int, data_path: str):
             )
             print(rows[-1])
         slug = "".join(c if c.isalnum() else "_" for c in name.split(",")[0].lower()).strip("_")
-        png = os.path.join(RESULTS_DIR, f"inverse_mnist_{slug}.png")
+        png = os.path.join(RESULTS_DIR, f"{results_name}_{slug}.png")
         save_image_grid(np.concatenate(grid), png, columns=num_images, upscale=2)
     md = [
         "# Inverse problems on MNIST",
@@ -130,11 +130,11 @@ def main(workdir: str | None, num_images: int, steps: int, data_path: str):
         "also back-propagate through the network each step). PSNR on [-1, 1] images (clipped); residual = RMS "
         "over images of |y - A x|. `s` = seconds for the batch after compilation; `ratio` = against plain "
         f"DDIM(eta=1) sampling at the same steps ({plain:.2f} s), on a shared 2-core CPU. Images: "
-        "inverse_mnist_<problem>.png, rows: truth, A^+ y, then the methods in the order of the table.",
+        f"{results_name}_<problem>.png, rows: truth, A^+ y, then the methods in the order of the table.",
         "",
         markdown_table(["problem", "method", "PSNR dB", "residual", "s", "ratio"], rows),
     ]
-    write_results("inverse_mnist", payload, "\n".join(md))
+    write_results(results_name, payload, "\n".join(md))
 
 
 if __name__ == "__main__":
@@ -143,5 +143,6 @@ if __name__ == "__main__":
     parser.add_argument("--num_images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--data", default="/work/shared/data/mnist.npz")
+    parser.add_argument("--name", default="inverse_mnist", help="results file name (experiments/results/<name>.*)")
     args = parser.parse_args()
-    main(args.workdir, args.num_images, args.steps, args.data)
+    main(args.workdir, args.num_images, args.steps, args.data, args.name)
