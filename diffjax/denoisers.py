@@ -160,12 +160,15 @@ PRECONDITIONED = {"edm_preconditioned": EDMPreconditioned}
 Prediction = str | EDMPreconditioned
 
 
-def check_wrapped_network(net, sigma_data: float, process=None) -> None:
+_NO_PROCESS = object()  # check_wrapped_network's marker for wrappers that take no process
+
+
+def check_wrapped_network(net, sigma_data: float, process=_NO_PROCESS) -> None:
     """The fields of a network wrapper (EDM preconditioning, consistency functions): a callable `net`,
-    sigma_data > 0 and, where given, a diffjax process."""
+    sigma_data > 0 and, for wrappers that take one, a diffjax process."""
     if not callable(net):
         raise TypeError(f"net must be callable, got {type(net).__name__}")
-    if process is not None and not isinstance(process, GaussianProcess):
+    if process is not _NO_PROCESS and not isinstance(process, GaussianProcess):
         raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
     check_positive("sigma_data", sigma_data)
 

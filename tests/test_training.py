@@ -30,6 +30,7 @@ from diffjax.training import (
     validate_config,
 )
 from diffjax.training.checkpoint import Checkpointer
+from diffjax.training.config import apply_overrides
 from diffjax.training.from_config import mesh_from_config
 from diffjax.training.loop import (
     FID_SAMPLES_ACCELERATOR,
@@ -311,24 +312,38 @@ def test_sample_and_eval_modes(trained_run, tmp_path, monkeypatch):
 
 @pytest.mark.xdist_group("trained_run")
 def test_sample_mode_with_an_operator_reconstructs_measured_images(trained_run, tmp_path):
-    """--mode sample with config.inverse: DDNM on noiseless inpainting reproduces the observed pixels of
-    the evaluation images (A x = y), whatever the prior; grid and arrays are written."""
+    """--mode sample with config.inverse (set as the command line sets it): DDNM on noiseless
+    inpainting keeps the observed pixels of the evaluation images (A x = y) and fills the others
+    from the prior; grid and arrays are written. Refused settings raise a ConfigError and write nothing."""
     workdir = copy_of(trained_run, tmp_path)
-    config = trained_run_config()
-    config.inverse.operator = "random_inpainting"
-    config.inverse.operator_options = {"fraction_observed": 0.5}
-    config.inverse.method = "ddnm"
-    config.inverse.num_images = 3
-    config.sample.steps = 4
+    overrides = [
+        ("inverse.operator", "random_inpainting"),
+        ("inverse.operator_options.fraction_observed", "0.5"),
+        ("inverse.method", "ddnm"),
+        ("inverse.num_images", "3"),
+        ("sample.steps", "4"),
+    ]
+    config = apply_overrides(trained_run_config(), overrides)
+    assert config.inverse.operator_options.fraction_observed == 0.5
+    validate_config(config)
+
+    config.inverse.noise_std = 0.1  # DDNM is for noiseless measurements
+    with pytest.raises(ConfigError, match="noiseless"):
+        reconstruct_from_checkpoint(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "samples", "inverse_random_inpainting_ddnm_step_0000004.npz"))
+    config.inverse.noise_std = 0.0
+
     out = reconstruct_from_checkpoint(config, workdir)
     arrays = np.load(out["npz"])
-    truth, x = arrays["truth"], arrays["reconstruction"]
+    truth, x, pinv = arrays["truth"], arrays["reconstruction"], arrays["pseudo_inverse"]
     assert truth.shape == x.shape == (3, 8, 8, 1) and os.path.exists(out["grid"])
     np.testing.assert_array_equal(truth, eval_metrics.split_images(config.data, "train", 3)[0])
-    observed = np.asarray(random_inpainting((8, 8, 1), 0.5).observed)
-    assert 0 < observed.size < 64
-    flat = lambda images: images.reshape(3, -1)[:, observed].astype(int)  # noqa: E731
-    np.testing.assert_allclose(flat(x), flat(truth), atol=1)  # uint8: one rounding step
+    observed = np.zeros(64, bool)
+    observed[np.asarray(random_inpainting((8, 8, 1), 0.5).observed)] = True
+    assert 0 < observed.sum() < 64
+    flat = lambda images: images.reshape(3, -1).astype(int)  # noqa: E731
+    np.testing.assert_allclose(flat(x)[:, observed], flat(truth)[:, observed], atol=1)  # uint8: one rounding step
+    assert np.abs(flat(x)[:, ~observed] - flat(pinv)[:, ~observed]).max() > 10  # not just A^+ y (zeros there)
     assert out["measurement_residual"] < 1e-3 and out["operator"] == "random_inpainting"
     assert np.isfinite(out["psnr"]) and np.isfinite(out["psnr_pseudo_inverse"])
 

@@ -725,7 +725,7 @@ def _parse_value(key: str, text: str, current):
 def _parse_option(key: str, text: str, current):
     """An option's text: like the value it replaces or defaults to; otherwise a Python literal (the
     option dict's consumer checks its type)."""
-    if current is None or current == LIBRARY_DEFAULT:
+    if current is None or current in (LIBRARY_DEFAULT, REQUIRED):
         return _literal(text)
     if isinstance(current, (str, bool, tuple, list)):
         return _parse_value(key, text, current)

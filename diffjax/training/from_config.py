@@ -32,6 +32,7 @@ __all__ = [
     "prediction_from_config",
     "loss_from_config",
     "denoiser_factory_from_config",
+    "solver_and_grid_from_config",
     "sampler_from_config",
     "inverse_problem_from_config",
     "learning_rate_from_config",
@@ -149,13 +150,19 @@ def denoiser_factory_from_config(config, process: GaussianProcess) -> Callable[[
     return to_denoiser
 
 
-def sampler_from_config(config) -> Callable:
-    """sampler(denoiser, key, shape) -> samples, with config.sample's solver, steps and grid (''
-    = the library default, the solver's own default grid)."""
+def solver_and_grid_from_config(config) -> tuple:
+    """(solver, grid) of config.sample, None for '' (the library default; the solver's own grid)."""
     s = config.sample
     solver = build_named(SOLVERS, s.solver, s.solver_options.to_dict(), "sample.solver") if s.solver else None
     grid = build_named(GRIDS, s.grid, s.grid_options.to_dict(), "sample.grid") if s.grid else None
-    steps = int(s.steps)
+    return solver, grid
+
+
+def sampler_from_config(config) -> Callable:
+    """sampler(denoiser, key, shape) -> samples, with config.sample's solver, steps and grid (''
+    = the library default, the solver's own default grid)."""
+    solver, grid = solver_and_grid_from_config(config)
+    steps = int(config.sample.steps)
 
     def sampler(denoiser: Denoiser, key, shape):
         return sample(denoiser, key, shape, solver=solver, steps=steps, grid=grid).samples

@@ -20,28 +20,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import data as data_lib
-from diffjax.control.operators import measure
+from diffjax.control.operators import Observation, measure
 from diffjax.control.posterior import posterior_sample
 from diffjax.evaluation import psnr
 from diffjax.io import atomic_write
-from diffjax.samplers import SOLVERS
 from diffjax.training import eval_metrics as eval_lib
+from diffjax.training import sharding as shard_lib
 from diffjax.training.config import ConfigError
-from diffjax.training.from_config import inverse_problem_from_config
+from diffjax.training.from_config import inverse_problem_from_config, solver_and_grid_from_config
 from diffjax.training.images import save_image_grid, to_uint8
 from diffjax.training.loop import evaluation_split, load_for_config
-from diffjax.validation import build_named
 
 __all__ = ["reconstruct_from_checkpoint"]
 
 
 def reconstruct_from_checkpoint(config, workdir: str, devices=None) -> dict:
     """Reconstruct config.inverse.num_images images of the evaluation split from their measurements
-    with the EMA parameters of the newest checkpoint. Class-conditional runs use the null class (the
-    unconditional prior that label dropout trains). Solver methods (DPS, DDRM, ...) run their own
-    steps; guidance methods (PiGDM, DDNM) run config.sample.solver ('' = DDIM with eta = 1).
-    Returns PSNR (dB, images in [-1, 1]) of the reconstructions and of A^+ y, and the RMS
-    measurement residual |y - A x|."""
+    with the EMA parameters of the newest checkpoint, on the run's mesh. Class-conditional runs use
+    the null class (the unconditional prior that label dropout trains; sample.guidance_scale does not
+    apply). Solver methods (DPS, DDRM, ...) run their own steps; guidance methods (PiGDM, DDNM) run
+    config.sample.solver ('' = DDIM with eta = 1); both use sample.steps and sample.grid.
+    Returns the mean PSNR (dB, images in [-1, 1]) of the reconstructions and of A^+ y, and the
+    measurement residual: the RMS over images of |y - A x|, the norm over all measured entries."""
     if not config.inverse.operator:
         raise ConfigError("config.inverse.operator is '' (plain sampling); name an operator to reconstruct")
     loaded, run = load_for_config(config, workdir, devices)
@@ -51,6 +51,8 @@ def reconstruct_from_checkpoint(config, workdir: str, devices=None) -> dict:
             "train.label_dropout = 0, so its null class is untrained"
         )
     operator, method, noise_std = inverse_problem_from_config(config, run.image_shape)
+    solver, grid = solver_and_grid_from_config(config)
+    _check_method_setting(operator, method, noise_std, solver, run.image_shape)
     num = int(config.inverse.num_images)
     images, _ = eval_lib.split_images(config.data, evaluation_split(data_lib.dataset_info(config.data)), num)
     if len(images) < num:
@@ -58,18 +60,21 @@ def reconstruct_from_checkpoint(config, workdir: str, devices=None) -> dict:
     truth = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
     observation = measure(operator, run.key("inverse_noise"), truth, noise_std)
     labels = jnp.full((num,), loaded.num_classes, jnp.int32) if loaded.num_classes else None
-    denoiser = loaded.denoiser_for(labels=labels)
-    s = config.sample
-    solver = build_named(SOLVERS, s.solver, s.solver_options.to_dict(), "sample.solver") if s.solver else None
+    steps = int(config.sample.steps)
 
-    def reconstruct(key):
-        return posterior_sample(denoiser, observation, key, method, solver=solver, steps=int(s.steps)).samples
+    def reconstruct(params, key):
+        denoiser = loaded.denoiser_for(params, labels)
+        return posterior_sample(denoiser, observation, key, method, solver=solver, steps=steps, grid=grid).samples
 
+    replicated = shard_lib.replicated(run.mesh)
+    jitted = jax.jit(
+        run.under_mesh(reconstruct), in_shardings=(run.state_sharding.params, replicated), out_shardings=replicated
+    )
     start = time.perf_counter()
-    x = np.asarray(jax.jit(reconstruct)(run.key("inverse")))
+    x = np.asarray(jitted(loaded.ema_params, run.key("inverse")))
     seconds = time.perf_counter() - start
     baseline = np.asarray(operator.pinv(observation.y))
-    residual = np.sqrt(np.mean(np.sum(np.asarray(observation.residual(jnp.asarray(x))) ** 2, axis=-1)))
+    residual = np.asarray(observation.residual(jnp.asarray(x))).reshape(num, -1)
     summary = {
         "step": loaded.step,
         "operator": config.inverse.operator,
@@ -78,7 +83,7 @@ def reconstruct_from_checkpoint(config, workdir: str, devices=None) -> dict:
         "num_images": num,
         "psnr": float(np.mean(psnr(x, np.asarray(truth)))),
         "psnr_pseudo_inverse": float(np.mean(psnr(baseline, np.asarray(truth)))),
-        "measurement_residual": float(residual),
+        "measurement_residual": float(np.sqrt(np.mean(np.sum(residual**2, axis=1)))),
         "seconds": seconds,
     }
     if run.is_main_process:
@@ -93,3 +98,16 @@ def reconstruct_from_checkpoint(config, workdir: str, devices=None) -> dict:
         arrays["measurement"] = np.asarray(observation.y)
         summary["npz"] = atomic_write(os.path.join(out, name + ".npz"), lambda f: np.savez(f, **arrays))
     return summary
+
+
+def _check_method_setting(operator, method, noise_std: float, solver, image_shape) -> None:
+    """ConfigError, before anything is compiled, when the method refuses the measurement (e.g. DDNM
+    with noise) or config.sample.solver (solver methods run their own steps)."""
+    dummy = Observation(operator, jnp.zeros((1,) + tuple(operator.out_shape)), noise_std)
+    try:
+        method.check_observation(dummy)
+        if not method.is_guidance:
+            method.bind(dummy, solver)
+    except (TypeError, ValueError) as err:
+        hint = " (set --config.sample.solver='')" if solver is not None and not method.is_guidance else ""
+        raise ConfigError(f"config.inverse.method = {type(method).__name__}: {err}{hint}") from err
