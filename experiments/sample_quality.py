@@ -20,20 +20,22 @@ import time
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from diffjax import data as data_lib
 from diffjax import evaluation
 from diffjax.samplers import SOLVERS
 from diffjax.training import eval_metrics
+from diffjax.training.config import apply_overrides, load_config_file, split_config_arguments
 from diffjax.training.from_config import sampler_from_config
 from diffjax.training.loop import evaluation_split, load_for_config
 from diffjax.validation import build_named
 from experiments.benchmarks.common import markdown_table, write_results
 
-config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(configs.__file__), "mnist.py"), "The run's config.", lock_config=True
+flags.DEFINE_string(
+    "config",
+    os.path.join(os.path.dirname(configs.__file__), "mnist.py"),
+    "The run's config file; --config.<key>=<value> overrides apply as on the diffjax command line.",
 )
 flags.DEFINE_string("workdir", None, "The trained run's directory.", required=True)
 flags.DEFINE_list(
@@ -61,6 +63,13 @@ flags.DEFINE_integer("bpd_examples", 256, "Evaluation-split images for bits/dim 
 flags.DEFINE_string("name", "mnist_sample_quality", "Results file name.")
 flags.DEFINE_string("remark", "", "A paragraph for the table's header: how the run was trained, the machine.")
 FLAGS = flags.FLAGS
+_overrides: list[tuple[str, str]] = []  # the --config.<key>=<value> arguments, for apply_overrides
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    rest, overrides = split_config_arguments(argv)
+    _overrides[:] = overrides
+    return FLAGS(rest)
 
 
 def parse_solver(spec: str) -> tuple[str, dict]:
@@ -117,7 +126,7 @@ def quality_table(rows, seeds, num):
 
 def main(argv) -> None:
     del argv
-    base = FLAGS.config
+    base = apply_overrides(load_config_file(FLAGS.config), _overrides)
     loaded, run = load_for_config(base, FLAGS.workdir)  # the model from the checkpoint, checked against base
     params, num = loaded.ema_params, FLAGS.num_samples
     split = evaluation_split(data_lib.dataset_info(base.data))
@@ -199,4 +208,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
