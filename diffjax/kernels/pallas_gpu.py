@@ -89,6 +89,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, blo
     lse_ref[...] = lse[:, 0]
 
 
+def _query_row_specs(block_q: int, seq_k: int, head_dim: int):
+    """(a block of query rows, every key) BlockSpecs of a grid over (q blocks, batch, heads)."""
+    row_block = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+    return row_block, all_keys
+
+
 def gpu_flash_forward(q, k, v, bias, *, scale, blocks: GpuBlockSizes, interpret=False):
     """Padded (batch, seq, heads, d) inputs -> (out like q, lse (batch, heads, seq_q) f32).
     bias: (batch, seq_k) f32 or None."""
@@ -97,8 +104,7 @@ def gpu_flash_forward(q, k, v, bias, *, scale, blocks: GpuBlockSizes, interpret=
     bq, bk = blocks.block_q, blocks.block_k
     kernel = block_math.with_optional_bias(_forward_kernel, bias is not None, num_inputs=3)
     kernel = functools.partial(kernel, scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype))
-    row_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-    all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+    row_block, all_keys = _query_row_specs(bq, seq_k, head_dim)
     in_specs = [row_block, all_keys, all_keys]
     args = [q, k, v]
     if bias is not None:
@@ -270,8 +276,7 @@ def gpu_flash_tangent(q, k, v, bias, out, lse, tq, tk, tv, *, scale, blocks: Gpu
     bq, bk = blocks.block_q, blocks.block_k
     kernel = block_math.with_optional_bias(_tangent_kernel, bias is not None, num_inputs=8)
     kernel = functools.partial(kernel, scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype))
-    row_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-    all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+    row_block, all_keys = _query_row_specs(bq, seq_k, head_dim)
     stats_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     in_specs = [row_block, all_keys, all_keys, row_block, all_keys, all_keys, row_block, stats_block]
     args = [q, k, v, tq, tk, tv, out, lse]
