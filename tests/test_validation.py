@@ -207,11 +207,7 @@ def _config_keys():
 CONFIG_KEYS = _config_keys()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(key=st.sampled_from(CONFIG_KEYS), value=JUNK)
-def test_config_values(key, value):
-    """A bad value for any key is refused by prepare_run (config validation and every check done
-    before compilation) with an error naming the key."""
+def _assert_config_value_refused_by_name(key, value):
     from test_training import tiny_config
 
     from diffjax.training.loop import prepare_run
@@ -225,6 +221,27 @@ def test_config_values(key, value):
         node[last] = value  # an option not set yet is added
     with tempfile.TemporaryDirectory() as workdir:
         assert_own_error(lambda: prepare_run(config, workdir), last)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(CONFIG_KEYS), value=JUNK)
+def test_config_values(key, value):
+    """A bad value for any key is refused by prepare_run (config validation and every check done
+    before compilation) with an error naming the key."""
+    _assert_config_value_refused_by_name(key, value)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("model.overrides.model_channels", 1),  # a model check on another field (norm_groups) must name it
+        ("model.overrides.channel_mult", [1]),  # ... and the attention resolutions
+        ("model.overrides.norm_groups", 3),
+    ],
+)
+def test_config_values_found_by_the_fuzzer(key, value):
+    """Cases the fuzzer above once failed on, kept as fixed examples."""
+    _assert_config_value_refused_by_name(key, value)
 
 
 def test_config_error_names_key_value_and_allowed():

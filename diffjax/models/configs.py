@@ -112,12 +112,17 @@ def _check_unet_levels(cfg, mult_field: str, attn_field: str) -> None:
             cls,
             "image_size",
             cfg.image_size,
-            f"must be divisible by 2^(levels-1) = {factor} for {len(mult)} resolution levels",
+            f"must be divisible by 2^(levels-1) = {factor} for the {len(mult)} resolution levels of {mult_field}",
         )
     levels = tuple(h // 2**i for i in range(len(mult)))
     bad = [r for r in getattr(cfg, attn_field) if r not in levels]
     if bad:
-        _fail(cls, attn_field, getattr(cfg, attn_field), f"each entry must be one of the level resolutions {levels}")
+        _fail(
+            cls,
+            attn_field,
+            getattr(cfg, attn_field),
+            f"each entry must be a level resolution {levels} (image_size {cfg.image_size}, {mult_field} {mult})",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,18 +218,19 @@ class ADMUNetConfig(ModelConfig):
             _fail(cls, "dropout", self.dropout, "a rate in [0, 1)")
         for m in self.channel_mult:
             c = m * self.model_channels
+            level = f"channels (channel_mult entry {m} x model_channels {self.model_channels} = {c})"
             if c % self.norm_groups:
-                _fail(cls, "norm_groups", self.norm_groups, f"must divide every level's channels ({c})")
+                _fail(cls, "norm_groups", self.norm_groups, f"must divide every level's {level}")
             if self.num_head_channels != -1:
                 if self.num_head_channels < 1 or c % self.num_head_channels:
                     _fail(
                         cls,
                         "num_head_channels",
                         self.num_head_channels,
-                        f"-1 or a positive divisor of every level's channels ({c})",
+                        f"-1 or a positive divisor of every level's {level}",
                     )
             elif self.num_heads < 1 or c % self.num_heads:
-                _fail(cls, "num_heads", self.num_heads, f"a positive divisor of every level's channels ({c})")
+                _fail(cls, "num_heads", self.num_heads, f"a positive divisor of every level's {level}")
         return self
 
 
