@@ -23,24 +23,24 @@ from diffjax.samplers import sample
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # the modules, then the names in alphabetical order
     "processes",
     "denoisers",
     "losses",
     "samplers",
     "likelihood",
+    "CosineVP",
     "Denoiser",
+    "denoising_loss",
+    "DiscreteVP",
+    "EDM",
     "EDMPreconditioned",
     "EDMPreconditioning",
-    "denoising_loss",
-    "sample",
+    "FlowMatching",
     "GaussianProcess",
-    "VP",
-    "DiscreteVP",
-    "CosineVP",
+    "get_process",
+    "sample",
     "SubVP",
     "VE",
-    "EDM",
-    "FlowMatching",
-    "get_process",
+    "VP",
 ]

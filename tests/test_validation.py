@@ -237,6 +237,7 @@ def test_config_values(key, value):
         ("model.overrides.model_channels", 1),  # a model check on another field (norm_groups) must name it
         ("model.overrides.channel_mult", [1]),  # ... and the attention resolutions
         ("model.overrides.norm_groups", 3),
+        ("model.overrides.learn_sigma", True),  # the trainer's losses take C output channels
     ],
 )
 def test_config_values_found_by_the_fuzzer(key, value):

@@ -88,11 +88,14 @@ def resolve_teacher(teacher, params) -> Denoiser:
     return built
 
 
-def check_teacher(teacher) -> None:
+def check_teacher(teacher, process) -> None:
+    """teacher is a Denoiser on the loss's process, or a function params -> Denoiser."""
     if not (isinstance(teacher, Denoiser) or callable(teacher)):
         raise TypeError(
             f"teacher must be a diffjax.Denoiser or a function params -> Denoiser, got {type(teacher).__name__}"
         )
+    if isinstance(teacher, Denoiser) and teacher.process != process:
+        raise ValueError(f"the teacher's process {teacher.process!r} differs from the loss's {process!r}")
 
 
 def update_target(params, decay: float, *, student: str = "student", target: str = "target"):

@@ -370,10 +370,8 @@ def consistency_distillation_loss(
     from the params pytree. Other arguments as in `consistency_training_loss`.
     """
     _check_common(apply_fn, process, schedule, metric, sigma_data, student, target, data_key, step_key)
-    check_teacher(teacher)
+    check_teacher(teacher, process)
     check_teacher_solver(teacher_solver)
-    if isinstance(teacher, Denoiser) and teacher.process != process:
-        raise ValueError(f"the teacher's process {teacher.process!r} differs from the loss's {process!r}")
 
     def step_to_r(params, x0, z, x_t, t, r):
         return teacher_ode_step(resolve_teacher(teacher, params), teacher_solver, x_t, t, r)

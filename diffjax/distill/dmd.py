@@ -70,9 +70,7 @@ def dmd_loss(
     for name, fn in (("generator_fn", generator_fn), ("fake_fn", fake_fn)):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-    check_teacher(teacher)
-    if isinstance(teacher, Denoiser) and teacher.process != process:
-        raise ValueError(f"the teacher's process {teacher.process!r} differs from the loss's {process!r}")
+    check_teacher(teacher, process)
     for prediction in (generator_prediction, fake_prediction):
         if not isinstance(prediction, EDMPreconditioned):
             check_prediction(prediction)

@@ -116,9 +116,7 @@ def _check_average_velocity_loss(apply_fn, process, teacher, student, data_key):
     if not isinstance(process, GaussianProcess):
         raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
     if teacher is not None:
-        check_teacher(teacher)
-        if isinstance(teacher, Denoiser) and teacher.process != process:
-            raise ValueError(f"the teacher's process {teacher.process!r} differs from the loss's {process!r}")
+        check_teacher(teacher, process)
     check_name("student", student)
     check_name("data_key", data_key)
 

@@ -78,7 +78,7 @@ def progressive_distillation_loss(
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-    check_teacher(teacher)
+    check_teacher(teacher, process)
     check_teacher_solver(teacher_solver)
     check_choice("target", target, ("x0", "v"))
     network_view(lambda x, t: x, process, prediction)  # validates the prediction

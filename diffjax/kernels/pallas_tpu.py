@@ -15,7 +15,6 @@ head_dim to 64 or a multiple of 128; padded keys are masked through the bias.
 """
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
@@ -72,6 +71,37 @@ def _bias_row(bias_ref):
     return None if bias_ref is None else bias_ref[...]
 
 
+_COMPILER_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _bias_rows(bias):
+    """(batch, seq_k) -> (batch, 1, seq_k), the bias operand's layout; None stays None."""
+    return None if bias is None else bias.reshape(bias.shape[0], 1, bias.shape[1])
+
+
+def _zero_at_first_step(step, *scratches):
+    """Zeroes the accumulators when the reduction over grid axis 3 starts (step == 0)."""
+
+    @pl.when(step == 0)
+    def _start():
+        for scratch in scratches:
+            scratch[...] = jnp.zeros(scratch.shape, jnp.float32)
+
+
+def _block_specs(bq: int, bk: int, head_dim: int, *, over_keys: bool):
+    """(query block, key/value block, row statistics, bias) BlockSpecs of a grid (batch, heads, a, r)
+    that reduces over axis r: key blocks when over_keys (a = query block), else query blocks."""
+
+    def indices(a, r):
+        return (a, r) if over_keys else (r, a)
+
+    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, a, r: (b, h, indices(a, r)[0], 0))
+    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, a, r: (b, h, indices(a, r)[1], 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, a, r: (b, h, 0, indices(a, r)[0]))
+    bias_spec = pl.BlockSpec((None, 1, bk), lambda b, h, a, r: (b, 0, indices(a, r)[1]))
+    return q_spec, kv_spec, row_spec, bias_spec
+
+
 # --------------------------------------------------------------------------------------------------
 # forward
 
@@ -108,29 +138,26 @@ def tpu_flash_forward(q, k, v, bias, *, scale, blocks: TpuBlockSizes, interpret=
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
-    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, j, 0))
-    in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
-    if bias is not None:
-        in_specs.append(pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, j)))
-        args.append(bias.reshape(batch, 1, seq_k))
-    kernel = block_math.with_optional_bias(_forward_kernel, bias is not None, num_inputs=3)
-    kernel = functools.partial(kernel, scale=scale, precision=block_math.matmul_precision(q.dtype))
-    return pl.pallas_call(
-        kernel,
+    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=True)
+    return block_math.launch(
+        _forward_kernel,
+        [q, k, v],
+        [q_spec, kv_spec, kv_spec],
+        _bias_rows(bias),
+        bias_spec,
         grid=(batch, heads, seq_q // bq, seq_k // bk),
-        in_specs=in_specs,
-        out_specs=[q_spec, pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))],
+        out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, 1, seq_q), jnp.float32)],
         scratch_shapes=[
             pltpu.VMEM((bq, 1), jnp.float32),
             pltpu.VMEM((bq, 1), jnp.float32),
             pltpu.VMEM((bq, head_dim), jnp.float32),
         ],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=_COMPILER_PARAMS,
         interpret=_interpret_params(interpret),
         name="diffjax_flash_forward_tpu",
-    )(*args)
+        options=dict(scale=scale, precision=block_math.matmul_precision(q.dtype)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,9 +167,7 @@ def tpu_flash_forward(q, k, v, bias, *, scale, blocks: TpuBlockSizes, interpret=
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref, dq_scratch, *, scale, precision):
     k_step = pl.program_id(3)
 
-    @pl.when(k_step == 0)
-    def _start():
-        dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+    _zero_at_first_step(k_step, dq_scratch)
 
     k = k_ref[...]
     _, ds = block_math.block_backward(
@@ -182,10 +207,7 @@ def _dkv_kernel(
 ):
     q_step = pl.program_id(3)
 
-    @pl.when(q_step == 0)
-    def _start():
-        dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
-        dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+    _zero_at_first_step(q_step, dk_scratch, dv_scratch)
 
     q, do = q_ref[...], do_ref[...]
     p, ds = block_math.block_backward(
@@ -221,47 +243,43 @@ def tpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBloc
     delta = delta[:, :, None, :]
     if d_lse is not None:
         delta = delta - d_lse
-    has_bias = bias is not None
-    bias_args = [bias.reshape(batch, 1, seq_k)] if has_bias else []
-    interpret = _interpret_params(interpret)
+    args = [q, k, v, d_out, lse, delta]
 
     # dQ: q blocks on grid axis 2, k blocks (reduced) on axis 3.
-    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, j, 0))
-    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
-    bias_spec = [pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, j))] if has_bias else []
-    dq = pl.pallas_call(
-        functools.partial(
-            block_math.with_optional_bias(_dq_kernel, has_bias, num_inputs=6), scale=scale, precision=precision
-        ),
+    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=True)
+    dq = block_math.launch(
+        _dq_kernel,
+        args,
+        [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+        _bias_rows(bias),
+        bias_spec,
         grid=(batch, heads, seq_q // bq, seq_k // bk),
-        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + bias_spec,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=interpret,
+        compiler_params=_COMPILER_PARAMS,
+        interpret=_interpret_params(interpret),
         name="diffjax_flash_dq_tpu",
-    )(q, k, v, d_out, lse, delta, *bias_args)
+        options=dict(scale=scale, precision=precision),
+    )
 
     # dK, dV: k blocks on grid axis 2, q blocks (reduced) on axis 3.
-    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, j, i: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, h, j, 0))
-    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, j, i: (b, h, 0, i))
-    bias_spec = [pl.BlockSpec((None, 1, bk), lambda b, h, j, i: (b, 0, j))] if has_bias else []
-    dk, dv = pl.pallas_call(
-        functools.partial(
-            block_math.with_optional_bias(_dkv_kernel, has_bias, num_inputs=6), scale=scale, precision=precision
-        ),
+    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=False)
+    dk, dv = block_math.launch(
+        _dkv_kernel,
+        args,
+        [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+        _bias_rows(bias),
+        bias_spec,
         grid=(batch, heads, seq_k // bk, seq_q // bq),
-        in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + bias_spec,
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=interpret,
+        compiler_params=_COMPILER_PARAMS,
+        interpret=_interpret_params(interpret),
         name="diffjax_flash_dkv_tpu",
-    )(q, k, v, d_out, lse, delta, *bias_args)
+        options=dict(scale=scale, precision=precision),
+    )
     return dq, dk, dv
 
 
@@ -288,10 +306,7 @@ def _tangent_kernel(
 ):
     k_step = pl.program_id(3)
 
-    @pl.when(k_step == 0)
-    def _start():
-        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
-        mu_scratch[...] = jnp.zeros(mu_scratch.shape, jnp.float32)
+    _zero_at_first_step(k_step, acc_scratch, mu_scratch)
 
     acc_j, mu_j = block_math.block_tangent(
         q_ref[...],
@@ -321,24 +336,19 @@ def tpu_flash_tangent(q, k, v, bias, out, lse, tq, tk, tv, *, scale, blocks: Tpu
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
-    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, j, 0))
-    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, kv_spec, kv_spec, q_spec, row_spec]
-    args = [q, k, v, tq, tk, tv, out, lse]
-    if bias is not None:
-        in_specs.append(pl.BlockSpec((None, 1, bk), lambda b, h, i, j: (b, 0, j)))
-        args.append(bias.reshape(batch, 1, seq_k))
-    kernel = block_math.with_optional_bias(_tangent_kernel, bias is not None, num_inputs=8)
-    kernel = functools.partial(kernel, scale=scale, precision=block_math.matmul_precision(q.dtype))
-    return pl.pallas_call(
-        kernel,
+    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=True)
+    return block_math.launch(
+        _tangent_kernel,
+        [q, k, v, tq, tk, tv, out, lse],
+        [q_spec, kv_spec, kv_spec, q_spec, kv_spec, kv_spec, q_spec, row_spec],
+        _bias_rows(bias),
+        bias_spec,
         grid=(batch, heads, seq_q // bq, seq_k // bk),
-        in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=_COMPILER_PARAMS,
         interpret=_interpret_params(interpret),
         name="diffjax_flash_tangent_tpu",
-    )(*args)
+        options=dict(scale=scale, precision=block_math.matmul_precision(q.dtype)),
+    )

@@ -87,6 +87,12 @@ def model_config_from_config(config, image_shape, num_classes: int, process: Gau
                 f"config.model.overrides.{key} = {user[key]!r} does not match the data "
                 f"(images of shape {tuple(image_shape)}): expected {fields[key]!r}"
             )
+    if user.get("learn_sigma") is True:
+        raise ConfigError(
+            "config.model.overrides.learn_sigma = True is not supported by the trainer, whose losses train a "
+            "network with the data's channels; train a learned-variance network (2C channels) with "
+            "diffjax.losses.hybrid_loss through the Python API"
+        )
     fields.update(user)
     try:
         return models.get_config(config.model.name, **fields)
