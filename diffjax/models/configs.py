@@ -187,7 +187,9 @@ class ADMUNetConfig(ModelConfig):
     Beat GANs"). model_channels base width, channel_mult per level, num_res_blocks per level,
     attn_resolutions (absolute, in pixels), heads = channels // num_head_channels (or num_heads when
     num_head_channels is -1), resblock_updown (resample inside residual blocks), use_scale_shift_norm
-    (AdaGN), conv_resample (3x3 conv in the plain resamplers), norm_groups (GroupNorm groups).
+    (AdaGN), conv_resample (3x3 conv in the plain resamplers), norm_groups (GroupNorm groups; with
+    min_group_channels > 0 a norm over C channels has min(norm_groups, C // min_group_channels), as
+    in EDM's DhariwalUNet).
     """
 
     model_channels: int = 192
@@ -201,6 +203,13 @@ class ADMUNetConfig(ModelConfig):
     use_scale_shift_norm: bool = True
     conv_resample: bool = True
     norm_groups: int = 32
+    min_group_channels: int = 0
+
+    def groups(self, channels: int) -> int:
+        """GroupNorm groups for `channels` channels."""
+        if self.min_group_channels > 0:
+            return max(1, min(self.norm_groups, channels // self.min_group_channels))
+        return self.norm_groups
 
     def validate(self):
         super().validate()
@@ -208,12 +217,14 @@ class ADMUNetConfig(ModelConfig):
         _positive(cls, "model_channels", self.model_channels)
         _positive(cls, "num_res_blocks", self.num_res_blocks)
         _positive(cls, "norm_groups", self.norm_groups)
+        if self.min_group_channels < 0:
+            _fail(cls, "min_group_channels", self.min_group_channels, "0 (norm_groups everywhere) or positive")
         _check_unet_levels(self, "channel_mult", "attn_resolutions")
         if not 0.0 <= self.dropout < 1.0:
             _fail(cls, "dropout", self.dropout, "a rate in [0, 1)")
         for m in self.channel_mult:
             c = m * self.model_channels
-            if c % self.norm_groups:
+            if c % self.groups(c):
                 _fail(cls, "norm_groups", self.norm_groups, f"must divide every level's channels ({c})")
             if self.num_head_channels != -1:
                 if self.num_head_channels < 1 or c % self.num_head_channels:

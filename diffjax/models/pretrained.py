@@ -44,10 +44,17 @@ from diffjax.denoisers import Denoiser, EDMPreconditioned, LearnedVarianceDenois
 from diffjax.models.api import build, functional, get_config
 from diffjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from diffjax.models.configs import ModelConfig
-from diffjax.models.torch_files import is_safetensors, load_torch_object, read_safetensors
-from diffjax.processes import EDM, DiscreteVP, GaussianProcess
+from diffjax.models.torch_files import (
+    PickledObject,
+    is_module_pickle,
+    is_safetensors,
+    load_module_pickle,
+    load_torch_object,
+    read_safetensors,
+)
+from diffjax.processes import EDM, VE, VP, DiscreteVP, GaussianProcess
 
-FORMATS = ("dit", "adm", "edm", "diffusers-dit", "diffusers-vae")
+FORMATS = ("dit", "adm", "edm", "edm-pkl", "diffusers-dit", "diffusers-unet", "diffusers-vae")
 _DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S, B, L, XL
 
 
@@ -59,6 +66,7 @@ class Pretrained:
     channels when the variance is learned); `variance_network(y=None)` returns (prediction, v) for a
     learned-variance model; `denoiser(y=None)` wraps `network` in a `Denoiser`. `apply` / `params`
     are the functional view of `model` (the raw network, called with the network's own time input).
+    `output_sign` is -1 where the raw network predicts -eps (EDM's VEPrecond: D = x + sigma F).
     """
 
     model: nnx.Module
@@ -70,10 +78,13 @@ class Pretrained:
     time_input: Callable[[jax.Array], jax.Array]
     apply: Callable
     params: dict
+    output_sign: float = 1.0
 
     def _raw(self, params, y):
         params = self.params if params is None else params
-        return lambda x, t: self.apply(params, x, self.time_input(t), y)
+        if self.output_sign == 1.0:
+            return lambda x, t: self.apply(params, x, self.time_input(t), y)
+        return lambda x, t: self.output_sign * self.apply(params, x, self.time_input(t), y)
 
     def network(self, y=None, params=None) -> Callable:
         raw, c = self._raw(params, y), self.config.in_channels
@@ -151,7 +162,7 @@ def _detect(sd: dict[str, np.ndarray]) -> str:
     if "map_layer0.weight" in keys and any(k.startswith("dec.") and "_aux_conv" in k for k in keys):
         return "edm"
     if "map_layer0.weight" in keys and "out_conv.weight" in keys:
-        raise ValueError("EDM's DhariwalUNet (ADM) state dicts are not supported; use guided-diffusion's checkpoints")
+        return "edm"
     return ""
 
 
@@ -188,6 +199,8 @@ def load_pretrained(
             )
         sd = _state_dict(_diffusers_weights(path))
         return _finish(*_from_diffusers_dit(sd, config, options), param_dtype, dtype, "diffusers-dit", path)
+    if format == "edm-pkl" or (format is None and not is_safetensors(path) and is_module_pickle(path)):
+        return _finish(*_from_edm_pickle(path, options), param_dtype, dtype, "edm-pkl", path)
     sd = _state_dict(path)
     kind = format or _detect(sd)
     if kind not in ("dit", "adm", "edm"):
@@ -583,6 +596,12 @@ def _edm_block(sd, name) -> tuple[dict, dict | None]:
 
 def _from_edm(sd, options):
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    if "out_conv.weight" in sd:
+        return _from_dhariwal_unet(sd, options)
+    return _from_song_unet(sd, options)
+
+
+def _from_song_unet(sd, options):
     conv_keys = [k for k in sd if re.match(r"^enc\.\d+x\d+_conv\.weight$", k)]
     _require(sd, ["map_layer0.weight", "map_layer1.weight"], "EDM SongUNet")
     if len(conv_keys) != 1:
@@ -670,6 +689,201 @@ def _from_edm(sd, options):
         time_input=lambda c_noise: c_noise,
     )
     return preset, ov, params, extras, options
+
+
+def _dhariwal_block(sd, name, head_channels: int) -> tuple[dict, dict | None]:
+    """EDM's UNetBlock as our ADM residual block (+ attention). Its qkv conv orders the 3C outputs
+    as (head, channel, q/k/v)."""
+    block = {
+        "norm0": _norm(sd, f"{name}.norm0"),
+        "conv0": _conv(sd, f"{name}.conv0"),
+        "temb": _linear(sd, f"{name}.affine"),
+        "norm1": _norm(sd, f"{name}.norm1"),
+        "conv1": _conv(sd, f"{name}.conv1"),
+    }
+    if f"{name}.skip.weight" in sd:
+        block["skip"] = _conv(sd, f"{name}.skip")
+    for key in (f"{name}.conv0.resample_filter", f"{name}.skip.resample_filter"):
+        if key in sd and not np.allclose(sd[key], 0.25):
+            raise ValueError(
+                f"EDM DhariwalUNet: {key} is not the 2x2 box filter; only resample_filter=[1, 1] is supported"
+            )
+    if f"{name}.qkv.weight" not in sd:
+        return block, None
+    w, b = sd[f"{name}.qkv.weight"][:, :, 0, 0], sd[f"{name}.qkv.bias"]
+    c = w.shape[1]
+    heads, hd = c // head_channels, head_channels
+    attn = {
+        "norm": _norm(sd, f"{name}.norm2"),
+        "attn": {
+            "qkv": {
+                "kernel": np.ascontiguousarray(w.reshape(heads, hd, 3, c).transpose(3, 2, 0, 1)),
+                "bias": np.ascontiguousarray(b.reshape(heads, hd, 3).transpose(2, 0, 1)),
+            },
+            "out": {
+                "kernel": np.ascontiguousarray(sd[f"{name}.proj.weight"][:, :, 0, 0].T).reshape(heads, hd, c),
+                "bias": sd[f"{name}.proj.bias"],
+            },
+        },
+    }
+    return block, attn
+
+
+def _from_dhariwal_unet(sd, options, head_channels: int | None = None):
+    """NVlabs/edm's DhariwalUNet (ADM) as our ADM U-Net: AdaGN blocks resampling inside, GroupNorm
+    with min(32, C // 4) groups, the label mapping a bias-free Linear after the time MLP (= a table)."""
+    _require(sd, ["map_layer0.weight", "map_layer1.weight", "out_norm.weight", "out_conv.weight"], "EDM DhariwalUNet")
+    conv_keys = [k for k in sd if re.match(r"^enc\.\d+x\d+_conv\.weight$", k)]
+    if len(conv_keys) != 1:
+        raise ValueError("not an EDM DhariwalUNet state dict: no unique enc.<res>x<res>_conv")
+    res = int(conv_keys[0].split(".")[1].split("x")[0])
+    mc, c_in = sd[conv_keys[0]].shape[:2]
+    levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"^enc\.(\d+)x\d+_", k)] if m}, reverse=True)
+    nlev = len(levels)
+    nrb = len({k.split(".")[1] for k in sd if re.match(rf"^enc\.{res}x{res}_block\d+\.", k)})
+    mult = tuple(int(sd[f"enc.{r}x{r}_block0.conv0.weight"].shape[0] // mc) for r in levels)
+    attn = tuple(r for r in levels if f"enc.{r}x{r}_block0.qkv.weight" in sd)
+    if sd["map_layer0.weight"].shape[0] != 4 * mc:
+        raise ValueError(f"EDM DhariwalUNet with embedding width {sd['map_layer0.weight'].shape[0]} != 4 x {mc}")
+    c_out = sd["out_conv.weight"].shape[0]
+    if c_out != c_in:
+        raise ValueError(f"EDM DhariwalUNet with {c_out} output channels for {c_in} input channels is not supported")
+    num_classes = sd["map_label.weight"].shape[1] if "map_label.weight" in sd else 0
+    hc = head_channels if head_channels is not None else options.pop("num_head_channels", 64)
+    ov = dict(
+        image_size=res,
+        in_channels=c_in,
+        model_channels=mc,
+        channel_mult=mult,
+        num_res_blocks=nrb,
+        attn_resolutions=attn,
+        num_head_channels=hc,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+        num_classes=num_classes,
+        learn_sigma=False,
+        norm_groups=32,
+        min_group_channels=4,
+        dropout=0.0,
+        time_scale=1.0,
+    )
+    params: dict = {
+        "conv_in": _conv(sd, conv_keys[0].removesuffix(".weight")),
+        "temb0": _linear(sd, "map_layer0"),
+        "temb1": _linear(sd, "map_layer1"),
+        "norm_out": _norm(sd, "out_norm"),
+        "conv_out": _conv(sd, "out_conv"),
+        "down": {},
+        "up": {},
+    }
+    if num_classes:
+        params["class_embed"] = {"table": _class_table(np.ascontiguousarray(sd["map_label.weight"].T), num_classes)}
+    for i, r in enumerate(levels):
+        for j in range(nrb):
+            params["down"][f"level{i}_block{j}"], a = _dhariwal_block(sd, f"enc.{r}x{r}_block{j}", hc)
+            if a is not None:
+                params["down"][f"level{i}_attn{j}"] = a
+        if i != nlev - 1:
+            params["down"][f"level{i}_down"], _ = _dhariwal_block(sd, f"enc.{levels[i + 1]}x{levels[i + 1]}_down", hc)
+    deepest = levels[-1]
+    params["mid_block0"], params["mid_attn"] = _dhariwal_block(sd, f"dec.{deepest}x{deepest}_in0", hc)
+    params["mid_block1"], _ = _dhariwal_block(sd, f"dec.{deepest}x{deepest}_in1", hc)
+    for i in reversed(range(nlev)):
+        r = levels[i]
+        for j in range(nrb + 1):
+            params["up"][f"level{i}_block{j}"], a = _dhariwal_block(sd, f"dec.{r}x{r}_block{j}", hc)
+            if a is not None:
+                params["up"][f"level{i}_attn{j}"] = a
+        if i != 0:
+            params["up"][f"level{i}_up"], _ = _dhariwal_block(sd, f"dec.{levels[i - 1]}x{levels[i - 1]}_up", hc)
+    sigma_data = options.pop("sigma_data", 0.5)
+    extras = dict(
+        process=EDM(),
+        prediction=EDMPreconditioned(sigma_data),
+        learned_variance=False,
+        time_input=lambda c_noise: c_noise,
+    )
+    return "ADM-cifar10", ov, params, extras, options
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM network snapshots (.pkl): the network and its preconditioning from the pickled modules
+# ----------------------------------------------------------------------------------------------
+
+_EDM_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
+
+
+def _module_tensors(module: PickledObject, prefix: str = "") -> dict[str, np.ndarray]:
+    """A pickled torch module's state dict ({dotted name: array}): its parameters and buffers."""
+    out = {}
+    for group in ("_parameters", "_buffers"):
+        for k, v in (getattr(module, group, None) or {}).items():
+            if isinstance(v, np.ndarray):
+                out[prefix + k] = v
+    for k, child in (getattr(module, "_modules", None) or {}).items():
+        if isinstance(child, PickledObject):
+            out.update(_module_tensors(child, f"{prefix}{k}."))
+    return out
+
+
+def _head_channels(module: PickledObject, path: Path) -> int | None:
+    """Channels per attention head of a pickled DhariwalUNet (its blocks record num_heads)."""
+    widths = set()
+    for part in ("enc", "dec"):
+        for block in module._modules[part]._modules.values():
+            heads = getattr(block, "num_heads", 0)
+            if heads:
+                widths.add(block.out_channels // heads)
+    if len(widths) > 1:
+        raise ValueError(f"{str(path)!r}: attention heads of different widths {sorted(widths)} are not supported")
+    return widths.pop() if widths else None
+
+
+def _from_edm_pickle(path: Path, options):
+    obj = load_module_pickle(path)
+    net = obj.get("ema") if isinstance(obj, dict) else obj
+    if not isinstance(net, PickledObject) or net.class_name not in _EDM_PRECONDS:
+        what = net.class_name if isinstance(net, PickledObject) else type(net).__name__
+        raise ValueError(
+            f"{str(path)!r}: not an EDM network snapshot (a dict whose 'ema' is one of {_EDM_PRECONDS}); found {what}"
+        )
+    if "sigma_data" in options:
+        raise ValueError(f"{str(path)!r}: sigma_data is read from the pickle; do not pass it")
+    model = (getattr(net, "_modules", None) or {}).get("model")
+    kind = getattr(model, "class_name", None)
+    if kind not in ("SongUNet", "DhariwalUNet"):
+        raise ValueError(f"{str(path)!r}: EDM network {kind!r} is not supported (SongUNet, DhariwalUNet)")
+    sd = _module_tensors(model)
+    if kind == "DhariwalUNet":
+        if "num_head_channels" in options:
+            raise ValueError(
+                f"{str(path)!r}: the attention heads are read from the pickle; do not pass num_head_channels"
+            )
+        name, ov, params, extras, options = _from_dhariwal_unet(sd, options, _head_channels(model, path))
+    else:
+        name, ov, params, extras, options = _from_song_unet(sd, options)
+    return name, ov, params, {**extras, **_edm_preconditioning(net)}, options
+
+
+def _edm_preconditioning(net: PickledObject) -> dict:
+    """Process, prediction and network time of EDM's preconditioning wrappers (Karras et al. 2022,
+    Table 1): EDMPrecond F(c_in x; log(sigma) / 4); VPPrecond eps(x_t; (M - 1) t) on the VP SDE with
+    beta(t) = beta_min + beta_d t; VEPrecond -eps(x_t; log(sigma / 2)) on the VE SDE."""
+    if net.class_name == "EDMPrecond":
+        return dict(prediction=EDMPreconditioned(float(net.sigma_data)))
+    if net.class_name == "VPPrecond":
+        steps = float(net.M) - 1.0
+        process = VP(
+            beta_min=float(net.beta_min), beta_max=float(net.beta_min + net.beta_d), t_min=float(net.epsilon_t)
+        )
+        return dict(process=process, prediction="eps", time_input=lambda t: steps * jnp.asarray(t, jnp.float32))
+    process = VE(sigma_min=float(net.sigma_min), sigma_max=float(net.sigma_max))
+    return dict(
+        process=process,
+        prediction="eps",
+        time_input=lambda t: jnp.log(0.5 * process.sigma(t)),
+        output_sign=-1.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
