@@ -185,6 +185,8 @@ def load_pretrained(
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r} is invalid: one of {FORMATS} (or None to infer it)")
     if path.is_dir():
+        if (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
+            path = path / "unet"  # a pipeline folder: its denoising network
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise ValueError(f"{str(path)!r} is a folder without config.json: not a diffusers model folder")
@@ -192,12 +194,15 @@ def load_pretrained(
         name = config.get("_class_name")
         if name == "AutoencoderKL":
             return _from_diffusers_vae(_state_dict(_diffusers_weights(path)), config, options, param_dtype, dtype, path)
-        if name != "DiTTransformer2DModel":
+        if name not in ("DiTTransformer2DModel", "UNet2DModel"):
             raise ValueError(
                 f"{str(path)!r}: diffusers class {name!r} is not supported; known: DiTTransformer2DModel, "
-                f"AutoencoderKL (formats {FORMATS})"
+                f"UNet2DModel, AutoencoderKL (formats {FORMATS})"
             )
         sd = _state_dict(_diffusers_weights(path))
+        if name == "UNet2DModel":
+            converted = _from_diffusers_unet(sd, config, _diffusers_scheduler(path), options, path)
+            return _finish(*converted, param_dtype, dtype, "diffusers-unet", path)
         return _finish(*_from_diffusers_dit(sd, config, options), param_dtype, dtype, "diffusers-dit", path)
     if format == "edm-pkl" or (format is None and not is_safetensors(path) and is_module_pickle(path)):
         return _finish(*_from_edm_pickle(path, options), param_dtype, dtype, "edm-pkl", path)
@@ -407,6 +412,196 @@ def _from_diffusers_dit(sd, config, options):
         "final_linear": _linear(sd, "proj_out_2"),
     }
     return "DiT-S/2", ov, params, _ddpm_extras(options, ov["learn_sigma"]), options
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers UNet2DModel (DDPM's U-Net, e.g. google/ddpm-cifar10-32) and its DDPMScheduler
+# ----------------------------------------------------------------------------------------------
+
+_PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def _diffusers_scheduler(unet_folder: Path) -> dict:
+    """The scheduler config beside a UNet2DModel: <folder>/scheduler_config.json (single-model
+    repositories such as google/ddpm-cifar10-32) or ../scheduler/ (pipeline folders); {} (diffusers'
+    DDPMScheduler defaults) when there is none."""
+    for candidate in (
+        unet_folder / "scheduler_config.json",
+        unet_folder.parent / "scheduler" / "scheduler_config.json",
+    ):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def diffusers_betas(scheduler: dict) -> np.ndarray:
+    """The betas of a diffusers DDPM-family scheduler config: "linear" (beta_start..beta_end),
+    "scaled_linear" (the square of a linear ramp of square roots), "squaredcos_cap_v2" (improved
+    DDPM's cosine schedule) or `trained_betas`."""
+    steps = int(scheduler.get("num_train_timesteps", 1000))
+    start, end = float(scheduler.get("beta_start", 1e-4)), float(scheduler.get("beta_end", 0.02))
+    if scheduler.get("rescale_betas_zero_snr"):
+        raise ValueError("schedulers with rescale_betas_zero_snr (alpha_bar = 0 at the last step) are not supported")
+    if scheduler.get("trained_betas") is not None:
+        return np.asarray(scheduler["trained_betas"], np.float64)
+    kind = scheduler.get("beta_schedule", "linear")
+    if kind == "linear":
+        return np.linspace(start, end, steps, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        return ddpm_betas("cosine", steps)
+    raise ValueError(
+        f"beta_schedule={kind!r} is not supported: one of ('linear', 'scaled_linear', 'squaredcos_cap_v2')"
+    )
+
+
+def _diffusers_resnet(sd, name) -> dict:
+    out = {
+        "norm0": _norm(sd, f"{name}.norm1"),
+        "conv0": _conv(sd, f"{name}.conv1"),
+        "temb": _linear(sd, f"{name}.time_emb_proj"),
+        "norm1": _norm(sd, f"{name}.norm2"),
+        "conv1": _conv(sd, f"{name}.conv2"),
+    }
+    if f"{name}.conv_shortcut.weight" in sd:
+        out["skip"] = _conv(sd, f"{name}.conv_shortcut")
+    return out
+
+
+def _diffusers_attention(sd, name, heads: int) -> dict:
+    w = np.stack([sd[f"{name}.to_{n}.weight"].T for n in "qkv"], axis=1)  # (C, 3, C)
+    c = w.shape[0]
+    b = np.stack([sd[f"{name}.to_{n}.bias"] for n in "qkv"])
+    return {
+        "norm": _norm(sd, f"{name}.group_norm"),
+        "attn": {
+            "qkv": {
+                "kernel": np.ascontiguousarray(w.reshape(c, 3, heads, c // heads)),
+                "bias": b.reshape(3, heads, -1),
+            },
+            "out": {
+                "kernel": np.ascontiguousarray(sd[f"{name}.to_out.0.weight"].T).reshape(heads, c // heads, c),
+                "bias": sd[f"{name}.to_out.0.bias"],
+            },
+        },
+    }
+
+
+def _check_diffusers_unet(config: dict, path: Path) -> None:
+    """Refuse the UNet2DModel options our ADM U-Net does not have."""
+    expected = dict(
+        act_fn="silu",
+        time_embedding_type="positional",
+        center_input_sample=False,
+        class_embed_type=None,
+        mid_block_scale_factor=1,
+        add_attention=True,
+        downsample_type="conv",
+        upsample_type="conv",
+        attn_norm_num_groups=None,
+        mid_block_type="UNetMidBlock2D",
+        time_embedding_dim=None,
+    )
+    for key, want in expected.items():
+        if key in config and config[key] != want:
+            raise ValueError(f"{str(path)!r}: UNet2DModel with {key}={config[key]!r} is not supported (only {want!r})")
+    downs, ups = list(config["down_block_types"]), list(config["up_block_types"])
+    plain = {"DownBlock2D": False, "AttnDownBlock2D": True, "UpBlock2D": False, "AttnUpBlock2D": True}
+    for kind in downs + ups:
+        if kind not in plain:
+            raise ValueError(f"{str(path)!r}: UNet2DModel block {kind!r} is not supported (one of {tuple(plain)})")
+    if [plain[k] for k in downs] != [plain[k] for k in reversed(ups)]:
+        raise ValueError(f"{str(path)!r}: attention at different levels on the way down {downs} and up {ups}")
+    if config.get("resnet_time_scale_shift", "default") not in ("default", "scale_shift"):
+        raise ValueError(
+            f"{str(path)!r}: resnet_time_scale_shift={config['resnet_time_scale_shift']!r} is not supported"
+        )
+
+
+def _from_diffusers_unet(sd, config, scheduler, options, path):
+    """diffusers' UNet2DModel as our ADM U-Net: the DDPM structure (attention after every block of a
+    level), with its GroupNorm eps, downsample padding and time frequencies; the scheduler config
+    gives the DDPM chain and the prediction."""
+    _check_diffusers_unet(config, path)
+    chans = tuple(int(c) for c in config["block_out_channels"])
+    mc, nlev, lpb = chans[0], len(chans), int(config["layers_per_block"])
+    if any(c % mc for c in chans):
+        raise ValueError(f"{str(path)!r}: block_out_channels {chans} are not multiples of the first")
+    c_in, c_out = int(config["in_channels"]), int(config["out_channels"])
+    if c_out not in (c_in, 2 * c_in):
+        raise ValueError(f"{str(path)!r}: {c_out} output channels for {c_in} input channels is not supported")
+    size = config["sample_size"]
+    size = int(size if isinstance(size, int) else size[0])
+    head_dim = config.get("attention_head_dim")
+    num_classes = int(config.get("num_class_embeds") or 0)
+    ov = dict(
+        image_size=size,
+        in_channels=c_in,
+        model_channels=mc,
+        channel_mult=tuple(c // mc for c in chans),
+        num_res_blocks=lpb,
+        attn_resolutions=tuple(size // 2**i for i, k in enumerate(config["down_block_types"]) if k.startswith("Attn")),
+        num_heads=1,
+        num_head_channels=int(head_dim) if head_dim else -1,
+        resblock_updown=False,
+        use_scale_shift_norm=config.get("resnet_time_scale_shift", "default") == "scale_shift",
+        conv_resample=True,
+        num_classes=num_classes,
+        learn_sigma=c_out == 2 * c_in,
+        norm_groups=int(config.get("norm_num_groups", 32)),
+        norm_eps=float(config.get("norm_eps", 1e-5)),
+        downsample_pad=(1, 1) if int(config.get("downsample_padding", 1)) else (0, 1),
+        frequency_shift=int(config.get("freq_shift", 0)),
+        dropout=0.0,
+        time_scale=1.0,
+    )
+    heads_of = lambda ch: ch // int(head_dim) if head_dim else 1  # noqa: E731
+    temb0 = _linear(sd, "time_embedding.linear_1")
+    if not config.get("flip_sin_to_cos", True):  # features [sin, cos]; ours are [cos, sin]
+        half = mc // 2
+        temb0["kernel"] = np.concatenate([temb0["kernel"][half : 2 * half], temb0["kernel"][:half]])
+    params: dict = {
+        "conv_in": _conv(sd, "conv_in"),
+        "temb0": temb0,
+        "temb1": _linear(sd, "time_embedding.linear_2"),
+        "norm_out": _norm(sd, "conv_norm_out"),
+        "conv_out": _conv(sd, "conv_out"),
+        "mid_block0": _diffusers_resnet(sd, "mid_block.resnets.0"),
+        "mid_attn": _diffusers_attention(sd, "mid_block.attentions.0", heads_of(chans[-1])),
+        "mid_block1": _diffusers_resnet(sd, "mid_block.resnets.1"),
+        "down": {},
+        "up": {},
+    }
+    if num_classes:
+        params["class_embed"] = {"table": _class_table(sd["class_embedding.weight"], num_classes)}
+    for i in range(nlev):
+        d, u = f"down_blocks.{i}", f"up_blocks.{nlev - 1 - i}"
+        for j in range(lpb):
+            params["down"][f"level{i}_block{j}"] = _diffusers_resnet(sd, f"{d}.resnets.{j}")
+            if f"{d}.attentions.{j}.to_q.weight" in sd:
+                params["down"][f"level{i}_attn{j}"] = _diffusers_attention(
+                    sd, f"{d}.attentions.{j}", heads_of(chans[i])
+                )
+        for j in range(lpb + 1):
+            params["up"][f"level{i}_block{j}"] = _diffusers_resnet(sd, f"{u}.resnets.{j}")
+            if f"{u}.attentions.{j}.to_q.weight" in sd:
+                params["up"][f"level{i}_attn{j}"] = _diffusers_attention(sd, f"{u}.attentions.{j}", heads_of(chans[i]))
+        if i != nlev - 1:
+            params["down"][f"level{i}_down"] = {"conv": _conv(sd, f"{d}.downsamplers.0.conv")}
+        if i != 0:
+            params["up"][f"level{i}_up"] = {"conv": _conv(sd, f"{u}.upsamplers.0.conv")}
+    prediction_type = scheduler.get("prediction_type", "epsilon")
+    if prediction_type not in _PREDICTION_TYPES:
+        raise ValueError(f"{str(path)!r}: prediction_type={prediction_type!r} is not one of {tuple(_PREDICTION_TYPES)}")
+    betas = diffusers_betas(scheduler)
+    extras = dict(
+        process=DiscreteVP.from_betas(betas),
+        prediction=_PREDICTION_TYPES[prediction_type],
+        learned_variance=ov["learn_sigma"],
+        time_input=_step_index(len(betas)),
+    )
+    return "ADM-cifar10", ov, params, extras, options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -998,4 +1193,4 @@ def _set_params(model, params, path, kind) -> None:
     nnx.update(model, abstract)
 
 
-__all__ = ["FORMATS", "Pretrained", "PretrainedAutoencoder", "ddpm_betas", "load_pretrained"]
+__all__ = ["FORMATS", "Pretrained", "PretrainedAutoencoder", "ddpm_betas", "diffusers_betas", "load_pretrained"]
