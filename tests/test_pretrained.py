@@ -20,8 +20,8 @@ from flax import nnx
 from diffjax import models
 from diffjax.denoisers import EDMPreconditioned
 from diffjax.models import layers as L
-from diffjax.models.pretrained import ddpm_betas, load_pretrained
-from diffjax.models.torch_files import load_torch_object, read_safetensors
+from diffjax.models.pretrained import _module_tensors, ddpm_betas, load_pretrained
+from diffjax.models.torch_files import load_module_pickle, load_torch_object, read_safetensors
 from diffjax.processes import EDM, DiscreteVP
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pretrained"
@@ -282,3 +282,17 @@ def test_diffusers_unet2d_options_we_lack_are_named(tmp_path):
     (folder / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "sigmoid"}))
     with pytest.raises(ValueError, match="beta_schedule='sigmoid' is not supported"):
         load_pretrained(folder)
+
+
+def test_edm_dhariwal_unet_state_dict_loads_like_its_snapshot(tmp_path):
+    """EDM's DhariwalUNet saved as a state dict (EDMPrecond's keys) is found and read like the .pkl;
+    the head width, which a state dict does not record, is an option (64 by default, as in EDM)."""
+    snapshot = load_module_pickle(FIXTURES / "edm_adm.pkl")["ema"]
+    sd = {f"model.{k}": v for k, v in _module_tensors(snapshot._modules["model"]).items()}
+    _write_safetensors(tmp_path / "adm.safetensors", {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    with pytest.raises(ValueError, match="num_head_channels=64 is invalid"):
+        load_pretrained(tmp_path / "adm.safetensors")
+    pt = load_pretrained(tmp_path / "adm.safetensors", num_head_channels=4)
+    want = load_pretrained(FIXTURES / "edm_adm.pkl")
+    assert pt.format == "edm" and pt.config == want.config and isinstance(pt.process, EDM)
+    jax.tree.map(np.testing.assert_array_equal, pt.params, want.params)

@@ -907,6 +907,8 @@ def _dhariwal_block(sd, name, head_channels: int) -> tuple[dict, dict | None]:
         return block, None
     w, b = sd[f"{name}.qkv.weight"][:, :, 0, 0], sd[f"{name}.qkv.bias"]
     c = w.shape[1]
+    if c % head_channels:
+        raise ValueError(f"num_head_channels={head_channels} is invalid: it must divide {name}'s {c} channels")
     heads, hd = c // head_channels, head_channels
     attn = {
         "norm": _norm(sd, f"{name}.norm2"),
