@@ -26,11 +26,13 @@ the discrete process at t = (j + 1) / N; EDM networks see c_noise = log(sigma) /
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,6 +109,18 @@ class Pretrained:
         if self.learned_variance:
             return LearnedVarianceDenoiser(self._raw(params, y), self.process, self.prediction)
         return Denoiser(self.network(y, params), self.process, self.prediction)
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap pages numpy has freed back to the OS (glibc's malloc_trim; a no-op elsewhere):
+    glibc keeps freed arrays of a few MB on its heap, so a checkpoint converted tensor by tensor
+    would otherwise stay resident twice (original and converted)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +229,9 @@ def load_pretrained(
             f"known formats: {FORMATS}"
         )
     convert = {"dit": _from_dit, "adm": _from_adm, "edm": _from_edm}[kind]
-    return _finish(*convert(sd, options), param_dtype, dtype, kind, path)
+    converted = convert(sd, options)
+    del sd  # the originals of the arrays the conversion copied
+    return _finish(*converted, param_dtype, dtype, kind, path)
 
 
 def _diffusers_weights(folder: Path) -> Path:
@@ -291,7 +307,19 @@ def _dit_out(w: np.ndarray, b: np.ndarray, heads: int) -> dict:
 
 
 def _stack(blocks: list[dict]) -> dict:
-    return jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+    """Per-block parameter trees stacked leaf by leaf; the blocks are emptied on the way, so that a
+    large checkpoint is not held twice."""
+
+    def take(tree, path):
+        for k in path[:-1]:
+            tree = tree[k]
+        return tree.pop(path[-1])
+
+    stacked = {}
+    for p in traversals.flatten_mapping(blocks[0]):
+        stacked[p] = np.stack([take(b, p) for b in blocks])
+        _release_freed_memory()
+    return traversals.unflatten_mapping(stacked)
 
 
 def _dit_overrides(hidden, c_in, p, depth, c_out, num_classes, image_size, mlp_hidden, options) -> dict:
@@ -343,6 +371,9 @@ def _from_dit(sd, options):
     blocks = []
     for i in range(depth):
         b = f"blocks.{i}."
+        if i:  # the previous block's tensors are converted: drop them (a large checkpoint is not held twice)
+            for k in [k for k in sd if k.startswith(f"blocks.{i - 1}.")]:
+                del sd[k]
         blocks.append(
             {
                 "attn": {
@@ -1190,7 +1221,11 @@ def _set_params(model, params, path, kind) -> None:
                 f"{str(path)!r} ({kind}): parameter {'/'.join(map(str, k))} has shape {got[k].shape}, "
                 f"the model expects {leaf.shape}"
             )
-    typed = {k: jnp.asarray(np.asarray(got[k], np.float32), leaf.dtype) for k, leaf in want.items()}
+    params.clear()  # `got` now holds the only references: each array is freed once it is converted
+    typed = {}
+    for k, leaf in want.items():
+        typed[k] = jax.block_until_ready(jnp.asarray(np.asarray(got.pop(k), np.float32), leaf.dtype))
+        _release_freed_memory()
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(typed))
     nnx.update(model, abstract)
 

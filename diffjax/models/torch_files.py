@@ -68,10 +68,25 @@ class _TensorRef:
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride) if n > 0)
         if last >= flat.size:
             raise ValueError(f"tensor of size {self.size} runs past its storage ({flat.size} elements)")
+        if isinstance(flat, np.memmap) and self.stride == _contiguous_strides(self.size):
+            # read the bytes rather than copy them out of the map: mapped pages would count as
+            # resident memory a second time while the checkpoint is converted
+            offset = flat.offset + self.offset * flat.itemsize
+            count = int(np.prod(self.size))
+            data = np.fromfile(flat.filename, dtype=flat.dtype, count=count, offset=offset)
+            return data.reshape(self.size).astype(self.storage.dtype, copy=False)
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :], shape=self.size, strides=[s * flat.itemsize for s in self.stride], writeable=False
         )
         return np.array(view, dtype=self.storage.dtype)
+
+
+def _contiguous_strides(size: tuple) -> tuple:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -334,7 +349,7 @@ def _read_legacy(f, name: str) -> Any:
         raw = f.read(int(count) * st.dtype.itemsize)
         if len(raw) != int(count) * st.dtype.itemsize:
             raise ValueError(f"{name!r} is truncated (storage {key})")
-        st.array = np.frombuffer(raw, st.dtype.newbyteorder("<")).astype(st.dtype)
+        st.array = np.frombuffer(raw, st.dtype.newbyteorder("<")).astype(st.dtype, copy=False)  # tensors copy it
     return obj
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,16 @@ def write_checkpoint(model: str, path: Path) -> None:
     torch.save(sd, path)
 
 
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: resident now; VmHWM: peak resident of this process
+    image; unlike getrusage's ru_maxrss, which Linux carries over from the parent across fork/exec,
+    so the parent's torch-written checkpoint would count as the child's baseline)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def load_only(path: str) -> None:
     """Child process: import, measure the baseline RSS, load, measure the peak."""
     import jax
@@ -49,10 +58,10 @@ def load_only(path: str) -> None:
     from diffjax.models import load_pretrained
 
     jax.numpy.zeros(1).block_until_ready()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _status_kb("VmRSS")
     pt = load_pretrained(path)
     jax.block_until_ready(pt.params)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kb("VmHWM")
     print(f"{base} {peak}")
 
 
