@@ -123,3 +123,29 @@ def test_persistent_class_source_is_never_run(tmp_path):
     assert not marker.exists()
     with pytest.raises(ValueError, match=r"net\.pkl.*not an EDM network snapshot.*Net"):
         load_pretrained(path)
+
+
+def test_edm2_snapshot_is_plain_data():
+    """EDM2's snapshots (float16 network, an EasyDict with the latent encoder's numpy statistics) are
+    read by the same unpickler; reference_edm2.npz holds EDM2's outputs for the EDM2 loader."""
+    snap = load_module_pickle(FIXTURES / "edm2_tiny.pkl")
+    assert set(snap) == {"encoder", "dataset_kwargs", "loss_fn", "ema"} and type(snap) is dict
+    assert snap["ema"].class_name == "Precond" and snap["ema"]._modules["unet"].class_name == "UNet"
+    fourier = snap["ema"]._modules["unet"]._modules["emb_fourier"]
+    assert fourier._buffers["freqs"].dtype == np.float16 and fourier._buffers["freqs"].shape == (8,)
+    encoder = snap["encoder"]  # scale = final_std / raw_std, bias = final_mean - raw_mean * scale
+    scale = np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])
+    assert type(encoder.scale) is np.ndarray and encoder.scale.dtype == np.float32
+    np.testing.assert_array_equal(encoder.scale, scale)
+    np.testing.assert_array_equal(encoder.bias, np.float32(0) - np.float32([5.81, 3.25, 0.12, -2.15]) * scale)
+    with pytest.raises(ValueError, match="not an EDM network snapshot.*Precond"):
+        load_pretrained(FIXTURES / "edm2_tiny.pkl")
+
+
+def test_numpy_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(pickle.dumps({"a": np.array([1, "x"], dtype=object)}, protocol=4))
+    with pytest.raises(pickle.UnpicklingError, match=r"objects\.pkl.*numpy dtype object"):
+        load_module_pickle(path)
+    path.write_bytes(pickle.dumps({"a": np.arange(3.0)}, protocol=4))
+    np.testing.assert_array_equal(load_module_pickle(path)["a"], np.arange(3.0))

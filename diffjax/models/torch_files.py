@@ -176,6 +176,24 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype)[0]
 
 
+class _NumericArray(np.ndarray):
+    """The array a pickled numpy array is rebuilt into: its dtype must be numeric (a pickled object
+    array would unpickle arbitrary objects)."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[2], np.dtype):
+            raise pickle.UnpicklingError("malformed numpy array state")
+        _numpy_dtype(state[2])
+        super().__setstate__(state)
+
+
+def _numpy_array(subtype, shape, typecode):
+    """numpy's `_reconstruct`, for plain ndarrays only; the data arrives in __setstate__."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"refusing numpy array subtype {subtype!r}")
+    return np.ndarray.__new__(_NumericArray, shape, np.uint8)
+
+
 def _storage_from_bytes(data: bytes) -> _Storage:
     """`torch.storage._load_from_bytes`: a storage pickled on its own is a legacy torch.save stream."""
     storage = _read_legacy(io.BytesIO(data), "<pickled storage>")
@@ -245,6 +263,10 @@ class _ModulePickleUnpickler(_RestrictedUnpickler):
             return _numpy_scalar
         if (module, name) == ("numpy", "dtype"):
             return _numpy_dtype
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _numpy_array
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
         if (module, name) == ("dnnlib.util", "EasyDict"):
             return _EasyDict
         return super()._module_pickle_global(module, name)
@@ -257,6 +279,8 @@ def _no_persistent_ids(pid):
 def _materialize(obj: Any) -> Any:
     if isinstance(obj, _TensorRef):
         return obj.materialize()
+    if isinstance(obj, _NumericArray):
+        return np.array(obj)  # a plain ndarray
     if isinstance(obj, dict):
         return {k: _materialize(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
