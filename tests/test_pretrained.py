@@ -284,14 +284,25 @@ def test_diffusers_unet2d_options_we_lack_are_named(tmp_path):
         load_pretrained(folder)
 
 
-def test_edm_dhariwal_unet_state_dict_loads_like_its_snapshot(tmp_path):
-    """EDM's DhariwalUNet saved as a state dict (EDMPrecond's keys) is found and read like the .pkl;
-    the head width, which a state dict does not record, is an option (64 by default, as in EDM)."""
+@pytest.fixture(scope="module")
+def dhariwal_state_dict(tmp_path_factory):
+    """EDM's DhariwalUNet of the edm_adm.pkl snapshot saved as a state dict (EDMPrecond's keys)."""
     snapshot = load_module_pickle(FIXTURES / "edm_adm.pkl")["ema"]
     sd = {f"model.{k}": v for k, v in _module_tensors(snapshot._modules["model"]).items()}
-    _write_safetensors(tmp_path / "adm.safetensors", {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    path = tmp_path_factory.mktemp("dhariwal") / "adm.safetensors"
+    _write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    return path
+
+
+def test_edm_dhariwal_unet_state_dict_needs_its_head_width(dhariwal_state_dict):
+    """A state dict does not record the head width: an option, 64 by default as in EDM."""
     with pytest.raises(ValueError, match="num_head_channels=64 is invalid"):
-        load_pretrained(tmp_path / "adm.safetensors")
+        load_pretrained(dhariwal_state_dict)
+
+
+@pytest.mark.slow
+def test_edm_dhariwal_unet_state_dict_loads_like_its_snapshot(dhariwal_state_dict):
+    tmp_path = dhariwal_state_dict.parent
     pt = load_pretrained(tmp_path / "adm.safetensors", num_head_channels=4)
     want = load_pretrained(FIXTURES / "edm_adm.pkl")
     assert pt.format == "edm" and pt.config == want.config and isinstance(pt.process, EDM)

@@ -9,10 +9,20 @@ Formats (inferred from the file's content, not its name):
 - "adm": openai/guided-diffusion and improved-diffusion `UNetModel` `.pt` (state dict). The file
   holds no schedule, image size or head count: pass `image_size`, `noise_schedule` ("linear" or
   "cosine"), `diffusion_steps`, `num_heads` / `num_head_channels`, `attention_order`.
-- "edm": NVlabs/edm `SongUNet` (DDPM++ and NCSN++, conditional or not) as a state dict saved with
-  `torch.save(net.state_dict())` or as safetensors (EDM's `.pkl` pickles torch modules together
-  with their source code and is not read). Keys may carry EDMPrecond's "model." prefix. Returned
-  with the EDM process and `EDMPreconditioned(sigma_data)` (EDMPrecond only).
+- "edm": NVlabs/edm `SongUNet` (DDPM++ and NCSN++) or `DhariwalUNet` (ADM; option
+  `num_head_channels`, 64 by default), conditional or not, as a state dict saved with
+  `torch.save(net.state_dict())` or as safetensors. Keys may carry EDMPrecond's "model." prefix.
+  Returned with the EDM process and `EDMPreconditioned(sigma_data)` (a state dict does not say
+  which wrapper it was trained in).
+- "edm-pkl": NVlabs/edm's network-snapshot-*.pkl (its "ema"), read by `load_module_pickle` without
+  torch and without the source code the pickle carries; the wrapper gives process and prediction:
+  EDMPrecond as above, VPPrecond the VP SDE (beta_min, beta_min + beta_d) with eps and network time
+  (M - 1) t, VEPrecond the VE SDE (sigma_min, sigma_max) with eps, network time log(sigma / 2) and
+  `output_sign=-1` (its F is -eps).
+- "diffusers-unet": a diffusers `UNet2DModel` folder (or a pipeline folder with unet/), DDPM's
+  U-Net as our ADM U-Net; the scheduler config beside it (scheduler_config.json, or
+  ../scheduler/) gives the DDPM chain (`diffusers_betas`) and the prediction (epsilon, v_prediction,
+  sample); diffusers' DDPMScheduler defaults when there is none.
 - "diffusers-vae": a diffusers folder of `AutoencoderKL` (Stable Diffusion's VAE), returned as a
   `PretrainedAutoencoder` (the `AutoencoderKL` model with its scaling factor).
 - "diffusers-dit": a diffusers folder (config.json + diffusion_pytorch_model.safetensors or .bin) of

@@ -196,7 +196,7 @@ def _numpy_array(subtype, shape, typecode):
 
 def _storage_from_bytes(data: bytes) -> _Storage:
     """`torch.storage._load_from_bytes`: a storage pickled on its own is a legacy torch.save stream."""
-    storage = _read_legacy(io.BytesIO(data), "<pickled storage>")
+    storage = _read_legacy(io.BytesIO(data), "<pickled storage>", buffer=data)
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError(f"a pickled storage holds a {type(storage).__name__}")
     return storage
@@ -344,7 +344,9 @@ def _load_legacy(path: Path) -> Any:
         return _materialize(_read_legacy(f, str(path)))
 
 
-def _read_legacy(f, name: str) -> Any:
+def _read_legacy(f, name: str, buffer: bytes | None = None) -> Any:
+    """The object of a legacy torch.save stream `f`; with `buffer` (the bytes `f` reads), storages
+    are views of it rather than copies (the tensors built on them copy once)."""
     try:
         magic = _RestrictedUnpickler(f, _no_persistent_ids).load()
     except Exception as e:  # noqa: BLE001 - any garbage here means "not a torch file"
@@ -370,8 +372,13 @@ def _read_legacy(f, name: str) -> Any:
     for key in keys:
         st = storages[key]
         (count,) = np.frombuffer(f.read(8), "<i8")
-        raw = f.read(int(count) * st.dtype.itemsize)
-        if len(raw) != int(count) * st.dtype.itemsize:
+        nbytes = int(count) * st.dtype.itemsize
+        if buffer is not None and f.tell() + nbytes <= len(buffer):
+            raw = np.frombuffer(buffer, np.uint8, nbytes, offset=f.tell())
+            f.seek(nbytes, io.SEEK_CUR)
+        else:
+            raw = f.read(nbytes)
+        if len(raw) != nbytes:
             raise ValueError(f"{name!r} is truncated (storage {key})")
         st.array = np.frombuffer(raw, st.dtype.newbyteorder("<")).astype(st.dtype, copy=False)  # tensors copy it
     return obj

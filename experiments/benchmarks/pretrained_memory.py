@@ -76,25 +76,30 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ckpt.pt"
         write_checkpoint(args.model, path)
-        size = path.stat().st_size
-        out = subprocess.run(
-            [sys.executable, "-m", "experiments.benchmarks.pretrained_memory", "--child", str(path)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        ).stdout.split()
+        row = measure(args.model, path)
+    table = markdown_table(list(row), [list(row.values())])
+    print(table)
+    write_results(f"pretrained_memory_{args.model.replace('/', '-')}", {"rows": [row]}, table)
+
+
+def measure(name: str, path: Path) -> dict:
+    """Baseline and peak RSS of a fresh process that loads `path` with load_pretrained."""
+    size = path.stat().st_size
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmarks.pretrained_memory", "--child", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    ).stdout.split()
     base_kb, peak_kb = int(out[-2]), int(out[-1])
-    row = {
-        "model": args.model,
+    return {
+        "model": name,
         "checkpoint_MB": round(size / 1e6, 1),
         "baseline_RSS_MB": round(base_kb / 1e3, 1),
         "peak_RSS_MB": round(peak_kb / 1e3, 1),
         "(peak - baseline) / size": round((peak_kb * 1e3 - base_kb * 1e3) / size, 2),
     }
-    table = markdown_table(list(row), [list(row.values())])
-    print(table)
-    write_results(f"pretrained_memory_{args.model.replace('/', '-')}", {"rows": [row]}, table)
 
 
 if __name__ == "__main__":
