@@ -302,8 +302,7 @@ def test_edm_dhariwal_unet_state_dict_needs_its_head_width(dhariwal_state_dict):
 
 @pytest.mark.slow
 def test_edm_dhariwal_unet_state_dict_loads_like_its_snapshot(dhariwal_state_dict):
-    tmp_path = dhariwal_state_dict.parent
-    pt = load_pretrained(tmp_path / "adm.safetensors", num_head_channels=4)
+    pt = load_pretrained(dhariwal_state_dict, num_head_channels=4)
     want = load_pretrained(FIXTURES / "edm_adm.pkl")
     assert pt.format == "edm" and pt.config == want.config and isinstance(pt.process, EDM)
     jax.tree.map(np.testing.assert_array_equal, pt.params, want.params)

@@ -403,10 +403,10 @@ def load_module_pickle(path: str | os.PathLike) -> Any:
 def is_module_pickle(path: str | os.PathLike) -> bool:
     """Whether `path` starts like a plain pickle (protocol 2 or later) and not like a legacy torch.save
     file (which is a pickle of its magic number first)."""
-    legacy = b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little")
+    magic = b"\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little")  # LONG1 of the magic number, any protocol
     with open(path, "rb") as f:
-        head = f.read(len(legacy))
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and head != legacy
+        head = f.read(32)
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and magic not in head
 
 
 def _flatten_module(obj: Any, prefix: str = "") -> dict[str, Any]:
