@@ -149,3 +149,14 @@ def test_numpy_object_arrays_are_refused(tmp_path):
         load_module_pickle(path)
     path.write_bytes(pickle.dumps({"a": np.arange(3.0)}, protocol=4))
     np.testing.assert_array_equal(load_module_pickle(path)["a"], np.arange(3.0))
+
+
+@pytest.mark.slow
+def test_readme_example_samples_a_loaded_edm_snapshot():
+    import helpers
+
+    namespace = {}
+    exec(helpers.readme_example("pretrained-edm"), namespace)
+    out = namespace["out"]
+    assert out.samples.shape == (2, 8, 8, 3) and bool(jnp.all(jnp.isfinite(out.samples)))
+    assert isinstance(namespace["pt"].process, VP)
