@@ -20,8 +20,8 @@ from flax import nnx
 from diffjax import models
 from diffjax.denoisers import EDMPreconditioned
 from diffjax.models import layers as L
-from diffjax.models.pretrained import ddpm_betas, load_pretrained
-from diffjax.models.torch_files import load_torch_object, read_safetensors
+from diffjax.models.pretrained import _module_tensors, ddpm_betas, load_pretrained
+from diffjax.models.torch_files import load_module_pickle, load_torch_object, read_safetensors
 from diffjax.processes import EDM, DiscreteVP
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pretrained"
@@ -241,3 +241,68 @@ def test_readme_example_samples_a_loaded_dit():
     exec(helpers.readme_example("pretrained"), namespace)
     out = namespace["out"]
     assert out.samples.shape == (2, 8, 8, 4) and out.nfe == 25 and bool(jnp.all(jnp.isfinite(out.samples)))
+
+
+@pytest.fixture(scope="module")
+def ddpm_reference():
+    with np.load(FIXTURES / "reference_diffusers_ddpm.npz") as z:
+        return dict(z)
+
+
+def test_diffusers_unet2d_equals_the_reference(ddpm_reference):
+    """google/ddpm-cifar10-32's architecture (tiny, random weights) from a DDPMPipeline folder; the
+    scheduler config (cosine betas, v-prediction) gives the process and the prediction."""
+    pt = load_pretrained(FIXTURES / "diffusers_ddpm")
+    assert pt.format == "diffusers-unet" and pt.prediction == "v" and not pt.learned_variance
+    assert (pt.config.norm_eps, tuple(pt.config.downsample_pad), pt.config.frequency_shift) == (1e-6, (0, 1), 1)
+    np.testing.assert_allclose(
+        np.exp(np.asarray(pt.process.log_alpha_bar[1:], np.float64)), ddpm_reference["alphas_cumprod"], rtol=1e-4
+    )
+    x, j = jnp.asarray(ddpm_reference["x"]), jnp.asarray(ddpm_reference["t"], jnp.float32)
+    out = jax.jit(pt.network())(x, (j + 1) / 1000)  # the chain's knot t = (j + 1) / N is step j
+    assert rel_rms(out, ddpm_reference["out"]) < 1e-4
+    unet_only = load_pretrained(FIXTURES / "diffusers_ddpm" / "unet")  # the scheduler found in ../scheduler
+    assert unet_only.prediction == "v" and unet_only.config == pt.config
+
+
+def test_diffusers_unet2d_options_we_lack_are_named(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "unet"
+    shutil.copytree(FIXTURES / "diffusers_ddpm" / "unet", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, time_embedding_type="fourier")))
+    with pytest.raises(ValueError, match="time_embedding_type='fourier' is not supported"):
+        load_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(dict(config, up_block_types=["UpBlock2D", "AttnUpBlock2D"])))
+    with pytest.raises(ValueError, match="attention at different levels"):
+        load_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "sigmoid"}))
+    with pytest.raises(ValueError, match="beta_schedule='sigmoid' is not supported"):
+        load_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def dhariwal_state_dict(tmp_path_factory):
+    """EDM's DhariwalUNet of the edm_adm.pkl snapshot saved as a state dict (EDMPrecond's keys)."""
+    snapshot = load_module_pickle(FIXTURES / "edm_adm.pkl")["ema"]
+    sd = {f"model.{k}": v for k, v in _module_tensors(snapshot._modules["model"]).items()}
+    path = tmp_path_factory.mktemp("dhariwal") / "adm.safetensors"
+    _write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in sd.items()})
+    return path
+
+
+def test_edm_dhariwal_unet_state_dict_needs_its_head_width(dhariwal_state_dict):
+    """A state dict does not record the head width: an option, 64 by default as in EDM."""
+    with pytest.raises(ValueError, match="num_head_channels=64 is invalid"):
+        load_pretrained(dhariwal_state_dict)
+
+
+@pytest.mark.slow
+def test_edm_dhariwal_unet_state_dict_loads_like_its_snapshot(dhariwal_state_dict):
+    pt = load_pretrained(dhariwal_state_dict, num_head_channels=4)
+    want = load_pretrained(FIXTURES / "edm_adm.pkl")
+    assert pt.format == "edm" and pt.config == want.config and isinstance(pt.process, EDM)
+    jax.tree.map(np.testing.assert_array_equal, pt.params, want.params)

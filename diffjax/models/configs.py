@@ -192,7 +192,11 @@ class ADMUNetConfig(ModelConfig):
     Beat GANs"). model_channels base width, channel_mult per level, num_res_blocks per level,
     attn_resolutions (absolute, in pixels), heads = channels // num_head_channels (or num_heads when
     num_head_channels is -1), resblock_updown (resample inside residual blocks), use_scale_shift_norm
-    (AdaGN), conv_resample (3x3 conv in the plain resamplers), norm_groups (GroupNorm groups).
+    (AdaGN), conv_resample (3x3 conv in the plain resamplers), norm_groups (GroupNorm groups; with
+    min_group_channels > 0 a norm over C channels has min(norm_groups, C // min_group_channels), as
+    in EDM's DhariwalUNet). DDPM's U-Net as diffusers' UNet2DModel writes it differs only in
+    norm_eps (1e-6 there), downsample_pad ((0, 1) there: the stride-2 conv pads right/bottom) and
+    frequency_shift (1 there: time frequencies 10000^(-k / (half - 1)) instead of half).
     """
 
     model_channels: int = 192
@@ -206,6 +210,16 @@ class ADMUNetConfig(ModelConfig):
     use_scale_shift_norm: bool = True
     conv_resample: bool = True
     norm_groups: int = 32
+    min_group_channels: int = 0
+    norm_eps: float = 1e-5
+    downsample_pad: tuple[int, int] = (1, 1)
+    frequency_shift: int = 0
+
+    def groups(self, channels: int) -> int:
+        """GroupNorm groups for `channels` channels."""
+        if self.min_group_channels > 0:
+            return max(1, min(self.norm_groups, channels // self.min_group_channels))
+        return self.norm_groups
 
     def validate(self):
         super().validate()
@@ -213,13 +227,21 @@ class ADMUNetConfig(ModelConfig):
         _positive(cls, "model_channels", self.model_channels)
         _positive(cls, "num_res_blocks", self.num_res_blocks)
         _positive(cls, "norm_groups", self.norm_groups)
+        if self.min_group_channels < 0:
+            _fail(cls, "min_group_channels", self.min_group_channels, "0 (norm_groups everywhere) or positive")
+        if not self.norm_eps > 0:
+            _fail(cls, "norm_eps", self.norm_eps, "a positive number")
+        if tuple(self.downsample_pad) not in ((1, 1), (0, 1)):
+            _fail(cls, "downsample_pad", self.downsample_pad, "(1, 1) (ADM) or (0, 1) (DDPM, diffusers)")
+        if self.frequency_shift not in (0, 1):
+            _fail(cls, "frequency_shift", self.frequency_shift, "0 (ADM) or 1 (DDPM, diffusers)")
         _check_unet_levels(self, "channel_mult", "attn_resolutions")
         if not 0.0 <= self.dropout < 1.0:
             _fail(cls, "dropout", self.dropout, "a rate in [0, 1)")
         for m in self.channel_mult:
             c = m * self.model_channels
             level = f"channels (channel_mult entry {m} x model_channels {self.model_channels} = {c})"
-            if c % self.norm_groups:
+            if c % self.groups(c):
                 _fail(cls, "norm_groups", self.norm_groups, f"must divide every level's {level}")
             if self.num_head_channels != -1:
                 if self.num_head_channels < 1 or c % self.num_head_channels:

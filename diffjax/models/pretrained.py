@@ -9,10 +9,20 @@ Formats (inferred from the file's content, not its name):
 - "adm": openai/guided-diffusion and improved-diffusion `UNetModel` `.pt` (state dict). The file
   holds no schedule, image size or head count: pass `image_size`, `noise_schedule` ("linear" or
   "cosine"), `diffusion_steps`, `num_heads` / `num_head_channels`, `attention_order`.
-- "edm": NVlabs/edm `SongUNet` (DDPM++ and NCSN++, conditional or not) as a state dict saved with
-  `torch.save(net.state_dict())` or as safetensors (EDM's `.pkl` pickles torch modules together
-  with their source code and is not read). Keys may carry EDMPrecond's "model." prefix. Returned
-  with the EDM process and `EDMPreconditioned(sigma_data)` (EDMPrecond only).
+- "edm": NVlabs/edm `SongUNet` (DDPM++ and NCSN++) or `DhariwalUNet` (ADM; option
+  `num_head_channels`, 64 by default), conditional or not, as a state dict saved with
+  `torch.save(net.state_dict())` or as safetensors. Keys may carry EDMPrecond's "model." prefix.
+  Returned with the EDM process and `EDMPreconditioned(sigma_data)` (a state dict does not say
+  which wrapper it was trained in).
+- "edm-pkl": NVlabs/edm's network-snapshot-*.pkl (its "ema"), read by `load_module_pickle` without
+  torch and without the source code the pickle carries; the wrapper gives process and prediction:
+  EDMPrecond as above, VPPrecond the VP SDE (beta_min, beta_min + beta_d) with eps and network time
+  (M - 1) t, VEPrecond the VE SDE (sigma_min, sigma_max) with eps, network time log(sigma / 2) and
+  `output_sign=-1` (its F is -eps).
+- "diffusers-unet": a diffusers `UNet2DModel` folder (or a pipeline folder with unet/), DDPM's
+  U-Net as our ADM U-Net; the scheduler config beside it (scheduler_config.json, or
+  ../scheduler/) gives the DDPM chain (`diffusers_betas`) and the prediction (epsilon, v_prediction,
+  sample); diffusers' DDPMScheduler defaults when there is none.
 - "diffusers-vae": a diffusers folder of `AutoencoderKL` (Stable Diffusion's VAE), returned as a
   `PretrainedAutoencoder` (the `AutoencoderKL` model with its scaling factor).
 - "diffusers-dit": a diffusers folder (config.json + diffusion_pytorch_model.safetensors or .bin) of
@@ -26,11 +36,13 @@ the discrete process at t = (j + 1) / N; EDM networks see c_noise = log(sigma) /
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,10 +56,17 @@ from diffjax.denoisers import Denoiser, EDMPreconditioned, LearnedVarianceDenois
 from diffjax.models.api import build, functional, get_config
 from diffjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from diffjax.models.configs import ModelConfig
-from diffjax.models.torch_files import is_safetensors, load_torch_object, read_safetensors
-from diffjax.processes import EDM, DiscreteVP, GaussianProcess
+from diffjax.models.torch_files import (
+    PickledObject,
+    is_module_pickle,
+    is_safetensors,
+    load_module_pickle,
+    load_torch_object,
+    read_safetensors,
+)
+from diffjax.processes import EDM, VE, VP, DiscreteVP, GaussianProcess
 
-FORMATS = ("dit", "adm", "edm", "diffusers-dit", "diffusers-vae")
+FORMATS = ("dit", "adm", "edm", "edm-pkl", "diffusers-dit", "diffusers-unet", "diffusers-vae")
 _DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S, B, L, XL
 
 
@@ -59,6 +78,7 @@ class Pretrained:
     channels when the variance is learned); `variance_network(y=None)` returns (prediction, v) for a
     learned-variance model; `denoiser(y=None)` wraps `network` in a `Denoiser`. `apply` / `params`
     are the functional view of `model` (the raw network, called with the network's own time input).
+    `output_sign` is -1 where the raw network predicts -eps (EDM's VEPrecond: D = x + sigma F).
     """
 
     model: nnx.Module
@@ -70,10 +90,13 @@ class Pretrained:
     time_input: Callable[[jax.Array], jax.Array]
     apply: Callable
     params: dict
+    output_sign: float = 1.0
 
     def _raw(self, params, y):
         params = self.params if params is None else params
-        return lambda x, t: self.apply(params, x, self.time_input(t), y)
+        if self.output_sign == 1.0:
+            return lambda x, t: self.apply(params, x, self.time_input(t), y)
+        return lambda x, t: self.output_sign * self.apply(params, x, self.time_input(t), y)
 
     def network(self, y=None, params=None) -> Callable:
         raw, c = self._raw(params, y), self.config.in_channels
@@ -96,6 +119,18 @@ class Pretrained:
         if self.learned_variance:
             return LearnedVarianceDenoiser(self._raw(params, y), self.process, self.prediction)
         return Denoiser(self.network(y, params), self.process, self.prediction)
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap pages numpy has freed back to the OS (glibc's malloc_trim; a no-op elsewhere):
+    glibc keeps freed arrays of a few MB on its heap, so a checkpoint converted tensor by tensor
+    would otherwise stay resident twice (original and converted)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +186,7 @@ def _detect(sd: dict[str, np.ndarray]) -> str:
     if "map_layer0.weight" in keys and any(k.startswith("dec.") and "_aux_conv" in k for k in keys):
         return "edm"
     if "map_layer0.weight" in keys and "out_conv.weight" in keys:
-        raise ValueError("EDM's DhariwalUNet (ADM) state dicts are not supported; use guided-diffusion's checkpoints")
+        return "edm"
     return ""
 
 
@@ -174,6 +209,8 @@ def load_pretrained(
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r} is invalid: one of {FORMATS} (or None to infer it)")
     if path.is_dir():
+        if (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
+            path = path / "unet"  # a pipeline folder: its denoising network
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise ValueError(f"{str(path)!r} is a folder without config.json: not a diffusers model folder")
@@ -181,13 +218,18 @@ def load_pretrained(
         name = config.get("_class_name")
         if name == "AutoencoderKL":
             return _from_diffusers_vae(_state_dict(_diffusers_weights(path)), config, options, param_dtype, dtype, path)
-        if name != "DiTTransformer2DModel":
+        if name not in ("DiTTransformer2DModel", "UNet2DModel"):
             raise ValueError(
                 f"{str(path)!r}: diffusers class {name!r} is not supported; known: DiTTransformer2DModel, "
-                f"AutoencoderKL (formats {FORMATS})"
+                f"UNet2DModel, AutoencoderKL (formats {FORMATS})"
             )
         sd = _state_dict(_diffusers_weights(path))
+        if name == "UNet2DModel":
+            converted = _from_diffusers_unet(sd, config, _diffusers_scheduler(path), options, path)
+            return _finish(*converted, param_dtype, dtype, "diffusers-unet", path)
         return _finish(*_from_diffusers_dit(sd, config, options), param_dtype, dtype, "diffusers-dit", path)
+    if format == "edm-pkl" or (format is None and not is_safetensors(path) and is_module_pickle(path)):
+        return _finish(*_from_edm_pickle(path, options), param_dtype, dtype, "edm-pkl", path)
     sd = _state_dict(path)
     kind = format or _detect(sd)
     if kind not in ("dit", "adm", "edm"):
@@ -197,7 +239,9 @@ def load_pretrained(
             f"known formats: {FORMATS}"
         )
     convert = {"dit": _from_dit, "adm": _from_adm, "edm": _from_edm}[kind]
-    return _finish(*convert(sd, options), param_dtype, dtype, kind, path)
+    converted = convert(sd, options)
+    del sd  # the originals of the arrays the conversion copied
+    return _finish(*converted, param_dtype, dtype, kind, path)
 
 
 def _diffusers_weights(folder: Path) -> Path:
@@ -273,7 +317,19 @@ def _dit_out(w: np.ndarray, b: np.ndarray, heads: int) -> dict:
 
 
 def _stack(blocks: list[dict]) -> dict:
-    return jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+    """Per-block parameter trees stacked leaf by leaf; the blocks are emptied on the way, so that a
+    large checkpoint is not held twice."""
+
+    def take(tree, path):
+        for k in path[:-1]:
+            tree = tree[k]
+        return tree.pop(path[-1])
+
+    stacked = {}
+    for p in traversals.flatten_mapping(blocks[0]):
+        stacked[p] = np.stack([take(b, p) for b in blocks])
+        _release_freed_memory()
+    return traversals.unflatten_mapping(stacked)
 
 
 def _dit_overrides(hidden, c_in, p, depth, c_out, num_classes, image_size, mlp_hidden, options) -> dict:
@@ -325,6 +381,9 @@ def _from_dit(sd, options):
     blocks = []
     for i in range(depth):
         b = f"blocks.{i}."
+        if i:  # the previous block's tensors are converted: drop them (a large checkpoint is not held twice)
+            for k in [k for k in sd if k.startswith(f"blocks.{i - 1}.")]:
+                del sd[k]
         blocks.append(
             {
                 "attn": {
@@ -394,6 +453,196 @@ def _from_diffusers_dit(sd, config, options):
         "final_linear": _linear(sd, "proj_out_2"),
     }
     return "DiT-S/2", ov, params, _ddpm_extras(options, ov["learn_sigma"]), options
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers UNet2DModel (DDPM's U-Net, e.g. google/ddpm-cifar10-32) and its DDPMScheduler
+# ----------------------------------------------------------------------------------------------
+
+_PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def _diffusers_scheduler(unet_folder: Path) -> dict:
+    """The scheduler config beside a UNet2DModel: <folder>/scheduler_config.json (single-model
+    repositories such as google/ddpm-cifar10-32) or ../scheduler/ (pipeline folders); {} (diffusers'
+    DDPMScheduler defaults) when there is none."""
+    for candidate in (
+        unet_folder / "scheduler_config.json",
+        unet_folder.parent / "scheduler" / "scheduler_config.json",
+    ):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def diffusers_betas(scheduler: dict) -> np.ndarray:
+    """The betas of a diffusers DDPM-family scheduler config: "linear" (beta_start..beta_end),
+    "scaled_linear" (the square of a linear ramp of square roots), "squaredcos_cap_v2" (improved
+    DDPM's cosine schedule) or `trained_betas`."""
+    steps = int(scheduler.get("num_train_timesteps", 1000))
+    start, end = float(scheduler.get("beta_start", 1e-4)), float(scheduler.get("beta_end", 0.02))
+    if scheduler.get("rescale_betas_zero_snr"):
+        raise ValueError("schedulers with rescale_betas_zero_snr (alpha_bar = 0 at the last step) are not supported")
+    if scheduler.get("trained_betas") is not None:
+        return np.asarray(scheduler["trained_betas"], np.float64)
+    kind = scheduler.get("beta_schedule", "linear")
+    if kind == "linear":
+        return np.linspace(start, end, steps, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        return ddpm_betas("cosine", steps)
+    raise ValueError(
+        f"beta_schedule={kind!r} is not supported: one of ('linear', 'scaled_linear', 'squaredcos_cap_v2')"
+    )
+
+
+def _diffusers_resnet(sd, name) -> dict:
+    out = {
+        "norm0": _norm(sd, f"{name}.norm1"),
+        "conv0": _conv(sd, f"{name}.conv1"),
+        "temb": _linear(sd, f"{name}.time_emb_proj"),
+        "norm1": _norm(sd, f"{name}.norm2"),
+        "conv1": _conv(sd, f"{name}.conv2"),
+    }
+    if f"{name}.conv_shortcut.weight" in sd:
+        out["skip"] = _conv(sd, f"{name}.conv_shortcut")
+    return out
+
+
+def _diffusers_attention(sd, name, heads: int) -> dict:
+    w = np.stack([sd[f"{name}.to_{n}.weight"].T for n in "qkv"], axis=1)  # (C, 3, C)
+    c = w.shape[0]
+    b = np.stack([sd[f"{name}.to_{n}.bias"] for n in "qkv"])
+    return {
+        "norm": _norm(sd, f"{name}.group_norm"),
+        "attn": {
+            "qkv": {
+                "kernel": np.ascontiguousarray(w.reshape(c, 3, heads, c // heads)),
+                "bias": b.reshape(3, heads, -1),
+            },
+            "out": {
+                "kernel": np.ascontiguousarray(sd[f"{name}.to_out.0.weight"].T).reshape(heads, c // heads, c),
+                "bias": sd[f"{name}.to_out.0.bias"],
+            },
+        },
+    }
+
+
+def _check_diffusers_unet(config: dict, path: Path) -> None:
+    """Refuse the UNet2DModel options our ADM U-Net does not have."""
+    expected = dict(
+        act_fn="silu",
+        time_embedding_type="positional",
+        center_input_sample=False,
+        class_embed_type=None,
+        mid_block_scale_factor=1,
+        add_attention=True,
+        downsample_type="conv",
+        upsample_type="conv",
+        attn_norm_num_groups=None,
+        mid_block_type="UNetMidBlock2D",
+        time_embedding_dim=None,
+    )
+    for key, want in expected.items():
+        if key in config and config[key] != want:
+            raise ValueError(f"{str(path)!r}: UNet2DModel with {key}={config[key]!r} is not supported (only {want!r})")
+    downs, ups = list(config["down_block_types"]), list(config["up_block_types"])
+    plain = {"DownBlock2D": False, "AttnDownBlock2D": True, "UpBlock2D": False, "AttnUpBlock2D": True}
+    for kind in downs + ups:
+        if kind not in plain:
+            raise ValueError(f"{str(path)!r}: UNet2DModel block {kind!r} is not supported (one of {tuple(plain)})")
+    if [plain[k] for k in downs] != [plain[k] for k in reversed(ups)]:
+        raise ValueError(f"{str(path)!r}: attention at different levels on the way down {downs} and up {ups}")
+    if config.get("resnet_time_scale_shift", "default") not in ("default", "scale_shift"):
+        raise ValueError(
+            f"{str(path)!r}: resnet_time_scale_shift={config['resnet_time_scale_shift']!r} is not supported"
+        )
+
+
+def _from_diffusers_unet(sd, config, scheduler, options, path):
+    """diffusers' UNet2DModel as our ADM U-Net: the DDPM structure (attention after every block of a
+    level), with its GroupNorm eps, downsample padding and time frequencies; the scheduler config
+    gives the DDPM chain and the prediction."""
+    _check_diffusers_unet(config, path)
+    chans = tuple(int(c) for c in config["block_out_channels"])
+    mc, nlev, lpb = chans[0], len(chans), int(config["layers_per_block"])
+    if any(c % mc for c in chans):
+        raise ValueError(f"{str(path)!r}: block_out_channels {chans} are not multiples of the first")
+    c_in, c_out = int(config["in_channels"]), int(config["out_channels"])
+    if c_out not in (c_in, 2 * c_in):
+        raise ValueError(f"{str(path)!r}: {c_out} output channels for {c_in} input channels is not supported")
+    size = config["sample_size"]
+    size = int(size if isinstance(size, int) else size[0])
+    head_dim = config.get("attention_head_dim")
+    num_classes = int(config.get("num_class_embeds") or 0)
+    ov = dict(
+        image_size=size,
+        in_channels=c_in,
+        model_channels=mc,
+        channel_mult=tuple(c // mc for c in chans),
+        num_res_blocks=lpb,
+        attn_resolutions=tuple(size // 2**i for i, k in enumerate(config["down_block_types"]) if k.startswith("Attn")),
+        num_heads=1,
+        num_head_channels=int(head_dim) if head_dim else -1,
+        resblock_updown=False,
+        use_scale_shift_norm=config.get("resnet_time_scale_shift", "default") == "scale_shift",
+        conv_resample=True,
+        num_classes=num_classes,
+        learn_sigma=c_out == 2 * c_in,
+        norm_groups=int(config.get("norm_num_groups", 32)),
+        norm_eps=float(config.get("norm_eps", 1e-5)),
+        downsample_pad=(1, 1) if int(config.get("downsample_padding", 1)) else (0, 1),
+        frequency_shift=int(config.get("freq_shift", 0)),
+        dropout=0.0,
+        time_scale=1.0,
+    )
+    heads_of = lambda ch: ch // int(head_dim) if head_dim else 1  # noqa: E731
+    temb0 = _linear(sd, "time_embedding.linear_1")
+    if not config.get("flip_sin_to_cos", True):  # features [sin, cos]; ours are [cos, sin]
+        half = mc // 2
+        temb0["kernel"] = np.concatenate([temb0["kernel"][half : 2 * half], temb0["kernel"][:half]])
+    params: dict = {
+        "conv_in": _conv(sd, "conv_in"),
+        "temb0": temb0,
+        "temb1": _linear(sd, "time_embedding.linear_2"),
+        "norm_out": _norm(sd, "conv_norm_out"),
+        "conv_out": _conv(sd, "conv_out"),
+        "mid_block0": _diffusers_resnet(sd, "mid_block.resnets.0"),
+        "mid_attn": _diffusers_attention(sd, "mid_block.attentions.0", heads_of(chans[-1])),
+        "mid_block1": _diffusers_resnet(sd, "mid_block.resnets.1"),
+        "down": {},
+        "up": {},
+    }
+    if num_classes:
+        params["class_embed"] = {"table": _class_table(sd["class_embedding.weight"], num_classes)}
+    for i in range(nlev):
+        d, u = f"down_blocks.{i}", f"up_blocks.{nlev - 1 - i}"
+        for j in range(lpb):
+            params["down"][f"level{i}_block{j}"] = _diffusers_resnet(sd, f"{d}.resnets.{j}")
+            if f"{d}.attentions.{j}.to_q.weight" in sd:
+                params["down"][f"level{i}_attn{j}"] = _diffusers_attention(
+                    sd, f"{d}.attentions.{j}", heads_of(chans[i])
+                )
+        for j in range(lpb + 1):
+            params["up"][f"level{i}_block{j}"] = _diffusers_resnet(sd, f"{u}.resnets.{j}")
+            if f"{u}.attentions.{j}.to_q.weight" in sd:
+                params["up"][f"level{i}_attn{j}"] = _diffusers_attention(sd, f"{u}.attentions.{j}", heads_of(chans[i]))
+        if i != nlev - 1:
+            params["down"][f"level{i}_down"] = {"conv": _conv(sd, f"{d}.downsamplers.0.conv")}
+        if i != 0:
+            params["up"][f"level{i}_up"] = {"conv": _conv(sd, f"{u}.upsamplers.0.conv")}
+    prediction_type = scheduler.get("prediction_type", "epsilon")
+    if prediction_type not in _PREDICTION_TYPES:
+        raise ValueError(f"{str(path)!r}: prediction_type={prediction_type!r} is not one of {tuple(_PREDICTION_TYPES)}")
+    betas = diffusers_betas(scheduler)
+    extras = dict(
+        process=DiscreteVP.from_betas(betas),
+        prediction=_PREDICTION_TYPES[prediction_type],
+        learned_variance=ov["learn_sigma"],
+        time_input=_step_index(len(betas)),
+    )
+    return "ADM-cifar10", ov, params, extras, options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,6 +832,12 @@ def _edm_block(sd, name) -> tuple[dict, dict | None]:
 
 def _from_edm(sd, options):
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    if "out_conv.weight" in sd:
+        return _from_dhariwal_unet(sd, options)
+    return _from_song_unet(sd, options)
+
+
+def _from_song_unet(sd, options):
     conv_keys = [k for k in sd if re.match(r"^enc\.\d+x\d+_conv\.weight$", k)]
     _require(sd, ["map_layer0.weight", "map_layer1.weight"], "EDM SongUNet")
     if len(conv_keys) != 1:
@@ -670,6 +925,203 @@ def _from_edm(sd, options):
         time_input=lambda c_noise: c_noise,
     )
     return preset, ov, params, extras, options
+
+
+def _dhariwal_block(sd, name, head_channels: int) -> tuple[dict, dict | None]:
+    """EDM's UNetBlock as our ADM residual block (+ attention). Its qkv conv orders the 3C outputs
+    as (head, channel, q/k/v)."""
+    block = {
+        "norm0": _norm(sd, f"{name}.norm0"),
+        "conv0": _conv(sd, f"{name}.conv0"),
+        "temb": _linear(sd, f"{name}.affine"),
+        "norm1": _norm(sd, f"{name}.norm1"),
+        "conv1": _conv(sd, f"{name}.conv1"),
+    }
+    if f"{name}.skip.weight" in sd:
+        block["skip"] = _conv(sd, f"{name}.skip")
+    for key in (f"{name}.conv0.resample_filter", f"{name}.skip.resample_filter"):
+        if key in sd and not np.allclose(sd[key], 0.25):
+            raise ValueError(
+                f"EDM DhariwalUNet: {key} is not the 2x2 box filter; only resample_filter=[1, 1] is supported"
+            )
+    if f"{name}.qkv.weight" not in sd:
+        return block, None
+    w, b = sd[f"{name}.qkv.weight"][:, :, 0, 0], sd[f"{name}.qkv.bias"]
+    c = w.shape[1]
+    if c % head_channels:
+        raise ValueError(f"num_head_channels={head_channels} is invalid: it must divide {name}'s {c} channels")
+    heads, hd = c // head_channels, head_channels
+    attn = {
+        "norm": _norm(sd, f"{name}.norm2"),
+        "attn": {
+            "qkv": {
+                "kernel": np.ascontiguousarray(w.reshape(heads, hd, 3, c).transpose(3, 2, 0, 1)),
+                "bias": np.ascontiguousarray(b.reshape(heads, hd, 3).transpose(2, 0, 1)),
+            },
+            "out": {
+                "kernel": np.ascontiguousarray(sd[f"{name}.proj.weight"][:, :, 0, 0].T).reshape(heads, hd, c),
+                "bias": sd[f"{name}.proj.bias"],
+            },
+        },
+    }
+    return block, attn
+
+
+def _from_dhariwal_unet(sd, options, head_channels: int | None = None):
+    """NVlabs/edm's DhariwalUNet (ADM) as our ADM U-Net: AdaGN blocks resampling inside, GroupNorm
+    with min(32, C // 4) groups, the label mapping a bias-free Linear after the time MLP (= a table)."""
+    _require(sd, ["map_layer0.weight", "map_layer1.weight", "out_norm.weight", "out_conv.weight"], "EDM DhariwalUNet")
+    conv_keys = [k for k in sd if re.match(r"^enc\.\d+x\d+_conv\.weight$", k)]
+    if len(conv_keys) != 1:
+        raise ValueError("not an EDM DhariwalUNet state dict: no unique enc.<res>x<res>_conv")
+    res = int(conv_keys[0].split(".")[1].split("x")[0])
+    mc, c_in = sd[conv_keys[0]].shape[:2]
+    levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"^enc\.(\d+)x\d+_", k)] if m}, reverse=True)
+    nlev = len(levels)
+    nrb = len({k.split(".")[1] for k in sd if re.match(rf"^enc\.{res}x{res}_block\d+\.", k)})
+    mult = tuple(int(sd[f"enc.{r}x{r}_block0.conv0.weight"].shape[0] // mc) for r in levels)
+    attn = tuple(r for r in levels if f"enc.{r}x{r}_block0.qkv.weight" in sd)
+    if sd["map_layer0.weight"].shape[0] != 4 * mc:
+        raise ValueError(f"EDM DhariwalUNet with embedding width {sd['map_layer0.weight'].shape[0]} != 4 x {mc}")
+    c_out = sd["out_conv.weight"].shape[0]
+    if c_out != c_in:
+        raise ValueError(f"EDM DhariwalUNet with {c_out} output channels for {c_in} input channels is not supported")
+    num_classes = sd["map_label.weight"].shape[1] if "map_label.weight" in sd else 0
+    hc = head_channels if head_channels is not None else options.pop("num_head_channels", 64)
+    ov = dict(
+        image_size=res,
+        in_channels=c_in,
+        model_channels=mc,
+        channel_mult=mult,
+        num_res_blocks=nrb,
+        attn_resolutions=attn,
+        num_head_channels=hc,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+        num_classes=num_classes,
+        learn_sigma=False,
+        norm_groups=32,
+        min_group_channels=4,
+        dropout=0.0,
+        time_scale=1.0,
+    )
+    params: dict = {
+        "conv_in": _conv(sd, conv_keys[0].removesuffix(".weight")),
+        "temb0": _linear(sd, "map_layer0"),
+        "temb1": _linear(sd, "map_layer1"),
+        "norm_out": _norm(sd, "out_norm"),
+        "conv_out": _conv(sd, "out_conv"),
+        "down": {},
+        "up": {},
+    }
+    if num_classes:
+        params["class_embed"] = {"table": _class_table(np.ascontiguousarray(sd["map_label.weight"].T), num_classes)}
+    for i, r in enumerate(levels):
+        for j in range(nrb):
+            params["down"][f"level{i}_block{j}"], a = _dhariwal_block(sd, f"enc.{r}x{r}_block{j}", hc)
+            if a is not None:
+                params["down"][f"level{i}_attn{j}"] = a
+        if i != nlev - 1:
+            params["down"][f"level{i}_down"], _ = _dhariwal_block(sd, f"enc.{levels[i + 1]}x{levels[i + 1]}_down", hc)
+    deepest = levels[-1]
+    params["mid_block0"], params["mid_attn"] = _dhariwal_block(sd, f"dec.{deepest}x{deepest}_in0", hc)
+    params["mid_block1"], _ = _dhariwal_block(sd, f"dec.{deepest}x{deepest}_in1", hc)
+    for i in reversed(range(nlev)):
+        r = levels[i]
+        for j in range(nrb + 1):
+            params["up"][f"level{i}_block{j}"], a = _dhariwal_block(sd, f"dec.{r}x{r}_block{j}", hc)
+            if a is not None:
+                params["up"][f"level{i}_attn{j}"] = a
+        if i != 0:
+            params["up"][f"level{i}_up"], _ = _dhariwal_block(sd, f"dec.{levels[i - 1]}x{levels[i - 1]}_up", hc)
+    sigma_data = options.pop("sigma_data", 0.5)
+    extras = dict(
+        process=EDM(),
+        prediction=EDMPreconditioned(sigma_data),
+        learned_variance=False,
+        time_input=lambda c_noise: c_noise,
+    )
+    return "ADM-cifar10", ov, params, extras, options
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM network snapshots (.pkl): the network and its preconditioning from the pickled modules
+# ----------------------------------------------------------------------------------------------
+
+_EDM_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
+
+
+def _module_tensors(module: PickledObject, prefix: str = "") -> dict[str, np.ndarray]:
+    """A pickled torch module's state dict ({dotted name: array}): its parameters and buffers."""
+    out = {}
+    for group in ("_parameters", "_buffers"):
+        for k, v in (getattr(module, group, None) or {}).items():
+            if isinstance(v, np.ndarray):
+                out[prefix + k] = v
+    for k, child in (getattr(module, "_modules", None) or {}).items():
+        if isinstance(child, PickledObject):
+            out.update(_module_tensors(child, f"{prefix}{k}."))
+    return out
+
+
+def _head_channels(module: PickledObject, path: Path) -> int | None:
+    """Channels per attention head of a pickled DhariwalUNet (its blocks record num_heads)."""
+    widths = set()
+    for part in ("enc", "dec"):
+        for block in module._modules[part]._modules.values():
+            heads = getattr(block, "num_heads", 0)
+            if heads:
+                widths.add(block.out_channels // heads)
+    if len(widths) > 1:
+        raise ValueError(f"{str(path)!r}: attention heads of different widths {sorted(widths)} are not supported")
+    return widths.pop() if widths else None
+
+
+def _from_edm_pickle(path: Path, options):
+    obj = load_module_pickle(path)
+    net = obj.get("ema") if isinstance(obj, dict) else obj
+    if not isinstance(net, PickledObject) or net.class_name not in _EDM_PRECONDS:
+        what = net.class_name if isinstance(net, PickledObject) else type(net).__name__
+        raise ValueError(
+            f"{str(path)!r}: not an EDM network snapshot (a dict whose 'ema' is one of {_EDM_PRECONDS}); found {what}"
+        )
+    if "sigma_data" in options:
+        raise ValueError(f"{str(path)!r}: sigma_data is read from the pickle; do not pass it")
+    model = (getattr(net, "_modules", None) or {}).get("model")
+    kind = getattr(model, "class_name", None)
+    if kind not in ("SongUNet", "DhariwalUNet"):
+        raise ValueError(f"{str(path)!r}: EDM network {kind!r} is not supported (SongUNet, DhariwalUNet)")
+    sd = _module_tensors(model)
+    if kind == "DhariwalUNet":
+        if "num_head_channels" in options:
+            raise ValueError(
+                f"{str(path)!r}: the attention heads are read from the pickle; do not pass num_head_channels"
+            )
+        name, ov, params, extras, options = _from_dhariwal_unet(sd, options, _head_channels(model, path))
+    else:
+        name, ov, params, extras, options = _from_song_unet(sd, options)
+    return name, ov, params, {**extras, **_edm_preconditioning(net)}, options
+
+
+def _edm_preconditioning(net: PickledObject) -> dict:
+    """Process, prediction and network time of EDM's preconditioning wrappers (Karras et al. 2022,
+    Table 1): EDMPrecond F(c_in x; log(sigma) / 4); VPPrecond eps(x_t; (M - 1) t) on the VP SDE with
+    beta(t) = beta_min + beta_d t; VEPrecond -eps(x_t; log(sigma / 2)) on the VE SDE."""
+    if net.class_name == "EDMPrecond":
+        return dict(prediction=EDMPreconditioned(float(net.sigma_data)))
+    if net.class_name == "VPPrecond":
+        steps = float(net.M) - 1.0
+        process = VP(
+            beta_min=float(net.beta_min), beta_max=float(net.beta_min + net.beta_d), t_min=float(net.epsilon_t)
+        )
+        return dict(process=process, prediction="eps", time_input=lambda t: steps * jnp.asarray(t, jnp.float32))
+    process = VE(sigma_min=float(net.sigma_min), sigma_max=float(net.sigma_max))
+    return dict(
+        process=process,
+        prediction="eps",
+        time_input=lambda t: jnp.log(0.5 * process.sigma(t)),
+        output_sign=-1.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,9 +1231,13 @@ def _set_params(model, params, path, kind) -> None:
                 f"{str(path)!r} ({kind}): parameter {'/'.join(map(str, k))} has shape {got[k].shape}, "
                 f"the model expects {leaf.shape}"
             )
-    typed = {k: jnp.asarray(np.asarray(got[k], np.float32), leaf.dtype) for k, leaf in want.items()}
+    params.clear()  # `got` now holds the only references: each array is freed once it is converted
+    typed = {}
+    for k, leaf in want.items():
+        typed[k] = jax.block_until_ready(jnp.asarray(np.asarray(got.pop(k), np.float32), leaf.dtype))
+        _release_freed_memory()
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(typed))
     nnx.update(model, abstract)
 
 
-__all__ = ["FORMATS", "Pretrained", "PretrainedAutoencoder", "ddpm_betas", "load_pretrained"]
+__all__ = ["FORMATS", "Pretrained", "PretrainedAutoencoder", "ddpm_betas", "diffusers_betas", "load_pretrained"]

@@ -1,10 +1,12 @@
-"""Reading weight files without torch: `torch.save` archives (zip and legacy formats, TorchScript)
-and safetensors.
+"""Reading weight files without torch: `torch.save` archives (zip and legacy formats, TorchScript),
+plain pickles of torch modules (NVlabs/edm's network-snapshot-*.pkl) and safetensors.
 
 torch files are pickles; they are read with a restricted unpickler that maps the few torch globals
 describing tensors (storages, `_rebuild_tensor_v2`, parameters) to numpy and refuses every other
-global, so no code from the file is run. safetensors files are a JSON header and raw little-endian
-data, memory-mapped here with numpy.
+global, so no code from the file is run. In `load_module_pickle` the classes of pickled modules (EDM's
+`torch_utils.persistence` classes, torch.nn containers) become `PickledObject`s: a class name and the
+instance's attributes, with no method of the original class. safetensors files are a JSON header and
+raw little-endian data, memory-mapped here with numpy.
 """
 
 from __future__ import annotations
@@ -66,10 +68,25 @@ class _TensorRef:
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride) if n > 0)
         if last >= flat.size:
             raise ValueError(f"tensor of size {self.size} runs past its storage ({flat.size} elements)")
+        if isinstance(flat, np.memmap) and self.stride == _contiguous_strides(self.size):
+            # read the bytes rather than copy them out of the map: mapped pages would count as
+            # resident memory a second time while the checkpoint is converted
+            offset = flat.offset + self.offset * flat.itemsize
+            count = int(np.prod(self.size))
+            data = np.fromfile(flat.filename, dtype=flat.dtype, count=count, offset=offset)
+            return data.reshape(self.size).astype(self.storage.dtype, copy=False)
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :], shape=self.size, strides=[s * flat.itemsize for s in self.stride], writeable=False
         )
         return np.array(view, dtype=self.storage.dtype)
+
+
+def _contiguous_strides(size: tuple) -> tuple:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -118,6 +135,80 @@ _PLAIN_GLOBALS = {
 }
 
 
+class PickledObject:
+    """An instance of a class known here by its name only (`class_name`): its attributes (the
+    pickled state) as plain data. None of the original class's code exists or runs."""
+
+    class_name = ""
+
+    def __init__(self, class_name: str = "", state: dict | None = None):
+        if class_name:
+            self.class_name = class_name
+        self.__dict__.update(state or {})
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"state of a {self.class_name} is a {type(state).__name__}, not a dict")
+        self.__dict__.update(state)
+
+    def __repr__(self):
+        return f"PickledObject({self.class_name!r})"
+
+
+def _reconstruct_persistent(meta):
+    """EDM's `torch_utils.persistence._reconstruct_persistent_obj`, without the class's source code
+    that the pickle carries (`meta["module_src"]`, never read)."""
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("malformed torch_utils.persistence object")
+    return PickledObject(str(meta["class_name"]), meta["state"])
+
+
+def _numpy_dtype(name, align=False, copy=False):
+    dtype = np.dtype(name)
+    if dtype.kind not in "biufc":
+        raise pickle.UnpicklingError(f"refusing numpy dtype {dtype} (numbers only)")
+    return dtype
+
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"refusing numpy scalar of dtype {dtype!r} (numbers only)")
+    return np.frombuffer(data, dtype)[0]
+
+
+class _NumericArray(np.ndarray):
+    """The array a pickled numpy array is rebuilt into: its dtype must be numeric (a pickled object
+    array would unpickle arbitrary objects)."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[2], np.dtype):
+            raise pickle.UnpicklingError("malformed numpy array state")
+        _numpy_dtype(state[2])
+        super().__setstate__(state)
+
+
+def _numpy_array(subtype, shape, typecode):
+    """numpy's `_reconstruct`, for plain ndarrays only; the data arrives in __setstate__."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"refusing numpy array subtype {subtype!r}")
+    return np.ndarray.__new__(_NumericArray, shape, np.uint8)
+
+
+def _storage_from_bytes(data: bytes) -> _Storage:
+    """`torch.storage._load_from_bytes`: a storage pickled on its own is a legacy torch.save stream."""
+    storage = _read_legacy(io.BytesIO(data), "<pickled storage>", buffer=data)
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError(f"a pickled storage holds a {type(storage).__name__}")
+    return storage
+
+
+class _EasyDict(dict):
+    """dnnlib.EasyDict as a plain dict."""
+
+
+_TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, persistent_load):
         super().__init__(file)
@@ -145,20 +236,56 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _reconstruct
         if (module, name) in _PLAIN_GLOBALS:
             return _PLAIN_GLOBALS[(module, name)]
+        return self._module_pickle_global(module, name)
+
+    def _module_pickle_global(self, module: str, name: str):
         raise pickle.UnpicklingError(
             f"refusing to unpickle global {module}.{name}: a weight file is read as tensors and plain "
             "data only (no code is run)"
         )
 
 
+class _ModulePickleUnpickler(_RestrictedUnpickler):
+    """Also the globals a plain `pickle.dump` of torch modules uses (storages as nested torch.save
+    streams, EDM's persistent classes, torch.nn containers, numpy scalars in init kwargs)."""
+
+    def __init__(self, file):
+        super().__init__(file, _no_persistent_ids)
+
+    def _module_pickle_global(self, module: str, name: str):
+        if (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj"):
+            return _reconstruct_persistent
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        if module == "torch.nn.modules.container" and name in _TORCH_CONTAINERS:
+            return type(name, (PickledObject,), {"class_name": name, "__module__": __name__})
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
+            return _numpy_scalar
+        if (module, name) == ("numpy", "dtype"):
+            return _numpy_dtype
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _numpy_array
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("dnnlib.util", "EasyDict"):
+            return _EasyDict
+        return super()._module_pickle_global(module, name)
+
+
+def _no_persistent_ids(pid):
+    raise pickle.UnpicklingError("unexpected persistent id")
+
+
 def _materialize(obj: Any) -> Any:
     if isinstance(obj, _TensorRef):
         return obj.materialize()
+    if isinstance(obj, _NumericArray):
+        return np.array(obj)  # a plain ndarray
     if isinstance(obj, dict):
         return {k: _materialize(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_materialize(v) for v in obj)
-    if isinstance(obj, _ScriptObject):
+    if isinstance(obj, (_ScriptObject, PickledObject)):
         for k, v in list(obj.__dict__.items()):
             obj.__dict__[k] = _materialize(v)
     return obj
@@ -213,38 +340,73 @@ def _load_zip(path: Path) -> tuple[Any, bool]:
 
 def _load_legacy(path: Path) -> Any:
     """A torch.save file in the legacy (< 1.6) format: magic, protocol, sys info, pickle, storages."""
-    no_persistent = lambda pid: (_ for _ in ()).throw(pickle.UnpicklingError("unexpected persistent id"))  # noqa: E731
+    with open(path, "rb") as f:
+        return _materialize(_read_legacy(f, str(path)))
+
+
+def _read_legacy(f, name: str, buffer: bytes | None = None) -> Any:
+    """The object of a legacy torch.save stream `f`; with `buffer` (the bytes `f` reads), storages
+    are views of it rather than copies (the tensors built on them copy once)."""
+    try:
+        magic = _RestrictedUnpickler(f, _no_persistent_ids).load()
+    except Exception as e:  # noqa: BLE001 - any garbage here means "not a torch file"
+        raise ValueError(f"{name!r} is neither a zip nor a legacy torch file: {e}") from e
+    if magic != _LEGACY_MAGIC:
+        raise ValueError(f"{name!r} is not a torch file (bad magic number)")
+    _protocol = _RestrictedUnpickler(f, _no_persistent_ids).load()
+    sys_info = _RestrictedUnpickler(f, _no_persistent_ids).load()
+    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+        raise ValueError(f"{name!r} was saved on a big-endian machine; not supported")
+    storages: dict[str, _Storage] = {}
+
+    def persistent_load(pid):
+        if pid[0] != "storage":
+            raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
+        _, stype, key, _location, _numel, view = pid
+        if view is not None:
+            raise pickle.UnpicklingError("storage views in legacy torch files are not supported")
+        return storages.setdefault(key, _Storage(stype.dtype))
+
+    obj = _RestrictedUnpickler(f, persistent_load).load()
+    keys = _RestrictedUnpickler(f, _no_persistent_ids).load()
+    for key in keys:
+        st = storages[key]
+        (count,) = np.frombuffer(f.read(8), "<i8")
+        nbytes = int(count) * st.dtype.itemsize
+        if buffer is not None and f.tell() + nbytes <= len(buffer):
+            raw = np.frombuffer(buffer, np.uint8, nbytes, offset=f.tell())
+            f.seek(nbytes, io.SEEK_CUR)
+        else:
+            raw = f.read(nbytes)
+        if len(raw) != nbytes:
+            raise ValueError(f"{name!r} is truncated (storage {key})")
+        st.array = np.frombuffer(raw, st.dtype.newbyteorder("<")).astype(st.dtype, copy=False)  # tensors copy it
+    return obj
+
+
+def load_module_pickle(path: str | os.PathLike) -> Any:
+    """The object a plain pickle of torch modules holds (NVlabs/edm's network-snapshot-*.pkl: a dict
+    with "ema", "loss_fn", ...), read without torch and without running pickled code: tensors become
+    numpy arrays, modules `PickledObject`s; any other global is refused with an UnpicklingError
+    naming the file and the global."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {str(path)!r}")
     with open(path, "rb") as f:
         try:
-            magic = _RestrictedUnpickler(f, no_persistent).load()
-        except Exception as e:  # noqa: BLE001 - any garbage here means "not a torch file"
-            raise ValueError(f"{str(path)!r} is neither a zip nor a legacy torch file: {e}") from e
-        if magic != _LEGACY_MAGIC:
-            raise ValueError(f"{str(path)!r} is not a torch file (bad magic number)")
-        _protocol = _RestrictedUnpickler(f, no_persistent).load()
-        sys_info = _RestrictedUnpickler(f, no_persistent).load()
-        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-            raise ValueError(f"{str(path)!r} was saved on a big-endian machine; not supported")
-        storages: dict[str, _Storage] = {}
-
-        def persistent_load(pid):
-            if pid[0] != "storage":
-                raise pickle.UnpicklingError(f"unknown persistent id {pid[0]!r}")
-            _, stype, key, _location, _numel, view = pid
-            if view is not None:
-                raise pickle.UnpicklingError("storage views in legacy torch files are not supported")
-            return storages.setdefault(key, _Storage(stype.dtype))
-
-        obj = _RestrictedUnpickler(f, persistent_load).load()
-        keys = _RestrictedUnpickler(f, no_persistent).load()
-        for key in keys:
-            st = storages[key]
-            (count,) = np.frombuffer(f.read(8), "<i8")
-            raw = f.read(int(count) * st.dtype.itemsize)
-            if len(raw) != int(count) * st.dtype.itemsize:
-                raise ValueError(f"{str(path)!r} is truncated (storage {key})")
-            st.array = np.frombuffer(raw, st.dtype.newbyteorder("<")).astype(st.dtype)
+            obj = _ModulePickleUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{str(path)!r}: {e}") from e
     return _materialize(obj)
+
+
+def is_module_pickle(path: str | os.PathLike) -> bool:
+    """Whether `path` starts like a plain pickle (protocol 2 or later) and not like a legacy torch.save
+    file (which is a pickle of its magic number first)."""
+    magic = b"\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little")  # LONG1 of the magic number, any protocol
+    with open(path, "rb") as f:
+        head = f.read(32)
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and magic not in head
 
 
 def _flatten_module(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -364,7 +364,7 @@ class ADMResBlock(nnx.Module):
         dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
         self.up, self.down, self.dropout = up, down, cfg.dropout
         self.scale_shift = cfg.use_scale_shift_norm
-        self.norm0 = L.GroupNorm(in_ch, cfg.norm_groups, eps=1e-5, **dt)
+        self.norm0 = L.GroupNorm(in_ch, cfg.groups(in_ch), eps=cfg.norm_eps, **dt)
         self.conv0 = L.Conv2d(in_ch, out_ch, 3, kernel_init=L.torch_default_init(), **dt)
         self.temb = L.Dense(
             temb_dim,
@@ -373,7 +373,7 @@ class ADMResBlock(nnx.Module):
             kernel_init=L.torch_default_init(),
             **dt,
         )
-        self.norm1 = L.GroupNorm(out_ch, cfg.norm_groups, eps=1e-5, **dt)
+        self.norm1 = L.GroupNorm(out_ch, cfg.groups(out_ch), eps=cfg.norm_eps, **dt)
         self.conv1 = L.Conv2d(out_ch, out_ch, 3, kernel_init=L.zeros_init, **dt)
         self.skip = L.Conv2d(in_ch, out_ch, 1, kernel_init=L.torch_default_init(), **dt) if in_ch != out_ch else None
 
@@ -428,8 +428,8 @@ class ADMUNet(nnx.Module):
             return AttnBlock(
                 ch,
                 heads,
-                groups=cfg.norm_groups,
-                eps=1e-5,
+                groups=cfg.groups(ch),
+                eps=cfg.norm_eps,
                 skip_rescale=False,
                 qkv_init=L.torch_default_init(in_axis=0, out_axis=(1, 2, 3)),
                 cfg=cfg,
@@ -444,7 +444,7 @@ class ADMUNet(nnx.Module):
                 with_conv=cfg.conv_resample,
                 fir=False,
                 fir_kernel=(1, 1),
-                down_pad=(1, 1),
+                down_pad=tuple(cfg.downsample_pad),
                 kernel_init=init,
                 **dt,
             )
@@ -480,7 +480,7 @@ class ADMUNet(nnx.Module):
         assert not skip_channels
         self.up = nnx.Dict(up)
         self.down_order, self.up_order = tuple(down), tuple(up)  # forward order of the layers
-        self.norm_out = L.GroupNorm(ch, cfg.norm_groups, eps=1e-5, **dt)
+        self.norm_out = L.GroupNorm(ch, cfg.groups(ch), eps=cfg.norm_eps, **dt)
         self.conv_out = L.Conv2d(ch, cfg.out_channels, 3, kernel_init=L.zeros_init, **dt)
 
     def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
@@ -493,7 +493,7 @@ class ADMUNet(nnx.Module):
         keys = iter(_dropout_keys(rngs, train, cfg.dropout, len(blocks) + 2))
         run = L.maybe_remat(_call, cfg.remat)
 
-        emb = L.sinusoidal_embedding(cfg.time_scale * t, cfg.model_channels)
+        emb = L.sinusoidal_embedding(cfg.time_scale * t, cfg.model_channels, endpoint=cfg.frequency_shift == 1)
         temb = self.temb1(jax.nn.silu(self.temb0(emb)))
         if y is not None:
             temb = temb + self.class_embed(y)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,16 @@ def write_checkpoint(model: str, path: Path) -> None:
     torch.save(sd, path)
 
 
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: resident now; VmHWM: peak resident of this process
+    image; unlike getrusage's ru_maxrss, which Linux carries over from the parent across fork/exec,
+    so the parent's torch-written checkpoint would count as the child's baseline)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def load_only(path: str) -> None:
     """Child process: import, measure the baseline RSS, load, measure the peak."""
     import jax
@@ -49,10 +58,10 @@ def load_only(path: str) -> None:
     from diffjax.models import load_pretrained
 
     jax.numpy.zeros(1).block_until_ready()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _status_kb("VmRSS")
     pt = load_pretrained(path)
     jax.block_until_ready(pt.params)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kb("VmHWM")
     print(f"{base} {peak}")
 
 
@@ -67,25 +76,30 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ckpt.pt"
         write_checkpoint(args.model, path)
-        size = path.stat().st_size
-        out = subprocess.run(
-            [sys.executable, "-m", "experiments.benchmarks.pretrained_memory", "--child", str(path)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        ).stdout.split()
+        row = measure(args.model, path)
+    table = markdown_table(list(row), [list(row.values())])
+    print(table)
+    write_results(f"pretrained_memory_{args.model.replace('/', '-')}", {"rows": [row]}, table)
+
+
+def measure(name: str, path: Path) -> dict:
+    """Baseline and peak RSS of a fresh process that loads `path` with load_pretrained."""
+    size = path.stat().st_size
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmarks.pretrained_memory", "--child", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    ).stdout.split()
     base_kb, peak_kb = int(out[-2]), int(out[-1])
-    row = {
-        "model": args.model,
+    return {
+        "model": name,
         "checkpoint_MB": round(size / 1e6, 1),
         "baseline_RSS_MB": round(base_kb / 1e3, 1),
         "peak_RSS_MB": round(peak_kb / 1e3, 1),
         "(peak - baseline) / size": round((peak_kb * 1e3 - base_kb * 1e3) / size, 2),
     }
-    table = markdown_table(list(row), [list(row.values())])
-    print(table)
-    write_results(f"pretrained_memory_{args.model.replace('/', '-')}", {"rows": [row]}, table)
 
 
 if __name__ == "__main__":
