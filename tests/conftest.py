@@ -1,11 +1,12 @@
-"""Test set-up: 8 virtual CPU devices for the mesh tests, and a persistent compilation cache for
-the CLI / multi-process subprocesses, which compile the same programs again and again.
+"""Test set-up: 8 virtual CPU devices for the mesh tests, a persistent compilation cache for the
+CLI / multi-process subprocesses, which compile the same programs again and again, and a cache
+for this pytest process that lives as long as the run (DIFFJAX_TEST_IN_PROCESS_CACHE=0 turns it
+off); the compiled programs are released during the run (see `_release_compiled_programs`)."""
 
-The pytest process itself does not use the cache: it has nothing to reuse in a fresh clone, and
-the compiled programs are released during the run (see `_release_compiled_programs`)."""
-
+import atexit
 import gc
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -17,7 +18,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402  (after the environment above)
 
-jax.config.update("jax_enable_compilation_cache", False)
+if os.environ.get("DIFFJAX_TEST_IN_PROCESS_CACHE", "1") == "1":
+    # A cache for this run only (removed at exit): tests that build the same program again (three
+    # training runs in the resume test, the same tiny config across files) load it instead of
+    # compiling; a fresh clone starts as cold as any other run.
+    _RUN_CACHE = tempfile.mkdtemp(prefix="diffjax-test-run-cache-")
+    atexit.register(shutil.rmtree, _RUN_CACHE, ignore_errors=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", _RUN_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+else:
+    jax.config.update("jax_enable_compilation_cache", False)
 # Start the CPU backend now, with the 8 devices above: a test that changes XLA_FLAGS for its
 # subprocesses (test_reliability's one_device) must not decide this process's device count when it
 # happens to run first (as it can in a pytest-xdist worker or a -k selection).
