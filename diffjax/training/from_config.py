@@ -22,6 +22,7 @@ from diffjax.processes import GaussianProcess, get_process
 from diffjax.samplers import GRIDS, SOLVERS, sample
 from diffjax.training import sharding as shard_lib
 from diffjax.training.config import ConfigError
+from diffjax.training.posthoc_ema import power_ema
 from diffjax.training.state import ParamAverage, ema, make_learning_rate, make_optimizer
 from diffjax.validation import build_named
 
@@ -212,6 +213,11 @@ def optimizer_from_config(config, learning_rate: optax.Schedule) -> optax.Gradie
 
 def average_from_config(config) -> ParamAverage:
     return ema(float(config.train.ema_decay), warmup=bool(config.train.ema_warmup))
+
+
+def tracked_averages_from_config(config) -> tuple[ParamAverage, ...]:
+    """The post-hoc EMA profiles of config.train.posthoc_ema (kept in state.tracked_averages)."""
+    return tuple(power_ema(float(s)) for s in config.train.posthoc_ema)
 
 
 def schedule_fields(config) -> dict:
