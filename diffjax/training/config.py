@@ -627,9 +627,7 @@ def _validate_posthoc_ema(train) -> None:
         f"a tuple of distinct sigma_rel values in (0, {MAX_SIGMA_REL:.4f}), e.g. (0.05, 0.1) (() = off)",
     )
     every = train.posthoc_ema_every
-    _require(
-        _int(every) and every >= 0, "train.posthoc_ema_every", every, "an int >= 0 (0: with every checkpoint)"
-    )
+    _require(_int(every) and every >= 0, "train.posthoc_ema_every", every, "an int >= 0 (0: with every checkpoint)")
 
 
 def _validate_inverse(inverse) -> None:
