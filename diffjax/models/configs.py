@@ -342,7 +342,13 @@ class EDM2UNetConfig(ModelConfig):
         last = len(self.channel_mult) - 1
         for i, c in enumerate(self.level_channels):
             if (self.hw[0] // 2**i in self.attn_resolutions or i == last) and c % self.channels_per_head:
-                _fail(cls, "channels_per_head", self.channels_per_head, f"must divide the attention channels ({c})")
+                _fail(
+                    cls,
+                    "channels_per_head",
+                    self.channels_per_head,
+                    f"must divide every attention level's channels ({c} = channel_mult entry x model_channels "
+                    f"{self.model_channels})",
+                )
         return self
 
 

@@ -39,6 +39,9 @@ NETWORK = dict(
     use_fp16=False,
 )
 
+# Published sizes whose state-dict entry counts (parameters and Fourier buffers) are recorded.
+PRESET_SIZES = {"EDM2-img512-xs": (64, 4, 128), "EDM2-img512-xxl": (64, 4, 448), "EDM2-img64-s": (64, 3, 192)}
+
 
 def _sibling(name: str):
     """experiments/pretrained/<name>.py as a module (sys.path untouched)."""
@@ -78,6 +81,10 @@ def main():
     denoised, logvar = net(x, sigma, labels, return_logvar=True)
 
     arrays = {f"state/{k}": v.numpy() for k, v in net.state_dict().items()}
+    for name, (resolution, channels, width) in PRESET_SIZES.items():  # built on the meta device: no memory
+        with torch.device("meta"):
+            preset = networks.Precond(resolution, channels, 1000, model_channels=width)
+        arrays[f"state_size/{name}"] = np.asarray(sum(v.numel() for v in preset.state_dict().values()))
     arrays.update(
         x=fixtures.nhwc(x),
         sigma=sigma.numpy(),
