@@ -128,6 +128,23 @@ def test_forced_weight_normalization_projects_the_updated_weights():
     assert float(new["gain"]) == pytest.approx(float(plain_new["gain"]))
 
 
+def test_the_trainer_config_adds_forced_weight_normalization():
+    from test_training import tiny_config
+
+    from diffjax.training import from_config as fc
+
+    config = tiny_config()
+    config.optim.forced_weight_normalization = True
+    config.optim.grad_clip = 0.0
+    optimizer = fc.optimizer_from_config(config, optax.constant_schedule(0.1))
+    params = {"layer": {"weight": jnp.full((4, 3), 5.0)}, "out_gain": jnp.asarray(0.0)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(jnp.sqrt(jnp.mean(new["layer"]["weight"] ** 2, 0)), 1.0, rtol=1e-3)
+    assert float(new["out_gain"]) != 0.0  # trained, not normalised
+
+
 def test_uncertainty_weighted_loss_is_minimal_at_the_log_loss():
     loss = jnp.asarray([0.01, 0.5, 3.0])
     grad = jax.grad(lambda u: jnp.sum(edm2.uncertainty_weighted(loss, u)))(jnp.log(loss))

@@ -168,3 +168,26 @@ def test_training_reconstructs_its_directly_tracked_ema(tmp_path, capsys):
     # the two profiles differ: the check above could fail
     other = restored.state.tracked_averages[0]
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(tracked))) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("posthoc_ema", (0.05, 0.5)),  # wider than any power profile
+        ("posthoc_ema", (0.1, 0.1)),
+        ("posthoc_ema", 0.1),
+        ("posthoc_ema", (0.0,)),
+        ("posthoc_ema_every", -1),
+        ("posthoc_ema_every", 2.5),
+    ],
+)
+def test_bad_posthoc_config_names_the_key(key, value):
+    from test_training import tiny_config
+
+    from diffjax.training import ConfigError, validate_config
+
+    config = tiny_config()
+    with config.train.ignore_type():
+        config.train[key] = value
+    with pytest.raises(ConfigError, match=f"config.train.{key} = "):
+        validate_config(config)

@@ -99,6 +99,10 @@ CONFIG_KEYS = {
     "optim.warmup_steps": (100, "linear warm-up steps"),
     "optim.min_lr_ratio": (0.0, "cosine decays to learning_rate * min_lr_ratio"),
     "optim.grad_clip": (1.0, "global-norm gradient clipping; 0 disables"),
+    "optim.forced_weight_normalization": (
+        False,
+        "after each update, rescale every parameter named 'weight' (EDM2's MP layers) to unit RMS per output",
+    ),
     "train.num_steps": (10_000, "optimizer steps of the run"),
     "train.batch_size": (128, "global batch size, over all hosts and devices"),
     "train.ema_decay": (0.999, "decay of the parameters' exponential moving average"),
@@ -520,6 +524,12 @@ def validate_config(config) -> None:
         "optim.grad_clip",
         optim.grad_clip,
         "a number >= 0 (0 disables clipping)",
+    )
+    _require(
+        isinstance(optim.forced_weight_normalization, bool),
+        "optim.forced_weight_normalization",
+        optim.forced_weight_normalization,
+        "True or False",
     )
 
     train = config.train

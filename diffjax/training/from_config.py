@@ -18,6 +18,7 @@ from diffjax import losses, models
 from diffjax.control.operators import OPERATORS, Operator
 from diffjax.control.posterior import POSTERIOR_METHODS, PosteriorMethod
 from diffjax.denoisers import PRECONDITIONED, Denoiser
+from diffjax.models import edm2
 from diffjax.processes import GaussianProcess, get_process
 from diffjax.samplers import GRIDS, SOLVERS, sample
 from diffjax.training import sharding as shard_lib
@@ -199,8 +200,9 @@ def learning_rate_from_config(config) -> optax.Schedule:
 
 
 def optimizer_from_config(config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    """make_optimizer of config.optim, followed by EDM2's forced weight normalisation if asked."""
     o = config.optim
-    return make_optimizer(
+    optimizer = make_optimizer(
         learning_rate,
         name=o.name,
         b1=float(o.b1),
@@ -209,6 +211,9 @@ def optimizer_from_config(config, learning_rate: optax.Schedule) -> optax.Gradie
         weight_decay=float(o.weight_decay),
         grad_clip=float(o.grad_clip),
     )
+    if o.forced_weight_normalization:
+        optimizer = optax.chain(optimizer, edm2.forced_weight_normalization())
+    return optimizer
 
 
 def average_from_config(config) -> ParamAverage:
