@@ -191,3 +191,32 @@ def test_bad_posthoc_config_names_the_key(key, value):
         config.train[key] = value
     with pytest.raises(ConfigError, match=f"config.train.{key} = "):
         validate_config(config)
+
+
+def test_checkpoints_keep_the_tracked_averages_and_older_checkpoints_still_restore(tmp_path):
+    """A state with tracked profiles round-trips; one written before TrainState had the field (the
+    same fields less tracked_averages) restores into today's state with none."""
+    import dataclasses
+
+    import flax.struct
+
+    from diffjax.training.checkpoint import Checkpointer
+    from diffjax.training.state import TrainState
+
+    names = [f.name for f in dataclasses.fields(TrainState) if f.name != "tracked_averages"]
+    former = flax.struct.dataclass(type("FormerTrainState", (), {"__annotations__": dict.fromkeys(names, "Any")}))
+    tracked = (ph.power_ema(0.05), ph.power_ema(0.1))
+    state = create_train_state({"w": jnp.arange(4.0)}, optax.sgd(0.1), 0, tracked=tracked)
+    state = state.replace(tracked_averages=(state.params, {"w": jnp.full(4, 2.0)}))
+    plain = create_train_state({"w": jnp.arange(4.0)}, optax.sgd(0.1), 0)
+    checkpointer = Checkpointer(str(tmp_path / "tracked"), async_save=False)
+    checkpointer.save(1, state, None, {})
+    restored = checkpointer.restore(jax.eval_shape(lambda: state))
+    np.testing.assert_array_equal(restored.state.tracked_averages[1]["w"], np.full(4, 2.0))
+    checkpointer.close()
+    checkpointer = Checkpointer(str(tmp_path / "former"), async_save=False)
+    checkpointer.save(1, former(**{name: getattr(plain, name) for name in names}), None, {})
+    restored = checkpointer.restore(jax.eval_shape(lambda: plain))
+    assert restored.skipped == [] and restored.state.tracked_averages == ()
+    np.testing.assert_array_equal(restored.state.params["w"], np.arange(4.0))
+    checkpointer.close()
