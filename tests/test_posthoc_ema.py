@@ -220,3 +220,12 @@ def test_checkpoints_keep_the_tracked_averages_and_older_checkpoints_still_resto
     assert restored.skipped == [] and restored.state.tracked_averages == ()
     np.testing.assert_array_equal(restored.state.params["w"], np.arange(4.0))
     checkpointer.close()
+
+
+def test_bfloat16_averages_are_saved_exactly(tmp_path):
+    average = {"w": jnp.asarray([0.1, -3.0, 7.5], jnp.bfloat16)}
+    ph.save_snapshot(str(tmp_path), 5, (0.1,), [jax.device_get(average)])
+    flat, _ = ph.reconstruct_posthoc_ema(str(tmp_path), 0.1)
+    np.testing.assert_array_equal(flat["['w']"], np.asarray(average["w"], np.float32))
+    restored = ph.params_like(average, flat)
+    assert restored["w"].dtype == jnp.bfloat16 and bool(jnp.all(restored["w"] == average["w"]))

@@ -177,13 +177,17 @@ def _leaf_names(tree) -> list[str]:
 
 def save_snapshot(workdir: str, step: int, sigma_rels: Sequence[float], averages: Sequence[Any]) -> str:
     """Write the tracked averages (host arrays, one pytree per sigma_rel) of `step` atomically to
-    workdir/posthoc_ema/step_<step>.npz; returns its path."""
+    workdir/posthoc_ema/step_<step>.npz; returns its path. Floats numpy cannot store (bfloat16)
+    are written as float32, which holds them exactly."""
     if len(sigma_rels) != len(averages):
         raise ValueError(f"{len(sigma_rels)} sigma_rels for {len(averages)} averages")
     arrays = {"step": np.asarray(int(step), np.int64), "sigma_rels": np.asarray(sigma_rels, np.float64)}
     for k, average in enumerate(averages):
         for name, leaf in zip(_leaf_names(average), jax.tree.leaves(average)):
-            arrays[f"{k}:{name}"] = np.asarray(leaf)
+            leaf = np.asarray(leaf)
+            if leaf.dtype.kind == "V" or (jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype.itemsize < 4):
+                leaf = leaf.astype(np.float32)
+            arrays[f"{k}:{name}"] = leaf
     directory = os.path.join(workdir, SNAPSHOT_DIR)
     os.makedirs(directory, exist_ok=True)
     return atomic_write(os.path.join(directory, f"step_{int(step):07d}.npz"), lambda f: np.savez(f, **arrays))
