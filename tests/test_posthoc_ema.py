@@ -3,6 +3,7 @@ reconstruction against its Cauchy-Schwarz bound, and a trained run whose directl
 reconstructed from its snapshots."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -229,3 +230,33 @@ def test_bfloat16_averages_are_saved_exactly(tmp_path):
     np.testing.assert_array_equal(flat["['w']"], np.asarray(average["w"], np.float32))
     restored = ph.params_like(average, flat)
     assert restored["w"].dtype == jnp.bfloat16 and bool(jnp.all(restored["w"] == average["w"]))
+
+
+def test_resuming_with_other_tracked_widths_is_refused_by_name():
+    """The train state holds one average per width: a checkpoint is resumed only with the same ones
+    (and runs without post-hoc EMA keep their former compatibility record)."""
+    from test_training import tiny_config
+
+    from diffjax.training import CheckpointError
+    from diffjax.training.run import check_compatible, config_compatibility
+
+    plain = tiny_config()
+    assert "train.posthoc_ema" not in config_compatibility(plain)
+    tracked = tiny_config(posthoc_ema=(0.05, 0.1))
+    saved = {"compatibility": config_compatibility(tracked)}
+    check_compatible("ckpt", 4, saved, {"compatibility": config_compatibility(tiny_config(posthoc_ema=(0.05, 0.1)))})
+    for other in (plain, tiny_config(posthoc_ema=(0.05, 0.2))):
+        with pytest.raises(CheckpointError, match=r"train\.posthoc_ema"):
+            check_compatible("ckpt", 4, saved, {"compatibility": config_compatibility(other)})
+
+
+def test_the_command_reports_bad_input_clearly(tmp_path, capsys):
+    out = str(tmp_path / "out.npz")
+    with pytest.raises(SystemExit):
+        ph.main(["--workdir", str(tmp_path), "--sigma_rel", "0.1", "--out", out])
+    assert "no post-hoc EMA snapshots" in capsys.readouterr().err
+    ph.save_snapshot(str(tmp_path), 3, (0.1,), [{"w": np.ones(2, np.float32)}])
+    with pytest.raises(SystemExit):
+        ph.main(["--workdir", str(tmp_path), "--sigma_rel", "0.4", "--out", out])
+    assert "sigma_rel=0.4: must be in (0, 0.3003)" in capsys.readouterr().err
+    assert not os.path.exists(out)
