@@ -176,8 +176,8 @@ class EDM2UNet(nnx.Module):
     """EDM2's magnitude-preserving U-Net F(x, c_noise, y) (Karras et al. 2024), called with EDM's
     c_noise = log(sigma) / 4 (wrap it in `denoisers.EDMPreconditioned`). Labels enter as
     sqrt(num_classes) one_hot(y) (the null class num_classes: the zero vector) through an MP linear
-    layer MP-summed with the noise embedding. The log-variance head (`logvar_fourier`,
-    `logvar_linear`) is evaluated by `logvar(t)` / `logvar_from_params`, not by `__call__`.
+    layer MP-summed with the noise embedding. The log-variance head (`logvar_fourier_*`,
+    `logvar_linear`) is evaluated by `logvar_from_params(params, t)`, not by `__call__`.
     """
 
     def __init__(self, cfg: EDM2UNetConfig, *, rngs: nnx.Rngs):
@@ -249,15 +249,6 @@ class EDM2UNet(nnx.Module):
             one_hot = jax.nn.one_hot(y, cfg.num_classes, dtype=jnp.float32) * math.sqrt(cfg.num_classes)
             emb = mp_sum(emb, self.emb_label(one_hot), cfg.label_balance)
         return mp_silu(emb)
-
-    def logvar(self, t: jax.Array) -> jax.Array:
-        """u(sigma) of EDM2 Eq. 21 at c_noise t: (batch,) float32."""
-        features = mp_fourier(
-            self.cfg.time_scale * jnp.reshape(jnp.asarray(t, jnp.float32), (-1,)),
-            jax.lax.stop_gradient(self.logvar_fourier_freqs[...]),
-            jax.lax.stop_gradient(self.logvar_fourier_phases[...]),
-        )
-        return self.logvar_linear(features)[:, 0].astype(jnp.float32)
 
     def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
         cfg = self.cfg
