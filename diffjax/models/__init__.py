@@ -19,7 +19,8 @@ Model contract (the rest of diffjax relies on it)
     "dropout" stream, or a PRNG key). DiT has no dropout.
 * `create(name, **overrides)` builds a preset (`preset_names()`): "unet-small", "DDPM++-cifar10",
   "DDPM++-cifar10-deep", "NCSN++-cifar10", "NCSN++-cifar10-deep", "DDPM++-cifar10-edm",
-  "NCSN++-cifar10-edm", "ADM-cifar10", "ADM-imagenet64", "DiT-{S,B,L,XL}/{2,4,8}". Overrides are
+  "NCSN++-cifar10-edm", "ADM-cifar10", "ADM-imagenet64", "DiT-{S,B,L,XL}/{2,4,8}",
+  "EDM2-img512-{xxs,xs,s,m,l,xl,xxl}", "EDM2-img64-{xs,s,m,l,xl}" (`EDM2UNet`). Overrides are
   config fields (see `SongUNetConfig`, `ADMUNetConfig`, `DiTConfig`), e.g. image_size, in_channels,
   num_classes, dtype, param_dtype, attention_impl, remat, scan_layers. Unknown names or bad values
   raise ValueError before anything is traced.
@@ -63,8 +64,9 @@ from diffjax.models.api import (
     param_count,
     preset_names,
 )
-from diffjax.models.configs import ADMUNetConfig, DiTConfig, ModelConfig, SongUNetConfig, ToyMLPConfig
+from diffjax.models.configs import ADMUNetConfig, DiTConfig, EDM2UNetConfig, ModelConfig, SongUNetConfig, ToyMLPConfig
 from diffjax.models.dit import DiT
+from diffjax.models.edm2 import EDM2UNet
 from diffjax.models.layers import (
     REMAT_CHOICES,
     Attention,
@@ -83,6 +85,8 @@ __all__ = [
     "Attention",
     "DiT",
     "DiTConfig",
+    "EDM2UNet",
+    "EDM2UNetConfig",
     "LOGICAL_AXES",
     "ModelConfig",
     "PARAM_AXES",

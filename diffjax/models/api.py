@@ -13,8 +13,9 @@ from flax import nnx
 from flax.nnx import traversals
 from jax.extend import core as jex_core
 
-from diffjax.models.configs import ADMUNetConfig, DiTConfig, ModelConfig, SongUNetConfig, ToyMLPConfig
+from diffjax.models.configs import ADMUNetConfig, DiTConfig, EDM2UNetConfig, ModelConfig, SongUNetConfig, ToyMLPConfig
 from diffjax.models.dit import DiT
+from diffjax.models.edm2 import EDM2UNet
 from diffjax.models.mlp import ToyMLP
 from diffjax.models.unet import ADMUNet, SongUNet
 
@@ -43,6 +44,12 @@ LOGICAL_AXES: dict[str, str] = {
     "act_channels": "activation channel axis of U-Net feature maps",
 }
 PARAM_AXES = ("layers", "embed", "mlp", "heads", "kv", "conv_in", "conv_out", "classes", "norm")
+
+# EDM2 (Karras et al. 2024) widths: ImageNet-512 on 64x64x4 latents and ImageNet-64 pixels
+# (NVlabs/edm2 train_edm2.py config_presets: channels, dropout).
+_EDM2_IMG512 = {"xxs": (64, 0.0), "xs": (128, 0.0), "s": (192, 0.0), "m": (256, 0.1), "l": (320, 0.1)}
+_EDM2_IMG512 |= {"xl": (384, 0.1), "xxl": (448, 0.1)}
+_EDM2_IMG64 = {"xs": (128, 0.0), "s": (192, 0.0), "m": (256, 0.1), "l": (320, 0.1), "xl": (384, 0.1)}
 
 _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
@@ -133,11 +140,25 @@ def _presets() -> dict[str, ModelConfig]:
                 depth=depth,
                 num_heads=heads,
             )
+    for size, (channels, dropout) in _EDM2_IMG512.items():
+        presets[f"EDM2-img512-{size}"] = EDM2UNetConfig(
+            image_size=64, in_channels=4, num_classes=1000, model_channels=channels, dropout=dropout
+        )
+    for size, (channels, dropout) in _EDM2_IMG64.items():
+        presets[f"EDM2-img64-{size}"] = EDM2UNetConfig(
+            image_size=64, in_channels=3, num_classes=1000, model_channels=channels, dropout=dropout
+        )
     return presets
 
 
 PRESETS: dict[str, ModelConfig] = _presets()
-_MODEL_CLASSES = {SongUNetConfig: SongUNet, ADMUNetConfig: ADMUNet, DiTConfig: DiT, ToyMLPConfig: ToyMLP}
+_MODEL_CLASSES = {
+    SongUNetConfig: SongUNet,
+    ADMUNetConfig: ADMUNet,
+    DiTConfig: DiT,
+    EDM2UNetConfig: EDM2UNet,
+    ToyMLPConfig: ToyMLP,
+}
 
 
 def preset_names() -> tuple[str, ...]:

@@ -309,6 +309,78 @@ class DiTConfig(ModelConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EDM2UNetConfig(ModelConfig):
+    """The magnitude-preserving U-Net of EDM2 (Karras et al. 2024, "Analyzing and Improving the Training
+    Dynamics of Diffusion Models", config G). model_channels base width, channel_mult per level,
+    channel_mult_noise / channel_mult_emb (0 = the first level's / the widest level's multiplier),
+    num_blocks per level, attn_resolutions (absolute, in pixels of the height), channels_per_head,
+    label_balance / concat_balance / res_balance / attn_balance (the t of the MP sums and
+    concatenations), clip_act (0 = no clipping), logvar_channels (Fourier features of the
+    uncertainty head). Fed EDM's c_noise = log(sigma) / 4 (time_scale 1); no learned sigma.
+    """
+
+    time_scale: float = 1.0
+    model_channels: int = 192
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    channel_mult_noise: int = 0
+    channel_mult_emb: int = 0
+    num_blocks: int = 3
+    attn_resolutions: tuple[int, ...] = (16, 8)
+    channels_per_head: int = 64
+    dropout: float = 0.0
+    label_balance: float = 0.5
+    concat_balance: float = 0.5
+    res_balance: float = 0.3
+    attn_balance: float = 0.3
+    clip_act: float = 256.0
+    logvar_channels: int = 128
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def noise_channels(self) -> int:
+        return self.model_channels * self.channel_mult_noise if self.channel_mult_noise else self.level_channels[0]
+
+    @property
+    def emb_channels(self) -> int:
+        return self.model_channels * self.channel_mult_emb if self.channel_mult_emb else max(self.level_channels)
+
+    def validate(self):
+        super().validate()
+        cls = type(self)
+        for name in ("model_channels", "num_blocks", "channels_per_head", "logvar_channels"):
+            _positive(cls, name, getattr(self, name))
+        for name in ("channel_mult_noise", "channel_mult_emb"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(cls, name, value, "an int >= 0 (0 = chosen from channel_mult)")
+        _check_unet_levels(self, "channel_mult", "attn_resolutions")
+        if self.learn_sigma:
+            _fail(cls, "learn_sigma", self.learn_sigma, "False (EDM2 predicts a log-variance per noise level instead)")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            _fail(cls, "dropout", self.dropout, "a rate in [0, 1)")
+        for name in ("label_balance", "concat_balance", "res_balance", "attn_balance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                _fail(cls, name, value, "a number in [0, 1]")
+        if not isinstance(self.clip_act, (int, float)) or isinstance(self.clip_act, bool) or self.clip_act < 0:
+            _fail(cls, "clip_act", self.clip_act, "a number >= 0 (0 = no clipping)")
+        last = len(self.channel_mult) - 1
+        for i, c in enumerate(self.level_channels):
+            if (self.hw[0] // 2**i in self.attn_resolutions or i == last) and c % self.channels_per_head:
+                _fail(
+                    cls,
+                    "channels_per_head",
+                    self.channels_per_head,
+                    f"must divide every attention level's channels ({c} = channel_mult entry x model_channels "
+                    f"{self.model_channels})",
+                )
+        return self
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ToyMLPConfig:
     """A residual MLP for vector data of shape (batch, data_dim) (toy distributions, tabular data).
 

@@ -1,5 +1,5 @@
 """Training: train state and the train-step factory, the run built from a config, sharding,
-checkpoints, metrics, the loop, and `load_run` for a trained run."""
+checkpoints, metrics, the loop, `load_run` for a trained run, and post-hoc EMA (`posthoc_ema`)."""
 
 from diffjax.training.checkpoint import Checkpointer, CheckpointError
 from diffjax.training.config import ConfigError, base_config, validate_config
@@ -7,6 +7,7 @@ from diffjax.training.images import save_image_grid
 from diffjax.training.inverse import reconstruct_from_checkpoint
 from diffjax.training.load import LoadedRun, load_run
 from diffjax.training.loop import TrainingStopped, evaluate, prepare_training, sample_from_checkpoint, train
+from diffjax.training.posthoc_ema import power_ema, reconstruct_posthoc_ema
 from diffjax.training.run import Run, build_run, check_environment
 from diffjax.training.state import (
     ParamAverage,
@@ -36,8 +37,10 @@ __all__ = [
     "load_run",
     "make_optimizer",
     "make_train_step",
+    "power_ema",
     "prepare_training",
     "reconstruct_from_checkpoint",
+    "reconstruct_posthoc_ema",
     "sample_from_checkpoint",
     "save_image_grid",
     "stream_key",

@@ -13,6 +13,7 @@ failed write raises CheckpointError naming the step; earlier checkpoints stay in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -73,6 +74,21 @@ def inspect_state(state) -> tuple[bool, list[int]]:
     return bool(finite), [int(s) for s in np.asarray(sums)]
 
 
+def _on_disk(state) -> dict:
+    """A train state (or its abstract target) as written: its fields as a dict, without
+    `tracked_averages` when it is empty, so that runs without post-hoc EMA keep the layout of the
+    checkpoints written before the field existed (orbax matches trees by their keys)."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if not fields.get("tracked_averages", True):
+        del fields["tracked_averages"]
+    return fields
+
+
+def _from_disk(restored: dict, target):
+    """The train state of `target`'s type from a dict restored by `_on_disk(target)`."""
+    return target.replace(**restored)
+
+
 def _json_checksum(payload) -> int:
     return zlib.crc32(json.dumps(payload, sort_keys=True).encode())
 
@@ -118,7 +134,7 @@ class Checkpointer:
             log.error("step %d: parameters are not finite; checkpoint NOT saved", step)
             return False
         metadata = {**metadata, "checksums": checksums}
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.StandardSave(_on_disk(state))}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
             metadata["data_checksum"] = _json_checksum(data_state)
@@ -198,12 +214,13 @@ class Checkpointer:
 
     def _restore_step(self, step: int, abstract_state, metadata: dict) -> Restored:
         has_data = (epath.Path(self.directory) / str(step) / "data").exists()
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": ocp.args.StandardRestore(_on_disk(abstract_state))}
         if has_data:
             items["data"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         data_state = out.data if has_data else None
-        finite, checksums = inspect_state(out.state)
+        state = _from_disk(out.state, abstract_state)
+        finite, checksums = inspect_state(state)
         if not finite:
             raise CheckpointError(f"checkpoint at step {step} holds non-finite parameters")
         saved = metadata.get("checksums")
@@ -215,4 +232,4 @@ class Checkpointer:
         expected = metadata.get("data_checksum")
         if has_data and expected is not None and expected != _json_checksum(data_state):
             raise CheckpointError(f"checkpoint at step {step}: the data-iterator state differs from its saved checksum")
-        return Restored(step, out.state, data_state, metadata, [])
+        return Restored(step, state, data_state, metadata, [])

@@ -41,6 +41,7 @@ from diffjax.data.config import PRESETS as DATA_PRESETS
 from diffjax.denoisers import PRECONDITIONED, PREDICTIONS
 from diffjax.processes import PROCESSES
 from diffjax.samplers import DEFAULT_SOLVER, GRIDS, SOLVERS
+from diffjax.training.posthoc_ema import MAX_SIGMA_REL
 from diffjax.training.sharding import DEFAULT_RULES
 from diffjax.validation import build_named, check_choice, check_dataclass_fields, nearest
 
@@ -98,10 +99,16 @@ CONFIG_KEYS = {
     "optim.warmup_steps": (100, "linear warm-up steps"),
     "optim.min_lr_ratio": (0.0, "cosine decays to learning_rate * min_lr_ratio"),
     "optim.grad_clip": (1.0, "global-norm gradient clipping; 0 disables"),
+    "optim.forced_weight_normalization": (
+        False,
+        "after each update, rescale every parameter named 'weight' (EDM2's MP layers) to unit RMS per output",
+    ),
     "train.num_steps": (10_000, "optimizer steps of the run"),
     "train.batch_size": (128, "global batch size, over all hosts and devices"),
     "train.ema_decay": (0.999, "decay of the parameters' exponential moving average"),
     "train.ema_warmup": (True, "EMA decay min(ema_decay, (1 + step) / (10 + step))"),
+    "train.posthoc_ema": ((), "post-hoc EMA: sigma_rel of each power-function EMA tracked, e.g. (0.05, 0.1)"),
+    "train.posthoc_ema_every": (0, "steps between post-hoc EMA snapshots (0: with every checkpoint)"),
     "train.label_dropout": (0.0, "classifier-free guidance training: rate of null labels"),
     "train.log_every": (50, "steps between metric logs"),
     "train.checkpoint_every": (1000, "steps between checkpoints"),
@@ -518,6 +525,12 @@ def validate_config(config) -> None:
         optim.grad_clip,
         "a number >= 0 (0 disables clipping)",
     )
+    _require(
+        isinstance(optim.forced_weight_normalization, bool),
+        "optim.forced_weight_normalization",
+        optim.forced_weight_normalization,
+        "True or False",
+    )
 
     train = config.train
     for key in (
@@ -541,6 +554,7 @@ def validate_config(config) -> None:
         train.ema_decay,
         "a number in [0, 1)",
     )
+    _validate_posthoc_ema(train)
     _require(
         _finite_number(train.label_dropout) and 0 <= train.label_dropout < 1,
         "train.label_dropout",
@@ -610,6 +624,20 @@ def validate_config(config) -> None:
         dict(config.mesh),
         "at most one axis set to -1",
     )
+
+
+def _validate_posthoc_ema(train) -> None:
+    widths = train.posthoc_ema
+    _require(
+        isinstance(widths, (tuple, list))
+        and all(_finite_number(w) and 0 < w < MAX_SIGMA_REL for w in widths)
+        and len(set(widths)) == len(widths),
+        "train.posthoc_ema",
+        widths,
+        f"a tuple of distinct sigma_rel values in (0, {MAX_SIGMA_REL:.4f}), e.g. (0.05, 0.1) (() = off)",
+    )
+    every = train.posthoc_ema_every
+    _require(_int(every) and every >= 0, "train.posthoc_ema_every", every, "an int >= 0 (0: with every checkpoint)")
 
 
 def _validate_inverse(inverse) -> None:

@@ -18,10 +18,12 @@ from diffjax import losses, models
 from diffjax.control.operators import OPERATORS, Operator
 from diffjax.control.posterior import POSTERIOR_METHODS, PosteriorMethod
 from diffjax.denoisers import PRECONDITIONED, Denoiser
+from diffjax.models import edm2
 from diffjax.processes import GaussianProcess, get_process
 from diffjax.samplers import GRIDS, SOLVERS, sample
 from diffjax.training import sharding as shard_lib
 from diffjax.training.config import ConfigError
+from diffjax.training.posthoc_ema import power_ema
 from diffjax.training.state import ParamAverage, ema, make_learning_rate, make_optimizer
 from diffjax.validation import build_named
 
@@ -204,8 +206,9 @@ def learning_rate_from_config(config) -> optax.Schedule:
 
 
 def optimizer_from_config(config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    """make_optimizer of config.optim, followed by EDM2's forced weight normalisation if asked."""
     o = config.optim
-    return make_optimizer(
+    optimizer = make_optimizer(
         learning_rate,
         name=o.name,
         b1=float(o.b1),
@@ -214,10 +217,18 @@ def optimizer_from_config(config, learning_rate: optax.Schedule) -> optax.Gradie
         weight_decay=float(o.weight_decay),
         grad_clip=float(o.grad_clip),
     )
+    if o.forced_weight_normalization:
+        optimizer = optax.chain(optimizer, edm2.forced_weight_normalization())
+    return optimizer
 
 
 def average_from_config(config) -> ParamAverage:
     return ema(float(config.train.ema_decay), warmup=bool(config.train.ema_warmup))
+
+
+def tracked_averages_from_config(config) -> tuple[ParamAverage, ...]:
+    """The post-hoc EMA profiles of config.train.posthoc_ema (kept in state.tracked_averages)."""
+    return tuple(power_ema(float(s)) for s in config.train.posthoc_ema)
 
 
 def schedule_fields(config) -> dict:

@@ -8,6 +8,7 @@ jitted train step with progress bar, metrics (stdout, JSONL, TensorBoard), check
 grids. Everything the run writes is in `workdir`:
 
     checkpoints/<step>/     orbax checkpoints (state, data-iterator state, metadata with the config)
+    posthoc_ema/step_<n>.npz  post-hoc EMA snapshots (train.posthoc_ema; see posthoc_ema.py)
     metrics.jsonl           one line per logged step
     tensorboard/            event files
     samples/step_<n>.png    sample grids (EMA parameters)
@@ -43,6 +44,7 @@ from diffjax import evaluation
 from diffjax.io import atomic_write, atomic_write_json, interactive
 from diffjax.training import eval_metrics as eval_lib
 from diffjax.training import from_config as fc
+from diffjax.training import posthoc_ema
 from diffjax.training import sharding as shard_lib
 from diffjax.training.checkpoint import Checkpointer
 from diffjax.training.config import ConfigError, validate_config
@@ -56,6 +58,7 @@ from diffjax.training.run import (
     check_compatible,
     check_environment,
     config_compatibility,
+    gather_to_host,
     make_jitted_sampler,
     make_jitted_train_step,
     restore_or_init,
@@ -171,6 +174,13 @@ def _write_sample_grid(run: Run, workdir: str, sampler, params, name: str) -> st
     return save_image_grid(images, os.path.join(workdir, "samples", name), upscale=upscale)
 
 
+def _save_posthoc_snapshot(run: Run, workdir: str, step: int, state, sigma_rels) -> None:
+    """The tracked post-hoc EMA profiles of `state`, gathered to the host, written atomically."""
+    averages = [jax.tree.map(gather_to_host, average) for average in state.tracked_averages]
+    if run.is_main_process:
+        posthoc_ema.save_snapshot(workdir, step, sigma_rels, averages)
+
+
 def nonfinite_inputs(batch: dict) -> str:
     """'image: 3 NaN, 1 inf' for the arrays of a host batch holding non-finite values ('' if none)."""
     found = []
@@ -190,6 +200,8 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
     t = config.train
     num_steps, log_every = int(t.num_steps), int(t.log_every)
     checkpoint_every, sample_every = int(t.checkpoint_every), int(t.sample_every)
+    sigma_rels = tuple(float(s) for s in t.posthoc_ema)
+    snapshot_every = (int(t.posthoc_ema_every) or checkpoint_every) if sigma_rels else 0
     inject_nonfinite_at = frozenset(t.inject_nonfinite_at)
     policy, max_nonfinite = t.nonfinite_policy, int(t.max_consecutive_nonfinite)
 
@@ -282,6 +294,8 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
             if step % checkpoint_every == 0:
                 save(step, state)
                 saved_step = step
+            if snapshot_every and step % snapshot_every == 0:
+                _save_posthoc_snapshot(run, workdir, step, state, sigma_rels)
             if sample_every and step % sample_every == 0 and step < num_steps:
                 _write_sample_grid(run, workdir, sampler, state.ema_params, f"step_{step:07d}.png")
     except BaseException:
@@ -291,6 +305,8 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
         progress.close()
         writer.close()
     _final_save(checkpointer, save, step, saved_step, state)
+    if snapshot_every and step % snapshot_every and step > start_step:
+        _save_posthoc_snapshot(run, workdir, step, state, sigma_rels)
     if stop_reason is None and any_process_stopping(stop.signal is not None):  # came in the last step
         stop_reason = stop.reason  # exit promptly: no final samples
 

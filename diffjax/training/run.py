@@ -64,6 +64,7 @@ class Run:
     learning_rate: optax.Schedule
     optimizer: optax.GradientTransformation
     average: ParamAverage
+    tracked: tuple  # ParamAverage of each post-hoc EMA profile (state.tracked_averages)
     seed: int
     abstract_state: TrainState
     state_sharding: TrainState
@@ -128,8 +129,10 @@ def _as_json(value):
 
 
 def config_compatibility(config) -> dict:
-    """The config's values of COMPATIBILITY_KEYS, as stored in a checkpoint's metadata."""
-    return _as_json({key: _get(config, key) for key in COMPATIBILITY_KEYS})
+    """The config's values of COMPATIBILITY_KEYS, as stored in a checkpoint's metadata, and
+    train.posthoc_ema when set (the train state holds one average per profile)."""
+    keys = COMPATIBILITY_KEYS + (("train.posthoc_ema",) if len(config.train.posthoc_ema) else ())
+    return _as_json({key: _get(config, key) for key in keys})
 
 
 def run_metadata(config, spec: ModelSpec, image_shape, num_classes: int) -> dict:
@@ -178,8 +181,11 @@ def build_run(config, data_info, mesh: jax.sharding.Mesh) -> Run:
     learning_rate = fc.learning_rate_from_config(config)
     optimizer = fc.optimizer_from_config(config, learning_rate)
     average = fc.average_from_config(config)
+    tracked = fc.tracked_averages_from_config(config)
     abstract_state = jax.eval_shape(
-        lambda: create_train_state(spec.init_params(), optimizer, stream_key(seed, "train"), average=average)
+        lambda: create_train_state(
+            spec.init_params(), optimizer, stream_key(seed, "train"), average=average, tracked=tracked
+        )
     )
     params_sharding = shard_lib.param_shardings(spec.abstract_params, spec.logical_specs, mesh, rules)
     state_sharding = shard_lib.state_shardings(abstract_state, params_sharding, optimizer, mesh)
@@ -197,6 +203,7 @@ def build_run(config, data_info, mesh: jax.sharding.Mesh) -> Run:
         learning_rate=learning_rate,
         optimizer=optimizer,
         average=average,
+        tracked=tracked,
         seed=seed,
         abstract_state=abstract_state,
         state_sharding=state_sharding,
@@ -327,7 +334,9 @@ def sharded_target(run: Run):
 def init_state(run: Run) -> TrainState:
     """A fresh train state, created directly with its shardings."""
     init = jax.jit(
-        lambda: create_train_state(run.spec.init_params(), run.optimizer, run.key("train"), average=run.average),
+        lambda: create_train_state(
+            run.spec.init_params(), run.optimizer, run.key("train"), average=run.average, tracked=run.tracked
+        ),
         out_shardings=run.state_sharding,
     )
     return init()
@@ -357,6 +366,7 @@ def make_jitted_train_step(run: Run) -> Callable:
         run.average,
         batch_transform=label_dropout_transform(run.label_dropout, run.spec.num_classes),
         learning_rate=run.learning_rate,
+        tracked=run.tracked,
     )
     return jax.jit(run.under_mesh(step), out_shardings=(run.state_sharding, None), donate_argnums=0)
 

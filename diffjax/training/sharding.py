@@ -184,6 +184,7 @@ def state_shardings(
         rng=repl,
         skipped_steps=repl,
         consecutive_nonfinite=repl,
+        tracked_averages=tuple(params_sharding for _ in abstract_state.tracked_averages),
     )
 
 

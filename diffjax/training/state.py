@@ -9,7 +9,7 @@ trained. A params pytree may hold several networks, e.g. {"student": ..., "teach
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import flax.struct
 import jax
@@ -74,6 +74,7 @@ class TrainState:
     rng: jax.Array
     skipped_steps: jax.Array  # int32: updates skipped because of non-finite loss or gradients
     consecutive_nonfinite: jax.Array  # int32: non-finite steps in a row (reset by a finite one)
+    tracked_averages: tuple = ()  # further averages of the trained leaves (e.g. post-hoc EMA profiles)
 
 
 class ParamAverage(NamedTuple):
@@ -185,9 +186,11 @@ def create_train_state(
     *,
     average: ParamAverage | None = None,
     trainable: Trainable = None,
+    tracked: Sequence[ParamAverage] = (),
 ) -> TrainState:
     """The state at step 0. key: a jax.random key (or an int seed for jax.random.key(seed)).
-    average: the parameter average (default: ema(0.0), i.e. a copy of the parameters)."""
+    average: the parameter average (default: ema(0.0), i.e. a copy of the parameters).
+    tracked: further averages kept in state.tracked_averages (one params-shaped pytree each)."""
     if isinstance(key, int):
         key = jax.random.key(key)
     mask = trainable_leaves(params, trainable)
@@ -200,6 +203,7 @@ def create_train_state(
         rng=jax.random.key_data(key),
         skipped_steps=zero,
         consecutive_nonfinite=zero,
+        tracked_averages=tuple(a.init(params) for a in tracked),
     )
 
 
@@ -220,6 +224,7 @@ def make_train_step(
     trainable: Trainable = None,
     batch_transform: Callable | None = None,
     learning_rate: optax.Schedule | None = None,
+    tracked: Sequence[ParamAverage] = (),
 ) -> Callable:
     """Build the pure `train_step(state, batch) -> (state, metrics)`.
 
@@ -229,10 +234,12 @@ def make_train_step(
     (e.g. label dropout). A step whose loss or gradient norm is not finite applies no update
     (parameters, average and optimizer state unchanged) and is counted in `skipped_steps` and
     `consecutive_nonfinite`; the caller decides when to stop. learning_rate: a schedule to report
-    in the metrics.
+    in the metrics. tracked: the averages of state.tracked_averages, updated like `average`.
     """
 
     def train_step(state: TrainState, batch):
+        if len(state.tracked_averages) != len(tracked):
+            raise ValueError(f"the state tracks {len(state.tracked_averages)} averages, the step {len(tracked)}")
         mask = trainable_leaves(state.params, trainable)  # static: fixed by the params' structure
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         key_batch, key_loss = jax.random.split(key)
@@ -249,15 +256,20 @@ def make_train_step(
 
         updates, opt_state = optimizer.update(grads, state.opt_state, trained)
         new_trained = optax.apply_updates(trained, updates)
-        new_average = average.update(_split(state.ema_params, mask), new_trained, state.step)
+
+        def averaged(update, old):
+            new = update(_split(old, mask), new_trained, state.step)
+            return _merge(_select(finite, new, _split(old, mask)), old, mask)
+
         nonfinite = (~finite).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
             params=_merge(_select(finite, new_trained, trained), state.params, mask),
-            ema_params=_merge(_select(finite, new_average, _split(state.ema_params, mask)), state.ema_params, mask),
+            ema_params=averaged(average.update, state.ema_params),
             opt_state=_select(finite, opt_state, state.opt_state),
             skipped_steps=state.skipped_steps + nonfinite,
             consecutive_nonfinite=(state.consecutive_nonfinite + nonfinite) * nonfinite,
+            tracked_averages=tuple(averaged(a.update, old) for a, old in zip(tracked, state.tracked_averages)),
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite, **dict(aux)}
         if learning_rate is not None:
