@@ -18,7 +18,9 @@ Formats (inferred from the file's content, not its name):
   torch and without the source code the pickle carries; the wrapper gives process and prediction:
   EDMPrecond as above, VPPrecond the VP SDE (beta_min, beta_min + beta_d) with eps and network time
   (M - 1) t, VEPrecond the VE SDE (sigma_min, sigma_max) with eps, network time log(sigma / 2) and
-  `output_sign=-1` (its F is -eps).
+  `output_sign=-1` (its F is -eps). NVlabs/edm2's snapshots (its `Precond`) load by the same
+  reader as `EDM2UNet` with `EDMPreconditioned(sigma_data)`; the architecture is read from the
+  modules' attributes and shapes, the log-variance head comes with the parameters.
 - "diffusers-unet": a diffusers `UNet2DModel` folder (or a pipeline folder with unet/), DDPM's
   U-Net as our ADM U-Net; the scheduler config beside it (scheduler_config.json, or
   ../scheduler/) gives the DDPM chain (`diffusers_betas`) and the prediction (epsilon, v_prediction,
@@ -56,6 +58,7 @@ from diffjax.denoisers import Denoiser, EDMPreconditioned, LearnedVarianceDenois
 from diffjax.models.api import build, functional, get_config
 from diffjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from diffjax.models.configs import ModelConfig
+from diffjax.models.edm2 import params_from_edm2_state
 from diffjax.models.torch_files import (
     PickledObject,
     is_module_pickle,
@@ -1080,10 +1083,13 @@ def _head_channels(module: PickledObject, path: Path) -> int | None:
 def _from_edm_pickle(path: Path, options):
     obj = load_module_pickle(path)
     net = obj.get("ema") if isinstance(obj, dict) else obj
+    if isinstance(net, PickledObject) and net.class_name == "Precond":
+        return _from_edm2_pickle(net, path, options)
     if not isinstance(net, PickledObject) or net.class_name not in _EDM_PRECONDS:
         what = net.class_name if isinstance(net, PickledObject) else type(net).__name__
         raise ValueError(
-            f"{str(path)!r}: not an EDM network snapshot (a dict whose 'ema' is one of {_EDM_PRECONDS}); found {what}"
+            f"{str(path)!r}: not an EDM network snapshot (a dict whose 'ema' is one of {_EDM_PRECONDS} or "
+            f"EDM2's Precond); found {what}"
         )
     if "sigma_data" in options:
         raise ValueError(f"{str(path)!r}: sigma_data is read from the pickle; do not pass it")
@@ -1101,6 +1107,68 @@ def _from_edm_pickle(path: Path, options):
     else:
         name, ov, params, extras, options = _from_song_unet(sd, options)
     return name, ov, params, {**extras, **_edm_preconditioning(net)}, options
+
+
+def _edm2_overrides(net: PickledObject, path: Path) -> dict:
+    """EDM2UNetConfig fields of a pickled EDM2 `Precond` (NVlabs/edm2 networks_edm2.py), read from its
+    attributes and its layers' shapes (the pickle does not keep the constructor's arguments)."""
+    unet = net._modules["unet"]
+    enc = unet._modules["enc"]._modules
+    resolution = int(net.img_resolution)
+    model_channels = int(enc[f"{resolution}x{resolution}_conv"].out_channels)
+    levels: dict[int, list] = {}  # resolution -> that level's encoder blocks (not the resamplers)
+    for name, block in enc.items():
+        res = int(name.split("x")[0])
+        if "_block" in name:
+            levels.setdefault(res, []).append(block)
+    widths = [levels[res][0].out_channels for res in sorted(levels, reverse=True)]
+    if any(w % model_channels for w in widths) or len({len(b) for b in levels.values()}) != 1:
+        raise ValueError(f"{str(path)!r}: EDM2 levels of widths {widths} / {model_channels} are not supported")
+    attention = [b for blocks in levels.values() for b in blocks if int(b.num_heads)]
+    head_widths = {b.out_channels // int(b.num_heads) for b in attention} or {64}
+    if len(head_widths) != 1:
+        raise ValueError(f"{str(path)!r}: attention heads of different widths {sorted(head_widths)} are not supported")
+    channel_mult = tuple(w // model_channels for w in widths)
+    noise = unet._modules["emb_fourier"]._buffers["freqs"].shape[0]
+    emb = int(unet._modules["emb_noise"].out_channels)
+    first = levels[resolution][0]
+    return dict(
+        image_size=resolution,
+        in_channels=int(net.img_channels),
+        num_classes=int(net.label_dim),
+        model_channels=model_channels,
+        channel_mult=channel_mult,
+        channel_mult_noise=0 if noise == widths[0] else noise // model_channels,
+        channel_mult_emb=0 if emb == max(widths) else emb // model_channels,
+        num_blocks=len(levels[resolution]),
+        attn_resolutions=tuple(
+            sorted({res for res, blocks in levels.items() if int(blocks[0].num_heads)}, reverse=True)
+        ),
+        channels_per_head=head_widths.pop(),
+        dropout=float(first.dropout),
+        label_balance=float(unet.label_balance),
+        concat_balance=float(unet.concat_balance),
+        res_balance=float(first.res_balance),
+        attn_balance=float(first.attn_balance),
+        clip_act=float(first.clip_act or 0.0),
+        logvar_channels=int(net._modules["logvar_fourier"]._buffers["freqs"].shape[0]),
+    )
+
+
+def _from_edm2_pickle(net: PickledObject, path: Path, options):
+    """EDM2's `Precond` (Karras et al. 2024): EDM preconditioning around the magnitude-preserving U-Net,
+    whose log-variance head comes with the parameters (`edm2.logvar_from_params`)."""
+    if "sigma_data" in options:
+        raise ValueError(f"{str(path)!r}: sigma_data is read from the pickle; do not pass it")
+    overrides = _edm2_overrides(net, path)
+    params = params_from_edm2_state(_module_tensors(net))
+    extras = dict(
+        process=EDM(),
+        prediction=EDMPreconditioned(float(net.sigma_data)),
+        learned_variance=False,
+        time_input=lambda c_noise: c_noise,
+    )
+    return "EDM2-img64-xs", overrides, params, extras, options
 
 
 def _edm_preconditioning(net: PickledObject) -> dict:
