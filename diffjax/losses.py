@@ -89,6 +89,7 @@ __all__ = [
     "target_error_scale",
     "loss_weight",
     "denoising_loss",
+    "uncertainty_weighted",
     "gaussian_kl",
     "discretized_gaussian_log_likelihood",
     "vlb_term",
@@ -418,6 +419,11 @@ def _error(output, output_type, target, x0, eps, x_t, coef, process, t):
     return from_x0_eps(x0_hat, eps_hat, target, coef) - from_x0_eps(x0, eps, target, coef)
 
 
+def uncertainty_weighted(loss, log_variance):
+    """loss / exp(u) + u (Karras et al. 2024, Eq. 21): smallest at u = log(loss), where it is log(loss) + 1."""
+    return loss * jnp.exp(-log_variance) + log_variance
+
+
 def denoising_loss(
     apply_fn: Callable,
     process: GaussianProcess,
@@ -431,6 +437,7 @@ def denoising_loss(
     data_key: str = "image",
     cond_keys: Sequence[str] = (),
     rng_arg: str | None = None,
+    uncertainty: Callable | None = None,
 ):
     """Build `loss_fn(params, key, batch) -> (loss, aux)`, a pure, jittable denoising loss.
 
@@ -450,6 +457,9 @@ def denoising_loss(
         is written as cond_keys=("label",) and arrives as label=...). A mapping
         {argument name: batch key} is accepted too.
       rng_arg: if set, apply_fn receives a fresh key under this keyword (e.g. for dropout).
+      uncertainty: optional `u(params, t) -> (batch,)`, a learned log-variance of the loss per noise
+        level (EDM2's uncertainty head; Karras et al. 2024, Eq. 21): each example's weighted MSE
+        l becomes l / exp(u) + u, which is smallest at u = log(l); aux then holds "log_variance".
 
     aux holds "mse" (unweighted target MSE), "weight_mean", and "nonfinite_data": the fraction of
     examples whose data hold a NaN or inf (0 for clean data; a NaN loss with nonfinite_data > 0
@@ -457,6 +467,8 @@ def denoising_loss(
     raises ValueError while tracing, before anything is compiled.
     """
     _check_loss_arguments(apply_fn, process, prediction, target, weighting, time_sampler, data_key, rng_arg)
+    if not (uncertainty is None or callable(uncertainty)):
+        raise TypeError(f"uncertainty must be None or a function u(params, t), got {type(uncertainty).__name__}")
     cond_map = _condition_map(cond_keys)
     t_min, t_max = process.resolve_times(t_min, t_max)
     target = prediction if target is None else target
@@ -490,7 +502,16 @@ def denoising_loss(
             raise ValueError(f"the weighting must return one weight per example, shape ({n},), got {jnp.shape(weight)}")
         nonfinite = jnp.mean(~per_example(jnp.all, jnp.isfinite(x0)))
         aux = {"mse": jnp.mean(mse), "weight_mean": jnp.mean(weight), "nonfinite_data": nonfinite.astype(jnp.float32)}
-        return jnp.mean(weight * mse), aux
+        loss = weight * mse
+        if uncertainty is not None:
+            log_variance = uncertainty(params, t)
+            if jnp.shape(log_variance) != (n,):
+                raise ValueError(
+                    f"uncertainty must return one log-variance per example, shape ({n},), got {jnp.shape(log_variance)}"
+                )
+            loss = uncertainty_weighted(loss, log_variance)
+            aux["log_variance"] = jnp.mean(log_variance)
+        return jnp.mean(loss), aux
 
     return loss_fn
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from diffjax import models
+from diffjax import losses, models
 from diffjax import processes as P
 from diffjax.denoisers import Denoiser, EDMPreconditioned
 from diffjax.models import edm2
@@ -147,11 +147,11 @@ def test_the_trainer_config_adds_forced_weight_normalization():
 
 def test_uncertainty_weighted_loss_is_minimal_at_the_log_loss():
     loss = jnp.asarray([0.01, 0.5, 3.0])
-    grad = jax.grad(lambda u: jnp.sum(edm2.uncertainty_weighted(loss, u)))(jnp.log(loss))
+    grad = jax.grad(lambda u: jnp.sum(losses.uncertainty_weighted(loss, u)))(jnp.log(loss))
     np.testing.assert_allclose(grad, 0.0, atol=1e-6)
-    values = edm2.uncertainty_weighted(loss, jnp.log(loss))
-    assert np.all(values < edm2.uncertainty_weighted(loss, jnp.log(loss) + 0.1))
-    assert np.all(values < edm2.uncertainty_weighted(loss, jnp.log(loss) - 0.1))
+    values = losses.uncertainty_weighted(loss, jnp.log(loss))
+    assert np.all(values < losses.uncertainty_weighted(loss, jnp.log(loss) + 0.1))
+    assert np.all(values < losses.uncertainty_weighted(loss, jnp.log(loss) - 0.1))
 
 
 @pytest.mark.parametrize(
@@ -168,3 +168,29 @@ def test_uncertainty_weighted_loss_is_minimal_at_the_log_loss():
 def test_bad_config_names_the_field(override, field):
     with pytest.raises(ValueError, match=field):
         models.get_config("EDM2-img512-xs", **override)
+
+
+def test_the_trainer_weights_the_loss_by_the_edm2_log_variance_head(reference, converted):
+    """config.loss.uncertainty_weighting: u(sigma) is the network's head at c_noise = log(sigma) / 4;
+    the loss trains its linear layer, never its Fourier buffers; refused for a model without a head."""
+    from test_training import tiny_config
+
+    from diffjax.training import ConfigError
+    from diffjax.training import from_config as fc
+
+    _, params = converted
+    config = tiny_config()
+    config.model.name = "EDM2-img64-xs"
+    config.loss.uncertainty_weighting = True
+    uncertainty = fc.uncertainty_from_config(config, P.EDM())
+    sigma = jnp.asarray([0.1, 1.0, 20.0])
+    np.testing.assert_array_equal(uncertainty(params, sigma), edm2.logvar_from_params(params, jnp.log(sigma) / 4))
+    data = jnp.asarray(reference["x"])
+    # a stand-in for the U-Net (its gradients are not the subject): only the head's parameters matter
+    loss_fn = losses.denoising_loss(lambda p, x, t: 0.5 * x, P.EDM(), prediction="x0", uncertainty=uncertainty)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, jax.random.key(1), data)[0]))(params)
+    assert float(jnp.abs(grads["logvar_linear"]["weight"]).max()) > 0
+    assert float(jnp.abs(grads["logvar_fourier_freqs"]).max()) == 0.0
+    config.model.name = "unet-small"
+    with pytest.raises(ConfigError, match="uncertainty_weighting = True needs a model with a log-variance head"):
+        fc.uncertainty_from_config(config, P.EDM())

@@ -439,3 +439,28 @@ def test_declared_raw_edm_network_is_not_used_as_another_prediction():
         ValueError, match="declares prediction 'x0' but was given prediction EDMPreconditioned.*already preconditioned"
     ):
         Denoiser(EDMPreconditioning(lambda x, c: x, process), process, EDM_RAW)
+
+
+def test_uncertainty_weighting_is_l_over_exp_u_plus_u():
+    """With a constant log-variance c the loss is exp(-c) * (the plain loss) + c, and its gradient in
+    c vanishes at c = log(plain loss) (EDM2's Eq. 21 per example, averaged)."""
+    process = PROCESSES["vp"]
+    apply = lambda p, x, t: mlp_apply(p["net"], x, t)  # noqa: E731
+    plain = losses.denoising_loss(apply, process, weighting=MinSNR())
+    weighted = losses.denoising_loss(
+        apply, process, weighting=MinSNR(), uncertainty=lambda p, t: jnp.full(t.shape, p["u"])
+    )
+    net = mlp_init(jax.random.key(0))
+    data, key = sample_toy_2d("moons", jax.random.key(1), 256), jax.random.key(2)
+    base, _ = plain({"net": net}, key, data)
+    for c in (-1.0, 0.0, 0.7):
+        value, aux = weighted({"net": net, "u": jnp.asarray(c)}, key, data)
+        np.testing.assert_allclose(value, np.exp(-c) * base + c, rtol=1e-5)
+        assert float(aux["log_variance"]) == pytest.approx(c)
+    grad = jax.grad(lambda u: weighted({"net": net, "u": u}, key, data)[0])(jnp.log(base))
+    assert abs(float(grad)) < 1e-5
+    wrong = losses.denoising_loss(apply, process, uncertainty=lambda p, t: jnp.zeros(()))
+    with pytest.raises(ValueError, match="one log-variance per example"):
+        wrong({"net": net}, key, data)
+    with pytest.raises(TypeError, match="uncertainty must be None or a function"):
+        losses.denoising_loss(apply, process, uncertainty=0.5)

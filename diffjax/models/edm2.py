@@ -6,7 +6,7 @@ norm per output channel and scaled by 1/sqrt(fan_in) (`mp_weight`; with forced w
 normalisation in training, `forced_weight_normalization`); learned scalar gains where a layer must
 start at zero; MP-SiLU, MP-sum and MP-concatenation; cosine attention (pixel-normalised q, k, v);
 an extra constant input channel; and a log-variance head u(sigma) for the uncertainty-weighted loss
-L = E[w(sigma) ||D - y||^2 / exp(u)] + E[u] (`uncertainty_weighted`, `logvar_from_params`).
+L = E[w(sigma) ||D - y||^2 / exp(u)] + E[u] (`losses.denoising_loss(..., uncertainty=)`, `logvar_from_params`).
 Images are NHWC; convolution kernels HWIO.
 """
 
@@ -32,7 +32,6 @@ __all__ = [
     "mp_cat",
     "mp_fourier",
     "logvar_from_params",
-    "uncertainty_weighted",
     "forced_weight_normalization",
     "params_from_edm2_state",
 ]
@@ -284,14 +283,9 @@ class EDM2UNet(nnx.Module):
 def logvar_from_params(params: dict, t: jax.Array, *, time_scale: float = 1.0) -> jax.Array:
     """The uncertainty head u(c_noise) of an EDM2UNet's params (as `models.functional` returns them),
     without the U-Net: (batch,) float32."""
-    features = mp_fourier(time_scale * t, params["logvar_fourier_freqs"], params["logvar_fourier_phases"])
+    fixed = jax.lax.stop_gradient  # the Fourier features are buffers in EDM2, never trained
+    features = mp_fourier(time_scale * t, fixed(params["logvar_fourier_freqs"]), fixed(params["logvar_fourier_phases"]))
     return jnp.dot(features, mp_weight(params["logvar_linear"]["weight"]))[:, 0]
-
-
-def uncertainty_weighted(loss: jax.Array, logvar: jax.Array) -> jax.Array:
-    """loss / exp(u) + u per example (EDM2 Eq. 21, after Kendall & Gal 2017): the learned u(sigma)
-    equalises the loss over noise levels; for fixed `loss` it is minimal at u = log(loss)."""
-    return loss / jnp.exp(logvar) + logvar
 
 
 def forced_weight_normalization(is_weight=None) -> optax.GradientTransformation:

@@ -89,6 +89,10 @@ CONFIG_KEYS = {
     "loss.time_sampler": ("uniform", f"how training times are drawn: one of {list(losses.TIME_SAMPLERS)}"),
     "loss.time_sampler_options": ({}, "options of the time sampler, e.g. mean=-1.2 for lognormal ({} = its defaults)"),
     "loss.sigma_data": (0.5, "data standard deviation of EDM preconditioning and the EDM weighting"),
+    "loss.uncertainty_weighting": (
+        False,
+        "weight the loss by the model's learned log-variance u(sigma) (EDM2: l / exp(u) + u; needs an EDM2 model)",
+    ),
     "optim.name": ("adamw", f"the optimizer: one of {list(OPTIMIZERS)}"),
     "optim.learning_rate": (2e-4, "peak learning rate"),
     "optim.b1": (0.9, "Adam's first-moment decay"),
@@ -489,6 +493,12 @@ def validate_config(config) -> None:
         _require(_is_name_in(loss[key], allowed), f"loss.{key}", loss[key], f"one of {list(allowed)}{hint}")
     _require(
         _finite_number(loss.sigma_data) and loss.sigma_data > 0, "loss.sigma_data", loss.sigma_data, "a positive number"
+    )
+    _require(
+        isinstance(loss.uncertainty_weighting, bool),
+        "loss.uncertainty_weighting",
+        loss.uncertainty_weighting,
+        "True or False",
     )
 
     optim = config.optim

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from diffjax import losses, models
@@ -142,9 +143,22 @@ def loss_from_config(
             time_sampler=_loss_option(config, "time_sampler", losses.TIME_SAMPLERS),
             cond_keys={"y": "label"} if conditional else (),
             rng_arg="key" if dropout else None,
+            uncertainty=uncertainty_from_config(config, process),
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config.loss: {err}") from err
+
+
+def uncertainty_from_config(config, process: GaussianProcess) -> Callable | None:
+    """u(params, t): the EDM2 network's log-variance head at c_noise = log(sigma / alpha) / 4, or None."""
+    if not config.loss.uncertainty_weighting:
+        return None
+    if not isinstance(models.get_config(config.model.name), models.EDM2UNetConfig):
+        raise ConfigError(
+            f"config.loss.uncertainty_weighting = True needs a model with a log-variance head (an EDM2 preset); "
+            f"config.model.name = {config.model.name!r} has none"
+        )
+    return lambda params, t: edm2.logvar_from_params(params, jnp.log(process.sigma(t) / process.alpha(t)) / 4.0)
 
 
 def denoiser_factory_from_config(config, process: GaussianProcess) -> Callable[[Callable], Denoiser]:
