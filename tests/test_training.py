@@ -17,6 +17,7 @@ import pytest
 
 from diffjax import data as data_lib
 from diffjax.control.operators import random_inpainting
+from diffjax.denoisers import Denoiser, EDMPreconditioned
 from diffjax.training import (
     CheckpointError,
     ConfigError,
@@ -29,6 +30,7 @@ from diffjax.training import (
     train,
     validate_config,
 )
+from diffjax.training.build import network
 from diffjax.training.checkpoint import Checkpointer
 from diffjax.training.config import apply_overrides
 from diffjax.training.from_config import mesh_from_config
@@ -308,6 +310,11 @@ def test_sample_and_eval_modes(trained_run, tmp_path, monkeypatch):
     assert run.denoiser.prediction == "x0"
     x, t = jnp.zeros((2, 8, 8, 1)), jnp.full((2,), 1.0)
     assert run.denoiser.x0(x, t).shape == (2, 8, 8, 1)
+    # run.apply declares what it predicts: a hand-built Denoiser with another prediction is refused
+    with pytest.raises(ValueError, match="declares prediction EDMPreconditioned"):
+        Denoiser(network(run.apply, run.ema_params), run.process, "x0")
+    by_hand = Denoiser(network(run.apply, run.ema_params), run.process, EDMPreconditioned(0.5))
+    np.testing.assert_allclose(by_hand.x0(x, t), run.denoiser.x0(x, t), rtol=1e-6)
 
 
 @pytest.mark.xdist_group("trained_run")

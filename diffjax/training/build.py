@@ -77,8 +77,27 @@ def label_dropout_transform(rate: float, num_classes: int) -> Callable | None:
 
 
 def network(apply: Callable, params, labels=None) -> Callable:
-    """net(x, t) = apply(params, x, t, labels): a trained network with its conditioning closed over."""
-    return lambda x, t: apply(params, x, t, labels)
+    """net(x, t) = apply(params, x, t, labels): a trained network with its conditioning closed over;
+    it declares the prediction `apply` declares (a `prediction` attribute), if any."""
+
+    def net(x, t):
+        return apply(params, x, t, labels)
+
+    declared = getattr(apply, "prediction", None)
+    if declared is not None:
+        net.prediction = declared
+    return net
+
+
+def declaring(apply: Callable, prediction) -> Callable:
+    """apply, tagged with the prediction it was trained for: a Denoiser or loss given another
+    prediction refuses it (`denoisers.check_declared_prediction`)."""
+
+    def tagged(*args, **kwargs):
+        return apply(*args, **kwargs)
+
+    tagged.prediction = prediction
+    return tagged
 
 
 def sampling_denoiser(to_denoiser: Callable, spec: ModelSpec, params, num: int, guidance_scale: float) -> Denoiser:

@@ -22,9 +22,10 @@ from diffjax import data as data_lib
 from diffjax.denoisers import Denoiser
 from diffjax.processes import GaussianProcess
 from diffjax.training import sharding as shard_lib
-from diffjax.training.build import network
+from diffjax.training.build import declaring, network
 from diffjax.training.checkpoint import Checkpointer, CheckpointError, Restored
 from diffjax.training.config import upgrade_config_dict
+from diffjax.training.from_config import prediction_from_config
 from diffjax.training.run import Run, build_run, checkpoint_steps, make_jitted_sampler, sharded_target
 
 __all__ = ["LoadedRun", "load_run", "restore_run", "read_run_metadata", "config_from_metadata"]
@@ -148,12 +149,13 @@ def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh |
     replicated). Raises CheckpointError when there is no checkpoint (nothing is created)."""
     run, restored = restore_run(workdir, step, mesh=mesh)
     state = restored.state
+    config = config_from_metadata(restored.metadata)
     return LoadedRun(
-        config=config_from_metadata(restored.metadata),
+        config=config,
         step=int(restored.step),
         params=state.params,
         ema_params=state.ema_params,
-        apply=run.spec.apply,
+        apply=declaring(run.spec.apply, prediction_from_config(config)),
         process=run.process,
         image_shape=run.image_shape,
         num_classes=run.spec.num_classes,
