@@ -114,39 +114,21 @@ class WindowLoader:
         return batch
 
 
-def make_run_iterator(
-    config,
-    *,
-    split: str,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    drop_remainder: bool = True,
-) -> InputIterator:
-    """The run's batches: `diffjax.data.make_iterator` of config.data, or for text the windows of
-    `split` with the same plan (shuffle per epoch from (seed, epoch), host shards, resumable state)."""
-    common = dict(global_batch_size=global_batch_size, seed=seed, process_index=process_index)
-    common.update(process_count=process_count, shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder)
+def make_run_iterator(config, *, split: str, **options) -> InputIterator:
+    """The run's batches: `diffjax.data.make_iterator(config.data, split=split, **options)`, or for
+    text the windows of `split` batched by the same plan (shuffled per epoch from (seed, epoch), host
+    shards, resumable state); options: global_batch_size, seed, process_index, process_count,
+    shuffle, num_epochs, drop_remainder, as make_iterator takes them."""
     if not _is_text(config):
-        return data_lib.make_iterator(config.data, split=split, **common)
+        return data_lib.make_iterator(config.data, split=split, **options)
     if split not in TEXT_SPLITS:
         raise ConfigError(f"the text corpus has splits {list(TEXT_SPLITS)}, not {split!r}")
-    windows = char_sequences(split, int(config.discrete.sequence_length))
-    plan = BatchPlan(len(windows), **common)
-    pipeline = dict(
-        source=corpus_fingerprint(),
-        split=split,
-        num_records=len(windows),
-        sequence_length=int(config.discrete.sequence_length),
-        seed=int(seed),
-        global_batch_size=int(global_batch_size),
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        drop_remainder=drop_remainder,
-    )
+    length = int(config.discrete.sequence_length)
+    windows = char_sequences(split, length)
+    plan = BatchPlan(len(windows), **options)
+    fields = ("seed", "global_batch_size", "shuffle", "num_epochs", "drop_remainder")
+    pipeline = dict(source=corpus_fingerprint(), split=split, num_records=len(windows), sequence_length=length)
+    pipeline.update({name: getattr(plan, name) for name in fields})
     return InputIterator(WindowLoader(plan, windows), pipeline)
 
 
