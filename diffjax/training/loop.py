@@ -240,10 +240,10 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
     writer = MetricWriter(workdir, enabled=run.is_main_process)
     log.info(
         "model %s: %.2fM parameters; mesh %s; data %s %s; %d -> %d steps",
-        config.model.name,
+        f"SequenceTransformer ({config.discrete.process} diffusion)" if is_discrete(config) else config.model.name,
         run.spec.num_params / 1e6,
         dict(run.mesh.shape),
-        config.data.source,
+        "text corpus" if config.discrete.tokens == "text" and is_discrete(config) else config.data.source,
         run.image_shape,
         start_step,
         num_steps,
