@@ -67,6 +67,7 @@ def main():
     rows = [
         [
             f"configs/{name}.py",
+            r["eval"]["step"],
             r["num_params"],
             r["eval"]["split"],
             f"{r['eval']['bits_per_dim']['bits_per_dim']:.3f} ± {r['eval']['bits_per_dim']['stderr']:.3f}",
@@ -77,7 +78,17 @@ def main():
         for name, r in results.items()
     ]
     table = markdown_table(
-        ["config", "parameters", "split", "bits per char / dim (-ELBO)", "examples", "train s", "samples"], rows
+        [
+            "config",
+            "steps trained",
+            "parameters",
+            "split",
+            "bits per char / dim (-ELBO)",
+            "examples",
+            "train s",
+            "samples",
+        ],
+        rows,
     )
     overrides = "\n".join(f"- `{name}`: `{' '.join(r['overrides'])}`" for name, r in results.items())
     md = (
