@@ -17,7 +17,7 @@ def get_config(levels: str = "2"):
 
     config.discrete.tokens = "pixels"
     config.discrete.vocab_size = int(levels)
-    config.discrete.model_options = {"hidden_size": 64, "depth": 2, "num_heads": 4}
+    config.discrete.model_options = {"hidden_size": 64, "depth": 2}
 
     config.train.batch_size = 32
     config.sample.num_samples = 16

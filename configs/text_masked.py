@@ -17,7 +17,7 @@ def get_config():
     config.discrete.sampler = "ancestral"
     config.discrete.cache = True
     config.discrete.elbo_samples = 8
-    config.discrete.model_options = {"hidden_size": 128, "depth": 3, "num_heads": 4}
+    config.discrete.model_options = {"hidden_size": 128, "depth": 3}  # 4 heads (the default)
 
     config.optim.name = "adam"
     config.optim.learning_rate = 1e-3

@@ -393,7 +393,8 @@ def load_for_config(config, workdir: str, devices=None) -> tuple[LoadedRun, Run]
 
 def sample_from_checkpoint(config, workdir: str, devices=None) -> dict:
     """Sample config.sample.num_samples images with the EMA parameters of the newest checkpoint
-    (loaded with load_run); writes a PNG grid and an .npz of uint8 images to workdir/samples."""
+    (loaded with load_run); writes a PNG grid and an .npz of uint8 images to workdir/samples (text
+    runs: a .txt and an .npz of the tokens)."""
     loaded, run = load_for_config(config, workdir, devices)
     sampler = make_jitted_sampler(run, int(config.sample.num_samples))
     start = time.perf_counter()
@@ -471,7 +472,8 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     """Evaluate the newest checkpoint's EMA parameters (loaded with load_run): the test-split
     denoising loss; FID and KID of `fid_sample_count(config.eval.num_samples)` samples (configured
     sampler) against as many images of the evaluation split, unless config.eval.fid is False;
-    bits/dim of config.eval.bits_per_dim_examples images."""
+    bits/dim of config.eval.bits_per_dim_examples images. A discrete run (config.discrete.process
+    set): the -ELBO in bits per dim / per character and samples written next to the checkpoint."""
     loaded, run = load_for_config(config, workdir, devices)
     data_info = run_data_info(config)
     batch = int(config.eval.batch_size)
