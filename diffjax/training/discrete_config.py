@@ -113,6 +113,8 @@ def _run_problem(config, d):
         return "time_free", d.time_free, f"False for discrete.process {d.process!r} with schedule {schedule!r}"
     if d.cache and not d.time_free:
         return "cache", d.cache, "False (caching needs discrete.time_free)"
+    if d.tokens == "text" and config.train.inject_nonfinite_at:
+        return "train.inject_nonfinite_at", config.train.inject_nonfinite_at, "() (text tokens cannot be made NaN)"
     if d.tokens == "pixels" and config.data.dequantize:
         return "data.dequantize", config.data.dequantize, "False (discrete pixels are the data's own levels)"
     if config.model.class_conditional:
