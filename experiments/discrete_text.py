@@ -8,6 +8,13 @@ continuous-time -ELBO (an upper bound, `masked_elbo_nats`) and the autoregressiv
 validation windows. Writes experiments/results/discrete_text.{json,md} with samples.
 
     python -m experiments.discrete_text [--steps 600] [--length 64]
+
+Diagnosis options (the masked model stayed at the unigram level in short runs): --embed_scale
+multiplies the initial token-embedding table (SequenceTransformer draws it with std 0.02, next to
+sin-cos positions of amplitude 1), --time_conditioned trains the masked model with t as input
+instead of RADD's time-free network, --masked_loss unweighted_ce trains it with the plain
+cross-entropy of the masked positions (no 1/t weight; evaluation is still the -ELBO), --models
+runs one of the two, --name names the result files.
 """
 
 from __future__ import annotations
@@ -56,6 +63,24 @@ def autoregressive_sample(apply, params, key, n, length):
     return x
 
 
+def masked_cross_entropy_loss(apply, process, time_free: bool):
+    """Diagnosis loss: the mean cross-entropy over the masked positions at t ~ U[0, 1] (MaskGIT-style,
+    no 1/t ELBO weight), nats per masked character."""
+
+    def loss_fn(params, key, batch):
+        key_t, key_x = jax.random.split(key)
+        t = jax.random.uniform(key_t, (batch.shape[0],))
+        x_t = process.marginal_sample(key_x, batch, t)
+        denoiser = CategoricalDenoiser(lambda x, s: apply(params, x, s), process, time_free)
+        log_mu = jax.nn.log_softmax(denoiser.logits(x_t, t), axis=-1)
+        nll = -jnp.take_along_axis(log_mu, batch[..., None], axis=-1)[..., 0]
+        masked = x_t == process.mask_id
+        per_char = jnp.sum(jnp.where(masked, nll, 0.0)) / jnp.maximum(jnp.sum(masked), 1)
+        return per_char, {"bits_per_token": per_char / math.log(2.0)}
+
+    return loss_fn
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
@@ -65,12 +90,19 @@ def main():
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval_sequences", type=int, default=512)
+    parser.add_argument("--embed_scale", type=float, default=1.0)
+    parser.add_argument("--time_conditioned", action="store_true")
+    parser.add_argument("--masked_loss", choices=("elbo", "unweighted_ce"), default="elbo")
+    parser.add_argument("--models", choices=("both", "masked_diffusion", "autoregressive"), default="both")
+    parser.add_argument("--name", default="discrete_text")
     args = parser.parse_args()
+    time_free = not args.time_conditioned
     train = char_sequences("train", args.length)
     valid = jnp.asarray(char_sequences("validation", args.length)[: args.eval_sequences])
     process = MaskedProcess.create(VOCAB)
     results, samples = {}, {}
-    for kind in ("masked_diffusion", "autoregressive"):
+    kinds = ("masked_diffusion", "autoregressive") if args.models == "both" else (args.models,)
+    for kind in kinds:
         cfg = SequenceConfig(
             num_states=VOCAB + 1,
             vocab_size=VOCAB,
@@ -81,8 +113,12 @@ def main():
             causal=kind == "autoregressive",
         )
         apply, params = functional(SequenceTransformer(cfg, rngs=nnx.Rngs(0)))
+        params["embed"]["table"] = params["embed"]["table"] * args.embed_scale
         if kind == "masked_diffusion":
-            loss_fn = make_discrete_loss_fn(apply, process, "masked_elbo", time_free=True)
+            if args.masked_loss == "elbo":
+                loss_fn = make_discrete_loss_fn(apply, process, "masked_elbo", time_free=time_free)
+            else:
+                loss_fn = masked_cross_entropy_loss(apply, process, time_free)
         else:
 
             def loss_fn(params, key, batch):
@@ -102,12 +138,12 @@ def main():
         train_seconds = time.time() - start
         params = state.ema_params
         if kind == "masked_diffusion":
-            den = CategoricalDenoiser(lambda x, t: apply(params, x, t), process, time_free=True)
+            den = CategoricalDenoiser(lambda x, t: apply(params, x, t), process, time_free=time_free)
             nats = jnp.concatenate(
                 [masked_elbo_nats(den, jax.random.key(i), valid[i : i + 128], 8) for i in range(0, len(valid), 128)]
             )
             out = sample_tokens(
-                den, jax.random.key(1), (4, args.length), DiscreteAncestral(), 4 * args.length, cache=True
+                den, jax.random.key(1), (4, args.length), DiscreteAncestral(), 4 * args.length, cache=time_free
             )
             fh = sample_tokens(den, jax.random.key(2), (4, args.length), FirstHitting())
             samples[kind] = [decode_tokens(s) for s in out.tokens] + [decode_tokens(s) for s in fh.tokens]
@@ -148,8 +184,9 @@ def main():
         f"Corpus: {corpus_fingerprint()} (PSF licence), windows of {args.length} characters, "
         f"{len(train)} train / {len(valid)} validation windows evaluated. Models: SequenceTransformer "
         f"hidden {args.hidden}, depth {args.depth}, 4 heads; {args.steps} steps of batch {args.batch}, Adam "
-        f"lr {args.lr} (cosine, 50 warm-up), EMA 0.99 evaluated. Masked diffusion: linear schedule, RADD "
-        "time-free, validation = continuous-time -ELBO (8 stratified times per window, an upper bound); "
+        f"lr {args.lr} (cosine, 50 warm-up), EMA 0.99 evaluated; initial token embeddings x {args.embed_scale}. "
+        f"Masked diffusion: linear schedule, {'RADD time-free' if time_free else 'time-conditioned network'}, "
+        "validation = continuous-time -ELBO (8 stratified times per window, an upper bound); "
         "autoregressive: exact NLL. A SHORT run on a shared 2-core CPU: the numbers compare the two "
         "objectives at equal budget, they are far from converged.\n\n"
         + table
@@ -157,10 +194,12 @@ def main():
         "first-hitting samples.\n\n"
         + sample_text
         + "\n\nMade by `python -m experiments.discrete_text "
-        + f"--steps {args.steps} --length {args.length}`.\n"
+        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "time_conditioned")
+        + (" --time_conditioned" if args.time_conditioned else "")
+        + "`.\n"
     )
     print(md)
-    write_results("discrete_text", {"args": vars(args), "results": results, "samples": samples}, md)
+    write_results(args.name, {"args": vars(args), "results": results, "samples": samples}, md)
 
 
 if __name__ == "__main__":

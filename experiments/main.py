@@ -7,6 +7,7 @@
     diffjax --config=configs/mnist.py --workdir=work/mnist --mode=sample \
         --config.inverse.operator=super_resolution --config.inverse.operator_options.factor=4
     diffjax --config=configs/mnist.py --mode=keys                           # every config key
+    diffjax --config=configs/text_masked.py --workdir=work/text --mode=eval # discrete: bits/char, text samples
 
 Without --config the embedded default (configs/default.py: 8x8 digits from scikit-learn, upscaled
 to 16x16, a small U-Net) is used. Any key can be overridden with --config.<key>=<value>, options

@@ -42,9 +42,10 @@ class ModelSpec:
         return self.num_classes > 0
 
 
-def build_model_spec(model_config, seed: int) -> ModelSpec:
-    """The spec of a bundled model from its preset config; parameters drawn from `seed`."""
-    abstract = nnx.eval_shape(lambda: models.build(model_config, seed=seed))
+def build_model_spec(model_config, seed: int, constructor: Callable = models.build) -> ModelSpec:
+    """The spec of a bundled model from its preset config; parameters drawn from `seed`.
+    constructor(model_config, rngs=...) builds the module (e.g. SequenceTransformer)."""
+    abstract = nnx.eval_shape(lambda: constructor(model_config, rngs=nnx.Rngs(seed)))
     apply, abstract_params = models.functional(abstract)
     specs = models.logical_partition_specs(abstract)
 
@@ -52,7 +53,7 @@ def build_model_spec(model_config, seed: int) -> ModelSpec:
         # An "rbg" key: one RngBitGenerator op per parameter compiles 3-4x faster on CPU than
         # threefry's unrolled rounds, and initial values need no cross-backend reproducibility.
         rngs = nnx.Rngs(jax.random.key(seed, impl="rbg"))
-        return models.functional(models.build(model_config, rngs=rngs))[1]
+        return models.functional(constructor(model_config, rngs=rngs))[1]
 
     return ModelSpec(
         apply=apply,

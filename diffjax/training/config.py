@@ -41,6 +41,7 @@ from diffjax.data.config import PRESETS as DATA_PRESETS
 from diffjax.denoisers import PRECONDITIONED, PREDICTIONS
 from diffjax.processes import PROCESSES
 from diffjax.samplers import DEFAULT_SOLVER, GRIDS, SOLVERS
+from diffjax.training.discrete_config import DISCRETE_CONFIG_KEYS, discrete_config_problem
 from diffjax.training.posthoc_ema import MAX_SIGMA_REL
 from diffjax.training.sharding import DEFAULT_RULES
 from diffjax.validation import build_named, check_choice, check_dataclass_fields, nearest
@@ -160,6 +161,7 @@ CONFIG_KEYS = {
         "logical axis -> mesh axes ('' = replicated), e.g. --config.mesh.rules.embed=tensor",
     ),
     **{f"data.{key}": (default, meaning) for key, (_, default, meaning) in DATA_KEYS.items()},
+    **DISCRETE_CONFIG_KEYS,
 }
 
 FREE_FORM_KEYS = tuple(key for key, (default, _) in CONFIG_KEYS.items() if isinstance(default, dict))
@@ -175,6 +177,8 @@ SELECTOR_KEYS = {
     "sample.grid": "sample.grid_options",
     "inverse.operator": "inverse.operator_options",
     "inverse.method": "inverse.method_options",
+    "discrete.process": "discrete.process_options",
+    "discrete.sampler": "discrete.sampler_options",
 }
 
 # Sampler names that were renamed (former -> current); loss renames are losses.FORMER_NAMES.
@@ -634,6 +638,9 @@ def validate_config(config) -> None:
         dict(config.mesh),
         "at most one axis set to -1",
     )
+    problem = discrete_config_problem(config)
+    if problem is not None:
+        _require(False, *problem)
 
 
 def _validate_posthoc_ema(train) -> None:

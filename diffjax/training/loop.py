@@ -39,7 +39,6 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffjax import data as data_lib
 from diffjax import evaluation
 from diffjax.io import atomic_write, atomic_write_json, interactive
 from diffjax.training import eval_metrics as eval_lib
@@ -48,6 +47,14 @@ from diffjax.training import posthoc_ema
 from diffjax.training import sharding as shard_lib
 from diffjax.training.checkpoint import Checkpointer
 from diffjax.training.config import ConfigError, validate_config
+from diffjax.training.discrete_run import (
+    discrete_bits_per_dim,
+    discrete_sampler,
+    evaluation_tokens,
+    is_discrete,
+    make_run_iterator,
+    run_data_info,
+)
 from diffjax.training.images import save_image_grid, to_uint8
 from diffjax.training.load import LoadedRun, load_run, read_run_metadata
 from diffjax.training.metrics import MetricWriter
@@ -139,7 +146,7 @@ def prepare_training(config, workdir: str, devices=None) -> tuple[Run, str]:
     (model, loss, sampler, mesh), batch sizes, then the work directory and its free space.
     Returns (run, absolute workdir)."""
     validate_config(config)
-    data_info = data_lib.dataset_info(config.data)  # missing files, bad image size: clear errors
+    data_info = run_data_info(config)  # missing files, bad image size: clear errors
     mesh = fc.mesh_from_config(config, devices)
     run = build_run(config, data_info, mesh)
     check_batch_sizes(
@@ -170,8 +177,14 @@ def _write_sample_grid(run: Run, workdir: str, sampler, params, name: str) -> st
     if not run.is_main_process:
         return None
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    upscale = max(1, 64 // max(run.image_shape[:2]))
-    return save_image_grid(images, os.path.join(workdir, "samples", name), upscale=upscale)
+    return _save_samples(run, images, os.path.join(workdir, "samples", name))
+
+
+def _save_samples(run: Run, samples, stem: str) -> str:
+    """stem.png: an image grid, or what run.save_samples writes (e.g. stem.txt for text)."""
+    if run.save_samples is not None:
+        return run.save_samples(samples, stem)
+    return save_image_grid(samples, stem + ".png", upscale=max(1, 64 // max(run.image_shape[:2])))
 
 
 def _save_posthoc_snapshot(run: Run, workdir: str, step: int, state, sigma_rels) -> None:
@@ -223,8 +236,8 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
         log.info("resumed from the checkpoint at step %d", restored.step)
     start_step = int(jax.device_get(state.step))
 
-    iterator = data_lib.make_iterator(
-        config.data,
+    iterator = make_run_iterator(
+        config,
         split="train",
         global_batch_size=int(t.batch_size),
         seed=run.seed,
@@ -239,10 +252,10 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
     writer = MetricWriter(workdir, enabled=run.is_main_process)
     log.info(
         "model %s: %.2fM parameters; mesh %s; data %s %s; %d -> %d steps",
-        config.model.name,
+        f"SequenceTransformer ({config.discrete.process} diffusion)" if is_discrete(config) else config.model.name,
         run.spec.num_params / 1e6,
         dict(run.mesh.shape),
-        config.data.source,
+        "text corpus" if config.discrete.tokens == "text" and is_discrete(config) else config.data.source,
         run.image_shape,
         start_step,
         num_steps,
@@ -297,7 +310,7 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
             if snapshot_every and step % snapshot_every == 0:
                 _save_posthoc_snapshot(run, workdir, step, state, sigma_rels)
             if sample_every and step % sample_every == 0 and step < num_steps:
-                _write_sample_grid(run, workdir, sampler, state.ema_params, f"step_{step:07d}.png")
+                _write_sample_grid(run, workdir, sampler, state.ema_params, f"step_{step:07d}")
     except BaseException:
         _final_save(checkpointer, save, step, saved_step, state, quiet=True)
         raise
@@ -315,7 +328,7 @@ def _train(config, workdir: str, devices, stop: StopRequest) -> dict:
         log.info("stopped by %s at step %d; checkpoint saved in %s", stop_reason, step, checkpointer.directory)
         summary["stopped_by"] = stop_reason
         return summary
-    summary["samples"] = _write_sample_grid(run, workdir, sampler, state.ema_params, f"step_{step:07d}.png")
+    summary["samples"] = _write_sample_grid(run, workdir, sampler, state.ema_params, f"step_{step:07d}")
     summary["checkpoint"] = os.path.join(checkpointer.directory, str(step))
     if run.is_main_process:
         atomic_write_json(os.path.join(workdir, "summary.json"), summary)
@@ -386,13 +399,18 @@ def load_for_config(config, workdir: str, devices=None) -> tuple[LoadedRun, Run]
     scale = float(config.sample.guidance_scale)
     if scale != 1.0 and not loaded.run.spec.conditional:
         raise ConfigError(f"config.sample.guidance_scale = {scale} needs a class-conditional model; use 1.0")
-    run = loaded.run.with_sampler(fc.sampler_from_config(config), scale)
+    if is_discrete(config):
+        sampler = discrete_sampler(config, loaded.run.image_shape, loaded.run.to_denoiser)
+    else:
+        sampler = fc.sampler_from_config(config)
+    run = loaded.run.with_sampler(sampler, scale)
     return loaded, run
 
 
 def sample_from_checkpoint(config, workdir: str, devices=None) -> dict:
     """Sample config.sample.num_samples images with the EMA parameters of the newest checkpoint
-    (loaded with load_run); writes a PNG grid and an .npz of uint8 images to workdir/samples."""
+    (loaded with load_run); writes a PNG grid and an .npz of uint8 images to workdir/samples (text
+    runs: a .txt and an .npz of the tokens)."""
     loaded, run = load_for_config(config, workdir, devices)
     sampler = make_jitted_sampler(run, int(config.sample.num_samples))
     start = time.perf_counter()
@@ -403,25 +421,22 @@ def sample_from_checkpoint(config, workdir: str, devices=None) -> dict:
     if run.is_main_process:
         out = os.path.join(loaded.workdir, "samples")
         os.makedirs(out, exist_ok=True)
-        summary["grid"] = save_image_grid(
-            images, os.path.join(out, f"sample_step_{step:07d}.png"), upscale=max(1, 64 // max(run.image_shape[:2]))
-        )
-        uint8 = to_uint8(images)
-        summary["npz"] = atomic_write(
-            os.path.join(out, f"sample_step_{step:07d}.npz"), lambda f: np.savez(f, images=uint8)
-        )
+        summary["grid"] = _save_samples(run, images, os.path.join(out, f"sample_step_{step:07d}"))
+        arrays = {"tokens": images} if run.save_samples is not None else {"images": to_uint8(images)}
+        summary["npz"] = atomic_write(os.path.join(out, f"sample_step_{step:07d}.npz"), lambda f: np.savez(f, **arrays))
     return summary
 
 
 def evaluation_split(data_info) -> str:
-    """ "test" when the data set has one, else "train" (e.g. scikit-learn's 8x8 digits)."""
-    return "test" if "test" in data_info.num_examples else "train"
+    """ "test" when the data set has one, else "validation" (e.g. the text corpus), else "train" (e.g.
+    scikit-learn's 8x8 digits)."""
+    return next((s for s in ("test", "validation") if s in data_info.num_examples), "train")
 
 
-def test_loss(run: Run, data_config, params, split: str, *, batches: int, batch_size: int) -> float:
-    """Mean denoising loss of `params` on `split` (fixed keys: comparable across runs)."""
-    iterator = data_lib.make_iterator(
-        data_config,
+def test_loss(run: Run, config, params, split: str, *, batches: int, batch_size: int) -> float:
+    """Mean denoising loss of `params` on `split` of config's data (fixed keys: comparable across runs)."""
+    iterator = make_run_iterator(
+        config,
         split=split,
         global_batch_size=batch_size,
         seed=run.seed,
@@ -442,6 +457,24 @@ def test_loss(run: Run, data_config, params, split: str, *, batches: int, batch_
     return float(np.mean(values))
 
 
+def _evaluate_discrete(config, run: Run, loaded: LoadedRun, split: str) -> dict:
+    """A discrete run's -ELBO in bits per dim / per character on config.eval.bits_per_dim_examples
+    examples of `split`, and its samples (config.sample.num_samples) written next to the checkpoint."""
+    d, batch = config.discrete, int(config.eval.batch_size)
+    summary = {"sampler": {"discrete.sampler": d.sampler, "sample.steps": config.sample.steps, "cache": d.cache}}
+    if config.eval.bits_per_dim_examples:
+        tokens = evaluation_tokens(config, split, int(config.eval.bits_per_dim_examples), batch_size=batch)
+        summary["bits_per_dim"] = discrete_bits_per_dim(
+            run, loaded.ema_params, tokens, run.key("bits_per_dim"), batch_size=batch, num_samples=int(d.elbo_samples)
+        )
+    samples = make_jitted_sampler(run, int(config.sample.num_samples))(loaded.ema_params, run.key("sample"))
+    if run.is_main_process:
+        stem = os.path.join(loaded.workdir, "samples", f"eval_step_{loaded.step:07d}")
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        summary["samples"] = _save_samples(run, samples, stem)
+    return summary
+
+
 def fid_sample_count(requested: int, platform: str | None = None) -> int:
     """The FID/KID sample count: `requested` if > 0, else sized for the machine
     (FID_SAMPLES_CPU on a CPU, FID_SAMPLES_ACCELERATOR on an accelerator)."""
@@ -455,20 +488,21 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     """Evaluate the newest checkpoint's EMA parameters (loaded with load_run): the test-split
     denoising loss; FID and KID of `fid_sample_count(config.eval.num_samples)` samples (configured
     sampler) against as many images of the evaluation split, unless config.eval.fid is False;
-    bits/dim of config.eval.bits_per_dim_examples images."""
+    bits/dim of config.eval.bits_per_dim_examples images. A discrete run (config.discrete.process
+    set): the -ELBO in bits per dim / per character and samples written next to the checkpoint."""
     loaded, run = load_for_config(config, workdir, devices)
-    data_info = data_lib.dataset_info(config.data)
+    data_info = run_data_info(config)
     batch = int(config.eval.batch_size)
     check_batch_sizes(run.mesh, {"eval.batch_size": batch})
     params, split = loaded.ema_params, evaluation_split(data_info)
     summary = {
         "step": loaded.step,
         "split": split,
-        "test_loss": test_loss(
-            run, config.data, params, split, batches=int(config.eval.loss_batches), batch_size=batch
-        ),
+        "test_loss": test_loss(run, config, params, split, batches=int(config.eval.loss_batches), batch_size=batch),
         "sampler": {k: config.sample[k] for k in ("solver", "steps", "grid", "guidance_scale")},
     }
+    if is_discrete(config):
+        summary.update(_evaluate_discrete(config, run, loaded, split))
     if config.eval.fid:
         num = fid_sample_count(int(config.eval.num_samples))
         log.info("FID/KID on %d samples against %d %r images (config.eval.num_samples)", num, num, split)
@@ -476,7 +510,7 @@ def evaluate(config, workdir: str, devices=None) -> dict:
         reference = eval_lib.reference_for_split(config.data, split, num, inception, batch_size=batch)
         samples = eval_lib.sample_images(run, params, num, run.key("fid"), batch_size=batch)
         summary.update(eval_lib.sample_quality(samples, reference, inception, batch_size=batch))
-    if config.eval.bits_per_dim_examples:
+    if config.eval.bits_per_dim_examples and not is_discrete(config):
         images, labels = eval_lib.split_images(
             config.data, split, int(config.eval.bits_per_dim_examples), batch_size=batch
         )

@@ -22,6 +22,7 @@ from diffjax.training import sharding as shard_lib
 from diffjax.training.build import ModelSpec, build_model_spec, label_dropout_transform, make_sample_fn
 from diffjax.training.checkpoint import Checkpointer, CheckpointError
 from diffjax.training.config import ConfigError, validate_config
+from diffjax.training.discrete_run import discrete_pieces, is_discrete
 from diffjax.training.state import ParamAverage, TrainState, create_train_state, make_train_step, stream_key
 
 __all__ = [
@@ -45,6 +46,10 @@ CACHE_MIN_COMPILE_TIME_S = 0.3
 
 # Config values a checkpoint must agree with to be resumed or loaded by another config.
 COMPATIBILITY_KEYS = ("process", "model", "loss.prediction", "loss.sigma_data", "data.image_size", "data.channels")
+DISCRETE_COMPATIBILITY_KEYS = tuple(
+    f"discrete.{key}"
+    for key in ("process", "process_options", "tokens", "vocab_size", "sequence_length", "time_free", "model_options")
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,7 @@ class Run:
     abstract_state: TrainState
     state_sharding: TrainState
     metadata: dict  # stored with every checkpoint: config, compatibility, schedule, data shape
+    save_samples: Callable | None = None  # save_samples(samples, path stem) -> path; None: a PNG grid
 
     def under_mesh(self, fn: Callable) -> Callable:
         """fn traced under this run's mesh and logical axis rules."""
@@ -129,9 +135,11 @@ def _as_json(value):
 
 
 def config_compatibility(config) -> dict:
-    """The config's values of COMPATIBILITY_KEYS, as stored in a checkpoint's metadata, and
-    train.posthoc_ema when set (the train state holds one average per profile)."""
-    keys = COMPATIBILITY_KEYS + (("train.posthoc_ema",) if len(config.train.posthoc_ema) else ())
+    """The config's values of COMPATIBILITY_KEYS (and of DISCRETE_COMPATIBILITY_KEYS in a discrete
+    run, train.posthoc_ema when set: the train state holds one average per profile), as stored in a
+    checkpoint's metadata."""
+    keys = COMPATIBILITY_KEYS + (DISCRETE_COMPATIBILITY_KEYS if is_discrete(config) else ())
+    keys += ("train.posthoc_ema",) if len(config.train.posthoc_ema) else ()
     return _as_json({key: _get(config, key) for key in keys})
 
 
@@ -153,15 +161,14 @@ def build_run(config, data_info, mesh: jax.sharding.Mesh) -> Run:
     image_shape = tuple(int(x) for x in data_info.image_shape)
     num_classes = int(data_info.num_classes or 0)
     seed = int(config.seed)
-    process = fc.process_from_config(config)
-    spec = build_model_spec(fc.model_config_from_config(config, image_shape, num_classes, process), seed)
+    pieces = discrete_pieces if is_discrete(config) else _gaussian_pieces
+    process, spec, loss_fn, to_denoiser, sampler, save_samples = pieces(config, image_shape, num_classes, seed)
     label_dropout = float(config.train.label_dropout)
     if label_dropout > 0 and not spec.conditional:
         raise ConfigError(
             f"config.train.label_dropout = {label_dropout} needs a class-conditional model "
             "(model.class_conditional=True on labelled data); use 0.0 for this unconditional model"
         )
-    loss_fn = fc.loss_from_config(config, spec.apply, process, conditional=spec.conditional, dropout=spec.dropout)
     rules = fc.rules_from_config(config)
     guidance_scale = float(config.sample.guidance_scale)
     if guidance_scale != 1.0 and not spec.conditional:
@@ -170,8 +177,6 @@ def build_run(config, data_info, mesh: jax.sharding.Mesh) -> Run:
             "model trained with label dropout (model.class_conditional=True, train.label_dropout > 0); "
             "use 1.0 for this unconditional model"
         )
-    to_denoiser = fc.denoiser_factory_from_config(config, process)
-    sampler = fc.sampler_from_config(config)
     sample_fn = make_sample_fn(sampler, to_denoiser, spec, image_shape, guidance_scale)
     try:  # validate config.sample by tracing sample() once with abstract inputs (no compilation)
         jax.eval_shape(lambda p, k: sample_fn(p, k, 2), spec.abstract_params, jax.random.key(0))
@@ -208,7 +213,17 @@ def build_run(config, data_info, mesh: jax.sharding.Mesh) -> Run:
         abstract_state=abstract_state,
         state_sharding=state_sharding,
         metadata=run_metadata(config, spec, image_shape, num_classes),
+        save_samples=save_samples,
     )
+
+
+def _gaussian_pieces(config, image_shape, num_classes: int, seed: int) -> tuple:
+    """(process, model spec, loss_fn, to_denoiser, sampler, save_samples = None: a PNG grid) of a Gaussian run."""
+    process = fc.process_from_config(config)
+    spec = build_model_spec(fc.model_config_from_config(config, image_shape, num_classes, process), seed)
+    loss_fn = fc.loss_from_config(config, spec.apply, process, conditional=spec.conditional, dropout=spec.dropout)
+    to_denoiser, sampler = fc.denoiser_factory_from_config(config, process), fc.sampler_from_config(config)
+    return process, spec, loss_fn, to_denoiser, sampler, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,6 +402,6 @@ def make_jitted_sampler(run: Run, num: int) -> Callable:
     jitted = jax.jit(
         run.under_mesh(lambda params, key: sample_fn(params, key, padded)),
         in_shardings=(run.state_sharding.params, shard_lib.replicated(run.mesh)),
-        out_shardings=shard_lib.batch_sharding(run.mesh, 4),
+        out_shardings=shard_lib.batch_sharding(run.mesh, 1 + len(run.image_shape)),
     )
     return lambda params, key: gather_to_host(jitted(params, key))[:num]
