@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from diffjax.training import (
 from diffjax.training.build import network
 from diffjax.training.checkpoint import Checkpointer
 from diffjax.training.config import apply_overrides
-from diffjax.training.from_config import mesh_from_config
+from diffjax.training.from_config import mesh_from_config, schedule_fields
 from diffjax.training.loop import (
     FID_SAMPLES_ACCELERATOR,
     FID_SAMPLES_CPU,
@@ -42,7 +43,7 @@ from diffjax.training.loop import (
     sample_from_checkpoint,
 )
 from diffjax.training.run import sharded_target
-from diffjax.training.state import create_train_state, stream_id, stream_key
+from diffjax.training.state import create_train_state, make_learning_rate, stream_id, stream_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -423,16 +424,38 @@ def test_incompatible_checkpoint_is_refused_by_its_differing_fields(trained_run,
 
 
 @pytest.mark.xdist_group("trained_run")
-def test_resuming_with_another_schedule_is_refused(trained_run, tmp_path):
-    """A cosine schedule depends on train.num_steps: resuming with another length is refused,
-    naming the old and new values (test_resume_continues_exactly resumes a constant schedule with
-    another length)."""
+@pytest.mark.parametrize(
+    "key, value, change",
+    [
+        ("train.num_steps", 6, "train.num_steps: 4 -> 6"),
+        ("optim.learning_rate", 5e-4, "optim.learning_rate: 0.001 -> 0.0005"),
+        ("optim.warmup_steps", 1, "optim.warmup_steps: 2 -> 1"),
+    ],
+)
+def test_resuming_with_another_schedule_is_refused(trained_run, tmp_path, key, value, change):
+    """A cosine schedule depends on train.num_steps, every schedule on its rate and warm-up:
+    resuming with another value is refused, naming the old and new values
+    (test_resume_continues_exactly resumes a constant schedule with another length)."""
     workdir = copy_of(trained_run, tmp_path)
     config = trained_run_config()
-    config.train.num_steps = 6
-    with pytest.raises(CheckpointError, match="learning-rate schedule.*train.num_steps: 4 -> 6"):
+    _set(config, key, value)
+    with pytest.raises(CheckpointError, match=f"learning-rate schedule.*{re.escape(change)}"):
         train(config, workdir)
     assert rel_steps(workdir) == [2, 4]
+
+
+def test_inverse_sqrt_schedule_is_edm2s():
+    """peak * min(step / warm-up, 1) / sqrt(max(step / decay_start, 1)) in the run's step count, and
+    a resume must keep decay_start."""
+    rate = make_learning_rate(0.01, 10**6, warmup_steps=10, schedule="inverse_sqrt", decay_start=100)
+    steps = jnp.asarray([0, 5, 10, 100, 400, 10_000])
+    np.testing.assert_allclose(rate(steps), [0.0, 0.005, 0.01, 0.01, 0.005, 0.001], rtol=1e-6)
+    config = trained_run_config()
+    config.optim.schedule = "inverse_sqrt"
+    assert schedule_fields(config)["optim.decay_start"] == config.optim.decay_start
+    assert "train.num_steps" not in schedule_fields(config)
+    with pytest.raises(ValueError, match="decay_start must be an int >= 1, got 0"):
+        make_learning_rate(0.01, 10, schedule="inverse_sqrt", decay_start=0)
 
 
 def rel_steps(workdir):

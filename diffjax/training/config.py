@@ -64,7 +64,7 @@ __all__ = [
 
 NONFINITE_POLICIES = ("skip", "stop")
 OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "inverse_sqrt")
 LIBRARY_DEFAULT = "(library default)"
 REQUIRED = "(required)"
 # What config.loss.prediction / loss.target may name: a network view, or a preconditioned raw network.
@@ -103,6 +103,7 @@ CONFIG_KEYS = {
     "optim.schedule": ("constant", f"learning-rate schedule after warm-up: one of {list(SCHEDULES)}"),
     "optim.warmup_steps": (100, "linear warm-up steps"),
     "optim.min_lr_ratio": (0.0, "cosine decays to learning_rate * min_lr_ratio"),
+    "optim.decay_start": (70_000, "inverse_sqrt: the rate falls as 1/sqrt(step / decay_start) after this step"),
     "optim.grad_clip": (1.0, "global-norm gradient clipping; 0 disables"),
     "optim.forced_weight_normalization": (
         False,
@@ -527,6 +528,7 @@ def validate_config(config) -> None:
     _require(
         _int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "an int >= 0"
     )
+    _require(_int(optim.decay_start) and optim.decay_start >= 1, "optim.decay_start", optim.decay_start, "an int >= 1")
     _require(
         _finite_number(optim.min_lr_ratio) and 0 <= optim.min_lr_ratio <= 1,
         "optim.min_lr_ratio",

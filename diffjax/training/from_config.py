@@ -216,6 +216,7 @@ def learning_rate_from_config(config) -> optax.Schedule:
         warmup_steps=int(o.warmup_steps),
         schedule=o.schedule,
         min_lr_ratio=float(o.min_lr_ratio),
+        decay_start=int(o.decay_start),
     )
 
 
@@ -247,7 +248,7 @@ def tracked_averages_from_config(config) -> tuple[ParamAverage, ...]:
 
 def schedule_fields(config) -> dict:
     """The config values the learning-rate schedule depends on (train.num_steps only for cosine
-    decay: a constant schedule is the same for any length)."""
+    decay: a constant or inverse-sqrt schedule is the same for any length)."""
     o = config.optim
     fields = {
         "optim.learning_rate": o.learning_rate,
@@ -256,6 +257,8 @@ def schedule_fields(config) -> dict:
     }
     if o.schedule == "cosine":
         fields.update({"optim.min_lr_ratio": o.min_lr_ratio, "train.num_steps": config.train.num_steps})
+    if o.schedule == "inverse_sqrt":
+        fields["optim.decay_start"] = o.decay_start
     return fields
 
 

@@ -105,12 +105,35 @@ def ema(decay: float, *, warmup: bool = True) -> ParamAverage:
     return ParamAverage(init, update)
 
 
+def inverse_sqrt_learning_rate(peak: float, warmup_steps: int, decay_start: int) -> optax.Schedule:
+    """EDM2's schedule (Karras et al. 2024, Eq. 67): peak * min(step / warmup_steps, 1) /
+    sqrt(max(step / decay_start, 1)), in the run's own step count."""
+
+    def rate(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(step / warmup_steps, 1.0) if warmup_steps else 1.0
+        return peak * warm / jnp.sqrt(jnp.maximum(step / decay_start, 1.0))
+
+    return rate
+
+
 def make_learning_rate(
-    peak: float, num_steps: int, *, warmup_steps: int = 0, schedule: str = "constant", min_lr_ratio: float = 0.0
+    peak: float,
+    num_steps: int,
+    *,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    min_lr_ratio: float = 0.0,
+    decay_start: int = 70_000,
 ) -> optax.Schedule:
-    """Linear warm-up to `peak`, then constant or cosine decay to peak * min_lr_ratio at num_steps."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    """Linear warm-up to `peak`, then constant, cosine decay to peak * min_lr_ratio at num_steps, or
+    (schedule "inverse_sqrt") `inverse_sqrt_learning_rate` with decay from step decay_start."""
+    if schedule not in ("constant", "cosine", "inverse_sqrt"):
+        raise ValueError(f"schedule must be 'constant', 'cosine' or 'inverse_sqrt', got {schedule!r}")
+    if schedule == "inverse_sqrt":
+        if not (isinstance(decay_start, int) and decay_start >= 1):
+            raise ValueError(f"decay_start must be an int >= 1, got {decay_start!r}")
+        return inverse_sqrt_learning_rate(peak, warmup_steps, decay_start)
     if schedule == "constant":
         after = optax.constant_schedule(peak)
     else:
