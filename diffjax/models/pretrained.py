@@ -291,6 +291,31 @@ def _norm(sd, name) -> dict:
     return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
 
 
+# Residual blocks: (GroupNorm, conv, [time embedding], GroupNorm, conv, [1x1 or 3x3 skip]) under
+# each format's names for our norm0 / conv0 / temb / norm1 / conv1 / skip.
+_RESBLOCK_NAMES = {
+    "adm": ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3", "skip_connection"),
+    "diffusers": ("norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"),
+    "vae": ("norm1", "conv1", None, "norm2", "conv2", "conv_shortcut"),
+    "edm": ("norm0", "conv0", "affine", "norm1", "conv1", "skip"),
+}
+
+
+def _resblock(sd, name: str, kind: str) -> dict:
+    norm0, conv0, temb, norm1, conv1, skip = _RESBLOCK_NAMES[kind]
+    out = {
+        "norm0": _norm(sd, f"{name}.{norm0}"),
+        "conv0": _conv(sd, f"{name}.{conv0}"),
+        "norm1": _norm(sd, f"{name}.{norm1}"),
+        "conv1": _conv(sd, f"{name}.{conv1}"),
+    }
+    if temb is not None:
+        out["temb"] = _linear(sd, f"{name}.{temb}")
+    if f"{name}.{skip}.weight" in sd:
+        out["skip"] = _conv(sd, f"{name}.{skip}")
+    return out
+
+
 def _class_table(table: np.ndarray, num_classes: int) -> np.ndarray:
     """A (num_classes [+ 1], D) table as ours with a null row (zeros where the reference has none)."""
     if table.shape[0] == num_classes:
@@ -366,6 +391,28 @@ def _ddpm_extras(options, learned: bool, steps_default: int = 1000, schedule_def
     )
 
 
+def _dit_block(sd, b: str, heads: int, qkv: tuple, out: str, fc1: str, fc2: str, modulation: str) -> dict:
+    """One DiT block's params: qkv = the fused (weight, bias), the rest named under prefix b."""
+    return {
+        "attn": {"qkv": _dit_qkv(*qkv, heads), "out": _dit_out(sd[f"{b}{out}.weight"], sd[f"{b}{out}.bias"], heads)},
+        "fc1": _linear(sd, b + fc1),
+        "fc2": _linear(sd, b + fc2),
+        "modulation": _linear(sd, b + modulation),
+    }
+
+
+def _dit_params(sd, blocks, table, patch, time0, time1, final_modulation, final_linear) -> dict:
+    return {
+        "patch_embed": _conv(sd, patch),
+        "time0": _linear(sd, time0),
+        "time1": _linear(sd, time1),
+        "class_embed": {"table": table},
+        "blocks": _stack(blocks),
+        "final_modulation": _linear(sd, final_modulation),
+        "final_linear": _linear(sd, final_linear),
+    }
+
+
 def _from_dit(sd, options):
     _require(sd, ["x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight"], "DiT")
     w = sd["x_embedder.proj.weight"]
@@ -387,26 +434,10 @@ def _from_dit(sd, options):
         if i:  # the previous block's tensors are converted: drop them (a large checkpoint is not held twice)
             for k in [k for k in sd if k.startswith(f"blocks.{i - 1}.")]:
                 del sd[k]
-        blocks.append(
-            {
-                "attn": {
-                    "qkv": _dit_qkv(sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"], heads),
-                    "out": _dit_out(sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"], heads),
-                },
-                "fc1": _linear(sd, b + "mlp.fc1"),
-                "fc2": _linear(sd, b + "mlp.fc2"),
-                "modulation": _linear(sd, b + "adaLN_modulation.1"),
-            }
-        )
-    params = {
-        "patch_embed": _conv(sd, "x_embedder.proj"),
-        "time0": _linear(sd, "t_embedder.mlp.0"),
-        "time1": _linear(sd, "t_embedder.mlp.2"),
-        "class_embed": {"table": _class_table(table, num_classes)},
-        "blocks": _stack(blocks),
-        "final_modulation": _linear(sd, "final_layer.adaLN_modulation.1"),
-        "final_linear": _linear(sd, "final_layer.linear"),
-    }
+        qkv = (sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"])
+        blocks.append(_dit_block(sd, b, heads, qkv, "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"))
+    names = ("x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.adaLN_modulation.1")
+    params = _dit_params(sd, blocks, _class_table(table, num_classes), *names, "final_layer.linear")
     return "DiT-S/2", ov, params, _ddpm_extras(options, ov["learn_sigma"]), options
 
 
@@ -436,25 +467,11 @@ def _from_diffusers_dit(sd, config, options):
         qkv_w = np.concatenate([sd[b + f"attn1.to_{n}.weight"] for n in "qkv"])
         qkv_b = np.concatenate([sd[b + f"attn1.to_{n}.bias"] for n in "qkv"])
         blocks.append(
-            {
-                "attn": {
-                    "qkv": _dit_qkv(qkv_w, qkv_b, heads),
-                    "out": _dit_out(sd[b + "attn1.to_out.0.weight"], sd[b + "attn1.to_out.0.bias"], heads),
-                },
-                "fc1": _linear(sd, b + "ff.net.0.proj"),
-                "fc2": _linear(sd, b + "ff.net.2"),
-                "modulation": _linear(sd, b + "norm1.linear"),
-            }
+            _dit_block(sd, b, heads, (qkv_w, qkv_b), "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear")
         )
-    params = {
-        "patch_embed": _conv(sd, "pos_embed.proj"),
-        "time0": _linear(sd, emb + "timestep_embedder.linear_1"),
-        "time1": _linear(sd, emb + "timestep_embedder.linear_2"),
-        "class_embed": {"table": _class_table(sd[emb + "class_embedder.embedding_table.weight"], num_classes)},
-        "blocks": _stack(blocks),
-        "final_modulation": _linear(sd, "proj_out_1"),
-        "final_linear": _linear(sd, "proj_out_2"),
-    }
+    table = _class_table(sd[emb + "class_embedder.embedding_table.weight"], num_classes)
+    times = (emb + "timestep_embedder.linear_1", emb + "timestep_embedder.linear_2")
+    params = _dit_params(sd, blocks, table, "pos_embed.proj", *times, "proj_out_1", "proj_out_2")
     return "DiT-S/2", ov, params, _ddpm_extras(options, ov["learn_sigma"]), options
 
 
@@ -498,19 +515,6 @@ def diffusers_betas(scheduler: dict) -> np.ndarray:
     raise ValueError(
         f"beta_schedule={kind!r} is not supported: one of ('linear', 'scaled_linear', 'squaredcos_cap_v2')"
     )
-
-
-def _diffusers_resnet(sd, name) -> dict:
-    out = {
-        "norm0": _norm(sd, f"{name}.norm1"),
-        "conv0": _conv(sd, f"{name}.conv1"),
-        "temb": _linear(sd, f"{name}.time_emb_proj"),
-        "norm1": _norm(sd, f"{name}.norm2"),
-        "conv1": _conv(sd, f"{name}.conv2"),
-    }
-    if f"{name}.conv_shortcut.weight" in sd:
-        out["skip"] = _conv(sd, f"{name}.conv_shortcut")
-    return out
 
 
 def _diffusers_attention(sd, name, heads: int) -> dict:
@@ -611,9 +615,9 @@ def _from_diffusers_unet(sd, config, scheduler, options, path):
         "temb1": _linear(sd, "time_embedding.linear_2"),
         "norm_out": _norm(sd, "conv_norm_out"),
         "conv_out": _conv(sd, "conv_out"),
-        "mid_block0": _diffusers_resnet(sd, "mid_block.resnets.0"),
+        "mid_block0": _resblock(sd, "mid_block.resnets.0", "diffusers"),
         "mid_attn": _diffusers_attention(sd, "mid_block.attentions.0", heads_of(chans[-1])),
-        "mid_block1": _diffusers_resnet(sd, "mid_block.resnets.1"),
+        "mid_block1": _resblock(sd, "mid_block.resnets.1", "diffusers"),
         "down": {},
         "up": {},
     }
@@ -622,13 +626,13 @@ def _from_diffusers_unet(sd, config, scheduler, options, path):
     for i in range(nlev):
         d, u = f"down_blocks.{i}", f"up_blocks.{nlev - 1 - i}"
         for j in range(lpb):
-            params["down"][f"level{i}_block{j}"] = _diffusers_resnet(sd, f"{d}.resnets.{j}")
+            params["down"][f"level{i}_block{j}"] = _resblock(sd, f"{d}.resnets.{j}", "diffusers")
             if f"{d}.attentions.{j}.to_q.weight" in sd:
                 params["down"][f"level{i}_attn{j}"] = _diffusers_attention(
                     sd, f"{d}.attentions.{j}", heads_of(chans[i])
                 )
         for j in range(lpb + 1):
-            params["up"][f"level{i}_block{j}"] = _diffusers_resnet(sd, f"{u}.resnets.{j}")
+            params["up"][f"level{i}_block{j}"] = _resblock(sd, f"{u}.resnets.{j}", "diffusers")
             if f"{u}.attentions.{j}.to_q.weight" in sd:
                 params["up"][f"level{i}_attn{j}"] = _diffusers_attention(sd, f"{u}.attentions.{j}", heads_of(chans[i]))
         if i != nlev - 1:
@@ -666,19 +670,6 @@ def _submodules(sd, prefix: str) -> dict[int, dict[int, set]]:
 
 def _is_attention(keys: set) -> bool:
     return "qkv.weight" in keys
-
-
-def _adm_resblock(sd, name) -> dict:
-    out = {
-        "norm0": _norm(sd, f"{name}.in_layers.0"),
-        "conv0": _conv(sd, f"{name}.in_layers.2"),
-        "temb": _linear(sd, f"{name}.emb_layers.1"),
-        "norm1": _norm(sd, f"{name}.out_layers.0"),
-        "conv1": _conv(sd, f"{name}.out_layers.3"),
-    }
-    if f"{name}.skip_connection.weight" in sd:
-        out["skip"] = _conv(sd, f"{name}.skip_connection")
-    return out
 
 
 def _adm_attention(sd, name, heads: int, order: str) -> dict:
@@ -761,9 +752,9 @@ def _from_adm(sd, options):
         "conv_out": _conv(sd, "out.2"),
         "down": {},
         "up": {},
-        "mid_block0": _adm_resblock(sd, "middle_block.0"),
+        "mid_block0": _resblock(sd, "middle_block.0", "adm"),
         "mid_attn": _adm_attention(sd, "middle_block.1", heads_of(sd["middle_block.1.norm.weight"].shape[0]), order),
-        "mid_block1": _adm_resblock(sd, "middle_block.2"),
+        "mid_block1": _resblock(sd, "middle_block.2", "adm"),
     }
     if num_classes:
         params["class_embed"] = {"table": _class_table(sd["label_emb.weight"], num_classes)}
@@ -776,13 +767,13 @@ def _from_adm(sd, options):
         k += 1
         base = f"input_blocks.{k}.0"
         params["down"][name] = (
-            {"conv": _conv(sd, f"{base}.op")} if f"{base}.op.weight" in sd else _adm_resblock(sd, base)
+            {"conv": _conv(sd, f"{base}.op")} if f"{base}.op.weight" in sd else _resblock(sd, base, "adm")
         )
     k, sub = -1, 0
     for name in probe.up_order:
         if "_block" in name:
             k, sub = k + 1, 0
-            params["up"][name] = _adm_resblock(sd, f"output_blocks.{k}.0")
+            params["up"][name] = _resblock(sd, f"output_blocks.{k}.0", "adm")
         elif "_attn" in name:
             sub += 1
             base = f"output_blocks.{k}.{sub}"
@@ -791,7 +782,7 @@ def _from_adm(sd, options):
             sub += 1
             base = f"output_blocks.{k}.{sub}"
             params["up"][name] = (
-                {"conv": _conv(sd, f"{base}.conv")} if f"{base}.conv.weight" in sd else _adm_resblock(sd, base)
+                {"conv": _conv(sd, f"{base}.conv")} if f"{base}.conv.weight" in sd else _resblock(sd, base, "adm")
             )
     extras = _ddpm_extras(options, ov["learn_sigma"])
     return "ADM-cifar10", ov, params, extras, options
@@ -803,15 +794,7 @@ def _from_adm(sd, options):
 
 
 def _edm_block(sd, name) -> tuple[dict, dict | None]:
-    block = {
-        "norm0": _norm(sd, f"{name}.norm0"),
-        "conv0": _conv(sd, f"{name}.conv0"),
-        "temb": _linear(sd, f"{name}.affine"),
-        "norm1": _norm(sd, f"{name}.norm1"),
-        "conv1": _conv(sd, f"{name}.conv1"),
-    }
-    if f"{name}.skip.weight" in sd:
-        block["skip"] = _conv(sd, f"{name}.skip")
+    block = _resblock(sd, name, "edm")
     attn = None
     if f"{name}.qkv.weight" in sd:
         w = sd[f"{name}.qkv.weight"][:, :, 0, 0]  # (3C, C): channel o = c * 3 + k (one head)
@@ -933,15 +916,7 @@ def _from_song_unet(sd, options):
 def _dhariwal_block(sd, name, head_channels: int) -> tuple[dict, dict | None]:
     """EDM's UNetBlock as our ADM residual block (+ attention). Its qkv conv orders the 3C outputs
     as (head, channel, q/k/v)."""
-    block = {
-        "norm0": _norm(sd, f"{name}.norm0"),
-        "conv0": _conv(sd, f"{name}.conv0"),
-        "temb": _linear(sd, f"{name}.affine"),
-        "norm1": _norm(sd, f"{name}.norm1"),
-        "conv1": _conv(sd, f"{name}.conv1"),
-    }
-    if f"{name}.skip.weight" in sd:
-        block["skip"] = _conv(sd, f"{name}.skip")
+    block = _resblock(sd, name, "edm")
     for key in (f"{name}.conv0.resample_filter", f"{name}.skip.resample_filter"):
         if key in sd and not np.allclose(sd[key], 0.25):
             raise ValueError(
@@ -1207,25 +1182,13 @@ class PretrainedAutoencoder:
     format: str
 
 
-def _vae_resblock(sd, name) -> dict:
-    out = {
-        "norm0": _norm(sd, f"{name}.norm1"),
-        "conv0": _conv(sd, f"{name}.conv1"),
-        "norm1": _norm(sd, f"{name}.norm2"),
-        "conv1": _conv(sd, f"{name}.conv2"),
-    }
-    if f"{name}.conv_shortcut.weight" in sd:
-        out["skip"] = _conv(sd, f"{name}.conv_shortcut")
-    return out
-
-
 def _vae_middle(sd, name) -> dict:
     a = f"{name}.attentions.0"
     lin = lambda n: sd[f"{a}.{n}.weight"].reshape(sd[f"{a}.{n}.weight"].shape[:2])  # noqa: E731 (1x1 convs too)
     w = np.stack([lin("to_q").T, lin("to_k").T, lin("to_v").T], axis=1)  # (C, 3, C)
     b = np.stack([sd[f"{a}.to_q.bias"], sd[f"{a}.to_k.bias"], sd[f"{a}.to_v.bias"]])
     return {
-        "block0": _vae_resblock(sd, f"{name}.resnets.0"),
+        "block0": _resblock(sd, f"{name}.resnets.0", "vae"),
         "attn": {
             "norm": _norm(sd, f"{a}.group_norm"),
             "attn": {
@@ -1233,7 +1196,7 @@ def _vae_middle(sd, name) -> dict:
                 "out": {"kernel": np.ascontiguousarray(lin("to_out.0").T)[None], "bias": sd[f"{a}.to_out.0.bias"]},
             },
         },
-        "block1": _vae_resblock(sd, f"{name}.resnets.1"),
+        "block1": _resblock(sd, f"{name}.resnets.1", "vae"),
     }
 
 
@@ -1257,7 +1220,7 @@ def _from_diffusers_vae(sd, config, options, param_dtype, dtype, path) -> Pretra
     enc: dict = {"blocks": {}}
     for i in range(nlev):
         for j in range(lpb):
-            enc["blocks"][f"level{i}_block{j}"] = _vae_resblock(sd, f"encoder.down_blocks.{i}.resnets.{j}")
+            enc["blocks"][f"level{i}_block{j}"] = _resblock(sd, f"encoder.down_blocks.{i}.resnets.{j}", "vae")
         if i != nlev - 1:
             enc["blocks"][f"level{i}_down"] = {"conv": _conv(sd, f"encoder.down_blocks.{i}.downsamplers.0.conv")}
     enc.update(
@@ -1270,7 +1233,7 @@ def _from_diffusers_vae(sd, config, options, param_dtype, dtype, path) -> Pretra
     dec: dict = {"blocks": {}}
     for i in range(nlev):
         for j in range(lpb + 1):
-            dec["blocks"][f"level{i}_block{j}"] = _vae_resblock(sd, f"decoder.up_blocks.{i}.resnets.{j}")
+            dec["blocks"][f"level{i}_block{j}"] = _resblock(sd, f"decoder.up_blocks.{i}.resnets.{j}", "vae")
         if i != nlev - 1:
             dec["blocks"][f"level{i}_up"] = {"conv": _conv(sd, f"decoder.up_blocks.{i}.upsamplers.0.conv")}
     dec.update(
