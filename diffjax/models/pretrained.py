@@ -823,18 +823,26 @@ def _from_edm(sd, options):
     return _from_song_unet(sd, options)
 
 
-def _from_song_unet(sd, options):
+def _edm_levels(sd, kind: str) -> tuple:
+    """The level layout of an EDM U-Net state dict (SongUNet or DhariwalUNet): (resolution, model
+    channels, input channels, level resolutions, blocks per level, channel multipliers, attention
+    resolutions)."""
     conv_keys = [k for k in sd if re.match(r"^enc\.\d+x\d+_conv\.weight$", k)]
-    _require(sd, ["map_layer0.weight", "map_layer1.weight"], "EDM SongUNet")
     if len(conv_keys) != 1:
-        raise ValueError("not an EDM SongUNet state dict: no unique enc.<res>x<res>_conv")
+        raise ValueError(f"not an EDM {kind} state dict: no unique enc.<res>x<res>_conv")
     res = int(conv_keys[0].split(".")[1].split("x")[0])
     mc, c_in = sd[conv_keys[0]].shape[:2]
     levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"^enc\.(\d+)x\d+_", k)] if m}, reverse=True)
-    nlev = len(levels)
     nrb = len({k.split(".")[1] for k in sd if re.match(rf"^enc\.{res}x{res}_block\d+\.", k)})
     mult = tuple(int(sd[f"enc.{r}x{r}_block0.conv0.weight"].shape[0] // mc) for r in levels)
     attn = tuple(r for r in levels if f"enc.{r}x{r}_block0.qkv.weight" in sd)
+    return res, mc, c_in, levels, nrb, mult, attn
+
+
+def _from_song_unet(sd, options):
+    _require(sd, ["map_layer0.weight", "map_layer1.weight"], "EDM SongUNet")
+    res, mc, c_in, levels, nrb, mult, attn = _edm_levels(sd, "SongUNet")
+    nlev = len(levels)
     fourier = "map_noise.freqs" in sd
     residual = any("_aux_residual" in k for k in sd)
     if any("_aux_skip" in k or "_aux_up" in k for k in sd):
@@ -869,7 +877,7 @@ def _from_song_unet(sd, options):
     if fourier != residual:
         ov["embedding_type"] = "fourier" if fourier else "positional"
     params: dict = {
-        "conv_in": _conv(sd, conv_keys[0].removesuffix(".weight")),
+        "conv_in": _conv(sd, f"enc.{res}x{res}_conv"),
         "temb0": _linear(sd, "map_layer0"),
         "temb1": _linear(sd, "map_layer1"),
         "down": {},
@@ -949,16 +957,8 @@ def _from_dhariwal_unet(sd, options, head_channels: int | None = None):
     """NVlabs/edm's DhariwalUNet (ADM) as our ADM U-Net: AdaGN blocks resampling inside, GroupNorm
     with min(32, C // 4) groups, the label mapping a bias-free Linear after the time MLP (= a table)."""
     _require(sd, ["map_layer0.weight", "map_layer1.weight", "out_norm.weight", "out_conv.weight"], "EDM DhariwalUNet")
-    conv_keys = [k for k in sd if re.match(r"^enc\.\d+x\d+_conv\.weight$", k)]
-    if len(conv_keys) != 1:
-        raise ValueError("not an EDM DhariwalUNet state dict: no unique enc.<res>x<res>_conv")
-    res = int(conv_keys[0].split(".")[1].split("x")[0])
-    mc, c_in = sd[conv_keys[0]].shape[:2]
-    levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"^enc\.(\d+)x\d+_", k)] if m}, reverse=True)
+    res, mc, c_in, levels, nrb, mult, attn = _edm_levels(sd, "DhariwalUNet")
     nlev = len(levels)
-    nrb = len({k.split(".")[1] for k in sd if re.match(rf"^enc\.{res}x{res}_block\d+\.", k)})
-    mult = tuple(int(sd[f"enc.{r}x{r}_block0.conv0.weight"].shape[0] // mc) for r in levels)
-    attn = tuple(r for r in levels if f"enc.{r}x{r}_block0.qkv.weight" in sd)
     if sd["map_layer0.weight"].shape[0] != 4 * mc:
         raise ValueError(f"EDM DhariwalUNet with embedding width {sd['map_layer0.weight'].shape[0]} != 4 x {mc}")
     c_out = sd["out_conv.weight"].shape[0]
@@ -984,7 +984,7 @@ def _from_dhariwal_unet(sd, options, head_channels: int | None = None):
         time_scale=1.0,
     )
     params: dict = {
-        "conv_in": _conv(sd, conv_keys[0].removesuffix(".weight")),
+        "conv_in": _conv(sd, f"enc.{res}x{res}_conv"),
         "temb0": _linear(sd, "map_layer0"),
         "temb1": _linear(sd, "map_layer1"),
         "norm_out": _norm(sd, "out_norm"),
