@@ -23,6 +23,7 @@ from diffjax.models import layers as L
 from diffjax.models.pretrained import _module_tensors, ddpm_betas, load_pretrained
 from diffjax.models.torch_files import load_module_pickle, load_torch_object, read_safetensors
 from diffjax.processes import EDM, DiscreteVP
+from diffjax.training import sharding as shard_lib
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pretrained"
 CASES = {
@@ -147,6 +148,24 @@ def test_bfloat16_storage(reference):
     x, t, y = _inputs(reference, "edm_ncsnpp")
     # the fixture's weights are bfloat16 values, so storage loses nothing; compute stays float32
     assert rel_rms(jax.jit(pt.apply)(pt.params, x, t, y), reference["edm_ncsnpp/out"]) < 1e-5
+
+
+def test_loading_onto_a_mesh(reference, monkeypatch):
+    """The README's example: each parameter lands with the trainer's sharding (FSDP and tensor
+    axes), and the sharded network computes what the reference computes."""
+    import helpers
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    env: dict = {}
+    exec(helpers.readme_example("pretrained-mesh"), env)
+    pt, mesh = env["pt"], env["mesh"]
+    rules = shard_lib.make_rules()
+    want = shard_lib.param_shardings(pt.params, models.logical_partition_specs(pt.model), mesh, rules)
+    assert jax.tree.map(lambda a: a.sharding.spec, pt.params) == jax.tree.map(lambda s: s.spec, want)
+    split = [a for a in jax.tree.leaves(pt.params) if a.addressable_shards[0].data.size < a.size]
+    assert split, "no parameter of the DiT was split over the mesh"
+    x, t, y = _inputs(reference, "dit")
+    assert rel_rms(jax.jit(pt.apply)(pt.params, x, t, y), reference["dit/out"]) < 1e-5
 
 
 def test_bad_inputs_are_named(tmp_path):

@@ -55,7 +55,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from diffjax.denoisers import Denoiser, EDMPreconditioned, LearnedVarianceDenoiser
-from diffjax.models.api import build, functional, get_config
+from diffjax.models.api import build, functional, get_config, logical_partition_specs
 from diffjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from diffjax.models.configs import ModelConfig
 from diffjax.models.edm2 import params_from_edm2_state
@@ -69,6 +69,7 @@ from diffjax.models.torch_files import (
 )
 from diffjax.processes import EDM, VE, VP, DiscreteVP, GaussianProcess
 
+Placement = Callable[[jax.sharding.PartitionSpec, tuple], jax.sharding.Sharding]
 FORMATS = ("dit", "adm", "edm", "edm-pkl", "diffusers-dit", "diffusers-unet", "diffusers-vae")
 _DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S, B, L, XL
 
@@ -199,12 +200,16 @@ def load_pretrained(
     format: str | None = None,
     param_dtype: str = "float32",
     dtype: str = "float32",
+    placement: Placement | None = None,
     **options,
-) -> Pretrained:
+) -> Pretrained | PretrainedAutoencoder:
     """Load a published checkpoint (see the module docstring for the formats and their options).
 
     The format is inferred from the content; `format=` forces one of FORMATS. Parameters are stored
-    in `param_dtype` ("float32" or "bfloat16") and computed in `dtype`.
+    in `param_dtype` ("float32" or "bfloat16") and computed in `dtype`. `placement(logical_spec,
+    shape) -> Sharding` puts each parameter where it belongs as soon as it is converted, e.g.
+    `diffjax.training.sharding.placement(mesh, rules)` for the trainer's shardings (FSDP, tensor
+    parallel): no device holds a whole sharded parameter. None: the default device.
     """
     path = Path(path)
     if not path.exists():
@@ -220,7 +225,8 @@ def load_pretrained(
         config = json.loads(cfg_path.read_text())
         name = config.get("_class_name")
         if name == "AutoencoderKL":
-            return _from_diffusers_vae(_state_dict(_diffusers_weights(path)), config, options, param_dtype, dtype, path)
+            sd = _state_dict(_diffusers_weights(path))
+            return _from_diffusers_vae(sd, config, options, param_dtype, dtype, placement, path)
         if name not in ("DiTTransformer2DModel", "UNet2DModel"):
             raise ValueError(
                 f"{str(path)!r}: diffusers class {name!r} is not supported; known: DiTTransformer2DModel, "
@@ -229,10 +235,10 @@ def load_pretrained(
         sd = _state_dict(_diffusers_weights(path))
         if name == "UNet2DModel":
             converted = _from_diffusers_unet(sd, config, _diffusers_scheduler(path), options, path)
-            return _finish(*converted, param_dtype, dtype, "diffusers-unet", path)
-        return _finish(*_from_diffusers_dit(sd, config, options), param_dtype, dtype, "diffusers-dit", path)
+            return _finish(*converted, param_dtype, dtype, placement, "diffusers-unet", path)
+        return _finish(*_from_diffusers_dit(sd, config, options), param_dtype, dtype, placement, "diffusers-dit", path)
     if format == "edm-pkl" or (format is None and not is_safetensors(path) and is_module_pickle(path)):
-        return _finish(*_from_edm_pickle(path, options), param_dtype, dtype, "edm-pkl", path)
+        return _finish(*_from_edm_pickle(path, options), param_dtype, dtype, placement, "edm-pkl", path)
     sd = _state_dict(path)
     kind = format or _detect(sd)
     if kind not in ("dit", "adm", "edm"):
@@ -244,7 +250,7 @@ def load_pretrained(
     convert = {"dit": _from_dit, "adm": _from_adm, "edm": _from_edm}[kind]
     converted = convert(sd, options)
     del sd  # the originals of the arrays the conversion copied
-    return _finish(*converted, param_dtype, dtype, kind, path)
+    return _finish(*converted, param_dtype, dtype, placement, kind, path)
 
 
 def _diffusers_weights(folder: Path) -> Path:
@@ -254,13 +260,13 @@ def _diffusers_weights(folder: Path) -> Path:
     raise ValueError(f"{str(folder)!r} has no diffusion_pytorch_model.safetensors or .bin")
 
 
-def _finish(config_name, overrides, params, extras, options, param_dtype, dtype, kind, path) -> Pretrained:
+def _finish(config_name, overrides, params, extras, options, param_dtype, dtype, placement, kind, path) -> Pretrained:
     unknown = sorted(set(options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for format {kind!r}")
     cfg = get_config(config_name, **overrides, param_dtype=param_dtype, dtype=dtype)
     model = nnx.eval_shape(lambda: build(cfg))
-    _set_params(model, params, path, kind)
+    _set_params(model, params, placement, path, kind)
     apply, params = functional(model)
     return Pretrained(model=model, config=cfg, apply=apply, params=params, format=kind, **extras)
 
@@ -1200,7 +1206,7 @@ def _vae_middle(sd, name) -> dict:
     }
 
 
-def _from_diffusers_vae(sd, config, options, param_dtype, dtype, path) -> PretrainedAutoencoder:
+def _from_diffusers_vae(sd, config, options, param_dtype, dtype, placement, path) -> PretrainedAutoencoder:
     if options:
         raise ValueError(f"unknown option(s) {sorted(options)} for format 'diffusers-vae'")
     if not config.get("use_quant_conv", True) or not config.get("use_post_quant_conv", True):
@@ -1244,12 +1250,13 @@ def _from_diffusers_vae(sd, config, options, param_dtype, dtype, path) -> Pretra
         conv_out=_conv(sd, "decoder.conv_out"),
     )
     model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
-    _set_params(model, {"encoder": enc, "decoder": dec}, path, "diffusers-vae")
+    _set_params(model, {"encoder": enc, "decoder": dec}, placement, path, "diffusers-vae")
     return PretrainedAutoencoder(model=model, config=cfg, format="diffusers-vae")
 
 
-def _set_params(model, params, path, kind) -> None:
-    """Check `params` against the (abstract) model's parameters and put them in, cast to its dtypes."""
+def _set_params(model, params, placement: Placement | None, path, kind) -> None:
+    """Check `params` against the (abstract) model's parameters and put them in, cast to its dtypes
+    and placed by `placement` (see `load_pretrained`)."""
     abstract = nnx.state(model, nnx.Param)
     want = traversals.flatten_mapping(nnx.to_pure_dict(abstract))
     got = traversals.flatten_mapping(params)
@@ -1262,13 +1269,33 @@ def _set_params(model, params, path, kind) -> None:
                 f"{str(path)!r} ({kind}): parameter {'/'.join(map(str, k))} has shape {got[k].shape}, "
                 f"the model expects {leaf.shape}"
             )
+    specs = traversals.flatten_mapping(logical_partition_specs(model)) if placement is not None else {}
     params.clear()  # `got` now holds the only references: each array is freed once it is converted
     typed = {}
     for k, leaf in want.items():
-        typed[k] = jax.block_until_ready(jnp.asarray(np.asarray(got.pop(k), np.float32), leaf.dtype))
+        host = np.asarray(got.pop(k), np.float32).astype(leaf.dtype)
+        typed[k] = jax.block_until_ready(
+            _to_device(host, None if placement is None else placement(specs[k], host.shape))
+        )
+        del host
         _release_freed_memory()
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(typed))
     nnx.update(model, abstract)
 
 
-__all__ = ["FORMATS", "Pretrained", "PretrainedAutoencoder", "ddpm_betas", "diffusers_betas", "load_pretrained"]
+def _to_device(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """`host` on the default device, or laid out by `sharding`, each device given only its slice."""
+    if sharding is None:
+        return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+__all__ = [
+    "FORMATS",
+    "Placement",
+    "Pretrained",
+    "PretrainedAutoencoder",
+    "ddpm_betas",
+    "diffusers_betas",
+    "load_pretrained",
+]

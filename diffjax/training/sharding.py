@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = [
     "make_rules",
     "logical_to_mesh",
     "param_shardings",
+    "placement",
     "state_shardings",
     "batch_sharding",
     "replicated",
@@ -148,10 +149,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def placement(mesh: Mesh, rules) -> Callable[[PartitionSpec, tuple], NamedSharding]:
+    """`place(logical_spec, shape)`: the NamedSharding of a parameter with those logical axis names
+    and shape (e.g. for `diffjax.models.load_pretrained(..., placement=placement(mesh, rules))`)."""
+    return lambda spec, shape: NamedSharding(mesh, logical_to_mesh(spec, shape, mesh, rules))
+
+
 def param_shardings(abstract_params, logical_specs, mesh: Mesh, rules) -> Any:
     """NamedShardings for a params tree from its tree of logical PartitionSpecs."""
+    place = placement(mesh, rules)
     return jax.tree.map(
-        lambda p, spec: NamedSharding(mesh, logical_to_mesh(spec, p.shape, mesh, rules)),
+        lambda p, spec: place(spec, p.shape),
         abstract_params,
         logical_specs,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
