@@ -45,8 +45,9 @@ from diffjax.distill import (
     update_target,
 )
 from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss
+from diffjax.distill.draft import draft_loss
 from diffjax.distill.progressive import progressive_distillation_loss, progressive_target, student_times
-from diffjax.samplers import DDIM, Ancestral, Times, sample
+from diffjax.samplers import DDIM, Adaptive, Ancestral, Times, Uniform, sample
 from diffjax.samplers.base import Solver
 from diffjax.samplers.ddim import ddim_step
 
@@ -495,3 +496,82 @@ def test_scm_distillation_of_an_exact_teacher_reaches_the_mixture_weights():
     samples, info = run_scm("scd", args, 0)
     weight_error, _ = mixture_4d().sample_errors(samples[1])
     assert weight_error < 0.2, (weight_error, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# DRaFT: reward fine-tuning through the sampler
+# --------------------------------------------------------------------------------------------------
+
+
+def _draft_setup(grad_steps, steps=6):
+    """Data N(mu, I) under VP, its exact x0-denoiser with mu the parameter, reward -||x0 - c||^2."""
+    process, c = P.VP(), 1.5
+
+    def apply_fn(params, x, t):
+        coef_a, coef_s = process.alpha(t)[:, None], process.sigma(t)[:, None]
+        return params["mu"] + coef_a * (x - coef_a * params["mu"]) / (coef_a**2 + coef_s**2)
+
+    def reward(x0):
+        return -jnp.sum((x0 - c) ** 2, axis=-1)
+
+    loss_fn = draft_loss(
+        apply_fn, process, reward, prediction="x0", solver=DDIM(), steps=steps, grad_steps=grad_steps, grid=Uniform()
+    )
+    return process, c, apply_fn, reward, loss_fn
+
+
+@pytest.mark.parametrize("grad_steps", [1, 3, 6])
+def test_draft_gradient_is_the_truncated_chain_rule(grad_steps):
+    """On Gaussian data every DDIM step is affine, x_{i+1} = a_i x_i + b_i mu with
+    a_i = alpha_s alpha_t + sigma_s sigma_t and b_i = alpha_s - a_i alpha_t, and the final
+    denoising x0 = a_f x + b_f mu; DRaFT-K's gradient keeps the b_i of the last K steps only."""
+    steps = 6
+    process, c, apply_fn, reward, loss_fn = _draft_setup(grad_steps, steps)
+    params = {"student": {"mu": jnp.full((3,), 0.2)}}
+    batch = jnp.zeros((64, 3))
+    key = jax.random.key(3)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, key, batch)
+
+    ts = np.asarray(Uniform()(process, steps, *process.resolve_times(None, None)), np.float64)
+    alpha = np.asarray(process.alpha(jnp.asarray(ts)), np.float64)
+    sigma = np.asarray(process.sigma(jnp.asarray(ts)), np.float64)
+    a = alpha[1:] * alpha[:-1] + sigma[1:] * sigma[:-1]
+    b = alpha[1:] - a * alpha[:-1]
+    norm = alpha[-1] ** 2 + sigma[-1] ** 2
+    a_f, b_f = alpha[-1] / norm, 1.0 - alpha[-1] ** 2 / norm
+    later = np.array([np.prod(a[i + 1 :]) for i in range(steps)])
+    g = b_f + a_f * np.sum((b * later)[steps - grad_steps :])
+
+    den = Denoiser(lambda x, t: apply_fn(params["student"], x, t), process, "x0")
+    x0 = sample(den, key, batch.shape, solver=DDIM(), steps=steps, grid=Uniform()).samples
+    np.testing.assert_allclose(float(loss), -float(jnp.mean(reward(x0))), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["reward"]), float(jnp.mean(reward(x0))), rtol=1e-5)
+    want = np.mean(2.0 * (np.asarray(x0, np.float64) - c) * g, axis=0)
+    np.testing.assert_allclose(np.asarray(grads["student"]["mu"]), want, rtol=1e-4)
+
+
+def test_draft_fine_tuning_moves_the_samples_to_the_reward():
+    *_, loss_fn = _draft_setup(grad_steps=2)
+    params = {"student": {"mu": jnp.zeros((3,))}}
+    grad = jax.jit(jax.grad(lambda p, k: loss_fn(p, k, jnp.zeros((128, 3)))[0]))
+    for i in range(40):
+        params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grad(params, jax.random.key(i)))
+    # the optimum puts the mean of x0 (= A mu for the fixed noise) at c = 1.5; mu moves most of the way
+    assert np.all(np.asarray(params["student"]["mu"]) > 1.0)
+
+
+def test_draft_bad_inputs_are_named():
+    process = P.VP()
+    net = lambda p, x, t: x  # noqa: E731
+    reward = lambda x: jnp.sum(x, axis=-1)  # noqa: E731
+    with pytest.raises(ValueError, match="grad_steps=5 exceeds steps=4"):
+        draft_loss(net, process, reward, steps=4, grad_steps=5)
+    with pytest.raises(ValueError, match="grad_steps"):
+        draft_loss(net, process, reward, grad_steps=0)
+    with pytest.raises(ValueError, match="fixed-step Solver"):
+        draft_loss(net, process, reward, solver=Adaptive())
+    with pytest.raises(TypeError, match="reward must be callable"):
+        draft_loss(net, process, 3.0)
+    loss_fn = draft_loss(net, process, lambda x: x, prediction="x0", steps=2)
+    with pytest.raises(ValueError, match="one value per example"):
+        loss_fn({"student": {}}, jax.random.key(0), jnp.zeros((4, 2)))

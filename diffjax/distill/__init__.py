@@ -1,7 +1,7 @@
 """Few-step generation on the training core: consistency distillation and training (CD, CT with the
 iCT/ECT schedules), continuous-time consistency models (sCM on TrigFlow), MeanFlow and shortcut
-models (average velocities), progressive distillation, distribution matching (DMD), and the samplers
-for the resulting one- and few-step models.
+models (average velocities), progressive distillation, distribution matching (DMD), the samplers
+for the resulting one- and few-step models, and reward fine-tuning through the sampler (DRaFT).
 
 Every objective is a `loss_fn(params, key, batch) -> (loss, aux)` for
 `diffjax.training.make_train_step`, over a params pytree holding the student (and, where used, an
@@ -20,6 +20,7 @@ from diffjax.distill.consistency import (
     teacher_ode_step,
 )
 from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss
+from diffjax.distill.draft import draft_loss
 from diffjax.distill.meanflow import (
     AverageVelocity,
     AverageVelocityJump,
@@ -50,6 +51,7 @@ __all__ = [  # alphabetical
     "ConsistencySampler",
     "distribution_matching_gradient",
     "dmd_loss",
+    "draft_loss",
     "EasyDiscretisation",
     "ImprovedDiscretisation",
     "karras_noise_levels",

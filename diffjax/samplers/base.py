@@ -26,7 +26,17 @@ from diffjax.processes import GaussianProcess
 from diffjax.samplers.grids import Grid, LogSNR
 from diffjax.validation import is_finite_real
 
-__all__ = ["Solver", "Phase", "NoState", "History", "phase_field", "specialise", "check_option"]
+__all__ = [
+    "Solver",
+    "Phase",
+    "NoState",
+    "History",
+    "phase_field",
+    "specialise",
+    "check_option",
+    "run_phases",
+    "split_phases",
+]
 
 
 class NoState(NamedTuple):
@@ -158,24 +168,44 @@ class Solver:
     def run(self, denoiser: Denoiser, x, ts, keys, return_trajectory: bool):
         """Integrate over the grid `ts`. Returns (x, trajectory (steps, *x.shape) or None, nfe)."""
         state = self.init(denoiser, x, ts)
-        start, trajectory = 0, []
-        for phase in self.phases(ts.shape[0] - 1):
-            if phase.length == 0:
-                continue
+        x, _, trajectory = run_phases(self.phases(ts.shape[0] - 1), denoiser, x, state, ts, keys, return_trajectory)
+        return x, trajectory, self.nfe(ts.shape[0] - 1)
 
-            def body(carry, inputs, solver=phase.solver):
-                x, state = carry
-                t, t_next, key = inputs
-                x, state = solver.step(denoiser, x, state, t, t_next, key)
-                return (x, state), (x if return_trajectory else None)
 
-            stop = start + phase.length
-            inputs = (ts[start:stop], ts[start + 1 : stop + 1], keys[start:stop])
-            (x, state), xs = jax.lax.scan(body, (x, state), inputs)
-            trajectory.append(xs)
-            start = stop
-        traj = jnp.concatenate(trajectory) if return_trajectory else None
-        return x, traj, self.nfe(ts.shape[0] - 1)
+def run_phases(phases, denoiser: Denoiser, x, state, ts, keys, return_trajectory: bool = False, remat: bool = False):
+    """Take the steps of `phases` (one `lax.scan` each) from (x, state) over the times `ts` (one more
+    than the steps) with one key per step. Returns (x, state, trajectory or None). remat: each step
+    is recomputed in the backward pass instead of storing its activations (`jax.checkpoint`)."""
+    start, trajectory = 0, []
+    for phase in phases:
+        if phase.length == 0:
+            continue
+
+        def body(carry, inputs, solver=phase.solver):
+            x, state = carry
+            t, t_next, key = inputs
+            x, state = solver.step(denoiser, x, state, t, t_next, key)
+            return (x, state), (x if return_trajectory else None)
+
+        stop = start + phase.length
+        inputs = (ts[start:stop], ts[start + 1 : stop + 1], keys[start:stop])
+        (x, state), xs = jax.lax.scan(jax.checkpoint(body) if remat else body, (x, state), inputs)
+        trajectory.append(xs)
+        start = stop
+    return x, state, (jnp.concatenate(trajectory) if return_trajectory else None)
+
+
+def split_phases(phases, at: int) -> tuple[tuple[Phase, ...], tuple[Phase, ...]]:
+    """The phases of the first `at` steps and those of the rest (a phase across `at` is cut in two)."""
+    head, tail, start = [], [], 0
+    for phase in phases:
+        cut = min(max(at - start, 0), phase.length)
+        if cut:
+            head.append(Phase(cut, phase.solver))
+        if phase.length - cut:
+            tail.append(Phase(phase.length - cut, phase.solver))
+        start += phase.length
+    return tuple(head), tuple(tail)
 
 
 def group_phases(solvers) -> tuple[Phase, ...]:
