@@ -44,7 +44,7 @@ from diffjax.distill import (
     shortcut_loss,
     update_target,
 )
-from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss
+from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss, score_identity_term, sid_loss
 from diffjax.distill.draft import draft_loss
 from diffjax.distill.progressive import progressive_distillation_loss, progressive_target, student_times
 from diffjax.samplers import DDIM, Adaptive, Ancestral, Times, Uniform, sample
@@ -484,6 +484,43 @@ def test_dmd_loss_is_stationary_at_the_data(gaussian):
     wide = grad({"generator": {"g": 1.3}, "fake": {"g": 1.3}})
     assert abs(float(at_data["generator"]["g"])) < 1e-6
     assert float(wide["generator"]["g"]) > 1e-2
+
+
+def test_score_identity_with_the_exact_fake_denoiser(gaussian):
+    """E[D_fake(x_t) - x | x_t] = 0 for the exact denoiser of x's distribution, so SiD's term has
+    expectation (1 - alpha) E mean_dims (D_real - D_fake)^2 (checked within 4 standard errors)."""
+    n, t = 200_000, jnp.full((200_000,), 0.8)
+    real, fake_data = gaussian.denoiser(EDM), _scaled_gaussian(gaussian, 1.4)
+    x = fake_data.sample(jax.random.key(21), n)
+    x_t = EDM.perturb(x, t, jax.random.normal(jax.random.key(22), x.shape))
+    d_real, d_fake = real.x0(x_t, t), fake_data.denoiser(EDM).x0(x_t, t)
+    for alpha in (0.0, 1.2):
+        term = np.asarray(score_identity_term(d_real, d_fake, x, alpha), np.float64)
+        fisher = np.asarray(jnp.mean((d_real - d_fake) ** 2, axis=1), np.float64)
+        diff = term - (1.0 - alpha) * fisher
+        assert abs(diff.mean()) < 4 * diff.std() / np.sqrt(n), (alpha, diff.mean(), fisher.mean())
+        assert fisher.mean() > 10 * diff.std() / np.sqrt(n)  # the identity is not trivially 0 = 0
+
+
+def test_sid_loss_is_stationary_at_the_data(gaussian):
+    """As for DMD: no generator gradient when the generator's distribution is the data's; a too-wide
+    generator (g = 1.3) is shrunk."""
+
+    def generator(params, z, t):
+        x = gaussian.flow_map(z, 1.0, t, 1.0, 0.0)
+        return gaussian.mean + params["g"] * (x - gaussian.mean)
+
+    def fake(params, x, t):
+        return _scaled_gaussian(gaussian, params["g"]).posterior_mean(x, 1.0, t)
+
+    loss = sid_loss(generator, fake, EDM, gaussian.denoiser(EDM), t_min=0.05, t_max=5.0)
+    grad = jax.jit(jax.grad(lambda p: loss(p, jax.random.key(23), jnp.zeros((8192, 2)))[0]))
+    at_data = grad({"generator": {"g": 1.0}, "fake": {"g": 1.0}})
+    wide = grad({"generator": {"g": 1.3}, "fake": {"g": 1.3}})
+    assert abs(float(at_data["generator"]["g"])) < 1e-6
+    assert float(wide["generator"]["g"]) > 1e-2
+    with pytest.raises(ValueError, match="alpha"):
+        sid_loss(generator, fake, EDM, gaussian.denoiser(EDM), alpha=float("nan"))
 
 
 @pytest.mark.slow

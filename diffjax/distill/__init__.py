@@ -1,7 +1,8 @@
 """Few-step generation on the training core: consistency distillation and training (CD, CT with the
 iCT/ECT schedules), continuous-time consistency models (sCM on TrigFlow), MeanFlow and shortcut
-models (average velocities), progressive distillation, distribution matching (DMD), the samplers
-for the resulting one- and few-step models, and reward fine-tuning through the sampler (DRaFT).
+models (average velocities), progressive distillation, distribution matching (DMD) and score
+identity distillation (SiD), the samplers for the resulting one- and few-step models, and reward
+fine-tuning through the sampler (DRaFT).
 
 Every objective is a `loss_fn(params, key, batch) -> (loss, aux)` for
 `diffjax.training.make_train_step`, over a params pytree holding the student (and, where used, an
@@ -19,7 +20,7 @@ from diffjax.distill.consistency import (
     karras_noise_levels,
     teacher_ode_step,
 )
-from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss
+from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss, score_identity_term, sid_loss
 from diffjax.distill.draft import draft_loss
 from diffjax.distill.meanflow import (
     AverageVelocity,
@@ -64,7 +65,9 @@ __all__ = [  # alphabetical
     "PseudoHuber",
     "scm_loss",
     "scm_tangent",
+    "score_identity_term",
     "shortcut_loss",
+    "sid_loss",
     "student_times",
     "TangentClipping",
     "TangentNormalization",
