@@ -467,7 +467,8 @@ def test_distribution_matching_gradient_points_back_to_the_data(gaussian):
             assert outward * sign > 0.05, (scale, outward)
 
 
-def test_dmd_loss_is_stationary_at_the_data(gaussian):
+@pytest.mark.parametrize("make_loss", [dmd_loss, sid_loss], ids=["dmd", "sid"])
+def test_fake_score_losses_are_stationary_at_the_data(gaussian, make_loss):
     """Generator z -> mean + g (exact one-step flow map - mean), fake = the exact denoiser of its
     distribution: no generator gradient at g = 1; at g = 1.3 the gradient shrinks g."""
 
@@ -478,12 +479,14 @@ def test_dmd_loss_is_stationary_at_the_data(gaussian):
     def fake(params, x, t):
         return _scaled_gaussian(gaussian, params["g"]).posterior_mean(x, 1.0, t)
 
-    loss = dmd_loss(generator, fake, EDM, gaussian.denoiser(EDM), t_min=0.05, t_max=5.0)
+    loss = make_loss(generator, fake, EDM, gaussian.denoiser(EDM), t_min=0.05, t_max=5.0)
     grad = jax.jit(jax.grad(lambda p: loss(p, jax.random.key(20), jnp.zeros((8192, 2)))[0]))
     at_data = grad({"generator": {"g": 1.0}, "fake": {"g": 1.0}})
     wide = grad({"generator": {"g": 1.3}, "fake": {"g": 1.3}})
     assert abs(float(at_data["generator"]["g"])) < 1e-6
     assert float(wide["generator"]["g"]) > 1e-2
+    with pytest.raises(TypeError, match="fake_fn must be callable"):
+        make_loss(generator, None, EDM, gaussian.denoiser(EDM))
 
 
 def test_score_identity_with_the_exact_fake_denoiser(gaussian):
@@ -502,25 +505,9 @@ def test_score_identity_with_the_exact_fake_denoiser(gaussian):
         assert fisher.mean() > 10 * diff.std() / np.sqrt(n)  # the identity is not trivially 0 = 0
 
 
-def test_sid_loss_is_stationary_at_the_data(gaussian):
-    """As for DMD: no generator gradient when the generator's distribution is the data's; a too-wide
-    generator (g = 1.3) is shrunk."""
-
-    def generator(params, z, t):
-        x = gaussian.flow_map(z, 1.0, t, 1.0, 0.0)
-        return gaussian.mean + params["g"] * (x - gaussian.mean)
-
-    def fake(params, x, t):
-        return _scaled_gaussian(gaussian, params["g"]).posterior_mean(x, 1.0, t)
-
-    loss = sid_loss(generator, fake, EDM, gaussian.denoiser(EDM), t_min=0.05, t_max=5.0)
-    grad = jax.jit(jax.grad(lambda p: loss(p, jax.random.key(23), jnp.zeros((8192, 2)))[0]))
-    at_data = grad({"generator": {"g": 1.0}, "fake": {"g": 1.0}})
-    wide = grad({"generator": {"g": 1.3}, "fake": {"g": 1.3}})
-    assert abs(float(at_data["generator"]["g"])) < 1e-6
-    assert float(wide["generator"]["g"]) > 1e-2
+def test_sid_alpha_is_checked(gaussian):
     with pytest.raises(ValueError, match="alpha"):
-        sid_loss(generator, fake, EDM, gaussian.denoiser(EDM), alpha=float("nan"))
+        sid_loss(lambda p, z, t: z, lambda p, x, t: x, EDM, gaussian.denoiser(EDM), alpha=float("nan"))
 
 
 @pytest.mark.slow
