@@ -109,9 +109,14 @@ class DiscreteAncestral:
     def check(self, denoiser):
         pass
 
+    def step(self, denoiser, key, x_t, s, t, x0_probs=None):
+        """One step: x_s ~ p(x_s | x_t) at every position, drawn as argmax(log p + Gumbel(key)).
+        x0_probs: a precomputed (e.g. cached) mu."""
+        return _draw(key, denoiser.posterior_probs(x_t, s, t, x0_probs))
+
     def run(self, denoiser, key, shape, steps, cache):
         def step(x, mu, s, t, k):
-            return _draw(k, denoiser.posterior_probs(x, s, t, mu))
+            return self.step(denoiser, k, x, s, t, mu)
 
         return _run_grid(denoiser, key, shape, steps, cache, step)
 
