@@ -93,6 +93,10 @@ def test_text_run_evaluates_and_samples(text_run):
     tokens = np.load(sampled["npz"])["tokens"]
     assert tokens.shape == (3, 16) and tokens.min() >= 0 and tokens.max() < 96  # no mask left
     assert load_run(workdir).step == 4
+    config.discrete.sampler = "block"  # block diffusion from the same checkpoint
+    config.discrete.sampler_options = {"block_size": 4, "inner": "ancestral"}
+    tokens = np.load(sample_from_checkpoint(config, workdir)["npz"])["tokens"]
+    assert tokens.shape == (3, 16) and tokens.min() >= 0 and tokens.max() < 96
 
 
 def test_text_iterator_resumes_exactly():
@@ -131,7 +135,7 @@ def test_pixel_tokens_are_the_data_levels(levels):
         ("vocab_size", 50, r"config.discrete.vocab_size = 50 .* 0 or 96"),
         ("mask_id", 5, r"config.discrete.mask_id = 5 .* -1 or 96 \(vocab_size\): 5 is inside the vocabulary"),
         ("process", "gaussian", r"config.discrete.process = 'gaussian' .* one of \['d3pm', 'masked', 'uniform'\]"),
-        ("sampler", "euler", r"config.discrete.sampler = 'euler' .* one of \['ancestral', 'confidence'"),
+        ("sampler", "euler", r"config.discrete.sampler = 'euler' .* one of \['ancestral', 'block', 'confidence'"),
         ("loss", "d3pm", r"config.discrete.loss = 'd3pm' .* one of \['masked_elbo', 'd3pm_hybrid'\]"),
         ("model_options", {"width": 3}, r"config.discrete.model_options = .*unknown: \['width'\]"),
     ],
@@ -155,6 +159,11 @@ def test_bad_discrete_combinations_are_refused_before_compiling(tmp_path):
     config.discrete.update(process="uniform", loss="d3pm_hybrid", time_free=False, cache=False)
     config.discrete.sampler = "first_hitting"  # masked process only: refused when the run is built
     with pytest.raises(ConfigError, match=r"config.discrete.sampler: .*MaskedProcess"):
+        prepare_run(config, str(tmp_path))
+    config = tiny_text_config()
+    config.discrete.sampler = "block"
+    config.discrete.sampler_options = {"block_size": 5}  # windows of 16
+    with pytest.raises(ConfigError, match=r"config.discrete.sampler_options: .*block_size 5 does not divide the 16"):
         prepare_run(config, str(tmp_path))
     assert not os.listdir(tmp_path)
 
