@@ -6,6 +6,11 @@ ancestral sampling step against ours on the same fixed inputs.
 The checkout is the repository's root (the folder holding `md4/`); its package is loaded from that
 path (nothing is added to sys.path), and its own dependencies (flax.linen, tensorflow_probability's
 JAX substrate, distrax, clu, matplotlib, seaborn, imported by md4/utils.py) must be importable.
+(tensorflow-probability 0.25's JAX backend does not import on the JAX installed here, 0.10.2: its
+backend/jax/ops.py registers a class with `jax.interpreters.xla.pytype_aval_mappings`, which JAX
+removed; wrapping those registrations in try/except in the local copy of tensorflow-probability lets
+it import, and md4's code then runs unchanged.)
+
 The network is replaced by fixed logits: a subclass of MD4's modules whose `predict_x` returns
 `LOGIT_SCALE * normal(PRNGKey(LOGITS_SEED))` and records (flax `sow`) the z_t and t it was given.
 MD4's schedules are built with eps = 0 (its default 1e-4 shrinks alpha into [eps, 1 - eps]; ours
@@ -293,6 +298,8 @@ def equality_markdown(errors: dict[str, float], commit: str) -> str:
         "Made by `python -m experiments.peers.make_md4_fixtures --md4 <checkout>` from a run of MD4's code "
         "(eps = 0 schedules, fixed random logits as the network, MD4's own draws of z_t and its keys); fixture "
         "tests/fixtures/md4/md4_reference.npz, checked by tests/test_discrete_md4.py. float32 on both sides. "
+        "md4's code ran unchanged; the local tensorflow-probability 0.25 needed its JAX backend's removed "
+        "`pytype_aval_mappings` registrations wrapped in try/except to import (module docstring). "
         "Max relative error, max |ours - MD4| / max(|MD4|, 1e-6); for tokens the fraction that differ.\n\n"
         + markdown_table(["quantity", "MD4", "ours"] + [f"`{s}`" for s in SCHEDULES], rows)
         + "\n\nGenMD4 (learnable per-token polynomial, random w) and MD4's loss as a whole (cosine):\n\n"
