@@ -34,6 +34,7 @@ from diffjax.discrete.processes import (
     build_discrete_process,
 )
 from diffjax.discrete.samplers import (
+    BlockDiffusion,
     ConfidenceUnmasking,
     DiscreteAncestral,
     FirstHitting,
@@ -290,6 +291,61 @@ def test_masked_ancestral_converges_and_caching_changes_nothing_but_nfe(dist, fl
     assert int(plain.nfe) == 32 and int(cached.nfe) < 32
 
 
+def tv_noise_bound(probs, n: int, failure: float = 1e-3) -> float:
+    """A bound that the TV of n exact draws exceeds with probability < failure: E TV <= 1/2 sum
+    sqrt(p (1 - p) / n) (Jensen), plus McDiarmid's sqrt(log(1 / failure) / (2 n)) (one draw moves the
+    TV by at most 1 / n)."""
+    p = np.asarray(probs, np.float64)
+    return 0.5 * np.sum(np.sqrt(p * (1 - p) / n)) + np.sqrt(np.log(1 / failure) / (2 * n))
+
+
+def test_block_diffusion_with_first_hitting_blocks_is_exact(dist):
+    """Blocks of 2 of the 4 positions, each by first-hitting given the prefix: exact at any step count
+    (7 is ignored). Drawing the blocks without their prefix (the product of the two blocks' marginals)
+    would be beyond the noise bound: the test tells the two apart."""
+    process = MaskedProcess.create(V, CosineSchedule())
+    den = CategoricalDenoiser(dist.denoiser_fn(process, time_free=True), process, time_free=True)
+    out = sample_tokens(den, jax.random.key(5), (N, L), BlockDiffusion(2), 7)
+    assert int(out.nfe) == L
+    bound = tv_noise_bound(dist.probs, N)
+    assert dist.total_variation(out.tokens) < bound
+    joint = np.asarray(dist.probs).reshape(V**2, V**2)
+    independent_blocks = np.outer(joint.sum(1), joint.sum(0))
+    assert 0.5 * np.abs(joint - independent_blocks).sum() > bound + 0.03
+
+
+def _revealed_before(x, t):
+    """A network that is sure the clean token is the number of positions already revealed (vocab 6)."""
+    count = jnp.sum(x != 6, axis=1)
+    return jnp.where(jnp.arange(6) == count[:, None, None], 0.0, -1e9) * jnp.ones(x.shape + (1,))
+
+
+@pytest.mark.parametrize("inner", ["first_hitting", "ancestral"])
+def test_block_diffusion_finishes_each_block_before_the_next(inner):
+    den = CategoricalDenoiser(_revealed_before, MaskedProcess.create(6), time_free=True)
+    tokens = np.asarray(sample_tokens(den, jax.random.key(0), (16, 6), BlockDiffusion(2, inner), 3).tokens)
+    for b in range(3):  # block b is drawn while exactly the 2 b positions before it are clean
+        block = tokens[:, 2 * b : 2 * b + 2]
+        assert np.all((block >= 2 * b) & (block < 2 * b + 2)), (b, block)
+
+
+@pytest.mark.slow
+def test_block_diffusion_with_ancestral_blocks_converges_and_caches(dist):
+    process = MaskedProcess.create(V)
+    den = CategoricalDenoiser(dist.denoiser_fn(process, time_free=True), process, time_free=True)
+    coarse, fine = (
+        dist.total_variation(
+            sample_tokens(den, jax.random.key(steps), (N, L), BlockDiffusion(2, "ancestral"), steps).tokens
+        )
+        for steps in (1, 32)
+    )
+    assert coarse > tv_noise_bound(dist.probs, N) + 0.05 and fine < tv_noise_bound(dist.probs, N), (coarse, fine)
+    plain = sample_tokens(den, jax.random.key(3), (2, L), BlockDiffusion(2, "ancestral"), 32)
+    cached = sample_tokens(den, jax.random.key(3), (2, L), BlockDiffusion(2, "ancestral"), 32, cache=True)
+    np.testing.assert_array_equal(plain.tokens, cached.tokens)
+    assert int(plain.nfe) == 2 * 32 and int(cached.nfe) < 2 * 32
+
+
 @pytest.mark.slow
 def test_confidence_unmasking_is_exact_one_position_per_step(dist, floor):
     process = MaskedProcess.create(V)
@@ -348,6 +404,16 @@ def test_bad_input_is_refused_before_tracing(dist):
         masked_elbo_nats(den, key, jnp.zeros((2, L)))
     with pytest.raises(ValueError, match="first_hitting needs a MaskedProcess"):
         sample_tokens(CategoricalDenoiser(_never_called, UniformProcess(V)), key, (2, L), FirstHitting())
+    with pytest.raises(ValueError, match=r"block_size 3 does not divide the 4 positions of shape \(2, 4\)"):
+        sample_tokens(CategoricalDenoiser(_never_called, process, time_free=True), key, (2, L), BlockDiffusion(3))
+    with pytest.raises(ValueError, match="block needs a MaskedProcess"):
+        sample_tokens(CategoricalDenoiser(_never_called, UniformProcess(V)), key, (2, L), BlockDiffusion(2))
+    with pytest.raises(ValueError, match="block needs a time-free denoiser"):
+        sample_tokens(den, key, (2, L), BlockDiffusion(2))
+    with pytest.raises(ValueError, match="BlockDiffusion inner sampler"):
+        BlockDiffusion(2, "confidence")
+    with pytest.raises(ValueError, match="BlockDiffusion block_size must be an int >= 1"):
+        BlockDiffusion(0)
     with pytest.raises(ValueError, match="tau_leaping needs a continuous-time"):
         sample_tokens(CategoricalDenoiser(_never_called, D3PM.create(V, "uniform", 4)), key, (2, L), TauLeaping())
     with pytest.raises(ValueError, match="time_free"):

@@ -6,6 +6,8 @@ discrete values are ConfigErrors before anything is built."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -91,6 +93,10 @@ def test_text_run_evaluates_and_samples(text_run):
     tokens = np.load(sampled["npz"])["tokens"]
     assert tokens.shape == (3, 16) and tokens.min() >= 0 and tokens.max() < 96  # no mask left
     assert load_run(workdir).step == 4
+    config.discrete.sampler = "block"  # block diffusion from the same checkpoint
+    config.discrete.sampler_options = {"block_size": 4, "inner": "ancestral"}
+    tokens = np.load(sample_from_checkpoint(config, workdir)["npz"])["tokens"]
+    assert tokens.shape == (3, 16) and tokens.min() >= 0 and tokens.max() < 96
 
 
 def test_text_iterator_resumes_exactly():
@@ -129,7 +135,7 @@ def test_pixel_tokens_are_the_data_levels(levels):
         ("vocab_size", 50, r"config.discrete.vocab_size = 50 .* 0 or 96"),
         ("mask_id", 5, r"config.discrete.mask_id = 5 .* -1 or 96 \(vocab_size\): 5 is inside the vocabulary"),
         ("process", "gaussian", r"config.discrete.process = 'gaussian' .* one of \['d3pm', 'masked', 'uniform'\]"),
-        ("sampler", "euler", r"config.discrete.sampler = 'euler' .* one of \['ancestral', 'confidence'"),
+        ("sampler", "euler", r"config.discrete.sampler = 'euler' .* one of \['ancestral', 'block', 'confidence'"),
         ("loss", "d3pm", r"config.discrete.loss = 'd3pm' .* one of \['masked_elbo', 'd3pm_hybrid'\]"),
         ("model_options", {"width": 3}, r"config.discrete.model_options = .*unknown: \['width'\]"),
     ],
@@ -154,6 +160,11 @@ def test_bad_discrete_combinations_are_refused_before_compiling(tmp_path):
     config.discrete.sampler = "first_hitting"  # masked process only: refused when the run is built
     with pytest.raises(ConfigError, match=r"config.discrete.sampler: .*MaskedProcess"):
         prepare_run(config, str(tmp_path))
+    config = tiny_text_config()
+    config.discrete.sampler = "block"
+    config.discrete.sampler_options = {"block_size": 5}  # windows of 16
+    with pytest.raises(ConfigError, match=r"config.discrete.sampler_options: .*block_size 5 does not divide the 16"):
+        prepare_run(config, str(tmp_path))
     assert not os.listdir(tmp_path)
 
 
@@ -168,3 +179,85 @@ def test_mnist_run_trains_and_evaluates(tmp_path):
     images = np.load(sample_from_checkpoint(config, str(tmp_path))["npz"])["images"]
     assert images.shape == (4, 7, 7, 1) and set(np.unique(images)) <= {0, 255}
     assert jax.tree.leaves(load_run(str(tmp_path)).ema_params)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny_text_config(num_steps=2) as command-line flags
+TINY_TEXT_FLAGS = [
+    "--config=configs/text_masked.py",
+    "--config.discrete.sequence_length=16",
+    "--config.discrete.elbo_samples=2",
+    "--config.discrete.model_options.hidden_size=32",
+    "--config.discrete.model_options.depth=1",
+    "--config.discrete.model_options.num_heads=2",
+    "--config.discrete.model_options.frequency_embedding_size=32",
+    "--config.optim.warmup_steps=1",
+    "--config.optim.schedule=constant",
+    "--config.train.num_steps=2",
+    "--config.train.batch_size=8",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=2",
+    "--config.train.progress_bar=False",
+    "--config.train.async_checkpointing=False",
+    "--config.sample.num_samples=3",
+    "--config.sample.steps=4",
+    "--config.eval.batch_size=8",
+    "--config.eval.loss_batches=1",
+    "--config.eval.bits_per_dim_examples=12",
+]
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "experiments", "main.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+
+
+def _last_json(stdout: str) -> dict:
+    """The summary the command line prints last (a JSON object before its 'outputs in' line)."""
+    start = stdout.rindex("\n{\n") + 1 if "\n{\n" in stdout else stdout.index("{\n")
+    return json.loads(stdout[start : stdout.rindex("\n}") + 2])
+
+
+@pytest.mark.slow
+def test_cli_trains_evaluates_and_samples_a_text_run(tmp_path):
+    """configs/text_masked.py through experiments/main.py: train 2 steps, --mode=eval (validation
+    bits per character, text samples), --mode=sample (a text file and the tokens)."""
+    workdir = str(tmp_path / "text")
+    trained = run_cli(f"--workdir={workdir}", *TINY_TEXT_FLAGS)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    summary = _last_json(trained.stdout)
+    assert summary["step"] == 2 and os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+    assert open(summary["samples"]).read().count("=== sample") == 3
+
+    evaluated = run_cli(f"--workdir={workdir}", "--mode=eval", *TINY_TEXT_FLAGS)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    written = json.load(open(os.path.join(workdir, "eval_step_0000002.json")))
+    bits = written["bits_per_dim"]
+    assert written["split"] == "validation" and bits["examples"] == 12
+    assert 0 < bits["bits_per_dim"] < 1.5 * math.log2(96)  # at most ~uniform over 96 characters after 2 steps
+    assert written["samples"].endswith(".txt") and open(written["samples"]).read().count("=== sample") == 3
+
+    sampled = run_cli(f"--workdir={workdir}", "--mode=sample", *TINY_TEXT_FLAGS)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    out = _last_json(sampled.stdout)
+    assert out["step"] == 2 and out["grid"].endswith(".txt")
+    assert open(out["grid"]).read().count("=== sample") == 3
+    tokens = np.load(out["npz"])["tokens"]
+    assert tokens.shape == (3, 16) and tokens.min() >= 0 and tokens.max() < 96  # no mask left
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_bad_discrete_value_with_exit_code_2(tmp_path):
+    done = run_cli(f"--workdir={tmp_path / 'run'}", *TINY_TEXT_FLAGS, "--config.discrete.sampler=euler")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "config.discrete.sampler = 'euler' is not allowed" in done.stderr
+    assert not os.path.exists(tmp_path / "run")

@@ -7,8 +7,8 @@ denoisers    CategoricalDenoiser (logits over x0 -> posterior, rates; RADD time_
              discrete_guidance (classifier-free guidance on x0 logits)
 losses       masked_diffusion_loss (continuous-time ELBO), d3pm_hybrid_loss, step_kl,
              DiscreteTimes (uniform / antithetic / stratified), make_discrete_loss_fn
-samplers     sample_tokens with DiscreteAncestral, TauLeaping, FirstHitting, ConfidenceUnmasking;
-             cache=True (RADD) counts the network evaluations saved
+samplers     sample_tokens with DiscreteAncestral, TauLeaping, FirstHitting, ConfidenceUnmasking,
+             BlockDiffusion (block-autoregressive); cache=True (RADD) counts the network evaluations saved
 likelihood   masked_elbo_nats, discrete_elbo_nats, bits_per_token
 toy          EnumerableSequences: distributions over short sequences with exact denoisers
 """
@@ -41,6 +41,7 @@ from diffjax.discrete.processes import (
 )
 from diffjax.discrete.samplers import (
     DISCRETE_SAMPLERS,
+    BlockDiffusion,
     ConfidenceUnmasking,
     DiscreteAncestral,
     FirstHitting,
@@ -52,6 +53,7 @@ from diffjax.discrete.samplers import (
 from diffjax.discrete.toy import EnumerableSequences
 
 __all__ = [
+    "BlockDiffusion",
     "D3PM",
     "D3PM_TRANSITIONS",
     "DISCRETE_LOSSES",

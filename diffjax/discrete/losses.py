@@ -55,12 +55,20 @@ class DiscreteTimes:
         check_choice("time sampling method", self.method, TIME_METHODS)
 
     def __call__(self, key, n: int):
+        return self.from_uniforms(jax.random.uniform(key, self.uniforms_shape(n)), n)
+
+    def uniforms_shape(self, n: int) -> tuple[int, ...]:
+        """The U[0, 1) draws n times are made from: one ("stratified"), (n + 1) // 2 ("antithetic") or n."""
+        return {"stratified": (), "antithetic": ((n + 1) // 2,)}.get(self.method, (n,))
+
+    def from_uniforms(self, u, n: int):
+        """The n times made from uniforms u of shape `uniforms_shape(n)`: "stratified" is
+        (u + i / n) mod 1 (MD4's `antithetic_time_sampling`), "antithetic" is (u, 1 - u)."""
         if self.method == "stratified":
-            return jnp.mod(jax.random.uniform(key, ()) + jnp.arange(n) / n, 1.0)
+            return jnp.mod(u + jnp.arange(n) / n, 1.0)
         if self.method == "antithetic":
-            u = jax.random.uniform(key, ((n + 1) // 2,))
             return jnp.concatenate([u, 1.0 - u])[:n]
-        return jax.random.uniform(key, (n,))
+        return u
 
 
 def _per_example_sum(x):

@@ -18,6 +18,11 @@ t_i = 1 - i / steps. Samplers (config name: class):
                                            as many as the schedule says: round(n (1 - alpha(s))) stay
                                            masked (MaskGIT, Chang et al. 2022). The confidence does not
                                            look at the drawn token, so one position per step is exact.
+    block         BlockDiffusion(b, inner) masked process: block-autoregressive (block diffusion,
+                                           Arriola et al. 2025): blocks of b positions left to right,
+                                           each by `inner` ("first_hitting" or "ancestral", `steps`
+                                           per block) with the prefix clean and later blocks masked.
+                                           First-hitting blocks are exact with the exact mu.
 
 Every sampler's last step (to t = 0) draws the remaining positions from mu.
 
@@ -25,7 +30,10 @@ Caching (`cache=True`, RADD, Ou et al. 2024): with a time-free denoiser of the m
 mu depends on x_t only, so a step after which no sequence of the batch changed reuses it. The
 returned `nfe` counts the network evaluations made.
 
-Block-autoregressive sampling (block diffusion) is not implemented.
+Block diffusion and the network: `fn(x_t, t)` sees the whole sequence, the later blocks as masks,
+and is called on it at every event or step (caching as above); a key/value cache of the prefix
+would need a block-causal network with incremental decoding, which the functional `fn(x_t, t)`
+interface does not have.
 """
 
 from __future__ import annotations
@@ -41,13 +49,15 @@ import numpy as np
 
 from diffjax.discrete.denoisers import CategoricalDenoiser
 from diffjax.discrete.processes import MaskedProcess
-from diffjax.validation import build_named, check_count, check_key, check_number, check_shape
+from diffjax.validation import build_named, check_choice, check_count, check_key, check_number, check_shape
 
 __all__ = [
     "DiscreteAncestral",
     "TauLeaping",
     "FirstHitting",
     "ConfidenceUnmasking",
+    "BlockDiffusion",
+    "BLOCK_INNER_SAMPLERS",
     "DISCRETE_SAMPLERS",
     "TokenSamples",
     "sample_tokens",
@@ -109,9 +119,14 @@ class DiscreteAncestral:
     def check(self, denoiser):
         pass
 
+    def step(self, denoiser, key, x_t, s, t, x0_probs=None):
+        """One step: x_s ~ p(x_s | x_t) at every position, drawn as argmax(log p + Gumbel(key)).
+        x0_probs: a precomputed (e.g. cached) mu."""
+        return _draw(key, denoiser.posterior_probs(x_t, s, t, x0_probs))
+
     def run(self, denoiser, key, shape, steps, cache):
         def step(x, mu, s, t, k):
-            return _draw(k, denoiser.posterior_probs(x, s, t, mu))
+            return self.step(denoiser, k, x, s, t, mu)
 
         return _run_grid(denoiser, key, shape, steps, cache, step)
 
@@ -168,27 +183,32 @@ class FirstHitting:
 
     def run(self, denoiser, key, shape, steps, cache):
         del steps, cache  # one event per position; every event changes the sequence
-        process = denoiser.process
         batch, n = shape[0], math.prod(shape[1:])
-        x = jnp.full((batch, n), process.mask_id, jnp.int32)
+        x = jnp.full((batch, n), denoiser.process.mask_id, jnp.int32)
 
         def body(carry, k):
-            x, t = carry
-            k_time, k_pos, k_tok = jax.random.split(k, 3)
-            masked = x == process.mask_id
-            count = jnp.maximum(jnp.sum(masked, axis=1), 1)
-            u = jax.random.uniform(k_time, (batch,))
-            one_minus = (1.0 - process.alpha(t)[..., 0]) * u ** (1.0 / count)
-            s = _alpha_inverse(process, 1.0 - one_minus)
-            mu = denoiser.x0_probs(x.reshape(shape), s).reshape(batch, n, -1)
-            gumbel = jax.random.gumbel(k_pos, (batch, n))
-            pos = jnp.argmax(jnp.where(masked, gumbel, -jnp.inf), axis=1)
-            token = _draw(k_tok, jnp.take_along_axis(mu, pos[:, None, None], axis=1)[:, 0])
-            x = x.at[jnp.arange(batch), pos].set(token)
-            return (x, s), None
+            return _reveal_one(denoiser, shape, *carry, k, jnp.ones((n,), bool)), None
 
         (x, _), _ = jax.lax.scan(body, (x, jnp.ones((batch,))), jax.random.split(key, n))
         return x.reshape(shape), jnp.int32(n)
+
+
+def _reveal_one(denoiser, shape, x, t, key, eligible, mu_time=None):
+    """One first-hitting event among the masked positions of x (batch, n) where `eligible` (n,): the
+    time s < t at which the next of them is revealed, and x with one of them (uniformly chosen) drawn
+    from mu(x, s) (mu(x, mu_time) if given). Returns (x, s)."""
+    process, (batch, n) = denoiser.process, x.shape
+    k_time, k_pos, k_tok = jax.random.split(key, 3)
+    masked = (x == process.mask_id) & eligible
+    count = jnp.maximum(jnp.sum(masked, axis=1), 1)
+    u = jax.random.uniform(k_time, (batch,))
+    one_minus = (1.0 - process.alpha(t)[..., 0]) * u ** (1.0 / count)
+    s = _alpha_inverse(process, 1.0 - one_minus)
+    mu = denoiser.x0_probs(x.reshape(shape), s if mu_time is None else mu_time).reshape(batch, n, -1)
+    gumbel = jax.random.gumbel(k_pos, (batch, n))
+    pos = jnp.argmax(jnp.where(masked, gumbel, -jnp.inf), axis=1)
+    token = _draw(k_tok, jnp.take_along_axis(mu, pos[:, None, None], axis=1)[:, 0])
+    return x.at[jnp.arange(batch), pos].set(token), s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,11 +256,92 @@ class ConfidenceUnmasking:
         return x, nfe
 
 
+BLOCK_INNER_SAMPLERS = ("first_hitting", "ancestral")
+BLOCK_SUPPORT_TIME = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiffusion:
+    """Block-autoregressive sampling (block diffusion, Arriola et al. 2025): the flattened positions in
+    blocks of `block_size`, generated left to right, each block from all-mask by the masked sampler
+    `inner` with the finished prefix clean and the later blocks masked in the network's input, so the
+    network's x_0 distribution for the block is conditioned on the prefix. inner: "first_hitting"
+    (one exact event per position, whatever `steps` is) or "ancestral" (`steps` steps per block; with
+    cache=True the cached mu is carried across blocks too).
+
+    The denoiser must be time-free (RADD): no single noise level t describes a clean prefix, a
+    partly masked block and masked later blocks, while a time-free network's p(x_0 | x_t) does not
+    need one. (Its support is taken at `BLOCK_SUPPORT_TIME`: for a state-independent masked process
+    the support of q(x_t | x_0) is the same at every t in (0, 1), where it is not at the block's t = 1.)"""
+
+    block_size: int = 16
+    inner: str = "first_hitting"
+
+    def __post_init__(self):
+        check_count("BlockDiffusion block_size", self.block_size)
+        check_choice("BlockDiffusion inner sampler", self.inner, BLOCK_INNER_SAMPLERS)
+
+    def check(self, denoiser):
+        _check_masked("block", denoiser)
+        if not denoiser.time_free:
+            raise ValueError("block needs a time-free denoiser (CategoricalDenoiser(..., time_free=True))")
+
+    def check_shape(self, shape) -> None:
+        """ValueError unless block_size divides the positions of one sample of `shape` (batch first)."""
+        n = math.prod(shape[1:])
+        if n % self.block_size:
+            raise ValueError(
+                f"BlockDiffusion block_size {self.block_size} does not divide the {n} positions of shape {tuple(shape)}"
+            )
+
+    def run(self, denoiser, key, shape, steps, cache):
+        process = denoiser.process
+        batch, n = shape[0], math.prod(shape[1:])
+        blocks = jnp.arange(n // self.block_size)
+        block_of = jnp.arange(n) // self.block_size
+        x = jnp.full((batch, n), process.mask_id, jnp.int32)
+        if self.inner == "first_hitting":
+
+            def block(x, inputs):
+                b, k = inputs
+
+                def event(carry, k):
+                    return _reveal_one(denoiser, shape, *carry, k, block_of == b, BLOCK_SUPPORT_TIME), None
+
+                (x, _), _ = jax.lax.scan(event, (x, jnp.ones((batch,))), jax.random.split(k, self.block_size))
+                return x, None
+
+            x, _ = jax.lax.scan(block, x, (blocks, jax.random.split(key, blocks.size)))
+            return x.reshape(shape), jnp.int32(n)
+
+        ts = jnp.linspace(1.0, 0.0, steps + 1)
+
+        def block(carry, inputs):
+            b, k = inputs
+
+            def step(carry, inputs):
+                x, mu_old, valid, nfe = carry
+                t, s, k = inputs
+                mu, used = _mu(denoiser, x.reshape(shape), BLOCK_SUPPORT_TIME, (mu_old, valid), cache)
+                drawn = DiscreteAncestral().step(denoiser, k, x.reshape(shape), s, t, mu).reshape(batch, n)
+                x_new = jnp.where(block_of == b, drawn, x)
+                return (x_new, mu, jnp.all(x_new == x), nfe + used), None
+
+            carry, _ = jax.lax.scan(step, carry, (ts[:-1], ts[1:], jax.random.split(k, steps)))
+            return carry, None
+
+        mu0 = jnp.zeros(shape + (process.vocab_size,), jnp.float32)
+        init = (x, mu0, jnp.array(False), jnp.int32(0))
+        (x, _, _, nfe), _ = jax.lax.scan(block, init, (blocks, jax.random.split(key, blocks.size)))
+        return x.reshape(shape), nfe
+
+
 DISCRETE_SAMPLERS = {
     "ancestral": DiscreteAncestral,
     "tau_leaping": TauLeaping,
     "first_hitting": FirstHitting,
     "confidence": ConfidenceUnmasking,
+    "block": BlockDiffusion,
 }
 
 
@@ -282,8 +383,10 @@ def sample_tokens(
         raise TypeError(f"cache must be True or False, got {cache!r:.100}")
     if cache and not denoiser.time_free:
         raise ValueError("cache=True reuses the network's output while x_t is unchanged: it needs time_free=True")
+    if isinstance(sampler, BlockDiffusion):
+        sampler.check_shape(shape)
     _check_network_output(denoiser, shape)
-    if isinstance(sampler, FirstHitting):
+    if isinstance(sampler, FirstHitting) or getattr(sampler, "inner", None) == "first_hitting":
         steps = 1  # unused: one compiled program for every step count
     return _sample_jit(denoiser, key, sampler=sampler, shape=shape, steps=steps, cache=cache)
 

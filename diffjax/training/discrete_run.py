@@ -43,6 +43,7 @@ from diffjax.discrete import (
     sample_tokens,
 )
 from diffjax.discrete.processes import MaskedProcess
+from diffjax.discrete.samplers import BlockDiffusion
 from diffjax.io import atomic_write_text, interactive
 from diffjax.models.sequence import SequenceConfig, SequenceTransformer
 from diffjax.training.build import build_model_spec
@@ -177,6 +178,8 @@ def discrete_sampler(config, image_shape, to_denoiser: Callable) -> Callable:
     d, vocab = config.discrete, vocab_size_of(config.discrete)
     solver = _build("sampler_options", lambda: build_discrete_sampler(d.sampler, d.sampler_options.to_dict()))
     _build("sampler", lambda: solver.check(to_denoiser(lambda x, t: x)))
+    if isinstance(solver, BlockDiffusion):
+        _build("sampler_options", lambda: solver.check_shape((1, *_token_shape(config, image_shape))))
     steps, cache, rank = int(config.sample.steps), bool(d.cache), 1 + len(_token_shape(config, image_shape))
 
     def sampler(denoiser, key, shape):
