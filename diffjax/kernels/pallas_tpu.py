@@ -85,13 +85,16 @@ def _bias_rows(bias):
     return None if bias is None else bias.reshape(bias.shape[0], 1, bias.shape[1])
 
 
-def _zero_at_first_step(step, *scratches):
-    """Zeroes the accumulators when the reduction over grid axis 3 starts (step == 0)."""
+def _reduction_step(*scratches):
+    """The step of the reduction over grid axis 3; zeroes the accumulators when it starts (step 0)."""
+    step = pl.program_id(3)
 
     @pl.when(step == 0)
     def _start():
         for scratch in scratches:
             scratch[...] = jnp.zeros(scratch.shape, jnp.float32)
+
+    return step
 
 
 def _block_specs(bq: int, bk: int, head_dim: int, *, over_keys: bool):
@@ -210,9 +213,7 @@ def tpu_flash_forward(q, k, v, bias, *, scale, blocks: TpuBlockSizes, interpret=
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref, dq_scratch, *, scale, precision):
-    k_step = pl.program_id(3)
-
-    _zero_at_first_step(k_step, dq_scratch)
+    k_step = _reduction_step(dq_scratch)
 
     k = k_ref[...]
     _, ds = _block_backward(q_ref[...], k, v_ref[...], do_ref[...], bias_ref, lse_ref, delta_ref, scale, precision)
@@ -240,9 +241,7 @@ def _dkv_kernel(
     scale,
     precision,
 ):
-    q_step = pl.program_id(3)
-
-    _zero_at_first_step(q_step, dk_scratch, dv_scratch)
+    q_step = _reduction_step(dk_scratch, dv_scratch)
 
     q, do = q_ref[...], do_ref[...]
     p, ds = _block_backward(q, k_ref[...], v_ref[...], do, bias_ref, lse_ref, delta_ref, scale, precision)
@@ -319,9 +318,7 @@ def _tangent_kernel(
     scale,
     precision,
 ):
-    k_step = pl.program_id(3)
-
-    _zero_at_first_step(k_step, acc_scratch, mu_scratch)
+    k_step = _reduction_step(acc_scratch, mu_scratch)
 
     acc_j, mu_j = block_math.block_tangent(
         q_ref[...],
