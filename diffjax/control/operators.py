@@ -86,20 +86,18 @@ class Operator:
     # -- shape checks (plain Python, before anything is traced) ----------------------------------
     def check_input(self, x, name: str = "x") -> None:
         """ValueError unless x has shape (batch, *in_shape)."""
-        shape = tuple(getattr(x, "shape", ()))
-        if len(shape) < 1 or shape[1:] != tuple(self.in_shape):
-            raise ValueError(
-                f"{type(self).__name__} maps data of per-example shape {self.in_shape}; {name} has shape {shape} "
-                f"(need (batch, *{self.in_shape}))"
-            )
+        self._check_batch_of(x, name, self.in_shape, "maps data")
 
     def check_measurement(self, y, name: str = "y") -> None:
         """ValueError unless y has shape (batch, *out_shape)."""
-        shape = tuple(getattr(y, "shape", ()))
-        if len(shape) < 1 or shape[1:] != tuple(self.out_shape):
+        self._check_batch_of(y, name, self.out_shape, "gives measurements")
+
+    def _check_batch_of(self, x, name: str, per_example_shape, role: str) -> None:
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) < 1 or shape[1:] != tuple(per_example_shape):
             raise ValueError(
-                f"{type(self).__name__} gives measurements of per-example shape {self.out_shape}; {name} has shape "
-                f"{shape} (need (batch, *{self.out_shape}))"
+                f"{type(self).__name__} {role} of per-example shape {per_example_shape}; {name} has shape "
+                f"{shape} (need (batch, *{per_example_shape}))"
             )
 
     def check_svd(self, method: str) -> None:

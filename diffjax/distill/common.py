@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.denoisers import Denoiser
-from diffjax.processes import per_example
+from diffjax.processes import GaussianProcess, per_example
 from diffjax.samplers.base import Solver
 from diffjax.validation import check_number, check_positive
 
@@ -86,6 +86,17 @@ def resolve_teacher(teacher, params) -> Denoiser:
     if not isinstance(built, Denoiser):
         raise TypeError(f"teacher(params) must return a diffjax.Denoiser, got {type(built).__name__}")
     return built
+
+
+def check_loss_inputs(apply_fn, process, teacher=None, process_type: type = GaussianProcess) -> None:
+    """A loss's network apply_fn is callable, its process a `process_type` and its teacher, if any,
+    one `check_teacher` accepts."""
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+    if not isinstance(process, process_type):
+        raise TypeError(f"process must be a diffjax {process_type.__name__}, got {type(process).__name__}")
+    if teacher is not None:
+        check_teacher(teacher, process)
 
 
 def check_teacher(teacher, process) -> None:

@@ -37,6 +37,7 @@ from diffjax.distill.common import (
     apply_student,
     batch_data,
     batch_iteration,
+    check_loss_inputs,
     check_metric,
     check_name,
     check_teacher,
@@ -302,10 +303,7 @@ def _consistency_loss(apply_fn, process, schedule, metric, sigma_data, student, 
 
 
 def _check_common(apply_fn, process, schedule, metric, sigma_data, student, target, data_key, step_key):
-    if not callable(apply_fn):
-        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-    if not isinstance(process, GaussianProcess):
-        raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
+    check_loss_inputs(apply_fn, process)
     _check_schedule(schedule)
     check_metric(metric)
     check_positive("sigma_data", sigma_data)

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from diffjax.denoisers import Denoiser
 from diffjax.distill.common import (
     batch_data,
+    check_loss_inputs,
     check_name,
-    check_teacher,
     network_params,
     resolve_teacher,
 )
@@ -111,12 +111,7 @@ def _conditional_velocity(process, x0, eps, t):
 
 
 def _check_average_velocity_loss(apply_fn, process, teacher, student, data_key):
-    if not callable(apply_fn):
-        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-    if not isinstance(process, GaussianProcess):
-        raise TypeError(f"process must be a diffjax process, got {type(process).__name__}")
-    if teacher is not None:
-        check_teacher(teacher, process)
+    check_loss_inputs(apply_fn, process, teacher)
     check_name("student", student)
     check_name("data_key", data_key)
 

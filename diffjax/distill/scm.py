@@ -36,8 +36,8 @@ from diffjax.distill.common import (
     apply_student,
     batch_data,
     batch_iteration,
+    check_loss_inputs,
     check_name,
-    check_teacher,
     network_params,
     resolve_teacher,
 )
@@ -223,12 +223,7 @@ def scm_loss(
       reads the iteration from batch[step_key].
     aux: "mse" (unweighted), "tangent_norm" (mean ||g|| before scaling), "weight" (mean w).
     """
-    if not callable(apply_fn):
-        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-    if not isinstance(process, TrigFlow):
-        raise TypeError(f"sCM works on the TrigFlow process, got {type(process).__name__}")
-    if teacher is not None:
-        check_teacher(teacher, process)
+    check_loss_inputs(apply_fn, process, teacher, TrigFlow)
     if not (tangent_scaling is None or callable(tangent_scaling)):
         raise TypeError(
             f"tangent_scaling must be TangentNormalization(), TangentClipping() or None, got {tangent_scaling!r:.100}"

@@ -54,6 +54,12 @@ def _compiler_params(blocks: GpuBlockSizes, head_dim: int):
     return plgpu.CompilerParams(num_warps=blocks.warps(head_dim), num_stages=blocks.num_stages)
 
 
+def _key_rows(j, block_k):
+    """(start, row slice) of key block j."""
+    start = pl.multiple_of(j * block_k, block_k)
+    return start, pl.ds(start, block_k)
+
+
 def _bias_row(bias_ref, start, size):
     """(1, size) slice of the key bias, or None without a bias."""
     if bias_ref is None:
@@ -71,11 +77,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, lse_ref, *, scale, blo
     num_k_blocks = k_ref.shape[0] // block_k
 
     def visit_key_block(j, carry):
-        start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        s = block_math.block_scores(q, k, _bias_row(bias_ref, start, block_k), scale, precision)
-        return block_math.online_softmax_step(s, v, *carry, precision)
+        start, keys = _key_rows(j, block_k)
+        s = block_math.block_scores(q, k_ref[keys, :], _bias_row(bias_ref, start, block_k), scale, precision)
+        return block_math.online_softmax_step(s, v_ref[keys, :], *carry, precision)
 
     init = (
         jnp.full((block_q, 1), block_math.ROW_MAX_INIT, jnp.float32),
@@ -98,26 +102,63 @@ def _query_row_specs(block_q: int, seq_k: int, head_dim: int):
     return row_block, all_keys, stats_block, all_bias
 
 
+def _launch_over_query_blocks(
+    kernel,
+    name: str,
+    inputs,
+    layout,
+    bias,
+    *,
+    blocks: GpuBlockSizes,
+    block_q: int,
+    interpret,
+    with_lse=False,
+    **options,
+):
+    """`block_math.launch` on a grid (query blocks, batch, heads), each program seeing every key.
+    layout names each input's BlockSpec: "rows" (the block's rows of a q-like input), "keys" (all of
+    a k-like input), "stats" (the block's entries of an lse-like input). Returns the output like
+    inputs[0], and with_lse also its row statistics lse (batch, heads, seq_q) f32."""
+    q = inputs[0]
+    batch, seq_q, heads, head_dim = q.shape
+    rows, keys, stats, all_bias = _query_row_specs(block_q, inputs[1].shape[1], head_dim)
+    specs = {"rows": rows, "keys": keys, "stats": stats}
+    out_specs, out_shape = rows, jax.ShapeDtypeStruct(q.shape, q.dtype)
+    if with_lse:
+        out_specs = [rows, stats]
+        out_shape = [out_shape, jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)]
+    return block_math.launch(
+        kernel,
+        inputs,
+        [specs[role] for role in layout],
+        bias,
+        all_bias,
+        grid=(seq_q // block_q, batch, heads),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(blocks, head_dim),
+        interpret=interpret,
+        name=f"diffjax_flash_{name}_gpu",
+        options=options,
+    )
+
+
 def gpu_flash_forward(q, k, v, bias, *, scale, blocks: GpuBlockSizes, interpret=False):
     """Padded (batch, seq, heads, d) inputs -> (out like q, lse (batch, heads, seq_q) f32).
     bias: (batch, seq_k) f32 or None."""
-    batch, seq_q, heads, head_dim = q.shape
-    seq_k = k.shape[1]
-    bq, bk = blocks.block_q, blocks.block_k
-    row_block, all_keys, stats_block, all_bias = _query_row_specs(bq, seq_k, head_dim)
-    return block_math.launch(
+    return _launch_over_query_blocks(
         _forward_kernel,
+        "forward",
         [q, k, v],
-        [row_block, all_keys, all_keys],
+        ("rows", "keys", "keys"),
         bias,
-        all_bias,
-        grid=(seq_q // bq, batch, heads),
-        out_specs=[row_block, stats_block],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)],
-        compiler_params=_compiler_params(blocks, q.shape[-1]),
+        blocks=blocks,
+        block_q=blocks.block_q,
         interpret=interpret,
-        name="diffjax_flash_forward_gpu",
-        options=dict(scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype)),
+        with_lse=True,
+        scale=scale,
+        block_k=blocks.block_k,
+        precision=block_math.matmul_precision(q.dtype),
     )
 
 
@@ -162,11 +203,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref
     num_k_blocks = k_ref.shape[0] // block_k
 
     def visit_key_block(j, dq):
-        start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
+        start, keys = _key_rows(j, block_k)
+        k = k_ref[keys, :]
         _, ds = block_math.block_backward(
-            q, k, v, do, _bias_row(bias_ref, start, block_k), lse, delta, scale, precision
+            q, k, v_ref[keys, :], do, _bias_row(bias_ref, start, block_k), lse, delta, scale, precision
         )
         return dq + block_math.dot_nn(ds.astype(k.dtype), k, precision)
 
@@ -205,20 +245,18 @@ def gpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: GpuBloc
         options=dict(scale=scale, block_q=bq, precision=precision),
     )
 
-    row_block, all_keys, stats_block, all_bias = _query_row_specs(bq, seq_k, head_dim)
-    dq = block_math.launch(
+    dq = _launch_over_query_blocks(
         _dq_kernel,
+        "dq",
         args,
-        [row_block, all_keys, all_keys, row_block, stats_block, stats_block],
+        ("rows", "keys", "keys", "rows", "stats", "stats"),
         bias,
-        all_bias,
-        grid=(seq_q // bq, batch, heads),
-        out_specs=row_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(blocks, q.shape[-1]),
+        blocks=blocks,
+        block_q=bq,
         interpret=interpret,
-        name="diffjax_flash_dq_gpu",
-        options=dict(scale=scale, block_k=bk, precision=precision),
+        scale=scale,
+        block_k=bk,
+        precision=precision,
     )
     return dq, dk, dv
 
@@ -238,8 +276,7 @@ def _tangent_kernel(
 
     def visit_key_block(j, carry):
         acc, mu = carry
-        start = pl.multiple_of(j * block_k, block_k)
-        keys = pl.ds(start, block_k)
+        start, keys = _key_rows(j, block_k)
         acc_j, mu_j = block_math.block_tangent(
             q,
             k_ref[keys, :],
@@ -262,21 +299,16 @@ def _tangent_kernel(
 def gpu_flash_tangent(q, k, v, bias, out, lse, tq, tk, tv, *, scale, blocks: GpuBlockSizes, interpret=False):
     """Forward-mode tangent of the output: padded inputs, their tangents (tq, tk, tv) and the saved
     (out, lse) -> d out like q. One kernel with the forward's tiles; linear in (tq, tk, tv)."""
-    batch, seq_q, heads, head_dim = q.shape
-    seq_k = k.shape[1]
-    bq, bk = blocks.block_q, blocks.block_k
-    row_block, all_keys, stats_block, all_bias = _query_row_specs(bq, seq_k, head_dim)
-    return block_math.launch(
+    return _launch_over_query_blocks(
         _tangent_kernel,
+        "tangent",
         [q, k, v, tq, tk, tv, out, lse],
-        [row_block, all_keys, all_keys, row_block, all_keys, all_keys, row_block, stats_block],
+        ("rows", "keys", "keys", "rows", "keys", "keys", "rows", "stats"),
         bias,
-        all_bias,
-        grid=(seq_q // bq, batch, heads),
-        out_specs=row_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(blocks, q.shape[-1]),
+        blocks=blocks,
+        block_q=blocks.block_q,
         interpret=interpret,
-        name="diffjax_flash_tangent_gpu",
-        options=dict(scale=scale, block_k=bk, precision=block_math.matmul_precision(q.dtype)),
+        scale=scale,
+        block_k=blocks.block_k,
+        precision=block_math.matmul_precision(q.dtype),
     )

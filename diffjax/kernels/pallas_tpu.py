@@ -71,6 +71,12 @@ def _bias_row(bias_ref):
     return None if bias_ref is None else bias_ref[...]
 
 
+def _block_backward(q, k, v, do, bias_ref, lse_ref, delta_ref, scale, precision):
+    """`block_math.block_backward` with the bias and the row statistics read from their refs."""
+    lse, delta = _row_to_column(lse_ref), _row_to_column(delta_ref)
+    return block_math.block_backward(q, k, v, do, _bias_row(bias_ref), lse, delta, scale, precision)
+
+
 _COMPILER_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
@@ -79,13 +85,16 @@ def _bias_rows(bias):
     return None if bias is None else bias.reshape(bias.shape[0], 1, bias.shape[1])
 
 
-def _zero_at_first_step(step, *scratches):
-    """Zeroes the accumulators when the reduction over grid axis 3 starts (step == 0)."""
+def _reduction_step(*scratches):
+    """The step of the reduction over grid axis 3; zeroes the accumulators when it starts (step 0)."""
+    step = pl.program_id(3)
 
     @pl.when(step == 0)
     def _start():
         for scratch in scratches:
             scratch[...] = jnp.zeros(scratch.shape, jnp.float32)
+
+    return step
 
 
 def _block_specs(bq: int, bk: int, head_dim: int, *, over_keys: bool):
@@ -100,6 +109,51 @@ def _block_specs(bq: int, bk: int, head_dim: int, *, over_keys: bool):
     row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, a, r: (b, h, 0, indices(a, r)[0]))
     bias_spec = pl.BlockSpec((None, 1, bk), lambda b, h, a, r: (b, 0, indices(a, r)[1]))
     return q_spec, kv_spec, row_spec, bias_spec
+
+
+def _launch(
+    kernel,
+    name: str,
+    inputs,
+    layout,
+    bias,
+    *,
+    bq: int,
+    bk: int,
+    over_keys: bool,
+    outputs,
+    scratch,
+    interpret,
+    **options,
+):
+    """`block_math.launch` on a grid (batch, heads, a, r) reducing over axis r: key blocks when
+    over_keys (a = query block), else query blocks. layout names each input's BlockSpec and outputs
+    is [(name, ShapeDtypeStruct)]: "q" (a query block of a q-like array), "kv" (a key block of a
+    k-like array), "row" (the query block's row statistics, like lse). scratch: f32 VMEM shapes."""
+    batch, heads, seq_q, head_dim = inputs[0].shape
+    seq_k = inputs[1].shape[2]
+    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=over_keys)
+    specs = {"q": q_spec, "kv": kv_spec, "row": row_spec}
+    blocks = (seq_q // bq, seq_k // bk) if over_keys else (seq_k // bk, seq_q // bq)
+    return block_math.launch(
+        kernel,
+        inputs,
+        [specs[role] for role in layout],
+        _bias_rows(bias),
+        bias_spec,
+        grid=(batch, heads, *blocks),
+        out_specs=[specs[role] for role, _ in outputs],
+        out_shape=[shape for _, shape in outputs],
+        scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+        compiler_params=_COMPILER_PARAMS,
+        interpret=_interpret_params(interpret),
+        name=f"diffjax_flash_{name}_tpu",
+        options=options,
+    )
+
+
+def _like(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,27 +190,21 @@ def tpu_flash_forward(q, k, v, bias, *, scale, blocks: TpuBlockSizes, interpret=
     """Padded (batch, heads, seq, d) inputs -> (out, lse (batch, heads, 1, seq_q) f32).
     bias: (batch, seq_k) f32 or None."""
     batch, heads, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
-    bq, bk = blocks.block_q, blocks.block_k
-    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=True)
-    return block_math.launch(
+    bq = blocks.block_q
+    return _launch(
         _forward_kernel,
+        "forward",
         [q, k, v],
-        [q_spec, kv_spec, kv_spec],
-        _bias_rows(bias),
-        bias_spec,
-        grid=(batch, heads, seq_q // bq, seq_k // bk),
-        out_specs=[q_spec, row_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, 1, seq_q), jnp.float32)],
-        scratch_shapes=[
-            pltpu.VMEM((bq, 1), jnp.float32),
-            pltpu.VMEM((bq, 1), jnp.float32),
-            pltpu.VMEM((bq, head_dim), jnp.float32),
-        ],
-        compiler_params=_COMPILER_PARAMS,
-        interpret=_interpret_params(interpret),
-        name="diffjax_flash_forward_tpu",
-        options=dict(scale=scale, precision=block_math.matmul_precision(q.dtype)),
+        ("q", "kv", "kv"),
+        bias,
+        bq=bq,
+        bk=blocks.block_k,
+        over_keys=True,
+        outputs=[("q", _like(q)), ("row", jax.ShapeDtypeStruct((batch, heads, 1, seq_q), jnp.float32))],
+        scratch=[(bq, 1), (bq, 1), (bq, head_dim)],
+        interpret=interpret,
+        scale=scale,
+        precision=block_math.matmul_precision(q.dtype),
     )
 
 
@@ -165,22 +213,10 @@ def tpu_flash_forward(q, k, v, bias, *, scale, blocks: TpuBlockSizes, interpret=
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, dq_ref, dq_scratch, *, scale, precision):
-    k_step = pl.program_id(3)
-
-    _zero_at_first_step(k_step, dq_scratch)
+    k_step = _reduction_step(dq_scratch)
 
     k = k_ref[...]
-    _, ds = block_math.block_backward(
-        q_ref[...],
-        k,
-        v_ref[...],
-        do_ref[...],
-        _bias_row(bias_ref),
-        _row_to_column(lse_ref),
-        _row_to_column(delta_ref),
-        scale,
-        precision,
-    )
+    _, ds = _block_backward(q_ref[...], k, v_ref[...], do_ref[...], bias_ref, lse_ref, delta_ref, scale, precision)
     dq = dq_scratch[...] + block_math.dot_nn(ds.astype(k.dtype), k, precision)
     dq_scratch[...] = dq
 
@@ -205,22 +241,10 @@ def _dkv_kernel(
     scale,
     precision,
 ):
-    q_step = pl.program_id(3)
-
-    _zero_at_first_step(q_step, dk_scratch, dv_scratch)
+    q_step = _reduction_step(dk_scratch, dv_scratch)
 
     q, do = q_ref[...], do_ref[...]
-    p, ds = block_math.block_backward(
-        q,
-        k_ref[...],
-        v_ref[...],
-        do,
-        _bias_row(bias_ref),
-        _row_to_column(lse_ref),
-        _row_to_column(delta_ref),
-        scale,
-        precision,
-    )
+    p, ds = _block_backward(q, k_ref[...], v_ref[...], do, bias_ref, lse_ref, delta_ref, scale, precision)
     dv = dv_scratch[...] + block_math.dot_nn(p.T.astype(do.dtype), do, precision)
     dk = dk_scratch[...] + block_math.dot_nn(ds.T.astype(q.dtype), q, precision)
     dv_scratch[...] = dv
@@ -235,8 +259,7 @@ def _dkv_kernel(
 def tpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBlockSizes, interpret=False, d_lse=None):
     """Padded inputs and saved (out, lse) -> (dq, dk, dv), two kernels, no atomics.
     d_lse: optional cotangent of lse, like lse; it enters through delta (see gpu_flash_backward)."""
-    batch, heads, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
+    head_dim = q.shape[-1]
     bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
     precision = block_math.matmul_precision(q.dtype)
     delta = jnp.einsum("bhsd,bhsd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -245,40 +268,31 @@ def tpu_flash_backward(q, k, v, bias, out, lse, d_out, *, scale, blocks: TpuBloc
         delta = delta - d_lse
     args = [q, k, v, d_out, lse, delta]
 
+    layout = ("q", "kv", "kv", "q", "row", "row")
+    tiles = dict(bq=bq, bk=bk, interpret=interpret, scale=scale, precision=precision)
     # dQ: q blocks on grid axis 2, k blocks (reduced) on axis 3.
-    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=True)
-    dq = block_math.launch(
+    (dq,) = _launch(
         _dq_kernel,
+        "dq",
         args,
-        [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-        _bias_rows(bias),
-        bias_spec,
-        grid=(batch, heads, seq_q // bq, seq_k // bk),
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
-        compiler_params=_COMPILER_PARAMS,
-        interpret=_interpret_params(interpret),
-        name="diffjax_flash_dq_tpu",
-        options=dict(scale=scale, precision=precision),
+        layout,
+        bias,
+        over_keys=True,
+        outputs=[("q", _like(q))],
+        scratch=[(bq, head_dim)],
+        **tiles,
     )
-
     # dK, dV: k blocks on grid axis 2, q blocks (reduced) on axis 3.
-    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=False)
-    dk, dv = block_math.launch(
+    dk, dv = _launch(
         _dkv_kernel,
+        "dkv",
         args,
-        [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
-        _bias_rows(bias),
-        bias_spec,
-        grid=(batch, heads, seq_k // bk, seq_q // bq),
-        out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
-        compiler_params=_COMPILER_PARAMS,
-        interpret=_interpret_params(interpret),
-        name="diffjax_flash_dkv_tpu",
-        options=dict(scale=scale, precision=precision),
+        layout,
+        bias,
+        over_keys=False,
+        outputs=[("kv", _like(k)), ("kv", _like(v))],
+        scratch=[(bk, head_dim), (bk, head_dim)],
+        **tiles,
     )
     return dq, dk, dv
 
@@ -304,9 +318,7 @@ def _tangent_kernel(
     scale,
     precision,
 ):
-    k_step = pl.program_id(3)
-
-    _zero_at_first_step(k_step, acc_scratch, mu_scratch)
+    k_step = _reduction_step(acc_scratch, mu_scratch)
 
     acc_j, mu_j = block_math.block_tangent(
         q_ref[...],
@@ -333,22 +345,20 @@ def _tangent_kernel(
 def tpu_flash_tangent(q, k, v, bias, out, lse, tq, tk, tv, *, scale, blocks: TpuBlockSizes, interpret=False):
     """Forward-mode tangent of the output: padded (batch, heads, seq, d) inputs, their tangents and
     the saved (out, lse) -> d out like q. One kernel with the forward's tiles; linear in (tq, tk, tv)."""
-    batch, heads, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
-    bq, bk = blocks.block_q, blocks.block_k
-    q_spec, kv_spec, row_spec, bias_spec = _block_specs(bq, bk, head_dim, over_keys=True)
-    return block_math.launch(
+    bq = blocks.block_q
+    (t_out,) = _launch(
         _tangent_kernel,
+        "tangent",
         [q, k, v, tq, tk, tv, out, lse],
-        [q_spec, kv_spec, kv_spec, q_spec, kv_spec, kv_spec, q_spec, row_spec],
-        _bias_rows(bias),
-        bias_spec,
-        grid=(batch, heads, seq_q // bq, seq_k // bk),
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32)],
-        compiler_params=_COMPILER_PARAMS,
-        interpret=_interpret_params(interpret),
-        name="diffjax_flash_tangent_tpu",
-        options=dict(scale=scale, precision=block_math.matmul_precision(q.dtype)),
+        ("q", "kv", "kv", "q", "kv", "kv", "q", "row"),
+        bias,
+        bq=bq,
+        bk=blocks.block_k,
+        over_keys=True,
+        outputs=[("q", _like(q))],
+        scratch=[(bq, q.shape[-1]), (bq, 1)],
+        interpret=interpret,
+        scale=scale,
+        precision=block_math.matmul_precision(q.dtype),
     )
+    return t_out

@@ -133,19 +133,26 @@ def _resample(cfg, ch, up, rngs):
     )
 
 
+def _level_blocks(cfg, chans, blocks_per_level: int, up: bool, rngs) -> tuple[dict, int]:
+    """level{i}_block{j} residual blocks to chans[i] channels, and a resampler level{i}_up (up) or
+    level{i}_down after every level but the last; returns them and the last level's channels."""
+    blocks: dict = {}
+    ch = chans[0]
+    for i, cout in enumerate(chans):
+        for j in range(blocks_per_level):
+            blocks[f"level{i}_block{j}"] = VAEResBlock(cfg, ch, cout, rngs=rngs)
+            ch = cout
+        if i != len(chans) - 1:
+            blocks[f"level{i}_{'up' if up else 'down'}"] = _resample(cfg, ch, up, rngs)
+    return blocks, ch
+
+
 class Encoder(nnx.Module):
     def __init__(self, cfg: AutoencoderConfig, *, rngs: nnx.Rngs):
         dt = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         chans, init = cfg.block_out_channels, L.torch_default_init()
         self.conv_in = L.Conv2d(cfg.in_channels, chans[0], 3, kernel_init=init, **dt)
-        blocks: dict = {}
-        ch = chans[0]
-        for i, cout in enumerate(chans):
-            for j in range(cfg.layers_per_block):
-                blocks[f"level{i}_block{j}"] = VAEResBlock(cfg, ch, cout, rngs=rngs)
-                ch = cout
-            if i != len(chans) - 1:
-                blocks[f"level{i}_down"] = _resample(cfg, ch, False, rngs)
+        blocks, ch = _level_blocks(cfg, chans, cfg.layers_per_block, False, rngs)
         self.blocks = nnx.Dict(blocks)
         self.order = tuple(blocks)
         self.mid = _Middle(cfg, ch, rngs=rngs)
@@ -169,14 +176,7 @@ class Decoder(nnx.Module):
         self.post_quant_conv = L.Conv2d(z, z, 1, kernel_init=init, **dt)
         self.conv_in = L.Conv2d(z, chans[0], 3, kernel_init=init, **dt)
         self.mid = _Middle(cfg, chans[0], rngs=rngs)
-        blocks: dict = {}
-        ch = chans[0]
-        for i, cout in enumerate(chans):
-            for j in range(cfg.layers_per_block + 1):
-                blocks[f"level{i}_block{j}"] = VAEResBlock(cfg, ch, cout, rngs=rngs)
-                ch = cout
-            if i != len(chans) - 1:
-                blocks[f"level{i}_up"] = _resample(cfg, ch, True, rngs)
+        blocks, ch = _level_blocks(cfg, chans, cfg.layers_per_block + 1, True, rngs)
         self.blocks = nnx.Dict(blocks)
         self.order = tuple(blocks)
         self.norm_out = L.GroupNorm(ch, cfg.norm_groups, eps=1e-6, **dt)

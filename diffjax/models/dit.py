@@ -74,6 +74,44 @@ def _block_step(x, silu_c, block):
     return block(x, silu_c)
 
 
+def time_mlp_layers(frequency_embedding_size: int, d: int, dt: dict) -> tuple[L.Dense, L.Dense]:
+    """The two layers of the time MLP, frequency features -> d -> d, kernels N(0, 0.02) as in DiT."""
+    time0 = L.Dense(frequency_embedding_size, d, names=(None, "mlp"), kernel_init=L.normal_init(0.02), **dt)
+    time1 = L.Dense(d, d, names=("mlp", "embed"), kernel_init=L.normal_init(0.02), **dt)
+    return time0, time1
+
+
+def stacked_blocks(block_cls, cfg: DiTConfig, rngs: nnx.Rngs):
+    """cfg.depth blocks `block_cls(cfg)` with their parameters stacked on a leading "layers" axis."""
+
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_AXIS)
+    def make_blocks(rngs):
+        return block_cls(cfg, rngs=rngs)
+
+    return make_blocks(rngs)
+
+
+def scan_blocks(blocks, x, silu_c, remat: str):
+    """x through the stacked blocks with `nnx.scan` (compile time flat in depth)."""
+    step = L.maybe_remat(_block_step, remat)
+    scan = nnx.scan(step, in_axes=(nnx.Carry, None, 0), out_axes=nnx.Carry, transform_metadata=_LAYERS_AXIS)
+    return scan(x, silu_c, blocks)
+
+
+def final_layers(d: int, out_features: int, dt: dict) -> tuple[L.Dense, L.Dense]:
+    """The adaLN final layer's modulation (d -> shift, scale) and linear (d -> out_features), zero-initialised."""
+    modulation = L.Dense(d, 2 * d, names=("embed", "mlp"), kernel_init=L.zeros_init, **dt)
+    linear = L.Dense(d, out_features, names=("embed", None), kernel_init=L.zeros_init, **dt)
+    return modulation, linear
+
+
+def apply_final_layer(modulation, linear, tokens, silu_c):
+    """linear(LN(tokens) * (1 + scale) + shift), (shift, scale) = modulation(silu_c)."""
+    shift, scale = jnp.split(modulation(silu_c)[:, None, :], 2, axis=-1)
+    return linear(modulate(L.layer_norm(tokens), shift, scale))
+
+
 class DiT(nnx.Module):
     """Diffusion Transformer (Peebles & Xie 2023): patch embedding + fixed 2-D sin-cos positions,
     time MLP on sinusoidal features, class embedding with a null class (row num_classes),
@@ -91,22 +129,12 @@ class DiT(nnx.Module):
         self.patch_embed = L.DenseGeneral(
             (p, p, c), (d,), names=(None, None, None, "embed"), kernel_init=xavier_uniform((0, 1, 2), 3), **dt
         )
-        self.time0 = L.Dense(
-            cfg.frequency_embedding_size, d, names=(None, "mlp"), kernel_init=L.normal_init(0.02), **dt
-        )
-        self.time1 = L.Dense(d, d, names=("mlp", "embed"), kernel_init=L.normal_init(0.02), **dt)
+        self.time0, self.time1 = time_mlp_layers(cfg.frequency_embedding_size, d, dt)
         self.class_embed = (
             L.ClassEmbedding(cfg.num_classes, d, init=L.normal_init(0.02), **dt) if cfg.num_classes else None
         )
-
-        @nnx.split_rngs(splits=cfg.depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_AXIS)
-        def make_blocks(rngs):
-            return DiTBlock(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
-        self.final_modulation = L.Dense(d, 2 * d, names=("embed", "mlp"), kernel_init=L.zeros_init, **dt)
-        self.final_linear = L.Dense(d, p * p * cfg.out_channels, names=("embed", None), kernel_init=L.zeros_init, **dt)
+        self.blocks = stacked_blocks(DiTBlock, cfg, rngs)
+        self.final_modulation, self.final_linear = final_layers(d, p * p * cfg.out_channels, dt)
 
     def _patchify(self, x):
         b, h, w, c = x.shape
@@ -122,10 +150,9 @@ class DiT(nnx.Module):
         return x.reshape(b, h, w, c)
 
     def _run_blocks(self, x, silu_c):
-        step = L.maybe_remat(_block_step, self.cfg.remat)
         if self.cfg.scan_layers:
-            scan = nnx.scan(step, in_axes=(nnx.Carry, None, 0), out_axes=nnx.Carry, transform_metadata=_LAYERS_AXIS)
-            return scan(x, silu_c, self.blocks)
+            return scan_blocks(self.blocks, x, silu_c, self.cfg.remat)
+        step = L.maybe_remat(_block_step, self.cfg.remat)
         graphdef, state = nnx.split(self.blocks)
         for i in range(self.cfg.depth):
             x = step(x, silu_c, nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)))
@@ -152,6 +179,5 @@ class DiT(nnx.Module):
             cond = cond + self.class_embed(y)
         silu_c = jax.nn.silu(cond)
         tokens = self._run_blocks(tokens, silu_c)
-        shift, scale = jnp.split(self.final_modulation(silu_c)[:, None, :], 2, axis=-1)
-        out = self.final_linear(modulate(L.layer_norm(tokens), shift, scale))
+        out = apply_final_layer(self.final_modulation, self.final_linear, tokens, silu_c)
         return self._unpatchify(out, h, w).astype(jnp.float32)

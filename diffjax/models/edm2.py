@@ -167,10 +167,6 @@ class EDM2Block(nnx.Module):
         return L.constrain(x, ("batch", None, None, "act_channels"))
 
 
-def _call(block, *args):
-    return block(*args)
-
-
 class EDM2UNet(nnx.Module):
     """EDM2's magnitude-preserving U-Net F(x, c_noise, y) (Karras et al. 2024), called with EDM's
     c_noise = log(sigma) / 4 (wrap it in `denoisers.EDMPreconditioned`). Labels enter as
@@ -251,20 +247,11 @@ class EDM2UNet(nnx.Module):
 
     def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
         cfg = self.cfg
-        L.check_image(x, cfg.hw, cfg.in_channels, "EDM2UNet")
-        batch = x.shape[0]
-        t = L.check_time(t, batch)
-        y = L.labels_or_null(y, batch, cfg.num_classes)
+        t, y = L.check_image_call(x, t, y, cfg, "EDM2UNet")
         emb = self._embedding(t, y).astype(cfg.compute_dtype)
         num_blocks = len(self.enc_order) + len(self.dec_order)
-        if train and cfg.dropout > 0 and rngs is None:
-            raise ValueError("train=True with dropout > 0 needs call-time rngs (e.g. nnx.Rngs(dropout=key))")
-        if train and cfg.dropout > 0:
-            key = rngs if isinstance(rngs, jax.Array) else rngs.dropout()
-            keys = iter(jax.random.split(key, num_blocks))
-        else:
-            keys = iter([None] * num_blocks)
-        run = L.maybe_remat(_call, cfg.remat)
+        keys = iter(L.dropout_keys(rngs, train, cfg.dropout, num_blocks))
+        run = L.block_runner(cfg.remat)
 
         h = x.astype(cfg.compute_dtype)
         h = jnp.concatenate([h, jnp.ones_like(h[..., :1])], axis=-1)  # the constant channel

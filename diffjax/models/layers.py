@@ -408,6 +408,26 @@ def check_image(x: jax.Array, image_size: tuple[int, int], channels: int, what: 
         )
 
 
+def check_image_call(x: jax.Array, t, y, cfg, what: str) -> tuple[jax.Array, jax.Array | None]:
+    """An image model's call model(x, t, y) checked against its config (`check_image`, `check_time`,
+    `labels_or_null`): returns (t of shape (batch,), the labels or None)."""
+    check_image(x, cfg.hw, cfg.in_channels, what)
+    batch = x.shape[0]
+    return check_time(t, batch), labels_or_null(y, batch, cfg.num_classes)
+
+
+def dropout_keys(rngs, train: bool, rate: float, count: int) -> list:
+    """One dropout key per block when training with dropout; otherwise Nones (no randomness needed).
+    rngs: an `nnx.Rngs` with a "dropout" stream, or a key."""
+    if not train or rate == 0.0:
+        return [None] * count
+    if rngs is None:
+        raise ValueError("train=True with dropout > 0 needs call-time rngs (e.g. nnx.Rngs(dropout=key))")
+    if isinstance(rngs, jax.Array):
+        return list(jax.random.split(rngs, count))
+    return list(jax.random.split(rngs.dropout(), count))
+
+
 # ----------------------------------------------------------------------------------------------
 # Resampling (nearest / box and FIR filters of StyleGAN2, used by NCSN++)
 # ----------------------------------------------------------------------------------------------
@@ -523,3 +543,12 @@ def maybe_remat(fn: Callable, policy_name: str) -> Callable:
     if policy_name == "none":
         return fn
     return nnx.remat(fn, policy=REMAT_POLICIES[policy_name], prevent_cse=True)
+
+
+def _call(block, *args):
+    return block(*args)
+
+
+def block_runner(policy_name: str) -> Callable:
+    """run(block, *args) = block(*args), rematerialized with the named policy."""
+    return maybe_remat(_call, policy_name)

@@ -845,6 +845,18 @@ def _edm_levels(sd, kind: str) -> tuple:
     return res, mc, c_in, levels, nrb, mult, attn
 
 
+def _edm_extras(options: dict) -> dict:
+    """What an EDM checkpoint is used with: the EDM process, EDM preconditioning with options'
+    sigma_data (0.5 by default) and the raw c_noise as the network's time input."""
+    sigma_data = options.pop("sigma_data", 0.5)
+    return dict(
+        process=EDM(),
+        prediction=EDMPreconditioned(sigma_data),
+        learned_variance=False,
+        time_input=lambda c_noise: c_noise,
+    )
+
+
 def _from_song_unet(sd, options):
     _require(sd, ["map_layer0.weight", "map_layer1.weight"], "EDM SongUNet")
     res, mc, c_in, levels, nrb, mult, attn = _edm_levels(sd, "SongUNet")
@@ -917,13 +929,7 @@ def _from_song_unet(sd, options):
                 params["up"][f"level{i}_attn"] = a
     params["norm_out"] = _norm(sd, f"dec.{res}x{res}_aux_norm")
     params["conv_out"] = _conv(sd, f"dec.{res}x{res}_aux_conv")
-    sigma_data = options.pop("sigma_data", 0.5)
-    extras = dict(
-        process=EDM(),
-        prediction=EDMPreconditioned(sigma_data),
-        learned_variance=False,
-        time_input=lambda c_noise: c_noise,
-    )
+    extras = _edm_extras(options)
     return preset, ov, params, extras, options
 
 
@@ -1018,13 +1024,7 @@ def _from_dhariwal_unet(sd, options, head_channels: int | None = None):
                 params["up"][f"level{i}_attn{j}"] = a
         if i != 0:
             params["up"][f"level{i}_up"], _ = _dhariwal_block(sd, f"dec.{levels[i - 1]}x{levels[i - 1]}_up", hc)
-    sigma_data = options.pop("sigma_data", 0.5)
-    extras = dict(
-        process=EDM(),
-        prediction=EDMPreconditioned(sigma_data),
-        learned_variance=False,
-        time_input=lambda c_noise: c_noise,
-    )
+    extras = _edm_extras(options)
     return "ADM-cifar10", ov, params, extras, options
 
 
@@ -1206,6 +1206,26 @@ def _vae_middle(sd, name) -> dict:
     }
 
 
+def _vae_coder(sd, side: str, levels: int, blocks_per_level: int, resample: str) -> dict:
+    """diffusers' "encoder" (resample "down") or "decoder" ("up") as our params: level{i}_block{j} and
+    level{i}_{resample} (none after the last level) from {side}.{resample}_blocks.{i}, then conv_in,
+    the middle, norm_out and conv_out."""
+    prefix = f"{side}.{resample}_blocks"
+    blocks: dict = {}
+    for i in range(levels):
+        for j in range(blocks_per_level):
+            blocks[f"level{i}_block{j}"] = _resblock(sd, f"{prefix}.{i}.resnets.{j}", "vae")
+        if i != levels - 1:
+            blocks[f"level{i}_{resample}"] = {"conv": _conv(sd, f"{prefix}.{i}.{resample}samplers.0.conv")}
+    return dict(
+        blocks=blocks,
+        conv_in=_conv(sd, f"{side}.conv_in"),
+        mid=_vae_middle(sd, f"{side}.mid_block"),
+        norm_out=_norm(sd, f"{side}.conv_norm_out"),
+        conv_out=_conv(sd, f"{side}.conv_out"),
+    )
+
+
 def _from_diffusers_vae(sd, config, options, param_dtype, dtype, placement, path) -> PretrainedAutoencoder:
     if options:
         raise ValueError(f"unknown option(s) {sorted(options)} for format 'diffusers-vae'")
@@ -1223,32 +1243,8 @@ def _from_diffusers_vae(sd, config, options, param_dtype, dtype, placement, path
         param_dtype=param_dtype,
     ).validate()
     nlev, lpb = len(cfg.block_out_channels), cfg.layers_per_block
-    enc: dict = {"blocks": {}}
-    for i in range(nlev):
-        for j in range(lpb):
-            enc["blocks"][f"level{i}_block{j}"] = _resblock(sd, f"encoder.down_blocks.{i}.resnets.{j}", "vae")
-        if i != nlev - 1:
-            enc["blocks"][f"level{i}_down"] = {"conv": _conv(sd, f"encoder.down_blocks.{i}.downsamplers.0.conv")}
-    enc.update(
-        conv_in=_conv(sd, "encoder.conv_in"),
-        mid=_vae_middle(sd, "encoder.mid_block"),
-        norm_out=_norm(sd, "encoder.conv_norm_out"),
-        conv_out=_conv(sd, "encoder.conv_out"),
-        quant_conv=_conv(sd, "quant_conv"),
-    )
-    dec: dict = {"blocks": {}}
-    for i in range(nlev):
-        for j in range(lpb + 1):
-            dec["blocks"][f"level{i}_block{j}"] = _resblock(sd, f"decoder.up_blocks.{i}.resnets.{j}", "vae")
-        if i != nlev - 1:
-            dec["blocks"][f"level{i}_up"] = {"conv": _conv(sd, f"decoder.up_blocks.{i}.upsamplers.0.conv")}
-    dec.update(
-        post_quant_conv=_conv(sd, "post_quant_conv"),
-        conv_in=_conv(sd, "decoder.conv_in"),
-        mid=_vae_middle(sd, "decoder.mid_block"),
-        norm_out=_norm(sd, "decoder.conv_norm_out"),
-        conv_out=_conv(sd, "decoder.conv_out"),
-    )
+    enc = dict(_vae_coder(sd, "encoder", nlev, lpb, "down"), quant_conv=_conv(sd, "quant_conv"))
+    dec = dict(_vae_coder(sd, "decoder", nlev, lpb + 1, "up"), post_quant_conv=_conv(sd, "post_quant_conv"))
     model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
     _set_params(model, {"encoder": enc, "decoder": dec}, placement, path, "diffusers-vae")
     return PretrainedAutoencoder(model=model, config=cfg, format="diffusers-vae")

@@ -20,11 +20,31 @@ from flax import nnx
 
 from diffjax.models import layers as L
 from diffjax.models.configs import DiTConfig
-from diffjax.models.dit import DiTBlock, modulate, sincos_2d_positions
+from diffjax.models.dit import (
+    DiTBlock,
+    apply_final_layer,
+    final_layers,
+    modulate,
+    scan_blocks,
+    sincos_2d_positions,
+    stacked_blocks,
+    time_mlp_layers,
+)
 
 __all__ = ["SequenceConfig", "SequenceTransformer", "sincos_1d_positions"]
 
-_LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}
+# the SequenceConfig fields that configure the DiT blocks (time_scale stays here: 0 is allowed)
+_BLOCK_FIELDS = (
+    "hidden_size",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "frequency_embedding_size",
+    "dtype",
+    "param_dtype",
+    "attention_impl",
+    "remat",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,20 +69,9 @@ class SequenceConfig:
     remat: str = "none"
 
     def block_config(self) -> DiTConfig:
-        return DiTConfig(
-            image_size=1,
-            in_channels=1,
-            patch_size=1,
-            hidden_size=self.hidden_size,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            frequency_embedding_size=self.frequency_embedding_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            attention_impl=self.attention_impl,
-            remat=self.remat,
-        ).validate()
+        """The DiT blocks' configuration: this config's `_BLOCK_FIELDS` on a 1 x 1 "image"."""
+        shared = {name: getattr(self, name) for name in _BLOCK_FIELDS}
+        return DiTConfig(image_size=1, in_channels=1, patch_size=1, **shared).validate()
 
     def validate(self) -> SequenceConfig:
         for name in ("num_states", "vocab_size"):
@@ -100,10 +109,6 @@ class _CausalBlock(DiTBlock):
         return L.constrain(x, ("batch", "seq", "act_embed"))
 
 
-def _block_step(x, silu_c, block):
-    return block(x, silu_c)
-
-
 class SequenceTransformer(nnx.Module):
     """Token embedding + sin-cos positions, time MLP, DiT blocks (scanned), adaLN final layer, logits."""
 
@@ -115,20 +120,9 @@ class SequenceTransformer(nnx.Module):
         dt = dict(dtype=block_cfg.compute_dtype, param_dtype=block_cfg.storage_dtype, rngs=rngs)
         # the class-embedding table of num_states rows (its "null" row is the last state)
         self.embed = L.ClassEmbedding(cfg.num_states - 1, d, init=L.normal_init(0.02), **dt)
-        self.time0 = L.Dense(
-            cfg.frequency_embedding_size, d, names=(None, "mlp"), kernel_init=L.normal_init(0.02), **dt
-        )
-        self.time1 = L.Dense(d, d, names=("mlp", "embed"), kernel_init=L.normal_init(0.02), **dt)
-        block = _CausalBlock if cfg.causal else DiTBlock
-
-        @nnx.split_rngs(splits=cfg.depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_AXIS)
-        def make_blocks(rngs):
-            return block(block_cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
-        self.final_modulation = L.Dense(d, 2 * d, names=("embed", "mlp"), kernel_init=L.zeros_init, **dt)
-        self.final_linear = L.Dense(d, cfg.vocab_size, names=("embed", None), kernel_init=L.zeros_init, **dt)
+        self.time0, self.time1 = time_mlp_layers(cfg.frequency_embedding_size, d, dt)
+        self.blocks = stacked_blocks(_CausalBlock if cfg.causal else DiTBlock, block_cfg, rngs)
+        self.final_modulation, self.final_linear = final_layers(d, cfg.vocab_size, dt)
 
     def _positions(self):
         cfg = self.cfg
@@ -152,9 +146,6 @@ class SequenceTransformer(nnx.Module):
         tokens = L.constrain(tokens.astype(cfg.block_config().compute_dtype), ("batch", "seq", "act_embed"))
         freq = L.sinusoidal_embedding(cfg.time_scale * t, cfg.frequency_embedding_size)
         silu_c = jax.nn.silu(self.time1(jax.nn.silu(self.time0(freq))))
-        step = L.maybe_remat(_block_step, cfg.remat)
-        scan = nnx.scan(step, in_axes=(nnx.Carry, None, 0), out_axes=nnx.Carry, transform_metadata=_LAYERS_AXIS)
-        tokens = scan(tokens, silu_c, self.blocks)
-        shift, scale = jnp.split(self.final_modulation(silu_c)[:, None, :], 2, axis=-1)
-        logits = self.final_linear(modulate(L.layer_norm(tokens), shift, scale))
+        tokens = scan_blocks(self.blocks, tokens, silu_c, cfg.remat)
+        logits = apply_final_layer(self.final_modulation, self.final_linear, tokens, silu_c)
         return logits.reshape(x.shape + (cfg.vocab_size,)).astype(jnp.float32)

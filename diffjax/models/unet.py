@@ -17,21 +17,6 @@ from diffjax.models import layers as L
 from diffjax.models.configs import ADMUNetConfig, SongUNetConfig
 
 
-def _dropout_keys(rngs, train: bool, rate: float, count: int) -> list:
-    """One key per block when training with dropout; otherwise Nones (no randomness needed)."""
-    if not train or rate == 0.0:
-        return [None] * count
-    if rngs is None:
-        raise ValueError("train=True with dropout > 0 needs call-time rngs (e.g. nnx.Rngs(dropout=key))")
-    if isinstance(rngs, jax.Array):
-        return list(jax.random.split(rngs, count))
-    return list(jax.random.split(rngs.dropout(), count))
-
-
-def _call(block, *args):
-    return block(*args)
-
-
 def _channels_constraint(h):
     return L.constrain(h, ("batch", None, None, "act_channels"))
 
@@ -274,14 +259,11 @@ class SongUNet(nnx.Module):
 
     def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
         cfg = self.cfg
-        L.check_image(x, cfg.hw, cfg.in_channels, "SongUNet")
-        batch = x.shape[0]
-        t = L.check_time(t, batch)
-        y = L.labels_or_null(y, batch, cfg.num_classes)
+        t, y = L.check_image_call(x, t, y, cfg, "SongUNet")
         num_blocks = sum(isinstance(m, SongResBlock) for m in self.down.values())
         num_blocks += 2 + sum(isinstance(m, SongResBlock) for m in self.up.values())
-        keys = iter(_dropout_keys(rngs, train, cfg.dropout, num_blocks))
-        run = L.maybe_remat(_call, cfg.remat)
+        keys = iter(L.dropout_keys(rngs, train, cfg.dropout, num_blocks))
+        run = L.block_runner(cfg.remat)
         temb = self._time_embedding(t, y)
         nlev = len(cfg.ch_mult)
         sqrt2 = math.sqrt(2.0) if cfg.skip_rescale else 1.0
@@ -485,13 +467,10 @@ class ADMUNet(nnx.Module):
 
     def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
         cfg = self.cfg
-        L.check_image(x, cfg.hw, cfg.in_channels, "ADMUNet")
-        batch = x.shape[0]
-        t = L.check_time(t, batch)
-        y = L.labels_or_null(y, batch, cfg.num_classes)
+        t, y = L.check_image_call(x, t, y, cfg, "ADMUNet")
         blocks = [m for m in (*self.down.values(), *self.up.values()) if isinstance(m, ADMResBlock)]
-        keys = iter(_dropout_keys(rngs, train, cfg.dropout, len(blocks) + 2))
-        run = L.maybe_remat(_call, cfg.remat)
+        keys = iter(L.dropout_keys(rngs, train, cfg.dropout, len(blocks) + 2))
+        run = L.block_runner(cfg.remat)
 
         emb = L.sinusoidal_embedding(cfg.time_scale * t, cfg.model_channels, endpoint=cfg.frequency_shift == 1)
         temb = self.temb1(jax.nn.silu(self.temb0(emb)))

@@ -419,6 +419,12 @@ def _require(condition: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"config.{key} = {value!r} is not allowed; expected {allowed}")
 
 
+def _require_bool(config, key: str) -> None:
+    """ConfigError unless config.<key> (a dotted path) is True or False."""
+    value = _get_path(config, key)
+    _require(isinstance(value, bool), key, value, "True or False")
+
+
 def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -468,12 +474,7 @@ def validate_config(config) -> None:
         config.model.name,
         f"one of {list(models.PRESETS)}",
     )
-    _require(
-        isinstance(config.model.class_conditional, bool),
-        "model.class_conditional",
-        config.model.class_conditional,
-        "True or False",
-    )
+    _require_bool(config, "model.class_conditional")
     sample = config.sample
     for key, table in (("solver", SOLVERS), ("grid", GRIDS)):
         _require(isinstance(sample[key], str), f"sample.{key}", sample[key], "a name ('' = the library default)")
@@ -499,12 +500,7 @@ def validate_config(config) -> None:
     _require(
         _finite_number(loss.sigma_data) and loss.sigma_data > 0, "loss.sigma_data", loss.sigma_data, "a positive number"
     )
-    _require(
-        isinstance(loss.uncertainty_weighting, bool),
-        "loss.uncertainty_weighting",
-        loss.uncertainty_weighting,
-        "True or False",
-    )
+    _require_bool(config, "loss.uncertainty_weighting")
 
     optim = config.optim
     _require(optim.name in OPTIMIZERS, "optim.name", optim.name, f"one of {list(OPTIMIZERS)}")
@@ -541,12 +537,7 @@ def validate_config(config) -> None:
         optim.grad_clip,
         "a number >= 0 (0 disables clipping)",
     )
-    _require(
-        isinstance(optim.forced_weight_normalization, bool),
-        "optim.forced_weight_normalization",
-        optim.forced_weight_normalization,
-        "True or False",
-    )
+    _require_bool(config, "optim.forced_weight_normalization")
 
     train = config.train
     for key in (
@@ -578,7 +569,7 @@ def validate_config(config) -> None:
         "a number in [0, 1)",
     )
     for key in ("ema_warmup", "async_checkpointing", "progress_bar"):
-        _require(isinstance(train[key], bool), f"train.{key}", train[key], "True or False")
+        _require_bool(config, f"train.{key}")
     inject = train.inject_nonfinite_at
     _require(
         isinstance(inject, (tuple, list)) and all(map(_positive_int, inject)),
@@ -604,7 +595,7 @@ def validate_config(config) -> None:
 
     _validate_inverse(config.inverse)
 
-    _require(isinstance(config.eval.fid, bool), "eval.fid", config.eval.fid, "True or False")
+    _require_bool(config, "eval.fid")
     for key in ("batch_size", "loss_batches"):
         _require(_positive_int(config.eval[key]), f"eval.{key}", config.eval[key], "a positive int")
     _require(
