@@ -93,7 +93,7 @@ def _mnist_tiny(config):
     config.optim.grad_clip = 1.0
 
     config.train.num_steps = 4000
-    config.train.batch_size = 128
+    config.train.batch_size = 64
     config.train.ema_decay = 0.999
     config.train.ema_warmup = True
     config.train.log_every = 50

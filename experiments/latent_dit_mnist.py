@@ -1,12 +1,12 @@
 """Latent diffusion on a CPU, end to end: a tiny autoencoder trained on MNIST (16x16), its latent cache,
 a DiT trained on the latents by configs/dit_latents.py:mnist_tiny, decoded samples and FID.
 
-    python -m experiments.latent_dit_mnist [--ae-steps 1500] [--steps 4000] [--workdir workdir]
+    python -m experiments.latent_dit_mnist [--ae-steps 800] [--steps 4000] [--workdir workdir]
 
-It runs what these commands do (Python API: `diffjax.training.autoencoder.main`, `train`,
+It runs what these commands do (Python API: `diffjax.training.autoencoder.autoencoder_command`, `train`,
 `sample_from_checkpoint`, `evaluate`):
 
-    python -m diffjax.training.autoencoder --data=mnist --out=workdir/mnist_tiny_autoencoder --steps=1500
+    python -m diffjax.training.autoencoder --data=mnist --out=workdir/mnist_tiny_autoencoder --steps=800
     diffjax --config=configs/dit_latents.py:mnist_tiny --workdir=workdir/dit_latents_mnist_tiny
     diffjax --config=configs/dit_latents.py:mnist_tiny --workdir=workdir/dit_latents_mnist_tiny --mode=sample
     diffjax --config=configs/dit_latents.py:mnist_tiny --workdir=workdir/dit_latents_mnist_tiny --mode=eval
@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
 
-import matplotlib
+from PIL import Image, ImageDraw
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from diffjax.io import atomic_write_text  # noqa: E402
-from diffjax.training import evaluate, sample_from_checkpoint, train  # noqa: E402
-from diffjax.training import autoencoder as autoencoder_lib  # noqa: E402
-from diffjax.training.config import apply_overrides, load_config_file  # noqa: E402
-from experiments.benchmarks.common import RESULTS_DIR, environment, markdown_table, write_results  # noqa: E402
+from diffjax.io import atomic_write_text
+from diffjax.training import autoencoder as autoencoder_lib
+from diffjax.training import evaluate, sample_from_checkpoint, train
+from diffjax.training.config import apply_overrides, load_config_file
+from experiments.benchmarks.common import RESULTS_DIR, environment, markdown_table, write_results
 
 NAME = "latent_dit_mnist"
 CONFIG = "configs/dit_latents.py:mnist_tiny"
@@ -44,7 +42,7 @@ def autoencoder_stage(directory: str, steps: int) -> dict:
     """Train the autoencoder and build the latent cache (skipped when both exist); its summary."""
     summary_path = os.path.join(directory, autoencoder_lib.SUMMARY_FILE)
     if not os.path.exists(summary_path):
-        autoencoder_lib.main(["--data=mnist", f"--out={directory}", f"--steps={steps}"])
+        autoencoder_lib.autoencoder_command(["--data=mnist", f"--out={directory}", f"--steps={steps}"])
     with open(summary_path) as f:
         return json.load(f)
 
@@ -55,22 +53,46 @@ def loss_curve(workdir: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["loss"])) for r in rows if "loss" in r]
 
 
+def _panel(draw, box, title, points):
+    """A log-y line plot of (x, y) points inside box = (left, top, right, bottom)."""
+    left, top, right, bottom = box
+    draw.rectangle(box, outline="black")
+    draw.text((left, top - 16), title, fill="black")
+    points = [(x, y) for x, y in points if y > 0 and math.isfinite(y)]
+    if len(points) < 2:
+        return
+    lo, hi = math.floor(math.log10(min(y for _, y in points))), math.ceil(math.log10(max(y for _, y in points)))
+    hi = max(hi, lo + 1)
+    xmax = max(x for x, _ in points)
+
+    def at(x, y):
+        fy = (math.log10(y) - lo) / (hi - lo)
+        return left + (right - left) * x / xmax, bottom - (bottom - top) * fy
+
+    for k in range(lo, hi + 1):
+        _, y = at(0, 10.0**k)
+        draw.line([left, y, right, y], fill=(225, 225, 225))
+        draw.text((left - 34, y - 6), f"1e{k}", fill="black")
+    draw.text((left, bottom + 4), "0", fill="black")
+    draw.text((right - 40, bottom + 4), f"{xmax} steps", fill="black")
+    draw.line([at(x, y) for x, y in points], fill=(31, 119, 180), width=1)
+
+
 def plot_loss(curve: list[tuple[int, float]], autoencoder_curve: list[float], path: str) -> str:
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax0.plot(range(1, len(autoencoder_curve) + 1), autoencoder_curve, lw=0.8)
-    ax0.set(title="autoencoder: reconstruction MSE", xlabel="step", yscale="log")
-    ax1.plot([s for s, _ in curve], [v for _, v in curve], lw=0.8)
-    ax1.set(title="DiT on latents: eps loss (logged steps)", xlabel="step", yscale="log")
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    """Two log-y panels (autoencoder reconstruction MSE per step, DiT loss per logged step) as a PNG."""
+    image = Image.new("RGB", (900, 320), "white")
+    draw = ImageDraw.Draw(image)
+    _panel(draw, (50, 30, 430, 290), "autoencoder: reconstruction MSE", list(enumerate(autoencoder_curve, 1)))
+    _panel(draw, (500, 30, 880, 290), "DiT on latents: eps loss (logged steps)", curve)
+    tmp = path + ".tmp.png"
+    image.save(tmp)
+    os.replace(tmp, path)
     return path
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ae-steps", type=int, default=1500)
+    parser.add_argument("--ae-steps", type=int, default=800)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--workdir", default="workdir")
     args = parser.parse_args()
@@ -99,7 +121,7 @@ def main():
     payload = {
         "environment": environment(),
         "commands": [
-            f"python -m diffjax.training.autoencoder --data=mnist --out={ae_dir} --steps={args.ae_steps}",
+            f"python -m diffjax.training.autoencoder --data=mnist --out={ae_dir} --steps={ae['steps']}",
             f"diffjax --config={CONFIG} --workdir={run_dir} "
             + " ".join(f"--config.{k}={v}" for k, v in overrides)
             + " [--mode=sample | --mode=eval]",

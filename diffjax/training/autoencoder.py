@@ -55,7 +55,7 @@ __all__ = [
     "latent_scaling_factor",
     "reconstruction_error",
     "source_images",
-    "main",
+    "autoencoder_command",
 ]
 
 AUTOENCODER_FILE = "autoencoder.npz"
@@ -172,7 +172,7 @@ def _parse(argv):
         "--image-size", type=int, default=16, help="resize the images to this size (box filter; default 16)"
     )
     parser.add_argument("--out", required=True, help="directory for autoencoder.npz, latents.npz and the summary")
-    parser.add_argument("--steps", type=int, default=1500, help="Adam steps (default 1500)")
+    parser.add_argument("--steps", type=int, default=800, help="Adam steps (default 800)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-4)
@@ -181,7 +181,8 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def autoencoder_command(argv: Sequence[str] | None = None) -> int:
+    """The command line (see the module docstring): train, save, encode, summarise; returns 0."""
     args = _parse(argv)
     data = default_data_config(args.data)
     if args.image_size != data.image_size:
@@ -239,4 +240,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(autoencoder_command())

@@ -448,6 +448,8 @@ def _check_latent_evaluation(config, run: Run) -> None:
             f"config.eval.fid = True on latents needs an autoencoder to decode the samples: the latent cache "
             f"{config.data.path!r} names none that exists; set config.data.autoencoder or config.eval.fid=False"
         )
+    if config.eval.fid:
+        reference_images_config(config.data)  # the cache names the images it encoded
     if config.eval.bits_per_dim_examples:
         raise ConfigError(
             f"config.eval.bits_per_dim_examples = {config.eval.bits_per_dim_examples}: bits/dim is measured on "
@@ -516,8 +518,10 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     """Evaluate the newest checkpoint's EMA parameters (loaded with load_run): the test-split
     denoising loss; FID and KID of `fid_sample_count(config.eval.num_samples)` samples (configured
     sampler) against as many images of the evaluation split, unless config.eval.fid is False;
-    bits/dim of config.eval.bits_per_dim_examples images. A discrete run (config.discrete.process
-    set): the -ELBO in bits per dim / per character and samples written next to the checkpoint."""
+    bits/dim of config.eval.bits_per_dim_examples images. A latent run (data.source="latents"): FID
+    and KID of decoded samples against the image data set the cache was encoded from. A discrete
+    run (config.discrete.process set): the -ELBO in bits per dim / per character and samples
+    written next to the checkpoint."""
     loaded, run = load_for_config(config, workdir, devices)
     data_info = run_data_info(config)
     batch = int(config.eval.batch_size)
