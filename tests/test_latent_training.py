@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 
 from configs import dit_latents
 from diffjax import evaluation
-from diffjax.data import default_data_config
+from diffjax.data import default_data_config, validate_data_config
 from diffjax.data.latents import build_latent_cache
 from diffjax.data.sources import ArraySource
 from diffjax.models.autoencoder import (
@@ -25,15 +25,25 @@ from diffjax.models.autoencoder import (
     save_autoencoder,
 )
 from diffjax.training import loop
-from diffjax.training.autoencoder import latent_scaling_factor, reconstruction_error, train_autoencoder
+from diffjax.training.autoencoder import (
+    autoencoder_command,
+    latent_scaling_factor,
+    reconstruction_error,
+    train_autoencoder,
+)
 from diffjax.training.config import ConfigError
 from diffjax.training.discrete_run import make_run_iterator
 from diffjax.training.images import to_uint8
-from diffjax.training.latents import latent_channel_images
+from diffjax.training.latents import (
+    autoencoder_file,
+    latent_channel_images,
+    load_latent_decoder,
+    reference_images_config,
+)
 from diffjax.training.run import init_state, make_jitted_train_step
 from diffjax.training.sharding import global_batch
 
-# 8x8 digits -> 4x4x2 latents; one level keeps the program small (the test's cost is compilation).
+# 8x8 digits -> 4x4x2 latents, at the smallest widths GroupNorm allows (compiling is the tests' cost).
 TINY = AutoencoderConfig(in_channels=1, latent_channels=2, block_out_channels=(4, 8), layers_per_block=1, norm_groups=4)
 
 
@@ -153,7 +163,6 @@ def test_latent_config_builds_and_decodes_its_samples(latent_cache, tmp_path):
     assert channels.shape == ((2 * 5 + 1) * upscale, (3 * 9 + 1) * upscale)  # 4x(2*4) channel tiles
 
 
-@pytest.mark.slow  # ~30 s on a busy 2-core CPU (compiling the step); the end-to-end test below trains too
 def test_one_train_step_on_latent_batches(latent_cache, tmp_path):
     config = tiny_latent_config(latent_cache[0])
     run = loop.prepare_run(config, str(tmp_path))
@@ -226,3 +235,22 @@ def test_latent_run_trains_samples_and_evaluates_decoded(latent_cache, tmp_path,
     config.eval.bits_per_dim_examples = 4
     with pytest.raises(ConfigError, match="bits/dim is measured on uint8 images"):
         loop.evaluate(config, workdir)
+
+
+@pytest.mark.slow  # ~1-2 min: compiles the tiny autoencoder's training step
+def test_autoencoder_command_writes_a_decodable_latent_cache(tmp_path):
+    out = tmp_path / "ae"
+    argv = ["--data=digits", "--image-size=8", f"--out={out}", "--steps=5", "--batch-size=8"]
+    assert autoencoder_command(argv) == 0
+    summary = json.loads((out / "autoencoder_summary.json").read_text())
+    assert summary["latent_shape"] == [4, 4, 2] and summary["mse_split"] == "train" and len(summary["loss_curve"]) == 5
+    config = validate_data_config(
+        {"source": "latents", "path": summary["latent_cache"], "image_size": 4, "channels": 2}
+    )
+    with np.load(summary["latent_cache"]) as z:
+        latents, labels = z["latents_train"], z["labels_train"]
+    assert latents.shape == (1797, 4, 4, 2) and labels.shape == (1797,) and "flipped_train" not in z.files
+    np.testing.assert_allclose(latents.std(), 1.0, rtol=1e-3)  # scaled to unit variance
+    decode = load_latent_decoder(config)
+    assert autoencoder_file(config) == summary["autoencoder"] and decode(latents[:3]).shape == (3, 8, 8, 1)
+    assert reference_images_config(config).name == "digits"
