@@ -84,8 +84,8 @@ def test_benchmark_only_dit_config_builds_with_synthetic_latents(tmp_path):
     config = module.get_config()
     assert module.BENCHMARK_ONLY and config.model.name.startswith("DiT-")
     validate_config(config)
-    with pytest.raises((ConfigError, ValueError)):
-        loop.prepare_run(config, str(tmp_path))  # its data section is a placeholder
+    with pytest.raises(FileNotFoundError, match="build_latent_cache"):
+        loop.prepare_run(config, str(tmp_path))  # no ImageNet latent cache offline
     info = DataInfo(module.LATENT_SHAPE, module.LATENT_SHAPE, {"train": 1}, module.NUM_CLASSES)
     run = prepare_synthetic_run(config, str(tmp_path), info)
     assert run.image_shape == module.LATENT_SHAPE and run.spec.num_classes == module.NUM_CLASSES

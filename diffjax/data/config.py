@@ -52,6 +52,7 @@ DATA_KEYS = {
     "random_flip": (bool, False, "random horizontal flip, p = 1/2 per example"),
     "dequantize": (bool, False, "uniform dequantization (x + u) / 256, u ~ U[0, 1), instead of x / 255"),
     "num_classes": (int, 10, "classes in the data (checked), or 0 to ignore labels"),
+    "autoencoder": (str, "", "latents: the save_autoencoder .npz that decodes them ('' = the one the cache names)"),
     "in_memory": (bool, False, "decode the whole split once into RAM (arrays then need no preparation)"),
     "worker_count": (int, 0, "grain worker processes (0: decode in the training process, in threads)"),
     "num_threads": (int, 2, "reader threads per process"),
@@ -112,7 +113,13 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _missing_path_hint(path: str) -> str:
+def _missing_path_hint(path: str, source: str = "") -> str:
+    if source == "latents":
+        return (
+            " Build the latent cache first with diffjax.data.latents.build_latent_cache (for MNIST, "
+            "`python -m diffjax.training.autoencoder --data=mnist --out=DIR` trains a tiny autoencoder and "
+            "writes DIR/latents.npz)."
+        )
     if path.startswith(FASHION_MNIST_DIR):
         return " Install it with `apt-get install -y dataset-fashion-mnist`, or set source='tfds'."
     if str(shared_data_dir()) in path:
@@ -159,6 +166,7 @@ def validate_data_config(config) -> ml_collections.ConfigDict:
     full.update(given)
     full.path = os.path.expanduser(full.path) if full.path else ""
     full.data_dir = os.path.expanduser(full.data_dir) if full.data_dir else ""
+    full.autoencoder = os.path.expanduser(full.autoencoder) if full.autoencoder else ""
     _check_values(full)
     return full
 
@@ -185,12 +193,17 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
         path = Path(c.path)
         if not path.exists():
             raise FileNotFoundError(
-                f"data path {str(path)!r} for source {c.source!r} does not exist." + _missing_path_hint(str(path))
+                f"data path {str(path)!r} for source {c.source!r} does not exist."
+                + _missing_path_hint(str(path), c.source)
             )
         want_dir = c.source in ("idx", "image_folder")
         if path.is_dir() != want_dir:
             kind = "a directory" if want_dir else "a file"
             raise ValueError(f"source {c.source!r} needs `path` to be {kind}; {str(path)!r} is not")
+    if c.autoencoder and c.source != "latents":
+        raise ValueError(f"autoencoder {c.autoencoder!r} decodes latents: it needs source 'latents', not {c.source!r}")
+    if c.autoencoder and not Path(c.autoencoder).is_file():
+        raise FileNotFoundError(f"data.autoencoder {c.autoencoder!r} does not exist (a save_autoencoder .npz)")
     if c.source == "tfds" and not c.tfds_name:
         raise ValueError("source 'tfds' needs `tfds_name` (e.g. 'mnist', 'cifar10'); it is empty")
     _check_name(c)

@@ -6,7 +6,10 @@ image pipeline), maps the images to [-1, 1], encodes them with `encode(images) -
 diffjax.models.autoencoder.encode_latents, vae)`, already scaled) in batches, and writes one npz
 (atomically) holding, per split, `latents_<split>` (N, h, w, c) float32, `flipped_<split>` (the
 latents of the horizontally flipped images, as DiT flips images before encoding) and
-`labels_<split>`, plus `meta` (JSON: the autoencoder's identity and scaling, the source).
+`labels_<split>`, plus `meta` (JSON: the autoencoder's identity and scaling, the source). The
+trainer reads meta["autoencoder"]["path"] (the decoder of sample grids), meta["scaling_factor"]
+(checked against the decoder's) and meta["images"] (the image data config, FID's reference); see
+diffjax/training/latents.py.
 
 A data config with `source="latents"` and `path` that file yields {"image": latents, "label"}
 batches; `random_flip=True` takes each example's flipped latents with probability 1/2 (the same

@@ -11,20 +11,38 @@ mirror image with `layers_per_block + 1` blocks per level and nearest x2 upsampl
 (mean, or a posterior sample when a key is given, minus shift_factor); `decode_latents(model, z)`
 inverts the scaling and decodes. Both run over the batch in chunks of `chunk_size` (lax.map) so
 large batches fit.
+
+`save_autoencoder(model, path)` writes the config and parameters to one .npz (atomically);
+`load_autoencoder(path)` reads it back. `TINY_AUTOENCODER` is a CPU-sized config for small grayscale
+images (one x2 downsampling, 2 latent channels: 8x8x2 latents of 16x16 digits).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from flax.nnx import traversals
 
+from diffjax.io import atomic_write
 from diffjax.models import layers as L
 from diffjax.models.configs import DTYPES, _fail, _positive
 
-__all__ = ["AutoencoderConfig", "AutoencoderKL", "encode_latents", "decode_latents"]
+__all__ = [
+    "AutoencoderConfig",
+    "AutoencoderKL",
+    "TINY_AUTOENCODER",
+    "encode_latents",
+    "decode_latents",
+    "save_autoencoder",
+    "load_autoencoder",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -240,3 +258,57 @@ def decode_latents(model: AutoencoderKL, latents, *, chunk_size: int | None = No
     cfg = model.cfg
     z = latents / cfg.scaling_factor + cfg.shift_factor
     return _chunked(model.decode, z, chunk_size)
+
+
+# A CPU-sized autoencoder for small grayscale images, e.g. 16x16 digits -> 8x8x2 latents (scaling_factor
+# is set from the data after training, see diffjax.training.autoencoder).
+TINY_AUTOENCODER = AutoencoderConfig(
+    in_channels=1, latent_channels=2, block_out_channels=(16, 32), layers_per_block=1, norm_groups=8, scaling_factor=1.0
+)
+
+_CONFIG_KEY = "autoencoder_config"
+
+
+def save_autoencoder(model: AutoencoderKL, path: str | os.PathLike) -> str:
+    """Write `model`'s config (JSON) and parameters (float32, keyed by their '/'-joined path) to the
+    .npz `path`, atomically; returns the path."""
+    flat = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    arrays = {"/".join(map(str, k)): np.asarray(v, np.float32) for k, v in flat.items()}
+    config = json.dumps(dataclasses.asdict(model.cfg))
+    arrays[_CONFIG_KEY] = np.frombuffer(config.encode(), np.uint8)
+
+    def write(f):
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        f.write(buffer.getvalue())
+
+    return atomic_write(path, write)
+
+
+def load_autoencoder(path: str | os.PathLike) -> AutoencoderKL:
+    """The AutoencoderKL saved by `save_autoencoder` at `path` (config and parameters checked)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"autoencoder file {path!r} does not exist (write one with save_autoencoder)")
+    with np.load(path) as z:
+        if _CONFIG_KEY not in z.files:
+            raise ValueError(f"{path!r} is not an autoencoder saved by save_autoencoder (no {_CONFIG_KEY!r})")
+        fields = json.loads(z[_CONFIG_KEY].tobytes().decode())
+        arrays = {k: z[k] for k in z.files if k != _CONFIG_KEY}
+    fields["block_out_channels"] = tuple(fields["block_out_channels"])
+    cfg = AutoencoderConfig(**fields).validate()
+    model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.state(model, nnx.Param)
+    want = traversals.flatten_mapping(nnx.to_pure_dict(abstract))
+    names = {"/".join(map(str, k)): k for k in want}
+    if set(names) != set(arrays):
+        missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
+        raise ValueError(f"{path!r}: parameters missing {missing[:5]}, unexpected {extra[:5]} for its config")
+    typed = {}
+    for name, key in names.items():
+        if arrays[name].shape != tuple(want[key].shape):
+            raise ValueError(f"{path!r}: parameter {name} has shape {arrays[name].shape}, expected {want[key].shape}")
+        typed[key] = jnp.asarray(arrays[name], want[key].dtype)
+    nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(typed))
+    nnx.update(model, abstract)
+    return model

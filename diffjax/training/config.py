@@ -130,6 +130,7 @@ CONFIG_KEYS = {
     "sample.grid": ("", f"the time grid: one of {sorted(GRIDS)} ('' = the solver's default)"),
     "sample.num_samples": (64, "images sampled for a grid"),
     "sample.guidance_scale": (1.0, "classifier-free guidance scale (1 = none)"),
+    "sample.latent_grid": (False, "latent runs: also write the latents' channels as a grid (<grid>_latents.png)"),
     "sample.solver_options": ({}, "options of the solver, e.g. eta=0.5 for ddim ({} = its defaults)"),
     "sample.grid_options": ({}, "options of the grid, e.g. rho=7.0 for karras ({} = its defaults)"),
     "inverse.operator": (
@@ -586,6 +587,7 @@ def validate_config(config) -> None:
 
     _require(_positive_int(sample.steps), "sample.steps", sample.steps, "a positive int")
     _require(_positive_int(sample.num_samples), "sample.num_samples", sample.num_samples, "a positive int")
+    _require(isinstance(sample.latent_grid, bool), "sample.latent_grid", sample.latent_grid, "True or False")
     _require(
         _finite_number(sample.guidance_scale) and sample.guidance_scale >= 0,
         "sample.guidance_scale",

@@ -28,13 +28,15 @@ EXACT_DIVERGENCE_MAX_DIM = 64
 
 
 def sample_images(run: Run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
-    """`num` uint8 images from the run's sampler, `batch_size` per compiled call."""
+    """`num` uint8 images from the run's sampler, `batch_size` per compiled call (decoded by
+    run.decode in a latent run)."""
     sampler = make_jitted_sampler(run, batch_size)
     chunks = []
     for i in tqdm.trange(
         math.ceil(num / batch_size), desc="sampling", unit="batch", disable=not (progress and interactive())
     ):
-        chunks.append(to_uint8(sampler(params, jax.random.fold_in(key, i))))
+        samples = sampler(params, jax.random.fold_in(key, i))
+        chunks.append(to_uint8(run.decode(samples) if run.decode is not None else samples))
     return np.concatenate(chunks)[:num]
 
 

@@ -56,6 +56,7 @@ from diffjax.training.discrete_run import (
     run_data_info,
 )
 from diffjax.training.images import save_image_grid, to_uint8
+from diffjax.training.latents import reference_images_config, with_latent_decoder
 from diffjax.training.load import LoadedRun, load_run, read_run_metadata
 from diffjax.training.metrics import MetricWriter
 from diffjax.training.run import (
@@ -148,7 +149,7 @@ def prepare_training(config, workdir: str, devices=None) -> tuple[Run, str]:
     validate_config(config)
     data_info = run_data_info(config)  # missing files, bad image size: clear errors
     mesh = fc.mesh_from_config(config, devices)
-    run = build_run(config, data_info, mesh)
+    run = with_latent_decoder(build_run(config, data_info, mesh), config)  # latent data: loads the autoencoder
     check_batch_sizes(
         mesh, {"train.batch_size": int(config.train.batch_size), "eval.batch_size": int(config.eval.batch_size)}
     )
@@ -403,7 +404,7 @@ def load_for_config(config, workdir: str, devices=None) -> tuple[LoadedRun, Run]
         sampler = discrete_sampler(config, loaded.run.image_shape, loaded.run.to_denoiser)
     else:
         sampler = fc.sampler_from_config(config)
-    run = loaded.run.with_sampler(sampler, scale)
+    run = with_latent_decoder(loaded.run.with_sampler(sampler, scale), config)
     return loaded, run
 
 
@@ -422,9 +423,38 @@ def sample_from_checkpoint(config, workdir: str, devices=None) -> dict:
         out = os.path.join(loaded.workdir, "samples")
         os.makedirs(out, exist_ok=True)
         summary["grid"] = _save_samples(run, images, os.path.join(out, f"sample_step_{step:07d}"))
-        arrays = {"tokens": images} if run.save_samples is not None else {"images": to_uint8(images)}
+        arrays = _sample_arrays(config, run, images)
         summary["npz"] = atomic_write(os.path.join(out, f"sample_step_{step:07d}.npz"), lambda f: np.savez(f, **arrays))
     return summary
+
+
+def _sample_arrays(config, run: Run, samples) -> dict:
+    """What a sample .npz holds: tokens (discrete runs), latents and their decoded uint8 images
+    (latent runs; latents only without an autoencoder), or uint8 images."""
+    if is_discrete(config):
+        return {"tokens": samples}
+    if config.data.source == "latents":
+        decoded = {"images": to_uint8(run.decode(samples))} if run.decode is not None else {}
+        return {"latents": np.asarray(samples, np.float32), **decoded}
+    return {"images": to_uint8(samples)}
+
+
+def _check_latent_evaluation(config, run: Run) -> None:
+    """FID of a latent run needs the autoencoder; bits/dim is defined for uint8 images only."""
+    if config.data.source != "latents":
+        return
+    if config.eval.fid and run.decode is None:
+        raise ConfigError(
+            f"config.eval.fid = True on latents needs an autoencoder to decode the samples: the latent cache "
+            f"{config.data.path!r} names none that exists; set config.data.autoencoder or config.eval.fid=False"
+        )
+    if config.eval.fid:
+        reference_images_config(config.data)  # the cache names the images it encoded
+    if config.eval.bits_per_dim_examples:
+        raise ConfigError(
+            f"config.eval.bits_per_dim_examples = {config.eval.bits_per_dim_examples}: bits/dim is measured on "
+            "uint8 images, not on latents; use 0 for a latent run"
+        )
 
 
 def evaluation_split(data_info) -> str:
@@ -488,12 +518,15 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     """Evaluate the newest checkpoint's EMA parameters (loaded with load_run): the test-split
     denoising loss; FID and KID of `fid_sample_count(config.eval.num_samples)` samples (configured
     sampler) against as many images of the evaluation split, unless config.eval.fid is False;
-    bits/dim of config.eval.bits_per_dim_examples images. A discrete run (config.discrete.process
-    set): the -ELBO in bits per dim / per character and samples written next to the checkpoint."""
+    bits/dim of config.eval.bits_per_dim_examples images. A latent run (data.source="latents"): FID
+    and KID of decoded samples against the image data set the cache was encoded from. A discrete
+    run (config.discrete.process set): the -ELBO in bits per dim / per character and samples
+    written next to the checkpoint."""
     loaded, run = load_for_config(config, workdir, devices)
     data_info = run_data_info(config)
     batch = int(config.eval.batch_size)
     check_batch_sizes(run.mesh, {"eval.batch_size": batch})
+    _check_latent_evaluation(config, run)
     params, split = loaded.ema_params, evaluation_split(data_info)
     summary = {
         "step": loaded.step,
@@ -507,7 +540,8 @@ def evaluate(config, workdir: str, devices=None) -> dict:
         num = fid_sample_count(int(config.eval.num_samples))
         log.info("FID/KID on %d samples against %d %r images (config.eval.num_samples)", num, num, split)
         inception = evaluation.load_inception_params(config.eval.inception_weights or None)
-        reference = eval_lib.reference_for_split(config.data, split, num, inception, batch_size=batch)
+        images = reference_images_config(config.data) if config.data.source == "latents" else config.data
+        reference = eval_lib.reference_for_split(images, split, num, inception, batch_size=batch)
         samples = eval_lib.sample_images(run, params, num, run.key("fid"), batch_size=batch)
         summary.update(eval_lib.sample_quality(samples, reference, inception, batch_size=batch))
     if config.eval.bits_per_dim_examples and not is_discrete(config):

@@ -75,6 +75,7 @@ class Run:
     state_sharding: TrainState
     metadata: dict  # stored with every checkpoint: config, compatibility, schedule, data shape
     save_samples: Callable | None = None  # save_samples(samples, path stem) -> path; None: a PNG grid
+    decode: Callable | None = None  # decode(samples) -> images in [-1, 1] (latent runs, see training/latents.py)
 
     def under_mesh(self, fn: Callable) -> Callable:
         """fn traced under this run's mesh and logical axis rules."""
