@@ -1,6 +1,11 @@
 """Small test doubles shared by several test files."""
 
+import os
 import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class CountingNetwork:
@@ -21,3 +26,17 @@ def readme_example(name: str) -> str:
     marker = f"<!-- readme-example: {name} -->\n```python\n"
     start = readme.index(marker) + len(marker)
     return readme[start : readme.index("```", start)]
+
+
+def run_cli(*args, timeout: float = 600):
+    """Run the command line (experiments/main.py, what the `diffjax` script calls) from the repository
+    root in a fresh process; returns the CompletedProcess with its text output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env=env,
+    )

@@ -4,12 +4,10 @@ family's recipe, and the command line sets any key (options included) or names t
 
 import dataclasses
 import importlib
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
+import helpers
 import pytest
 
 from diffjax import models
@@ -145,18 +143,6 @@ def test_option_dicts_hold_only_changes():
 # ------------------------------------------------------------------------------------------------
 
 
-def run_cli(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "main.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=timeout,
-        env=env,
-    )
-
-
 CONFIG_TYPOS = [
     ("train.num_stepz", "3", "unknown config key 'train.num_stepz'; .*did you mean 'train.num_steps'\\?"),
     ("trian.num_steps", "3", "unknown config key 'trian.num_steps'; .*did you mean 'train.num_steps'\\?"),
@@ -179,7 +165,7 @@ def test_config_typo_on_the_command_line_is_one_line(tmp_path):
     """What the CLI prints for any ConfigError (test_config_typos_name_the_nearest_key checks each
     message): one line on stderr, exit status 2, nothing written."""
     key, value, message = CONFIG_TYPOS[2]
-    done = run_cli(f"--workdir={tmp_path / 'run'}", f"--config.{key}={value}")
+    done = helpers.run_cli(f"--workdir={tmp_path / 'run'}", f"--config.{key}={value}")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("diffjax: error: "), done.stderr[-2000:]
@@ -188,14 +174,14 @@ def test_config_typo_on_the_command_line_is_one_line(tmp_path):
 
 
 def test_help_lists_the_flags_and_how_to_list_config_keys():
-    done = run_cli("--help", timeout=120)
+    done = helpers.run_cli("--help", timeout=120)
     assert done.returncode == 0
     for text in ("--workdir", "--mode", "--config", "keys", "--config.<key>=<value>"):
         assert text in done.stdout, text
 
 
 def test_keys_mode_lists_every_key_with_its_value_and_options():
-    done = run_cli(
+    done = helpers.run_cli(
         "--config=configs/cifar10_edm.py",
         "--mode=keys",
         "--config.sample.solver=ddim",

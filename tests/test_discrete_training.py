@@ -6,9 +6,8 @@ discrete values are ConfigErrors before anything is built."""
 import json
 import math
 import os
-import subprocess
-import sys
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -185,7 +184,6 @@ def test_mnist_run_trains_and_evaluates(tmp_path):
 # the command line
 # ------------------------------------------------------------------------------------------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny_text_config(num_steps=2) as command-line flags
 TINY_TEXT_FLAGS = [
     "--config=configs/text_masked.py",
@@ -211,16 +209,6 @@ TINY_TEXT_FLAGS = [
 ]
 
 
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "experiments", "main.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-
-
 def _last_json(stdout: str) -> dict:
     """The summary the command line prints last (a JSON object before its 'outputs in' line)."""
     start = stdout.rindex("\n{\n") + 1 if "\n{\n" in stdout else stdout.index("{\n")
@@ -232,13 +220,13 @@ def test_cli_trains_evaluates_and_samples_a_text_run(tmp_path):
     """configs/text_masked.py through experiments/main.py: train 2 steps, --mode=eval (validation
     bits per character, text samples), --mode=sample (a text file and the tokens)."""
     workdir = str(tmp_path / "text")
-    trained = run_cli(f"--workdir={workdir}", *TINY_TEXT_FLAGS)
+    trained = helpers.run_cli(f"--workdir={workdir}", *TINY_TEXT_FLAGS)
     assert trained.returncode == 0, trained.stderr[-3000:]
     summary = _last_json(trained.stdout)
     assert summary["step"] == 2 and os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
     assert open(summary["samples"]).read().count("=== sample") == 3
 
-    evaluated = run_cli(f"--workdir={workdir}", "--mode=eval", *TINY_TEXT_FLAGS)
+    evaluated = helpers.run_cli(f"--workdir={workdir}", "--mode=eval", *TINY_TEXT_FLAGS)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     written = json.load(open(os.path.join(workdir, "eval_step_0000002.json")))
     bits = written["bits_per_dim"]
@@ -246,7 +234,7 @@ def test_cli_trains_evaluates_and_samples_a_text_run(tmp_path):
     assert 0 < bits["bits_per_dim"] < 1.5 * math.log2(96)  # at most ~uniform over 96 characters after 2 steps
     assert written["samples"].endswith(".txt") and open(written["samples"]).read().count("=== sample") == 3
 
-    sampled = run_cli(f"--workdir={workdir}", "--mode=sample", *TINY_TEXT_FLAGS)
+    sampled = helpers.run_cli(f"--workdir={workdir}", "--mode=sample", *TINY_TEXT_FLAGS)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     out = _last_json(sampled.stdout)
     assert out["step"] == 2 and out["grid"].endswith(".txt")
@@ -257,7 +245,7 @@ def test_cli_trains_evaluates_and_samples_a_text_run(tmp_path):
 
 @pytest.mark.slow
 def test_cli_refuses_a_bad_discrete_value_with_exit_code_2(tmp_path):
-    done = run_cli(f"--workdir={tmp_path / 'run'}", *TINY_TEXT_FLAGS, "--config.discrete.sampler=euler")
+    done = helpers.run_cli(f"--workdir={tmp_path / 'run'}", *TINY_TEXT_FLAGS, "--config.discrete.sampler=euler")
     assert done.returncode == 2, done.stderr[-3000:]
     assert "config.discrete.sampler = 'euler' is not allowed" in done.stderr
     assert not os.path.exists(tmp_path / "run")

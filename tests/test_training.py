@@ -5,8 +5,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import zlib
 
 import helpers
@@ -44,8 +42,6 @@ from diffjax.training.loop import (
 )
 from diffjax.training.run import sharded_target
 from diffjax.training.state import create_train_state, make_learning_rate, stream_id, stream_key
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**train_overrides):
@@ -645,16 +641,6 @@ TINY_FLAGS = [
 ]
 
 
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "experiments", "main.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-
-
 # smallest_config() as command-line flags
 SMALLEST_FLAGS = [
     *TINY_FLAGS,
@@ -668,7 +654,7 @@ def test_cli_samples_a_trained_run(trained_run, tmp_path):
     """--mode=sample on a trained run. The CLI's train mode runs to the end (exit 0, the summary,
     the final samples) in test_reliability.py's SIGTERM test."""
     workdir = copy_of(trained_run, tmp_path)
-    sampled = run_cli(f"--workdir={workdir}", "--mode=sample", *SMALLEST_FLAGS)
+    sampled = helpers.run_cli(f"--workdir={workdir}", "--mode=sample", *SMALLEST_FLAGS)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert '"step": 4' in sampled.stdout and "outputs in" in sampled.stdout
     assert os.path.exists(os.path.join(workdir, "samples", "sample_step_0000004.png"))
@@ -676,7 +662,7 @@ def test_cli_samples_a_trained_run(trained_run, tmp_path):
 
 def test_cli_reports_bad_values_clearly(tmp_path):
     """(An unknown key on the command line: test_configs.py's typo tests.)"""
-    done = run_cli(f"--workdir={tmp_path}", "--config.process.name=vpp")
+    done = helpers.run_cli(f"--workdir={tmp_path}", "--config.process.name=vpp")
     assert done.returncode == 2
     assert "config.process.name = 'vpp' is not allowed" in done.stderr
 
