@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_training import TINY_FLAGS, restore_final_state, run_cli, tiny_config
+from helpers import run_cli
+from test_training import TINY_FLAGS, restore_final_state, tiny_config
 
 from diffjax.training import ConfigError, TrainingStopped, train
 from diffjax.training import run as run_module

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO
 from jax.sharding import PartitionSpec
-from test_training import REPO, SMALLEST_FLAGS, restore_final_state, smallest_config
+from test_training import SMALLEST_FLAGS, restore_final_state, smallest_config
 
 from diffjax.training import sharding as shard_lib
 from diffjax.training import train
