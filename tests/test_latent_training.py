@@ -163,6 +163,7 @@ def test_latent_config_builds_and_decodes_its_samples(latent_cache, tmp_path):
     assert channels.shape == ((2 * 5 + 1) * upscale, (3 * 9 + 1) * upscale)  # 4x(2*4) channel tiles
 
 
+@pytest.mark.slow  # ~15 s; the slow end-to-end run trains on latent batches too
 def test_one_train_step_on_latent_batches(latent_cache, tmp_path):
     config = tiny_latent_config(latent_cache[0])
     run = loop.prepare_run(config, str(tmp_path))

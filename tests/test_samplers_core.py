@@ -42,8 +42,8 @@ MIXTURE = benchmark_mixture(16)
     "solver_name, steps, grid_name, n",
     [
         pytest.param("ddim", 500, "logsnr", 100_000, marks=pytest.mark.slow),  # DDIM: also tests/test_faithfulness
-        ("euler_maruyama", 500, "uniform", 50_000),
-        ("ancestral", 1000, "logsnr", 50_000),
+        pytest.param("euler_maruyama", 500, "uniform", 50_000, marks=pytest.mark.slow),
+        pytest.param("ancestral", 1000, "logsnr", 50_000, marks=pytest.mark.slow),  # also test_faithfulness
         ("heun", 50, "karras", 100_000),
     ],
 )

@@ -392,6 +392,7 @@ def test_adaptive_solver_meets_its_tolerance_and_reports_nfe():
         assert all((n - 1) % 6 == 0 for n in nfes), nfes  # 6 evaluations per attempt + 1 to start
 
 
+@pytest.mark.slow  # ~30 s: optimises a grid against a reference solve
 def test_optimize_grid_reduces_the_error_and_returns_a_usable_grid():
     from diffjax.data.toy import GaussianMixture
 

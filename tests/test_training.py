@@ -561,6 +561,7 @@ def test_config_errors_before_compilation_leave_nothing_on_disk(tmp_path, mutate
     assert not os.path.exists(tmp_path / "run")  # no work directory, no empty checkpoints/
 
 
+@pytest.mark.slow  # ~25 s; the guidance combinators themselves: tests/test_guidance.py
 def test_guidance_scale_guides_against_the_null_class():
     """The sampling denoiser of a class-conditional model is D_null + s (D_label - D_null): scale 0 is
     the model given the null class (label dropout's), scale 1 the conditional model."""
