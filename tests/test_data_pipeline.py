@@ -132,7 +132,7 @@ def test_finite_stream_lengths_and_mask(indexed_npz):
     assert padded[-1]["mask"].sum() == 2 * NUM_RECORDS % 32
 
 
-@pytest.mark.parametrize("worker_count", [0, 2])
+@pytest.mark.parametrize("worker_count", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_from_saved_state_is_exact(indexed_npz, worker_count):
     """Interrupted after 5 batches, restored from its saved state: batches 6..12 are the uninterrupted
     ones. The reference runs in-process, so worker processes must not change the batches either."""

@@ -78,6 +78,7 @@ def _read(out_dir):
         return json.load(f)
 
 
+@pytest.mark.slow  # ~11 s; the other dry-run sections stay in the default run
 def test_dry_run_sampling_section(tmp_path):
     path = device_check.main(["--dry-run", "--out-dir", str(tmp_path), "--sections", "sampling"])
     assert path == str(tmp_path / "device_check_dry_run.json")

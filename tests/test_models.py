@@ -497,6 +497,7 @@ def test_attention_goes_through_kernels(monkeypatch, tiny):
     assert calls[0][0] == (5, 16, 2, 16)  # (batch, tokens, heads, head_dim)
 
 
+@pytest.mark.slow  # ~18 s; training reduces the loss in tests/test_training.py and test_losses.py too
 def test_adam_steps_reduce_mse():
     model = _abstract(
         "unet-small", image_size=8, channel_mult=(1, 2), attn_resolutions=(4,), model_channels=16, num_head_channels=16

@@ -248,6 +248,7 @@ def test_stochastic_samplers_use_fresh_noise_per_step():
         assert not np.allclose(a, c), name
 
 
+@pytest.mark.slow  # ~27 s; the default's accuracy: test_sampler_suite, test_faithfulness
 def test_unipc_default_order_follows_the_step_size():
     """UniPC's default order is 3 unless two mean log-SNR steps exceed pi/2 (9 steps of the DDPM
     chain: h = 1.07, order 2; 19 steps: h = 0.51, order 3), and UniPC without an order runs the one it
