@@ -78,8 +78,8 @@ def draft_loss(
     solver.check(process, steps, t_min, t_max)
     solver = solver.prepare(process, steps, t_min, t_max)
     check_prediction_is_defined(Denoiser(lambda x, t: x, process, prediction), t_max)
-    frozen_phases, live_phases = split_phases(solver.phases(steps), steps - grad_steps)
-    cut = steps - grad_steps
+    cut = steps - grad_steps  # the steps taken behind a stop-gradient
+    frozen_phases, live_phases = split_phases(solver.phases(steps), cut)
 
     def denoiser(params):
         return Denoiser(apply_student(apply_fn, params), process, prediction)
