@@ -24,7 +24,7 @@ from diffjax.models.autoencoder import (
     load_autoencoder,
     save_autoencoder,
 )
-from diffjax.training import loop
+from diffjax.training import load_run, loop
 from diffjax.training.autoencoder import (
     autoencoder_command,
     latent_scaling_factor,
@@ -230,6 +230,11 @@ def test_latent_run_trains_samples_and_evaluates_decoded(latent_cache, tmp_path,
     with np.load(sampled["npz"]) as z:
         assert z["images"].shape == (4, 8, 8, 1) and z["images"].dtype == np.uint8
         assert z["latents"].shape == (4, 4, 4, 2)
+    loaded = load_run(workdir)  # in a notebook: the stored config's autoencoder decodes
+    key = jax.random.key(3)
+    latents = loaded.sample(key, 2, decode=False)
+    assert latents.shape == (2, 4, 4, 2)
+    np.testing.assert_allclose(loaded.sample(key, 2), decode_latents(latent_cache[2], latents), rtol=1e-5, atol=1e-6)
     result = loop.evaluate(config, workdir)
     assert result["split"] == "train" and result["num_samples"] == result["num_reference"] == 8
     assert np.isfinite(result["fid"]) and np.isfinite(result["test_loss"])

@@ -3,6 +3,7 @@ rebuilds the model, process and denoiser, and restores the parameters; no traini
 
     run = load_run("work/default")
     images = run.sample(jax.random.key(0), 16)        # the run's configured sampler, EMA params
+                                                      # (a latent run: decoded by its autoencoder)
     save_image_grid(images, "grid.png")
     x0 = run.denoiser.x0(x_t, t)                      # or any diffjax sampler / likelihood
 """
@@ -26,6 +27,7 @@ from diffjax.training.build import declaring, network
 from diffjax.training.checkpoint import Checkpointer, CheckpointError, Restored
 from diffjax.training.config import upgrade_config_dict
 from diffjax.training.from_config import prediction_from_config
+from diffjax.training.latents import with_latent_decoder
 from diffjax.training.run import Run, build_run, checkpoint_steps, make_jitted_sampler, sharded_target
 
 __all__ = ["LoadedRun", "load_run", "restore_run", "read_run_metadata", "config_from_metadata"]
@@ -62,11 +64,13 @@ class LoadedRun:
         """The Denoiser of the EMA parameters (unconditional; conditional models: `denoiser_for`)."""
         return self.denoiser_for()
 
-    def sample(self, key: jax.Array, num: int, params=None) -> np.ndarray:
+    def sample(self, key: jax.Array, num: int, params=None, *, decode: bool = True) -> np.ndarray:
         """`num` samples (num, H, W, C) in [-1, 1] from the run's configured sampler (stored config,
-        sample section: solver, steps, grid, guidance), sharded over the run's mesh."""
+        sample section: solver, steps, grid, guidance), sharded over the run's mesh. A latent run
+        with an autoencoder returns them decoded to images (decode=False: the latents)."""
         params = self.ema_params if params is None else params
-        return make_jitted_sampler(self.run, int(num))(params, key)
+        samples = make_jitted_sampler(self.run, int(num))(params, key)
+        return self.run.decode(samples) if decode and self.run.decode is not None else samples
 
 
 def _tuples(value):
@@ -146,10 +150,13 @@ def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh |
     config stored with it, raw and EMA parameters, apply, process, denoiser. Needs no training data.
 
     mesh: where the parameters are placed (default: every device on a data-only mesh, i.e.
-    replicated). Raises CheckpointError when there is no checkpoint (nothing is created)."""
+    replicated). A latent run (data.source = "latents") gets the autoencoder of its stored data
+    config as run.decode (training/latents.py; a warning when there is none). Raises
+    CheckpointError when there is no checkpoint (nothing is created)."""
     run, restored = restore_run(workdir, step, mesh=mesh)
     state = restored.state
     config = config_from_metadata(restored.metadata)
+    run = with_latent_decoder(run, config)
     return LoadedRun(
         config=config,
         step=int(restored.step),

@@ -404,7 +404,9 @@ def load_for_config(config, workdir: str, devices=None) -> tuple[LoadedRun, Run]
         sampler = discrete_sampler(config, loaded.run.image_shape, loaded.run.to_denoiser)
     else:
         sampler = fc.sampler_from_config(config)
-    run = with_latent_decoder(loaded.run.with_sampler(sampler, scale), config)
+    run = loaded.run.with_sampler(sampler, scale)
+    if config.data.to_dict() != loaded.config.data.to_dict():  # e.g. another data.autoencoder
+        run = with_latent_decoder(run, config)
     return loaded, run
 
 
