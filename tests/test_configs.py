@@ -55,10 +55,7 @@ def test_the_cifar_configs_exist():
     assert set(CIFAR_PRESETS) <= set(CONFIGS) and "dit_latents" in CONFIGS
 
 
-# cifar10_ncsnpp_ve shares cifar10_base with cifar10_ddpmpp_vp; its build runs with -m slow
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "cifar10_ncsnpp_ve" else n for n in _buildable()]
-)
+@pytest.mark.parametrize("name", list(_buildable()))
 def test_config_builds_a_run(name, tmp_path):
     config = _module(name).get_config()
     data = config.data

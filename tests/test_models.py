@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax._src.interpreters import partial_eval
 
 import diffjax.models as M
 from diffjax.models import layers as L
@@ -660,3 +661,23 @@ def test_sinusoidal_embedding_conventions():
     emb = L.sinusoidal_embedding(t, 8, cos_first=False, endpoint=True)  # DDPM: freqs ^(-i/3)
     freqs = 10000.0 ** (-np.arange(4) / 3)
     np.testing.assert_allclose(emb[1], np.concatenate([np.sin(3 * freqs), np.cos(3 * freqs)]), rtol=1e-5)
+
+
+def test_fast_module_tracing_skips_the_origin_walk_and_restores_it(monkeypatch):
+    walks = []
+    original = partial_eval.JaxprStackFrame.find_progenitors
+
+    def counting(self, tracer):
+        walks.append(1)
+        return original(self, tracer)
+
+    monkeypatch.setattr(partial_eval.JaxprStackFrame, "find_progenitors", counting)
+    config = M.get_config("unet-small", num_res_blocks=1)
+    plain = nnx.eval_shape(lambda: M.ADMUNet(config, rngs=nnx.Rngs(0)))  # flax probes tracer.sharding
+    assert walks, "building under a trace no longer walks the traced equations: drop fast_module_tracing"
+    walks.clear()
+    before = partial_eval.DynamicJaxprTracer._origin_msg
+    fast = nnx.eval_shape(lambda: M.build(config))
+    assert not walks and partial_eval.DynamicJaxprTracer._origin_msg is before
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), M.functional(plain)[1])
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), M.functional(fast)[1]) == shapes

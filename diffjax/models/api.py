@@ -3,14 +3,16 @@ FLOP counts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import traversals
+from jax._src.interpreters import partial_eval as _partial_eval
 from jax.extend import core as jex_core
 
 from diffjax.models.configs import ADMUNetConfig, DiTConfig, EDM2UNetConfig, ModelConfig, SongUNetConfig, ToyMLPConfig
@@ -191,6 +193,27 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(base, **{k: _coerce(v) for k, v in overrides.items()}).validate()
 
 
+@contextlib.contextmanager
+def fast_module_tracing() -> Iterator[None]:
+    """Build modules under a trace (nnx.eval_shape, a jitted initialiser) in time linear in their size.
+
+    flax NNX probes `getattr(value, "sharding", None)` on every variable update. On a tracer that
+    raises an AttributeError whose message JAX (0.10) builds by walking every equation traced so far
+    (jax-ml/jax#40041), so building a model under a trace is quadratic in its size. Inside this
+    context tracers' error messages leave out where the tracer came from; nothing else changes.
+    """
+    tracer = getattr(_partial_eval, "DynamicJaxprTracer", None)
+    if tracer is None or "_origin_msg" not in vars(tracer):  # a JAX without the costly message
+        yield
+        return
+    costly = vars(tracer)["_origin_msg"]
+    tracer._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        tracer._origin_msg = costly
+
+
 def build(config: ModelConfig | ToyMLPConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> nnx.Module:
     """Build the model for a configuration object (SongUNetConfig, ADMUNetConfig, DiTConfig or
     ToyMLPConfig, e.g. `build(ToyMLPConfig(data_dim=2))` for 2-D toy data)."""
@@ -199,7 +222,8 @@ def build(config: ModelConfig | ToyMLPConfig, *, rngs: nnx.Rngs | None = None, s
             f"unsupported config type {type(config).__name__}; expected one of {[c.__name__ for c in _MODEL_CLASSES]}"
         )
     config.validate()
-    return _MODEL_CLASSES[type(config)](config, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+    with fast_module_tracing():
+        return _MODEL_CLASSES[type(config)](config, rngs=rngs if rngs is not None else nnx.Rngs(seed))
 
 
 def create(name: str, *, rngs: nnx.Rngs | None = None, seed: int = 0, **overrides) -> nnx.Module:

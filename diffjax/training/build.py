@@ -45,7 +45,8 @@ class ModelSpec:
 def build_model_spec(model_config, seed: int, constructor: Callable = models.build) -> ModelSpec:
     """The spec of a bundled model from its preset config; parameters drawn from `seed`.
     constructor(model_config, rngs=...) builds the module (e.g. SequenceTransformer)."""
-    abstract = nnx.eval_shape(lambda: constructor(model_config, rngs=nnx.Rngs(seed)))
+    with models.fast_module_tracing():
+        abstract = nnx.eval_shape(lambda: constructor(model_config, rngs=nnx.Rngs(seed)))
     apply, abstract_params = models.functional(abstract)
     specs = models.logical_partition_specs(abstract)
 
@@ -53,7 +54,8 @@ def build_model_spec(model_config, seed: int, constructor: Callable = models.bui
         # An "rbg" key: one RngBitGenerator op per parameter compiles 3-4x faster on CPU than
         # threefry's unrolled rounds, and initial values need no cross-backend reproducibility.
         rngs = nnx.Rngs(jax.random.key(seed, impl="rbg"))
-        return models.functional(constructor(model_config, rngs=rngs))[1]
+        with models.fast_module_tracing():
+            return models.functional(constructor(model_config, rngs=rngs))[1]
 
     return ModelSpec(
         apply=apply,
