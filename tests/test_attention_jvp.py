@@ -1,7 +1,8 @@
 """Forward mode through flash attention: `jax.jvp` of the Pallas kernels (interpret mode on CPU) and
 of the XLA path against `jax.jvp` of the plain-JAX reference (values and tangents), reverse mode
 of a function of the JVP (as consistency-model losses need), the raw tangent kernels on several
-blocks per grid axis, and lowering of the JVP for TPU and CUDA."""
+blocks per grid axis, lowering of the JVP for TPU and CUDA, and sCM / MeanFlow training of a DiT and
+a U-Net through the kernels (slow)."""
 
 import re
 
@@ -19,7 +20,9 @@ from test_kernels import (
     relative_error,
 )
 
+from diffjax import distill, models
 from diffjax.kernels import attention, flash_attention, pallas_gpu, pallas_tpu, reference_attention
+from diffjax.processes import FlowMatching
 
 PALLAS = ("pallas_gpu", "pallas_tpu")
 IMPLEMENTATIONS = PALLAS + ("xla",)
@@ -413,3 +416,84 @@ def test_case_table_covers_several_key_blocks_on_gpu():
     """The default cases must exercise the online accumulation over more than one key tile."""
     blocks = pallas_gpu.GpuBlockSizes().fitted(CASES[0].seq_q, CASES[0].seq_k)
     assert CASES[0].seq_k // blocks.block_k >= 2 and CASES[0].seq_q // blocks.block_q >= 2
+
+
+# ------------------------------------------------------------------------------------------------
+# few-step training through the kernels: a DiT and a U-Net, sCM and MeanFlow
+# ------------------------------------------------------------------------------------------------
+
+
+def perturbed(params, seed=0):
+    """Every parameter N(0, 0.2^2): DiT's adaLN-zero and the U-Nets' zero-initialised layers would
+    otherwise hide attention from the output and its gradient."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return tree.unflatten([0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def few_step_losses(preset, implementation, **overrides):
+    """{objective: (loss_fn, params)} of sCM training (TrigFlow) and MeanFlow on `preset` with
+    attention by `implementation` (Pallas kernels in interpret mode); the same params for every
+    implementation."""
+    interpret = implementation in PALLAS
+    c = overrides["in_channels"]
+
+    def functional(extra_channels=0):
+        model = models.create(
+            preset,
+            attention_impl=implementation,
+            attention_interpret=interpret,
+            **{**overrides, "in_channels": c + extra_channels},
+        )
+        apply, params = models.functional(model)
+        return apply, perturbed(params)
+
+    apply, params = functional()
+    apply_mf, params_mf = functional(extra_channels=1)
+
+    def average_velocity(p, x, t, r):
+        lag = jnp.broadcast_to((t - r)[:, None, None, None], x.shape[:-1] + (1,))
+        return apply_mf(p, jnp.concatenate([x, lag], axis=-1), t)[..., :c]
+
+    weighting = distill.AdaptiveWeighting()
+    return {
+        "sCM": (
+            distill.scm_loss(apply, distill.TrigFlow(), weighting=weighting),
+            {"student": params, "weighting": weighting.init(jax.random.key(1))},
+        ),
+        "MeanFlow": (distill.meanflow_loss(average_velocity, FlowMatching()), {"student": params_mf}),
+    }
+
+
+MODELS = {
+    "dit": ("DiT-S/2", dict(image_size=8, in_channels=2, depth=1, hidden_size=32, num_heads=2)),
+    "unet": (
+        "unet-small",
+        dict(image_size=8, in_channels=1, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
+    ),
+}
+
+
+@pytest.mark.slow  # 0.5-4 min each on 2 cores: interpret-mode kernels inside a network's JVP and its gradient
+@pytest.mark.parametrize(
+    "model, implementation", [("dit", "pallas_gpu"), ("dit", "pallas_tpu"), ("unet", "pallas_gpu")]
+)
+def test_few_step_training_through_the_kernels_matches_xla(model, implementation):
+    """sCM's tangent and MeanFlow's target differentiate the network in forward mode, and training
+    differentiates that in reverse: loss and gradient through the Pallas kernels equal XLA's."""
+    preset, overrides = MODELS[model]
+    batch = jax.random.normal(jax.random.key(2), (2, 8, 8, overrides["in_channels"]))
+    expected = few_step_losses(preset, "xla", **overrides)
+    for name, (loss_fn, params) in few_step_losses(preset, implementation, **overrides).items():
+        want_fn, want_params = expected[name]
+        value_and_grad = [
+            jax.jit(jax.value_and_grad(lambda p, f=f: f(p, jax.random.key(3), batch)[0]))(p)
+            for f, p in ((loss_fn, params), (want_fn, want_params))
+        ]
+        (loss, grad), (want_loss, want_grad) = value_and_grad
+        assert float(want_loss) > 0 and np.isfinite(float(loss))
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-4, err_msg=name)
+        got, want = jax.tree.leaves(grad), jax.tree.leaves(want_grad)
+        error = max(relative_error(g, w) for g, w in zip(got, want) if float(jnp.max(jnp.abs(w))) > 0)
+        assert error < 1e-3, (name, error)
+        assert sum(float(jnp.max(jnp.abs(w))) > 0 for w in want) > len(want) // 2  # most parameters learn

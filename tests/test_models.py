@@ -117,6 +117,8 @@ def test_unknown_override_lists_fields():
         ("DiT-S/2", dict(dtype="float64"), "dtype"),
         ("DiT-S/2", dict(remat="sometimes"), "remat"),
         ("DiT-S/2", dict(attention_impl="flash"), "attention_impl"),
+        ("DiT-S/2", dict(attention_interpret=True, attention_impl="xla"), "attention_interpret"),
+        ("DiT-S/2", dict(attention_interpret=1, attention_impl="pallas_gpu"), "attention_interpret"),
         ("DiT-S/2", dict(num_classes=-1), "num_classes"),
         ("DiT-S/2", dict(time_scale=0.0), "time_scale"),
         ("unet-small", dict(attn_resolutions=(3,)), "attn_resolutions"),

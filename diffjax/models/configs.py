@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from diffjax.kernels import IMPLEMENTATIONS
+from diffjax.kernels import IMPLEMENTATIONS, PALLAS_IMPLEMENTATIONS
 from diffjax.models.layers import REMAT_CHOICES
 
 DTYPES = ("float32", "bfloat16")  # what the attention kernels support
@@ -36,6 +36,8 @@ class ModelConfig:
       always float32.
     attention_impl: passed to `diffjax.kernels.flash_attention(implementation=...)`; None lets the
       kernels pick the best for the platform.
+    attention_interpret: run the Pallas kernel of attention_impl ("pallas_gpu" or "pallas_tpu") in
+      interpret mode, e.g. to train through the kernels on a CPU (slow: for tests and debugging).
     remat: rematerialization of each residual/transformer block: "none", "full" (save nothing),
       "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
     learn_sigma: output 2 * in_channels channels, the prediction followed by the variance
@@ -49,6 +51,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
+    attention_interpret: bool = False
     remat: str = "none"
     learn_sigma: bool = False
 
@@ -87,6 +90,15 @@ class ModelConfig:
         if self.attention_impl is not None and self.attention_impl not in IMPLEMENTATIONS:
             _fail(
                 cls, "attention_impl", self.attention_impl, f"None (best for the platform) or one of {IMPLEMENTATIONS}"
+            )
+        if not isinstance(self.attention_interpret, bool) or (
+            self.attention_interpret and self.attention_impl not in PALLAS_IMPLEMENTATIONS
+        ):
+            _fail(
+                cls,
+                "attention_interpret",
+                self.attention_interpret,
+                f"False, or True with attention_impl in {PALLAS_IMPLEMENTATIONS} (it is {self.attention_impl!r})",
             )
         if self.remat not in REMAT_CHOICES:
             _fail(cls, "remat", self.remat, f"one of {REMAT_CHOICES}")

@@ -53,6 +53,7 @@ class DiTBlock(nnx.Module):
             qkv_init=xavier_uniform(0, (1, 2, 3)),
             out_init=xavier_uniform((0, 1), 2),
             attention_impl=cfg.attention_impl,
+            attention_interpret=cfg.attention_interpret,
             **dt,
         )
         self.fc1 = L.Dense(d, cfg.mlp_hidden, names=("embed", "mlp"), kernel_init=xavier_uniform(), **dt)

@@ -159,7 +159,12 @@ class EDM2Block(nnx.Module):
             qkv = normalize(qkv, 3)  # pixel norm of each head's q, k and v
             q, k, v = (qkv[..., i] for i in range(3))
             o = L.diffjax_attention(
-                q, k, v, softmax_scale=(c // self.num_heads) ** -0.5, implementation=cfg.attention_impl
+                q,
+                k,
+                v,
+                softmax_scale=(c // self.num_heads) ** -0.5,
+                implementation=cfg.attention_impl,
+                interpret=cfg.attention_interpret,
             )
             x = mp_sum(x, self.attn_proj(o.reshape(b, h, w, c)), cfg.attn_balance)
         if cfg.clip_act:

@@ -245,8 +245,8 @@ def activation_spec(names: Names) -> jax.sharding.PartitionSpec | None:
     return logical_to_mesh_spec(names, rules)
 
 
-@functools.partial(jax.jit, static_argnames=("softmax_scale", "implementation"))
-def diffjax_attention(q, k, v, *, softmax_scale: float, implementation: str | None):
+@functools.partial(jax.jit, static_argnames=("softmax_scale", "implementation", "interpret"))
+def diffjax_attention(q, k, v, *, softmax_scale: float, implementation: str | None, interpret: bool = False):
     """softmax(q k^T * scale) v on (batch, seq, heads, head_dim) via `diffjax.kernels.flash_attention`.
 
     Wrapped in its own jit so FLOP counting (`diffjax.models.forward_macs`) can recognise it by name
@@ -258,6 +258,7 @@ def diffjax_attention(q, k, v, *, softmax_scale: float, implementation: str | No
         v,
         softmax_scale=softmax_scale,
         implementation=implementation,
+        interpret=interpret,
         partition_spec=activation_spec(("batch", "seq", "act_heads", "act_kv")),
     )
 
@@ -277,6 +278,7 @@ class Attention(nnx.Module):
         qkv_init: Callable,
         out_init: Callable,
         attention_impl: str | None = None,
+        attention_interpret: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -284,7 +286,7 @@ class Attention(nnx.Module):
         if features % num_heads:
             raise ValueError(f"Attention: features {features} not divisible by num_heads {num_heads}")
         head_dim = features // num_heads
-        self.head_dim, self.attention_impl = head_dim, attention_impl
+        self.head_dim, self.attention_impl, self.attention_interpret = head_dim, attention_impl, attention_interpret
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv = DenseGeneral(
             (features,), (3, num_heads, head_dim), names=("embed", None, "heads", "kv"), kernel_init=qkv_init, **common
@@ -296,7 +298,14 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         qkv = self.qkv(x)  # (batch, seq, 3, heads, head_dim)
         q, k, v = (constrain(qkv[:, :, i], ("batch", "seq", "act_heads", "act_kv")) for i in range(3))
-        o = diffjax_attention(q, k, v, softmax_scale=self.head_dim**-0.5, implementation=self.attention_impl)
+        o = diffjax_attention(
+            q,
+            k,
+            v,
+            softmax_scale=self.head_dim**-0.5,
+            implementation=self.attention_impl,
+            interpret=self.attention_interpret,
+        )
         return self.out(o)
 
 

@@ -101,7 +101,13 @@ class AttnBlock(nnx.Module):
         self.skip_rescale = skip_rescale
         self.norm = L.GroupNorm(channels, groups, eps=eps, **dt)
         self.attn = L.Attention(
-            channels, num_heads, qkv_init=qkv_init, out_init=L.zeros_init, attention_impl=cfg.attention_impl, **dt
+            channels,
+            num_heads,
+            qkv_init=qkv_init,
+            out_init=L.zeros_init,
+            attention_impl=cfg.attention_impl,
+            attention_interpret=cfg.attention_interpret,
+            **dt,
         )
 
     def __call__(self, x):

@@ -36,6 +36,7 @@ def dit(args, extra_channels: int = 0):
         hidden_size=args.hidden,
         num_heads=args.heads,
         attention_impl=args.attention,
+        attention_interpret=args.interpret,
     )
     model = models.create("DiT-S/2", **overrides)
     return models.functional(model)
@@ -85,6 +86,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--attention", default=None, help="attention_impl of the DiT (None: the platform's best)")
+    parser.add_argument(
+        "--interpret", action="store_true", help="the Pallas kernel of --attention in interpret mode (CPU smoke runs)"
+    )
     args = parser.parse_args()
 
     batch = jax.random.normal(jax.random.key(2), (args.batch, args.image_size, args.image_size, args.channels))
