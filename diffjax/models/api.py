@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import traversals
-from jax._src.interpreters import partial_eval as _partial_eval
 from jax.extend import core as jex_core
 
 from diffjax.models.configs import ADMUNetConfig, DiTConfig, EDM2UNetConfig, ModelConfig, SongUNetConfig, ToyMLPConfig
@@ -20,6 +19,11 @@ from diffjax.models.dit import DiT
 from diffjax.models.edm2 import EDM2UNet
 from diffjax.models.mlp import ToyMLP
 from diffjax.models.unet import ADMUNet, SongUNet
+
+try:  # JAX internals, used only to shorten an error message (fast_module_tracing)
+    from jax._src.interpreters import partial_eval as _partial_eval
+except ImportError:
+    _partial_eval = None
 
 # Logical axis names carried by parameters (first group) and used for activation constraints
 # (second group). The trainer maps them to mesh axes with a rules table, e.g.
