@@ -222,17 +222,21 @@ class Denoiser:
     network, `EDMPreconditioning(F, process, sigma_data)` and "x0".
     """
 
+    # the attributes a pytree carries as static aux data (its one child is the process)
+    _static_attributes: ClassVar[tuple[str, ...]] = ("fn", "prediction")
+
     def __init__(self, fn: Callable, process: GaussianProcess, prediction: Prediction = "eps"):
         self.fn, self.prediction = network_view(fn, process, prediction)
         self.process = process
 
     def tree_flatten(self):
-        return (self.process,), (self.fn, self.prediction)
+        return (self.process,), tuple(getattr(self, name) for name in self._static_attributes)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        obj.fn, obj.prediction = aux
+        for name, value in zip(cls._static_attributes, aux, strict=True):
+            setattr(obj, name, value)
         (obj.process,) = children
         return obj
 
@@ -484,21 +488,13 @@ class LearnedVarianceDenoiser(Denoiser):
     `prediction`), then improved DDPM's variance interpolation v. Every view uses the prediction;
     `predict_with_variance` also returns v (for `LearnedVarianceAncestral` and the VLB loss)."""
 
+    _static_attributes: ClassVar[tuple[str, ...]] = ("fn", "prediction", "full_fn")
+
     def __init__(self, fn: Callable, process: GaussianProcess, prediction: Prediction = "eps"):
         if isinstance(prediction, EDMPreconditioned):
             raise ValueError("a learned-variance network takes a view prediction, not EDMPreconditioned")
         super().__init__(lambda x, t: split_learned_variance(fn(x, t))[0], process, prediction)
         self.full_fn = fn
-
-    def tree_flatten(self):
-        return (self.process,), (self.fn, self.prediction, self.full_fn)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        obj.fn, obj.prediction, obj.full_fn = aux
-        (obj.process,) = children
-        return obj
 
     def predict_with_variance(self, x, t):
         """(x0, eps, v) at (x, t): one network evaluation."""

@@ -252,21 +252,28 @@ def _check_schedule(schedule) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _ScheduledProcess(DiscreteProcess):
+    """What the masked and the uniform process share: `vocab_size` tokens and a masking schedule
+    alpha_t (the probability that a token is still clean at time t)."""
+
+    vocab_size: int = dataclasses.field(metadata=dict(static=True))
+    schedule: object = dataclasses.field(default_factory=LinearSchedule)
+
+    def __post_init__(self):
+        _check_vocab(type(self).__name__, self.vocab_size)
+        _check_schedule(self.schedule)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MaskedProcess(DiscreteProcess):
+class MaskedProcess(_ScheduledProcess):
     """Masked (absorbing) diffusion: q(x_t = x_0) = alpha_t(x_0), q(x_t = mask) = 1 - alpha_t(x_0).
 
     States 0 .. vocab_size - 1 are tokens, state vocab_size is the mask. `mask_id`, if given, must
     be vocab_size (a mask id inside the vocabulary would make a token unrecoverable)."""
 
-    vocab_size: int = dataclasses.field(metadata=dict(static=True))
-    schedule: object = dataclasses.field(default_factory=LinearSchedule)
     name: ClassVar[str] = "masked"
-
-    def __post_init__(self):
-        _check_vocab("MaskedProcess", self.vocab_size)
-        _check_schedule(self.schedule)
 
     @classmethod
     def create(cls, vocab_size: int, schedule=None, mask_id: int | None = None) -> MaskedProcess:
@@ -332,16 +339,13 @@ class MaskedProcess(DiscreteProcess):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class UniformProcess(DiscreteProcess):
+class UniformProcess(_ScheduledProcess):
     """Uniform diffusion: Qbar_t = alpha_t I + (1 - alpha_t) 1 1^T / V, a state-independent schedule."""
 
-    vocab_size: int = dataclasses.field(metadata=dict(static=True))
-    schedule: object = dataclasses.field(default_factory=LinearSchedule)
     name: ClassVar[str] = "uniform"
 
     def __post_init__(self):
-        _check_vocab("UniformProcess", self.vocab_size)
-        _check_schedule(self.schedule)
+        super().__post_init__()
         if isinstance(self.schedule, LearnedPolynomial):
             raise ValueError("UniformProcess needs a state-independent schedule, got LearnedPolynomial")
 
