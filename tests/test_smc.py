@@ -17,7 +17,7 @@ from diffjax.control import operators as O
 from diffjax.control import particles as Pa
 from diffjax.data.toy import GaussianMixture, gaussian
 from diffjax.denoisers import Denoiser
-from diffjax.samplers import LogSNR
+from diffjax.samplers import DDIM, LogSNR, sample
 
 PROCESS = P.VP()
 PRIOR = GaussianMixture.create([0.3, 0.7], [[-1.0, 0.5], [1.0, -0.5]], [[0.3, 0.5], [0.4, 0.3]])
@@ -143,6 +143,28 @@ def test_best_of_n_and_noise_search_raise_the_reward():
     _, start = Pa.noise_search(d, jax.random.key(1), (64, 2), reward, rounds=0, steps=10)
     _, searched = Pa.noise_search(d, jax.random.key(1), (64, 2), reward, rounds=3, steps=10)
     assert np.all(np.asarray(searched) >= np.asarray(start)) and float(jnp.mean(searched - start)) > 0.3
+
+
+def test_an_explicit_grid_that_starts_early_is_where_the_particles_start():
+    """A grid that starts at sigma 2 < t_max = 80 of EDM: smc and noise_search draw the prior at
+    sigma 2, so their spread is sample()'s on the same grid (drawn at 80, smc's was about 10 times
+    the data's), and a t_max that disagrees with the grid is refused."""
+    edm, data = P.EDM(), gaussian([0.0, 0.0], 0.5)
+    denoiser, ts = data.denoiser(edm), np.geomspace(2.0, edm.t_min, 41)
+
+    def spread_of_sample(solver, grid):
+        return float(
+            jnp.std(
+                sample(denoiser, jax.random.key(2), (4000, 2), solver=solver, steps=len(grid) - 1, grid=grid).samples
+            )
+        )
+
+    result = Pa.smc(denoiser, jax.random.key(0), (4000, 2), lambda x0, t: 0.0 * x0[:, 0], steps=40, grid=ts)
+    assert abs(float(jnp.std(result.samples)) / spread_of_sample(DDIM(eta=1.0), ts) - 1) < 0.05
+    x, _ = Pa.noise_search(denoiser, jax.random.key(1), (4000, 2), lambda x: x[:, 0], rounds=0, grid=ts[::4], steps=10)
+    assert abs(float(jnp.std(x)) / spread_of_sample(DDIM(), ts[::4]) - 1) < 0.05
+    with pytest.raises(ValueError, match="t_max=80.0 disagrees with the explicit grid"):
+        Pa.smc(denoiser, jax.random.key(0), (8, 2), lambda x0, t: x0[:, 0], steps=40, grid=ts, t_max=80.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from diffjax.processes import broadcast_to_data, per_example
 from diffjax.samplers.base import Solver
 from diffjax.samplers.ddim import DDIM
 from diffjax.samplers.grids import Grid, as_grid
-from diffjax.samplers.sampling import check_prediction_is_defined, sample
+from diffjax.samplers.sampling import check_prediction_is_defined, resolve_range, sample
 from diffjax.validation import check_choice, check_count, check_key, check_number, check_positive, check_shape
 
 __all__ = [
@@ -258,8 +258,9 @@ def smc(
 
     `log_potential(x0, t) -> (num_particles,)` is evaluated on the denoised particles x0 = D(x_t, t)
     (a reward r(x0) ignores t); `scale` is lambda. `twist=True` runs TDS (one network evaluation and
-    one backward pass per step instead of one evaluation). Runs as one compiled program; use
-    `jax.vmap` over keys for independent runs."""
+    one backward pass per step instead of one evaluation). `grid` as in `sample()`: an explicit
+    array of times is the range, the particles start from the prior at its first time. Runs as one
+    compiled program; use `jax.vmap` over keys for independent runs."""
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be a diffjax.Denoiser, got {type(denoiser).__name__}")
     check_key(key)
@@ -279,7 +280,7 @@ def smc(
     if not 0 <= threshold <= 1:
         raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold!r}")
     grid = DDIM().default_grid if grid is None else as_grid(grid)
-    t_min, t_max = denoiser.process.resolve_times(t_min, t_max)
+    t_min, t_max = resolve_range(grid, denoiser.process, steps, t_min, t_max)
     check_prediction_is_defined(denoiser, t_max)
     out = jax.eval_shape(
         lambda x: log_potential(x, jnp.full((shape[0],), t_min, jnp.float32)), jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -364,7 +365,7 @@ def noise_search(
         raise ValueError(f"noise_search needs a deterministic solver, got {solver!r}")
     grid = solver.default_grid if grid is None else as_grid(grid)
     process = denoiser.process
-    t_min, t_max = process.resolve_times()
+    t_min, t_max = resolve_range(grid, process, steps)
     ts = grid(process, steps, t_min, t_max)
     std = process.prior_std(t_max)
 

@@ -33,7 +33,15 @@ from diffjax.samplers.sa_solver import SASolver
 from diffjax.samplers.unipc import UniPC
 from diffjax.validation import check_count, check_key, check_shape
 
-__all__ = ["sample", "SampleResult", "SOLVERS", "GRIDS", "DEFAULT_SOLVER", "check_prediction_is_defined"]
+__all__ = [
+    "sample",
+    "SampleResult",
+    "SOLVERS",
+    "GRIDS",
+    "DEFAULT_SOLVER",
+    "check_prediction_is_defined",
+    "resolve_range",
+]
 
 # The names a config may use; `validation.build_named(SOLVERS, name, options, "solver")` makes the
 # instance. The dataclasses' own defaults are the only defaults.
@@ -135,8 +143,10 @@ def _hashable(denoiser: Denoiser) -> bool:
     return True
 
 
-def _resolve_range(grid: Grid, process: GaussianProcess, steps: int, t_min, t_max) -> tuple[float, float]:
-    """(t_min, t_max): an explicit grid's end points, or the given range (default: the process's)."""
+def resolve_range(grid: Grid, process: GaussianProcess, steps: int, t_min=None, t_max=None) -> tuple[float, float]:
+    """(t_min, t_max) of a sampling run: an explicit grid's end points (checked against its steps and
+    the process; a given t_min / t_max that disagrees is an error), else the given range (default:
+    the process's). The prior is drawn at sigma(t_max)."""
     if not isinstance(grid, Times):
         return process.resolve_times(t_min, t_max)
     grid.check(process, steps)
@@ -195,7 +205,7 @@ def sample(
         )
     grid = solver.default_grid if grid is None else as_grid(grid)
     process = denoiser.process
-    t_min, t_max = _resolve_range(grid, process, steps, t_min, t_max)
+    t_min, t_max = resolve_range(grid, process, steps, t_min, t_max)
     solver.check(process, steps, t_min, t_max)
     solver = solver.prepare(process, steps, t_min, t_max)
     check_prediction_is_defined(denoiser, t_max)
