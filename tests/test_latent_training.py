@@ -3,6 +3,7 @@ CPU variant built on a tiny latent cache, decoded sample grids and the errors of
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,22 @@ def test_without_an_autoencoder_grids_show_latents_and_fid_is_refused(latent_cac
     assert np.asarray(Image.open(png)).shape == ((2 * 5 + 1) * 8, (2 * 9 + 1) * 8)
     with pytest.raises(ConfigError, match="data.autoencoder or config.eval.fid=False"):
         loop._check_latent_evaluation(config, run)
+
+
+def test_a_cache_moved_with_its_autoencoder_finds_it_beside_it(latent_cache, tmp_path):
+    cache, autoencoder, _ = latent_cache
+    with np.load(cache) as z:
+        arrays = {k: z[k] for k in z.files}
+    stored = json.loads(arrays["meta"].tobytes())
+    stored["meta"]["autoencoder"]["path"] = "/a/machine/it/left/autoencoder.npz"
+    arrays["meta"] = np.frombuffer(json.dumps(stored).encode(), np.uint8)
+    moved = tmp_path / "latents.npz"
+    np.savez(moved, **arrays)
+    data = tiny_latent_config(str(moved)).data
+    assert autoencoder_file(data) is None  # the named file is gone and none lies beside the cache
+    shutil.copy(autoencoder, tmp_path / "autoencoder.npz")
+    assert autoencoder_file(data) == str(tmp_path / "autoencoder.npz")
+    assert load_latent_decoder(data) is not None
 
 
 def test_latent_channel_images_puts_channels_side_by_side():

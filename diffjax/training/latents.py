@@ -2,7 +2,8 @@
 made the latent cache, for sample grids, the sample .npz and FID.
 
 The autoencoder is `data.autoencoder` when set, else the file the cache's meta names
-(meta["autoencoder"]["path"], as `python -m diffjax.training.autoencoder` writes it); it is a
+(meta["autoencoder"]["path"], as `python -m diffjax.training.autoencoder` writes it), else, when
+that path is gone, a file of the same name beside the cache (the two moved together). It is a
 `save_autoencoder` .npz whose latent channels must equal data.channels and whose scaling factor
 must equal the one the cache stored. Without one, training and sampling go on with grids of the
 latents' channels (a warning names data.autoencoder) and FID is refused. The FID reference is the
@@ -50,12 +51,15 @@ def _meta(data_config) -> dict:
 
 
 def autoencoder_file(data_config) -> str | None:
-    """The autoencoder of a latent data config: data.autoencoder, else the path the cache's meta
-    names if that file exists, else None."""
+    """The autoencoder of a latent data config: data.autoencoder, else the file the cache's meta
+    names, else a file of that name beside the cache (the two moved together), else None."""
     if data_config.autoencoder:
         return data_config.autoencoder
     path = _meta(data_config).get("autoencoder", {}).get("path")
-    return path if path and os.path.isfile(path) else None
+    if not path:
+        return None
+    beside = os.path.join(os.path.dirname(os.path.abspath(data_config.path)), os.path.basename(path))
+    return next((p for p in (path, beside) if os.path.isfile(p)), None)
 
 
 @functools.partial(jax.jit, static_argnames="chunk_size")
