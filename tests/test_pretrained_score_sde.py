@@ -200,3 +200,14 @@ def test_named_configs_are_score_sde_cifar10_ones():
     assert ve["data"]["centered"] is False and ve["model"]["scale_by_sigma"] is True
     assert SCORE_SDE_CONFIGS["vp/cifar10_ddpmpp_deep_continuous"]["model"]["num_res_blocks"] == 8
     assert SCORE_SDE_CONFIGS["vp/cifar10_ddpmpp"]["training"]["continuous"] is False
+
+
+@pytest.mark.slow
+def test_readme_example_samples_a_loaded_score_sde_checkpoint():
+    import helpers
+
+    namespace = {}
+    exec(helpers.readme_example("pretrained-score-sde"), namespace)
+    out, pt = namespace["out"], namespace["pt"]
+    assert out.samples.shape == (2, 8, 8, 3) and bool(jnp.all(jnp.isfinite(out.samples)))
+    assert isinstance(pt.process, VE) and pt.process.sigma_max == pytest.approx(100.0)
