@@ -19,7 +19,9 @@ from diffjax.models.pretrained import load_pretrained
 from diffjax.models.score_sde_checkpoint import (
     SCORE_SDE_CONFIGS,
     is_score_sde_checkpoint,
+    latest_score_sde_checkpoint,
     read_score_sde_params,
+    score_sde_config,
     score_sde_network_fn,
     score_sde_score_fn,
 )
@@ -121,7 +123,7 @@ def test_target_weights_differ_from_ema(reference):
 def test_checkpoint_layout_and_detection(tmp_path):
     path = checkpoint("ve_ncsnpp_continuous")
     assert is_score_sde_checkpoint(path)
-    for other in ("dit_tiny.pt", "edm_adm.pkl", "edm2_tiny.npz"):
+    for other in ("dit_tiny.pt", "edm_adm.pkl", "edm2_tiny.npz", "edm_ddpmpp.safetensors"):
         assert not is_score_sde_checkpoint(FIXTURES.parent / "pretrained" / other)
     state = serialization.msgpack_restore(path.read_bytes())
     assert {"step", "optimizer", "params_ema", "model_state", "ema_rate", "rng", "lr"} <= set(state)
@@ -138,6 +140,15 @@ def test_checkpoint_layout_and_detection(tmp_path):
     np.testing.assert_array_equal(pt.params["conv_out"]["kernel"], ours.params["conv_out"]["kernel"])
     with pytest.raises(ValueError, match="weights='target' needs a training state"):
         load_pretrained(alone, config=config("ve_ncsnpp_continuous"), weights="target")
+
+
+def test_a_checkpoint_folder_gives_its_newest_step(tmp_path):
+    for step in (2, 10, 9):
+        (tmp_path / f"checkpoint_{step}").write_bytes(b"")
+    (tmp_path / "checkpoint_x").write_bytes(b"")
+    assert latest_score_sde_checkpoint(tmp_path) == tmp_path / "checkpoint_10"
+    with pytest.raises(ValueError, match="no score_sde checkpoint_<step> file"):
+        latest_score_sde_checkpoint(tmp_path / "checkpoint_x")
 
 
 def with_model(case: str, **changes) -> dict:
@@ -191,6 +202,13 @@ def test_unsupported_or_missing_configs_are_refused():
         load_pretrained(path, config=config("ve_ncsnpp_continuous"), weights="last")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['nf'\]"):
         load_pretrained(path, config=config("ve_ncsnpp_continuous"), nf=4)
+
+
+def test_config_may_be_score_sde_own_config_dict():
+    ml_collections = pytest.importorskip("ml_collections")
+    plain = config("ve_ncsnpp_continuous")
+    assert score_sde_config(ml_collections.ConfigDict(plain)) == score_sde_config(plain)
+    assert score_sde_config(plain)["model"]["ch_mult"] == (1, 2)  # lists (JSON, ml_collections) as tuples
 
 
 def test_named_configs_are_score_sde_cifar10_ones():

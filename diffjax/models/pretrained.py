@@ -222,6 +222,8 @@ def load_pretrained(
         raise FileNotFoundError(f"no such checkpoint: {str(path)!r}")
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r} is invalid: one of {FORMATS} (or None to infer it)")
+    if format == "score-sde" or (format is None and path.is_file() and is_score_sde_checkpoint(path)):
+        return _finish(*from_score_sde(path, options), param_dtype, dtype, placement, "score-sde", path)
     if path.is_dir():
         if (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
             path = path / "unet"  # a pipeline folder: its denoising network
@@ -243,8 +245,6 @@ def load_pretrained(
             converted = _from_diffusers_unet(sd, config, _diffusers_scheduler(path), options, path)
             return _finish(*converted, param_dtype, dtype, placement, "diffusers-unet", path)
         return _finish(*_from_diffusers_dit(sd, config, options), param_dtype, dtype, placement, "diffusers-dit", path)
-    if format == "score-sde" or (format is None and is_score_sde_checkpoint(path)):
-        return _finish(*from_score_sde(path, options), param_dtype, dtype, placement, "score-sde", path)
     if format == "edm-pkl" or (format is None and not is_safetensors(path) and is_module_pickle(path)):
         return _finish(*_from_edm_pickle(path, options), param_dtype, dtype, placement, "edm-pkl", path)
     sd = _state_dict(path)

@@ -6,7 +6,8 @@ A checkpoint is the msgpack file `flax.training.checkpoints.save_checkpoint` wri
 training `State` (step, optimizer {target, state}, lr, model_state, ema_rate, params_ema, rng); it is
 read with `flax.serialization.msgpack_restore`, without score_sde's code. The weights are `params_ema`
 (what score_sde samples and evaluates with) or, with `weights="target"`, `optimizer.target`; a file
-holding the parameter tree alone is read too. Module names are linen's automatic ones
+holding the parameter tree alone is read too, and a checkpoint folder gives its newest
+`checkpoint_<step>`. Module names are linen's automatic ones
 (`ResnetBlockBigGANpp_7/Conv_1/kernel`), handed out per class in the order `NCSNpp.__call__` creates
 the modules, which is the order our `SongUNet` keeps; flax kernels are already HWIO / (in, out).
 
@@ -146,9 +147,12 @@ _FIELDS = {
 
 def is_score_sde_checkpoint(path: str | Path) -> bool:
     """Whether `path` starts like a flax msgpack checkpoint: a map whose first key is a string (a
-    pickle starts with 0x80 and its protocol 2..5, a zip with "PK", safetensors with a length)."""
+    pickle starts with 0x80 and its protocol 2..5, a zip with "PK"; safetensors starts with its
+    header's length and then "{", which no msgpack map key of the state can hold)."""
     with open(path, "rb") as f:
-        head = f.read(6)
+        head = f.read(10)
+    if len(head) == 10 and head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
+        return False
     if len(head) < 2:
         return False
     first = head[0]
@@ -161,6 +165,16 @@ def is_score_sde_checkpoint(path: str | Path) -> bool:
     else:
         return False
     return bool(key) and (0xA0 <= key[0] <= 0xBF or key[0] == 0xD9)
+
+
+def latest_score_sde_checkpoint(folder: str | Path) -> Path:
+    """The newest `checkpoint_<step>` file of a score_sde checkpoint folder (what
+    `flax.training.checkpoints.restore_checkpoint(folder, ...)` restores)."""
+    folder = Path(folder)
+    steps = {int(p.name.split("_")[1]): p for p in folder.glob("checkpoint_*") if p.name.split("_")[1].isdigit()}
+    if not steps:
+        raise ValueError(f"{str(folder)!r} holds no score_sde checkpoint_<step> file")
+    return steps[max(steps)]
 
 
 def read_score_sde_params(path: str | Path, weights: str = "ema") -> dict:
@@ -468,6 +482,7 @@ def _extras(cfg: dict) -> dict:
 def from_score_sde(path: Path, options: dict):
     """(preset, overrides, params, extras, remaining options) for `load_pretrained`'s `_finish`."""
     cfg = score_sde_config(options.pop("config", None))
+    path = latest_score_sde_checkpoint(path) if Path(path).is_dir() else path
     tree = read_score_sde_params(path, options.pop("weights", "ema"))
     preset, overrides = _overrides(cfg)
     params = _translate(tree, get_config(preset, **overrides))
@@ -507,6 +522,7 @@ __all__ = [
     "WEIGHTS",
     "from_score_sde",
     "is_score_sde_checkpoint",
+    "latest_score_sde_checkpoint",
     "read_score_sde_params",
     "score_sde_config",
     "score_sde_network_fn",
