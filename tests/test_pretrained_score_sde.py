@@ -81,6 +81,19 @@ def test_network_and_score_equal_score_sde(case, reference):
     assert rel_err(score, ref["score"]) < 5e-4
 
 
+@pytest.mark.slow
+def test_centered_ve_config_maps_to_the_undoubled_ve(reference):
+    """With data.centered=True score_sde's NCSNpp skips its 2x - 1, so its score at x' = 2x - 1 is the
+    uncentered network's score at x: the same weights read as VE(0.01, 50) on x' give the reference."""
+    cfg = with_model("ve_ncsnpp_continuous")
+    cfg["data"]["centered"] = True
+    pt = load_pretrained(checkpoint("ve_ncsnpp_continuous"), config=cfg)
+    assert (pt.process.sigma_min, pt.process.sigma_max) == pytest.approx((0.01, 50.0))
+    ref = reference["ve_ncsnpp_continuous"]
+    score = score_sde_score_fn(pt, cfg)(2 * ref["x"] - 1, ref["t"])
+    assert rel_err(score, ref["score"]) < 1e-5
+
+
 def test_vp_sigma_is_the_float64_one():
     """Our VP / sub-VP sigma(t) equals the float64 closed form where score_sde's float32 one cancels."""
     t = np.array([1e-3, 0.01, 0.5, 1.0])
