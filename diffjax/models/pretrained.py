@@ -30,6 +30,11 @@ Formats (inferred from the file's content, not its name):
 - "diffusers-dit": a diffusers folder (config.json + diffusion_pytorch_model.safetensors or .bin) of
   `DiTTransformer2DModel`; loaded with `frequency_shift=1` and `mlp_norm_eps=1e-5` (diffusers'
   settings), the time embedding of the first block (diffusers stores one per block).
+- "score-sde": yang-song/score_sde's Flax msgpack checkpoints of its NCSN++ / DDPM++ (`ncsnpp`
+  model), read by `diffjax.models.score_sde_checkpoint` (see there for the configs covered and how
+  its conventions map to ours); option `config` (a score_sde config name or its config) is
+  required, `weights` "ema" (default) or "target". VE configs come as `VE(2 sigma_min, 2 sigma_max)`
+  on [-1, 1] data with eps prediction and `output_sign=-1`, VP / sub-VP with eps and time 999 t.
 
 Torch files are read without torch (`diffjax.models.torch_files`), safetensors with numpy. A
 network input convention is part of the result: DDPM chains embed the integer step j = N t - 1 of
@@ -59,6 +64,7 @@ from diffjax.models.api import build, functional, get_config, logical_partition_
 from diffjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from diffjax.models.configs import ModelConfig
 from diffjax.models.edm2 import params_from_edm2_state
+from diffjax.models.score_sde_checkpoint import from_score_sde, is_score_sde_checkpoint
 from diffjax.models.torch_files import (
     PickledObject,
     is_module_pickle,
@@ -70,7 +76,7 @@ from diffjax.models.torch_files import (
 from diffjax.processes import EDM, VE, VP, DiscreteVP, GaussianProcess
 
 Placement = Callable[[jax.sharding.PartitionSpec, tuple], jax.sharding.Sharding]
-FORMATS = ("dit", "adm", "edm", "edm-pkl", "diffusers-dit", "diffusers-unet", "diffusers-vae")
+FORMATS = ("dit", "adm", "edm", "edm-pkl", "diffusers-dit", "diffusers-unet", "diffusers-vae", "score-sde")
 _DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S, B, L, XL
 
 
@@ -216,6 +222,8 @@ def load_pretrained(
         raise FileNotFoundError(f"no such checkpoint: {str(path)!r}")
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r} is invalid: one of {FORMATS} (or None to infer it)")
+    if format == "score-sde" or (format is None and path.is_file() and is_score_sde_checkpoint(path)):
+        return _finish(*from_score_sde(path, options), param_dtype, dtype, placement, "score-sde", path)
     if path.is_dir():
         if (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
             path = path / "unet"  # a pipeline folder: its denoising network
