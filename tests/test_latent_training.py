@@ -25,7 +25,7 @@ from diffjax.models.autoencoder import (
     load_autoencoder,
     save_autoencoder,
 )
-from diffjax.training import load_run, loop
+from diffjax.training import load, load_run, loop
 from diffjax.training.autoencoder import (
     autoencoder_command,
     latent_scaling_factor,
@@ -206,6 +206,14 @@ def test_a_cache_moved_with_its_autoencoder_finds_it_beside_it(latent_cache, tmp
     shutil.copy(autoencoder, tmp_path / "autoencoder.npz")
     assert autoencoder_file(data) == str(tmp_path / "autoencoder.npz")
     assert load_latent_decoder(data) is not None
+
+
+def test_load_run_without_the_stored_cache_keeps_latents_and_warns(tmp_path, caplog):
+    run = object()  # load_run's parameters and network do not need the cache
+    config = tiny_latent_config(str(tmp_path / "moved_away" / "latents.npz"))
+    with caplog.at_level("WARNING", logger="diffjax"):
+        assert load._with_stored_latent_decoder(run, config) is run
+    assert "samples stay latents" in caplog.text and "moved_away" in caplog.text
 
 
 def test_latent_channel_images_puts_channels_side_by_side():

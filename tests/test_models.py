@@ -7,7 +7,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax._src.interpreters import partial_eval
 
 import diffjax.models as M
 from diffjax.models import layers as L
@@ -666,6 +665,7 @@ def test_sinusoidal_embedding_conventions():
 
 
 def test_fast_module_tracing_skips_the_origin_walk_and_restores_it(monkeypatch):
+    partial_eval = pytest.importorskip("jax._src.interpreters.partial_eval")
     walks = []
     original = partial_eval.JaxprStackFrame.find_progenitors
 
@@ -683,3 +683,9 @@ def test_fast_module_tracing_skips_the_origin_walk_and_restores_it(monkeypatch):
     assert not walks and partial_eval.DynamicJaxprTracer._origin_msg is before
     shapes = jax.tree.map(lambda a: (a.shape, a.dtype), M.functional(plain)[1])
     assert jax.tree.map(lambda a: (a.shape, a.dtype), M.functional(fast)[1]) == shapes
+    first, second = M.fast_module_tracing(), M.fast_module_tracing()  # two threads' contexts
+    first.__enter__(), second.__enter__()
+    first.__exit__(None, None, None)  # exits before the other: JAX stays patched for `second`
+    assert partial_eval.DynamicJaxprTracer._origin_msg is not before
+    second.__exit__(None, None, None)
+    assert partial_eval.DynamicJaxprTracer._origin_msg is before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -20,7 +21,7 @@ from diffjax.models.edm2 import EDM2UNet
 from diffjax.models.mlp import ToyMLP
 from diffjax.models.unet import ADMUNet, SongUNet
 
-try:  # JAX internals, used only to shorten an error message (fast_module_tracing)
+try:  # JAX internals: fast_module_tracing skips building one error message
     from jax._src.interpreters import partial_eval as _partial_eval
 except ImportError:
     _partial_eval = None
@@ -197,25 +198,36 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(base, **{k: _coerce(v) for k, v in overrides.items()}).validate()
 
 
+_TRACER = getattr(_partial_eval, "DynamicJaxprTracer", None)
+# The tracer's own origin message (None: a JAX without it), the number of active
+# fast_module_tracing contexts, and the lock that guards both switches.
+_COSTLY_ORIGIN_MSG = vars(_TRACER).get("_origin_msg") if _TRACER is not None else None
+_FAST_TRACING = {"depth": 0, "lock": threading.Lock()}
+
+
 @contextlib.contextmanager
 def fast_module_tracing() -> Iterator[None]:
     """Build modules under a trace (nnx.eval_shape, a jitted initialiser) in time linear in their size.
 
     flax NNX probes `getattr(value, "sharding", None)` on every variable update. On a tracer that
     raises an AttributeError whose message JAX (0.10) builds by walking every equation traced so far
-    (jax-ml/jax#40041), so building a model under a trace is quadratic in its size. Inside this
-    context tracers' error messages leave out where the tracer came from; nothing else changes.
+    (see jax-ml/jax pull request 40041), so building a model under a trace is quadratic in its size.
+    Inside this context tracers skip building that part of the message (where the tracer came from);
+    nothing else changes. Nests, and is safe across threads (the last context to exit restores JAX).
     """
-    tracer = getattr(_partial_eval, "DynamicJaxprTracer", None)
-    if tracer is None or "_origin_msg" not in vars(tracer):  # a JAX without the costly message
+    if _COSTLY_ORIGIN_MSG is None:
         yield
         return
-    costly = vars(tracer)["_origin_msg"]
-    tracer._origin_msg = lambda self: ""
+    with _FAST_TRACING["lock"]:
+        _FAST_TRACING["depth"] += 1
+        _TRACER._origin_msg = lambda self: ""
     try:
         yield
     finally:
-        tracer._origin_msg = costly
+        with _FAST_TRACING["lock"]:
+            _FAST_TRACING["depth"] -= 1
+            if _FAST_TRACING["depth"] == 0:
+                _TRACER._origin_msg = _COSTLY_ORIGIN_MSG
 
 
 def build(config: ModelConfig | ToyMLPConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> nnx.Module:

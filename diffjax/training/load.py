@@ -145,18 +145,32 @@ def restore_run(
     return run, restored
 
 
-def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> LoadedRun:
+def _with_stored_latent_decoder(run: Run, config) -> Run:
+    """with_latent_decoder, or `run` unchanged with a warning when the stored cache or autoencoder
+    is gone (the parameters load without them)."""
+    try:
+        return with_latent_decoder(run, config)
+    except (OSError, ValueError) as error:
+        log.warning("samples stay latents: the stored autoencoder cannot decode them (%s)", error)
+        return run
+
+
+def load_run(
+    workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None, latent_decoder: bool = True
+) -> LoadedRun:
     """The trained run in `workdir` at `step` (default: the newest restorable checkpoint): the
     config stored with it, raw and EMA parameters, apply, process, denoiser. Needs no training data.
 
     mesh: where the parameters are placed (default: every device on a data-only mesh, i.e.
-    replicated). A latent run (data.source = "latents") gets the autoencoder of its stored data
-    config as run.decode (training/latents.py; a warning when there is none). Raises
-    CheckpointError when there is no checkpoint (nothing is created)."""
+    replicated). latent_decoder: a latent run (data.source = "latents") gets the autoencoder of its
+    stored data config as run.decode (training/latents.py) when the cache and autoencoder can be
+    found; otherwise a warning, and samples stay latents. Raises CheckpointError when there is no
+    checkpoint (nothing is created)."""
     run, restored = restore_run(workdir, step, mesh=mesh)
     state = restored.state
     config = config_from_metadata(restored.metadata)
-    run = with_latent_decoder(run, config)
+    if latent_decoder:
+        run = _with_stored_latent_decoder(run, config)
     return LoadedRun(
         config=config,
         step=int(restored.step),

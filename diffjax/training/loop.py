@@ -396,7 +396,7 @@ def load_for_config(config, workdir: str, devices=None) -> tuple[LoadedRun, Run]
         {"compatibility": config_compatibility(config)},
         schedule=False,
     )
-    loaded = load_run(workdir, mesh=mesh)
+    loaded = load_run(workdir, mesh=mesh, latent_decoder=False)  # the decoder: config.data's, below
     scale = float(config.sample.guidance_scale)
     if scale != 1.0 and not loaded.run.spec.conditional:
         raise ConfigError(f"config.sample.guidance_scale = {scale} needs a class-conditional model; use 1.0")
@@ -404,10 +404,7 @@ def load_for_config(config, workdir: str, devices=None) -> tuple[LoadedRun, Run]
         sampler = discrete_sampler(config, loaded.run.image_shape, loaded.run.to_denoiser)
     else:
         sampler = fc.sampler_from_config(config)
-    run = loaded.run.with_sampler(sampler, scale)
-    if config.data.to_dict() != loaded.config.data.to_dict():  # e.g. another data.autoencoder
-        run = with_latent_decoder(run, config)
-    return loaded, run
+    return loaded, with_latent_decoder(loaded.run.with_sampler(sampler, scale), config)
 
 
 def sample_from_checkpoint(config, workdir: str, devices=None) -> dict:
