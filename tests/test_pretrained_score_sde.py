@@ -8,6 +8,7 @@ the sub-VP SDE and the discrete DDPM chain (score_sde's conventions differ, the 
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -125,12 +126,12 @@ def test_processes_predictions_and_network_times():
 def test_target_weights_differ_from_ema(reference):
     """The comparison can fail: optimizer.target (not params_ema) reproduces score_sde's target score
     and misses its EMA score by far more than the tolerance."""
-    for case in ("ve_ncsnpp_continuous",):
-        ref = reference[case]
-        late = ref["t"] > 0.3
-        score = np.asarray(score_sde_score_fn(loaded(case, "target"), config(case))(ref["x"], ref["t"]))
-        assert rel_err(score[late], ref["score_target"][late]) < 1e-5
-        assert rel_err(score, ref["score"]) > 1e-2
+    case = "ve_ncsnpp_continuous"
+    ref = reference[case]
+    late = ref["t"] > 0.3
+    score = np.asarray(score_sde_score_fn(loaded(case, "target"), config(case))(ref["x"], ref["t"]))
+    assert rel_err(score[late], ref["score_target"][late]) < 1e-5
+    assert rel_err(score, ref["score"]) > 1e-2
 
 
 def test_checkpoint_layout_and_detection(tmp_path):
@@ -160,8 +161,26 @@ def test_a_checkpoint_folder_gives_its_newest_step(tmp_path):
         (tmp_path / f"checkpoint_{step}").write_bytes(b"")
     (tmp_path / "checkpoint_x").write_bytes(b"")
     assert latest_score_sde_checkpoint(tmp_path) == tmp_path / "checkpoint_10"
-    with pytest.raises(ValueError, match="no score_sde checkpoint_<step> file"):
-        latest_score_sde_checkpoint(tmp_path / "checkpoint_x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no score_sde checkpoint_<step> file"):
+        latest_score_sde_checkpoint(tmp_path / "empty")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint_3").write_bytes(b"not read: an older step")
+    shutil.copy(checkpoint("ve_ncsnpp_continuous"), run / "checkpoint_12")
+    pt = load_pretrained(run, config=config("ve_ncsnpp_continuous"))  # the format inferred from the folder
+    np.testing.assert_array_equal(
+        pt.params["conv_out"]["kernel"], loaded("ve_ncsnpp_continuous").params["conv_out"]["kernel"]
+    )
+
+
+def test_unreadable_files_are_named(tmp_path):
+    truncated = tmp_path / "checkpoint_1"
+    truncated.write_bytes(checkpoint("ve_ncsnpp_continuous").read_bytes()[:5000])
+    foreign = FIXTURES.parent / "pretrained" / "dit_tiny.pt"
+    for path in (truncated, foreign):
+        with pytest.raises(ValueError, match=f"{path.name}' is not a readable flax msgpack checkpoint"):
+            load_pretrained(path, format="score-sde", config=config("ve_ncsnpp_continuous"))
 
 
 def with_model(case: str, **changes) -> dict:
@@ -211,6 +230,14 @@ def test_unsupported_or_missing_configs_are_refused():
     uncentered["data"]["centered"] = False
     with pytest.raises(ValueError, match="data.centered=False"):
         load_pretrained(checkpoint("vp_ddpmpp_continuous"), config=uncentered)
+    with pytest.raises(ValueError, match="progressive_input='residual' with model.fir=False"):
+        load_pretrained(path, config=with_model("ve_ncsnpp_continuous", fir=False))
+    with pytest.raises(ValueError, match="training.sde=3 must be a string"):
+        load_pretrained(path, config={**config("ve_ncsnpp_continuous"), "training": {"sde": 3, "continuous": True}})
+    discrete_fourier = with_model("vp_ddpmpp_continuous", embedding_type="fourier")
+    discrete_fourier["training"]["continuous"] = False
+    with pytest.raises(ValueError, match="discrete VP chain with Fourier features"):
+        load_pretrained(checkpoint("vp_ddpmpp_continuous"), config=discrete_fourier)
     with pytest.raises(ValueError, match="unknown score-sde weights 'last'"):
         load_pretrained(path, config=config("ve_ncsnpp_continuous"), weights="last")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['nf'\]"):
@@ -224,13 +251,20 @@ def test_config_may_be_score_sde_own_config_dict():
     assert score_sde_config(plain)["model"]["ch_mult"] == (1, 2)  # lists (JSON, ml_collections) as tuples
 
 
-def test_named_configs_are_score_sde_cifar10_ones():
-    """The names are score_sde's config files; each one builds our model (abstractly, shapes only)."""
+SHRUNK = {"model": ("nf", "ch_mult", "num_res_blocks", "attn_resolutions"), "data": ("image_size",)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_named_configs_are_score_sde_cifar10_ones(case):
+    """Each fixture ran score_sde's own config file, shrunk: the named config of that file equals it
+    in every field the reader uses but the shrunk sizes."""
+    name = CONFIGS[case]["score_sde_config"].removeprefix("configs/").removesuffix(".py")
     assert len(SCORE_SDE_CONFIGS) == 12
-    ve = SCORE_SDE_CONFIGS["ve/cifar10_ncsnpp_continuous"]
-    assert ve["data"]["centered"] is False and ve["model"]["scale_by_sigma"] is True
-    assert SCORE_SDE_CONFIGS["vp/cifar10_ddpmpp_deep_continuous"]["model"]["num_res_blocks"] == 8
-    assert SCORE_SDE_CONFIGS["vp/cifar10_ddpmpp"]["training"]["continuous"] is False
+    named, ran = score_sde_config(name), score_sde_config(config(case))
+    for section, fields in SHRUNK.items():
+        for field in fields:
+            named[section][field] = ran[section][field]
+    assert named == ran
 
 
 @pytest.mark.slow

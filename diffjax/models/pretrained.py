@@ -34,7 +34,9 @@ Formats (inferred from the file's content, not its name):
   model), read by `diffjax.models.score_sde_checkpoint` (see there for the configs covered and how
   its conventions map to ours); option `config` (a score_sde config name or its config) is
   required, `weights` "ema" (default) or "target". VE configs come as `VE(2 sigma_min, 2 sigma_max)`
-  on [-1, 1] data with eps prediction and `output_sign=-1`, VP / sub-VP with eps and time 999 t.
+  on [-1, 1] data (`VE(sigma_min, sigma_max)` when the config's data are centered) with eps
+  prediction and `output_sign=-1`, VP / sub-VP with eps and time 999 t. A folder of
+  `checkpoint_<step>` files gives its newest.
 
 Torch files are read without torch (`diffjax.models.torch_files`), safetensors with numpy. A
 network input convention is part of the result: DDPM chains embed the integer step j = N t - 1 of
@@ -222,7 +224,7 @@ def load_pretrained(
         raise FileNotFoundError(f"no such checkpoint: {str(path)!r}")
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r} is invalid: one of {FORMATS} (or None to infer it)")
-    if format == "score-sde" or (format is None and path.is_file() and is_score_sde_checkpoint(path)):
+    if format == "score-sde" or (format is None and is_score_sde_checkpoint(path)):
         return _finish(*from_score_sde(path, options), param_dtype, dtype, placement, "score-sde", path)
     if path.is_dir():
         if (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():

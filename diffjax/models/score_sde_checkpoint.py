@@ -44,7 +44,9 @@ score_sde's conventions and their diffjax form (models/utils.py `get_score_fn`, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -96,18 +98,20 @@ def _named_config(sde: str, arch: str, num_res_blocks: int, continuous: bool = T
     return dict(model=model, data=data, training=dict(sde=sde, continuous=continuous))
 
 
-SCORE_SDE_CONFIGS: dict[str, dict] = {
-    "ve/cifar10_ncsnpp_continuous": _named_config("vesde", "ncsnpp", 4),
-    "ve/cifar10_ncsnpp_deep_continuous": _named_config("vesde", "ncsnpp", 8),
-    **{
-        f"{folder}/cifar10_{arch}{deep}_continuous": _named_config(sde, arch, 8 if deep else 4)
-        for folder, sde in (("vp", "vpsde"), ("subvp", "subvpsde"))
-        for arch in ("ddpmpp", "ncsnpp")
-        for deep in ("", "_deep")
-    },
-    "vp/cifar10_ddpmpp": _named_config("vpsde", "ddpmpp", 4, continuous=False),
-    "vp/cifar10_ncsnpp": _named_config("vpsde", "ncsnpp", 4, continuous=False),
-}
+SCORE_SDE_CONFIGS: Mapping[str, dict] = MappingProxyType(
+    {
+        "ve/cifar10_ncsnpp_continuous": _named_config("vesde", "ncsnpp", 4),
+        "ve/cifar10_ncsnpp_deep_continuous": _named_config("vesde", "ncsnpp", 8),
+        **{
+            f"{folder}/cifar10_{arch}{deep}_continuous": _named_config(sde, arch, 8 if deep else 4)
+            for folder, sde in (("vp", "vpsde"), ("subvp", "subvpsde"))
+            for arch in ("ddpmpp", "ncsnpp")
+            for deep in ("", "_deep")
+        },
+        "vp/cifar10_ddpmpp": _named_config("vpsde", "ddpmpp", 4, continuous=False),
+        "vp/cifar10_ncsnpp": _named_config("vpsde", "ncsnpp", 4, continuous=False),
+    }
+)
 
 # What the reader needs from each section of a score_sde config.
 _FIELDS = {
@@ -148,7 +152,11 @@ _FIELDS = {
 def is_score_sde_checkpoint(path: str | Path) -> bool:
     """Whether `path` starts like a flax msgpack checkpoint: a map whose first key is a string (a
     pickle starts with 0x80 and its protocol 2..5, a zip with "PK"; safetensors starts with its
-    header's length and then "{", which no msgpack map key of the state can hold)."""
+    header's length and then "{", which no msgpack map key of the state can hold); for a folder,
+    whether its newest `checkpoint_<step>` file does."""
+    path = Path(path)
+    if path.is_dir():
+        return bool(_checkpoint_steps(path)) and is_score_sde_checkpoint(latest_score_sde_checkpoint(path))
     with open(path, "rb") as f:
         head = f.read(10)
     if len(head) == 10 and head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
@@ -167,11 +175,19 @@ def is_score_sde_checkpoint(path: str | Path) -> bool:
     return bool(key) and (0xA0 <= key[0] <= 0xBF or key[0] == 0xD9)
 
 
+def _checkpoint_steps(folder: Path) -> dict[int, Path]:
+    return {
+        int(p.name.split("_")[1]): p
+        for p in folder.glob("checkpoint_*")
+        if p.is_file() and p.name.split("_")[1].isdigit()
+    }
+
+
 def latest_score_sde_checkpoint(folder: str | Path) -> Path:
     """The newest `checkpoint_<step>` file of a score_sde checkpoint folder (what
     `flax.training.checkpoints.restore_checkpoint(folder, ...)` restores)."""
     folder = Path(folder)
-    steps = {int(p.name.split("_")[1]): p for p in folder.glob("checkpoint_*") if p.name.split("_")[1].isdigit()}
+    steps = _checkpoint_steps(folder)
     if not steps:
         raise ValueError(f"{str(folder)!r} holds no score_sde checkpoint_<step> file")
     return steps[max(steps)]
@@ -181,7 +197,10 @@ def read_score_sde_params(path: str | Path, weights: str = "ema") -> dict:
     """The parameter tree of a score_sde checkpoint: `params_ema` ("ema") or `optimizer.target`
     ("target") of its training state, or the file's tree itself when it holds parameters alone."""
     check_choice("score-sde weights", weights, WEIGHTS)
-    tree = serialization.msgpack_restore(Path(path).read_bytes())
+    try:
+        tree = serialization.msgpack_restore(Path(path).read_bytes())
+    except (ValueError, TypeError) as error:  # msgpack's errors on truncated or foreign files
+        raise ValueError(f"{str(path)!r} is not a readable flax msgpack checkpoint ({error})") from None
     if not isinstance(tree, dict):
         raise ValueError(f"{str(path)!r} holds a {type(tree).__name__}, not a score_sde training state")
     if "params_ema" in tree or "optimizer" in tree:
@@ -209,8 +228,7 @@ def score_sde_config(config: Any) -> dict:
     """score_sde's config (a name of SCORE_SDE_CONFIGS, its ml_collections ConfigDict, or a mapping
     with sections model / data / training) as a plain dict of the fields the reader uses, checked."""
     if isinstance(config, str):
-        if config not in SCORE_SDE_CONFIGS:
-            check_choice("score_sde config", config, SCORE_SDE_CONFIGS)
+        check_choice("score_sde config", config, SCORE_SDE_CONFIGS)
         config = SCORE_SDE_CONFIGS[config]
     if config is None:
         raise ValueError(
@@ -231,8 +249,18 @@ def score_sde_config(config: Any) -> dict:
     return plain
 
 
+_TEXT_FIELDS = {
+    "model": ("name", "resblock_type", "progressive", "progressive_input", "embedding_type", "nonlinearity"),
+    "training": ("sde",),
+}
+
+
 def _check_supported(cfg: dict) -> None:
     m, d, tr = cfg["model"], cfg["data"], cfg["training"]
+    for section, fields in _TEXT_FIELDS.items():
+        for field in fields:
+            if not isinstance(cfg[section][field], str):
+                raise ValueError(f"score_sde config {section}.{field}={cfg[section][field]!r} must be a string")
     need = dict(
         name="ncsnpp",
         resblock_type="biggan",
@@ -250,6 +278,8 @@ def _check_supported(cfg: dict) -> None:
         raise ValueError(
             f"score_sde config model.progressive_input={m['progressive_input']!r} is not supported ('none', 'residual')"
         )
+    if m["progressive_input"].lower() == "residual" and not m["fir"]:
+        raise ValueError("score_sde config: progressive_input='residual' with model.fir=False is not supported")
     check_choice("score_sde config training.sde", tr["sde"].lower(), _SDES)
     check_choice("score_sde config model.embedding_type", m["embedding_type"].lower(), ("fourier", "positional"))
     sde = tr["sde"].lower()
@@ -259,6 +289,8 @@ def _check_supported(cfg: dict) -> None:
         if not m["scale_by_sigma"] or m["embedding_type"].lower() != "fourier":
             raise ValueError("score_sde config: VE needs model.scale_by_sigma=True and embedding_type='fourier'")
     else:
+        if not tr["continuous"] and m["embedding_type"].lower() == "fourier":
+            raise ValueError("score_sde config: the discrete VP chain with Fourier features is not supported")
         if m["scale_by_sigma"]:
             raise ValueError(f"score_sde config: {sde} with model.scale_by_sigma=True is not supported")
         if not d["centered"]:
@@ -268,8 +300,9 @@ def _check_supported(cfg: dict) -> None:
             )
 
 
-def _overrides(cfg: dict) -> tuple[str, dict]:
-    """Our preset and SongUNetConfig fields for a checked score_sde config."""
+def _preset_and_overrides(cfg: dict) -> tuple[str, dict]:
+    """Our preset and SongUNetConfig fields for a checked score_sde config (dropout 0: the loaded
+    network is for inference; set it again to fine-tune)."""
     m, d = cfg["model"], cfg["data"]
     fourier = m["embedding_type"].lower() == "fourier"
     fir = bool(m["fir"])
@@ -330,7 +363,7 @@ class _Scope:
         return value
 
 
-def _dense(scope: _Scope, kernel: tuple, ours: str) -> dict:
+def _kernel_and_bias(scope: _Scope, kernel: tuple, ours: str) -> dict:
     """nn.Dense, nn.Conv (kernel (in, out) / HWIO, bias) and StyleGAN2's Conv2d (weight HWIO, bias)."""
     name = "weight" if "weight" in scope.tree else "kernel"
     return {
@@ -351,13 +384,13 @@ def _resblock(scope: _Scope, cin: int, cout: int, temb: int, ours: str, resample
     when the channels change or the block resamples."""
     out = {
         "norm0": _norm(scope.child("GroupNorm"), cin, f"{ours}/norm0"),
-        "conv0": _dense(scope.child("Conv"), (3, 3, cin, cout), f"{ours}/conv0"),
-        "temb": _dense(scope.child("Dense"), (temb, cout), f"{ours}/temb"),
+        "conv0": _kernel_and_bias(scope.child("Conv"), (3, 3, cin, cout), f"{ours}/conv0"),
+        "temb": _kernel_and_bias(scope.child("Dense"), (temb, cout), f"{ours}/temb"),
         "norm1": _norm(scope.child("GroupNorm"), cout, f"{ours}/norm1"),
-        "conv1": _dense(scope.child("Conv"), (3, 3, cout, cout), f"{ours}/conv1"),
+        "conv1": _kernel_and_bias(scope.child("Conv"), (3, 3, cout, cout), f"{ours}/conv1"),
     }
     if cin != cout or resample:
-        out["skip"] = _dense(scope.child("Conv"), (1, 1, cin, cout), f"{ours}/skip")
+        out["skip"] = _kernel_and_bias(scope.child("Conv"), (1, 1, cin, cout), f"{ours}/skip")
     return out
 
 
@@ -387,9 +420,11 @@ def _translate(tree: dict, cfg) -> dict:
     params: dict = {}
     if cfg.embedding_type == "fourier":
         params["fourier"] = {"freqs": top.child("GaussianFourierProjection").leaf("W", (nf,), "fourier/freqs")}
-    params["temb0"] = _dense(top.child("Dense"), (2 * nf if cfg.embedding_type == "fourier" else nf, temb), "temb0")
-    params["temb1"] = _dense(top.child("Dense"), (temb, temb), "temb1")
-    params["conv_in"] = _dense(top.child("Conv"), (3, 3, c_in, nf), "conv_in")
+    params["temb0"] = _kernel_and_bias(
+        top.child("Dense"), (2 * nf if cfg.embedding_type == "fourier" else nf, temb), "temb0"
+    )
+    params["temb1"] = _kernel_and_bias(top.child("Dense"), (temb, temb), "temb1")
+    params["conv_in"] = _kernel_and_bias(top.child("Conv"), (3, 3, c_in, nf), "conv_in")
     resolutions = [cfg.hw[0] // 2**i for i in range(nlev)]
     down, up, skips, ch, pyramid = {}, {}, [nf], nf, c_in
     for i in range(nlev):
@@ -407,7 +442,9 @@ def _translate(tree: dict, cfg) -> dict:
         down[f"level{i}_down"] = _resblock(top.child("ResnetBlockBigGANpp"), ch, ch, temb, f"down/level{i}_down", True)
         if cfg.progressive_input == "residual":
             conv = top.child("Downsample").child("Conv2d")
-            down[f"level{i}_pyramid"] = {"conv": _dense(conv, (3, 3, pyramid, ch), f"down/level{i}_pyramid/conv")}
+            down[f"level{i}_pyramid"] = {
+                "conv": _kernel_and_bias(conv, (3, 3, pyramid, ch), f"down/level{i}_pyramid/conv")
+            }
             pyramid = ch
         skips.append(ch)
     params["down"] = down
@@ -427,7 +464,7 @@ def _translate(tree: dict, cfg) -> dict:
             up[f"level{i}_up"] = _resblock(top.child("ResnetBlockBigGANpp"), ch, ch, temb, f"up/level{i}_up", True)
     params["up"] = up
     params["norm_out"] = _norm(top.child("GroupNorm"), ch, "norm_out")
-    params["conv_out"] = _dense(top.child("Conv"), (3, 3, ch, c_in), "conv_out")
+    params["conv_out"] = _kernel_and_bias(top.child("Conv"), (3, 3, ch, c_in), "conv_out")
     unused = sorted(set("/".join(k) for k in traversals.flatten_mapping(tree)) - top.used)
     if unused:
         raise ValueError(
@@ -443,22 +480,23 @@ def _translate(tree: dict, cfg) -> dict:
 
 
 def _data_scale(cfg: dict) -> float:
-    """x' = c x - (c - 1): 2 for [0, 1] data (data.centered=False), 1 for centered data."""
+    """scale in x' = scale x - (scale - 1): 2 for [0, 1] data (data.centered=False), 1 for centered data."""
     return 1.0 if cfg["data"]["centered"] else 2.0
 
 
-def _extras(cfg: dict) -> dict:
+def _denoiser_extras(cfg: dict) -> dict:
+    """Process, prediction and network time input of a checked score_sde config."""
     m, sde = cfg["model"], cfg["training"]["sde"].lower()
     fourier = m["embedding_type"].lower() == "fourier"
-    embed = (lambda label: jnp.log(label)) if fourier else (lambda label: label)  # noqa: E731
+    label_to_input = (lambda label: jnp.log(label)) if fourier else (lambda label: label)  # noqa: E731
     if sde == "vesde":
-        c = _data_scale(cfg)
-        process = VE(sigma_min=c * float(m["sigma_min"]), sigma_max=c * float(m["sigma_max"]))
+        scale = _data_scale(cfg)
+        process = VE(sigma_min=scale * float(m["sigma_min"]), sigma_max=scale * float(m["sigma_max"]))
         return dict(
             process=process,
             prediction="eps",
             learned_variance=False,
-            time_input=lambda t: embed(process.sigma(t) / c),
+            time_input=lambda t: label_to_input(process.sigma(t) / scale),
             output_sign=-1.0,
         )
     beta_min, beta_max, n = float(m["beta_min"]), float(m["beta_max"]), int(m["num_scales"])
@@ -468,14 +506,14 @@ def _extras(cfg: dict) -> dict:
             process=process,
             prediction="eps",
             learned_variance=False,
-            time_input=lambda t: embed(jnp.asarray(t, jnp.float32) * n - 1.0),
+            time_input=lambda t: label_to_input(jnp.asarray(t, jnp.float32) * n - 1.0),
         )
     process = (VP if sde == "vpsde" else SubVP)(beta_min=beta_min, beta_max=beta_max)
     return dict(
         process=process,
         prediction="eps",
         learned_variance=False,
-        time_input=lambda t: embed(999.0 * jnp.asarray(t, jnp.float32)),
+        time_input=lambda t: label_to_input(999.0 * jnp.asarray(t, jnp.float32)),
     )
 
 
@@ -484,13 +522,13 @@ def from_score_sde(path: Path, options: dict):
     cfg = score_sde_config(options.pop("config", None))
     path = latest_score_sde_checkpoint(path) if Path(path).is_dir() else path
     tree = read_score_sde_params(path, options.pop("weights", "ema"))
-    preset, overrides = _overrides(cfg)
+    preset, overrides = _preset_and_overrides(cfg)
     params = _translate(tree, get_config(preset, **overrides))
-    return preset, overrides, params, _extras(cfg), options
+    return preset, overrides, params, _denoiser_extras(cfg), options
 
 
 def _score_sde_coordinates(config: Any) -> tuple[dict, float, Callable]:
-    """(checked config, data scale c, score_sde time -> our time)."""
+    """(checked config, data scale (x' = scale x - (scale - 1)), score_sde time -> our time)."""
     cfg = score_sde_config(config)
     n = int(cfg["model"]["num_scales"])
     if cfg["training"]["sde"].lower() == "vpsde" and not cfg["training"]["continuous"]:
@@ -502,19 +540,19 @@ def score_sde_score_fn(pretrained, config: Any) -> Callable:
     """score_sde's `get_score_fn(sde, model, ...)` from a checkpoint loaded with that `config`:
     `fn(x, t)` the score in score_sde's coordinates (data in [0, 1] unless data.centered) and time
     (for the discrete VP chain, the label t (N - 1) is the step j, our time (j + 1) / N)."""
-    _, c, time = _score_sde_coordinates(config)
+    _, scale, time = _score_sde_coordinates(config)
     denoiser = pretrained.denoiser()
-    return lambda x, t: c * denoiser.score(c * jnp.asarray(x, jnp.float32) - (c - 1.0), time(t))
+    return lambda x, t: scale * denoiser.score(scale * jnp.asarray(x, jnp.float32) - (scale - 1.0), time(t))
 
 
 def score_sde_network_fn(pretrained, config: Any) -> Callable:
     """score_sde's network output at `get_score_fn`'s labels for its (x, t): the score for VE (its
     NCSNpp divides by sigma itself), the eps prediction for VP and sub-VP."""
-    cfg, c, time = _score_sde_coordinates(config)
+    cfg, scale, time = _score_sde_coordinates(config)
     if cfg["training"]["sde"].lower() == "vesde":
         return score_sde_score_fn(pretrained, config)
     network = pretrained.network()
-    return lambda x, t: network(c * jnp.asarray(x, jnp.float32) - (c - 1.0), time(t))
+    return lambda x, t: network(scale * jnp.asarray(x, jnp.float32) - (scale - 1.0), time(t))
 
 
 __all__ = [
