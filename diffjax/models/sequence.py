@@ -43,6 +43,7 @@ _BLOCK_FIELDS = (
     "dtype",
     "param_dtype",
     "attention_impl",
+    "attention_interpret",
     "remat",
 )
 
@@ -66,6 +67,7 @@ class SequenceConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str | None = None
+    attention_interpret: bool = False
     remat: str = "none"
 
     def block_config(self) -> DiTConfig:
