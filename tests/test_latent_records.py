@@ -4,6 +4,7 @@ the data pipeline and a latent run's iterator."""
 
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -22,11 +23,12 @@ from diffjax.data.latents import (
 from diffjax.data.sources import ArraySource
 from diffjax.training import loop
 from diffjax.training.discrete_run import make_run_iterator
+from diffjax.training.latents import autoencoder_file
 from diffjax.training.run import init_state, make_jitted_train_step
 from diffjax.training.sharding import global_batch
 
 SHARD = 8  # examples per shard: train (50) -> 7 shards, the last of 2; test (13) -> 2 shards
-META = {"autoencoder": {"path": "autoencoder.npz"}, "scaling_factor": 0.5}
+META = {"autoencoder": {"path": "/moved/away/autoencoder.npz"}, "scaling_factor": 0.5}
 
 
 def digit_splits():
@@ -76,6 +78,8 @@ def test_records_equal_the_npz_cache_example_by_example(caches):
             np.testing.assert_array_equal(x, y)
         latents, _ = b.read_flipped(order, flips)
         assert not np.array_equal(latents[flips], a.latents[order][flips])  # the flipped latents differ
+    restored = pickle.loads(pickle.dumps(b))  # as grain workers get it: the readers reopen
+    np.testing.assert_array_equal(restored.read(order)[0], b.read(order)[0])
     unlabelled = open_latent_source(records, "train", 0)
     assert np.all(unlabelled.read(np.arange(50))[1] == 0)
     with pytest.raises(IndexError, match="50"):
@@ -171,6 +175,18 @@ def test_bad_records_are_named(caches, tmp_path):
     config.update(source="latents", path=str(tmp_path / "absent"), image_size=4, channels=2)
     with pytest.raises(FileNotFoundError, match="build_latent_records"):
         dataset_info(config)
+
+
+def test_the_autoencoder_is_found_inside_or_beside_a_moved_records_directory(caches, tmp_path):
+    records = tmp_path / "data" / "records"
+    shutil.copytree(caches[1], records)
+    config = base_data_config()
+    config.update(source="latents", path=str(records), image_size=4, channels=2)
+    assert autoencoder_file(config) is None  # the meta's path is gone and no file of its name is near
+    (tmp_path / "data" / "autoencoder.npz").write_bytes(b"beside")
+    assert autoencoder_file(config) == str(tmp_path / "data" / "autoencoder.npz")
+    (records / "autoencoder.npz").write_bytes(b"inside")
+    assert autoencoder_file(config) == str(records / "autoencoder.npz")
 
 
 def latent_run_config(path):
