@@ -56,6 +56,7 @@ __all__ = [
     "build_latent_records",
     "latent_cache_info",
     "open_latent_source",
+    "read_records_info",
     "record_dtype",
 ]
 
