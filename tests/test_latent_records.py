@@ -101,7 +101,10 @@ def test_the_pipeline_reads_records_as_it_reads_the_npz(caches):
 
 def test_processes_write_disjoint_shards_that_make_the_same_cache(caches, tmp_path):
     _, single = caches
-    first, second = build(tmp_path, process_index=0, process_count=2), build(tmp_path, process_index=1, process_count=2)
+    second = build(tmp_path, process_index=1, process_count=2)  # before process 0: meta.json is process 0's
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        latent_cache_info(tmp_path)
+    first = build(tmp_path, process_index=0, process_count=2)
     assert not set(first.written) & set(second.written)
     assert len(first.written) == 5 and len(second.written) == 4  # shards 0, 2, 4, 6, 8 and 1, 3, 5, 7
     assert shard_bytes(tmp_path) == shard_bytes(single)  # meta.json and every shard, byte for byte
