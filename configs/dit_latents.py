@@ -3,8 +3,9 @@
 `get_config()` / `get_config("imagenet")`: DiT-XL/2 on 32x32x4 latents of ImageNet 256x256 through
 the Stable Diffusion VAE (Table 4: 675M parameters, 118.6 GMACs). BENCHMARK-ONLY on a CPU: there is
 no ImageNet latent cache offline, so `prepare_run` stops at data.path (a file it names) until one is
-built (`diffjax.data.latents.build_latent_cache` with the SD VAE from `load_pretrained`) and passed
-with --config.data.path. The train-step benchmark (experiments/benchmarks/train_step.py) builds it
+built (`diffjax.data.latents.build_latent_records`, a directory of array_record shards encoded by
+every host, with the SD VAE from `load_pretrained`) and passed with --config.data.path (a directory
+or an npz of `build_latent_cache`). The train-step benchmark (experiments/benchmarks/train_step.py) builds it
 with synthetic latents of shape LATENT_SHAPE and NUM_CLASSES labels; tests/test_configs.py checks
 that it does.
 

@@ -116,7 +116,8 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
 def _missing_path_hint(path: str, source: str = "") -> str:
     if source == "latents":
         return (
-            " Build the latent cache first with diffjax.data.latents.build_latent_cache (for MNIST, "
+            " Build the latent cache first with diffjax.data.latents.build_latent_cache (an npz) or "
+            "build_latent_records (a directory of array_record shards; for MNIST, "
             "`python -m diffjax.training.autoencoder --data=mnist --out=DIR` trains a tiny autoencoder and "
             "writes DIR/latents.npz)."
         )
@@ -197,7 +198,7 @@ def _check_values(c: ml_collections.ConfigDict) -> None:
                 + _missing_path_hint(str(path), c.source)
             )
         want_dir = c.source in ("idx", "image_folder")
-        if path.is_dir() != want_dir:
+        if path.is_dir() != want_dir and c.source != "latents":  # latents: an npz or a records directory
             kind = "a directory" if want_dir else "a file"
             raise ValueError(f"source {c.source!r} needs `path` to be {kind}; {str(path)!r} is not")
     if c.autoencoder and c.source != "latents":

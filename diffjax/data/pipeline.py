@@ -36,7 +36,7 @@ from absl import flags
 
 from diffjax.data import sources
 from diffjax.data.config import validate_data_config
-from diffjax.data.latents import LatentSource
+from diffjax.data.latents import LatentRecordSource, LatentSource
 
 STATE_VERSION = 1
 
@@ -142,7 +142,8 @@ class BatchLoader:
     def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
         positions = self.plan.positions(batch_index)
         records, valid = self.plan.records(positions)
-        if isinstance(self.source, LatentSource):  # float latents; flips pick the flipped image's latents
+        # float latents (an npz's or a records directory's); flips pick the flipped image's latents
+        if isinstance(self.source, (LatentSource, LatentRecordSource)):
             flips = flip_draws(positions, self.plan.seed) if self.random_flip else np.zeros(len(records), bool)
             images, labels = self.source.read_flipped(records, flips) if self.random_flip else self.source.read(records)
             batch = {"image": np.asarray(images, np.float32), "label": labels.astype(np.int32)}

@@ -3,10 +3,11 @@ made the latent cache, for sample grids, the sample .npz and FID.
 
 The autoencoder is `data.autoencoder` when set, else the file the cache's meta names
 (meta["autoencoder"]["path"], as `python -m diffjax.training.autoencoder` writes it), else, when
-that path is gone, a file of the same name beside the cache (the two moved together). It is a
-`save_autoencoder` .npz whose latent channels must equal data.channels and whose scaling factor
-must equal the one the cache stored. Without one, training and sampling go on with grids of the
-latents' channels (a warning names data.autoencoder) and FID is refused. The FID reference is the
+that path is gone, a file of the same name beside the cache (the two moved together; for a records
+directory, inside it or beside it). It is a `save_autoencoder` .npz whose latent channels must equal
+data.channels and whose scaling factor must equal the one the cache stored. Without one, training
+and sampling go on with grids of the latents' channels (a warning names data.autoencoder) and FID is
+refused. The FID reference is the
 image data set the cache was encoded from (meta["images"], an image data config).
 """
 
@@ -58,8 +59,12 @@ def autoencoder_file(data_config) -> str | None:
     path = _meta(data_config).get("autoencoder", {}).get("path")
     if not path:
         return None
-    beside = os.path.join(os.path.dirname(os.path.abspath(data_config.path)), os.path.basename(path))
-    return next((p for p in (path, beside) if os.path.isfile(p)), None)
+    cache = os.path.abspath(data_config.path)
+    name = os.path.basename(path)
+    candidates = [path, os.path.join(os.path.dirname(cache), name)]
+    if os.path.isdir(cache):  # a records directory: the file inside it, else beside it
+        candidates.insert(1, os.path.join(cache, name))
+    return next((p for p in candidates if os.path.isfile(p)), None)
 
 
 @functools.partial(jax.jit, static_argnames="chunk_size")
