@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffjax.io import atomic_write_bytes
 from diffjax.models.pretrained import load_pretrained
 from diffjax.models.score_sde_checkpoint import score_sde_network_fn, score_sde_score_fn
 from experiments.benchmarks.common import markdown_table, write_results
@@ -198,8 +198,8 @@ def main() -> None:
         out.mkdir()
         cmd = [sys.executable, "-m", "experiments.peers.make_score_sde_fixtures", "--child", str(out)]
         subprocess.run(cmd, check=True, cwd=tmp, env=env)
-        for f in out.iterdir():
-            shutil.copyfile(f, FIXTURES / f.name)
+        for f in out.iterdir():  # the child wrote them all: each fixture replaced whole
+            atomic_write_bytes(FIXTURES / f.name, f.read_bytes())
     sizes = {f.name: f.stat().st_size for f in sorted(FIXTURES.iterdir())}
     print("fixtures:", sizes, "total", sum(sizes.values()), "bytes")
     rows = check_ours()
