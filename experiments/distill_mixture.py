@@ -17,12 +17,12 @@ MLPs (`diffjax.models.ToyMLP`) trained with `diffjax.training.make_train_step`:
     shortcut  shortcut model from data on flow matching (same network)
     dmd       distribution matching on EDM: a one-step generator (EDM-preconditioned MLP at sigma_max)
               and an online fake denoiser (EDM-preconditioned MLP), log-normal matching times
-    dmd+reg   dmd with DMD's regression term: weight REGRESSION_WEIGHT (DMD's 0.25), L2, pairs from a
+    dmd+reg   dmd with DMD's regression term: weight --regression-weight (DMD's 0.25), L2, pairs from a
               dataset of REGRESSION_PAIRS (noise, teacher sample) made once by `teacher_ode_pairs`
               (the default solver, 49 steps + the final denoising: the "teacher, 50 NFE" row),
               a batch of pairs per step
     dmd+gan   dmd with DMD2's GAN term: a discriminator MLP (same size; logit = mean of its outputs
-              at c_in x_t, c_noise as EDM), gan_weight GAN_WEIGHT, discriminator_weight 1, on the
+              at c_in x_t, c_noise as EDM), gan_weight --gan-weight, discriminator_weight 1, on the
               batch's mixture samples (no two-time-scale update: one step updates all three)
 
 Each student is sampled with 1 and 2 network evaluations (`ConsistencySampler`; DDIM on its grid
@@ -88,6 +88,7 @@ CONSISTENCY_ADAM = {"learning_rate": 3e-4, "b2": 0.99}
 EDM_MID, TRIG_MID, FM_MID = 0.8, 1.1, 0.5  # the intermediate time of 2-step sampling
 REGRESSION_WEIGHT, REGRESSION_PAIRS = 0.25, 20000  # DMD's lambda_reg; the size of the pairs dataset
 GAN_WEIGHT = 0.1  # the generator's GAN term
+SETTINGS = ("iterations", "batch", "lr", "ema", "samples", "seed")  # what --append must match
 
 
 def mixture_4d() -> GaussianMixture:
@@ -216,8 +217,12 @@ def run_dmd(method, args, seed):
         noise, teacher_samples = D.teacher_ode_pairs(
             teacher, jax.random.key(2000 + seed), (REGRESSION_PAIRS, 4), steps=49
         )
-        options = {"regression_weight": REGRESSION_WEIGHT, "regression_pairs": D.PairsFromBatch()}
-        info = {"regression_weight": REGRESSION_WEIGHT, "regression_pairs": REGRESSION_PAIRS, **errors(teacher_samples)}
+        options = {"regression_weight": args.regression_weight, "regression_pairs": D.PairsFromBatch()}
+        info = {
+            "regression_weight": args.regression_weight,
+            "regression_pairs": REGRESSION_PAIRS,
+            **errors(teacher_samples),
+        }
 
         def extra(key):
             index = jax.random.randint(jax.random.fold_in(key, 1), (args.batch,), 0, REGRESSION_PAIRS)
@@ -230,8 +235,8 @@ def run_dmd(method, args, seed):
             c_in = 1.0 / jnp.sqrt(t**2 + 0.25)
             return jnp.mean(disc_apply(p, c_in[:, None] * x_t, jnp.log(t) / 4.0), axis=1)
 
-        options = {"gan_weight": GAN_WEIGHT, "discriminator_fn": discriminator}
-        info = {"gan_weight": GAN_WEIGHT, "discriminator_weight": 1.0}
+        options = {"gan_weight": args.gan_weight, "discriminator_fn": discriminator}
+        info = {"gan_weight": args.gan_weight, "discriminator_weight": 1.0}
     loss = D.dmd_loss(
         generator_apply,
         fake_apply,
@@ -284,6 +289,23 @@ def _student_denoiser(apply, params):
     return Denoiser(lambda x, t: apply(params, x, t), TRIG, "v")
 
 
+def load_for_append(meta) -> dict:
+    """The saved results, checked (before any training) to have been run with the same settings."""
+    with open(os.path.join(RESULTS_DIR, "distill_mixture.json")) as f:
+        saved = json.load(f)
+    theirs, ours = ({k: m[k] for k in SETTINGS} for m in (saved["meta"], meta))
+    if theirs != ours:
+        raise SystemExit(f"--append needs the saved run's settings {theirs}, got {ours}")
+    if (saved["meta"]["teacher_weight"], saved["meta"]["teacher_std"]) != (meta["teacher_weight"], meta["teacher_std"]):
+        print(
+            "note: the EDM teacher row recomputed now differs from the saved one "
+            f"({meta['teacher_weight']:.4f}, {meta['teacher_std']:.2%} vs {saved['meta']['teacher_weight']:.4f}, "
+            f"{saved['meta']['teacher_std']:.2%}); the saved reference rows are kept",
+            flush=True,
+        )
+    return saved
+
+
 def markdown(rows, meta) -> str:
     headers = ["method", "process", "learns from", "NFE", "weight error", "worst std error", "vs teacher (weight, std)"]
     teachers = {r["process"]: r for r in rows if r["method"] == "teacher, 50 NFE"}
@@ -316,7 +338,15 @@ def markdown(rows, meta) -> str:
         "weight error = sum |w_hat - w|, std error = worst |s_hat/s - 1| over components "
         "(`GaussianMixture.sample_errors`; nan: a component got no sample). The last column subtracts the "
         "teacher at 50 NFE on the same process "
-        "(exact denoiser, default solver).\n\n" + markdown_table(headers, body) + "\n"
+        "(exact denoiser, default solver)."
+        + "".join(
+            f" Rows {', '.join(a['methods'])} were added on {a['date']} by `--append` (same settings; the "
+            "reference rows are the first run's)."
+            for a in meta.get("appended", [])
+        )
+        + "\n\n"
+        + markdown_table(headers, body)
+        + "\n"
     )
 
 
@@ -329,6 +359,8 @@ def main():
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--regression-weight", type=float, default=REGRESSION_WEIGHT, help="dmd+reg's weight")
+    parser.add_argument("--gan-weight", type=float, default=GAN_WEIGHT, help="dmd+gan's generator GAN weight")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the saved .json")
     parser.add_argument(
@@ -395,8 +427,9 @@ def main():
                 **errors(x),
             }
         )
-    meta = {k: getattr(args, k) for k in ("iterations", "batch", "lr", "ema", "samples", "seed")}
+    meta = {k: getattr(args, k) for k in SETTINGS}
     meta["teacher_weight"], meta["teacher_std"] = rows[1]["weight_error"], rows[1]["std_error"]
+    saved = load_for_append(meta) if args.append else None
     details = {}
     for method in methods:
         if method in ("cd", "ct-ict", "ct-ect"):
@@ -411,9 +444,10 @@ def main():
         elif method.startswith("dmd"):
             samples, info = run_dmd(method, args, args.seed)
             process = "EDM"
-            source = {"dmd+reg": "exact teacher + its ODE pairs", "dmd+gan": "exact teacher + data (GAN)"}.get(
-                method, "exact teacher"
-            )
+            source = {
+                "dmd+reg": f"exact teacher + its ODE pairs (weight {args.regression_weight:g})",
+                "dmd+gan": f"exact teacher + data (GAN, weight {args.gan_weight:g})",
+            }.get(method, "exact teacher")
         else:
             samples, info = run_average_velocity(method, args, args.seed)
             process, source = "FlowMatching", "exact teacher" if method == "meanflow-d" else "data"
@@ -426,13 +460,11 @@ def main():
                 f"({info['seconds']:.0f}s training)",
                 flush=True,
             )
-    if args.append:
-        with open(os.path.join(RESULTS_DIR, "distill_mixture.json")) as f:
-            saved = json.load(f)
-        if saved["meta"] != meta:
-            raise SystemExit(f"--append needs the saved run's settings {saved['meta']}, got {meta}")
+    if saved is not None:  # the saved reference rows and meta stay; these methods' rows are replaced
         rows = [r for r in saved["rows"] if r["method"] not in methods] + [r for r in rows if r["method"] in methods]
         details = {**{k: v for k, v in saved["training"].items() if k not in methods}, **details}
+        appended = {"methods": methods, "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        meta = {**saved["meta"], "appended": [*saved["meta"].get("appended", []), appended]}
     md = markdown(rows, meta)
     print(md)
     if not args.no_write:
