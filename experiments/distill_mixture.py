@@ -221,7 +221,7 @@ def run_dmd(method, args, seed):
         info = {
             "regression_weight": args.regression_weight,
             "regression_pairs": REGRESSION_PAIRS,
-            **errors(teacher_samples),
+            **{f"pairs_{k}": v for k, v in errors(teacher_samples).items()},  # the dataset vs the data
         }
 
         def extra(key):
