@@ -22,7 +22,7 @@ MLPs (`diffjax.models.ToyMLP`) trained with `diffjax.training.make_train_step`:
               (the default solver, 49 steps + the final denoising: the "teacher, 50 NFE" row),
               a batch of pairs per step
     dmd+gan   dmd with DMD2's GAN term: a discriminator MLP (same size; logit = mean of its outputs
-              at c_in x_t, c_noise as EDM), gan_weight --gan-weight, discriminator_weight 1, on the
+              at c_in x_t, c_noise as EDM), gan_weight each of --gan-weights, discriminator_weight 1, on the
               batch's mixture samples (no two-time-scale update: one step updates all three)
 
 Each student is sampled with 1 and 2 network evaluations (`ConsistencySampler`; DDIM on its grid
@@ -87,7 +87,7 @@ FM = P.FlowMatching()
 CONSISTENCY_ADAM = {"learning_rate": 3e-4, "b2": 0.99}
 EDM_MID, TRIG_MID, FM_MID = 0.8, 1.1, 0.5  # the intermediate time of 2-step sampling
 REGRESSION_WEIGHT, REGRESSION_PAIRS = 0.25, 20000  # DMD's lambda_reg; the size of the pairs dataset
-GAN_WEIGHT = 0.1  # the generator's GAN term
+GAN_WEIGHTS = "0.01,0.1,1"  # the generator's GAN term: dmd+gan has a row for each
 SETTINGS = ("iterations", "batch", "lr", "ema", "samples", "seed")  # what --append must match
 
 
@@ -205,8 +205,9 @@ def run_average_velocity(method, args, seed):
     return out, {"seconds": seconds, "final_loss": last}
 
 
-def run_dmd(method, args, seed):
-    """dmd, dmd+reg (regression pairs from a dataset made once) or dmd+gan (a discriminator MLP)."""
+def run_dmd(method, args, seed, gan_weight=None):
+    """dmd, dmd+reg (regression pairs from a dataset made once) or dmd+gan (a discriminator MLP,
+    generator GAN weight gan_weight)."""
     generator_apply, generator_params = new_mlp(seed)
     fake_apply, fake_params = new_mlp(seed + 1)
     preconditioned = EDMPreconditioned(0.5)
@@ -235,8 +236,8 @@ def run_dmd(method, args, seed):
             c_in = 1.0 / jnp.sqrt(t**2 + 0.25)
             return jnp.mean(disc_apply(p, c_in[:, None] * x_t, jnp.log(t) / 4.0), axis=1)
 
-        options = {"gan_weight": args.gan_weight, "discriminator_fn": discriminator}
-        info = {"gan_weight": args.gan_weight, "discriminator_weight": 1.0}
+        options = {"gan_weight": gan_weight, "discriminator_fn": discriminator}
+        info = {"gan_weight": gan_weight, "discriminator_weight": 1.0}
     loss = D.dmd_loss(
         generator_apply,
         fake_apply,
@@ -360,7 +361,9 @@ def main():
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--regression-weight", type=float, default=REGRESSION_WEIGHT, help="dmd+reg's weight")
-    parser.add_argument("--gan-weight", type=float, default=GAN_WEIGHT, help="dmd+gan's generator GAN weight")
+    parser.add_argument(
+        "--gan-weights", default=GAN_WEIGHTS, help="dmd+gan's generator GAN weights, comma-separated: a row for each"
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the saved .json")
     parser.add_argument(
@@ -431,7 +434,9 @@ def main():
     meta["teacher_weight"], meta["teacher_std"] = rows[1]["weight_error"], rows[1]["std_error"]
     saved = load_for_append(meta) if args.append else None
     details = {}
-    for method in methods:
+    gan_weights = [float(w) for w in args.gan_weights.split(",") if w]
+    runs = [(m, w) for m in methods for w in (gan_weights if m == "dmd+gan" else [None])]
+    for method, gan_weight in runs:
         if method in ("cd", "ct-ict", "ct-ect"):
             samples, info = run_consistency(method, args, args.seed)
             process, source = "EDM", "exact teacher" if method == "cd" else "data"
@@ -442,27 +447,29 @@ def main():
             samples, info = run_pd(args, args.seed)
             process, source = "TrigFlow", "exact teacher (DDIM 16)"
         elif method.startswith("dmd"):
-            samples, info = run_dmd(method, args, args.seed)
+            samples, info = run_dmd(method, args, args.seed, gan_weight)
             process = "EDM"
             source = {
                 "dmd+reg": f"exact teacher + its ODE pairs (weight {args.regression_weight:g})",
-                "dmd+gan": f"exact teacher + data (GAN, weight {args.gan_weight:g})",
+                "dmd+gan": f"exact teacher + data (GAN, weight {gan_weight:g})" if gan_weight is not None else "",
             }.get(method, "exact teacher")
         else:
             samples, info = run_average_velocity(method, args, args.seed)
             process, source = "FlowMatching", "exact teacher" if method == "meanflow-d" else "data"
-        details[method] = info
+        label = method if gan_weight is None else f"{method} (gan_weight {gan_weight:g})"
+        details[label] = info
         for nfe, x in samples.items():
             row = {"method": method, "process": process, "source": source, "nfe": nfe, **errors(x)}
             rows.append(row)
             print(
-                f"{method:8s} NFE {nfe}: weight {row['weight_error']:.3f}  std {row['std_error']:.2%}  "
+                f"{label:8s} NFE {nfe}: weight {row['weight_error']:.3f}  std {row['std_error']:.2%}  "
                 f"({info['seconds']:.0f}s training)",
                 flush=True,
             )
     if saved is not None:  # the saved reference rows and meta stay; these methods' rows are replaced
         rows = [r for r in saved["rows"] if r["method"] not in methods] + [r for r in rows if r["method"] in methods]
-        details = {**{k: v for k, v in saved["training"].items() if k not in methods}, **details}
+        kept = {k: v for k, v in saved["training"].items() if k.split(" ")[0] not in methods}
+        details = {**kept, **details}
         appended = {"methods": methods, "date": time.strftime("%Y-%m-%d", time.gmtime())}
         meta = {**saved["meta"], "appended": [*saved["meta"].get("appended", []), appended]}
     md = markdown(rows, meta)
