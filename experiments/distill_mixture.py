@@ -17,6 +17,13 @@ MLPs (`diffjax.models.ToyMLP`) trained with `diffjax.training.make_train_step`:
     shortcut  shortcut model from data on flow matching (same network)
     dmd       distribution matching on EDM: a one-step generator (EDM-preconditioned MLP at sigma_max)
               and an online fake denoiser (EDM-preconditioned MLP), log-normal matching times
+    dmd+reg   dmd with DMD's regression term: weight --regression-weight (DMD's 0.25), L2, pairs from a
+              dataset of REGRESSION_PAIRS (noise, teacher sample) made once by `teacher_ode_pairs`
+              (the default solver, 49 steps + the final denoising: the "teacher, 50 NFE" row),
+              a batch of pairs per step
+    dmd+gan   dmd with DMD2's GAN term: a discriminator MLP (same size; logit = mean of its outputs
+              at c_in x_t, c_noise as EDM), gan_weight each of --gan-weights, discriminator_weight 1, on the
+              batch's mixture samples (no two-time-scale update: one step updates all three)
 
 Each student is sampled with 1 and 2 network evaluations (`ConsistencySampler`; DDIM on its grid
 for pd; `AverageVelocityJump` for meanflow and shortcut); the mixture-weight error (sum
@@ -26,6 +33,8 @@ floor) and the teacher at 50 NFE (the default solver).
 
     python -m experiments.distill_mixture                 # all methods (minutes per method on 2 CPUs)
     python -m experiments.distill_mixture --iterations 300 --samples 5000 --no-write   # smoke run
+    python -m experiments.distill_mixture --iterations 4000 --methods dmd,dmd+reg,dmd+gan --append
+                                          # the DMD rows only, merged into the saved table
 
 Writes experiments/results/distill_mixture.{json,md} via experiments/benchmarks/common.py.
 """
@@ -56,7 +65,20 @@ from diffjax.samplers import DDIM, Times, Uniform, sample
 from diffjax.training import create_train_state, ema, make_train_step
 from experiments.benchmarks.common import RESULTS_DIR, markdown_table, write_results
 
-METHODS = ("cd", "ct-ict", "ct-ect", "scd", "sct", "pd", "meanflow", "meanflow-d", "shortcut", "dmd")
+METHODS = (
+    "cd",
+    "ct-ict",
+    "ct-ect",
+    "scd",
+    "sct",
+    "pd",
+    "meanflow",
+    "meanflow-d",
+    "shortcut",
+    "dmd",
+    "dmd+reg",
+    "dmd+gan",
+)
 EDM = P.EDM()
 TRIG = D.TrigFlow(sigma_data=0.5)
 FM = P.FlowMatching()
@@ -64,6 +86,9 @@ FM = P.FlowMatching()
 # at the default 1e-3 / 0.999 sCD collapsed onto one component.
 CONSISTENCY_ADAM = {"learning_rate": 3e-4, "b2": 0.99}
 EDM_MID, TRIG_MID, FM_MID = 0.8, 1.1, 0.5  # the intermediate time of 2-step sampling
+REGRESSION_WEIGHT, REGRESSION_PAIRS = 0.25, 20000  # DMD's lambda_reg; the size of the pairs dataset
+GAN_WEIGHTS = "0.01,0.1,1"  # the generator's GAN term: dmd+gan has a row for each
+SETTINGS = ("iterations", "batch", "lr", "ema", "samples", "seed")  # what --append must match
 
 
 def mixture_4d() -> GaussianMixture:
@@ -88,19 +113,20 @@ def new_two_time_mlp(seed: int):
     return net, params
 
 
-def train(loss_fn, params, trainable, args, label, seed, consistency=False):
+def train(loss_fn, params, trainable, args, label, seed, consistency=False, extra=None):
     """`args.iterations` Adam steps of `loss_fn` on fresh mixture batches; returns (state, seconds, last loss).
-    consistency: the consistency-model optimizer instead (CONSISTENCY_ADAM: lower rate, beta2 = 0.99)."""
+    consistency: the consistency-model optimizer instead (CONSISTENCY_ADAM: lower rate, beta2 = 0.99).
+    extra(key) -> dict: more batch entries per step (e.g. regression pairs)."""
     mixture = mixture_4d()
     optimizer = optax.adam(**CONSISTENCY_ADAM) if consistency else optax.adam(args.lr)
     average = ema(args.ema)
     state = create_train_state(params, optimizer, seed, average=average, trainable=trainable)
     step = jax.jit(make_train_step(loss_fn, optimizer, average, trainable=trainable))
-    draw = jax.jit(lambda k: mixture.sample(k, args.batch))
+    draw = jax.jit(lambda k: {"image": mixture.sample(k, args.batch), **({} if extra is None else extra(k))})
     key = jax.random.key(1000 + seed)
     start, losses = time.perf_counter(), []
     for i in tqdm(range(args.iterations), desc=label, leave=False, mininterval=5):
-        state, metrics = step(state, {"image": draw(jax.random.fold_in(key, i)), "step": state.step})
+        state, metrics = step(state, {**draw(jax.random.fold_in(key, i)), "step": state.step})
         if i >= args.iterations - 100:
             losses.append(float(metrics["loss"]))
     return state, time.perf_counter() - start, float(np.mean(losses))
@@ -179,24 +205,53 @@ def run_average_velocity(method, args, seed):
     return out, {"seconds": seconds, "final_loss": last}
 
 
-def run_dmd(args, seed):
+def run_dmd(method, args, seed, gan_weight=None):
+    """dmd, dmd+reg (regression pairs from a dataset made once) or dmd+gan (a discriminator MLP,
+    generator GAN weight gan_weight)."""
     generator_apply, generator_params = new_mlp(seed)
     fake_apply, fake_params = new_mlp(seed + 1)
     preconditioned = EDMPreconditioned(0.5)
+    teacher = mixture_4d().denoiser(EDM)
+    params = {"generator": generator_params, "fake": fake_params}
+    options, extra, info = {}, None, {}
+    if method == "dmd+reg":
+        noise, teacher_samples = D.teacher_ode_pairs(
+            teacher, jax.random.key(2000 + seed), (REGRESSION_PAIRS, 4), steps=49
+        )
+        options = {"regression_weight": args.regression_weight, "regression_pairs": D.PairsFromBatch()}
+        info = {
+            "regression_weight": args.regression_weight,
+            "regression_pairs": REGRESSION_PAIRS,
+            **{f"pairs_{k}": v for k, v in errors(teacher_samples).items()},  # the dataset vs the data
+        }
+
+        def extra(key):
+            index = jax.random.randint(jax.random.fold_in(key, 1), (args.batch,), 0, REGRESSION_PAIRS)
+            return {"noise": noise[index], "teacher_sample": teacher_samples[index]}
+
+    elif method == "dmd+gan":
+        disc_apply, params["discriminator"] = new_mlp(seed + 2)
+
+        def discriminator(p, x_t, t):  # EDM's input scaling and noise embedding, one logit per example
+            c_in = 1.0 / jnp.sqrt(t**2 + 0.25)
+            return jnp.mean(disc_apply(p, c_in[:, None] * x_t, jnp.log(t) / 4.0), axis=1)
+
+        options = {"gan_weight": gan_weight, "discriminator_fn": discriminator}
+        info = {"gan_weight": gan_weight, "discriminator_weight": 1.0}
     loss = D.dmd_loss(
         generator_apply,
         fake_apply,
         EDM,
-        mixture_4d().denoiser(EDM),
+        teacher,
         generator_prediction=preconditioned,
         fake_prediction=preconditioned,
         time_sampler=LogNormal(),
+        **options,
     )
-    params = {"generator": generator_params, "fake": fake_params}
-    state, seconds, last = train(loss, params, None, args, "dmd", seed)
+    state, seconds, last = train(loss, params, None, args, method, seed, extra=extra)
     gen = Denoiser(lambda x, t: generator_apply(state.ema_params["generator"], x, t), EDM, preconditioned)
     z = EDM.prior_sample(jax.random.key(seed), (args.samples, 4))
-    return {1: gen.x0(z, EDM.t_max)}, {"seconds": seconds, "final_loss": last}
+    return {1: gen.x0(z, EDM.t_max)}, {"seconds": seconds, "final_loss": last, **info}
 
 
 def run_pd(args, seed):
@@ -235,6 +290,23 @@ def _student_denoiser(apply, params):
     return Denoiser(lambda x, t: apply(params, x, t), TRIG, "v")
 
 
+def load_for_append(meta) -> dict:
+    """The saved results, checked (before any training) to have been run with the same settings."""
+    with open(os.path.join(RESULTS_DIR, "distill_mixture.json")) as f:
+        saved = json.load(f)
+    theirs, ours = ({k: m[k] for k in SETTINGS} for m in (saved["meta"], meta))
+    if theirs != ours:
+        raise SystemExit(f"--append needs the saved run's settings {theirs}, got {ours}")
+    if (saved["meta"]["teacher_weight"], saved["meta"]["teacher_std"]) != (meta["teacher_weight"], meta["teacher_std"]):
+        print(
+            "note: the EDM teacher row recomputed now differs from the saved one "
+            f"({meta['teacher_weight']:.4f}, {meta['teacher_std']:.2%} vs {saved['meta']['teacher_weight']:.4f}, "
+            f"{saved['meta']['teacher_std']:.2%}); the saved reference rows are kept",
+            flush=True,
+        )
+    return saved
+
+
 def markdown(rows, meta) -> str:
     headers = ["method", "process", "learns from", "NFE", "weight error", "worst std error", "vs teacher (weight, std)"]
     teachers = {r["process"]: r for r in rows if r["method"] == "teacher, 50 NFE"}
@@ -267,7 +339,15 @@ def markdown(rows, meta) -> str:
         "weight error = sum |w_hat - w|, std error = worst |s_hat/s - 1| over components "
         "(`GaussianMixture.sample_errors`; nan: a component got no sample). The last column subtracts the "
         "teacher at 50 NFE on the same process "
-        "(exact denoiser, default solver).\n\n" + markdown_table(headers, body) + "\n"
+        "(exact denoiser, default solver)."
+        + "".join(
+            f" Rows {', '.join(a['methods'])} were added on {a['date']} by `--append` (same settings; the "
+            "reference rows are the first run's)."
+            for a in meta.get("appended", [])
+        )
+        + "\n\n"
+        + markdown_table(headers, body)
+        + "\n"
     )
 
 
@@ -280,6 +360,10 @@ def main():
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--regression-weight", type=float, default=REGRESSION_WEIGHT, help="dmd+reg's weight")
+    parser.add_argument(
+        "--gan-weights", default=GAN_WEIGHTS, help="dmd+gan's generator GAN weights, comma-separated: a row for each"
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the saved .json")
     parser.add_argument(
@@ -346,10 +430,13 @@ def main():
                 **errors(x),
             }
         )
-    meta = {k: getattr(args, k) for k in ("iterations", "batch", "lr", "ema", "samples", "seed")}
+    meta = {k: getattr(args, k) for k in SETTINGS}
     meta["teacher_weight"], meta["teacher_std"] = rows[1]["weight_error"], rows[1]["std_error"]
+    saved = load_for_append(meta) if args.append else None
     details = {}
-    for method in methods:
+    gan_weights = [float(w) for w in args.gan_weights.split(",") if w]
+    runs = [(m, w) for m in methods for w in (gan_weights if m == "dmd+gan" else [None])]
+    for method, gan_weight in runs:
         if method in ("cd", "ct-ict", "ct-ect"):
             samples, info = run_consistency(method, args, args.seed)
             process, source = "EDM", "exact teacher" if method == "cd" else "data"
@@ -359,28 +446,32 @@ def main():
         elif method == "pd":
             samples, info = run_pd(args, args.seed)
             process, source = "TrigFlow", "exact teacher (DDIM 16)"
-        elif method == "dmd":
-            samples, info = run_dmd(args, args.seed)
-            process, source = "EDM", "exact teacher"
+        elif method.startswith("dmd"):
+            samples, info = run_dmd(method, args, args.seed, gan_weight)
+            process = "EDM"
+            source = {
+                "dmd+reg": f"exact teacher + its ODE pairs (weight {args.regression_weight:g})",
+                "dmd+gan": f"exact teacher + data (GAN, weight {gan_weight:g})" if gan_weight is not None else "",
+            }.get(method, "exact teacher")
         else:
             samples, info = run_average_velocity(method, args, args.seed)
             process, source = "FlowMatching", "exact teacher" if method == "meanflow-d" else "data"
-        details[method] = info
+        label = method if gan_weight is None else f"{method} (gan_weight {gan_weight:g})"
+        details[label] = info
         for nfe, x in samples.items():
             row = {"method": method, "process": process, "source": source, "nfe": nfe, **errors(x)}
             rows.append(row)
             print(
-                f"{method:8s} NFE {nfe}: weight {row['weight_error']:.3f}  std {row['std_error']:.2%}  "
+                f"{label:8s} NFE {nfe}: weight {row['weight_error']:.3f}  std {row['std_error']:.2%}  "
                 f"({info['seconds']:.0f}s training)",
                 flush=True,
             )
-    if args.append:
-        with open(os.path.join(RESULTS_DIR, "distill_mixture.json")) as f:
-            saved = json.load(f)
-        if saved["meta"] != meta:
-            raise SystemExit(f"--append needs the saved run's settings {saved['meta']}, got {meta}")
+    if saved is not None:  # the saved reference rows and meta stay; these methods' rows are replaced
         rows = [r for r in saved["rows"] if r["method"] not in methods] + [r for r in rows if r["method"] in methods]
-        details = {**{k: v for k, v in saved["training"].items() if k not in methods}, **details}
+        kept = {k: v for k, v in saved["training"].items() if k.split(" ")[0] not in methods}
+        details = {**kept, **details}
+        appended = {"methods": methods, "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        meta = {**saved["meta"], "appended": [*saved["meta"].get("appended", []), appended]}
     md = markdown(rows, meta)
     print(md)
     if not args.no_write:

@@ -1,8 +1,8 @@
 """Few-step generation on the training core: consistency distillation and training (CD, CT with the
 iCT/ECT schedules), continuous-time consistency models (sCM on TrigFlow), MeanFlow and shortcut
-models (average velocities), progressive distillation, distribution matching (DMD) and score
-identity distillation (SiD), the samplers for the resulting one- and few-step models, and reward
-fine-tuning through the sampler (DRaFT).
+models (average velocities), progressive distillation, distribution matching (DMD, with DMD's
+regression and DMD2's GAN terms) and score identity distillation (SiD), the samplers for the
+resulting one- and few-step models, and reward fine-tuning through the sampler (DRaFT).
 
 Every objective is a `loss_fn(params, key, batch) -> (loss, aux)` for
 `diffjax.training.make_train_step`, over a params pytree holding the student (and, where used, an
@@ -20,7 +20,15 @@ from diffjax.distill.consistency import (
     karras_noise_levels,
     teacher_ode_step,
 )
-from diffjax.distill.dmd import distribution_matching_gradient, dmd_loss, score_identity_term, sid_loss
+from diffjax.distill.dmd import (
+    PairsFromBatch,
+    PairsFromTeacher,
+    distribution_matching_gradient,
+    dmd_loss,
+    score_identity_term,
+    sid_loss,
+    teacher_ode_pairs,
+)
 from diffjax.distill.draft import draft_loss
 from diffjax.distill.meanflow import (
     AverageVelocity,
@@ -60,6 +68,8 @@ __all__ = [  # alphabetical
     "L2",
     "meanflow_loss",
     "meanflow_target",
+    "PairsFromBatch",
+    "PairsFromTeacher",
     "progressive_distillation_loss",
     "progressive_target",
     "PseudoHuber",
@@ -71,6 +81,7 @@ __all__ = [  # alphabetical
     "student_times",
     "TangentClipping",
     "TangentNormalization",
+    "teacher_ode_pairs",
     "teacher_ode_step",
     "TrigFlow",
     "TrigFlowConsistency",
