@@ -141,8 +141,6 @@ def _resample(cfg, ch, up, rngs):
         ch,
         up=up,
         with_conv=True,
-        fir=False,
-        fir_kernel=(1, 1),
         down_pad=(0, 1),
         kernel_init=L.torch_default_init(),
         dtype=jnp.dtype(cfg.dtype),

@@ -482,9 +482,9 @@ def fir_downsample(x: jax.Array, k: Sequence[float]) -> jax.Array:
 class Resample(nnx.Module):
     """x2 up- or down-sampling, optionally with a 3x3 conv (in -> out channels) and FIR filtering.
 
-    Without FIR: nearest up (+conv) / stride-2 conv after `down_pad` padding ((0, 1): DDPM and
-    score-SDE; (1, 1): ADM), or 2x2 mean without conv. With FIR: StyleGAN2's fused up-conv /
-    conv-down with the FIR kernel (NCSN++).
+    Without FIR (fir_kernel None): nearest up (+conv) / stride-2 conv after `down_pad` padding ((0, 1):
+    DDPM and score-SDE; (1, 1): ADM), or 2x2 mean without conv. With an FIR kernel: StyleGAN2's fused
+    up-conv / conv-down with it (NCSN++).
     """
 
     def __init__(
@@ -494,9 +494,8 @@ class Resample(nnx.Module):
         *,
         up: bool,
         with_conv: bool,
-        fir: bool,
-        fir_kernel: Sequence[float],
         kernel_init: Callable,
+        fir_kernel: Sequence[float] | None = None,
         down_pad: tuple[int, int] = (0, 1),
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -504,8 +503,9 @@ class Resample(nnx.Module):
     ):
         if not with_conv and in_channels != out_channels:
             raise ValueError("Resample without conv cannot change the number of channels")
-        self.up, self.with_conv, self.fir, self.down_pad = up, with_conv, fir, tuple(down_pad)
-        self.fir_kernel = tuple(float(v) for v in fir_kernel)
+        self.up, self.with_conv, self.down_pad = up, with_conv, tuple(down_pad)
+        self.fir_kernel = None if fir_kernel is None else tuple(float(v) for v in fir_kernel)
+        fir = self.fir_kernel is not None
         self.conv = (
             Conv2d(
                 in_channels,
@@ -523,11 +523,12 @@ class Resample(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        fir = self.fir_kernel is not None
         if not self.with_conv:
             if self.up:
-                return fir_upsample(x, self.fir_kernel) if self.fir else upsample_nearest(x)
-            return fir_downsample(x, self.fir_kernel) if self.fir else downsample_mean(x)
-        if not self.fir:
+                return fir_upsample(x, self.fir_kernel) if fir else upsample_nearest(x)
+            return fir_downsample(x, self.fir_kernel) if fir else downsample_mean(x)
+        if not fir:
             if self.up:
                 return self.conv(upsample_nearest(x))
             return self.conv(jnp.pad(x, ((0, 0), self.down_pad, self.down_pad, (0, 0))))

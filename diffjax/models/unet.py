@@ -177,8 +177,7 @@ class SongUNet(nnx.Module):
                 cout,
                 up=up,
                 with_conv=with_conv,
-                fir=cfg.fir,
-                fir_kernel=cfg.fir_kernel,
+                fir_kernel=cfg.fir_kernel if cfg.fir else None,
                 kernel_init=L.scaled_fan_avg_uniform(),
                 **dt,
             )
@@ -430,8 +429,6 @@ class ADMUNet(nnx.Module):
                 ch,
                 up=up,
                 with_conv=cfg.conv_resample,
-                fir=False,
-                fir_kernel=(1, 1),
                 down_pad=tuple(cfg.downsample_pad),
                 kernel_init=init,
                 **dt,
