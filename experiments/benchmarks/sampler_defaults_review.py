@@ -10,8 +10,10 @@ reproducibility check). Ratios, floors and classes are sampler_selection's.
     python experiments/benchmarks/sampler_defaults_review.py --group unipc   # one group (resumes)
     python experiments/benchmarks/sampler_defaults_review.py --report        # merge and write the review
 
-Writes experiments/results/sampler_defaults_review.json and .md. Stochastic solvers are left out: the
-suite's error is against the probability-flow solution from the same noise, which they do not follow.
+Writes experiments/results/sampler_defaults_review.json (every row the review needs) and .md; the groups'
+files (results/sampler_defaults_review.<group>.partial.json) are working files, not kept. Stochastic
+solvers are left out: the suite's error is against the probability-flow solution from the same noise,
+which they do not follow.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 
 import jax
 
-from diffjax.io import atomic_write_json
+from diffjax.io import atomic_write_json, atomic_write_text
 from experiments.benchmarks import sampler_selection as S
 from experiments.benchmarks.common import RESULTS_DIR, markdown_table, write_results
 from experiments.benchmarks.sampler_suite import Method, run_suite
@@ -143,6 +145,11 @@ def review_rows(payload) -> list[dict]:
     return [r for r in payload["rows"] if not (r.get("group") and r["method"] == BASELINE.label)]
 
 
+def fmt(x, digits) -> str:
+    """sampler_selection's number format, with "inf" for a non-finite error (NaN counts as inf there)."""
+    return "inf" if x == float("inf") else S._fmt(x, digits)
+
+
 def review_table(payload, methods):
     """Per setting and class (the four non-DDPM processes together): worst floored ratio to the best
     method (ours and diffusers) at each NFE, and the worst over classes and NFEs."""
@@ -158,9 +165,9 @@ def review_table(payload, methods):
         for cls in S.CLASS_TITLES:
             values = [summary.get((cls, n), {}).get("worst_ratio_to_best", float("nan")) for n in NFES]
             worst = max([worst] + [v for v in values if v == v])
-            cells.append(" / ".join(S._fmt(v, 2) for v in values))
+            cells.append(" / ".join(fmt(v, 2) for v in values))
         scores[m] = worst
-        body.append(cells + [S._fmt(worst, 3)])
+        body.append(cells + [fmt(worst, 3)])
     return markdown_table(head, body), scores
 
 
@@ -173,17 +180,66 @@ def class_cells(payload, method) -> dict:
     return {k: v["worst_ratio_to_best"] for k, v in summary.items()}
 
 
-def dominating(payload, methods) -> list[tuple[str, int]]:
-    """Settings at least as good as the current default (within sampler_selection.TIE) in every class and
-    NFE, with the number of (class, NFE) cells where they are better by more than TIE."""
-    base = class_cells(payload, BASELINE.label)
+def dominating(payload, base: str, methods) -> list[tuple[str, int]]:
+    """Settings at least as good as `base` (within sampler_selection.TIE) in every class and NFE, with the
+    number of (class, NFE) cells where they are better by more than TIE."""
+    reference = class_cells(payload, base)
     out = []
     for m in methods:
         cells = class_cells(payload, m)
-        if m == BASELINE.label or any(not cells.get(k, float("inf")) <= S.TIE * v for k, v in base.items()):
+        if m == base or any(not cells.get(k, float("inf")) <= S.TIE * v for k, v in reference.items()):
             continue
-        out.append((m, sum(cells[k] * S.TIE < v for k, v in base.items())))
+        out.append((m, sum(cells[k] * S.TIE < v for k, v in reference.items())))
     return out
+
+
+def describe_win(win) -> str:
+    method, cells = win
+    if cells == 0:
+        return f"`{method}` ties it (within 5 %) in every class and NFE"
+    total = len(NFES) * len(S.CLASS_TITLES)
+    return f"`{method}` is as good in every class and NFE, and better by more than 5 % in {cells} of {total}"
+
+
+def error_ratios(payload, method: str, base: str) -> dict:
+    """{(class, nfe): (geometric mean, min, max)} over the class's entries of base's error / method's error,
+    both floored at the entry's floor (> 1: `method` is better)."""
+    table, classes = S.error_table(review_rows(payload))
+    floors = S.error_floors(payload["references"])
+    out = {}
+    for cls in S.CLASS_TITLES:
+        for nfe in NFES:
+            values = [
+                S.ratio(errors[base], errors[method], floors[e])
+                for e, c in classes.items()
+                if (c == cls or (cls == "sweep" and c.startswith("sweep:")))
+                and method in (errors := table.get((e, nfe), {}))
+                and base in errors
+            ]
+            if values:
+                out[(cls, nfe)] = (S.geomean(values), min(values), max(values))
+    return out
+
+
+def comparison_table(payload, method: str, base: str) -> str:
+    head = ["class"] + [f"NFE {n}: geomean (min-max)" for n in NFES]
+    ratios = error_ratios(payload, method, base)
+    body = []
+    for cls, title in S.CLASS_TITLES.items():
+        cells = [ratios.get((cls, n)) for n in NFES]
+        body.append([title] + [f"{c[0]:.2f} ({c[1]:.2f}-{c[2]:.2f})" if c else "-" for c in cells])
+    return markdown_table(head, body)
+
+
+# Each group's solver default, against which its other settings are compared.
+GROUP_DEFAULTS = {
+    "unipc": BASELINE.label,
+    "dpm_solver++": "dpm_solver++() @ logsnr",
+    "deis": "deis() @ logsnr",
+    "gaussian_pc": "gaussian_pc() @ flow_time",
+    "other": "dpm_solver() @ logsnr",
+}
+CANDIDATE_3 = "unipc(order=3) @ linspace"
 
 
 def ranking_table(payload):
@@ -198,7 +254,7 @@ def ranking_table(payload):
     def where(w):
         return f"{w[0]} @ {w[1]}" if w else "-"
 
-    body = [[m, S._fmt(on_sel[m][0], 3), where(on_sel[m][1]), S._fmt(on_held[m][0], 3), S._fmt(on_all[m][0], 3)]
+    body = [[m, fmt(on_sel[m][0], 3), where(on_sel[m][1]), fmt(on_held[m][0], 3), fmt(on_all[m][0], 3)]
             for m in ranked]  # fmt: skip
     head = ["setting (minimax order)", "worst ratio, selection", "where", "held out", "all"]
     return markdown_table(head, body), ranked
@@ -214,19 +270,22 @@ def write_review(payload) -> str:
         f"best and floors over every setting here and in the committed suite run ({payload['suite_run']}, its "
         "diffusers rows included). Made by `experiments/benchmarks/sampler_defaults_review.py`.",
         "",
-        "Cells: the setting's worst floored ratio to the best method per class (sampler_selection.class_summary;"
-        " 1 = best on every entry of the class) at NFE 5 / 10 / 20; the first row of each solver is its current"
-        " default. The process sweep is VP, cosine, EDM and flow matching together.",
+        "Cells: the setting's worst floored ratio to the best method per class over all 22 entries, selection and"
+        " held-out (sampler_selection.class_summary; 1 = best on every entry of the class) at NFE 5 / 10 / 20;"
+        " the first row of each solver is its current default. The process sweep is VP, cosine, EDM and flow"
+        " matching together.",
         "",
         f"Reproducibility: the current default rerun here differs from the committed run by at most "
         f"{reproducibility(payload):.1e} (relative error difference).",
         "",
     ]
     ranking, ranked = ranking_table(payload)
-    better = dominating(payload, ranked)
+    better = dominating(payload, BASELINE.label, ranked)
     lines += ["## Settings at least as good as the current default in every class and NFE", ""]
-    lines += [f"- `{m}`: better by more than 5 % in {k} of the {3 * len(S.CLASS_TITLES)} (class, NFE) cells"
-              for m, k in better] or ["None."]  # fmt: skip
+    lines += [f"- {describe_win(w)}" for w in better] or ["None."]
+    lines += ["", f"## `{CANDIDATE_3}` against the current default", "",
+              "The default's error over the candidate's (floored as in the ratios; > 1: the candidate is better), "
+              "over each class's entries:", "", comparison_table(payload, CANDIDATE_3, BASELINE.label)]  # fmt: skip
     lines += ["", "## Every setting by the selection's minimax", "", ranking, ""]
     for group, labels in payload["groups"].items():
         methods = list(labels) + [m for m in SUITE_SETTINGS.get(group, ()) if m not in labels]
@@ -234,23 +293,31 @@ def write_review(payload) -> str:
         missing = payload["unfinished"][group]
         note = f" (unfinished: {len(missing)} entries missing: {', '.join(missing)})" if missing else ""
         wall = payload["seconds"][group]
-        lines += [f"## {group}{note}", "", f"Run time {wall / 60:.1f} min wall.", "", table, ""]
+        base = GROUP_DEFAULTS[group]
+        solver = base.split("(")[0]
+        wins = dominating(payload, base, [m for m in methods if m.split("(")[0] == solver])
+        verdict = "; ".join(map(describe_win, wins)) or "no other setting is as good in every class and NFE"
+        lines += [f"## {group}{note}", "", f"Run time {wall / 60:.1f} min wall. Against `{base}`: {verdict}.",
+                  "", table, ""]  # fmt: skip
     return "\n".join(lines)
 
 
 def report() -> None:
-    with open(os.path.join(RESULTS_DIR, f"{SUITE}.json")) as f:
-        suite = json.load(f)
+    """Merge the groups' partial files with the committed suite run into <NAME>.json and write <NAME>.md;
+    without partial files, rewrite <NAME>.md from <NAME>.json (which holds every row it needs)."""
     partials = {}
     for group in GROUPS:
         if os.path.exists(partial_path(group)):
             with open(partial_path(group)) as f:
                 partials[group] = json.load(f)
-    payload = merged_payload(suite, partials)
-    path = write_results(NAME, payload)
+    path = os.path.join(RESULTS_DIR, f"{NAME}.json")
+    if partials:
+        with open(os.path.join(RESULTS_DIR, f"{SUITE}.json")) as f:
+            suite = json.load(f)
+        path = write_results(NAME, merged_payload(suite, partials))
     with open(path) as f:
         payload = json.load(f)
-    write_results(NAME, payload | {"environment": payload["environment"]}, write_review(payload))
+    atomic_write_text(os.path.join(RESULTS_DIR, f"{NAME}.md"), write_review(payload) + "\n")
 
 
 def main(argv=None):
