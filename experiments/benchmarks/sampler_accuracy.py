@@ -54,7 +54,7 @@ SOLVERS = [
     ("dpm++ 3M", "dpm_solver++", {"order": 3}),
     ("dpm-solver-3 (single-step)", "dpm_solver", {"order": 3}),
     ("dpm-solver-2 (single-step)", "dpm_solver", {"order": 2}),
-    ("deis-3 (rhoAB)", "deis", {"order": 3}),
+    ("deis-3 (rhoAB)", "deis", {"order": 3, "polynomial": "rho"}),
     ("sa-solver 3/3 tau=0", "sa_solver", {"order": 3, "corrector_order": 3, "tau": 0.0}),
     ("ddim", "ddim", {}),
     ("euler (t)", "euler", {}),

@@ -33,7 +33,7 @@ CONFIGS = [
     ("ddim", "ddim", {}),
     ("dpm_solver++ 3M", "dpm_solver++", {"order": 3}),
     ("dpm_solver-3", "dpm_solver", {"order": 3}),
-    ("deis-3", "deis", {"order": 3}),
+    ("deis-3", "deis", {"order": 3, "polynomial": "rho"}),
     ("sa_solver", "sa_solver", {}),
     ("dpm_solver++_sde", "dpm_solver++_sde", {}),
     ("edm_heun", "edm_heun", {}),
