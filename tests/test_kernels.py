@@ -103,8 +103,17 @@ def run_case(case: Case, implementation: str, seed: int):
     return (q, mask), (out, grads), (ref_out, ref_grads)
 
 
-@pytest.mark.parametrize("implementation", PALLAS + ("xla",))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+# the TPU kernel's bf16 cases run with -m slow (its f32 cases and the GPU kernel's bf16 ones by default)
+KERNEL_CASES = [
+    pytest.param(case, impl, marks=pytest.mark.slow)
+    if impl == "pallas_tpu" and case.dtype == jnp.bfloat16
+    else (case, impl)
+    for case in CASES
+    for impl in PALLAS + ("xla",)
+]
+
+
+@pytest.mark.parametrize("case, implementation", KERNEL_CASES, ids=lambda v: getattr(v, "name", v))
 def test_values_and_gradients_match_reference(case, implementation):
     seed = CASES.index(case) + 100 * (PALLAS + ("xla",)).index(implementation)
     (q, mask), (out, grads), (ref_out, ref_grads) = run_case(case, implementation, seed)

@@ -210,8 +210,8 @@ def mlp_init(key, width=64):
     "name, prediction, weighting, sampler",
     [
         ("vp", "eps", Constant(), UniformTime()),
-        ("cosine", "v", MinSNR(), UniformTime()),
-        ("flow", "velocity", Constant(), LogitNormal()),
+        pytest.param("cosine", "v", MinSNR(), UniformTime(), marks=pytest.mark.slow),
+        pytest.param("flow", "velocity", Constant(), LogitNormal(), marks=pytest.mark.slow),
         ("edm", EDMPreconditioned(), Constant(), LogNormal()),
     ],
     ids=["vp-eps", "cosine-v-min_snr", "flow-velocity", "edm-preconditioned"],

@@ -75,12 +75,12 @@ def fitted_order(process, name, grid_name, steps_list, t_max=None, **options):
 
 
 # (solver, options, designed order). UniPC's corrector raises the order of UniP-p to p + 1.
-# The variants marked slow repeat a tested step (order 1 = DDIM, another prediction or variant of
-# a tested order) or need hundreds of steps (DEIS); `pytest -m slow` runs them.
+# The variants marked slow repeat a tested step (order 1 = DDIM, another prediction, order or variant
+# of a tested solver) or need hundreds of steps (DEIS); `pytest -m slow` runs them.
 SLOW = pytest.mark.slow
 DETERMINISTIC = [
     pytest.param("dpm_solver", dict(order=1), 1, marks=SLOW),
-    ("dpm_solver", dict(order=2), 2),
+    pytest.param("dpm_solver", dict(order=2), 2, marks=SLOW),
     ("dpm_solver", dict(order=3), 3),
     pytest.param("dpm_solver", dict(order=2, data_prediction=True), 2, marks=SLOW),
     pytest.param("dpm_solver", dict(order=3, data_prediction=True), 3, marks=SLOW),
@@ -90,7 +90,7 @@ DETERMINISTIC = [
     ("unipc", dict(order=1, variant="bh1"), 2),
     pytest.param("unipc", dict(order=2, variant="bh1"), 3, marks=SLOW),
     ("unipc", dict(order=2, variant="bh2"), 3),
-    ("unipc", dict(order=3, variant="bh2"), 4),
+    pytest.param("unipc", dict(order=3, variant="bh2"), 4, marks=SLOW),
     ("unipc", dict(order=2, variant="bh2", corrector=False), 2),
     pytest.param("unipc", dict(order=3, variant="bh1", corrector=False), 3, marks=SLOW),
     pytest.param("deis", dict(order=2), 2, marks=SLOW),
@@ -98,7 +98,7 @@ DETERMINISTIC = [
     pytest.param("deis", dict(order=4), 4, marks=SLOW),
     ("edm_heun", dict(), 2),
     ("sa_solver", dict(order=3, corrector_order=0, tau=0.0), 3),
-    ("sa_solver", dict(order=2, corrector_order=3, tau=0.0), 3),
+    pytest.param("sa_solver", dict(order=2, corrector_order=3, tau=0.0), 3, marks=SLOW),
 ]
 
 
@@ -147,7 +147,11 @@ def test_orders_hold_for_other_processes(process, grid, solver, options, order):
 
 @pytest.mark.parametrize(
     "options, order",
-    [(dict(), 2), pytest.param(dict(order=1), 2, marks=pytest.mark.slow), (dict(corrector=False), 1)],
+    [
+        (dict(), 2),
+        pytest.param(dict(order=1), 2, marks=pytest.mark.slow),
+        pytest.param(dict(corrector=False), 1, marks=pytest.mark.slow),
+    ],
     ids=["default", "order1", "no-corrector"],
 )
 def test_gaussian_pc_converges_at_its_order(options, order):
@@ -158,7 +162,14 @@ def test_gaussian_pc_converges_at_its_order(options, order):
     assert order - 0.3 < slope < order + 0.5, (slope, errors)
 
 
-@pytest.mark.parametrize("process", ALL_PROCESSES, ids=lambda p: type(p).__name__)
+# the VP variants beyond VP itself (DDPM chain, cosine, sub-VP) run with -m slow
+EXACTNESS_PROCESSES = [
+    pytest.param(p, marks=pytest.mark.slow) if type(p).__name__ in ("DiscreteVP", "CosineVP", "SubVP") else p
+    for p in ALL_PROCESSES
+]
+
+
+@pytest.mark.parametrize("process", EXACTNESS_PROCESSES, ids=lambda p: type(p).__name__)
 def test_gaussian_pc_is_exact_for_isotropic_gaussian_data(process):
     """For data N(mu, s^2 I) the fit returns s^2 and the implied mean is mu, so from 2 steps on
     every state equals the exact ODE solution on every process, up to the float32 rounding of the
@@ -327,9 +338,10 @@ def _as_prediction(denoiser, prediction):
 
 
 # learned_variance on a plain Denoiser is the ancestral sampler (tests/test_learned_variance.py shows
-# it equal to Ancestral), so its sweep repeats ancestral's; VP, SubVP and VE (covered for every solver
-# by DiscreteVP and EDM, and elsewhere in the suite) run in the slow set too.
-SWEEP_SLOW_PROCESSES = (P.VP, P.SubVP, P.VE)
+# it equal to Ancestral), so its sweep repeats ancestral's; VP, SubVP, VE and CosineVP (covered for
+# every solver by DiscreteVP, EDM and FlowMatching, whose start is singular as CosineVP's, and
+# elsewhere in the suite) run in the slow set too.
+SWEEP_SLOW_PROCESSES = (P.VP, P.SubVP, P.VE, P.CosineVP)
 
 
 def _sweep_case(name, index):
