@@ -42,7 +42,9 @@ class DPMSolver(Solver):
     """Single-step DPM-Solver-k (Lu et al. 2022, Alg. 1 and 2, r1 = 1/2 for k = 2, r1 = 1/3,
     r2 = 2/3 for k = 3) in the noise form, or DPM-Solver++(2S/3S) (Lu et al. 2022b) in the data form
     (`data_prediction=True`). Each step evaluates the network at `order` points: order NFE per step;
-    global order = `order`.
+    global order = `order`. The noise form multiplies its eps differences by sigma_next (e^h - 1),
+    which grows like e^h: with a step or two over the whole range (5 NFE or fewer) it is far off,
+    and `data_prediction=True` is the stable choice (experiments/results/sampler_defaults_review.md).
     """
 
     order: int = 3
