@@ -25,6 +25,7 @@ schedule exponents) as leaves. The name tables are for the config boundary (`bui
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import ClassVar
@@ -149,9 +150,9 @@ def _alpha_and_slope(schedule, t, vocab_size):
 # ------------------------------------------------------------------------------------------------
 
 
-class DiscreteProcess:
-    """Base class. Subclasses define `vocab_size`, `num_states`, `marginal_matrix`, `transition_matrix`
-    and `prior_probs`; continuous-time ones also `rate_matrix`."""
+class DiscreteProcess(abc.ABC):
+    """Base class. Subclasses define `vocab_size`, `marginal_matrix`, `transition_matrix` and
+    `prior_probs`; continuous-time ones also `rate_matrix`."""
 
     vocab_size: int
     continuous_time: ClassVar[bool] = True
@@ -165,18 +166,20 @@ class DiscreteProcess:
     def mask_id(self) -> int | None:
         return None
 
+    @abc.abstractmethod
     def marginal_matrix(self, t):
-        raise NotImplementedError
+        """q(x_t = j | x_0 = i) for the clean tokens i: t.shape + (vocab_size, num_states)."""
 
+    @abc.abstractmethod
     def transition_matrix(self, s, t):
-        raise NotImplementedError
+        """q(x_t = j | x_s = i) for s <= t: t.shape + (num_states, num_states)."""
 
     def rate_matrix(self, t):
         raise NotImplementedError(f"{type(self).__name__} is a discrete-time process: it has no rate matrix")
 
+    @abc.abstractmethod
     def prior_probs(self):
         """The distribution of x_1 that sampling starts from, (num_states,)."""
-        raise NotImplementedError
 
     # -- derived -------------------------------------------------------------------------------
     def marginal_probs(self, x0, t):
