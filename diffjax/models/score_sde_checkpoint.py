@@ -114,7 +114,7 @@ SCORE_SDE_CONFIGS: Mapping[str, dict] = MappingProxyType(
 )
 
 # What the reader needs from each section of a score_sde config.
-_FIELDS = {
+CONFIG_FIELDS = {
     "model": (
         "name",
         "nf",
@@ -236,11 +236,11 @@ def score_sde_config(config: Any) -> dict:
             f"{sorted(SCORE_SDE_CONFIGS)} or score_sde's config (ml_collections, or a dict of model/data/training)"
         )
     plain = {}
-    for section, fields in _FIELDS.items():
+    for section, fields in CONFIG_FIELDS.items():
         try:
             values = config[section]
         except (KeyError, AttributeError, TypeError):
-            raise ValueError(f"score_sde config: no section {section!r} (needs {list(_FIELDS)})") from None
+            raise ValueError(f"score_sde config: no section {section!r} (needs {list(CONFIG_FIELDS)})") from None
         missing = [f for f in fields if f not in values]
         if missing:
             raise ValueError(f"score_sde config: {section} has no {missing}")
@@ -556,6 +556,7 @@ def score_sde_network_fn(pretrained, config: Any) -> Callable:
 
 
 __all__ = [
+    "CONFIG_FIELDS",
     "SCORE_SDE_CONFIGS",
     "WEIGHTS",
     "from_score_sde",
