@@ -7,8 +7,11 @@ experiments/results/<name>.{json,md}.
 
 NFE counts every network evaluation, the final denoising included; each solver gets the largest
 number of steps whose NFE does not exceed the target (the table shows the NFE actually used).
-FID and KID compare `--num_samples` samples with as many images of the evaluation split (FID is
-biased upwards at small sample counts: compare rows of one table, not with published numbers).
+FID and KID compare `--num_samples` samples with the first `--reference_images` images of the
+evaluation split (default: as many as samples; FID is biased upwards at small sample counts: compare
+rows of one table, not with published numbers). With several `--sample_seeds`, each row shows the
+FID of every seed, their mean and its standard error. The results are rewritten after every row, so
+a stopped run keeps the finished rows.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import app, flags
 
 import configs
@@ -27,6 +31,7 @@ from diffjax import evaluation
 from diffjax.samplers import SOLVERS
 from diffjax.training import eval_metrics
 from diffjax.training.config import apply_overrides, load_config_file, split_config_arguments
+from diffjax.training.cpu_malloc import tune_cpu_malloc
 from diffjax.training.from_config import sampler_from_config
 from diffjax.training.loop import evaluation_split, load_for_config
 from diffjax.validation import build_named
@@ -58,7 +63,10 @@ flags.DEFINE_integer(
     "Seed of the bits/dim key, jax.random.key(seed) (default: the run's "
     "'bits_per_dim' stream; the committed tables used 4).",
 )
-flags.DEFINE_integer("num_samples", 1000, "Samples per row (and reference images).")
+flags.DEFINE_integer("num_samples", 1000, "Samples per row.")
+flags.DEFINE_integer(
+    "reference_images", None, "Images of the evaluation split in the FID/KID reference (default: --num_samples)."
+)
 flags.DEFINE_integer("bpd_examples", 256, "Evaluation-split images for bits/dim (0 = skip).")
 flags.DEFINE_string("name", "mnist_sample_quality", "Results file name.")
 flags.DEFINE_string("remark", "", "A paragraph for the table's header: how the run was trained, the machine.")
@@ -111,28 +119,64 @@ def quality_table(rows, seeds, num):
             ]
             for r in rows
         ]
-    headers = ["solver", "steps", "NFE"] + [f"FID seed {s}" for s in seeds] + ["FID mean", "KID x1e3 mean"]
+    headers = ["solver", "steps", "NFE"] + [f"FID seed {s}" for s in seeds] + ["FID mean ± s.e.", "KID x1e3 mean"]
     table = []
     for i in range(0, len(rows), len(seeds)):
         group = rows[i : i + len(seeds)]
-        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
+        fid = np.array([r["fid"] for r in group])
+        stderr = fid.std(ddof=1) / np.sqrt(len(fid)) if len(fid) > 1 else float("nan")
         table.append(
             [group[0]["solver"], group[0]["steps"], group[0]["nfe"]]
             + [f"{r['fid']:.2f}" for r in group]
-            + [f"{mean('fid'):.2f}", f"{mean('kid_x1e3'):.2f}"]
+            + ["" for _ in range(len(seeds) - len(group))]
+            + [f"{fid.mean():.2f} ± {stderr:.2f}", f"{np.mean([r['kid_x1e3'] for r in group]):.2f}"]
         )
     return headers, table
 
 
+def write_table(base, run, step: int, split: str, rows: list, seeds: list, reference_count: int, likelihoods: dict):
+    """experiments/results/<--name>.{json,md} of the rows so far (and the bits/dim when measured)."""
+    num = FLAGS.num_samples
+    headers, table = quality_table(rows, seeds, num)
+    text = (
+        f"# Sample quality: {base.data.name}, {base.model.name} ({run.spec.num_params / 1e6:.2f}M parameters), "
+        f"{base.process.name} process, {base.loss.prediction} prediction, step {step}, EMA parameters\n\n"
+        f"FID/KID: {num} samples vs the first {reference_count} images of the {split!r} split "
+        "(small-sample FID is biased upwards; compare rows, not published numbers).\n\n"
+        + (FLAGS.remark + "\n\n" if FLAGS.remark else "")
+        + markdown_table(headers, table)
+    )
+    if likelihoods:
+        text += "\n\nBits/dim on the first {} images of the {!r} split (uniform dequantization):\n\n".format(
+            FLAGS.bpd_examples, split
+        )
+        text += markdown_table(
+            ["estimator", "bits/dim", "std. error", "failed"],
+            [[k, f"{v['bits_per_dim']:.3f}", f"{v['stderr']:.3f}", v["failed"]] for k, v in likelihoods.items()],
+        )
+    payload = {
+        "workdir": os.path.abspath(FLAGS.workdir),
+        "step": step,
+        "config": base.to_dict(),
+        "num_samples": num,
+        "reference_images": reference_count,
+        "rows": rows,
+        "bits_per_dim": likelihoods,
+    }
+    return text, write_results(FLAGS.name, payload, text)
+
+
 def main(argv) -> None:
     del argv
+    print(tune_cpu_malloc())  # before JAX starts: faster Inception features on the CPU
     base = apply_overrides(load_config_file(FLAGS.config), _overrides)
     loaded, run = load_for_config(base, FLAGS.workdir)  # the model from the checkpoint, checked against base
     params, num = loaded.ema_params, FLAGS.num_samples
+    reference_count = FLAGS.reference_images or num
     split = evaluation_split(data_lib.dataset_info(base.data))
     batch = int(base.eval.batch_size)
     inception = evaluation.load_inception_params(base.eval.inception_weights or None)
-    reference = eval_metrics.reference_for_split(base.data, split, num, inception, batch_size=batch)
+    reference = eval_metrics.reference_for_split(base.data, split, reference_count, inception, batch_size=batch)
 
     plan = [(s, *steps_for_nfe(s, int(n))) for n in FLAGS.nfe for s in FLAGS.solvers]
     if FLAGS.reference:
@@ -164,6 +208,7 @@ def main(argv) -> None:
                 }
             )
             print(rows[-1], flush=True)
+            write_table(base, run, loaded.step, split, rows, seeds, reference_count, {})
 
     likelihoods = {}
     if FLAGS.bpd_examples:
@@ -174,37 +219,9 @@ def main(argv) -> None:
                 run, params, images, labels, bpd_key, batch_size=batch, estimator=estimator
             )
             print(estimator, likelihoods[estimator], flush=True)
-
-    step = loaded.step
-    headers, table = quality_table(rows, seeds, num)
-    text = (
-        f"# Sample quality: {base.data.name}, {base.model.name} ({run.spec.num_params / 1e6:.2f}M parameters), "
-        f"{base.process.name} process, {base.loss.prediction} prediction, step {step}, EMA parameters\n\n"
-        f"FID/KID: {num} samples vs the first {num} images of the {split!r} split "
-        "(small-sample FID is biased upwards; compare rows, not published numbers).\n\n"
-        + (FLAGS.remark + "\n\n" if FLAGS.remark else "")
-        + markdown_table(headers, table)
-    )
-    if likelihoods:
-        text += "\n\nBits/dim on the first {} images of the {!r} split (uniform dequantization):\n\n".format(
-            FLAGS.bpd_examples, split
-        )
-        text += markdown_table(
-            ["estimator", "bits/dim", "std. error", "failed"],
-            [[k, f"{v['bits_per_dim']:.3f}", f"{v['stderr']:.3f}", v["failed"]] for k, v in likelihoods.items()],
-        )
+    text, path = write_table(base, run, loaded.step, split, rows, seeds, reference_count, likelihoods)
     print(text)
-    write_results(
-        FLAGS.name,
-        {
-            "workdir": os.path.abspath(FLAGS.workdir),
-            "step": step,
-            "config": base.to_dict(),
-            "rows": rows,
-            "bits_per_dim": likelihoods,
-        },
-        text,
-    )
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Tasks
   sample  10 network evaluations on batch 64 of the unet-small network: our jitted `sample()`
           (DDIM, eta 0, on the 1000-step DDPM chain, no final denoising) against a diffusers-style
           Python loop (DDIMScheduler.set_timesteps(10), unet(x, t), scheduler.step) under no_grad.
+  inception  FID's feature extraction (diffjax.evaluation.extract_features, 28x28x1 images resized
+          to 299x299) on batch 25: diffjax only, for its variants (e.g. the host allocator).
 Training step on both sides: eps-prediction MSE, AdamW (lr 1e-4, no weight decay, no clipping),
 EMA 0.999, float32 (our step: diffjax.training's, built from configs/default.py with these
 settings; torch's: torch_peers.make_train_step). PyTorch runs eager and under torch.compile.
@@ -40,14 +42,16 @@ import time
 START = time.time()
 
 THREADS = 2
-TASKS = ("unet", "dit", "sample")
+TASKS = ("unet", "dit", "sample", "inception")
 SETTINGS = {  # task -> (batch, steps per round, default rounds)
     "unet": (32, 5, 10),
     "dit": (8, 2, 6),
     "sample": (64, 1, 8),
+    "inception": (25, 1, 6),
 }
 CONTESTANTS = {"unet": ("diffjax", "torch", "torch.compile"), "dit": ("diffjax", "torch", "torch.compile")}
 CONTESTANTS["sample"] = ("diffjax", "torch")
+CONTESTANTS["inception"] = ("diffjax",)
 
 
 def peak_rss_mib() -> float:
@@ -147,6 +151,21 @@ def jax_sample_worker():
     return one, models.param_count(params)
 
 
+def jax_inception_worker():
+    import jax
+    import numpy as np
+
+    from diffjax.evaluation import extract_features, load_inception_params
+
+    params = load_inception_params()
+    images = np.random.default_rng(0).random((SETTINGS["inception"][0], 28, 28, 1), dtype=np.float32)
+
+    def one():
+        extract_features(params, images, value_range=(0.0, 1.0), batch_size=len(images), progress=False)
+
+    return one, sum(x.size for x in jax.tree.leaves(params))
+
+
 # --------------------------------------------------------------------------------------------------
 # torch side
 
@@ -200,6 +219,8 @@ def torch_sample_worker():
 
 
 def make_worker(task: str, contestant: str):
+    if task == "inception":
+        return jax_inception_worker()
     if task == "sample":
         return jax_sample_worker() if contestant == "diffjax" else torch_sample_worker()
     if contestant == "diffjax":
@@ -209,6 +230,10 @@ def make_worker(task: str, contestant: str):
 
 def worker(task: str, contestant: str) -> None:
     """Set up, time the first step, then answer "N" (time N steps) and "rss" on stdin."""
+    if os.environ.get("DIFFJAX_CPU_MALLOC") == "tune":  # as the command line does, before JAX starts
+        from diffjax.training.cpu_malloc import tune_cpu_malloc
+
+        print(tune_cpu_malloc(), file=sys.stderr)
     one, params = make_worker(task, contestant)
     start = time.perf_counter()
     one()
@@ -233,15 +258,15 @@ def worker(task: str, contestant: str) -> None:
 
 
 class Contestant:
-    """A worker process; `xla_flags` (diffjax variants) go into its XLA_FLAGS."""
+    """A worker process; `environment` (diffjax variants: XLA_FLAGS, LD_PRELOAD, ...) is added to its
+    environment, which otherwise has no XLA_FLAGS."""
 
-    def __init__(self, task: str, name: str, xla_flags: str = ""):
+    def __init__(self, task: str, name: str, environment: dict | None = None):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "JAX_PLATFORMS": "cpu"}
         env.pop("XLA_FLAGS", None)
-        if xla_flags:
-            env["XLA_FLAGS"] = xla_flags
-        kind = "diffjax" if name.startswith("diffjax") else name
+        env.update(environment or {})
+        kind = name.split(" ")[0]
         command = [sys.executable, "-m", "experiments.benchmarks.cpu_vs_torch", "--worker", task, kind]
         self.name = name
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
@@ -271,16 +296,16 @@ class Contestant:
 
 
 def run_task(task: str, rounds: int, names=None, variants: dict | None = None, parallel_start: bool = False) -> dict:
-    """Interleaved rounds of `names` (default: CONTESTANTS[task]) and of diffjax `variants`
-    ({label: XLA_FLAGS}, contestants "diffjax <label>"). `parallel_start` starts every process at
-    once (quicker; their first-step times then overlap and are not comparable)."""
+    """Interleaved rounds of `names` (default: CONTESTANTS[task]) and of `variants` ({"<contestant>
+    <label>": {variable: value}}: that contestant with these environment variables). `parallel_start`
+    starts every process at once (quicker; their first-step times then overlap and are not comparable)."""
     batch, steps, _ = SETTINGS[task]
     contestants = []
-    entries = [(name, "") for name in (names or CONTESTANTS[task])]
-    entries += [(f"diffjax {label}", flags) for label, flags in (variants or {}).items()]
+    entries = [(name, {}) for name in (names or CONTESTANTS[task])]
+    entries += [(name, env) for name, env in (variants or {}).items() if name.split(" ")[0] in CONTESTANTS[task]]
     try:
-        for name, flags in entries:
-            contestants.append(Contestant(task, name, flags))
+        for name, environment in entries:
+            contestants.append(Contestant(task, name, environment))
             if not parallel_start:
                 print(f"{task}: {name} ready {contestants[-1].wait_ready()}", flush=True)
         for c in contestants if parallel_start else ():
@@ -296,7 +321,7 @@ def run_task(task: str, rounds: int, names=None, variants: dict | None = None, p
         for c in contestants:
             c.close()
     result = {"batch": batch, "steps_per_round": steps, "rounds": rounds, "contestants": {}}
-    result["xla_flags"] = {name: flags for name, flags in entries if flags}
+    result["environment"] = {name: environment for name, environment in entries if environment}
     for c in contestants:
         ratios = [j / t for j, t in zip(per_round["diffjax"], per_round[c.name])]
         result["contestants"][c.name] = {
@@ -333,6 +358,25 @@ def render(results: dict) -> str:
     return markdown_table(headers, rows)
 
 
+def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
+    """["[contestant/]label:VARIABLE=VALUE", ...] -> {"<contestant> <label>": {VARIABLE: VALUE, ...}}
+    (contestant default: diffjax)."""
+    variants: dict[str, dict[str, str]] = {}
+    kinds = {kind for names in CONTESTANTS.values() for kind in names}
+    for spec in specs:
+        label, _, assignment = spec.partition(":")
+        kind, _, label = label.rpartition("/")
+        kind = kind or "diffjax"
+        variable, equals, value = assignment.partition("=")
+        if not label or not variable or not equals or kind not in kinds or " " in label:
+            raise SystemExit(
+                f"--variant must look like [contestant/]label:VARIABLE=VALUE with a contestant of "
+                f"{sorted(kinds)} and a label without spaces, got {spec!r}"
+            )
+        variants.setdefault(f"{kind} {label}", {})[variable] = value
+    return variants
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -344,7 +388,10 @@ def main(argv=None) -> None:
         "--variant",
         action="append",
         default=[],
-        help="label=XLA_FLAGS: one more diffjax contestant run with these XLA flags (repeatable)",
+        help="[contestant/]label:VARIABLE=VALUE: one more contestant (default diffjax; shown as "
+        '"<contestant> <label>") with this environment variable, e.g. '
+        "torch/tcmalloc:LD_PRELOAD=libtcmalloc_minimal.so.4, onednn:XLA_FLAGS=--xla_cpu_use_onednn=true, "
+        "tuned:DIFFJAX_CPU_MALLOC=tune (diffjax.training.cpu_malloc); repeat a label to set several variables",
     )
     parser.add_argument(
         "--parallel-start", action="store_true", help="start all processes at once (first-step times overlap)"
@@ -363,7 +410,7 @@ def main(argv=None) -> None:
     names = args.contestants.split(",") if args.contestants else None
     if names and "diffjax" not in names:
         raise SystemExit("--contestants must include diffjax (the ratios are against it)")
-    variants = dict(v.split("=", 1) for v in args.variant)
+    variants = parse_variants(args.variant)
     results = {}
     for task in tasks:  # the table is rewritten after every task: a stopped run keeps the finished ones
         chosen = [n for n in names if n in CONTESTANTS[task]] if names else None
