@@ -1,0 +1,33 @@
+"""The CPU benchmarks' own logic: variant parsing (cpu_vs_torch) and op classes (cpu_step_profile)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments.benchmarks.cpu_step_profile import classify
+from experiments.benchmarks.cpu_vs_torch import parse_variants
+
+
+def test_variants_name_their_contestant_and_collect_variables():
+    variants = parse_variants(
+        ["tcmalloc:LD_PRELOAD=/lib/libtcmalloc.so", "torch/tcmalloc:LD_PRELOAD=/lib/x.so", "flags:A=1", "flags:B=x=y"]
+    )
+    assert variants == {
+        "diffjax tcmalloc": {"LD_PRELOAD": "/lib/libtcmalloc.so"},
+        "torch tcmalloc": {"LD_PRELOAD": "/lib/x.so"},
+        "diffjax flags": {"A": "1", "B": "x=y"},
+    }
+    for bad in ("no-assignment", "label:=1", "pytorch/x:A=1", "two words:A=1"):
+        with pytest.raises(SystemExit, match="--variant must look like"):
+            parse_variants([bad])
+
+
+def test_profile_classes_tell_kernel_gradients_from_forward_convolutions():
+    def loss(x, kernel):
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(y) @ jnp.ones((8, 4)))
+
+    x, kernel = jnp.ones((2, 16, 16, 4)), jnp.ones((3, 3, 4, 8))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+    classes = {kind for kind, _ in classify(text).values()}
+    assert {"convolution: kernel gradient", "convolution: other", "dot"} <= classes
