@@ -118,13 +118,13 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _setup_cpu_malloc() -> None:
-    """Before JAX's backend starts: its threads keep the arenas they first allocated from."""
+def _setup_cpu_malloc() -> str:
+    """First thing, before JAX's backend starts: its threads keep the arenas they first allocated from."""
     if FLAGS.cpu_malloc == "off":
-        return
+        return "malloc left as is (--cpu_malloc=off)"
     from diffjax.training.cpu_malloc import tune_cpu_malloc
 
-    logging.getLogger("diffjax").info("%s", tune_cpu_malloc())
+    return tune_cpu_malloc()
 
 
 def _setup_compilation_cache() -> None:
@@ -142,6 +142,7 @@ def _setup_compilation_cache() -> None:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    malloc = _setup_cpu_malloc()
     from diffjax.training import (
         ConfigError,
         TrainingStopped,
@@ -163,7 +164,8 @@ def main(argv) -> int:
         print(f"diffjax: error: {err}", file=sys.stderr)
         return 2
     _setup_logging()
-    _setup_cpu_malloc()
+    logger = logging.getLogger("diffjax")
+    (logger.warning if "partly" in malloc else logger.info)("%s", malloc)
     _setup_compilation_cache()
     _initialize_distributed()
     try:

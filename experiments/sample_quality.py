@@ -69,6 +69,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("bpd_examples", 256, "Evaluation-split images for bits/dim (0 = skip).")
 flags.DEFINE_string("name", "mnist_sample_quality", "Results file name.")
+flags.DEFINE_enum(
+    "cpu_malloc", "auto", ["auto", "off"], "As the command line's: tune glibc's malloc (diffjax.training.cpu_malloc)."
+)
 flags.DEFINE_string("remark", "", "A paragraph for the table's header: how the run was trained, the machine.")
 FLAGS = flags.FLAGS
 _overrides: list[tuple[str, str]] = []  # the --config.<key>=<value> arguments, for apply_overrides
@@ -122,26 +125,33 @@ def quality_table(rows, seeds, num):
     headers = ["solver", "steps", "NFE"] + [f"FID seed {s}" for s in seeds] + ["FID mean ± s.e.", "KID x1e3 mean"]
     table = []
     for i in range(0, len(rows), len(seeds)):
-        group = rows[i : i + len(seeds)]
+        group = rows[i : i + len(seeds)]  # shorter than seeds when the run stopped inside this row
         fid = np.array([r["fid"] for r in group])
-        stderr = fid.std(ddof=1) / np.sqrt(len(fid)) if len(fid) > 1 else float("nan")
+        mean = f"{fid.mean():.2f}" + (f" ± {fid.std(ddof=1) / np.sqrt(len(fid)):.2f}" if len(fid) > 1 else "")
+        if len(group) < len(seeds):
+            mean += f" ({len(group)} of {len(seeds)} seeds)"
         table.append(
             [group[0]["solver"], group[0]["steps"], group[0]["nfe"]]
             + [f"{r['fid']:.2f}" for r in group]
-            + ["" for _ in range(len(seeds) - len(group))]
-            + [f"{fid.mean():.2f} ± {stderr:.2f}", f"{np.mean([r['kid_x1e3'] for r in group]):.2f}"]
+            + ["-" for _ in range(len(seeds) - len(group))]
+            + [mean, f"{np.mean([r['kid_x1e3'] for r in group]):.2f}"]
         )
     return headers, table
 
 
-def write_table(base, run, step: int, split: str, rows: list, seeds: list, reference_count: int, likelihoods: dict):
-    """experiments/results/<--name>.{json,md} of the rows so far (and the bits/dim when measured)."""
+def write_table(
+    base, run, step: int, split: str, rows: list, seeds: list, reference_count: int, likelihoods: dict, planned: int
+):
+    """experiments/results/<--name>.{json,md} of the rows so far (and the bits/dim when measured);
+    `planned` rows in all (the table says when it has fewer)."""
     num = FLAGS.num_samples
     headers, table = quality_table(rows, seeds, num)
+    progress = f"**In progress: {len(rows)} of {planned} rows.**\n\n" if len(rows) < planned else ""
     text = (
         f"# Sample quality: {base.data.name}, {base.model.name} ({run.spec.num_params / 1e6:.2f}M parameters), "
         f"{base.process.name} process, {base.loss.prediction} prediction, step {step}, EMA parameters\n\n"
-        f"FID/KID: {num} samples vs the first {reference_count} images of the {split!r} split "
+        + progress
+        + f"FID/KID: {num} samples vs the first {reference_count} images of the {split!r} split "
         "(small-sample FID is biased upwards; compare rows, not published numbers).\n\n"
         + (FLAGS.remark + "\n\n" if FLAGS.remark else "")
         + markdown_table(headers, table)
@@ -168,12 +178,19 @@ def write_table(base, run, step: int, split: str, rows: list, seeds: list, refer
 
 def main(argv) -> None:
     del argv
-    print(tune_cpu_malloc())  # before JAX starts: faster Inception features on the CPU
+    if FLAGS.cpu_malloc == "auto":
+        print(tune_cpu_malloc())  # before JAX starts: faster Inception features on the CPU
     base = apply_overrides(load_config_file(FLAGS.config), _overrides)
+    info = data_lib.dataset_info(base.data)
+    split = evaluation_split(info)
+    reference_count = FLAGS.num_samples if FLAGS.reference_images is None else FLAGS.reference_images
+    if not 1 <= reference_count <= info.num_examples[split]:
+        raise app.UsageError(
+            f"--reference_images={reference_count}: the {split!r} split has {info.num_examples[split]} images "
+            "(use 1 to that many)"
+        )
     loaded, run = load_for_config(base, FLAGS.workdir)  # the model from the checkpoint, checked against base
     params, num = loaded.ema_params, FLAGS.num_samples
-    reference_count = FLAGS.reference_images or num
-    split = evaluation_split(data_lib.dataset_info(base.data))
     batch = int(base.eval.batch_size)
     inception = evaluation.load_inception_params(base.eval.inception_weights or None)
     reference = eval_metrics.reference_for_split(base.data, split, reference_count, inception, batch_size=batch)
@@ -208,7 +225,7 @@ def main(argv) -> None:
                 }
             )
             print(rows[-1], flush=True)
-            write_table(base, run, loaded.step, split, rows, seeds, reference_count, {})
+            write_table(base, run, loaded.step, split, rows, seeds, reference_count, {}, len(plan) * len(keys))
 
     likelihoods = {}
     if FLAGS.bpd_examples:
@@ -219,7 +236,7 @@ def main(argv) -> None:
                 run, params, images, labels, bpd_key, batch_size=batch, estimator=estimator
             )
             print(estimator, likelihoods[estimator], flush=True)
-    text, path = write_table(base, run, loaded.step, split, rows, seeds, reference_count, likelihoods)
+    text, path = write_table(base, run, loaded.step, split, rows, seeds, reference_count, likelihoods, len(rows))
     print(text)
     print("wrote", path)
 

@@ -31,3 +31,24 @@ def test_profile_classes_tell_kernel_gradients_from_forward_convolutions():
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
     classes = {kind for kind, _ in classify(text).values()}
     assert {"convolution: kernel gradient", "convolution: other", "dot"} <= classes
+
+
+MULTI_OUTPUT_TRANSPOSE = """HloModule m
+%fused (p: f32[2,3]) -> (f32[3,2], f32[2,3]) {
+  %p = f32[2,3]{1,0} parameter(0)
+  %t = f32[3,2]{1,0} transpose(%p), dimensions={1,0}
+  ROOT %tuple = (f32[3,2]{1,0}, f32[2,3]{1,0}) tuple(%t, %p)
+}
+
+ENTRY %main (a: f32[2,3]) -> (f32[3,2], f32[2,3]) {
+  %a = f32[2,3]{1,0} parameter(0)
+  ROOT %fusion.1 = (f32[3,2]{1,0}, f32[2,3]{1,0}) fusion(%a), kind=kLoop, calls=%fused
+  %other.2 = f32[2,3]{1,0} fusion(%a), kind=kLoop, calls=%missing
+}
+"""
+
+
+def test_profile_classes_read_tuple_shapes_and_name_what_they_cannot_explain():
+    classes = classify(MULTI_OUTPUT_TRANSPOSE)
+    assert classes["fusion.1"] == ("data movement", "(f32[3,2]{1,0}, f32[2,3]{1,0})")
+    assert classes["other.2"][0] == "unclassified"

@@ -2,8 +2,9 @@
 AdamW, EMA, batch 32, float32) is profiled over a few steps with `jax.profiler`, and every executed
 XLA op (a fusion, a library call) is put in one class by the instructions it computes: convolution
 (split into kernel gradients, whose output has the kernel's shape, and the rest: forward and input
-gradients), dot, reduce, transpose/copy, elementwise. Prints and writes the time per class and the
-slowest ops with their output shapes.
+gradients), dot, reduce, data movement (transposes, copies, slices, concatenations, pads),
+elementwise, and unclassified (traced ops the HLO text did not explain). Prints and writes the time
+per class and the slowest ops with their output shapes.
 
     python -m experiments.benchmarks.cpu_step_profile [--steps 5] [--name cpu_step_profile]
 
@@ -27,8 +28,23 @@ import numpy as np
 from experiments.benchmarks.common import markdown_table, write_results
 from experiments.benchmarks.cpu_vs_torch import jax_train_config
 
-CLASSES = ("convolution: kernel gradient", "convolution: other", "dot", "reduce", "transpose/copy", "elementwise")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(", re.M)
+CLASSES = (
+    "convolution: kernel gradient",
+    "convolution: other",
+    "dot",
+    "reduce",
+    "data movement",
+    "elementwise",
+    "unclassified",
+)
+# lazy shape: tuple shapes such as (f32[2]{0}, f32[3]{0}) contain spaces
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(")
+_PLUMBING = {"parameter", "constant", "tuple", "get-tuple-element"}
+_MOVEMENT = {
+    "transpose", "copy", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice", "dynamic-update-slice",
+    "concatenate", "pad", "reverse", "iota",
+}  # fmt: skip
+_OP_NAME = re.compile(r"^[a-z][\w\-]*(\.\d+)?$")  # how XLA names the ops it runs (fusion.12, ynn_fusion.3)
 
 
 def hlo_computations(text: str) -> dict[str, list[tuple[str, str, str, str | None]]]:
@@ -47,6 +63,13 @@ def hlo_computations(text: str) -> dict[str, list[tuple[str, str, str, str | Non
     return computations
 
 
+def _is_kernel_gradient(conv_shape: str) -> bool:
+    """A convolution whose output is (out, k, k, in)-like: XLA's layout of a kernel gradient for the
+    1x1 and 3x3 windows of these models (a shape rule: forward outputs here are at least 4x4)."""
+    dims = [int(d) for d in re.findall(r"\d+", conv_shape[conv_shape.index("[") : conv_shape.index("]")])]
+    return len(dims) == 4 and dims[1] == dims[2] and dims[1] in (1, 3) and dims[0] > dims[1]
+
+
 def classify(text: str) -> dict[str, tuple[str, str]]:
     """{op name: (class, output shape)} for every instruction of the module (fusions by their body)."""
     computations = hlo_computations(text)
@@ -54,19 +77,19 @@ def classify(text: str) -> dict[str, tuple[str, str]]:
     for instructions in computations.values():
         for name, shape, opcode, called in instructions:
             body = [(s, o) for _, s, o, _ in computations.get(called, [])] if called else [(shape, opcode)]
-            opcodes = {o for _, o in body}
-            if "convolution" in opcodes:
+            opcodes = {o for _, o in body} - _PLUMBING
+            if not opcodes:
+                result[name] = ("unclassified", shape)  # a call whose body was not parsed
+            elif "convolution" in opcodes:
                 conv_shape = next(s for s, o in body if o == "convolution")
-                dims = [int(d) for d in re.findall(r"\d+", conv_shape[conv_shape.index("[") : conv_shape.index("]")])]
-                # a kernel gradient's output is (out, k, k, in)-like: the 1x1 and 3x3 windows of these models
-                kernel = len(dims) == 4 and dims[1] == dims[2] and dims[1] in (1, 3) and dims[0] > dims[1]
-                result[name] = ("convolution: kernel gradient" if kernel else "convolution: other", conv_shape)
+                kind = "convolution: kernel gradient" if _is_kernel_gradient(conv_shape) else "convolution: other"
+                result[name] = (kind, conv_shape)
             elif "dot" in opcodes:
                 result[name] = ("dot", shape)
             elif opcodes & {"reduce", "reduce-window"}:
                 result[name] = ("reduce", shape)
-            elif opcodes & {"transpose", "copy"} and opcodes <= {"transpose", "copy", "parameter", "bitcast"}:
-                result[name] = ("transpose/copy", shape)
+            elif opcodes <= _MOVEMENT:
+                result[name] = ("data movement", shape)
             else:
                 result[name] = ("elementwise", shape)
     return result
@@ -117,7 +140,11 @@ def main(argv=None) -> None:
     step, state, data = build_step()
     classes = classify(step.lower(state, data).compile().as_text())
     times = op_times(step, state, data, args.steps)
-    ops = [(seconds, name, *classes[name]) for name, seconds in times.items() if name in classes]
+    ops = [
+        (seconds, name, *classes.get(name, ("unclassified", "?")))
+        for name, seconds in times.items()
+        if name in classes or _OP_NAME.match(name)
+    ]
     per_class = collections.Counter()
     counts = collections.Counter()
     for seconds, _, kind, _ in ops:

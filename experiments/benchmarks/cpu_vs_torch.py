@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -229,12 +230,17 @@ def make_worker(task: str, contestant: str):
 
 
 def worker(task: str, contestant: str) -> None:
-    """Set up, time the first step, then answer "N" (time N steps) and "rss" on stdin."""
-    if os.environ.get("DIFFJAX_CPU_MALLOC") == "tune":  # as the command line does, before JAX starts
+    """Set up, time the first step, then answer "N" (time N steps) and "rss" (peak RSS, and the
+    share of the timed steps' CPU time spent in the kernel) on stdin."""
+    malloc = os.environ.get("DIFFJAX_CPU_MALLOC", "")
+    if malloc not in ("", "tune"):
+        raise SystemExit(f"DIFFJAX_CPU_MALLOC={malloc!r}: must be 'tune' or unset")
+    if malloc == "tune":  # as the command line does, before JAX starts
         from diffjax.training.cpu_malloc import tune_cpu_malloc
 
         print(tune_cpu_malloc(), file=sys.stderr)
     one, params = make_worker(task, contestant)
+    cpu = {"user": 0.0, "system": 0.0}
     start = time.perf_counter()
     one()
     first = time.perf_counter() - start
@@ -243,13 +249,18 @@ def worker(task: str, contestant: str) -> None:
     for line in sys.stdin:
         command = line.strip()
         if command == "rss":
-            print(json.dumps({"peak_rss_mib": peak_rss_mib()}), flush=True)
+            system_share = cpu["system"] / max(cpu["user"] + cpu["system"], 1e-9)
+            print(json.dumps({"peak_rss_mib": peak_rss_mib(), "system_cpu_share": system_share}), flush=True)
             continue
         times = []
+        before = resource.getrusage(resource.RUSAGE_SELF)
         for _ in range(int(command)):
             start = time.perf_counter()
             one()
             times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu["user"] += after.ru_utime - before.ru_utime
+        cpu["system"] += after.ru_stime - before.ru_stime
         print(json.dumps({"times": times}), flush=True)
 
 
@@ -258,13 +269,14 @@ def worker(task: str, contestant: str) -> None:
 
 
 class Contestant:
-    """A worker process; `environment` (diffjax variants: XLA_FLAGS, LD_PRELOAD, ...) is added to its
-    environment, which otherwise has no XLA_FLAGS."""
+    """A worker process; `environment` (a variant's XLA_FLAGS, LD_PRELOAD, DIFFJAX_CPU_MALLOC) is added
+    to its environment, which otherwise has none of these three."""
 
     def __init__(self, task: str, name: str, environment: dict | None = None):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "JAX_PLATFORMS": "cpu"}
-        env.pop("XLA_FLAGS", None)
+        for variable in ("XLA_FLAGS", "LD_PRELOAD", "DIFFJAX_CPU_MALLOC"):
+            env.pop(variable, None)
         env.update(environment or {})
         kind = name.split(" ")[0]
         command = [sys.executable, "-m", "experiments.benchmarks.cpu_vs_torch", "--worker", task, kind]
@@ -316,12 +328,12 @@ def run_task(task: str, rounds: int, names=None, variants: dict | None = None, p
             for c in order:
                 per_round[c.name].append(batch / statistics.median(c.ask(str(steps))["times"]))
             print(f"{task} round {r}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in per_round.items()), flush=True)
-        rss = {c.name: c.ask("rss")["peak_rss_mib"] for c in contestants}
+        usage = {c.name: c.ask("rss") for c in contestants}
     finally:
         for c in contestants:
             c.close()
     result = {"batch": batch, "steps_per_round": steps, "rounds": rounds, "contestants": {}}
-    result["environment"] = {name: environment for name, environment in entries if environment}
+    result["variant_environment"] = {name: environment for name, environment in entries if environment}
     for c in contestants:
         ratios = [j / t for j, t in zip(per_round["diffjax"], per_round[c.name])]
         result["contestants"][c.name] = {
@@ -329,7 +341,7 @@ def run_task(task: str, rounds: int, names=None, variants: dict | None = None, p
             "images_per_s_per_round": per_round[c.name],
             "images_per_s": statistics.median(per_round[c.name]),
             "diffjax_over_this": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
-            "peak_rss_mib": rss[c.name],
+            **usage[c.name],
         }
     return result
 
@@ -338,7 +350,7 @@ def render(results: dict) -> str:
     from experiments.benchmarks.common import markdown_table
 
     headers = ["task", "contestant", "params", "images/s (median)", "diffjax / this: median (min-max)"]
-    headers += ["first step s", "process start to first step s", "peak RSS MiB"]
+    headers += ["first step s", "process start to first step s", "peak RSS MiB", "kernel share of CPU time"]
     rows = []
     for task, result in results.items():
         for name, c in result["contestants"].items():
@@ -353,6 +365,7 @@ def render(results: dict) -> str:
                     f"{c['first_step_s']:.1f}",
                     f"{c['process_to_first_step_s']:.1f}",
                     f"{c['peak_rss_mib']:.0f}",
+                    f"{100 * c['system_cpu_share']:.0f} %" if "system_cpu_share" in c else "-",
                 ]
             )
     return markdown_table(headers, rows)
