@@ -14,8 +14,8 @@ pipeline); the teacher's weights travel in the params pytree, frozen by the trai
               network sees EDM's (c_in x, c_noise), the teacher's inputs, so the teacher's F is a
               good start. Sampled by `ConsistencySampler` through the noise levels CD_SIGMAS.
     pd        progressive distillation on EDM (Salimans & Ho 2022): the teacher's DDIM on a Karras
-              grid of 16 steps, halved 4 times (8, 4, 2, 1 steps; --iterations split over the
-              rounds; each round starts from the previous student and uses it as teacher).
+              grid of 16 steps, halved 4 times (8, 4, 2, 1 steps; --pd-start-steps; --iterations split
+              over the rounds; each round starts from the previous student and uses it as teacher).
               Image convention: the student keeps the teacher's EDM preconditioning and regresses
               x0 with weight max(SNR, 1) (the mixture script's TrigFlow v target would need a
               TrigFlow network; on EDM, v is not normalised). Sampled by DDIM on its grid.
@@ -87,6 +87,8 @@ CD_SIGMAS = {1: (), 2: (0.821,), 4: (17.52, 2.515, 0.1698)}
 PD_START_STEPS = 16  # the teacher's DDIM steps in the first round
 TEACHER_STEPS = 49  # + the final denoising = 50 NFE
 REGRESSION_WEIGHT = 0.25
+SAMPLE_SECONDS: dict[str, float] = {}  # seconds per image after the first (compiling) batch, by label
+STEP_SECONDS: dict[str, float] = {}  # seconds per training step after the first (compiling) one, by label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,14 +146,19 @@ def train(loss_fn, params, trainable, args, label, batches, extra=None):
     average = ema(args.ema)
     state = create_train_state(params, optimizer, 0, average=average, trainable=trainable)
     step = jax.jit(make_train_step(loss_fn, optimizer, average, trainable=trainable))
-    start, loss = time.perf_counter(), float("nan")
+    start, loss, steady = time.perf_counter(), float("nan"), None
     for i in tqdm(range(args.iterations), desc=label, mininterval=5):
         batch = {"image": jnp.asarray(next(batches)["image"]), "step": state.step}
         state, metrics = step(state, {**batch, **({} if extra is None else extra(i))})
-        loss = float(metrics["loss"])
+        loss = float(metrics["loss"])  # waits for the step
         if not np.isfinite(loss):
             raise SystemExit(f"{label}: the loss is {loss} at step {i}")
-    return state, time.perf_counter() - start, loss
+        if i == 0:
+            steady = time.perf_counter()  # the first step compiles
+    seconds = time.perf_counter() - start
+    per_step = (time.perf_counter() - steady) / (args.iterations - 1) if args.iterations > 1 else float("nan")
+    STEP_SECONDS[label] = per_step
+    return state, seconds, loss
 
 
 def train_cd(teacher: Teacher, args, batches):
@@ -169,15 +176,16 @@ def train_cd(teacher: Teacher, args, batches):
     return {"student": state.ema_params["student"]}, {"seconds": seconds, "final_loss": last}
 
 
-def pd_start_times(process) -> tuple[float, ...]:
-    times = np.asarray(Karras()(process, PD_START_STEPS, process.t_min, process.t_max), np.float64)
+def pd_start_times(process, steps: int) -> tuple[float, ...]:
+    times = np.asarray(Karras()(process, steps, process.t_min, process.t_max), np.float64)
     return tuple(float(t) for t in times)
 
 
 def train_pd(teacher: Teacher, args, batches):
     """{steps: (params, times)} of the rounds with 4, 2 and 1 steps."""
-    times, params, teacher_params = pd_start_times(teacher.process), teacher.params, teacher.params
-    per_round = max(args.iterations // 4, 1)
+    times, params, teacher_params = pd_start_times(teacher.process, args.pd_start_steps), teacher.params, teacher.params
+    rounds_total = int(args.pd_start_steps).bit_length() - 1  # a power of 2: log2 of the start steps
+    per_round = max(args.iterations // rounds_total, 1)
     round_args = argparse.Namespace(**{**vars(args), "iterations": per_round})
     students, seconds, rounds = {}, 0.0, []
     while len(times) > 2:
@@ -310,9 +318,13 @@ def student_generators(method: str, teacher: Teacher, trained) -> dict[int, Call
 def generate_images(generate, num: int, key, batch_size: int, label: str) -> np.ndarray:
     """num uint8 images, batch_size per compiled call (key folded with the batch index)."""
     jitted = jax.jit(generate, static_argnums=1)
-    chunks = []
+    chunks, start = [], time.perf_counter()
     for i in tqdm(range(-(-num // batch_size)), desc=label, mininterval=5):
         chunks.append(to_uint8(jitted(jax.random.fold_in(key, i), batch_size)))
+        if i == 0:
+            start = time.perf_counter()  # the first batch compiles
+    if len(chunks) > 1:
+        SAMPLE_SECONDS[label] = (time.perf_counter() - start) / ((len(chunks) - 1) * batch_size)
     return np.concatenate(chunks)[:num]
 
 
@@ -344,7 +356,8 @@ def markdown(rows, meta) -> str:
         f"FID of {meta['samples']} samples per seed vs the first {meta['reference_images']} images of the "
         f"{meta['split']!r} split (small-sample FID is biased upwards: compare rows). Students: the teacher's "
         f"architecture initialised from its EMA parameters, {meta['iterations']} Adam steps (lr {meta['lr']}, "
-        f"beta2 0.99, batch {meta['batch_size']}, EMA {meta['ema']}; pd: split over its 4 rounds); "
+        f"beta2 0.99, batch {meta['batch_size']}, EMA {meta['ema']}; pd: split over its rounds from "
+        f"{meta['pd_start_steps']} steps); "
         f"dmd+reg: {meta['regression_pairs']} regression pairs, weight {meta['regression_weight']}. "
         "Teacher: the default solver (UniPC), 49 steps + the final denoising. "
         "See experiments/distill_mnist.py for each method's settings.\n\n" + markdown_table(headers, body) + "\n"
@@ -380,6 +393,8 @@ def fid_row(method, nfe, generate, args, reference, inception, training_seconds,
         "training_seconds": training_seconds,
         "sampling_seconds": seconds,
         "sampling_seconds_per_1k": 1000.0 * float(np.mean(seconds)) / args.samples,
+        "steady_sampling_seconds_per_1k": 1000.0
+        * SAMPLE_SECONDS.get(f"{method} NFE {nfe} seed {args.seeds[-1]}", np.nan),
     }
 
 
@@ -402,6 +417,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument(
+        "--pd-start-steps", type=int, default=PD_START_STEPS, help="pd's first teacher grid (a power of 2)"
+    )
     parser.add_argument("--regression-weight", type=float, default=REGRESSION_WEIGHT)
     parser.add_argument("--regression-pairs", type=int, default=2000, help="dmd+reg's (noise, teacher sample) pairs")
     parser.add_argument("--samples", type=int, default=2000, help="samples per row and seed")
@@ -422,6 +440,8 @@ def parse_args(argv=None):
     for name in ("iterations", "batch_size", "samples", "sample_batch", "reference_images", "regression_pairs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.pd_start_steps < 2 or args.pd_start_steps & (args.pd_start_steps - 1):
+        parser.error(f"--pd-start-steps must be a power of 2 >= 2, got {args.pd_start_steps}")
     if not args.seeds:
         parser.error("--seeds needs at least one seed")
     return args
@@ -449,7 +469,10 @@ def main(argv=None):
         "teacher_step": int(loaded.step),
         "split": split,
         **{k: getattr(args, k) for k in ("iterations", "batch_size", "lr", "ema", "samples", "seeds")},
-        **{k: getattr(args, k) for k in ("reference_images", "regression_pairs", "regression_weight", "methods")},
+        **{
+            k: getattr(args, k)
+            for k in ("reference_images", "regression_pairs", "regression_weight", "methods", "pd_start_steps")
+        },
         "cd_sigmas": {str(k): v for k, v in CD_SIGMAS.items()},
     }
     rows, training = [], {}
@@ -464,7 +487,8 @@ def main(argv=None):
         write()
     for method in args.methods:
         trained, info = TRAINERS[method](teacher, args, batches)
-        training[method] = info
+        training[method] = {**info, "steady_seconds_per_step": {k: v for k, v in STEP_SECONDS.items()}}
+        STEP_SECONDS.clear()
         kept = {f"steps_{k}": v[0] for k, v in trained.items()} if method == "pd" else trained
         save_params(os.path.join(args.out, f"{slug(method)}.msgpack"), kept)
         for nfe, generate in student_generators(method, teacher, trained).items():
