@@ -1,0 +1,501 @@
+"""Few-step students of a trained MNIST teacher: FID at 1, 2 and 4 NFE against the teacher at 50 NFE.
+
+Teacher: a run directory trained by the library (`diffjax.training.load_run`) on the EDM process
+with edm_preconditioned prediction (e.g. unet-small on MNIST, `configs/mnist.py`). A class-conditional
+teacher trained with label dropout is used unconditionally, through its null class (the students
+too; the FID reference is the unconditional test split). Students have the teacher's architecture,
+are initialised from the teacher's EMA parameters, and are trained with
+`diffjax.training.make_train_step` on the run's training images (the stored config's data
+pipeline); the teacher's weights travel in the params pytree, frozen by the trainable mask.
+
+    cd        consistency distillation on EDM (Song et al. 2023): one DDIM step of the teacher,
+              Karras grid of 18 intervals, L2 (the paper's LPIPS is not in the library), target
+              theta^- = stop_gradient(theta) (as iCT; no EMA target). The consistency function's raw
+              network sees EDM's (c_in x, c_noise), the teacher's inputs, so the teacher's F is a
+              good start. Sampled by `ConsistencySampler` through the noise levels CD_SIGMAS.
+    pd        progressive distillation on EDM (Salimans & Ho 2022): the teacher's DDIM on a Karras
+              grid of 16 steps, halved 4 times (8, 4, 2, 1 steps; --pd-start-steps; --iterations split
+              over the rounds; each round starts from the previous student and uses it as teacher).
+              Image convention: the student keeps the teacher's EDM preconditioning and regresses
+              x0 with weight max(SNR, 1) (the mixture script's TrigFlow v target would need a
+              TrigFlow network; on EDM, v is not normalised). Sampled by DDIM on its grid.
+    dmd+reg   distribution matching (Yin et al. 2024) with its regression term: a one-step
+              generator (the teacher's network read at sigma_max, EDM-preconditioned), a fake
+              denoiser (a copy of the teacher, trained online), log-normal matching times,
+              regression weight --regression-weight (DMD's 0.25), L2, pairs (noise, teacher
+              sample) made once by `teacher_ode_pairs` with the default solver and 49 steps + the
+              final denoising (--regression-pairs of them), a batch of pairs per step. One-step
+              only: the 2 and 4 NFE rows are not defined for it.
+
+Left out: sCM distillation (scd). `scm_loss` trains a TrigFlow network F(x / sd, t) that sees the
+TrigFlow time t; the teacher's network sees EDM's (c_in x, log(sigma) / 4), so a student
+initialised from it would need a wrapper mapping t -> (sd tan t, c_in) and F's output to
+TrigFlow's velocity parameterisation (and the jvp through that wrapper); not done here.
+
+All students use Adam (--lr, beta2 = 0.99, as consistency-model papers) and an EMA of decay --ema,
+sampled with the EMA parameters. Each row samples --samples images for each of --seeds
+(jax.random.key(seed)) and reports the FID of every seed, their mean and standard error against the
+first --reference-images images of the evaluation split (Inception statistics cached in
+~/.cache/diffjax/fid_stats). The teacher row: the library's default solver (UniPC), 49 steps plus
+the final denoising = 50 NFE.
+
+    python -m experiments.distill_mnist --teacher work/mnist                    # the full table
+    python -m experiments.distill_mnist --teacher /tmp/mnist_repro/w --iterations 3 --samples 64 \\
+        --seeds 0 --reference-images 256 --name distill_mnist_smoke --out /tmp/distill_smoke \\
+        --results-dir /tmp/distill_smoke/results                                 # smoke run
+
+Writes <--results-dir>/<--name>.{json,md} (default experiments/results) after every finished row
+(a stopped run keeps its rows) and sample grids <--results-dir>/<--name>_grids/<method>_nfe<k>.png;
+student parameters go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+from tqdm import tqdm
+
+from diffjax import data as data_lib
+from diffjax import distill as D
+from diffjax import evaluation
+from diffjax import processes as P
+from diffjax.denoisers import Denoiser, EDMPreconditioned
+from diffjax.io import atomic_write_bytes
+from diffjax.losses import LogNormal
+from diffjax.samplers import DDIM, Karras, Times, sample
+from diffjax.training import create_train_state, ema, eval_metrics, load_run, make_train_step, save_image_grid
+from diffjax.training.cpu_malloc import tune_cpu_malloc
+from diffjax.training.images import to_uint8
+from diffjax.training.loop import evaluation_split
+from experiments.benchmarks.common import RESULTS_DIR, markdown_table, write_results
+
+METHODS = ("cd", "pd", "dmd+reg")
+NFES = (1, 2, 4)
+# CD's intermediate noise levels: 2 NFE through sigma = 0.821 (Song et al. 2023's two-step choice);
+# 4 NFE through the interior of EDM's Karras grid (rho 7) of 4 steps from 80 to 0.002.
+CD_SIGMAS = {1: (), 2: (0.821,), 4: (17.52, 2.515, 0.1698)}
+PD_START_STEPS = 16  # the teacher's DDIM steps in the first round
+TEACHER_STEPS = 49  # + the final denoising = 50 NFE
+REGRESSION_WEIGHT = 0.25
+SAMPLE_SECONDS: dict[str, float] = {}  # seconds per image after the first (compiling) batch, by label
+STEP_SECONDS: dict[str, float] = {}  # seconds per training step after the first two (compiling), by label
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """An EDM-preconditioned teacher: net(params, x, c_noise) is its raw network F (conditioning closed
+    over), params its weights, image_shape (H, W, C)."""
+
+    net: Callable
+    params: Any
+    process: P.GaussianProcess
+    sigma_data: float
+    image_shape: tuple[int, int, int]
+
+    @property
+    def prediction(self) -> EDMPreconditioned:
+        return EDMPreconditioned(self.sigma_data)
+
+    def denoiser(self, params=None) -> Denoiser:
+        params = self.params if params is None else params
+        return Denoiser(lambda x, t: self.net(params, x, t), self.process, self.prediction)
+
+
+def teacher_from_run(loaded) -> Teacher:
+    """The Teacher of a `load_run` result (EMA parameters); unconditional through the null class."""
+    config = loaded.config
+    if not isinstance(loaded.process, P.EDM) or config.loss.prediction != "edm_preconditioned":
+        raise SystemExit(
+            f"the teacher must be trained on the EDM process with edm_preconditioned prediction, got process "
+            f"{loaded.process!r}, prediction {config.loss.prediction!r}"
+        )
+    labels = None
+    if loaded.num_classes:
+        if not loaded.run.label_dropout > 0:
+            raise SystemExit(
+                "a class-conditional teacher needs label dropout (a null class) to be used unconditionally"
+            )
+        labels = loaded.num_classes
+
+    def net(params, x, t):
+        y = None if labels is None else jnp.full((x.shape[0],), labels, jnp.int32)
+        return loaded.apply(params, x, t, y)
+
+    return Teacher(net, loaded.ema_params, loaded.process, float(config.loss.sigma_data), tuple(loaded.image_shape))
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+
+
+def train(loss_fn, params, trainable, args, label, batches, extra=None):
+    """args.iterations Adam steps of loss_fn on the image batches; returns (state, seconds, last loss).
+    extra(i) -> dict: more batch entries for step i (e.g. regression pairs)."""
+    optimizer = optax.adam(args.lr, b2=0.99)
+    average = ema(args.ema)
+    state = create_train_state(params, optimizer, 0, average=average, trainable=trainable)
+    step = jax.jit(make_train_step(loss_fn, optimizer, average, trainable=trainable))
+    start, loss, steady = time.perf_counter(), float("nan"), None
+    for i in tqdm(range(args.iterations), desc=label, mininterval=5):
+        batch = {"image": jnp.asarray(next(batches)["image"]), "step": state.step}
+        state, metrics = step(state, {**batch, **({} if extra is None else extra(i))})
+        loss = float(metrics["loss"])  # waits for the step
+        if not np.isfinite(loss):
+            raise SystemExit(f"{label}: the loss is {loss} at step {i}")
+        if i == 1:  # the first two steps compile (the second for the state the step returns)
+            steady = time.perf_counter()
+    seconds = time.perf_counter() - start
+    per_step = (time.perf_counter() - steady) / (args.iterations - 2) if args.iterations > 2 else float("nan")
+    STEP_SECONDS[label] = per_step
+    return state, seconds, loss
+
+
+def train_cd(teacher: Teacher, args, batches):
+    """The consistency model's raw-network params."""
+    loss = D.consistency_distillation_loss(
+        teacher.net,
+        teacher.process,
+        lambda p: teacher.denoiser(p["teacher"]),
+        schedule=D.KarrasDiscretisation(18),
+        metric=D.L2(),
+        sigma_data=teacher.sigma_data,
+    )
+    params = {"student": teacher.params, "teacher": teacher.params}
+    state, seconds, last = train(loss, params, {"student": True, "teacher": False}, args, "cd", batches)
+    return {"student": state.ema_params["student"]}, {"seconds": seconds, "final_loss": last}
+
+
+def pd_start_times(process, steps: int) -> tuple[float, ...]:
+    times = np.asarray(Karras()(process, steps, process.t_min, process.t_max), np.float64)
+    return tuple(float(t) for t in times)
+
+
+def train_pd(teacher: Teacher, args, batches):
+    """{steps: (params, times)} of the rounds with 4, 2 and 1 steps."""
+    times, params, teacher_params = pd_start_times(teacher.process, args.pd_start_steps), teacher.params, teacher.params
+    rounds_total = int(args.pd_start_steps).bit_length() - 1  # a power of 2: log2 of the start steps
+    per_round = max(args.iterations // rounds_total, 1)
+    round_args = argparse.Namespace(**{**vars(args), "iterations": per_round})
+    students, seconds, rounds = {}, 0.0, []
+    while len(times) > 2:
+        loss = D.progressive_distillation_loss(
+            teacher.net,
+            teacher.process,
+            lambda p: teacher.denoiser(p["teacher"]),
+            times,
+            prediction=teacher.prediction,
+            target="x0",
+        )
+        state, sec, last = train(
+            loss,
+            {"student": params, "teacher": teacher_params},
+            {"student": True, "teacher": False},
+            round_args,
+            f"pd {(len(times) - 1) // 2} steps",
+            batches,
+        )
+        seconds += sec
+        params = teacher_params = state.ema_params["student"]
+        times = D.student_times(times)
+        rounds.append({"steps": len(times) - 1, "final_loss": last})
+        if len(times) - 1 in NFES:
+            students[len(times) - 1] = (params, times)
+    return students, {"seconds": seconds, "rounds": rounds, "iterations_per_round": per_round}
+
+
+def regression_pairs(teacher: Teacher, num: int, batch_size: int, seed: int):
+    """num (noise, teacher sample) pairs, batch_size per compiled call (numpy)."""
+    make = jax.jit(
+        lambda key: D.teacher_ode_pairs(
+            teacher.denoiser(), key, (batch_size, *teacher.image_shape), steps=TEACHER_STEPS
+        )
+    )
+    noise, samples = [], []
+    for i in tqdm(range(-(-num // batch_size)), desc="regression pairs", mininterval=5):
+        z, y = make(jax.random.fold_in(jax.random.key(2000 + seed), i))
+        noise.append(np.asarray(z))
+        samples.append(np.asarray(y))
+    return np.concatenate(noise)[:num], np.concatenate(samples)[:num]
+
+
+def train_dmd(teacher: Teacher, args, batches):
+    """The one-step generator's params (dmd+reg)."""
+    start = time.perf_counter()
+    noise, targets = regression_pairs(teacher, args.regression_pairs, args.sample_batch, 0)
+    pair_seconds = time.perf_counter() - start
+    order = np.random.default_rng(0)
+
+    def extra(i):
+        index = order.integers(0, len(noise), args.batch_size)
+        return {"noise": jnp.asarray(noise[index]), "teacher_sample": jnp.asarray(targets[index])}
+
+    loss = D.dmd_loss(
+        teacher.net,
+        teacher.net,
+        teacher.process,
+        lambda p: teacher.denoiser(p["teacher"]),
+        generator_prediction=teacher.prediction,
+        fake_prediction=teacher.prediction,
+        time_sampler=LogNormal(),
+        regression_weight=args.regression_weight,
+        regression_pairs=D.PairsFromBatch(),
+    )
+    params = {"generator": teacher.params, "fake": teacher.params, "teacher": teacher.params}
+    trainable = {"generator": True, "fake": True, "teacher": False}
+    state, seconds, last = train(loss, params, trainable, args, "dmd+reg", batches, extra)
+    info = {
+        "seconds": seconds,
+        "final_loss": last,
+        "pair_seconds": pair_seconds,
+        "regression_pairs": len(noise),
+        "regression_weight": args.regression_weight,
+    }
+    return {"generator": state.ema_params["generator"]}, info
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling: generate(key, n) -> images in [-1, 1], per (method, NFE)
+# ------------------------------------------------------------------------------------------------
+
+
+def cd_generator(teacher: Teacher, params, nfe: int):
+    def generate(key, n):
+        cm = D.ConsistencyFunction(lambda x, c: teacher.net(params, x, c), teacher.process, teacher.sigma_data)
+        grid = D.consistency_grid(teacher.process, CD_SIGMAS[nfe])
+        shape = (n, *teacher.image_shape)
+        return sample(
+            cm.denoiser(), key, shape, solver=D.ConsistencySampler(), steps=nfe, grid=grid, denoise_final=False
+        ).samples
+
+    return generate
+
+
+def pd_generator(teacher: Teacher, params, times):
+    def generate(key, n):
+        shape = (n, *teacher.image_shape)
+        den = teacher.denoiser(params)
+        return sample(
+            den, key, shape, solver=DDIM(), steps=len(times) - 1, grid=Times(times), denoise_final=False
+        ).samples
+
+    return generate
+
+
+def dmd_generator(teacher: Teacher, params):
+    def generate(key, n):
+        z = teacher.process.prior_sample(key, (n, *teacher.image_shape))
+        return teacher.denoiser(params).x0(z, teacher.process.t_max)
+
+    return generate
+
+
+def teacher_generator(teacher: Teacher):
+    def generate(key, n):
+        return sample(teacher.denoiser(), key, (n, *teacher.image_shape), steps=TEACHER_STEPS).samples
+
+    return generate
+
+
+def student_generators(method: str, teacher: Teacher, trained) -> dict[int, Callable]:
+    if method == "cd":
+        return {nfe: cd_generator(teacher, trained["student"], nfe) for nfe in NFES}
+    if method == "pd":
+        return {steps: pd_generator(teacher, p, times) for steps, (p, times) in sorted(trained.items())}
+    return {1: dmd_generator(teacher, trained["generator"])}
+
+
+def generate_images(generate, num: int, key, batch_size: int, label: str) -> np.ndarray:
+    """num uint8 images, batch_size per compiled call (key folded with the batch index)."""
+    jitted = jax.jit(generate, static_argnums=1)
+    chunks, start = [], time.perf_counter()
+    for i in tqdm(range(-(-num // batch_size)), desc=label, mininterval=5):
+        chunks.append(to_uint8(jitted(jax.random.fold_in(key, i), batch_size)))
+        if i == 0:
+            start = time.perf_counter()  # the first batch compiles
+    if len(chunks) > 1:
+        SAMPLE_SECONDS[label] = (time.perf_counter() - start) / ((len(chunks) - 1) * batch_size)
+    return np.concatenate(chunks)[:num]
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+# ------------------------------------------------------------------------------------------------
+
+
+def mean_stderr(values) -> tuple[float, float]:
+    values = np.asarray(values, np.float64)
+    stderr = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(stderr)
+
+
+def markdown(rows, meta) -> str:
+    seeds = meta["seeds"]
+    headers = ["method", "NFE"] + [f"FID seed {s}" for s in seeds] + ["FID mean ± s.e.", "KID x1e3 mean"]
+    headers += ["training s", "sampling s / 1k"]
+    body = []
+    for r in rows:
+        body.append(
+            [r["method"], r["nfe"]]
+            + [f"{f:.2f}" for f in r["fid"]]
+            + [f"{r['fid_mean']:.2f} ± {r['fid_stderr']:.2f}", f"{r['kid_x1e3_mean']:.2f}"]
+            + [f"{r['training_seconds']:.0f}", f"{r['sampling_seconds_per_1k']:.1f}"]
+        )
+    return (
+        f"# Few-step students of an MNIST teacher ({meta['teacher']}, step {meta['teacher_step']})\n\n"
+        f"FID of {meta['samples']} samples per seed vs the first {meta['reference_images']} images of the "
+        f"{meta['split']!r} split (small-sample FID is biased upwards: compare rows). Students: the teacher's "
+        f"architecture initialised from its EMA parameters, {meta['iterations']} Adam steps (lr {meta['lr']}, "
+        f"beta2 0.99, batch {meta['batch_size']}, EMA {meta['ema']}; pd: split over its rounds from "
+        f"{meta['pd_start_steps']} steps); "
+        f"dmd+reg: {meta['regression_pairs']} regression pairs, weight {meta['regression_weight']}. "
+        "Teacher: the default solver (UniPC), 49 steps + the final denoising. "
+        "See experiments/distill_mnist.py for each method's settings.\n\n" + markdown_table(headers, body) + "\n"
+    )
+
+
+def fid_row(method, nfe, generate, args, reference, inception, training_seconds, grid_dir):
+    fids, kids, seconds = [], [], []
+    for seed in args.seeds:
+        start = time.perf_counter()
+        images = generate_images(
+            generate, args.samples, jax.random.key(seed), args.sample_batch, f"{method} NFE {nfe} seed {seed}"
+        )
+        seconds.append(time.perf_counter() - start)
+        if seed == args.seeds[0] and grid_dir:
+            save_image_grid(
+                images[:64].astype(np.float32) / 127.5 - 1.0, os.path.join(grid_dir, f"{slug(method)}_nfe{nfe}.png")
+            )
+        quality = eval_metrics.sample_quality(images, reference, inception, batch_size=args.sample_batch)
+        fids.append(quality["fid"])
+        kids.append(quality["kid_x1e3"])
+        print(f"{method} NFE {nfe} seed {seed}: FID {quality['fid']:.2f}", flush=True)
+    mean, stderr = mean_stderr(fids)
+    return {
+        "method": method,
+        "nfe": nfe,
+        "seeds": list(args.seeds),
+        "fid": fids,
+        "fid_mean": mean,
+        "fid_stderr": stderr,
+        "kid_x1e3": kids,
+        "kid_x1e3_mean": float(np.mean(kids)),
+        "training_seconds": training_seconds,
+        "sampling_seconds": seconds,
+        "sampling_seconds_per_1k": 1000.0 * float(np.mean(seconds)) / args.samples,
+        "steady_sampling_seconds_per_1k": 1000.0
+        * SAMPLE_SECONDS.get(f"{method} NFE {nfe} seed {args.seeds[-1]}", np.nan),
+    }
+
+
+def slug(method: str) -> str:
+    return method.replace("+", "_")
+
+
+def save_params(path: str, params) -> None:
+    atomic_write_bytes(path, serialization.to_bytes(jax.device_get(params)))
+
+
+TRAINERS = {"cd": train_cd, "pd": train_pd, "dmd+reg": train_dmd}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="the trained run directory (EDM, edm_preconditioned)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument("--iterations", type=int, default=4000, help="training steps per method (pd: all rounds)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument(
+        "--pd-start-steps", type=int, default=PD_START_STEPS, help="pd's first teacher grid (a power of 2)"
+    )
+    parser.add_argument("--regression-weight", type=float, default=REGRESSION_WEIGHT)
+    parser.add_argument("--regression-pairs", type=int, default=2000, help="dmd+reg's (noise, teacher sample) pairs")
+    parser.add_argument("--samples", type=int, default=2000, help="samples per row and seed")
+    parser.add_argument("--seeds", default="0,1,2", help="sampling seeds, comma-separated")
+    parser.add_argument("--sample-batch", type=int, default=250, help="images per compiled sampling call")
+    parser.add_argument("--reference-images", type=int, default=10000)
+    parser.add_argument("--name", default="distill_mnist")
+    parser.add_argument("--out", default="work/distill_mnist", help="student parameters")
+    parser.add_argument("--results-dir", default=RESULTS_DIR, help="where the table and the grids go")
+    parser.add_argument("--no-teacher-row", action="store_true", help="skip the teacher's 50-NFE row")
+    args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    args.methods = methods
+    for name in ("iterations", "batch_size", "samples", "sample_batch", "reference_images", "regression_pairs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.pd_start_steps < 2 or args.pd_start_steps & (args.pd_start_steps - 1):
+        parser.error(f"--pd-start-steps must be a power of 2 >= 2, got {args.pd_start_steps}")
+    if not args.seeds:
+        parser.error("--seeds needs at least one seed")
+    return args
+
+
+def main(argv=None):
+    print(tune_cpu_malloc(), flush=True)  # before JAX starts
+    args = parse_args(argv)
+    loaded = load_run(args.teacher)
+    teacher = teacher_from_run(loaded)
+    config = loaded.config
+    split = evaluation_split(data_lib.dataset_info(config.data))
+    inception = evaluation.load_inception_params(config.eval.inception_weights or None)
+    reference = eval_metrics.reference_for_split(
+        config.data, split, args.reference_images, inception, batch_size=args.sample_batch
+    )
+    batches = iter(
+        data_lib.make_iterator(config.data, split="train", global_batch_size=args.batch_size, seed=0, shuffle=True)
+    )
+    os.makedirs(args.out, exist_ok=True)
+    grid_dir = os.path.join(args.results_dir, f"{args.name}_grids")
+    os.makedirs(grid_dir, exist_ok=True)
+    meta = {
+        "teacher": os.path.abspath(args.teacher),
+        "teacher_step": int(loaded.step),
+        "split": split,
+        **{k: getattr(args, k) for k in ("iterations", "batch_size", "lr", "ema", "samples", "seeds")},
+        **{
+            k: getattr(args, k)
+            for k in ("reference_images", "regression_pairs", "regression_weight", "methods", "pd_start_steps")
+        },
+        "cd_sigmas": {str(k): v for k, v in CD_SIGMAS.items()},
+    }
+    rows, training = [], {}
+
+    def write():
+        text = markdown(rows, meta)
+        write_results(args.name, {"meta": meta, "rows": rows, "training": training}, text, directory=args.results_dir)
+        return text
+
+    if not args.no_teacher_row:
+        rows.append(fid_row("teacher", 50, teacher_generator(teacher), args, reference, inception, 0.0, grid_dir))
+        write()
+    for method in args.methods:
+        trained, info = TRAINERS[method](teacher, args, batches)
+        training[method] = {**info, "steady_seconds_per_step": {k: v for k, v in STEP_SECONDS.items()}}
+        STEP_SECONDS.clear()
+        kept = {f"steps_{k}": v[0] for k, v in trained.items()} if method == "pd" else trained
+        save_params(os.path.join(args.out, f"{slug(method)}.msgpack"), kept)
+        for nfe, generate in student_generators(method, teacher, trained).items():
+            rows.append(fid_row(method, nfe, generate, args, reference, inception, info["seconds"], grid_dir))
+            write()
+    print(write())
+
+
+if __name__ == "__main__":
+    main()

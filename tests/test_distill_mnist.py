@@ -1,0 +1,63 @@
+"""experiments/distill_mnist.py's pieces on a tiny randomly initialised unet-small teacher (no
+checkpoint): one training step of each method and every NFE of its sampler, finite and image-shaped
+(slow), and its argument checks."""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import models
+from diffjax import processes as P
+from experiments import distill_mnist as M
+
+SHAPE = (8, 8, 1)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    model = models.create(
+        "unet-small",
+        image_size=8,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        num_head_channels=8,
+        norm_groups=4,
+    )
+    apply, params = models.functional(model)
+    return M.Teacher(lambda p, x, t: apply(p, x, t), params, P.EDM(), 0.5, SHAPE)
+
+
+def options(**changes):
+    args = M.parse_args(["--teacher", "unused", "--iterations", "1", "--batch-size", "4", "--regression-pairs", "4"])
+    return argparse.Namespace(**{**vars(args), "sample_batch": 4, "pd_start_steps": 2, **changes})
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    while True:
+        yield {"image": rng.uniform(-1, 1, (4, *SHAPE)).astype(np.float32)}
+
+
+@pytest.mark.slow  # about 2 minutes on the shared 2-core machine (compiling a U-Net step per method)
+@pytest.mark.parametrize("method, nfes", [("cd", (1, 2, 4)), ("pd", (1,)), ("dmd+reg", (1,))])
+def test_one_step_of_each_method_then_its_samplers(teacher, method, nfes):
+    trained, info = M.TRAINERS[method](teacher, options(), batches())
+    assert np.isfinite(info["final_loss"] if method != "pd" else info["rounds"][-1]["final_loss"])
+    generators = M.student_generators(method, teacher, trained)
+    assert tuple(generators) == nfes
+    for generate in generators.values():
+        x = jax.jit(generate, static_argnums=1)(jax.random.key(0), 2)
+        assert x.shape == (2, *SHAPE) and bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_arguments_are_checked():
+    with pytest.raises(SystemExit):
+        M.parse_args(["--teacher", "t", "--methods", "cd,scd"])
+    with pytest.raises(SystemExit):
+        M.parse_args(["--teacher", "t", "--pd-start-steps", "12"])
+    assert M.mean_stderr([1.0, 3.0]) == (2.0, 1.0)
