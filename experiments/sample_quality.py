@@ -6,12 +6,19 @@ experiments/results/<name>.{json,md}.
         --solvers=ddim,dpm_solver++,unipc,edm_heun --nfe=10,20,50 --reference=ddim:1000
 
 NFE counts every network evaluation, the final denoising included; each solver gets the largest
-number of steps whose NFE does not exceed the target (the table shows the NFE actually used).
+number of steps whose NFE does not exceed the target (the table shows the NFE actually used). A solver
+is `name[:option=value[;option=value]][@grid]`, e.g. `unipc:order=3@karras` (default grid: the
+config's sample.grid, else the solver's own).
 FID and KID compare `--num_samples` samples with the first `--reference_images` images of the
 evaluation split (default: as many as samples; FID is biased upwards at small sample counts: compare
 rows of one table, not with published numbers). With several `--sample_seeds`, each row shows the
 FID of every seed, their mean and its standard error. The results are rewritten after every row, so
 a stopped run keeps the finished rows.
+
+With `--reference`, the many-step reference row is sampled first, and every row also reports its
+error against it from the same noise (each solver draws the prior from the same key): RMS(x - x_ref) /
+RMS(x_ref - mean x_ref), the sampler suite's error (experiments/benchmarks/sampler_suite.py), here on a
+trained network.
 """
 
 from __future__ import annotations
@@ -28,14 +35,16 @@ from absl import app, flags
 import configs
 from diffjax import data as data_lib
 from diffjax import evaluation
-from diffjax.samplers import SOLVERS
+from diffjax.samplers import GRIDS, SOLVERS
 from diffjax.training import eval_metrics
 from diffjax.training.config import apply_overrides, load_config_file, split_config_arguments
 from diffjax.training.cpu_malloc import tune_cpu_malloc
 from diffjax.training.from_config import sampler_from_config
+from diffjax.training.images import to_uint8
 from diffjax.training.loop import evaluation_split, load_for_config
 from diffjax.validation import build_named
 from experiments.benchmarks.common import markdown_table, write_results
+from experiments.benchmarks.sampler_suite import relative_error
 
 flags.DEFINE_string(
     "config",
@@ -46,7 +55,7 @@ flags.DEFINE_string("workdir", None, "The trained run's directory.", required=Tr
 flags.DEFINE_list(
     "solvers",
     ["ddim", "dpm_solver++", "unipc", "edm_heun"],
-    "Solvers to compare: name[:option=value[;option=value]], e.g. unipc:order=3.",
+    "Solvers to compare: name[:option=value[;option=value]][@grid], e.g. unipc:order=3@karras.",
 )
 flags.DEFINE_list("nfe", ["10", "20", "50"], "Network evaluations per sample.")
 flags.DEFINE_string("reference", "ddim:1000", "solver:steps of the many-step reference row ('' = none).")
@@ -83,8 +92,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return FLAGS(rest)
 
 
-def parse_solver(spec: str) -> tuple[str, dict]:
-    """ "unipc:order=3;variant=bh1" -> ("unipc", {"order": 3, "variant": "bh1"})."""
+def parse_solver(spec: str) -> tuple[str, dict, str]:
+    """ "unipc:order=3;variant=bh1@karras" -> ("unipc", {"order": 3, "variant": "bh1"}, "karras");
+    the grid is "" when the spec names none."""
+    spec, _, grid = spec.partition("@")
+    if grid and grid not in GRIDS:
+        raise ValueError(f"grid {grid!r} in solver {spec!r}@{grid!r}: use one of {sorted(GRIDS)}")
     name, _, options = spec.partition(":")
     parsed = {}
     for item in filter(None, options.split(";")):
@@ -95,12 +108,12 @@ def parse_solver(spec: str) -> tuple[str, dict]:
             parsed[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parsed[key] = value  # a bare string, e.g. variant=bh1
-    return name, parsed
+    return name, parsed, grid
 
 
 def steps_for_nfe(solver: str, nfe: int) -> tuple[int, int]:
     """The most steps whose NFE (with the final denoising) is <= nfe, and that NFE."""
-    name, options = parse_solver(solver)
+    name, options, _ = parse_solver(solver)
     instance = build_named(SOLVERS, name, options, "solver")
     steps = instance.steps_for_nfe(nfe)
     return steps, instance.nfe(steps) + 1
@@ -108,8 +121,9 @@ def steps_for_nfe(solver: str, nfe: int) -> tuple[int, int]:
 
 def quality_table(rows, seeds, num):
     """One line per (solver, steps): FID and KID, or with several seeds the FID of each and the means."""
+    with_error = any("error" in r for r in rows)
     if len(seeds) == 1:
-        headers = ["solver", "steps", "NFE", "FID", "KID x1e3", "sampling s"]
+        headers = ["solver", "steps", "NFE", "FID", "KID x1e3", "sampling s"] + (["error vs reference"] * with_error)
         # with fewer than 1000 samples KID's subsets are the whole sets: no spread to report
         return headers, [
             [
@@ -120,9 +134,11 @@ def quality_table(rows, seeds, num):
                 f"{r['kid_x1e3']:.2f}" + (f" ± {r['kid_std_x1e3']:.2f}" if num > 1000 else ""),
                 r["sampling_seconds"],
             ]
+            + ([f"{r['error']:.4f}"] if with_error else [])
             for r in rows
         ]
     headers = ["solver", "steps", "NFE"] + [f"FID seed {s}" for s in seeds] + ["FID mean ± s.e.", "KID x1e3 mean"]
+    headers += ["error vs reference (mean)"] * with_error
     table = []
     for i in range(0, len(rows), len(seeds)):
         group = rows[i : i + len(seeds)]  # shorter than seeds when the run stopped inside this row
@@ -135,6 +151,7 @@ def quality_table(rows, seeds, num):
             + [f"{r['fid']:.2f}" for r in group]
             + ["-" for _ in range(len(seeds) - len(group))]
             + [mean, f"{np.mean([r['kid_x1e3'] for r in group]):.2f}"]
+            + ([f"{np.mean([r['error'] for r in group]):.4f}"] if with_error else [])
         )
     return headers, table
 
@@ -193,27 +210,32 @@ def main(argv) -> None:
     params, num = loaded.ema_params, FLAGS.num_samples
     batch = int(base.eval.batch_size)
     inception = evaluation.load_inception_params(base.eval.inception_weights or None)
-    reference = eval_metrics.reference_for_split(base.data, split, reference_count, inception, batch_size=batch)
+    statistics = eval_metrics.reference_for_split(base.data, split, reference_count, inception, batch_size=batch)
 
     plan = [(s, *steps_for_nfe(s, int(n))) for n in FLAGS.nfe for s in FLAGS.solvers]
-    if FLAGS.reference:
-        solver, steps = FLAGS.reference.split(":")
-        plan.append((solver, int(steps), int(steps) + 1))
+    if FLAGS.reference:  # first: the other rows' errors are measured against it
+        solver, _, steps = FLAGS.reference.rpartition(":")
+        plan.insert(0, (solver, int(steps), int(steps) + 1))
     keys = [(int(v), jax.random.key(int(v))) for v in FLAGS.sample_seeds] or [("fid", run.key("fid"))]
     seeds = [seed for seed, _ in keys]
-    rows = []
+    rows, reference_samples = [], {}
     for solver, steps, nfe in plan:
         config = copy.deepcopy(base)
         config.unlock()
-        config.sample.solver, options = parse_solver(solver)
+        config.sample.solver, options, grid = parse_solver(solver)
         config.sample.steps = steps
         config.sample.solver_options.update(options)
+        if grid:
+            config.sample.grid, config.sample.grid_options = grid, {}
         row_run = run.with_sampler(sampler_from_config(config))  # a new Run: nothing is mutated
         for seed, key in keys:
             start = time.perf_counter()
-            samples = eval_metrics.sample_images(row_run, params, num, key, batch_size=batch)
+            samples = eval_metrics.draw_samples(row_run, params, num, key, batch_size=batch)
             seconds = time.perf_counter() - start
-            quality = eval_metrics.sample_quality(samples, reference, inception, batch_size=batch)
+            quality = eval_metrics.sample_quality(to_uint8(samples), statistics, inception, batch_size=batch)
+            if FLAGS.reference:
+                reference_samples.setdefault(seed, samples)  # the first row of each seed is the reference
+                quality["error"] = relative_error(samples, reference_samples[seed])
             rows.append(
                 {
                     "solver": solver,

@@ -15,8 +15,9 @@ import pytest
 
 from diffjax import processes as P
 from diffjax.data.exact import EmpiricalData, GaussianData, power_law_gaussian, random_basis
+from diffjax.denoisers import Denoiser
 from diffjax.processes import DiscreteVP
-from diffjax.samplers import Linspace
+from diffjax.samplers import Euler, Linspace
 
 PROCESSES = {
     "vp": P.VP(),
@@ -241,3 +242,71 @@ def test_selection_floors_errors_and_breaks_ties_by_the_next_worst_ratio():
     ranked, worst, *_ = minimax(errors, classes, ["a", "b", "c"], floors)
     assert worst["a"][0] == pytest.approx(4.0) and worst["b"][0] == pytest.approx(4.1)
     assert ranked == ["b", "a", "c"]
+
+
+def _toy_network(params, x, t, labels=None):
+    """A stand-in for a trained EDM network: F(x, c_noise) with a little nonlinearity in both."""
+    del labels
+    return jnp.tanh(params["w"] * x + params["b"] * jnp.log(t)[:, None, None, None] / 4)
+
+
+def test_a_trained_network_in_the_suites_convention_is_its_edm_denoiser_of_the_rescaled_state():
+    """TrainedNetwork.posterior_mean(x, alpha, sigma) = D(x / alpha, sigma / alpha) on flattened images, per
+    sample (the suite's solvers pass alpha and sigma per sample); one Euler step under EDM through the suite's
+    driver is D at sigma_max, the step, and the final denoising."""
+    from diffjax.denoisers import EDMPreconditioned
+    from experiments.benchmarks.sampler_suite import integrate, make_process
+    from experiments.benchmarks.trained_problems import TrainedNetwork
+
+    process = P.EDM()
+
+    def to_denoiser(net):
+        return Denoiser(net, process, EDMPreconditioned(0.5))
+
+    params = {"w": jnp.float32(0.7), "b": jnp.float32(0.3)}
+    data = TrainedNetwork(params, None, to_denoiser, _toy_network, (3, 2, 1))
+    denoiser = to_denoiser(lambda x, t: _toy_network(params, x, t))
+    assert data.dim == 6
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    alpha, sigma = jnp.array([0.6, 0.8, 0.1, 1.0]), jnp.array([0.8, 0.6, 0.995, 0.01])
+    expected = denoiser.x0(x.reshape(4, 3, 2, 1) / alpha[:, None, None, None], sigma / alpha).reshape(4, 6)
+    np.testing.assert_allclose(data.posterior_mean(x, alpha, sigma), expected, rtol=1e-5, atol=1e-6)
+    scalar = denoiser.x0(x.reshape(4, 3, 2, 1) / 0.6, 0.8 / 0.6).reshape(4, 6)
+    np.testing.assert_allclose(data.posterior_mean(x, 0.6, 0.8), scalar, rtol=1e-5, atol=1e-6)
+
+    process = make_process("edm")
+    t_max, t_min = process.t_max, process.t_min
+    z = jax.random.normal(jax.random.key(2), (4, 6))
+    x_max = t_max * z.reshape(4, 3, 2, 1)
+    d_max = denoiser.x0(x_max, t_max)
+    x_min = d_max + t_min / t_max * (x_max - d_max)
+    final = denoiser.x0(x_min, t_min).reshape(4, 6)
+    ts = np.array([t_max, t_min], np.float32)
+    solver = Euler().prepare(process, 1, t_min, t_max)
+    # (the state at sigma_max = 80 carries float32 rounding of ~1e-5, which two orders of arithmetic differ by)
+    np.testing.assert_allclose(integrate(process, data, solver, ts, z), final, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.slow  # ~30 s: trains a two-step run
+def test_a_trained_run_is_a_suite_problem_under_ddpm_and_edm_at_the_selection_nfes(tmp_path):
+    from test_training import tiny_config
+
+    from diffjax.training import train
+    from diffjax.training.load import load_run
+    from experiments.benchmarks.sampler_suite import entries, entry_nfes
+    from experiments.benchmarks.trained_problems import trained_problem
+
+    workdir = str(tmp_path / "run")
+    train(tiny_config(num_steps=2), workdir)
+    problem = trained_problem(workdir, batch=4)
+    loaded = load_run(workdir)
+    assert problem.kind == "trained" and problem.name == f"trained_digits_{loaded.config.model.name}"
+    assert problem.dim == 8 * 8 * 1
+    x = jax.random.normal(jax.random.key(1), (4, problem.dim))
+    labels = problem.data.labels  # the run's sampler's labels when it is class-conditional
+    assert (labels is None) == (loaded.num_classes == 0)
+    denoiser = loaded.denoiser_for(labels=labels)
+    expected = denoiser.x0(x.reshape(4, 8, 8, 1) / 0.6, 0.8 / 0.6).reshape(4, -1)
+    np.testing.assert_allclose(problem.data.posterior_mean(x, 0.6, 0.8), expected, rtol=1e-5, atol=1e-6)
+    assert [process for _, process in entries([problem], full=False)] == ["ddpm", "edm"]
+    assert entry_nfes(problem, (3, 5, 8, 10, 20, 50)) == [5, 10, 20]

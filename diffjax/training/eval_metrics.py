@@ -21,23 +21,35 @@ from diffjax.training.build import network
 from diffjax.training.images import to_uint8
 from diffjax.training.run import Run, make_jitted_sampler
 
-__all__ = ["sample_images", "split_images", "sample_quality", "dataset_bits_per_dim", "likelihood_denoiser"]
+__all__ = [
+    "draw_samples",
+    "sample_images",
+    "split_images",
+    "sample_quality",
+    "dataset_bits_per_dim",
+    "likelihood_denoiser",
+]
 
 # Above this many dimensions the divergence is estimated (Hutchinson) instead of computed exactly.
 EXACT_DIVERGENCE_MAX_DIM = 64
 
 
-def sample_images(run: Run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
-    """`num` uint8 images from the run's sampler, `batch_size` per compiled call (decoded by
-    run.decode in a latent run)."""
+def draw_samples(run: Run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
+    """`num` float32 samples in [-1, 1] (unclipped) from the run's sampler, `batch_size` per compiled
+    call, batch i drawn with fold_in(key, i) (decoded by run.decode in a latent run)."""
     sampler = make_jitted_sampler(run, batch_size)
     chunks = []
     for i in tqdm.trange(
         math.ceil(num / batch_size), desc="sampling", unit="batch", disable=not (progress and interactive())
     ):
         samples = sampler(params, jax.random.fold_in(key, i))
-        chunks.append(to_uint8(run.decode(samples) if run.decode is not None else samples))
+        chunks.append(np.asarray(run.decode(samples) if run.decode is not None else samples, np.float32))
     return np.concatenate(chunks)[:num]
+
+
+def sample_images(run: Run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
+    """`num` uint8 images from the run's sampler (`draw_samples`, quantized)."""
+    return to_uint8(draw_samples(run, params, num, key, batch_size=batch_size, progress=progress))
 
 
 def split_images(data_config, split: str, num: int, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:

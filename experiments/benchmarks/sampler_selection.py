@@ -47,8 +47,9 @@ def is_held_out(entry: str) -> bool:
 
 
 def entry_class(row) -> str:
-    """Problem class, with the non-DDPM processes as their own class ("process sweep")."""
-    return row["kind"] if row["process"] == "ddpm" else f"sweep:{row['process']}"
+    """Problem class, with the non-DDPM processes as their own class ("process sweep"); trained networks
+    are one class under every process."""
+    return row["kind"] if row["process"] == "ddpm" or row["kind"] == "trained" else f"sweep:{row['process']}"
 
 
 def error_table(rows):
@@ -271,7 +272,13 @@ def minimax_class_table(table, classes, methods, floors, nfes=SELECTION_NFES):
     return markdown_table(head, body)
 
 
-CLASS_TITLES = {"gaussian": "Gaussians", "images": "images", "mixture": "mixtures", "sweep": "VP, cosine, EDM, flow"}
+CLASS_TITLES = {
+    "gaussian": "Gaussians",
+    "images": "images",
+    "mixture": "mixtures",
+    "sweep": "VP, cosine, EDM, flow",
+    "trained": "trained networks (DDPM, EDM)",
+}
 
 
 def compact_summary(payload, winner, nfes=SELECTION_NFES) -> str:

@@ -20,12 +20,15 @@ DDPM-chain problems from the same noise when installed.
     python experiments/benchmarks/sampler_suite.py --full     # the issue's size (every candidate, more data)
     python experiments/benchmarks/sampler_suite.py --no-peers # ours only
     python experiments/benchmarks/sampler_suite.py --report-only  # tables and plot from the JSON
+    python experiments/benchmarks/sampler_suite.py --resume --trained-run work/mnist  # + a trained network
 
 Default size: 10 problems under the DDPM chain and 3 of them (a Gaussian, a mixture, the 8x8 digits)
 under VP, cosine, EDM and flow matching (22 entries), with DEFAULT_CANDIDATES (6 solvers on 1-4 grids
 each: one compiled step program per solver serves every grid) and 11 diffusers settings. --full: more
 and larger problems, more samples, MNIST in the process sweep, and every solver in CANDIDATE_SOLVERS on
-every grid in CANDIDATE_GRIDS.
+every grid in CANDIDATE_GRIDS. `--trained-run` adds a trained EDM run's network as a problem of its own
+class (experiments/benchmarks/trained_problems.py), under the DDPM chain (diffusers beside it) and EDM, at
+the selection's NFEs, against a converged reference solve.
 
 Writes experiments/results/sampler_suite.json, and from it (experiments/benchmarks/sampler_selection.py:
 the default's selection, tables) sampler_suite.md and sampler_suite.png (error vs NFE, log-log).
@@ -55,6 +58,7 @@ from diffjax.samplers import GRIDS, SOLVERS
 from diffjax.validation import build_named
 from experiments.benchmarks.common import RESULTS_DIR, package_versions, write_results
 from experiments.benchmarks.exact_problems import Problem, build_problems
+from experiments.benchmarks.trained_problems import TRAINED_PROCESSES, trained_problem
 
 NFES = (3, 5, 8, 10, 15, 20, 50)
 SELECTION_NFES = (5, 10, 20)
@@ -278,6 +282,8 @@ def class_metrics(problem: Problem, x, ref_nearest=None) -> dict:
     if problem.kind == "images":
         nearest = np.asarray(problem.data.nearest(jnp.asarray(x)))
         return {"nn_agreement": float(np.mean(nearest == ref_nearest))} if ref_nearest is not None else {}
+    if problem.kind == "trained":
+        return {}
     return mixture_errors(problem.data, x)
 
 
@@ -311,11 +317,18 @@ def noise_seed(name: str) -> int:
 
 
 def entries(problems, full: bool):
-    """(problem, process name) pairs: every problem under the DDPM chain, the sweep problems under all."""
+    """(problem, process name) pairs: every problem under the DDPM chain, the sweep problems under all,
+    trained networks under TRAINED_PROCESSES."""
     out = [(p, "ddpm") for p in problems]
     sweep = SWEEP_PROBLEMS_FULL if full else SWEEP_PROBLEMS
     out += [(p, name) for p in problems if p.name in sweep for name in PROCESS_SWEEP]
+    out += [(p, name) for p in problems if p.kind == "trained" for name in TRAINED_PROCESSES if name != "ddpm"]
     return out
+
+
+def entry_nfes(problem: Problem, nfes):
+    """A trained network runs at the selection's NFEs only (each of its evaluations costs a network call)."""
+    return [n for n in nfes if n in SELECTION_NFES] if problem.kind == "trained" else list(nfes)
 
 
 def run_suite(
@@ -327,10 +340,12 @@ def run_suite(
     log=print,
     save=None,
     done=None,
+    trained=(),
 ):
     """Run every method on every (problem, process); returns the JSON-able result dict. `save(payload)` is
-    called after every entry with the results so far; entries in `done` (a payload) are kept, not rerun."""
-    problems = build_problems(full)
+    called after every entry with the results so far; entries in `done` (a payload) are kept, not rerun.
+    `trained`: problems of trained networks (trained_problems.trained_problem) run after the exact ones."""
+    problems = build_problems(full) + list(trained)
     methods = candidate_methods(full) if methods is None else methods
     reference_steps = reference_steps or (400 if full else 200)
     peer = peers_module() if peers else None
@@ -371,7 +386,7 @@ def run_suite(
         if problem.kind == "images":
             references[-1]["one_sample_error"] = one_sample_error(problem)
         for method in tqdm(methods, desc=entry, leave=False, mininterval=5):
-            for nfe in nfes:
+            for nfe in entry_nfes(problem, nfes):
                 try:
                     x, used = run_method(process, problem.data, method, nfe, z)
                 except ValueError:  # fewer evaluations than one step needs
@@ -382,7 +397,7 @@ def run_suite(
                      "error": relative_error(x, ref), **class_metrics(problem, x, ref_nearest)}
                 )  # fmt: skip
         if peer is not None and process_name == "ddpm":
-            rows += run_peers(peer, problem, process, z, ref, ref_nearest, nfes)
+            rows += run_peers(peer, problem, process, z, ref, ref_nearest, entry_nfes(problem, nfes))
         log(f"{entry}: reference gap {converged:.2e}, {time.perf_counter() - t0:.1f} s")
         if save is not None:
             save(payload())
@@ -433,7 +448,14 @@ def main(argv=None):
     parser.add_argument("--name", default="sampler_suite", help="results/<name>.json, .md, .png")
     parser.add_argument("--report-only", action="store_true", help="rebuild tables and plot from the JSON")
     parser.add_argument("--resume", action="store_true", help="keep the entries already in the JSON")
+    parser.add_argument(
+        "--trained-run", action="append", default=[], metavar="WORKDIR",
+        help="also a trained EDM run's network (repeatable; experiments/benchmarks/trained_problems.py)",
+    )  # fmt: skip
+    parser.add_argument("--trained-batch", type=int, default=64, help="samples per trained-network run")
     args = parser.parse_args(argv)
+    if args.trained_batch < 1:
+        parser.error(f"--trained-batch={args.trained_batch}: use 1 or more samples")
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/diffjax_suite_jax"))
     path = os.path.join(RESULTS_DIR, f"{args.name}.json")
     done = None
@@ -450,7 +472,8 @@ def main(argv=None):
             atomic_write_json(path, payload)
     else:
         save = functools.partial(write_results, args.name)
-        payload = run_suite(full=args.full, peers=not args.no_peers, save=save, done=done)
+        trained = [trained_problem(workdir, args.trained_batch) for workdir in args.trained_run]
+        payload = run_suite(full=args.full, peers=not args.no_peers, save=save, done=done, trained=trained)
         write_results(args.name, payload)
         with open(path) as f:
             payload = json.load(f)  # with the environment
