@@ -139,21 +139,12 @@ def teacher_from_run(loaded) -> Teacher:
 # ------------------------------------------------------------------------------------------------
 
 
-def replicated_like(tree, params):
-    """tree replicated on the mesh of params (load_run places them on its mesh): the step returns a
-    replicated state, so a state already in that form does not make the second step compile again."""
-    sharding = jax.tree.leaves(params)[0].sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return tree
-    return jax.device_put(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
-
-
 def train(loss_fn, params, trainable, args, label, batches, extra=None):
     """args.iterations Adam steps of loss_fn on the image batches; returns (state, seconds, last loss).
     extra(i) -> dict: more batch entries for step i (e.g. regression pairs)."""
     optimizer = optax.adam(args.lr, b2=0.99)
     average = ema(args.ema)
-    state = replicated_like(create_train_state(params, optimizer, 0, average=average, trainable=trainable), params)
+    state = create_train_state(params, optimizer, 0, average=average, trainable=trainable)
     step = jax.jit(make_train_step(loss_fn, optimizer, average, trainable=trainable))
     start, loss, steady = time.perf_counter(), float("nan"), None
     for i in tqdm(range(args.iterations), desc=label, mininterval=5):

@@ -43,8 +43,7 @@ from diffjax.training.from_config import sampler_from_config
 from diffjax.training.images import to_uint8
 from diffjax.training.loop import evaluation_split, load_for_config
 from diffjax.validation import build_named
-from experiments.benchmarks.common import markdown_table, write_results
-from experiments.benchmarks.sampler_suite import relative_error
+from experiments.benchmarks.common import markdown_table, relative_error, write_results
 
 flags.DEFINE_string(
     "config",
@@ -97,7 +96,7 @@ def parse_solver(spec: str) -> tuple[str, dict, str]:
     the grid is "" when the spec names none."""
     spec, _, grid = spec.partition("@")
     if grid and grid not in GRIDS:
-        raise ValueError(f"grid {grid!r} in solver {spec!r}@{grid!r}: use one of {sorted(GRIDS)}")
+        raise ValueError(f"grid {grid!r} in solver {spec + '@' + grid!r}: use one of {sorted(GRIDS)}")
     name, _, options = spec.partition(":")
     parsed = {}
     for item in filter(None, options.split(";")):
@@ -117,6 +116,26 @@ def steps_for_nfe(solver: str, nfe: int) -> tuple[int, int]:
     instance = build_named(SOLVERS, name, options, "solver")
     steps = instance.steps_for_nfe(nfe)
     return steps, instance.nfe(steps) + 1
+
+
+def sampling_plan(solvers: list[str], nfes: list[str], reference: str) -> list[tuple[str, int, int]]:
+    """(solver spec, steps, NFE) per row: the reference row first ("spec:steps"; "" for none), then each
+    NFE for each solver. app.UsageError naming the value when a spec, NFE or step count is not valid."""
+    try:
+        plan = [(s, *steps_for_nfe(s, int(n))) for n in nfes for s in solvers]
+    except (ValueError, TypeError) as error:
+        raise app.UsageError(f"--solvers={','.join(solvers)} --nfe={','.join(nfes)}: {error}") from error
+    if reference:
+        solver, _, steps = reference.rpartition(":")
+        if not solver or not steps.isdigit() or int(steps) < 1:
+            raise app.UsageError(f"--reference={reference!r}: use solver[:options][@grid]:steps, e.g. ddim:1000")
+        try:
+            name, options, _ = parse_solver(solver)
+            build_named(SOLVERS, name, options, "solver")
+        except (ValueError, TypeError) as error:
+            raise app.UsageError(f"--reference={reference!r}: {error}") from error
+        plan.insert(0, (solver, int(steps), int(steps) + 1))
+    return plan
 
 
 def quality_table(rows, seeds, num):
@@ -206,16 +225,12 @@ def main(argv) -> None:
             f"--reference_images={reference_count}: the {split!r} split has {info.num_examples[split]} images "
             "(use 1 to that many)"
         )
+    plan = sampling_plan(FLAGS.solvers, FLAGS.nfe, FLAGS.reference)  # bad specs fail here, before any work
     loaded, run = load_for_config(base, FLAGS.workdir)  # the model from the checkpoint, checked against base
     params, num = loaded.ema_params, FLAGS.num_samples
     batch = int(base.eval.batch_size)
     inception = evaluation.load_inception_params(base.eval.inception_weights or None)
     statistics = eval_metrics.reference_for_split(base.data, split, reference_count, inception, batch_size=batch)
-
-    plan = [(s, *steps_for_nfe(s, int(n))) for n in FLAGS.nfe for s in FLAGS.solvers]
-    if FLAGS.reference:  # first: the other rows' errors are measured against it
-        solver, _, steps = FLAGS.reference.rpartition(":")
-        plan.insert(0, (solver, int(steps), int(steps) + 1))
     keys = [(int(v), jax.random.key(int(v))) for v in FLAGS.sample_seeds] or [("fid", run.key("fid"))]
     seeds = [seed for seed, _ in keys]
     rows, reference_samples = [], {}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import sample_quality as Q
-from experiments.benchmarks.sampler_suite import relative_error
+from experiments.benchmarks.common import relative_error
 
 
 def test_a_solver_spec_names_options_and_a_grid():
@@ -40,3 +40,23 @@ def test_rows_with_errors_show_them_per_row_and_as_the_mean_over_seeds():
     rows = [{k: v for k, v in r.items() if k != "error"} for r in rows]  # no --reference: no column
     assert "error vs reference (mean)" not in Q.quality_table(rows, [0, 1], 100)[0]
     assert "error vs reference" not in Q.quality_table(rows[:1], [0], 100)[0]
+
+
+def test_the_plan_puts_the_reference_first_and_refuses_bad_specs_before_any_work():
+    from absl import app
+
+    plan = Q.sampling_plan(["unipc", "gaussian_pc@flow_time"], ["5", "10"], "dpm_solver++:order=3@karras:99")
+    assert plan[0] == ("dpm_solver++:order=3@karras", 99, 100)
+    assert plan[1:] == [("unipc", 4, 5), ("gaussian_pc@flow_time", 4, 5), ("unipc", 9, 10),
+                        ("gaussian_pc@flow_time", 9, 10)]  # fmt: skip
+    assert Q.sampling_plan(["ddim"], ["5"], "") == [("ddim", 4, 5)]
+    for solvers, nfes, reference, match in [
+        (["unipc@karas"], ["5"], "", "grid 'karas'"),
+        (["unipcc"], ["5"], "", "unipcc"),
+        (["unipc"], ["five"], "", "--nfe=five"),
+        (["unipc"], ["5"], "ddim", "--reference='ddim'"),
+        (["unipc"], ["5"], "ddim@karas:10", "grid 'karas'"),
+        (["unipc"], ["5"], "dim:10", "--reference='dim:10'.*dim"),
+    ]:
+        with pytest.raises(app.UsageError, match=match):
+            Q.sampling_plan(solvers, nfes, reference)

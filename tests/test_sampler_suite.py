@@ -297,16 +297,20 @@ def test_a_trained_run_is_a_suite_problem_under_ddpm_and_edm_at_the_selection_nf
     from experiments.benchmarks.trained_problems import trained_problem
 
     workdir = str(tmp_path / "run")
-    train(tiny_config(num_steps=2), workdir)
-    problem = trained_problem(workdir, batch=4)
+    config = tiny_config(num_steps=2)
+    config.model.class_conditional = True  # as the MNIST run of the committed suite
+    train(config, workdir)
+    problem = trained_problem(workdir, batch=12)
     loaded = load_run(workdir)
     assert problem.kind == "trained" and problem.name == f"trained_digits_{loaded.config.model.name}"
     assert problem.dim == 8 * 8 * 1
-    x = jax.random.normal(jax.random.key(1), (4, problem.dim))
-    labels = problem.data.labels  # the run's sampler's labels when it is class-conditional
-    assert (labels is None) == (loaded.num_classes == 0)
-    denoiser = loaded.denoiser_for(labels=labels)
-    expected = denoiser.x0(x.reshape(4, 8, 8, 1) / 0.6, 0.8 / 0.6).reshape(4, -1)
+    x = jax.random.normal(jax.random.key(1), (12, problem.dim))
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])  # the run's own sampler's labels
+    np.testing.assert_array_equal(problem.data.labels, labels)
+    denoiser = loaded.denoiser_for(labels=jnp.asarray(labels))
+    expected = denoiser.x0(x.reshape(12, 8, 8, 1) / 0.6, 0.8 / 0.6).reshape(12, -1)
     np.testing.assert_allclose(problem.data.posterior_mean(x, 0.6, 0.8), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="labels are for 12"):
+        problem.data.posterior_mean(x[:4], 0.6, 0.8)
     assert [process for _, process in entries([problem], full=False)] == ["ddpm", "edm"]
     assert entry_nfes(problem, (3, 5, 8, 10, 20, 50)) == [5, 10, 20]

@@ -95,14 +95,11 @@ def test_logical_to_mesh_rules():
     assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (3, 16), mesh, rules) == PartitionSpec(
         None, "tensor"
     )
-    # the same mesh axis is used once per array
-    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "conv_out"), (8, 8), mesh, rules) == PartitionSpec(
-        "fsdp", None
-    )
+    # the same mesh axis is used once per array; trailing unsharded dimensions are left out
+    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "conv_out"), (8, 8), mesh, rules) == PartitionSpec("fsdp")
     rules = shard_lib.make_rules({"embed": ["tensor"], "mlp": []})
-    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (8, 16), mesh, rules) == PartitionSpec(
-        "tensor", None
-    )
+    assert shard_lib.logical_to_mesh(PartitionSpec("embed", "mlp"), (8, 16), mesh, rules) == PartitionSpec("tensor")
+    assert shard_lib.logical_to_mesh(PartitionSpec(None, "mlp"), (3, 5), mesh, rules) == PartitionSpec()
     with pytest.raises(ValueError, match="unknown mesh axes"):
         shard_lib.make_rules({"embed": ["model"]})
 
@@ -286,3 +283,31 @@ def test_sharded_dit_train_step_lowers_for_tpu():
     assert sum(not s.is_fully_replicated for s in flat) > len(flat) // 2
     mlp_in = params_sharding["blocks"]["fc1"]["kernel"].spec
     assert mlp_in == PartitionSpec(None, "fsdp", "tensor"), mlp_in
+
+
+def test_a_jitted_step_on_placed_parameters_compiles_once():
+    """Parameters placed by the rules (e.g. by load_run) and a fresh train state around them: the step's
+    output has the shardings of its input, so the second and third calls reuse the first compilation
+    (replicated specs are written P(), as jit returns them, and the fresh counters lie on the mesh)."""
+    import optax
+
+    from diffjax.training.state import create_train_state, ema, make_train_step
+
+    mesh = shard_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    rules = shard_lib.make_rules()
+    place = shard_lib.placement(mesh, rules)
+    assert place(PartitionSpec("embed", None), (3, 4)).spec == PartitionSpec()  # 3 rows: not sharded
+    params = {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,))}
+    params = {k: jax.device_put(v, place(PartitionSpec(), v.shape)) for k, v in params.items()}
+    optimizer = optax.adam(1e-2)
+
+    def loss_fn(p, key, batch):
+        return jnp.sum((batch["x"] @ p["w"] + p["b"]) ** 2), {}
+
+    state = create_train_state(params, optimizer, 0, average=ema(0.9))
+    step = jax.jit(make_train_step(loss_fn, optimizer, ema(0.9)))
+    batch = {"x": jnp.ones((8, 3))}
+    for _ in range(3):
+        state, _ = step(state, batch)
+    assert int(state.step) == 3
+    assert step._cache_size() == 1

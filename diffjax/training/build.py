@@ -19,6 +19,7 @@ __all__ = [
     "build_model_spec",
     "label_dropout_transform",
     "network",
+    "sampling_labels",
     "sampling_denoiser",
     "make_sample_fn",
 ]
@@ -103,13 +104,18 @@ def declaring(apply: Callable, prediction) -> Callable:
     return tagged
 
 
+def sampling_labels(num: int, num_classes: int) -> jax.Array:
+    """The labels a class-conditional run samples with: 0, 1, ..., cycling over the classes."""
+    return jnp.arange(num, dtype=jnp.int32) % num_classes
+
+
 def sampling_denoiser(to_denoiser: Callable, spec: ModelSpec, params, num: int, guidance_scale: float) -> Denoiser:
     """The denoiser that draws `num` samples. Class-conditional models get labels 0, 1, ...,
     cycling over the classes (so a grid shows every class in order), with classifier-free
     guidance D_null + s (D_label - D_null) at `guidance_scale` (1 = none) against the null class."""
     if not spec.conditional:
         return to_denoiser(network(spec.apply, params))
-    labels = jnp.arange(num, dtype=jnp.int32) % spec.num_classes
+    labels = sampling_labels(num, spec.num_classes)
     denoiser = to_denoiser(network(spec.apply, params, labels))
     if guidance_scale == 1.0:
         return denoiser

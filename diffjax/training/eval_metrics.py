@@ -34,22 +34,25 @@ __all__ = [
 EXACT_DIVERGENCE_MAX_DIM = 64
 
 
-def draw_samples(run: Run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
-    """`num` float32 samples in [-1, 1] (unclipped) from the run's sampler, `batch_size` per compiled
-    call, batch i drawn with fold_in(key, i) (decoded by run.decode in a latent run)."""
+def _sample_batches(run: Run, params, num: int, key, batch_size: int, progress: bool):
+    """Batches of the run's samples (numpy, decoded by run.decode in a latent run), `batch_size` per
+    compiled call, batch i drawn with fold_in(key, i); `num` in all once the last is cut."""
     sampler = make_jitted_sampler(run, batch_size)
-    chunks = []
-    for i in tqdm.trange(
-        math.ceil(num / batch_size), desc="sampling", unit="batch", disable=not (progress and interactive())
-    ):
+    batches = math.ceil(num / batch_size)
+    for i in tqdm.trange(batches, desc="sampling", unit="batch", disable=not (progress and interactive())):
         samples = sampler(params, jax.random.fold_in(key, i))
-        chunks.append(np.asarray(run.decode(samples) if run.decode is not None else samples, np.float32))
-    return np.concatenate(chunks)[:num]
+        samples = np.asarray(run.decode(samples) if run.decode is not None else samples, np.float32)
+        yield samples[: num - i * batch_size]
+
+
+def draw_samples(run: Run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
+    """`num` float32 samples from the run's sampler, as it returns them (data space, not clipped)."""
+    return np.concatenate(list(_sample_batches(run, params, num, key, batch_size, progress)))
 
 
 def sample_images(run: Run, params, num: int, key, *, batch_size: int, progress: bool = True) -> np.ndarray:
-    """`num` uint8 images from the run's sampler (`draw_samples`, quantized)."""
-    return to_uint8(draw_samples(run, params, num, key, batch_size=batch_size, progress=progress))
+    """The same samples as `draw_samples`, as uint8 images (converted batch by batch)."""
+    return np.concatenate([to_uint8(x) for x in _sample_batches(run, params, num, key, batch_size, progress)])
 
 
 def split_images(data_config, split: str, num: int, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:

@@ -116,7 +116,8 @@ def make_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, tuple[st
 
 
 def logical_to_mesh(logical: PartitionSpec, shape, mesh: Mesh, rules) -> PartitionSpec:
-    """Map a PartitionSpec of logical names to mesh axes for an array of `shape`."""
+    """Map a PartitionSpec of logical names to mesh axes for an array of `shape` (trailing
+    unsharded dimensions left out)."""
     used: set[str] = set()
     out = []
     for name, size in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
@@ -129,6 +130,8 @@ def logical_to_mesh(logical: PartitionSpec, shape, mesh: Mesh, rules) -> Partiti
             out.append(axes[0] if len(axes) == 1 else axes)
         else:
             out.append(None)
+    while out and out[-1] is None:  # P(None, None) is P(): jit returns the latter, and a spec that
+        out.pop()  # differs in form only would make the next call with its output compile again
     return PartitionSpec(*out)
 
 

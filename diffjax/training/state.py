@@ -218,7 +218,7 @@ def create_train_state(
         key = jax.random.key(key)
     mask = trainable_leaves(params, trainable)
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(
+    state = TrainState(
         step=zero,
         params=params,
         ema_params=(average or ema(0.0)).init(params),
@@ -228,6 +228,24 @@ def create_train_state(
         consecutive_nonfinite=zero,
         tracked_averages=tuple(a.init(params) for a in tracked),
     )
+    return _placed_like(state, params)
+
+
+def _placed_like(tree, params):
+    """tree with its unplaced leaves (the fresh counters and key, an optimizer's step count) replicated
+    on the mesh of `params` when they lie on one (e.g. from load_run), as a jitted step returns them:
+    otherwise the step's second call, with its own output, compiles again. Anything else as given."""
+    leaves = jax.tree.leaves(params)
+    concrete = leaves and isinstance(leaves[0], jax.Array) and not isinstance(leaves[0], jax.core.Tracer)
+    if not (concrete and isinstance(leaves[0].sharding, jax.sharding.NamedSharding)):
+        return tree  # traced, numpy or single-device params
+    replicated = jax.sharding.NamedSharding(leaves[0].sharding.mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        on_mesh = isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding)
+        return x if on_mesh else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
 
 
 def _select(condition, new, old):

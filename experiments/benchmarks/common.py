@@ -68,3 +68,11 @@ def package_versions(*names: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def relative_error(x, ref) -> float:
+    """RMS(x - ref) / RMS(ref - mean ref): the sampler suite's error of samples x against reference samples
+    ref from the same noise (batch on the first axis)."""
+    x, ref = numpy.asarray(x, numpy.float64), numpy.asarray(ref, numpy.float64)
+    spread = numpy.sqrt(numpy.mean((ref - ref.mean(0)) ** 2))
+    return float(numpy.sqrt(numpy.mean((x - ref) ** 2)) / spread)

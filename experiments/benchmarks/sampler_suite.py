@@ -56,7 +56,7 @@ from diffjax.denoisers import Denoiser
 from diffjax.io import atomic_write_json
 from diffjax.samplers import GRIDS, SOLVERS
 from diffjax.validation import build_named
-from experiments.benchmarks.common import RESULTS_DIR, package_versions, write_results
+from experiments.benchmarks.common import RESULTS_DIR, package_versions, relative_error, write_results
 from experiments.benchmarks.exact_problems import Problem, build_problems
 from experiments.benchmarks.trained_problems import TRAINED_PROCESSES, trained_problem
 
@@ -217,12 +217,6 @@ def reference(process, problem: Problem, z, steps: int):
     fine, _ = run_method(process, problem.data, REFERENCE, 2 * steps + 1, z)
     coarse, _ = run_method(process, problem.data, REFERENCE, steps + 1, z)
     return fine, relative_error(coarse, fine)
-
-
-def relative_error(x, ref) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    spread = np.sqrt(np.mean((ref - ref.mean(0)) ** 2))
-    return float(np.sqrt(np.mean((x - ref) ** 2)) / spread)
 
 
 def one_sample_error(problem: Problem) -> float:
@@ -473,6 +467,10 @@ def main(argv=None):
     else:
         save = functools.partial(write_results, args.name)
         trained = [trained_problem(workdir, args.trained_batch) for workdir in args.trained_run]
+        names = [p.name for p in trained]
+        if len(set(names)) < len(names):
+            parser.error(f"--trained-run: the runs {args.trained_run} give the problem names {names}; give "
+                         "runs of different data sets or models (their entries would mix)")  # fmt: skip
         payload = run_suite(full=args.full, peers=not args.no_peers, save=save, done=done, trained=trained)
         write_results(args.name, payload)
         with open(path) as f:

@@ -10,19 +10,22 @@ same noise.
 
 Only runs trained under the EDM process are accepted: their denoiser D(x, s) is defined at every noise
 level s = sigma / alpha of another process (the preconditioning scales the input), so the same network
-can be sampled under the DDPM chain, where diffusers' schedulers run, and under its own process.
+can be sampled under the DDPM chain, where diffusers' schedulers run, and under its own process. The
+DDPM chain starts at s ~ 157, above EDM's sigma_max = 80, so its first evaluation extrapolates the
+network beyond its training range, as a diffusers user of such a network would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from diffjax.processes import EDM
-from diffjax.training.build import network
+from diffjax.training.build import network, sampling_labels
 from diffjax.training.load import load_run
 from experiments.benchmarks.exact_problems import Problem
 
@@ -44,13 +47,14 @@ class TrainedNetwork:
 
     @property
     def dim(self) -> int:
-        size = 1
-        for n in self.image_shape:
-            size *= n
-        return size
+        return math.prod(self.image_shape)
 
     def posterior_mean(self, x, alpha, sigma):
         """x: (batch, dim); alpha, sigma: scalars or (batch,)."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (batch, {self.dim}), images {self.image_shape} flat; got {x.shape}")
+        if self.labels is not None and x.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples; this problem's labels are for {self.labels.shape[0]}")
         batch = x.shape[0]
         alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), (batch,))
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (batch,))
@@ -62,14 +66,16 @@ class TrainedNetwork:
 def trained_problem(workdir: str, batch: int = 64) -> Problem:
     """The EMA network of the run in `workdir` (its newest checkpoint) as a suite problem of `batch`
     samples named trained_<data set>_<model> (e.g. trained_mnist_unet-small). A class-conditional run is
-    sampled as its own sampler does (training/build.py, `sampling_denoiser`): labels 0, 1, ... cycling
-    over the classes, no guidance."""
+    sampled as its own sampler does (`sampling_labels`: 0, 1, ... cycling over the classes), without
+    guidance."""
     loaded = load_run(workdir)
     if not isinstance(loaded.process, EDM):
         raise ValueError(
             f"--trained-run {workdir}: its process is {loaded.process.name!r}; the suite takes runs trained "
             "under 'edm' (their denoiser is defined at every noise level another process visits)"
         )
-    labels = jnp.arange(batch, dtype=jnp.int32) % loaded.num_classes if loaded.num_classes else None
+    if loaded.run.decode is not None:
+        raise ValueError(f"--trained-run {workdir}: a latent run; the suite samples networks in data space")
+    labels = sampling_labels(batch, loaded.num_classes) if loaded.num_classes else None
     data = TrainedNetwork(loaded.ema_params, labels, loaded.run.to_denoiser, loaded.apply, tuple(loaded.image_shape))
     return Problem(f"trained_{loaded.config.data.name}_{loaded.config.model.name}", "trained", data, batch)
