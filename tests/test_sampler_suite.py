@@ -314,3 +314,15 @@ def test_a_trained_run_is_a_suite_problem_under_ddpm_and_edm_at_the_selection_nf
         problem.data.posterior_mean(x[:4], 0.6, 0.8)
     assert [process for _, process in entries([problem], full=False)] == ["ddpm", "edm"]
     assert entry_nfes(problem, (3, 5, 8, 10, 20, 50)) == [5, 10, 20]
+
+
+def test_resuming_refuses_an_entry_stored_from_another_run_or_batch():
+    from experiments.benchmarks.exact_problems import Problem
+    from experiments.benchmarks.sampler_suite import check_same_origin
+
+    stored = {"entry": "trained_mnist_unet-small/ddpm", "batch": 64, "origin": "/runs/a at step 1500"}
+    check_same_origin(stored, Problem("trained_mnist_unet-small", "trained", None, 64, "/runs/a at step 1500"))
+    for origin, batch in [("/runs/a at step 3000", 64), ("/runs/b at step 1500", 64), ("/runs/a at step 1500", 32)]:
+        with pytest.raises(ValueError, match="--resume: entry 'trained_mnist_unet-small/ddpm'"):
+            check_same_origin(stored, Problem("trained_mnist_unet-small", "trained", None, batch, origin))
+    check_same_origin({"entry": "mnist1000/ddpm", "batch": 200}, Problem("mnist1000", "images", None, 200))

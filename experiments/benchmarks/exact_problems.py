@@ -33,12 +33,15 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One exact problem: `data` has `posterior_mean(x, alpha, sigma)` (the exact x0-denoiser)."""
+    """One exact problem: `data` has `posterior_mean(x, alpha, sigma)` (the exact x0-denoiser).
+    `origin`: where the data came from when the name does not say it all (a trained run's directory and
+    step, trained_problems.py); stored with the results, and checked when a run resumes."""
 
     name: str
-    kind: str  # "gaussian" | "images" | "mixture"
+    kind: str  # "gaussian" | "images" | "mixture" | "trained"
     data: Any
     batch: int  # samples drawn per run
+    origin: str = ""
 
     @property
     def dim(self) -> int:

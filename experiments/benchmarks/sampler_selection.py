@@ -162,11 +162,13 @@ def _fmt(x, digits=3):
 def class_summary(table, classes, method, nfes, floors):
     """Per class and NFE: geometric mean over the class's entries of the method's error, of the best of
     ours and of the best diffusers setting (per entry), and the method's worst (floored) ratio to the best
-    method and to the best diffusers setting."""
+    method and to the best diffusers setting. NFEs the class's entries were not run at are left out."""
     out = {}
     for cls in sorted(set(classes.values())):
         entries = [e for e, c in classes.items() if c == cls]
         for nfe in nfes:
+            if not any((e, nfe) in table for e in entries):
+                continue  # e.g. trained networks run at the selection's NFEs only
             mine, ours, peers, r_peer, r_all = [], [], [], [], []
             for e in entries:
                 errors = table.get((e, nfe), {})

@@ -325,6 +325,16 @@ def entry_nfes(problem: Problem, nfes):
     return [n for n in nfes if n in SELECTION_NFES] if problem.kind == "trained" else list(nfes)
 
 
+def check_same_origin(stored: dict, problem: Problem) -> None:
+    """A resumed entry must be of the same problem: ValueError when its stored origin or batch differ."""
+    if stored.get("origin", "") != problem.origin or int(stored["batch"]) != problem.batch:
+        raise ValueError(
+            f"--resume: entry {stored['entry']!r} was run on {stored.get('origin') or 'its built-in data'} with "
+            f"{stored['batch']} samples, now {problem.origin or 'its built-in data'} with {problem.batch}; "
+            "resume with the same run and batch, or remove the entry from the results first"
+        )
+
+
 def run_suite(
     full: bool = False,
     peers: bool = True,
@@ -344,7 +354,7 @@ def run_suite(
     reference_steps = reference_steps or (400 if full else 200)
     peer = peers_module() if peers else None
     rows, references = (list(done["rows"]), list(done["references"])) if done else ([], [])
-    finished = {r["entry"] for r in references}
+    finished = {r["entry"]: r for r in references}
     start = time.perf_counter() - (done["seconds"] if done else 0.0)
     cpu_start = time.process_time() - (done.get("cpu_seconds", 0.0) if done else 0.0)
 
@@ -367,6 +377,7 @@ def run_suite(
         process = make_process(process_name)
         entry = f"{problem.name}/{process_name}"
         if entry in finished:
+            check_same_origin(finished[entry], problem)
             continue
         z = jax.random.normal(jax.random.key(noise_seed(problem.name)), (problem.batch, problem.dim))
         t0 = time.perf_counter()
@@ -379,6 +390,8 @@ def run_suite(
         )  # fmt: skip
         if problem.kind == "images":
             references[-1]["one_sample_error"] = one_sample_error(problem)
+        if problem.origin:
+            references[-1]["origin"] = problem.origin
         for method in tqdm(methods, desc=entry, leave=False, mininterval=5):
             for nfe in entry_nfes(problem, nfes):
                 try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -78,4 +79,5 @@ def trained_problem(workdir: str, batch: int = 64) -> Problem:
         raise ValueError(f"--trained-run {workdir}: a latent run; the suite samples networks in data space")
     labels = sampling_labels(batch, loaded.num_classes) if loaded.num_classes else None
     data = TrainedNetwork(loaded.ema_params, labels, loaded.run.to_denoiser, loaded.apply, tuple(loaded.image_shape))
-    return Problem(f"trained_{loaded.config.data.name}_{loaded.config.model.name}", "trained", data, batch)
+    name = f"trained_{loaded.config.data.name}_{loaded.config.model.name}"
+    return Problem(name, "trained", data, batch, origin=f"{os.path.abspath(loaded.workdir)} at step {loaded.step}")
