@@ -302,7 +302,7 @@ def test_a_trained_run_is_a_suite_problem_under_ddpm_and_edm_at_the_selection_nf
     train(config, workdir)
     problem = trained_problem(workdir, batch=12)
     loaded = load_run(workdir)
-    assert problem.kind == "trained" and problem.name == f"trained_digits_{loaded.config.model.name}"
+    assert problem.kind == "trained" and problem.name == f"trained_digits8_{loaded.config.model.name}"
     assert problem.dim == 8 * 8 * 1
     x = jax.random.normal(jax.random.key(1), (12, problem.dim))
     labels = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])  # the run's own sampler's labels
@@ -320,9 +320,9 @@ def test_resuming_refuses_an_entry_stored_from_another_run_or_batch():
     from experiments.benchmarks.exact_problems import Problem
     from experiments.benchmarks.sampler_suite import check_same_origin
 
-    stored = {"entry": "trained_mnist_unet-small/ddpm", "batch": 64, "origin": "/runs/a at step 1500"}
-    check_same_origin(stored, Problem("trained_mnist_unet-small", "trained", None, 64, "/runs/a at step 1500"))
+    stored = {"entry": "trained_mnist28_unet-small/ddpm", "batch": 64, "origin": "/runs/a at step 1500"}
+    check_same_origin(stored, Problem("trained_mnist28_unet-small", "trained", None, 64, "/runs/a at step 1500"))
     for origin, batch in [("/runs/a at step 3000", 64), ("/runs/b at step 1500", 64), ("/runs/a at step 1500", 32)]:
-        with pytest.raises(ValueError, match="--resume: entry 'trained_mnist_unet-small/ddpm'"):
-            check_same_origin(stored, Problem("trained_mnist_unet-small", "trained", None, batch, origin))
+        with pytest.raises(ValueError, match="--resume: entry 'trained_mnist28_unet-small/ddpm'"):
+            check_same_origin(stored, Problem("trained_mnist28_unet-small", "trained", None, batch, origin))
     check_same_origin({"entry": "mnist1000/ddpm", "batch": 200}, Problem("mnist1000", "images", None, 200))

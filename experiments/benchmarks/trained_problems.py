@@ -66,7 +66,7 @@ class TrainedNetwork:
 
 def trained_problem(workdir: str, batch: int = 64) -> Problem:
     """The EMA network of the run in `workdir` (its newest checkpoint) as a suite problem of `batch`
-    samples named trained_<data set>_<model> (e.g. trained_mnist_unet-small). A class-conditional run is
+    samples named trained_<data set><image size>_<model> (e.g. trained_mnist28_unet-small). A class-conditional run is
     sampled as its own sampler does (`sampling_labels`: 0, 1, ... cycling over the classes), without
     guidance."""
     loaded = load_run(workdir)
@@ -79,5 +79,5 @@ def trained_problem(workdir: str, batch: int = 64) -> Problem:
         raise ValueError(f"--trained-run {workdir}: a latent run; the suite samples networks in data space")
     labels = sampling_labels(batch, loaded.num_classes) if loaded.num_classes else None
     data = TrainedNetwork(loaded.ema_params, labels, loaded.run.to_denoiser, loaded.apply, tuple(loaded.image_shape))
-    name = f"trained_{loaded.config.data.name}_{loaded.config.model.name}"
+    name = f"trained_{loaded.config.data.name}{loaded.image_shape[0]}_{loaded.config.model.name}"
     return Problem(name, "trained", data, batch, origin=f"{os.path.abspath(loaded.workdir)} at step {loaded.step}")
