@@ -66,9 +66,9 @@ class TrainedNetwork:
 
 def trained_problem(workdir: str, batch: int = 64) -> Problem:
     """The EMA network of the run in `workdir` (its newest checkpoint) as a suite problem of `batch`
-    samples named trained_<data set><image size>_<model> (e.g. trained_mnist28_unet-small). A class-conditional run is
-    sampled as its own sampler does (`sampling_labels`: 0, 1, ... cycling over the classes), without
-    guidance."""
+    samples named trained_<data set><image size>_<model> (e.g. trained_mnist28_unet-small). A
+    class-conditional run is sampled as its own sampler does (`sampling_labels`: 0, 1, ... cycling over
+    the classes), without guidance."""
     loaded = load_run(workdir)
     if not isinstance(loaded.process, EDM):
         raise ValueError(
