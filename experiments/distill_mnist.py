@@ -77,7 +77,7 @@ from diffjax.training import create_train_state, ema, eval_metrics, load_run, ma
 from diffjax.training.cpu_malloc import tune_cpu_malloc
 from diffjax.training.images import to_uint8
 from diffjax.training.loop import evaluation_split
-from experiments.benchmarks.common import RESULTS_DIR, markdown_table, write_results
+from experiments.benchmarks.common import RESULTS_DIR, markdown_table, mean_stderr, write_results
 
 METHODS = ("cd", "pd", "dmd+reg")
 NFES = (1, 2, 4)
@@ -119,17 +119,11 @@ def teacher_from_run(loaded) -> Teacher:
             f"the teacher must be trained on the EDM process with edm_preconditioned prediction, got process "
             f"{loaded.process!r}, prediction {config.loss.prediction!r}"
         )
-    labels = None
-    if loaded.num_classes:
-        if not loaded.run.label_dropout > 0:
-            raise SystemExit(
-                "a class-conditional teacher needs label dropout (a null class) to be used unconditionally"
-            )
-        labels = loaded.num_classes
+    if loaded.num_classes and not loaded.run.label_dropout > 0:
+        raise SystemExit("a class-conditional teacher needs label dropout (a null class) to be used unconditionally")
 
     def net(params, x, t):
-        y = None if labels is None else jnp.full((x.shape[0],), labels, jnp.int32)
-        return loaded.apply(params, x, t, y)
+        return loaded.apply(params, x, t, None)  # no labels: the null class of a conditional model
 
     return Teacher(net, loaded.ema_params, loaded.process, float(config.loss.sigma_data), tuple(loaded.image_shape))
 
@@ -331,12 +325,6 @@ def generate_images(generate, num: int, key, batch_size: int, label: str) -> np.
 # ------------------------------------------------------------------------------------------------
 # the table
 # ------------------------------------------------------------------------------------------------
-
-
-def mean_stderr(values) -> tuple[float, float]:
-    values = np.asarray(values, np.float64)
-    stderr = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(stderr)
 
 
 def markdown(rows, meta) -> str:

@@ -43,7 +43,7 @@ from diffjax.training.from_config import sampler_from_config
 from diffjax.training.images import to_uint8
 from diffjax.training.loop import evaluation_split, load_for_config
 from diffjax.validation import build_named
-from experiments.benchmarks.common import markdown_table, relative_error, write_results
+from experiments.benchmarks.common import markdown_table, mean_stderr, relative_error, write_results
 
 flags.DEFINE_string(
     "config",
@@ -161,8 +161,8 @@ def quality_table(rows, seeds, num):
     table = []
     for i in range(0, len(rows), len(seeds)):
         group = rows[i : i + len(seeds)]  # shorter than seeds when the run stopped inside this row
-        fid = np.array([r["fid"] for r in group])
-        mean = f"{fid.mean():.2f}" + (f" ± {fid.std(ddof=1) / np.sqrt(len(fid)):.2f}" if len(fid) > 1 else "")
+        fid_mean, fid_stderr = mean_stderr([r["fid"] for r in group])
+        mean = f"{fid_mean:.2f}" + (f" ± {fid_stderr:.2f}" if len(group) > 1 else "")
         if len(group) < len(seeds):
             mean += f" ({len(group)} of {len(seeds)} seeds)"
         table.append(

@@ -76,3 +76,10 @@ def relative_error(x, ref) -> float:
     x, ref = numpy.asarray(x, numpy.float64), numpy.asarray(ref, numpy.float64)
     spread = numpy.sqrt(numpy.mean((ref - ref.mean(0)) ** 2))
     return float(numpy.sqrt(numpy.mean((x - ref) ** 2)) / spread)
+
+
+def mean_stderr(values) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan for a single value), e.g. of FIDs over seeds."""
+    values = numpy.asarray(values, numpy.float64)
+    stderr = values.std(ddof=1) / numpy.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(stderr)

@@ -59,7 +59,7 @@ class TrainedNetwork:
         batch = x.shape[0]
         alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), (batch,))
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (batch,))
-        images = jnp.reshape(x, (batch,) + self.image_shape) / alpha.reshape((batch,) + (1,) * len(self.image_shape))
+        images = jnp.reshape(x / alpha[:, None], (batch,) + self.image_shape)
         denoiser = self.to_denoiser(network(self.apply, self.params, self.labels))
         return jnp.reshape(denoiser.x0(images, sigma / alpha), x.shape)
 
