@@ -228,6 +228,14 @@ def test_solver_and_grid_options_from_the_command_line(overrides, options, grid_
             r"config.sample.solver_options: unknown option 'etta' for solver 'ddim' \(did you mean 'eta'\?\)",
         ),
         ([("sample.solver_options.eta", "0.5")], "unknown option 'eta' for solver 'unipc'"),  # the default solver
+        (  # the library default depends on the steps, so its options need a name
+            [("sample.solver_options.order", "2")],
+            r"sample.solver_options = \{'order': 2\} with sample.solver = '' .* name the solver",
+        ),
+        (
+            [("sample.steps", "5"), ("sample.solver_options.eta", "0.5")],
+            "unknown option 'eta' for solver 'gaussian_pc'",  # the default solver for few steps
+        ),
         (
             [("sample.grid", "karras"), ("sample.grid_options.rhoo", "7")],
             r"config.sample.grid_options: unknown option 'rhoo' for grid 'karras' \(did you mean 'rho'\?\)",

@@ -205,16 +205,44 @@ def _label_of(solver) -> str:
 
 
 def test_the_default_is_the_committed_suites_choice():
-    """DEFAULT_SOLVER on its default grid is the setting the selection rule picks from the committed
-    sampler-suite run (experiments/results/sampler_suite.json): change one, rerun the other."""
-    from diffjax.samplers import DEFAULT_SOLVER
+    """The library's default (default_solver on each solver's default grid, switched after FEW_STEPS steps)
+    is the candidate the selection rule picks from the committed sampler-suite run
+    (experiments/results/sampler_suite.json): change one, rerun the other."""
+    from diffjax.samplers import FEW_STEPS, default_solver
     from experiments.benchmarks.common import RESULTS_DIR
-    from experiments.benchmarks.sampler_selection import selection
+    from experiments.benchmarks.sampler_selection import selection, with_switched_default
 
     with open(Path(RESULTS_DIR) / "sampler_suite.json") as f:
         payload = json.load(f)
+    payload, switch = with_switched_default(payload)
     *_, (ranked, *_) = selection(payload)
-    assert _label_of(DEFAULT_SOLVER) == ranked[0]
+    assert switch is not None and ranked[0] == switch.label
+    assert (_label_of(default_solver(FEW_STEPS)), _label_of(default_solver(FEW_STEPS + 1))) == (switch.few, switch.many)
+    assert switch.last_few_nfe == FEW_STEPS + 1  # NFE: the steps and the final denoising
+
+
+def test_a_default_switches_once_where_the_per_nfe_choice_changes():
+    """The switch follows the per-NFE choice: setting a wins at NFE 5 and 10, b at 20; at 12 they tie within
+    5 % (a is kept), at 14 b wins, so a up to 12. No switch when one setting wins every selection NFE or the
+    choice changes twice."""
+    from experiments.benchmarks.sampler_selection import Switched, switched_candidate
+
+    floors = {"g/ddpm": 1e-3, "m/ddpm": 1e-3}
+    errors = {5: (0.1, 0.3), 10: (0.05, 0.1), 12: (0.0400, 0.0404), 14: (0.04, 0.02), 20: (0.02, 0.01)}
+
+    def table_of(errors):
+        return {(e, n): {"a": a, "b": b, "diffusers x": 0.5} for e in floors for n, (a, b) in errors.items()}
+
+    def switch_of(errors, nfes):
+        return switched_candidate(table_of(errors), ["a", "b"], sorted(floors), floors, nfes)
+
+    switch = switch_of(errors, sorted(errors))
+    assert switch == Switched("a", "b", 12)
+    assert [switch.at(n) for n in (3, 12, 13, 50)] == ["a", "a", "b", "b"]
+    assert switch_of(errors, [5, 10, 20]) == Switched("a", "b", 10)
+    assert switch_of({**errors, 20: (0.01, 0.02)}, [5, 10, 20]) is None
+    twice = {**errors, 10: (0.1, 0.05), 20: (0.01, 0.02)}
+    assert switch_of(twice, [5, 10, 20]) is None
 
 
 def test_selection_floors_errors_and_breaks_ties_by_the_next_worst_ratio():
@@ -326,3 +354,22 @@ def test_resuming_refuses_an_entry_stored_from_another_run_or_batch():
         with pytest.raises(ValueError, match="--resume: entry 'trained_mnist28_unet-small/ddpm'"):
             check_same_origin(stored, Problem("trained_mnist28_unet-small", "trained", None, batch, origin))
     check_same_origin({"entry": "mnist1000/ddpm", "batch": 200}, Problem("mnist1000", "images", None, 200))
+
+
+def test_resuming_with_more_nfes_checks_the_recomputed_reference_and_the_nfes():
+    """--resume --nfes adds NFEs to stored entries: the recomputed reference must be the stored one (its N vs
+    2N-step gap is its fingerprint), and --nfes takes integers of at least 2."""
+    from experiments.benchmarks.sampler_suite import check_same_reference, parse_nfes
+
+    check_same_reference({"entry": "mnist1000/ddpm", "reference_gap": 4.64e-8}, 4.6401e-8)
+    check_same_reference({"entry": "gauss256_p1/ddpm", "reference_gap": 0.0}, 0.0)
+    with pytest.raises(ValueError, match="--resume: entry 'mnist1000/ddpm''s reference gap is now 5e-08"):
+        check_same_reference({"entry": "mnist1000/ddpm", "reference_gap": 4.64e-8}, 5e-8)
+
+    def error(message):
+        raise ValueError(message)
+
+    assert parse_nfes("14,11,12,11", error) == [11, 12, 14]
+    for bad in ("", "1,5", "5,ten"):
+        with pytest.raises(ValueError, match="--nfes=.*integers of at least 2"):
+            parse_nfes(bad, error)

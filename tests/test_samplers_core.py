@@ -12,6 +12,7 @@ from diffjax.data.toy import benchmark_mixture, gaussian
 from diffjax.denoisers import Denoiser
 from diffjax.samplers import (
     DDIM,
+    FEW_STEPS,
     GRIDS,
     SOLVERS,
     FlowTime,
@@ -20,6 +21,7 @@ from diffjax.samplers import (
     LogSNR,
     SampleResult,
     UniPC,
+    default_solver,
     sample,
 )
 from diffjax.validation import build_named
@@ -353,3 +355,20 @@ def test_euler_maruyama_refuses_singular_start():
         sample(denoiser, jax.random.key(0), (4, 1), solver=solver("euler_maruyama"))
     x = sample(denoiser, jax.random.key(0), (4, 1), solver=solver("euler_maruyama"), t_max=0.999).samples
     assert np.all(np.isfinite(np.asarray(x)))
+
+
+@pytest.mark.parametrize("steps", [FEW_STEPS, FEW_STEPS + 1])
+def test_the_default_solver_depends_on_the_steps(steps):
+    """Without a solver, sample() runs GaussianPC on its flow-time grid up to FEW_STEPS steps and UniPC on
+    its log-SNR grid beyond: the same samples as those settings named explicitly, and not the other's."""
+    denoiser = MIXTURE.denoiser(DDPM)
+    key, shape = jax.random.key(3), (64, 16)
+    default = sample(denoiser, key, shape, steps=steps).samples
+    few = sample(denoiser, key, shape, solver=GaussianPC(), grid=FlowTime(), steps=steps).samples
+    many = sample(denoiser, key, shape, solver=UniPC(), grid=LogSNR(), steps=steps).samples
+    chosen, other = (few, many) if steps <= FEW_STEPS else (many, few)
+    np.testing.assert_array_equal(default, chosen)
+    assert float(jnp.max(jnp.abs(default - other))) > 1e-3
+    assert type(default_solver(steps)) is (GaussianPC if steps <= FEW_STEPS else UniPC)
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        default_solver(0)

@@ -1,4 +1,6 @@
-"""Sampling: `sample(denoiser, key, shape, solver=UniPC(), steps=..., grid=LogSNR())` (the default).
+"""Sampling: `sample(denoiser, key, shape, solver=..., steps=..., grid=...)`. The default solver depends on
+the steps (`default_solver`): `GaussianPC()` on its `FlowTime()` grid up to `FEW_STEPS` steps, `UniPC()` on
+its `LogSNR()` grid beyond.
 
 Solvers are small typed objects with one step signature (samplers/base.py); options are fields,
 validated on construction. Config names (the `SOLVERS` table, for
@@ -45,10 +47,11 @@ from diffjax.samplers.optimize import optimize_grid
 from diffjax.samplers.predictor_corrector import PCStep, PredictorCorrector
 from diffjax.samplers.sa_solver import SASolver
 from diffjax.samplers.sampling import (
-    DEFAULT_SOLVER,
+    FEW_STEPS,
     SOLVERS,
     SampleResult,
     check_prediction_is_defined,
+    default_solver,
     sample,
 )
 from diffjax.samplers.unipc import UniPC
@@ -59,7 +62,8 @@ __all__ = [
     "optimize_grid",
     "SOLVERS",
     "GRIDS",
-    "DEFAULT_SOLVER",
+    "default_solver",
+    "FEW_STEPS",
     "check_prediction_is_defined",
     # the protocol
     "Solver",

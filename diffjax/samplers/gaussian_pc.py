@@ -27,8 +27,9 @@ settings at few NFE on Gaussian data, even with anisotropic power-law spectra, a
 mildly anisotropic mixtures at every NFE measured. It loses wherever the data near a sample is far
 from one isotropic Gaussian: on the ideal denoiser of real image sets and on well-separated strongly
 anisotropic mixtures it is behind UniPC and DPM-Solver++ at every NFE, and on Gaussians with steep
-spectra the polynomial solvers on the log-SNR grid overtake it as NFE grows. That worst case is why
-it is an option and not the default (`DEFAULT_SOLVER`).
+spectra the polynomial solvers on the log-SNR grid overtake it as NFE grows. So it is the default
+only for few steps (`sampling.default_solver`: up to `FEW_STEPS`), where its worst case over the suite
+is the smallest of all settings; UniPC's is beyond.
 """
 
 from __future__ import annotations

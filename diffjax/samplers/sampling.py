@@ -39,7 +39,8 @@ __all__ = [
     "SampleResult",
     "SOLVERS",
     "GRIDS",
-    "DEFAULT_SOLVER",
+    "default_solver",
+    "FEW_STEPS",
     "check_prediction_is_defined",
     "resolve_range",
 ]
@@ -66,10 +67,20 @@ SOLVERS: dict[str, type[Solver]] = {
     "learned_variance": LearnedVarianceAncestral,
 }
 
-# The default: UniPC bh2 with the order by step on its log-SNR grid, the setting with the smallest worst
-# ratio to the best method (ours or diffusers') per problem over the sampler suite's selection entries
-# (experiments/benchmarks/sampler_suite.py; tables: experiments/results/sampler_suite.md).
-DEFAULT_SOLVER: Solver = UniPC()
+# The default solver depends on the number of steps. At each NFE of the sampler suite
+# (experiments/benchmarks/sampler_suite.py; tables: experiments/results/sampler_suite.md) the setting
+# with the smallest worst ratio to the best method (ours or diffusers') per problem is `GaussianPC()` on
+# its flow-time grid at 5 and 10 NFE and UniPC bh2 (order by step) on its log-SNR grid at 20; measured
+# in between, the two cross between 12 and 13 NFE. Both take one network call per step.
+FEW_STEP_SOLVER: Solver = GaussianPC()
+MANY_STEP_SOLVER: Solver = UniPC()
+FEW_STEPS = 11  # up to this many steps (12 network calls with the final denoising): FEW_STEP_SOLVER
+
+
+def default_solver(steps: int) -> Solver:
+    """The solver `sample` uses for `steps` steps when none is given: `GaussianPC()` (on its
+    `FlowTime()` grid) up to `FEW_STEPS` steps, `UniPC()` (on its `LogSNR()` grid) beyond."""
+    return FEW_STEP_SOLVER if check_count("steps", steps) <= FEW_STEPS else MANY_STEP_SOLVER
 
 
 @jax.tree_util.register_dataclass
@@ -177,9 +188,10 @@ def sample(
       key: a `jax.random` key; split into the prior draw and one key per step.
       shape: the batch shape, e.g. (batch, H, W, C).
       solver: a `Solver` instance, e.g. `UniPC(order=2, variant="bh2")` (names for configs:
-        `SOLVERS`). Default: `UniPC()` (bh2, the order by step, diffusers' final-step
-        convention) on its `LogSNR()` grid, 1 NFE per step: chosen by its worst case over the
-        sampler suite of exact problems (experiments/results/sampler_suite.md).
+        `SOLVERS`). Default (`default_solver(steps)`): `GaussianPC()` on its `FlowTime()` grid
+        up to `FEW_STEPS` = 11 steps, `UniPC()` (bh2, the order by step) on its `LogSNR()` grid
+        beyond, 1 NFE per step: at each NFE the setting with the best worst case over the sampler
+        suite of exact problems (experiments/results/sampler_suite.md).
       steps: number of solver steps; the network is evaluated `solver.nfe(steps)` times, plus
         one for the final denoising (`solver.steps_for_nfe(nfe)` inverts this).
       grid: a `Grid` instance (`LogSNR()`, `Karras(rho=7.0)`, `FlowTime(sigma_data=0.5)`,
@@ -198,7 +210,7 @@ def sample(
     check_key(key)
     shape = check_shape(shape)
     steps = check_count("steps", steps)
-    solver = DEFAULT_SOLVER if solver is None else solver
+    solver = default_solver(steps) if solver is None else solver
     if not isinstance(solver, Solver):
         raise TypeError(
             f"solver must be a Solver instance (e.g. UniPC(), DDIM(eta=0.5)), got {solver!r:.100}; to build one "

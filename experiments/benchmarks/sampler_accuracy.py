@@ -32,7 +32,7 @@ import numpy as np
 from diffjax import processes as P
 from diffjax.data.toy import benchmark_mixture
 from diffjax.io import atomic_write_json, atomic_write_text
-from diffjax.samplers import DEFAULT_SOLVER, optimize_grid, sample
+from diffjax.samplers import FEW_STEPS, default_solver, optimize_grid, sample
 from diffjax.samplers import GRIDS as GRID_TABLE
 from diffjax.samplers import SOLVERS as SOLVER_TABLE
 from diffjax.validation import build_named
@@ -196,7 +196,13 @@ def main():
         device=device(),
         versions=versions(),
         samples=n,
-        default=f"{DEFAULT_SOLVER} / {DEFAULT_SOLVER.default_grid}",
+        default=" / ".join(
+            f"{solver} on {solver.default_grid} ({when})"
+            for solver, when in (
+                (default_solver(FEW_STEPS), f"up to {FEW_STEPS} steps"),
+                (default_solver(FEW_STEPS + 1), "beyond"),
+            )
+        ),
         rows=rows,
     )
     if not args.quick and (args.only is None or args.merge):

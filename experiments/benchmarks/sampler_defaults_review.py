@@ -31,7 +31,7 @@ from experiments.benchmarks.sampler_suite import Method, run_suite
 
 NAME = "sampler_defaults_review"
 NFES = S.SELECTION_NFES
-BASELINE = Method("unipc", (), "logsnr")  # DEFAULT_SOLVER on its default grid
+BASELINE = Method("unipc", (), "logsnr")  # the default solver beyond FEW_STEPS, on its default grid
 
 
 def _m(solver, grid, **options):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import functools
 import json
 import math
@@ -146,6 +147,63 @@ def minimax(table, classes, candidates, floors):
     vectors = {m: sorted_ratios(table, m, selection, floors) for m in candidates}
     ranked = sorted(candidates, key=functools.cmp_to_key(lambda a, b: compare_leximax(vectors[a], vectors[b])))
     return ranked, on_selection, on_held_out, on_all, selection, held_out
+
+
+def nfe_winner(table, candidates, entries, floors, nfe: int) -> str:
+    """The candidate that `minimax`'s rule picks from one NFE's ratios alone."""
+    vectors = {m: sorted_ratios(table, m, entries, floors, nfes=(nfe,)) for m in candidates}
+    present = [m for m in candidates if vectors[m]]
+    return min(present, key=functools.cmp_to_key(lambda a, b: compare_leximax(vectors[a], vectors[b])))
+
+
+@dataclasses.dataclass(frozen=True)
+class Switched:
+    """`few` up to `last_few_nfe` network calls, `many` beyond: a default that depends on the NFE."""
+
+    few: str
+    many: str
+    last_few_nfe: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.few} up to {self.last_few_nfe} NFE, else {self.many}"
+
+    def at(self, nfe: int) -> str:
+        return self.few if nfe <= self.last_few_nfe else self.many
+
+
+def switched_candidate(table, candidates, entries, floors, measured_nfes) -> Switched | None:
+    """When the setting `minimax`'s rule picks at each selection NFE alone changes once (A at the lower
+    NFEs, B from some NFE on): A up to the switch, B beyond. The switch is the last NFE measured (between A's
+    last winning selection NFE and B's first) before the first at which B's ratios beat A's (leximax, ties
+    within TIE keep A). None when one setting wins every selection NFE, or the winners change more than once."""
+    winners = [nfe_winner(table, candidates, entries, floors, n) for n in SELECTION_NFES]
+    changes = [i for i in range(1, len(winners)) if winners[i] != winners[i - 1]]
+    if len(changes) != 1:
+        return None
+    few, many = winners[changes[0] - 1], winners[changes[0]]
+    last_few = SELECTION_NFES[changes[0] - 1]
+    for nfe in sorted(n for n in measured_nfes if last_few < n < SELECTION_NFES[changes[0]]):
+        a, b = (sorted_ratios(table, m, entries, floors, nfes=(nfe,)) for m in (few, many))
+        if compare_leximax(b, a) < 0:
+            break
+        last_few = nfe
+    return Switched(few, many, last_few)
+
+
+def with_switched_default(payload) -> tuple[dict, Switched | None]:
+    """(payload, switch): the payload with the switched candidate's rows added (copies of its settings' rows
+    under its label) when there is one, so that it is ranked, tabulated and plotted like any setting."""
+    table, classes = error_table(payload["rows"])
+    floors = error_floors(payload["references"])
+    ours = sorted({r["method"] for r in payload["rows"] if r["library"] == "diffjax"})
+    selection_entries = sorted(e for e in classes if not is_held_out(e))
+    switch = switched_candidate(table, ours, selection_entries, floors, payload["nfes"])
+    if switch is None:
+        return payload, None
+    added = [{**r, "method": switch.label} for r in payload["rows"]
+             if r["library"] == "diffjax" and r["method"] == switch.at(r["nfe"])]  # fmt: skip
+    return {**payload, "rows": payload["rows"] + added}, switch
 
 
 def geomean(values):
@@ -310,7 +368,8 @@ def compact_summary(payload, winner, nfes=SELECTION_NFES) -> str:
 
 
 def selection(payload):
-    """(winner, runner-ups, scores...) of the payload's diffjax settings; see `minimax`."""
+    """(winner, runner-ups, scores...) of the payload's diffjax settings (with `with_switched_default`'s
+    payload: and the switched candidate); see `minimax`."""
     rows = payload["rows"]
     table, classes = error_table(rows)
     floors = error_floors(payload["references"])
@@ -319,11 +378,13 @@ def selection(payload):
 
 
 def write_report(payload, name="sampler_suite"):
+    payload, switch = with_switched_default(payload)
     rows = payload["rows"]
     nfes = payload["nfes"]
     current = payload["current_default"]
     table, classes, floors, ours, (ranked, on_sel, on_held, on_all, selected, held_out) = selection(payload)
     winner = ranked[0]
+    settings = [m for m in ours if switch is None or m != switch.label]  # those measured
     peers = sorted({r["method"] for r in rows if r["library"] == "diffusers"})
     ddpm_entries = [e for e in classes if e.endswith("/ddpm")]
     peer_scores = worst_ratios(table, peers, ddpm_entries, floors)
@@ -336,7 +397,7 @@ def write_report(payload, name="sampler_suite"):
     lines += [
         f"{env.get('date', '')}, {env.get('device', '')}, jax {env.get('versions', {}).get('jax', '')}, "
         f"diffusers {payload.get('peer_versions', {}).get('diffusers') or '-'}; "
-        f"{len(classes)} entries (problem/process), {len(ours)} of our settings, {len(peers)} diffusers settings; "
+        f"{len(classes)} entries (problem/process), {len(settings)} of our settings, {len(peers)} diffusers settings; "
         f"suite wall time {payload['seconds'] / 60:.1f} min"
         + (f", CPU time {cpu / 60:.1f} min" if cpu else "")
         + " (shared 2-core machine). "
@@ -353,6 +414,15 @@ def write_report(payload, name="sampler_suite"):
         f"ratio): **{winner}**; previous default: {current}.",
         "",
     ]
+    if switch is not None:
+        picks = ", ".join(f"{nfe_winner(table, settings, selected, floors, n)} at {n}" for n in SELECTION_NFES)
+        lines += [
+            f"The same rule applied to each NFE alone picks {picks}; the two cross between the measured NFEs "
+            f"{switch.last_few_nfe} and {min(n for n in nfes if n > switch.last_few_nfe)} (the last NFE at which "
+            f"the first is not beaten by the second), so a default that switches there is a candidate too "
+            f"(`{switch.label}`).",
+            "",
+        ]
     lines += ["Compact (NFE 5 / 10 / 20; the four non-DDPM processes together; entry counts in brackets):", "",
               compact_summary(payload, winner), "", "Per class and NFE:", ""]  # fmt: skip
     summary_new = class_summary(table, classes, winner, nfes, floors)

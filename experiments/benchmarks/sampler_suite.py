@@ -129,7 +129,7 @@ DEFAULT_CANDIDATES = [
     ("dpm_solver++", (("order", 3),), ("logsnr", "karras")),
     ("heun", (), ("karras",)),
 ]
-CURRENT_DEFAULT = Method("gaussian_pc", (), "flow_time")
+CURRENT_DEFAULT = Method("unipc", (), "logsnr")  # the default of every NFE before the switch (the "former default")
 REFERENCE = Method("dpm_solver++", (("order", 3),), "logsnr")
 
 
@@ -335,6 +335,16 @@ def check_same_origin(stored: dict, problem: Problem) -> None:
         )
 
 
+def check_same_reference(stored: dict, gap: float) -> None:
+    """A resumed entry's recomputed reference must be the stored one: its N vs 2N-step gap is a fingerprint
+    of the problem, noise and reference solver (ValueError if they moved, e.g. after a library change)."""
+    if not np.isclose(gap, float(stored["reference_gap"]), rtol=1e-3, atol=1e-9):
+        raise ValueError(
+            f"--resume: entry {stored['entry']!r}'s reference gap is now {gap:.6g}, stored "
+            f"{stored['reference_gap']:.6g}: its reference changed since it was stored; rerun without --resume"
+        )
+
+
 def run_suite(
     full: bool = False,
     peers: bool = True,
@@ -348,13 +358,15 @@ def run_suite(
 ):
     """Run every method on every (problem, process); returns the JSON-able result dict. `save(payload)` is
     called after every entry with the results so far; entries in `done` (a payload) are kept, not rerun.
-    `trained`: problems of trained networks (trained_problems.trained_problem) run after the exact ones."""
+    `trained`: problems of trained networks (trained_problems.trained_problem) run after the exact ones. With
+    `done`, NFEs not in it are added to its entries (their reference is recomputed and checked)."""
     problems = build_problems(full) + list(trained)
     methods = candidate_methods(full) if methods is None else methods
     reference_steps = reference_steps or (400 if full else 200)
     peer = peers_module() if peers else None
     rows, references = (list(done["rows"]), list(done["references"])) if done else ([], [])
     finished = {r["entry"]: r for r in references}
+    nfes = sorted(set(nfes) | set(done["nfes"] if done else ()))
     start = time.perf_counter() - (done["seconds"] if done else 0.0)
     cpu_start = time.process_time() - (done.get("cpu_seconds", 0.0) if done else 0.0)
 
@@ -376,24 +388,31 @@ def run_suite(
     for problem, process_name in entries(problems, full):
         process = make_process(process_name)
         entry = f"{problem.name}/{process_name}"
-        if entry in finished:
+        todo = entry_nfes(problem, nfes)
+        if entry in finished:  # resumed: only the NFEs it was not run at
             check_same_origin(finished[entry], problem)
-            continue
+            stored = {r["nfe"] for r in rows if r["entry"] == entry}
+            todo = [n for n in todo if n not in stored]
+            if not todo:
+                continue
         z = jax.random.normal(jax.random.key(noise_seed(problem.name)), (problem.batch, problem.dim))
         t0 = time.perf_counter()
         ref, converged = reference(process, problem, z, reference_steps)
         ref_nearest = np.asarray(problem.data.nearest(ref)) if problem.kind == "images" else None
-        references.append(
-            {"entry": entry, "problem": problem.name, "kind": problem.kind, "process": process_name,
-             "dim": problem.dim, "batch": problem.batch, "reference_gap": converged,
-             **class_metrics(problem, ref)}
-        )  # fmt: skip
-        if problem.kind == "images":
-            references[-1]["one_sample_error"] = one_sample_error(problem)
-        if problem.origin:
-            references[-1]["origin"] = problem.origin
+        if entry in finished:
+            check_same_reference(finished[entry], converged)
+        else:
+            references.append(
+                {"entry": entry, "problem": problem.name, "kind": problem.kind, "process": process_name,
+                 "dim": problem.dim, "batch": problem.batch, "reference_gap": converged,
+                 **class_metrics(problem, ref)}
+            )  # fmt: skip
+            if problem.kind == "images":
+                references[-1]["one_sample_error"] = one_sample_error(problem)
+            if problem.origin:
+                references[-1]["origin"] = problem.origin
         for method in tqdm(methods, desc=entry, leave=False, mininterval=5):
-            for nfe in entry_nfes(problem, nfes):
+            for nfe in todo:
                 try:
                     x, used = run_method(process, problem.data, method, nfe, z)
                 except ValueError:  # fewer evaluations than one step needs
@@ -404,7 +423,7 @@ def run_suite(
                      "error": relative_error(x, ref), **class_metrics(problem, x, ref_nearest)}
                 )  # fmt: skip
         if peer is not None and process_name == "ddpm":
-            rows += run_peers(peer, problem, process, z, ref, ref_nearest, entry_nfes(problem, nfes))
+            rows += run_peers(peer, problem, process, z, ref, ref_nearest, todo)
         log(f"{entry}: reference gap {converged:.2e}, {time.perf_counter() - t0:.1f} s")
         if save is not None:
             save(payload())
@@ -460,7 +479,12 @@ def main(argv=None):
         help="also a trained EDM run's network (repeatable; experiments/benchmarks/trained_problems.py)",
     )  # fmt: skip
     parser.add_argument("--trained-batch", type=int, default=64, help="samples per trained-network run")
+    parser.add_argument(
+        "--nfes", default=",".join(map(str, NFES)),
+        help="comma-separated NFEs; with --resume, those not yet run are added to every stored entry",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    nfes = parse_nfes(args.nfes, parser.error)
     if args.trained_batch < 1:
         parser.error(f"--trained-batch={args.trained_batch}: use 1 or more samples")
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/diffjax_suite_jax"))
@@ -484,11 +508,22 @@ def main(argv=None):
         if len(set(names)) < len(names):
             parser.error(f"--trained-run: the runs {args.trained_run} give the problem names {names}; give "
                          "runs of different data sets or models (their entries would mix)")  # fmt: skip
-        payload = run_suite(full=args.full, peers=not args.no_peers, save=save, done=done, trained=trained)
+        payload = run_suite(full=args.full, peers=not args.no_peers, nfes=nfes, save=save, done=done, trained=trained)
         write_results(args.name, payload)
         with open(path) as f:
             payload = json.load(f)  # with the environment
     report(payload, args.name)
+
+
+def parse_nfes(text: str, error) -> list[int]:
+    """'5,10,20' -> [5, 10, 20]; `error(message)` (argparse's) on anything but integers of at least 2."""
+    try:
+        nfes = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        nfes = []
+    if not nfes or nfes[0] < 2:
+        error(f"--nfes={text!r}: give comma-separated integers of at least 2 (one step and the final denoising)")
+    return nfes
 
 
 def report(payload, name):
