@@ -60,7 +60,7 @@ from diffjax import models
 from diffjax import processes as P
 from diffjax.denoisers import Denoiser
 from diffjax.io import atomic_write_json
-from diffjax.samplers import sample
+from diffjax.samplers import default_solver, sample
 from experiments.benchmarks import attention as attention_bench
 from experiments.benchmarks import torch_peers
 from experiments.benchmarks import train_step as train_bench
@@ -387,13 +387,14 @@ def render_markdown(report: Report) -> str:
     parts.append("## sample() throughput (default solver, final denoising included, one jitted program)")
     parts.append(
         markdown_table(
-            ["model", "batch", "NFE", "steps", "first call s", "seconds", "images/s", "status"],
+            ["model", "batch", "NFE", "steps", "solver", "first call s", "seconds", "images/s", "status"],
             [
                 [
                     r["preset"] + (" (tiny)" if r.get("model_changes") else ""),
                     r["batch"],
                     r["nfe"],
                     r.get("steps", "-"),
+                    r.get("solver", "-"),
                     _fmt(r.get("first_call_s")),
                     _fmt(r.get("seconds")),
                     _fmt(r.get("images_per_s")),
@@ -627,6 +628,7 @@ def run_sampling(plan: Plan, guard: TimeGuard, report: Report) -> None:
             seconds = float(np.median(times))
             row.update(
                 steps=steps,
+                solver=type(default_solver(steps)).__name__,
                 first_call_s=first,
                 seconds=seconds,
                 images_per_s=plan.sample_batch / seconds,

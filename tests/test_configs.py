@@ -227,14 +227,15 @@ def test_solver_and_grid_options_from_the_command_line(overrides, options, grid_
             [("sample.solver", "ddim"), ("sample.solver_options.etta", "0.5")],
             r"config.sample.solver_options: unknown option 'etta' for solver 'ddim' \(did you mean 'eta'\?\)",
         ),
-        ([("sample.solver_options.eta", "0.5")], "unknown option 'eta' for solver 'unipc'"),  # the default solver
-        (  # the library default depends on the steps, so its options need a name
+        (  # the library default depends on the steps, so options need a solver's name
             [("sample.solver_options.order", "2")],
-            r"sample.solver_options = \{'order': 2\} with sample.solver = '' .* name the solver",
+            r"config.sample.solver_options = \{'order': 2\} with sample.solver = '' \(the library default, which "
+            r"depends on sample.steps\): name the solver the options are for",
         ),
         (
-            [("sample.steps", "5"), ("sample.solver_options.eta", "0.5")],
-            "unknown option 'eta' for solver 'gaussian_pc'",  # the default solver for few steps
+            [("sample.solver", "ddim"), ("sample.grid_options.rho", "7")],
+            r"config.sample.grid_options = \{'rho': 7\} with sample.grid = '' \(the solver's default grid\): "
+            "name the grid",
         ),
         (
             [("sample.grid", "karras"), ("sample.grid_options.rhoo", "7")],

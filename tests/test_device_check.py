@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from diffjax.samplers import default_solver
 from experiments import device_check
 from experiments.benchmarks.common import RESULTS_DIR
 
@@ -87,7 +88,7 @@ def test_dry_run_sampling_section(tmp_path):
     assert [r["nfe"] for r in rows] == list(device_check.dry_plan().sample_nfes)
     for row in rows:
         assert row["finite"] and row["images_per_s"] > 0, row
-        assert row["steps"] == row["nfe"] - 1
+        assert row["steps"] == row["nfe"] - 1 and row["solver"] == type(default_solver(row["steps"])).__name__
     assert result["environment"]["device"].startswith("cpu")
     assert os.path.exists(tmp_path / "device_check_dry_run.md")
 

@@ -357,14 +357,25 @@ def test_resuming_refuses_an_entry_stored_from_another_run_or_batch():
 
 
 def test_resuming_with_more_nfes_checks_the_recomputed_reference_and_the_nfes():
-    """--resume --nfes adds NFEs to stored entries: the recomputed reference must be the stored one (its N vs
-    2N-step gap is its fingerprint), and --nfes takes integers of at least 2."""
-    from experiments.benchmarks.sampler_suite import check_same_reference, parse_nfes
+    """--resume --nfes adds NFEs to stored entries: the run's settings and each recomputed reference must be
+    the stored ones (a reference's N vs 2N-step gap is its fingerprint), and --nfes takes integers >= 2."""
+    from experiments.benchmarks.sampler_suite import (
+        Method,
+        check_same_reference,
+        check_same_settings,
+        parse_nfes,
+    )
 
     check_same_reference({"entry": "mnist1000/ddpm", "reference_gap": 4.64e-8}, 4.6401e-8)
     check_same_reference({"entry": "gauss256_p1/ddpm", "reference_gap": 0.0}, 0.0)
     with pytest.raises(ValueError, match="--resume: entry 'mnist1000/ddpm''s reference gap is now 5e-08"):
         check_same_reference({"entry": "mnist1000/ddpm", "reference_gap": 4.64e-8}, 5e-8)
+
+    methods = [Method("unipc"), Method("ddim")]
+    done = {"full": False, "methods": [m.label for m in methods], "reference_steps": [200, 400], "peer_versions": {}}
+    check_same_settings(done, False, methods, 200, peers=False)
+    with pytest.raises(ValueError, match=r"the stored run differs in methods, diffusers \(stored"):
+        check_same_settings(done, False, methods[:1], 200, peers=True)
 
     def error(message):
         raise ValueError(message)

@@ -515,8 +515,8 @@ def test_adaptive_nfe_is_not_static():
     [(5, None, 0.25), (10, 0.015, 0.05), (20, 0.005, 0.02)],
 )
 def test_gaussian_pc_on_the_benchmark_mixture(nfe, max_weight_error, max_std_error):
-    """gaussian_pc on its flow grid (the default before the sampler suite chose UniPC on the log-SNR
-    grid), on the 16-D mixture under the 1000-step DDPM chain with 100k samples, against the issue's
+    """gaussian_pc on its flow grid (the default up to 11 steps; the sampler suite chose it at few NFE), on
+    the 16-D mixture under the 1000-step DDPM chain with 100k samples, against the issue's
     targets: std error <= 25 % at 5 NFE; weight error <= 0.015 and std error <= 5 % at 10 NFE
     (experiments/results/sampler_accuracy.md). 20 NFE: near-exact (the remaining std error is mostly
     the final posterior mean's -1.9 % on the 0.05-std component)."""

@@ -106,7 +106,7 @@ def teacher_ode_pairs(
     t_max (what the one-step generator reads), and y the teacher's deterministic ODE sample from z,
     `sample(teacher, key, shape, solver=solver, steps=steps, grid=grid, denoise_final=...)` (z is the
     first state of its trajectory); both behind stop_gradient. solver: a deterministic solver
-    (default: `sample`'s, UniPC); grid: a `Grid` (default: the solver's), not explicit times (the
+    (default: `sample`'s for `steps`, `default_solver`); grid: a `Grid` (default: the solver's), not explicit times (the
     noise must start at t_max)."""
     _check_ode_sampling(solver, steps, grid)
     result = sample(

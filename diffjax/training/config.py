@@ -40,7 +40,7 @@ from diffjax.data.config import CUSTOM, DATA_KEYS, default_data_config
 from diffjax.data.config import PRESETS as DATA_PRESETS
 from diffjax.denoisers import PRECONDITIONED, PREDICTIONS
 from diffjax.processes import PROCESSES
-from diffjax.samplers import FEW_STEPS, GRIDS, SOLVERS, default_solver
+from diffjax.samplers import FEW_STEPS, GRIDS, SOLVERS
 from diffjax.training.discrete_config import DISCRETE_CONFIG_KEYS, discrete_config_problem
 from diffjax.training.posthoc_ema import MAX_SIGMA_REL
 from diffjax.training.sharding import DEFAULT_RULES
@@ -300,16 +300,6 @@ def _process_fields(name: str):
     return DDPM_OPTIONS if name == "ddpm" else PROCESSES[name]
 
 
-def _solver_class(sample) -> type:
-    """The solver class of config.sample: the one sample.solver names, or ('') the library default's at
-    sample.steps."""
-    return SOLVERS[sample.solver] if sample.solver else type(default_solver(sample.steps))
-
-
-def _name_of(table: dict, cls: type) -> str:
-    return next(name for name, entry in table.items() if entry is cls)
-
-
 def _check_options(fields, options: dict, what: str) -> None:
     """Option names (and types, for a dataclass) against `fields`: a dataclass or a dict of defaults."""
     if dataclasses.is_dataclass(fields):
@@ -332,12 +322,10 @@ def _selected(config, key: str) -> tuple[str, object] | None:
         return f"process {config.process.name!r}", _process_fields(config.process.name)
     if key == "model.overrides":
         return f"model preset {config.model.name!r}", type(models.PRESETS[config.model.name])
-    if key == "sample.solver_options":
-        solver = _solver_class(config.sample)
-        return f"solver {config.sample.solver or _name_of(SOLVERS, solver)!r}", solver
-    if key == "sample.grid_options":
-        grid = GRIDS[config.sample.grid] if config.sample.grid else type(_solver_class(config.sample).default_grid)
-        return f"grid {config.sample.grid or _name_of(GRIDS, grid)!r}", grid
+    if key == "sample.solver_options" and config.sample.solver:  # ('': options are refused, validate_config)
+        return f"solver {config.sample.solver!r}", SOLVERS[config.sample.solver]
+    if key == "sample.grid_options" and config.sample.grid:
+        return f"grid {config.sample.grid!r}", GRIDS[config.sample.grid]
     if key == "loss.weighting_options" and _is_name_in(config.loss.weighting, losses.WEIGHTINGS):
         return f"weighting {config.loss.weighting!r}", losses.WEIGHTINGS[config.loss.weighting]
     if key == "loss.time_sampler_options" and _is_name_in(config.loss.time_sampler, losses.TIME_SAMPLERS):
@@ -489,14 +477,14 @@ def validate_config(config) -> None:
             former = FORMER_SAMPLER_NAMES[key].get(sample[key])
             hint = f"; {sample[key]!r} is now called {former!r}" if former else ""
             raise ConfigError(f"config.sample: {err}{hint}") from err
-    _require(_positive_int(sample.steps), "sample.steps", sample.steps, "a positive int")  # the default solver's
-    _check_option_dicts(config)
-    for key in ("solver", "grid"):
+    for key, meaning in (("solver", "the library default, which depends on sample.steps"),
+                         ("grid", "the solver's default grid")):  # fmt: skip
         if not sample[key] and len(sample[f"{key}_options"]):
             raise ConfigError(
-                f"config.sample.{key}_options = {sample[f'{key}_options'].to_dict()} with sample.{key} = '' (the "
-                f"library default, which depends on sample.steps): name the {key} the options are for"
+                f"config.sample.{key}_options = {sample[f'{key}_options'].to_dict()} with sample.{key} = '' "
+                f"({meaning}): name the {key} the options are for"
             )
+    _check_option_dicts(config)
 
     loss = config.loss
     for key, allowed in (
@@ -595,6 +583,7 @@ def validate_config(config) -> None:
         f"one of {list(NONFINITE_POLICIES)}",
     )
 
+    _require(_positive_int(sample.steps), "sample.steps", sample.steps, "a positive int")
     _require(_positive_int(sample.num_samples), "sample.num_samples", sample.num_samples, "a positive int")
     _require(isinstance(sample.latent_grid, bool), "sample.latent_grid", sample.latent_grid, "True or False")
     _require(

@@ -136,10 +136,15 @@ def compare_leximax(a: list[float], b: list[float]) -> int:
     return 0
 
 
+def selection_entries(classes) -> list[str]:
+    """The entries the choice is made on: all but the held-out ones."""
+    return sorted(e for e in classes if not is_held_out(e))
+
+
 def minimax(table, classes, candidates, floors):
     """The candidate with the smallest worst ratio on the selection entries (ties within TIE broken by the
     next-worst ratio, and so on), and all scores."""
-    selection = sorted(e for e in classes if not is_held_out(e))
+    selection = selection_entries(classes)
     held_out = sorted(e for e in classes if is_held_out(e))
     on_selection = worst_ratios(table, candidates, selection, floors)
     on_held_out = worst_ratios(table, candidates, held_out, floors)
@@ -149,10 +154,12 @@ def minimax(table, classes, candidates, floors):
     return ranked, on_selection, on_held_out, on_all, selection, held_out
 
 
-def nfe_winner(table, candidates, entries, floors, nfe: int) -> str:
-    """The candidate that `minimax`'s rule picks from one NFE's ratios alone."""
+def nfe_winner(table, candidates, entries, floors, nfe: int) -> str | None:
+    """The candidate that `minimax`'s rule picks from one NFE's ratios alone (None if none ran at it)."""
     vectors = {m: sorted_ratios(table, m, entries, floors, nfes=(nfe,)) for m in candidates}
     present = [m for m in candidates if vectors[m]]
+    if not present:
+        return None
     return min(present, key=functools.cmp_to_key(lambda a, b: compare_leximax(vectors[a], vectors[b])))
 
 
@@ -176,8 +183,11 @@ def switched_candidate(table, candidates, entries, floors, measured_nfes) -> Swi
     """When the setting `minimax`'s rule picks at each selection NFE alone changes once (A at the lower
     NFEs, B from some NFE on): A up to the switch, B beyond. The switch is the last NFE measured (between A's
     last winning selection NFE and B's first) before the first at which B's ratios beat A's (leximax, ties
-    within TIE keep A). None when one setting wins every selection NFE, or the winners change more than once."""
+    within TIE keep A). None when one setting wins every selection NFE, the winners change more than once, or
+    a selection NFE was not run."""
     winners = [nfe_winner(table, candidates, entries, floors, n) for n in SELECTION_NFES]
+    if None in winners:
+        return None
     changes = [i for i in range(1, len(winners)) if winners[i] != winners[i - 1]]
     if len(changes) != 1:
         return None
@@ -194,16 +204,16 @@ def switched_candidate(table, candidates, entries, floors, measured_nfes) -> Swi
 def with_switched_default(payload) -> tuple[dict, Switched | None]:
     """(payload, switch): the payload with the switched candidate's rows added (copies of its settings' rows
     under its label) when there is one, so that it is ranked, tabulated and plotted like any setting."""
-    table, classes = error_table(payload["rows"])
+    measured = [r for r in payload["rows"] if not r.get("switched")]  # (a payload passed through here before)
+    table, classes = error_table(measured)
     floors = error_floors(payload["references"])
-    ours = sorted({r["method"] for r in payload["rows"] if r["library"] == "diffjax"})
-    selection_entries = sorted(e for e in classes if not is_held_out(e))
-    switch = switched_candidate(table, ours, selection_entries, floors, payload["nfes"])
+    ours = sorted({r["method"] for r in measured if r["library"] == "diffjax"})
+    switch = switched_candidate(table, ours, selection_entries(classes), floors, payload["nfes"])
     if switch is None:
-        return payload, None
-    added = [{**r, "method": switch.label} for r in payload["rows"]
+        return {**payload, "rows": measured}, None
+    added = [{**r, "method": switch.label, "switched": True} for r in measured
              if r["library"] == "diffjax" and r["method"] == switch.at(r["nfe"])]  # fmt: skip
-    return {**payload, "rows": payload["rows"] + added}, switch
+    return {**payload, "rows": measured + added}, switch
 
 
 def geomean(values):
@@ -349,7 +359,7 @@ def compact_summary(payload, winner, nfes=SELECTION_NFES) -> str:
     floors = error_floors(payload["references"])
     merged = {e: ("sweep" if c.startswith("sweep:") else c) for e, c in classes.items()}
     new = class_summary(table, merged, winner, nfes, floors)
-    old = class_summary(table, merged, payload["current_default"], nfes, floors)
+    old = class_summary(table, merged, payload["previous_default"], nfes, floors)
     head = ["class", "NFE", "default", "former default", "best of ours", "best diffusers", "default ÷ best",
             "default ÷ best diffusers"]  # fmt: skip
     body = []
@@ -381,7 +391,7 @@ def write_report(payload, name="sampler_suite"):
     payload, switch = with_switched_default(payload)
     rows = payload["rows"]
     nfes = payload["nfes"]
-    current = payload["current_default"]
+    current = payload["previous_default"]
     table, classes, floors, ours, (ranked, on_sel, on_held, on_all, selected, held_out) = selection(payload)
     winner = ranked[0]
     settings = [m for m in ours if switch is None or m != switch.label]  # those measured

@@ -21,6 +21,7 @@ DDPM-chain problems from the same noise when installed.
     python experiments/benchmarks/sampler_suite.py --no-peers # ours only
     python experiments/benchmarks/sampler_suite.py --report-only  # tables and plot from the JSON
     python experiments/benchmarks/sampler_suite.py --resume --trained-run work/mnist  # + a trained network
+    python experiments/benchmarks/sampler_suite.py --resume --nfes 11,12  # + NFEs, on the stored entries
 
 Default size: 10 problems under the DDPM chain and 3 of them (a Gaussian, a mixture, the 8x8 digits)
 under VP, cosine, EDM and flow matching (22 entries), with DEFAULT_CANDIDATES (6 solvers on 1-4 grids
@@ -56,11 +57,11 @@ from diffjax.denoisers import Denoiser
 from diffjax.io import atomic_write_json
 from diffjax.samplers import GRIDS, SOLVERS
 from diffjax.validation import build_named
-from experiments.benchmarks.common import RESULTS_DIR, package_versions, relative_error, write_results
+from experiments.benchmarks.common import RESULTS_DIR, environment, package_versions, relative_error, write_results
 from experiments.benchmarks.exact_problems import Problem, build_problems
 from experiments.benchmarks.trained_problems import TRAINED_PROCESSES, trained_problem
 
-NFES = (3, 5, 8, 10, 15, 20, 50)
+NFES = (3, 5, 8, 10, 11, 12, 13, 14, 15, 20, 50)  # 11-14: where the default switches solver
 SELECTION_NFES = (5, 10, 20)
 DDPM_BETAS = np.linspace(1e-4, 0.02, 1000)
 
@@ -129,7 +130,7 @@ DEFAULT_CANDIDATES = [
     ("dpm_solver++", (("order", 3),), ("logsnr", "karras")),
     ("heun", (), ("karras",)),
 ]
-CURRENT_DEFAULT = Method("unipc", (), "logsnr")  # the default of every NFE before the switch (the "former default")
+PREVIOUS_DEFAULT = Method("unipc", (), "logsnr")  # the default at every NFE before the switch
 REFERENCE = Method("dpm_solver++", (("order", 3),), "logsnr")
 
 
@@ -345,6 +346,21 @@ def check_same_reference(stored: dict, gap: float) -> None:
         )
 
 
+def check_same_settings(done: dict, full: bool, methods, reference_steps: int, peers: bool) -> None:
+    """A resumed payload must have been run with the same size, methods, reference and peers, or the rows
+    of its entries would mix settings: ValueError naming what differs."""
+    stored = {"full": done["full"], "methods": done["methods"], "reference steps": done["reference_steps"][0],
+              "diffusers": bool(done.get("peer_versions"))}  # fmt: skip
+    now = {"full": full, "methods": [m.label for m in methods], "reference steps": reference_steps, "diffusers": peers}
+    differ = [key for key in stored if stored[key] != now[key]]
+    if differ:
+        raise ValueError(
+            f"--resume: the stored run differs in {', '.join(differ)} (stored "
+            f"{ {k: stored[k] for k in differ} }, now { {k: now[k] for k in differ} }); resume with the same "
+            "settings, or run the suite afresh under another --name"
+        )
+
+
 def run_suite(
     full: bool = False,
     peers: bool = True,
@@ -364,8 +380,13 @@ def run_suite(
     methods = candidate_methods(full) if methods is None else methods
     reference_steps = reference_steps or (400 if full else 200)
     peer = peers_module() if peers else None
+    if done:
+        check_same_settings(done, full, methods, reference_steps, peer is not None)
     rows, references = (list(done["rows"]), list(done["references"])) if done else ([], [])
     finished = {r["entry"]: r for r in references}
+    runs = list(done.get("runs", [])) if done else []  # the invocations that added to it (recorded since 2026-12-07)
+    runs.append({"started": environment()["date"], "jax": jax.__version__, "nfes": list(nfes),
+                 "trained": [p.origin for p in trained]})  # fmt: skip
     nfes = sorted(set(nfes) | set(done["nfes"] if done else ()))
     start = time.perf_counter() - (done["seconds"] if done else 0.0)
     cpu_start = time.process_time() - (done.get("cpu_seconds", 0.0) if done else 0.0)
@@ -375,7 +396,7 @@ def run_suite(
             "full": full,
             "nfes": list(nfes),
             "methods": [m.label for m in methods],
-            "current_default": CURRENT_DEFAULT.label,
+            "previous_default": PREVIOUS_DEFAULT.label,
             "reference_method": REFERENCE.label,
             "reference_steps": [reference_steps, 2 * reference_steps],
             "references": references,
@@ -383,6 +404,7 @@ def run_suite(
             "seconds": time.perf_counter() - start,
             "cpu_seconds": time.process_time() - cpu_start,  # every thread of this process
             "peer_versions": package_versions("diffusers", "torch") if peer is not None else {},
+            "runs": runs,
         }
 
     for problem, process_name in entries(problems, full):
