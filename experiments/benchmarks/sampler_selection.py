@@ -136,6 +136,11 @@ def compare_leximax(a: list[float], b: list[float]) -> int:
     return 0
 
 
+def leximax_order(vectors: dict) -> list:
+    """The keys of {candidate: ratios, largest first} best first by `compare_leximax` (ties keep their order)."""
+    return sorted(vectors, key=functools.cmp_to_key(lambda a, b: compare_leximax(vectors[a], vectors[b])))
+
+
 def selection_entries(classes) -> list[str]:
     """The entries the choice is made on: all but the held-out ones."""
     return sorted(e for e in classes if not is_held_out(e))
@@ -149,18 +154,15 @@ def minimax(table, classes, candidates, floors):
     on_selection = worst_ratios(table, candidates, selection, floors)
     on_held_out = worst_ratios(table, candidates, held_out, floors)
     on_all = worst_ratios(table, candidates, sorted(classes), floors)
-    vectors = {m: sorted_ratios(table, m, selection, floors) for m in candidates}
-    ranked = sorted(candidates, key=functools.cmp_to_key(lambda a, b: compare_leximax(vectors[a], vectors[b])))
+    ranked = leximax_order({m: sorted_ratios(table, m, selection, floors) for m in candidates})
     return ranked, on_selection, on_held_out, on_all, selection, held_out
 
 
 def nfe_winner(table, candidates, entries, floors, nfe: int) -> str | None:
     """The candidate that `minimax`'s rule picks from one NFE's ratios alone (None if none ran at it)."""
     vectors = {m: sorted_ratios(table, m, entries, floors, nfes=(nfe,)) for m in candidates}
-    present = [m for m in candidates if vectors[m]]
-    if not present:
-        return None
-    return min(present, key=functools.cmp_to_key(lambda a, b: compare_leximax(vectors[a], vectors[b])))
+    ranked = leximax_order({m: v for m, v in vectors.items() if v})
+    return ranked[0] if ranked else None
 
 
 @dataclasses.dataclass(frozen=True)
