@@ -479,9 +479,10 @@ def validate_config(config) -> None:
             raise ConfigError(f"config.sample: {err}{hint}") from err
     for key, meaning in (("solver", "the library default, which depends on sample.steps"),
                          ("grid", "the solver's default grid")):  # fmt: skip
-        if not sample[key] and len(sample[f"{key}_options"]):
+        options = sample[f"{key}_options"]  # (not a dict: _check_option_dicts names it)
+        if not sample[key] and isinstance(options, (dict, ml_collections.ConfigDict)) and len(options):
             raise ConfigError(
-                f"config.sample.{key}_options = {sample[f'{key}_options'].to_dict()} with sample.{key} = '' "
+                f"config.sample.{key}_options = {dict(options)} with sample.{key} = '' "
                 f"({meaning}): name the {key} the options are for"
             )
     _check_option_dicts(config)
