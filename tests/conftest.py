@@ -1,4 +1,5 @@
-"""Test set-up: 8 virtual CPU devices for the mesh tests, a persistent compilation cache for the
+"""Test set-up: 8 virtual CPU devices for the mesh tests, quick-to-compile XLA flags
+(helpers.FAST_COMPILE_XLA_FLAGS), a persistent compilation cache for the
 CLI / multi-process subprocesses, which compile the same programs again and again, and a cache
 for this pytest process that lives as long as the run (DIFFJAX_TEST_IN_PROCESS_CACHE=0 turns it
 off); the compiled programs are released during the run (see `_release_compiled_programs`)."""
@@ -10,8 +11,9 @@ import shutil
 import tempfile
 
 import pytest
+from helpers import FAST_COMPILE_XLA_FLAGS
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffjax-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

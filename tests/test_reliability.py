@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import run_cli
+from helpers import FAST_COMPILE_XLA_FLAGS, run_cli
 from test_training import TINY_FLAGS, restore_final_state, tiny_config
 
 from diffjax.training import ConfigError, TrainingStopped, train
@@ -34,7 +34,7 @@ from experiments import reliability as rel
 @pytest.fixture
 def one_device(monkeypatch):
     """Subprocesses see one CPU device (the test process keeps its 8)."""
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_XLA_FLAGS)
 
 
 # the one-level U-Net of test_training.smallest_config: the network is not what these tests are about

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import FAST_COMPILE_XLA_FLAGS, REPO
 from jax.sharding import PartitionSpec
 from test_training import SMALLEST_FLAGS, restore_final_state, smallest_config
 
@@ -132,7 +132,8 @@ def free_port() -> int:
 
 
 def run_processes(workdir, num_steps, port):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    devices = "--xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=f"{devices} {FAST_COMPILE_XLA_FLAGS}", JAX_PLATFORMS="cpu")
     flags = [
         *SMALLEST_FLAGS,
         f"--config.train.num_steps={num_steps}",
