@@ -19,6 +19,14 @@ pipeline); the teacher's weights travel in the params pytree, frozen by the trai
               Image convention: the student keeps the teacher's EDM preconditioning and regresses
               x0 with weight max(SNR, 1) (the mixture script's TrigFlow v target would need a
               TrigFlow network; on EDM, v is not normalised). Sampled by DDIM on its grid.
+    scd       continuous-time consistency distillation (sCM, Lu & Song 2024) on TrigFlow with the
+              teacher's sigma_data and noise range (t = atan(s / sd)): the student's raw network is
+              F(x/sd, t) = -F_teacher(x/sd, log(sd tan t) / 4), so its consistency function
+              cos(t) x - sin(t) sd F starts as the teacher's EDM denoiser (EDM's c_in x equals x_t/sd
+              on TrigFlow); tangent by `jax.jvp` through the U-Net, normalised (c = 0.1), adaptive
+              weighting, tangent warm-up over the first SCD_WARMUP_FRACTION of --iterations, sCM's
+              log-normal times (-1.0, 1.4); the teacher's velocity is its EDM denoiser on TrigFlow.
+              Sampled by `ConsistencySampler` through CD's noise levels (CD_SIGMAS, as TrigFlow times).
     dmd+reg   distribution matching (Yin et al. 2024) with its regression term: a one-step
               generator (the teacher's network read at sigma_max, EDM-preconditioned), a fake
               denoiser (a copy of the teacher, trained online), log-normal matching times,
@@ -26,11 +34,6 @@ pipeline); the teacher's weights travel in the params pytree, frozen by the trai
               sample) made once by `teacher_ode_pairs` with the default solver and 49 steps + the
               final denoising (--regression-pairs of them), a batch of pairs per step. One-step
               only: the 2 and 4 NFE rows are not defined for it.
-
-Left out: sCM distillation (scd). `scm_loss` trains a TrigFlow network F(x / sd, t) that sees the
-TrigFlow time t; the teacher's network sees EDM's (c_in x, log(sigma) / 4), so a student
-initialised from it would need a wrapper mapping t -> (sd tan t, c_in) and F's output to
-TrigFlow's velocity parameterisation (and the jvp through that wrapper); not done here.
 
 All students use Adam (--lr, beta2 = 0.99, as consistency-model papers) and an EMA of decay --ema,
 sampled with the EMA parameters. Each row samples --samples images for each of --seeds
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -79,11 +83,12 @@ from diffjax.training.images import to_uint8
 from diffjax.training.loop import evaluation_split
 from experiments.benchmarks.common import RESULTS_DIR, markdown_table, mean_stderr, write_results
 
-METHODS = ("cd", "pd", "dmd+reg")
+METHODS = ("cd", "pd", "scd", "dmd+reg")
 NFES = (1, 2, 4)
 # CD's intermediate noise levels: 2 NFE through sigma = 0.821 (Song et al. 2023's two-step choice);
 # 4 NFE through the interior of EDM's Karras grid (rho 7) of 4 steps from 80 to 0.002.
 CD_SIGMAS = {1: (), 2: (0.821,), 4: (17.52, 2.515, 0.1698)}
+SCD_WARMUP_FRACTION = 0.1  # sCM's tangent warm-up, as a fraction of the training iterations
 PD_START_STEPS = 16  # the teacher's DDIM steps in the first round
 TEACHER_STEPS = 49  # + the final denoising = 50 NFE
 REGRESSION_WEIGHT = 0.25
@@ -167,6 +172,39 @@ def train_cd(teacher: Teacher, args, batches):
     )
     params = {"student": teacher.params, "teacher": teacher.params}
     state, seconds, last = train(loss, params, {"student": True, "teacher": False}, args, "cd", batches)
+    return {"student": state.ema_params["student"]}, {"seconds": seconds, "final_loss": last}
+
+
+def trigflow_process(teacher: Teacher) -> D.TrigFlow:
+    """TrigFlow with the teacher's sigma_data over the teacher's noise levels (s = sd tan t)."""
+    sd = teacher.sigma_data
+    return D.TrigFlow(sd, math.atan(teacher.process.t_min / sd), math.atan(teacher.process.t_max / sd))
+
+
+def trigflow_net(teacher: Teacher) -> Callable:
+    """sCM's raw network F(params, x / sd, t) made of the EDM teacher's F (`scd` in the module docstring)."""
+    sd = teacher.sigma_data
+
+    def net(params, x_scaled, t):
+        return -teacher.net(params, x_scaled, jnp.log(sd * jnp.tan(t)) / 4.0)
+
+    return net
+
+
+def train_scd(teacher: Teacher, args, batches):
+    """The sCM student's raw-network params (TrigFlow, `trigflow_net`)."""
+    trig = trigflow_process(teacher)
+    weighting = D.AdaptiveWeighting()
+    loss = D.scm_loss(
+        trigflow_net(teacher),
+        trig,
+        teacher=lambda p: Denoiser(lambda x, c: teacher.net(p["teacher"], x, c), trig, teacher.prediction),
+        weighting=weighting,
+        tangent_warmup=int(SCD_WARMUP_FRACTION * args.iterations),
+    )
+    params = {"student": teacher.params, "teacher": teacher.params, "weighting": weighting.init()}
+    trainable = {"student": True, "teacher": False, "weighting": True}
+    state, seconds, last = train(loss, params, trainable, args, "scd", batches)
     return {"student": state.ema_params["student"]}, {"seconds": seconds, "final_loss": last}
 
 
@@ -275,6 +313,26 @@ def cd_generator(teacher: Teacher, params, nfe: int):
     return generate
 
 
+def scd_generator(teacher: Teacher, params, nfe: int):
+    trig, net = trigflow_process(teacher), trigflow_net(teacher)
+    times = tuple(math.atan(s / teacher.sigma_data) for s in CD_SIGMAS[nfe])
+
+    def generate(key, n):
+        cm = D.TrigFlowConsistency(lambda x, t: net(params, x, t), teacher.sigma_data)
+        shape = (n, *teacher.image_shape)
+        return sample(
+            cm.denoiser(trig),
+            key,
+            shape,
+            solver=D.ConsistencySampler(),
+            steps=nfe,
+            grid=D.consistency_grid(trig, times),
+            denoise_final=False,
+        ).samples
+
+    return generate
+
+
 def pd_generator(teacher: Teacher, params, times):
     def generate(key, n):
         shape = (n, *teacher.image_shape)
@@ -304,6 +362,8 @@ def teacher_generator(teacher: Teacher):
 def student_generators(method: str, teacher: Teacher, trained) -> dict[int, Callable]:
     if method == "cd":
         return {nfe: cd_generator(teacher, trained["student"], nfe) for nfe in NFES}
+    if method == "scd":
+        return {nfe: scd_generator(teacher, trained["student"], nfe) for nfe in NFES}
     if method == "pd":
         return {steps: pd_generator(teacher, p, times) for steps, (p, times) in sorted(trained.items())}
     return {1: dmd_generator(teacher, trained["generator"])}
@@ -394,7 +454,7 @@ def save_params(path: str, params) -> None:
     atomic_write_bytes(path, serialization.to_bytes(jax.device_get(params)))
 
 
-TRAINERS = {"cd": train_cd, "pd": train_pd, "dmd+reg": train_dmd}
+TRAINERS = {"cd": train_cd, "pd": train_pd, "scd": train_scd, "dmd+reg": train_dmd}
 
 
 def parse_args(argv=None):

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffjax import distill as D
 from diffjax import models
 from diffjax import processes as P
+from diffjax.denoisers import Denoiser
 from experiments import distill_mnist as M
 
 SHAPE = (8, 8, 1)
@@ -44,7 +46,7 @@ def batches():
 
 
 @pytest.mark.slow  # about 2 minutes on the shared 2-core machine (compiling a U-Net step per method)
-@pytest.mark.parametrize("method, nfes", [("cd", (1, 2, 4)), ("pd", (1,)), ("dmd+reg", (1,))])
+@pytest.mark.parametrize("method, nfes", [("cd", (1, 2, 4)), ("pd", (1,)), ("scd", (1, 2, 4)), ("dmd+reg", (1,))])
 def test_one_step_of_each_method_then_its_samplers(teacher, method, nfes):
     trained, info = M.TRAINERS[method](teacher, options(), batches())
     assert np.isfinite(info["final_loss"] if method != "pd" else info["rounds"][-1]["final_loss"])
@@ -55,9 +57,33 @@ def test_one_step_of_each_method_then_its_samplers(teacher, method, nfes):
         assert x.shape == (2, *SHAPE) and bool(jnp.all(jnp.isfinite(x)))
 
 
+def test_scd_student_starts_as_the_teacher(teacher):
+    """On TrigFlow (s = sd tan t, x_t = cos(t) x_s), `trigflow_net` at the teacher's weights gives the
+    consistency function cos(t) x - sin(t) sd F = the teacher's EDM denoiser D(x / cos t, s), and sd F
+    = the TrigFlow teacher's velocity, the identity sCM's tangent relies on. The weights are perturbed
+    so that F depends on x and t (a fresh U-Net outputs zeros), which a wrong sign or noise level breaks."""
+    leaves, treedef = jax.tree.flatten(teacher.params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [w + 0.2 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+    perturbed = M.Teacher(teacher.net, params, teacher.process, teacher.sigma_data, SHAPE)
+    trig, net, sd = M.trigflow_process(perturbed), M.trigflow_net(perturbed), perturbed.sigma_data
+    np.testing.assert_allclose(sd * np.tan([trig.t_min, trig.t_max]), [0.002, 80.0], rtol=1e-6)
+
+    t = jnp.array([0.05, 0.7, 1.3, 1.56])
+    x = jax.random.normal(jax.random.key(2), (4, *SHAPE))
+    cos = jnp.cos(t)[:, None, None, None]
+    consistency = D.TrigFlowConsistency(lambda y, u: net(params, y, u), sd)(x, t)
+    edm = perturbed.denoiser().x0(x / cos, sd * jnp.tan(t))
+    assert float(jnp.std(edm - x / cos)) > 0.1  # the network matters
+    np.testing.assert_allclose(consistency, edm, rtol=1e-4, atol=1e-4)
+
+    velocity = Denoiser(lambda y, c: perturbed.net(params, y, c), trig, perturbed.prediction).velocity(x, t)
+    np.testing.assert_allclose(velocity, sd * net(params, x / sd, t), rtol=1e-4, atol=1e-4)
+
+
 def test_arguments_are_checked():
     with pytest.raises(SystemExit):
-        M.parse_args(["--teacher", "t", "--methods", "cd,scd"])
+        M.parse_args(["--teacher", "t", "--methods", "cd,lcm"])
     with pytest.raises(SystemExit):
         M.parse_args(["--teacher", "t", "--pd-start-steps", "12"])
     assert M.mean_stderr([1.0, 3.0]) == (2.0, 1.0)
