@@ -522,6 +522,7 @@ def main(argv=None):
             for k in ("reference_images", "regression_pairs", "regression_weight", "methods", "pd_start_steps")
         },
         "cd_sigmas": {str(k): v for k, v in CD_SIGMAS.items()},
+        "scd_tangent_warmup_fraction": SCD_WARMUP_FRACTION,
     }
     rows, training = [], {}
 
