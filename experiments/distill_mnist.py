@@ -17,8 +17,8 @@ pipeline); the teacher's weights travel in the params pytree, frozen by the trai
               grid of 16 steps, halved 4 times (8, 4, 2, 1 steps; --pd-start-steps; --iterations split
               over the rounds; each round starts from the previous student and uses it as teacher).
               Image convention: the student keeps the teacher's EDM preconditioning and regresses
-              x0 with weight max(SNR, 1) (the mixture script's TrigFlow v target would need a
-              TrigFlow network; on EDM, v is not normalised). Sampled by DDIM on its grid.
+              x0 with weight max(SNR, 1) (the mixture script's TrigFlow v target is not used: on EDM,
+              v is not normalised). Sampled by DDIM on its grid.
     scd       continuous-time consistency distillation (sCM, Lu & Song 2024) on TrigFlow with the
               teacher's sigma_data and noise range (t = atan(s / sd)): the student's raw network is
               F(x/sd, t) = -F_teacher(x/sd, log(sd tan t) / 4), so its consistency function
@@ -175,10 +175,21 @@ def train_cd(teacher: Teacher, args, batches):
     return {"student": state.ema_params["student"]}, {"seconds": seconds, "final_loss": last}
 
 
+def trigflow_time(noise_level: float, sigma_data: float) -> float:
+    """The TrigFlow time of EDM's noise level s: t = atan(s / sd)."""
+    return math.atan(noise_level / sigma_data)
+
+
 def trigflow_process(teacher: Teacher) -> D.TrigFlow:
     """TrigFlow with the teacher's sigma_data over the teacher's noise levels (s = sd tan t)."""
-    sd = teacher.sigma_data
-    return D.TrigFlow(sd, math.atan(teacher.process.t_min / sd), math.atan(teacher.process.t_max / sd))
+    sd, edm = teacher.sigma_data, teacher.process
+    return D.TrigFlow(sd, trigflow_time(edm.t_min, sd), trigflow_time(edm.t_max, sd))
+
+
+def trigflow_teacher(teacher: Teacher, params) -> Denoiser:
+    """The EDM teacher (weights `params`) as a denoiser on `trigflow_process`: its EDM preconditioning
+    reads x / cos t at s = sd tan t, so its velocity is sCD's dx_t/dt."""
+    return Denoiser(lambda x, c: teacher.net(params, x, c), trigflow_process(teacher), teacher.prediction)
 
 
 def trigflow_net(teacher: Teacher) -> Callable:
@@ -198,7 +209,7 @@ def train_scd(teacher: Teacher, args, batches):
     loss = D.scm_loss(
         trigflow_net(teacher),
         trig,
-        teacher=lambda p: Denoiser(lambda x, c: teacher.net(p["teacher"], x, c), trig, teacher.prediction),
+        teacher=lambda p: trigflow_teacher(teacher, p["teacher"]),
         weighting=weighting,
         tangent_warmup=int(SCD_WARMUP_FRACTION * args.iterations),
     )
@@ -301,36 +312,28 @@ def train_dmd(teacher: Teacher, args, batches):
 # ------------------------------------------------------------------------------------------------
 
 
-def cd_generator(teacher: Teacher, params, nfe: int):
+def consistency_generator(consistency: Denoiser, grid: Times, nfe: int, image_shape):
+    """Multistep consistency sampling of a consistency function's denoiser through `grid`."""
+
     def generate(key, n):
-        cm = D.ConsistencyFunction(lambda x, c: teacher.net(params, x, c), teacher.process, teacher.sigma_data)
-        grid = D.consistency_grid(teacher.process, CD_SIGMAS[nfe])
-        shape = (n, *teacher.image_shape)
-        return sample(
-            cm.denoiser(), key, shape, solver=D.ConsistencySampler(), steps=nfe, grid=grid, denoise_final=False
-        ).samples
+        shape = (n, *image_shape)
+        solver = D.ConsistencySampler()
+        return sample(consistency, key, shape, solver=solver, steps=nfe, grid=grid, denoise_final=False).samples
 
     return generate
+
+
+def cd_generator(teacher: Teacher, params, nfe: int):
+    cm = D.ConsistencyFunction(lambda x, c: teacher.net(params, x, c), teacher.process, teacher.sigma_data)
+    grid = D.consistency_grid(teacher.process, CD_SIGMAS[nfe])
+    return consistency_generator(cm.denoiser(), grid, nfe, teacher.image_shape)
 
 
 def scd_generator(teacher: Teacher, params, nfe: int):
-    trig, net = trigflow_process(teacher), trigflow_net(teacher)
-    times = tuple(math.atan(s / teacher.sigma_data) for s in CD_SIGMAS[nfe])
-
-    def generate(key, n):
-        cm = D.TrigFlowConsistency(lambda x, t: net(params, x, t), teacher.sigma_data)
-        shape = (n, *teacher.image_shape)
-        return sample(
-            cm.denoiser(trig),
-            key,
-            shape,
-            solver=D.ConsistencySampler(),
-            steps=nfe,
-            grid=D.consistency_grid(trig, times),
-            denoise_final=False,
-        ).samples
-
-    return generate
+    trig, net, sd = trigflow_process(teacher), trigflow_net(teacher), teacher.sigma_data
+    cm = D.TrigFlowConsistency(lambda x, t: net(params, x, t), sd)
+    grid = D.consistency_grid(trig, [trigflow_time(s, sd) for s in CD_SIGMAS[nfe]])
+    return consistency_generator(cm.denoiser(trig), grid, nfe, teacher.image_shape)
 
 
 def pd_generator(teacher: Teacher, params, times):
