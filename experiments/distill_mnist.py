@@ -403,7 +403,7 @@ def markdown(rows, meta) -> str:
             + [f"{r['training_seconds']:.0f}", f"{r['sampling_seconds_per_1k']:.1f}"]
         )
     return (
-        f"# Few-step students of an MNIST teacher ({meta['teacher']}, step {meta['teacher_step']})\n\n"
+        f"# Few-step students of a trained teacher ({meta['teacher']}, step {meta['teacher_step']})\n\n"
         f"FID of {meta['samples']} samples per seed vs the first {meta['reference_images']} images of the "
         f"{meta['split']!r} split (small-sample FID is biased upwards: compare rows). Students: the teacher's "
         f"architecture initialised from its EMA parameters, {meta['iterations']} Adam steps (lr {meta['lr']}, "
