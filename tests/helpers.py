@@ -26,6 +26,16 @@ class CountingNetwork:
         return x
 
 
+def perturbed(params, seed=0):
+    """Every parameter N(0, 0.2^2): zero-initialised layers (DiT's adaLN-zero, the U-Nets' output
+    layers) would otherwise hide parts of a network from its output and gradients."""
+    import jax  # here, not at the top: conftest imports this module before it sets up JAX
+
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return tree.unflatten([0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
 def readme_example(name: str) -> str:
     """The Python block of README.md marked `<!-- readme-example: name -->`, verbatim."""
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import perturbed
 from test_kernels import (
     TOLERANCE,
     TRITON_CUSTOM_CALL,
@@ -421,14 +422,6 @@ def test_case_table_covers_several_key_blocks_on_gpu():
 # ------------------------------------------------------------------------------------------------
 # few-step training through the kernels: a DiT and a U-Net, sCM and MeanFlow
 # ------------------------------------------------------------------------------------------------
-
-
-def perturbed(params, seed=0):
-    """Every parameter N(0, 0.2^2): DiT's adaLN-zero and the U-Nets' zero-initialised layers would
-    otherwise hide attention from the output and its gradient."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return tree.unflatten([0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 def few_step_losses(preset, implementation, **overrides):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import perturbed
 
 from diffjax import distill as D
 from diffjax import models
@@ -63,22 +64,20 @@ def test_scd_student_starts_as_the_teacher(teacher):
     consistency function cos(t) x - sin(t) sd F = the teacher's EDM denoiser D(x / cos t, s), and sd F
     = the TrigFlow teacher's velocity, the identity sCM's tangent relies on. The weights are perturbed
     so that F depends on x and t (a fresh U-Net outputs zeros), which a wrong sign or noise level breaks."""
-    leaves, treedef = jax.tree.flatten(teacher.params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [w + 0.2 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
-    perturbed = M.Teacher(teacher.net, params, teacher.process, teacher.sigma_data, SHAPE)
-    trig, net, sd = M.trigflow_process(perturbed), M.trigflow_net(perturbed), perturbed.sigma_data
+    params = perturbed(teacher.params, seed=1)
+    changed = M.Teacher(teacher.net, params, teacher.process, teacher.sigma_data, SHAPE)
+    trig, net, sd = M.trigflow_process(changed), M.trigflow_net(changed), changed.sigma_data
     np.testing.assert_allclose(sd * np.tan([trig.t_min, trig.t_max]), [0.002, 80.0], rtol=1e-6)
 
     t = jnp.array([0.05, 0.7, 1.3, 1.56])
     x = jax.random.normal(jax.random.key(2), (4, *SHAPE))
     cos = jnp.cos(t)[:, None, None, None]
     consistency = D.TrigFlowConsistency(lambda y, u: net(params, y, u), sd)(x, t)
-    edm = perturbed.denoiser().x0(x / cos, sd * jnp.tan(t))
+    edm = changed.denoiser().x0(x / cos, sd * jnp.tan(t))
     assert float(jnp.std(net(params, x / sd, t))) > 0.1  # F is not zero: the identity tests something
     np.testing.assert_allclose(consistency, edm, rtol=1e-4, atol=1e-4)
 
-    velocity = M.trigflow_teacher(perturbed, params).velocity(x, t)
+    velocity = M.trigflow_teacher(changed, params).velocity(x, t)
     np.testing.assert_allclose(velocity, sd * net(params, x / sd, t), rtol=1e-4, atol=1e-4)
 
 
