@@ -31,6 +31,8 @@ def get_config():
     config.train.log_every = 50
     config.train.checkpoint_every = 500
 
+    config.mesh.cpu_devices = 0  # a CPU-only host split into one device per core (README, Performance)
+
     config.sample.num_samples = 64
     config.sample.steps = 20
     return config

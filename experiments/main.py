@@ -127,6 +127,16 @@ def _setup_cpu_malloc() -> str:
     return tune_cpu_malloc()
 
 
+def _setup_cpu_devices(config) -> str:
+    """Before JAX's backend starts; multi-process runs keep one device per process's CPU."""
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        return "one CPU device per process (multi-process run)"
+    from diffjax.training.cpu_devices import cpu_device_count, split_cpu_into_devices, usable_cores
+
+    sizes = (int(config.train.batch_size), int(config.eval.batch_size))
+    return split_cpu_into_devices(cpu_device_count(int(config.mesh.cpu_devices), sizes, usable_cores()))
+
+
 def _setup_compilation_cache() -> None:
     if FLAGS.compilation_cache == "off":
         return
@@ -166,6 +176,7 @@ def main(argv) -> int:
     _setup_logging()
     logger = logging.getLogger("diffjax")
     (logger.warning if "partly" in malloc else logger.info)("%s", malloc)
+    logger.info("%s", _setup_cpu_devices(config))
     _setup_compilation_cache()
     _initialize_distributed()
     try:

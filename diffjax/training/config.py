@@ -162,6 +162,12 @@ CONFIG_KEYS = {
     "mesh.data": (-1, "data-parallel mesh axis size (-1: all devices not used by the other axes)"),
     "mesh.fsdp": (1, "fully sharded data-parallel mesh axis size"),
     "mesh.tensor": (1, "tensor-parallel mesh axis size"),
+    "mesh.cpu_devices": (
+        1,
+        "on a CPU-only host, the JAX devices to split it into before JAX starts, the batch sharded "
+        "over them (0 = one per core, as many as divide train.batch_size and eval.batch_size; "
+        "diffjax.training.cpu_devices); left as is when XLA_FLAGS sets the count",
+    ),
     "mesh.rules": (
         {name: ",".join(axes or ()) for name, axes in DEFAULT_RULES.items()},
         "logical axis -> mesh axes ('' = replicated), e.g. --config.mesh.rules.embed=tensor",
@@ -626,6 +632,12 @@ def validate_config(config) -> None:
             value,
             "a positive int or -1 (the remaining devices)",
         )
+    _require(
+        _int(config.mesh.cpu_devices) and config.mesh.cpu_devices >= 0,
+        "mesh.cpu_devices",
+        config.mesh.cpu_devices,
+        "an int >= 0 (0 = one per core)",
+    )
     _require(
         sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1,
         "mesh",

@@ -11,6 +11,8 @@ Tasks
   sample  10 network evaluations on batch 64 of the unet-small network: our jitted `sample()`
           (DDIM, eta 0, on the 1000-step DDPM chain, no final denoising) against a diffusers-style
           Python loop (DDIMScheduler.set_timesteps(10), unet(x, t), scheduler.step) under no_grad.
+          Our batch is sharded over all devices: one, unless a variant splits the CPU
+          (XLA_FLAGS=--xla_force_host_platform_device_count=2, as mesh.cpu_devices does).
   inception  FID's feature extraction (diffjax.evaluation.extract_features, 28x28x1 images resized
           to 299x299) on batch 25: diffjax only, for its variants (e.g. the host allocator).
 Training step on both sides: eps-prediction MSE, AdamW (lr 1e-4, no weight decay, no clipping),
@@ -32,6 +34,7 @@ the machine this was written for has 2 cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -137,8 +140,11 @@ def jax_sample_worker():
     apply, params = models.functional(model)
     process = P.DiscreteVP.from_betas(jax.numpy.linspace(1e-4, 0.02, 1000))
     batch = SETTINGS["sample"][0]
+    # the batch split over every device, as the command line samples (one device unless the CPU is split)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=batch_sharding)
     def draw(params, key):
         denoiser = Denoiser(lambda x, t: apply(params, x, t), process, "eps")
         return sample(denoiser, key, (batch, 16, 16, 1), solver=DDIM(), steps=10, denoise_final=False).samples
@@ -307,14 +313,24 @@ class Contestant:
         self.process.wait(timeout=60)
 
 
-def run_task(task: str, rounds: int, names=None, variants: dict | None = None, parallel_start: bool = False) -> dict:
+def run_task(
+    task: str,
+    rounds: int,
+    names=None,
+    variants: dict | None = None,
+    parallel_start: bool = False,
+    baseline: str = "diffjax",
+) -> dict:
     """Interleaved rounds of `names` (default: CONTESTANTS[task]) and of `variants` ({"<contestant>
-    <label>": {variable: value}}: that contestant with these environment variables). `parallel_start`
-    starts every process at once (quicker; their first-step times then overlap and are not comparable)."""
+    <label>": {variable: value}}: that contestant with these environment variables); every
+    contestant's per-round ratio is `baseline`'s images/s over its own. `parallel_start` starts every
+    process at once (quicker; their first-step times then overlap and are not comparable)."""
     batch, steps, _ = SETTINGS[task]
     contestants = []
     entries = [(name, {}) for name in (names or CONTESTANTS[task])]
     entries += [(name, env) for name, env in (variants or {}).items() if name.split(" ")[0] in CONTESTANTS[task]]
+    if baseline not in [name for name, _ in entries]:
+        raise SystemExit(f"--baseline {baseline!r} is not a contestant of task {task!r}")
     try:
         for name, environment in entries:
             contestants.append(Contestant(task, name, environment))
@@ -332,15 +348,15 @@ def run_task(task: str, rounds: int, names=None, variants: dict | None = None, p
     finally:
         for c in contestants:
             c.close()
-    result = {"batch": batch, "steps_per_round": steps, "rounds": rounds, "contestants": {}}
+    result = {"batch": batch, "steps_per_round": steps, "rounds": rounds, "baseline": baseline, "contestants": {}}
     result["variant_environment"] = {name: environment for name, environment in entries if environment}
     for c in contestants:
-        ratios = [j / t for j, t in zip(per_round["diffjax"], per_round[c.name])]
+        ratios = [j / t for j, t in zip(per_round[baseline], per_round[c.name])]
         result["contestants"][c.name] = {
             **c.startup,
             "images_per_s_per_round": per_round[c.name],
             "images_per_s": statistics.median(per_round[c.name]),
-            "diffjax_over_this": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+            "baseline_over_this": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
             **usage[c.name],
         }
     return result
@@ -349,19 +365,22 @@ def run_task(task: str, rounds: int, names=None, variants: dict | None = None, p
 def render(results: dict) -> str:
     from experiments.benchmarks.common import markdown_table
 
-    headers = ["task", "contestant", "params", "images/s (median)", "diffjax / this: median (min-max)"]
+    baselines = {result["baseline"] for result in results.values()}
+    headers = ["task", "contestant", "params", "images/s (median)", f"{' / '.join(baselines)} / this: median (min-max)"]
     headers += ["first step s", "process start to first step s", "peak RSS MiB", "kernel share of CPU time"]
     rows = []
     for task, result in results.items():
         for name, c in result["contestants"].items():
-            ratio = c["diffjax_over_this"]
+            ratio = c["baseline_over_this"]
             rows.append(
                 [
                     f"{task} (batch {result['batch']})",
                     name,
                     f"{c['params']:,}",
                     f"{c['images_per_s']:.1f}",
-                    "-" if name == "diffjax" else f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})",
+                    "-"
+                    if name == result["baseline"]
+                    else f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})",
                     f"{c['first_step_s']:.1f}",
                     f"{c['process_to_first_step_s']:.1f}",
                     f"{c['peak_rss_mib']:.0f}",
@@ -409,6 +428,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--parallel-start", action="store_true", help="start all processes at once (first-step times overlap)"
     )
+    parser.add_argument(
+        "--baseline",
+        default="diffjax",
+        help='the contestant the ratios are against (a variant by its shown name, e.g. "diffjax tcmalloc")',
+    )
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -421,13 +445,16 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown tasks {unknown}; choose from {TASKS}")
     names = args.contestants.split(",") if args.contestants else None
-    if names and "diffjax" not in names:
-        raise SystemExit("--contestants must include diffjax (the ratios are against it)")
     variants = parse_variants(args.variant)
+    if args.baseline not in [*(names or ("diffjax",)), *variants]:
+        raise SystemExit(
+            f"--baseline {args.baseline!r} must be one of the contestants or variants (the ratios are against it)"
+        )
     results = {}
     for task in tasks:  # the table is rewritten after every task: a stopped run keeps the finished ones
         chosen = [n for n in names if n in CONTESTANTS[task]] if names else None
-        results[task] = run_task(task, args.rounds or SETTINGS[task][2], chosen, variants, args.parallel_start)
+        rounds = args.rounds or SETTINGS[task][2]
+        results[task] = run_task(task, rounds, chosen, variants, args.parallel_start, args.baseline)
         markdown = "\n\n".join(
             x
             for x in (
