@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from diffjax.training.cpu_malloc import accelerator_plugin, cpu_only_platforms
+from diffjax.training import cpu_malloc
 
 __all__ = ["usable_cores", "cpu_device_count", "split_cpu_into_devices"]
 
@@ -50,11 +50,8 @@ def split_cpu_into_devices(count: int) -> str:
         return "one CPU device"
     if _XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
         return "CPU device count left as set (XLA_FLAGS or jax_num_cpu_devices)"
-    cpu_only = cpu_only_platforms()
-    if cpu_only is False:
-        return f"JAX_PLATFORMS={os.environ['JAX_PLATFORMS']}: CPU left as one device"
-    plugin = None if cpu_only else accelerator_plugin()
-    if plugin:
-        return f"{plugin} installed: CPU left as one device (JAX_PLATFORMS=cpu splits it)"
+    accelerator = cpu_malloc.accelerator_possible()
+    if accelerator:
+        return f"{accelerator}: CPU left as one device (JAX_PLATFORMS=cpu splits it)"
     jax.config.update("jax_num_cpu_devices", count)
     return f"split the CPU into {count} devices, the batch sharded over them"

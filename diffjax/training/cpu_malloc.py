@@ -16,7 +16,7 @@ import importlib.util
 import os
 import platform
 
-__all__ = ["tune_cpu_malloc", "preloaded_allocator", "accelerator_plugin", "cpu_only_platforms"]
+__all__ = ["tune_cpu_malloc", "preloaded_allocator", "accelerator_plugin", "accelerator_possible", "cpu_only_platforms"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
@@ -49,6 +49,16 @@ def cpu_only_platforms() -> bool | None:
     return None if not platforms else platforms == {"cpu"}
 
 
+def accelerator_possible() -> str | None:
+    """Why this process may use an accelerator, in words ($JAX_PLATFORMS naming another platform, or
+    unset with an accelerator plugin installed), or None when it computes on the CPU only."""
+    cpu_only = cpu_only_platforms()
+    if cpu_only is False:
+        return f"JAX_PLATFORMS={os.environ['JAX_PLATFORMS']}"
+    plugin = None if cpu_only else accelerator_plugin()
+    return f"{plugin} installed" if plugin else None
+
+
 def tune_cpu_malloc(force: bool = False) -> str:
     """Set glibc's malloc to keep freed memory in one arena (mallopt), for a process that computes
     on the CPU; returns what was done, in words (starting "glibc malloc tuned" when it was).
@@ -64,13 +74,9 @@ def tune_cpu_malloc(force: bool = False) -> str:
         return f"{allocator} preloaded: malloc left as is"
     if platform.libc_ver()[0] != "glibc":
         return "not glibc: malloc left as is"
-    if not force:
-        cpu_only = cpu_only_platforms()
-        if cpu_only is False:
-            return f"JAX_PLATFORMS={os.environ['JAX_PLATFORMS']}: malloc left as is"
-        plugin = None if cpu_only else accelerator_plugin()
-        if plugin:
-            return f"{plugin} installed: malloc left as is (JAX_PLATFORMS=cpu tunes it)"
+    accelerator = None if force else accelerator_possible()
+    if accelerator:
+        return f"{accelerator}: malloc left as is (JAX_PLATFORMS=cpu tunes it)"
     libc = ctypes.CDLL("libc.so.6")
     refused = [name for name, option, value in _SETTINGS if libc.mallopt(option, value) != 1]
     if refused:
