@@ -6,7 +6,8 @@ one JAX device per core, with the batch sharded over the run's data axis, the sh
 side (experiments/results/cpu_devices.md). A program on one device still uses every core (the
 devices share XLA's thread pool), so nothing else gets slower. Large matrix products already use
 every core, and each device updates all the parameters: DiT-S/2 trained 1.09x faster split with
-tcmalloc but 1.17x slower with glibc's malloc untuned, so the base config keeps one device.
+tcmalloc but 1.17x slower with glibc's malloc untuned (1.19x with it tuned), so the base config keeps
+one device. The U-Net gains most with tcmalloc (1.19x; 1.07x with glibc's malloc tuned).
 
 The split must happen before JAX starts its CPU backend; `jax.config.update("jax_num_cpu_devices",
 n)` is how, and XLA_FLAGS=--xla_force_host_platform_device_count=n the older way.
