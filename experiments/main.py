@@ -90,9 +90,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def _multi_process() -> bool:
+    return bool(FLAGS.distributed or FLAGS.coordinator_address)
+
+
 def _initialize_distributed() -> None:
     """Join the other processes of a multi-host run: every host runs this same program."""
-    if not (FLAGS.distributed or FLAGS.coordinator_address):
+    if not _multi_process():
         return
     import jax
 
@@ -128,13 +132,19 @@ def _setup_cpu_malloc() -> str:
 
 
 def _setup_cpu_devices(config) -> str:
-    """Before JAX's backend starts; multi-process runs keep one device per process's CPU."""
-    if FLAGS.distributed or FLAGS.coordinator_address:
-        return "one CPU device per process (multi-process run)"
+    """config.mesh.cpu_devices, before JAX's backend starts (multi-process runs: left as is)."""
+    if _multi_process():
+        return "CPU device count left as is (multi-process run)"
     from diffjax.training.cpu_devices import cpu_device_count, split_cpu_into_devices, usable_cores
 
-    sizes = (int(config.train.batch_size), int(config.eval.batch_size))
-    return split_cpu_into_devices(cpu_device_count(int(config.mesh.cpu_devices), sizes, usable_cores()))
+    count = cpu_device_count(
+        int(config.mesh.cpu_devices),
+        int(config.train.batch_size),
+        int(config.eval.batch_size),
+        tuple(int(config.mesh[axis]) for axis in ("data", "fsdp", "tensor")),
+        usable_cores(),
+    )
+    return split_cpu_into_devices(count)
 
 
 def _setup_compilation_cache() -> None:

@@ -80,6 +80,7 @@ RUN_OVERRIDES = {
     "train.max_consecutive_nonfinite": MAX_CONSECUTIVE_NONFINITE,
     "sample.num_samples": 8,
     "sample.steps": 3,
+    "mesh.cpu_devices": 1,  # one CPU device: the scenarios are about checkpoints, not speed
 }
 
 

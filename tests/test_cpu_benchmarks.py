@@ -1,9 +1,11 @@
-"""The CPU benchmarks' own logic: variant parsing (cpu_vs_torch) and op classes (cpu_step_profile)."""
+"""The CPU benchmarks' own logic: variant parsing and baselines (cpu_vs_torch), op classes
+(cpu_step_profile), argument checks (cpu_devices_batch)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments.benchmarks import cpu_devices_batch, cpu_vs_torch
 from experiments.benchmarks.cpu_step_profile import classify
 from experiments.benchmarks.cpu_vs_torch import parse_variants
 
@@ -20,6 +22,20 @@ def test_variants_name_their_contestant_and_collect_variables():
     for bad in ("no-assignment", "label:=1", "pytorch/x:A=1", "two words:A=1"):
         with pytest.raises(SystemExit, match="--variant must look like"):
             parse_variants([bad])
+
+
+def test_a_baseline_must_run_in_every_task():
+    # checked before any worker starts (a worker would take seconds to start)
+    with pytest.raises(SystemExit, match="'torch.compile' is not a contestant of task 'sample'"):
+        cpu_vs_torch.main(["--tasks", "unet,sample", "--baseline", "torch.compile"])
+    with pytest.raises(SystemExit, match="'diffjax x' is not a contestant of task 'unet'"):
+        cpu_vs_torch.main(["--tasks", "unet", "--baseline", "diffjax x"])
+
+
+@pytest.mark.parametrize("args", [["--batches", "3,8"], ["--devices", "1"], ["--rounds", "0"], ["--batches", "-2"]])
+def test_cpu_devices_batch_refuses_bad_arguments(args):
+    with pytest.raises(SystemExit, match="every batch must be a positive multiple of --devices"):
+        cpu_devices_batch.main(args)
 
 
 def test_profile_classes_tell_kernel_gradients_from_forward_convolutions():

@@ -651,14 +651,30 @@ SMALLEST_FLAGS = [
 
 
 @pytest.mark.xdist_group("trained_run")
-def test_cli_samples_a_trained_run(trained_run, tmp_path):
-    """--mode=sample on a trained run. The CLI's train mode runs to the end (exit 0, the summary,
-    the final samples) in test_reliability.py's SIGTERM test."""
+def test_cli_samples_a_trained_run(trained_run, tmp_path, monkeypatch):
+    """--mode=sample on a trained run (trained on 8 devices), with the CPU split into 2
+    (mesh.cpu_devices; XLA_FLAGS without a device count). The CLI's train mode runs to the end
+    (exit 0, the summary, the final samples) in test_reliability.py's SIGTERM test."""
     workdir = copy_of(trained_run, tmp_path)
-    sampled = helpers.run_cli(f"--workdir={workdir}", "--mode=sample", *SMALLEST_FLAGS)
+    monkeypatch.setenv("XLA_FLAGS", helpers.FAST_COMPILE_XLA_FLAGS)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    sampled = helpers.run_cli(f"--workdir={workdir}", "--mode=sample", *SMALLEST_FLAGS, "--config.mesh.cpu_devices=2")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert "split the CPU into 2 devices" in sampled.stdout
     assert '"step": 4' in sampled.stdout and "outputs in" in sampled.stdout
     assert os.path.exists(os.path.join(workdir, "samples", "sample_step_0000004.png"))
+
+
+def test_cli_trains_on_a_split_cpu(tmp_path, monkeypatch):
+    """mesh.cpu_devices=2 with XLA_FLAGS naming no device count: 2 devices, the batch of 16 split
+    over the data axis, to the end of the run."""
+    monkeypatch.setenv("XLA_FLAGS", helpers.FAST_COMPILE_XLA_FLAGS)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    done = helpers.run_cli(f"--workdir={tmp_path / 'run'}", *SMALLEST_FLAGS, "--config.mesh.cpu_devices=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "split the CPU into 2 devices" in done.stdout
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in done.stdout
+    assert '"step": 3' in done.stdout
 
 
 def test_cli_reports_bad_values_clearly(tmp_path):

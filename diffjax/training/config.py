@@ -165,8 +165,9 @@ CONFIG_KEYS = {
     "mesh.cpu_devices": (
         1,
         "on a CPU-only host, the JAX devices to split it into before JAX starts, the batch sharded "
-        "over them (0 = one per core, as many as divide train.batch_size and eval.batch_size; "
-        "diffjax.training.cpu_devices); left as is when XLA_FLAGS sets the count",
+        "over them (0 = chosen: for the data-parallel mesh, at most one per core, dividing the batch "
+        "sizes, >= 16 training examples each; a fully sized mesh gets its product; "
+        "diffjax.training.cpu_devices.cpu_device_count); left as is when XLA_FLAGS sets the count",
     ),
     "mesh.rules": (
         {name: ",".join(axes or ()) for name, axes in DEFAULT_RULES.items()},
@@ -636,7 +637,7 @@ def validate_config(config) -> None:
         _int(config.mesh.cpu_devices) and config.mesh.cpu_devices >= 0,
         "mesh.cpu_devices",
         config.mesh.cpu_devices,
-        "an int >= 0 (0 = one per core)",
+        "an int >= 0 (0 = chosen from the cores, batch sizes and mesh)",
     )
     _require(
         sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1,

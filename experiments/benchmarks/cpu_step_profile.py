@@ -95,18 +95,19 @@ def classify(text: str) -> dict[str, tuple[str, str]]:
     return result
 
 
-def build_step():
+def build_step(batch: int = 32):
+    """The jitted unet-small train step of cpu_vs_torch at `batch`, its state and a batch of data."""
     from diffjax.data import dataset_info
     from diffjax.training.from_config import mesh_from_config
     from diffjax.training.run import build_run, init_state, make_jitted_train_step
 
-    config = jax_train_config("unet-small", 32)
+    config = jax_train_config("unet-small", batch)
     run = build_run(config, dataset_info(config.data), mesh_from_config(config))
     step, state = make_jitted_train_step(run), init_state(run)
     rng = np.random.default_rng(0)
     data = {
-        "image": jax.numpy.asarray(rng.standard_normal((32, *run.image_shape), dtype=np.float32)),
-        "label": jax.numpy.zeros((32,), jax.numpy.int32),
+        "image": jax.numpy.asarray(rng.standard_normal((batch, *run.image_shape), dtype=np.float32)),
+        "label": jax.numpy.zeros((batch,), jax.numpy.int32),
     }
     return step, state, data
 

@@ -236,8 +236,9 @@ def make_worker(task: str, contestant: str):
 
 
 def worker(task: str, contestant: str) -> None:
-    """Set up, time the first step, then answer "N" (time N steps) and "rss" (peak RSS, and the
-    share of the timed steps' CPU time spent in the kernel) on stdin."""
+    """Set up, time the first step, then answer "N" (time N steps) and "rss" (peak RSS, the cores
+    busy while timing: CPU time over wall time, and the share of the timed steps' CPU time spent in
+    the kernel) on stdin."""
     malloc = os.environ.get("DIFFJAX_CPU_MALLOC", "")
     if malloc not in ("", "tune"):
         raise SystemExit(f"DIFFJAX_CPU_MALLOC={malloc!r}: must be 'tune' or unset")
@@ -246,7 +247,7 @@ def worker(task: str, contestant: str) -> None:
 
         print(tune_cpu_malloc(), file=sys.stderr)
     one, params = make_worker(task, contestant)
-    cpu = {"user": 0.0, "system": 0.0}
+    cpu = {"user": 0.0, "system": 0.0, "wall": 0.0}
     start = time.perf_counter()
     one()
     first = time.perf_counter() - start
@@ -255,8 +256,9 @@ def worker(task: str, contestant: str) -> None:
     for line in sys.stdin:
         command = line.strip()
         if command == "rss":
-            system_share = cpu["system"] / max(cpu["user"] + cpu["system"], 1e-9)
-            print(json.dumps({"peak_rss_mib": peak_rss_mib(), "system_cpu_share": system_share}), flush=True)
+            busy = cpu["user"] + cpu["system"]
+            usage = {"system_cpu_share": cpu["system"] / max(busy, 1e-9), "cores_busy": busy / max(cpu["wall"], 1e-9)}
+            print(json.dumps({"peak_rss_mib": peak_rss_mib(), **usage}), flush=True)
             continue
         times = []
         before = resource.getrusage(resource.RUSAGE_SELF)
@@ -267,6 +269,7 @@ def worker(task: str, contestant: str) -> None:
         after = resource.getrusage(resource.RUSAGE_SELF)
         cpu["user"] += after.ru_utime - before.ru_utime
         cpu["system"] += after.ru_stime - before.ru_stime
+        cpu["wall"] += sum(times)
         print(json.dumps({"times": times}), flush=True)
 
 
@@ -313,6 +316,13 @@ class Contestant:
         self.process.wait(timeout=60)
 
 
+def task_contestants(task: str, names=None, variants: dict | None = None) -> list[tuple[str, dict]]:
+    """[(name, environment)] of a task: `names` (default: CONTESTANTS[task]), then the `variants` of
+    its contestants."""
+    entries = [(name, {}) for name in (names or CONTESTANTS[task])]
+    return entries + [(n, env) for n, env in (variants or {}).items() if n.split(" ")[0] in CONTESTANTS[task]]
+
+
 def run_task(
     task: str,
     rounds: int,
@@ -327,10 +337,7 @@ def run_task(
     process at once (quicker; their first-step times then overlap and are not comparable)."""
     batch, steps, _ = SETTINGS[task]
     contestants = []
-    entries = [(name, {}) for name in (names or CONTESTANTS[task])]
-    entries += [(name, env) for name, env in (variants or {}).items() if name.split(" ")[0] in CONTESTANTS[task]]
-    if baseline not in [name for name, _ in entries]:
-        raise SystemExit(f"--baseline {baseline!r} is not a contestant of task {task!r}")
+    entries = task_contestants(task, names, variants)
     try:
         for name, environment in entries:
             contestants.append(Contestant(task, name, environment))
@@ -368,6 +375,7 @@ def render(results: dict) -> str:
     baselines = {result["baseline"] for result in results.values()}
     headers = ["task", "contestant", "params", "images/s (median)", f"{' / '.join(baselines)} / this: median (min-max)"]
     headers += ["first step s", "process start to first step s", "peak RSS MiB", "kernel share of CPU time"]
+    headers += ["cores busy"]
     rows = []
     for task, result in results.items():
         for name, c in result["contestants"].items():
@@ -385,6 +393,7 @@ def render(results: dict) -> str:
                     f"{c['process_to_first_step_s']:.1f}",
                     f"{c['peak_rss_mib']:.0f}",
                     f"{100 * c['system_cpu_share']:.0f} %" if "system_cpu_share" in c else "-",
+                    f"{c['cores_busy']:.2f}" if "cores_busy" in c else "-",
                 ]
             )
     return markdown_table(headers, rows)
@@ -446,13 +455,17 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown tasks {unknown}; choose from {TASKS}")
     names = args.contestants.split(",") if args.contestants else None
     variants = parse_variants(args.variant)
-    if args.baseline not in [*(names or ("diffjax",)), *variants]:
-        raise SystemExit(
-            f"--baseline {args.baseline!r} must be one of the contestants or variants (the ratios are against it)"
-        )
+    chosen_per_task = {task: [n for n in names if n in CONTESTANTS[task]] if names else None for task in tasks}
+    for task, chosen in chosen_per_task.items():
+        if args.baseline not in [name for name, _ in task_contestants(task, chosen, variants)]:
+            raise SystemExit(
+                f"--baseline {args.baseline!r} is not a contestant of task {task!r} (the ratios are against it)"
+            )
     results = {}
-    for task in tasks:  # the table is rewritten after every task: a stopped run keeps the finished ones
-        chosen = [n for n in names if n in CONTESTANTS[task]] if names else None
+    for (
+        task,
+        chosen,
+    ) in chosen_per_task.items():  # the table is rewritten after every task: a stopped run keeps the finished ones
         rounds = args.rounds or SETTINGS[task][2]
         results[task] = run_task(task, rounds, chosen, variants, args.parallel_start, args.baseline)
         markdown = "\n\n".join(
