@@ -650,14 +650,20 @@ SMALLEST_FLAGS = [
 ]
 
 
+@pytest.fixture
+def no_device_count(monkeypatch):
+    """Subprocesses get no CPU device count from the environment (conftest's XLA_FLAGS sets 8), so
+    the command line's mesh.cpu_devices decides."""
+    monkeypatch.setenv("XLA_FLAGS", helpers.FAST_COMPILE_XLA_FLAGS)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+
+
 @pytest.mark.xdist_group("trained_run")
-def test_cli_samples_a_trained_run(trained_run, tmp_path, monkeypatch):
+def test_cli_samples_a_trained_run(trained_run, tmp_path, no_device_count):
     """--mode=sample on a trained run (trained on 8 devices), with the CPU split into 2
     (mesh.cpu_devices; XLA_FLAGS without a device count). The CLI's train mode runs to the end
     (exit 0, the summary, the final samples) in test_reliability.py's SIGTERM test."""
     workdir = copy_of(trained_run, tmp_path)
-    monkeypatch.setenv("XLA_FLAGS", helpers.FAST_COMPILE_XLA_FLAGS)
-    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
     sampled = helpers.run_cli(f"--workdir={workdir}", "--mode=sample", *SMALLEST_FLAGS, "--config.mesh.cpu_devices=2")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert "split the CPU into 2 devices" in sampled.stdout
@@ -665,11 +671,9 @@ def test_cli_samples_a_trained_run(trained_run, tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(workdir, "samples", "sample_step_0000004.png"))
 
 
-def test_cli_trains_on_a_split_cpu(tmp_path, monkeypatch):
+def test_cli_trains_on_a_split_cpu(tmp_path, no_device_count):
     """mesh.cpu_devices=2 with XLA_FLAGS naming no device count: 2 devices, the batch of 16 split
     over the data axis, to the end of the run."""
-    monkeypatch.setenv("XLA_FLAGS", helpers.FAST_COMPILE_XLA_FLAGS)
-    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
     done = helpers.run_cli(f"--workdir={tmp_path / 'run'}", *SMALLEST_FLAGS, "--config.mesh.cpu_devices=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "split the CPU into 2 devices" in done.stdout

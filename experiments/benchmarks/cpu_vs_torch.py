@@ -373,7 +373,13 @@ def render(results: dict) -> str:
     from experiments.benchmarks.common import markdown_table
 
     baselines = {result["baseline"] for result in results.values()}
-    headers = ["task", "contestant", "params", "images/s (median)", f"{' / '.join(baselines)} / this: median (min-max)"]
+    headers = [
+        "task",
+        "contestant",
+        "params",
+        "images/s (median)",
+        f"{' / '.join(sorted(baselines))} / this: median (min-max)",
+    ]
     headers += ["first step s", "process start to first step s", "peak RSS MiB", "kernel share of CPU time"]
     headers += ["cores busy"]
     rows = []
@@ -462,10 +468,8 @@ def main(argv=None) -> None:
                 f"--baseline {args.baseline!r} is not a contestant of task {task!r} (the ratios are against it)"
             )
     results = {}
-    for (
-        task,
-        chosen,
-    ) in chosen_per_task.items():  # the table is rewritten after every task: a stopped run keeps the finished ones
+    # the table is rewritten after every task: a stopped run keeps the finished ones
+    for task, chosen in chosen_per_task.items():
         rounds = args.rounds or SETTINGS[task][2]
         results[task] = run_task(task, rounds, chosen, variants, args.parallel_start, args.baseline)
         markdown = "\n\n".join(
