@@ -32,11 +32,9 @@ from diffjax.training import eval_metrics
 from diffjax.training.config import ConfigError, apply_overrides, load_config_file, validate_config
 from diffjax.training.cpu_malloc import tune_cpu_malloc
 from diffjax.training.loop import evaluation_split, load_for_config
-from experiments.benchmarks.common import RESULTS_DIR, markdown_table, mean_stderr, write_results
+from experiments.benchmarks.common import REPO, RESULTS_DIR, markdown_table, mean_stderr, tcmalloc_path, write_results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "default.py")
-TCMALLOC = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4")  # the Makefile's
 
 
 def run_overrides(steps: int, seed: int, changes: list[str]) -> list[tuple[str, str]]:
@@ -80,7 +78,7 @@ def timed_training(workdir: str, overrides: list[tuple[str, str]]) -> float:
     """Wall seconds of one run of the command line, started fresh (workdir removed first)."""
     shutil.rmtree(workdir, ignore_errors=True)
     env = dict(os.environ)
-    preload = next((path for pattern in TCMALLOC for path in sorted(glob.glob(pattern))), None)
+    preload = tcmalloc_path()
     if preload:
         env["LD_PRELOAD"] = preload
     start = time.perf_counter()

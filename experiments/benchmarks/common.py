@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import glob
 import importlib.metadata
 import os
 import platform
@@ -14,6 +15,13 @@ import numpy
 from diffjax.io import atomic_write_json, atomic_write_text
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TCMALLOC = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4")  # the Makefile's
+
+
+def tcmalloc_path() -> str | None:
+    """The tcmalloc library `make run` preloads, where the system has it (else None)."""
+    return next((path for pattern in TCMALLOC for path in sorted(glob.glob(pattern))), None)
 
 
 def environment() -> dict:

@@ -14,16 +14,13 @@ diffjax.training.cpu_devices.MIN_BATCH_PER_DEVICE comes from.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
 import subprocess
 import sys
 
-from experiments.benchmarks.common import markdown_table, write_results
-
-TCMALLOC = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4")
+from experiments.benchmarks.common import REPO, markdown_table, tcmalloc_path, write_results
 
 
 def worker(batch: int, devices: int, steps: int) -> None:
@@ -53,12 +50,11 @@ def worker(batch: int, devices: int, steps: int) -> None:
 def measure(batch: int, devices: int, steps: int) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env["JAX_PLATFORMS"] = "cpu"
-    preload = next((path for pattern in TCMALLOC for path in sorted(glob.glob(pattern))), None)
+    preload = tcmalloc_path()
     if preload:
         env["LD_PRELOAD"] = preload
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     command = [sys.executable, "-m", "experiments.benchmarks.cpu_devices_batch", "--worker", str(batch), str(devices)]
-    out = subprocess.run(command + [f"--steps={steps}"], cwd=root, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(command + [f"--steps={steps}"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     reply = json.loads(out.stdout.strip().splitlines()[-1])
     if reply["device_count"] != devices:
         raise RuntimeError(f"asked for {devices} devices, the worker had {reply['device_count']}")

@@ -282,7 +282,8 @@ class Contestant:
     to its environment, which otherwise has none of these three."""
 
     def __init__(self, task: str, name: str, environment: dict | None = None):
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from experiments.benchmarks.common import REPO
+
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "JAX_PLATFORMS": "cpu"}
         for variable in ("XLA_FLAGS", "LD_PRELOAD", "DIFFJAX_CPU_MALLOC"):
             env.pop(variable, None)
@@ -291,7 +292,7 @@ class Contestant:
         command = [sys.executable, "-m", "experiments.benchmarks.cpu_vs_torch", "--worker", task, kind]
         self.name = name
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
-        self.process = subprocess.Popen(command, cwd=root, env=env, text=True, **pipes)
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, text=True, **pipes)
         self.startup = None
 
     def wait_ready(self) -> dict:
