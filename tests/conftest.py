@@ -32,9 +32,17 @@ if os.environ.get("DIFFJAX_TEST_IN_PROCESS_CACHE", "1") == "1":
 else:
     jax.config.update("jax_enable_compilation_cache", False)
 # Start the CPU backend now, with the 8 devices above: a test that changes XLA_FLAGS for its
-# subprocesses (test_reliability's one_device) must not decide this process's device count when it
+# subprocesses (the no_device_count fixture) must not decide this process's device count when it
 # happens to run first (as it can in a pytest-xdist worker or a -k selection).
 jax.devices()
+
+
+@pytest.fixture
+def no_device_count(monkeypatch):
+    """Subprocesses get no CPU device count from the environment (the 8 above), so the command
+    line's mesh.cpu_devices decides (the reliability harness's runs: 1; this process keeps its 8)."""
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_XLA_FLAGS)
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
 
 
 MAX_MEMORY_MAPS = 20_000

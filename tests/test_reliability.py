@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import FAST_COMPILE_XLA_FLAGS, run_cli
+from helpers import run_cli
 from test_training import TINY_FLAGS, restore_final_state, tiny_config
 
 from diffjax.training import ConfigError, TrainingStopped, train
@@ -31,17 +31,11 @@ from experiments import reliability as rel
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_device(monkeypatch):
-    """Subprocesses see one CPU device (the test process keeps its 8)."""
-    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_XLA_FLAGS)
-
-
 # the one-level U-Net of test_training.smallest_config: the network is not what these tests are about
 SMALLEST_MODEL = {"model.overrides.channel_mult": (1,), "model.overrides.attn_resolutions": ()}
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, one_device):
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, no_device_count):
     """SIGTERM: the step finishes, the checkpoint is saved, exit 0; the restarted CLI resumes there
     and trains to the end (exit 0, its summary, the final samples: the CLI's train mode)."""
     workdir = str(tmp_path / "run")
@@ -66,7 +60,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path, one_device)
 
 
 @pytest.mark.slow  # default-run time: an end-to-end run of its own
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, one_device):
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, no_device_count):
     workdir = str(tmp_path / "run")
     writing = os.path.join(workdir, "checkpoints", "6" + rel.TMP_SUFFIX)
     proc = rel.start(workdir, {"train.num_steps": 1000, "train.checkpoint_every": 3})

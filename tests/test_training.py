@@ -650,14 +650,6 @@ SMALLEST_FLAGS = [
 ]
 
 
-@pytest.fixture
-def no_device_count(monkeypatch):
-    """Subprocesses get no CPU device count from the environment (conftest's XLA_FLAGS sets 8), so
-    the command line's mesh.cpu_devices decides."""
-    monkeypatch.setenv("XLA_FLAGS", helpers.FAST_COMPILE_XLA_FLAGS)
-    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
-
-
 @pytest.mark.xdist_group("trained_run")
 def test_cli_samples_a_trained_run(trained_run, tmp_path, no_device_count):
     """--mode=sample on a trained run (trained on 8 devices), with the CPU split into 2
