@@ -19,21 +19,18 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+
+import jax
+import numpy as np
 
 from experiments.benchmarks.common import REPO, markdown_table, tcmalloc_path, write_results
+from experiments.benchmarks.cpu_step_profile import build_step
 
 
 def worker(batch: int, devices: int, steps: int) -> None:
     """Print the median seconds of `steps` train steps at `batch` on `devices` CPU devices."""
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", devices)
-    import time
-
-    import numpy as np
-
-    from experiments.benchmarks.cpu_step_profile import build_step
-
+    jax.config.update("jax_num_cpu_devices", devices)  # before JAX computes anything
     step, state, data = build_step(batch)
     for _ in range(3):
         state, metrics = step(state, data)
