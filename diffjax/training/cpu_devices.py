@@ -87,7 +87,9 @@ def split_cpu_into_devices(count: int) -> str:
     chosen ($XLA_FLAGS or jax_num_cpu_devices), and a process that may use an accelerator
     ($JAX_PLATFORMS naming another platform, or unset with an accelerator plugin installed).
 
-    Call it before JAX computes anything: JAX raises RuntimeError once its backend has started."""
+    Call it before JAX computes anything: JAX raises RuntimeError once its backend has started.
+    Afterwards, wait for each multi-device result before the next call (the trainer reads a value
+    every step): JAX 0.10.2's CPU runtime can deadlock with several collective programs in flight."""
     if count == 1:
         return "one CPU device"
     if _XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
