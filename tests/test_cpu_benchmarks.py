@@ -24,6 +24,14 @@ def test_variants_name_their_contestant_and_collect_variables():
             parse_variants([bad])
 
 
+def test_a_tree_variant_must_be_a_checkout(tmp_path):
+    from experiments.benchmarks.common import REPO
+
+    assert parse_variants([f"before:TREE={REPO}"]) == {"diffjax before": {"TREE": str(REPO)}}
+    with pytest.raises(SystemExit, match="is not a checkout of this repository"):
+        parse_variants([f"before:TREE={tmp_path}"])
+
+
 def test_a_baseline_must_run_in_every_task():
     # checked before any worker starts (a worker would take seconds to start)
     with pytest.raises(SystemExit, match="'torch.compile' is not a contestant of task 'sample'"):

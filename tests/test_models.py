@@ -654,6 +654,41 @@ def test_fir_resampling_preserves_constants_and_shapes():
     np.testing.assert_allclose(L.fir_upsample(z, (1, 1)), L.upsample_nearest(z), atol=1e-6)
 
 
+def _group_norm_reference(x, scale, bias, groups, eps, dy):
+    """GroupNorm's output and its gradients for cotangent `dy` in float64 NumPy, from the closed forms:
+    x_hat = (x - mean) / sqrt(var + eps) per (example, group), y = x_hat * scale + bias;
+    dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sqrt(var + eps) with g = dy * scale."""
+    b, h, w, c = x.shape
+    xg = x.reshape(b, h, w, groups, c // groups)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    inv_std = 1.0 / np.sqrt(xg.var(axis=(1, 2, 4), keepdims=True) + eps)
+    x_hat = ((xg - mean) * inv_std).reshape(x.shape)
+    g = (dy * scale).reshape(xg.shape)
+    xh = x_hat.reshape(xg.shape)
+    dx = (g - g.mean(axis=(1, 2, 4), keepdims=True) - xh * (g * xh).mean(axis=(1, 2, 4), keepdims=True)) * inv_std
+    return x_hat * scale + bias, (dx.reshape(x.shape), (dy * x_hat).sum((0, 1, 2)), dy.sum((0, 1, 2)))
+
+
+def test_group_norm_matches_closed_forms():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 5, 12)) * 3.0 + 5.0  # an offset mean, so centring matters
+    scale, bias, dy = rng.uniform(0.5, 1.5, 12), rng.standard_normal(12), rng.standard_normal(x.shape)
+    norm = L.GroupNorm(12, 4, eps=1e-6, rngs=nnx.Rngs(0))
+    norm.scale[...], norm.bias[...] = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+    expected_y, expected_grads = _group_norm_reference(x, scale, bias, 4, 1e-6, dy)
+
+    graphdef, params = nnx.split(norm)
+    y, pullback = jax.vjp(lambda x, params: nnx.merge(graphdef, params)(x), jnp.asarray(x, jnp.float32), params)
+    np.testing.assert_allclose(y, expected_y, atol=2e-5)
+    dx, dparams = pullback(jnp.asarray(dy, jnp.float32))
+    for grad, expected in zip((dx, dparams["scale"][...], dparams["bias"][...]), expected_grads):
+        np.testing.assert_allclose(grad, expected, atol=1e-4)
+    bf16 = L.GroupNorm(12, 4, eps=1e-6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    out = bf16(jnp.asarray(x, jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), _group_norm_reference(x, 1.0, 0.0, 4, 1e-6, dy)[0], atol=0.05)
+
+
 def test_sinusoidal_embedding_conventions():
     t = jnp.array([0.0, 3.0])
     emb = L.sinusoidal_embedding(t, 8)  # ADM / DiT: [cos, sin], freqs 10000^(-i/4)

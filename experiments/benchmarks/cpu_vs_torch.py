@@ -46,6 +46,7 @@ import time
 START = time.time()
 
 THREADS = 2
+TREE = "TREE"  # a variant's variable naming the checkout its worker runs in
 TASKS = ("unet", "dit", "sample", "inception")
 SETTINGS = {  # task -> (batch, steps per round, default rounds)
     "unet": (32, 5, 10),
@@ -279,7 +280,8 @@ def worker(task: str, contestant: str) -> None:
 
 class Contestant:
     """A worker process; `environment` (a variant's XLA_FLAGS, LD_PRELOAD, DIFFJAX_CPU_MALLOC) is added
-    to its environment, which otherwise has none of these three."""
+    to its environment, which otherwise has none of these three. A variant's TREE runs the worker in
+    that checkout, with its code."""
 
     def __init__(self, task: str, name: str, environment: dict | None = None):
         from experiments.benchmarks.common import REPO
@@ -288,11 +290,12 @@ class Contestant:
         for variable in ("XLA_FLAGS", "LD_PRELOAD", "DIFFJAX_CPU_MALLOC"):
             env.pop(variable, None)
         env.update(environment or {})
+        tree = env.pop(TREE, REPO)  # the worker's directory comes first on its sys.path
         kind = name.split(" ")[0]
         command = [sys.executable, "-m", "experiments.benchmarks.cpu_vs_torch", "--worker", task, kind]
         self.name = name
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, text=True, **pipes)
+        self.process = subprocess.Popen(command, cwd=tree, env=env, text=True, **pipes)
         self.startup = None
 
     def wait_ready(self) -> dict:
@@ -421,6 +424,8 @@ def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
                 f"--variant must look like [contestant/]label:VARIABLE=VALUE with a contestant of "
                 f"{sorted(kinds)} and a label without spaces, got {spec!r}"
             )
+        if variable == TREE and not os.path.isfile(os.path.join(value, "experiments", "benchmarks", "cpu_vs_torch.py")):
+            raise SystemExit(f"--variant {spec!r}: {value!r} is not a checkout of this repository")
         variants.setdefault(f"{kind} {label}", {})[variable] = value
     return variants
 
@@ -439,7 +444,9 @@ def main(argv=None) -> None:
         help="[contestant/]label:VARIABLE=VALUE: one more contestant (default diffjax; shown as "
         '"<contestant> <label>") with this environment variable, e.g. '
         "torch/tcmalloc:LD_PRELOAD=libtcmalloc_minimal.so.4, onednn:XLA_FLAGS=--xla_cpu_use_onednn=true, "
-        "tuned:DIFFJAX_CPU_MALLOC=tune (diffjax.training.cpu_malloc); repeat a label to set several variables",
+        "tuned:DIFFJAX_CPU_MALLOC=tune (diffjax.training.cpu_malloc); repeat a label to set several variables; "
+        "TREE=<path> runs that contestant from another checkout (e.g. `git worktree add /tmp/before HEAD~1`), "
+        "to compare commits in the same rounds",
     )
     parser.add_argument(
         "--parallel-start", action="store_true", help="start all processes at once (first-step times overlap)"
