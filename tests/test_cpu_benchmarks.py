@@ -1,11 +1,12 @@
 """The CPU benchmarks' own logic: variant parsing and baselines (cpu_vs_torch), op classes
-(cpu_step_profile), argument checks (cpu_devices_batch)."""
+(cpu_step_profile), argument checks (cpu_devices_batch, cpu_all_reduce), all-reduce operand counts
+(cpu_all_reduce)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.benchmarks import cpu_devices_batch, cpu_vs_torch
+from experiments.benchmarks import cpu_all_reduce, cpu_devices_batch, cpu_vs_torch
 from experiments.benchmarks.cpu_step_profile import classify
 from experiments.benchmarks.cpu_vs_torch import parse_variants
 
@@ -76,3 +77,20 @@ def test_profile_classes_read_tuple_shapes_and_name_what_they_cannot_explain():
     classes = classify(MULTI_OUTPUT_TRANSPOSE)
     assert classes["fusion.1"] == ("data movement", "(f32[3,2]{1,0}, f32[2,3]{1,0})")
     assert classes["other.2"][0] == "unclassified"
+
+
+def test_all_reduce_operands_are_counted_from_the_result_shape():
+    text = "\n".join(
+        [
+            "  %all-reduce.3 = (f32[32]{0}, f32[3,3,64,64]{3,2,1,0}, /*index=2*/f32[64]{0}) all-reduce(%a, %b, %c)",
+            "  ROOT %all-reduce-start.1 = f32[8]{0} all-reduce-start(%x), channel_id=2",
+            "  %fusion.2 = f32[8]{0} fusion(%all-reduce.3), kind=kLoop",
+        ]
+    )
+    assert cpu_all_reduce.all_reduce_operands(text) == [3, 1]
+
+
+@pytest.mark.parametrize("args", [["--devices", "1"], ["--rounds", "0"]])
+def test_cpu_all_reduce_refuses_bad_arguments(args):
+    with pytest.raises(SystemExit, match="must be at least"):
+        cpu_all_reduce.main(args)
