@@ -1,11 +1,12 @@
 """The CPU benchmarks' own logic: variant parsing and baselines (cpu_vs_torch), op classes
-(cpu_step_profile), argument checks (cpu_devices_batch, cpu_all_reduce), all-reduce operand counts
-(cpu_all_reduce)."""
+(cpu_step_profile), argument checks (cpu_devices_batch, cpu_all_reduce, cpu_collective_hang),
+all-reduce operand counts (cpu_all_reduce), and one waited-for trial of cpu_collective_hang."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments import cpu_collective_hang
 from experiments.benchmarks import cpu_all_reduce, cpu_devices_batch, cpu_vs_torch
 from experiments.benchmarks.cpu_step_profile import classify
 from experiments.benchmarks.cpu_vs_torch import parse_variants
@@ -25,12 +26,19 @@ def test_variants_name_their_contestant_and_collect_variables():
             parse_variants([bad])
 
 
-def test_a_tree_variant_must_be_a_checkout(tmp_path):
+def test_a_tree_variant_runs_its_worker_in_that_checkout(tmp_path, monkeypatch):
     from experiments.benchmarks.common import REPO
 
     assert parse_variants([f"before:TREE={REPO}"]) == {"diffjax before": {"TREE": str(REPO)}}
     with pytest.raises(SystemExit, match="is not a checkout of this repository"):
         parse_variants([f"before:TREE={tmp_path}"])
+    started = []
+    monkeypatch.setattr(cpu_vs_torch.subprocess, "Popen", lambda command, **kw: started.append(kw))
+    monkeypatch.setenv("TREE", "/somewhere/else")  # a shell's TREE moves no contestant
+    cpu_vs_torch.Contestant("unet", "diffjax before", {"TREE": str(tmp_path), "A": "1"})
+    cpu_vs_torch.Contestant("unet", "diffjax")
+    assert [kw["cwd"] for kw in started] == [str(tmp_path), REPO]
+    assert started[0]["env"]["A"] == "1"
 
 
 def test_a_baseline_must_run_in_every_task():
@@ -82,15 +90,30 @@ def test_profile_classes_read_tuple_shapes_and_name_what_they_cannot_explain():
 def test_all_reduce_operands_are_counted_from_the_result_shape():
     text = "\n".join(
         [
+            "ENTRY %main.9 (a: f32[32], b: f32[3,3,64,64], c: f32[64], x: f32[8]) -> f32[8] {",
             "  %all-reduce.3 = (f32[32]{0}, f32[3,3,64,64]{3,2,1,0}, /*index=2*/f32[64]{0}) all-reduce(%a, %b, %c)",
-            "  ROOT %all-reduce-start.1 = f32[8]{0} all-reduce-start(%x), channel_id=2",
-            "  %fusion.2 = f32[8]{0} fusion(%all-reduce.3), kind=kLoop",
+            '  %fusion.2 = f32[8]{0} fusion(%x), kind=kLoop, metadata={op_name="all-reduce("}',
+            "  ROOT %all-reduce-start.1 = f32[8]{0} all-reduce-start(%fusion.2), channel_id=2",
+            "}",
         ]
     )
     assert cpu_all_reduce.all_reduce_operands(text) == [3, 1]
 
 
-@pytest.mark.parametrize("args", [["--devices", "1"], ["--rounds", "0"]])
-def test_cpu_all_reduce_refuses_bad_arguments(args):
-    with pytest.raises(SystemExit, match="must be at least"):
+@pytest.mark.parametrize(
+    "args, message", [(["--devices", "1"], "--devices 1: must be at least 2"), (["--rounds", "0"], "--rounds 0")]
+)
+def test_cpu_all_reduce_refuses_bad_arguments(args, message):
+    with pytest.raises(SystemExit, match=message):
         cpu_all_reduce.main(args)
+
+
+@pytest.mark.parametrize("args", [["--devices", "1"], ["--trials", "0"], ["--timeout", "0"]])
+def test_cpu_collective_hang_refuses_bad_arguments(args):
+    with pytest.raises(SystemExit, match="need --devices >= 2, --trials >= 1, --timeout > 0"):
+        cpu_collective_hang.main(args)
+
+
+def test_all_reducing_calls_finish_when_each_is_waited_for():
+    # what the trainer does on a split CPU; a fresh process with 2 devices (the suite's has 8)
+    assert cpu_collective_hang.run_trial(cpu_collective_hang.MODES[0], devices=2, timeout=120)

@@ -669,13 +669,14 @@ def _group_norm_reference(x, scale, bias, groups, eps, dy):
     return x_hat * scale + bias, (dx.reshape(x.shape), (dy * x_hat).sum((0, 1, 2)), dy.sum((0, 1, 2)))
 
 
-def test_group_norm_matches_closed_forms():
+@pytest.mark.parametrize("groups", [1, 4, 12])  # one group, groups of 3 channels, one channel per group
+def test_group_norm_matches_closed_forms(groups):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 5, 12)) * 3.0 + 5.0  # an offset mean, so centring matters
     scale, bias, dy = rng.uniform(0.5, 1.5, 12), rng.standard_normal(12), rng.standard_normal(x.shape)
-    norm = L.GroupNorm(12, 4, eps=1e-6, rngs=nnx.Rngs(0))
+    norm = L.GroupNorm(12, groups, eps=1e-6, rngs=nnx.Rngs(0))
     norm.scale[...], norm.bias[...] = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
-    expected_y, expected_grads = _group_norm_reference(x, scale, bias, 4, 1e-6, dy)
+    expected_y, expected_grads = _group_norm_reference(x, scale, bias, groups, 1e-6, dy)
 
     graphdef, params = nnx.split(norm)
     y, pullback = jax.vjp(lambda x, params: nnx.merge(graphdef, params)(x), jnp.asarray(x, jnp.float32), params)
@@ -683,11 +684,24 @@ def test_group_norm_matches_closed_forms():
     dx, dparams = pullback(jnp.asarray(dy, jnp.float32))
     for grad, expected in zip((dx, dparams["scale"][...], dparams["bias"][...]), expected_grads):
         np.testing.assert_allclose(grad, expected, atol=1e-4)
-    bf16 = L.GroupNorm(12, 4, eps=1e-6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    bf16 = L.GroupNorm(12, groups, eps=1e-6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    bf16.scale[...], bf16.bias[...] = norm.scale[...], norm.bias[...]
     out = bf16(jnp.asarray(x, jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
-    expected_bf16 = _group_norm_reference(x, 1.0, 0.0, 4, 1e-6, dy)[0]  # the default scale and bias
-    np.testing.assert_allclose(np.asarray(out, np.float32), expected_bf16, atol=0.05)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected_y, atol=0.05)
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_group_norm_with_batch_and_channels_sharded(axis_type):
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 32)) * 2.0 + 1.0
+    norm = L.GroupNorm(32, 8, eps=1e-6, rngs=nnx.Rngs(0))
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(axis_type,) * 2)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data", None, None, "tensor")))
+        y, dx = jax.jit(jax.value_and_grad(lambda v: jnp.sum(norm(v) ** 3)))(sharded)
+    expected_y, expected_dx = jax.value_and_grad(lambda v: jnp.sum(norm(v) ** 3))(x)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5)
+    np.testing.assert_allclose(dx, expected_dx, atol=1e-4)
 
 
 def test_sinusoidal_embedding_conventions():

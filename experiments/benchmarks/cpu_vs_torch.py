@@ -289,8 +289,8 @@ class Contestant:
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "JAX_PLATFORMS": "cpu"}
         for variable in ("XLA_FLAGS", "LD_PRELOAD", "DIFFJAX_CPU_MALLOC"):
             env.pop(variable, None)
-        env.update(environment or {})
-        tree = env.pop(TREE, REPO)  # the worker's directory comes first on its sys.path
+        env.update({k: v for k, v in (environment or {}).items() if k != TREE})
+        tree = (environment or {}).get(TREE, REPO)  # the worker's directory comes first on its sys.path
         kind = name.split(" ")[0]
         command = [sys.executable, "-m", "experiments.benchmarks.cpu_vs_torch", "--worker", task, kind]
         self.name = name
