@@ -6,8 +6,9 @@ Each trial is a fresh process with the CPU split into --devices devices that cal
 `f = jax.jit(lambda v: jnp.mean(v ** 2))` 200 times on an array sharded over them (an all-reduce
 per call), either waiting for each result before the next call or dispatching them all and waiting
 at the end. A trial that has not finished after --timeout seconds is counted as hung and killed
-(the runtime itself logs "may be stuck" after 20 s and aborts the process after 40 s more). This is
-why the trainer reads a value every step and why the README tells scripts on a split CPU to wait.
+(the runtime itself logs "may be stuck" after 20 s and aborts the process after 40 s more). The
+trainer reads a value every step, so it never has two steps in flight; the README tells scripts on a
+split CPU to wait likewise.
 Writes experiments/results/<--name>.{json,md}.
 """
 
