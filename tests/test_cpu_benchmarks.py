@@ -1,6 +1,7 @@
 """The CPU benchmarks' own logic: variant parsing and baselines (cpu_vs_torch), op classes
 (cpu_step_profile), argument checks (cpu_devices_batch, cpu_all_reduce, cpu_collective_hang),
-all-reduce operand counts (cpu_all_reduce), and one waited-for trial of cpu_collective_hang."""
+all-reduce operand counts and the one-operand gradient (cpu_all_reduce), and one waited-for trial of
+cpu_collective_hang."""
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,9 @@ def test_cpu_collective_hang_refuses_bad_arguments(args):
 def test_all_reducing_calls_finish_when_each_is_waited_for():
     # what the trainer does on a split CPU; a fresh process with 2 devices (the suite's has 8)
     assert cpu_collective_hang.run_trial(cpu_collective_hang.MODES[0], devices=2, timeout=120)
+
+
+def test_the_network_under_shard_map_sums_its_gradient_in_one_operand():
+    partitioner, one_pcast = cpu_all_reduce.toy_gradients(devices=2, rounds=1, layers=3, calls=1)
+    assert partitioner["operands"] == [6]  # a kernel and a bias per layer, combined into one all-reduce
+    assert one_pcast["operands"] == [1] and one_pcast["max_difference"] < 1e-6

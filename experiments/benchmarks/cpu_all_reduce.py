@@ -4,6 +4,12 @@ Times a psum over --devices CPU devices of the `unet-small` parameter count spli
 and as many arrays as the train step of cpu_vs_torch (batch 32) all-reduces, and counts the operands
 of that step's all-reduces in its compiled program.
 
+Then a way to one operand that keeps the loss global: a toy network (20 3x3 convolutions with
+biases, 40 parameter arrays) trained on a batch sharded over the devices, its noise drawn in the
+global view. The gradient of the whole loss under the partitioner is compared with the same loss
+whose network alone runs under `shard_map`, its raveled parameters cast to varying once (so their
+gradient is one psum): all-reduce operands, ms per gradient, and the largest gradient difference.
+
     python -m experiments.benchmarks.cpu_all_reduce [--devices 2] [--rounds 5]
 
 Every call is waited for before the next (several in flight can deadlock XLA's CPU runtime). Reports
@@ -19,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -65,6 +72,65 @@ def psum_ms(total: int, arrays: int, devices: int, rounds: int, calls: int = 20)
     return per_round
 
 
+def _toy_network(params, x):
+    for i in range(len(params) // 2):
+        y = jax.lax.conv_general_dilated(x, params[f"k{i}"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.nn.silu(y + params[f"b{i}"])
+    return x
+
+
+def _network_under_shard_map(mesh: jax.sharding.Mesh):
+    """The toy network with its batch split over the mesh's data axis by `shard_map`; the raveled
+    parameters are cast to varying once, so the transpose sums their gradient in one psum."""
+
+    def apply(params, x):
+        flat, unravel = ravel_pytree(params)
+
+        def local(flat, x):
+            return _toy_network(unravel(jax.lax.pcast(flat, "data", to="varying")), x)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))(flat, x)
+
+    return apply
+
+
+def toy_gradients(devices: int, rounds: int, layers: int = 20, calls: int = 10) -> list[dict]:
+    """Operands, ms (median over rounds) and largest gradient difference from the partitioner's,
+    for the toy's gradient computed both ways."""
+    auto = (jax.sharding.AxisType.Auto,)
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=auto, devices=jax.devices()[:devices])
+    keys = jax.random.split(jax.random.key(0), layers + 2)
+    params = {f"k{i}": 0.1 * jax.random.normal(keys[i], (3, 3, 16, 16)) for i in range(layers)}
+    params.update({f"b{i}": jnp.zeros((16,)) for i in range(layers)})
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    x = jax.device_put(jax.random.normal(keys[-1], (16 * devices, 16, 16, 16)), NamedSharding(mesh, P("data")))
+
+    def loss(network):
+        def of(params, x):
+            noise = jax.random.normal(keys[-2], x.shape)  # drawn for the whole batch, as a diffusion loss does
+            return jnp.mean((network(params, x + noise) - noise) ** 2)
+
+        return of
+
+    ways = {"partitioner": _toy_network, "network under shard_map, one pcast": _network_under_shard_map(mesh)}
+    grads, rows = {}, []
+    for name, network in ways.items():
+        gradient = jax.jit(jax.grad(loss(network)))
+        grads[name] = jax.block_until_ready(gradient(params, x))
+        per_round = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                jax.block_until_ready(gradient(params, x))
+            per_round.append((time.perf_counter() - start) / calls * 1e3)
+        difference = max(float(jnp.max(jnp.abs(grads[name][k] - grads["partitioner"][k]))) for k in params)
+        operands = all_reduce_operands(gradient.lower(params, x).compile().as_text())
+        rows.append(
+            {"way": name, "operands": operands, "ms": statistics.median(per_round), "max_difference": difference}
+        )
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=2)
@@ -84,6 +150,7 @@ def main(argv=None) -> None:
     extra = times[most] - times[1]  # what the step's arrays cost beyond one array of the same floats
     per_operand = extra / (most - 1)
     rows = [[k, f"{params / k:,.0f}", f"{times[k]:.2f}"] for k in counts]
+    toy = toy_gradients(args.devices, args.rounds)
     markdown = "\n\n".join(
         [
             f"# A psum of {params:,} floats (the unet-small parameter count) over {args.devices} CPU devices",
@@ -92,6 +159,11 @@ def main(argv=None) -> None:
             f"In {most} arrays the psum takes {extra:.1f} ms longer than in one, "
             f"{per_operand * 1e3:.0f} us per extra array.",
             markdown_table(["arrays", "floats per array", "ms per psum (median)"], rows),
+            "A toy network (20 convolutions, 40 parameter arrays), its gradient two ways:",
+            markdown_table(
+                ["way", "all-reduce operands", "ms per gradient (median)", "largest difference from the partitioner's"],
+                [[r["way"], r["operands"], f"{r['ms']:.1f}", f"{r['max_difference']:.1e}"] for r in toy],
+            ),
         ]
     )
     print(markdown)
@@ -99,6 +171,7 @@ def main(argv=None) -> None:
     payload["ms_per_psum"] = {str(k): v for k, v in times.items()}
     payload["ms_per_extra_operand"] = per_operand
     payload["ms_beyond_one_array"] = extra
+    payload["toy_gradients"] = toy
     print("wrote", write_results(args.name, payload, markdown))
 
 
