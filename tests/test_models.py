@@ -602,6 +602,39 @@ def test_sharded_forward_matches_single_device(tiny):
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["ddpmpp", "dit"])
+def test_network_with_one_gradient_all_reduce_matches_the_partitioner(tiny, name):
+    # what the trainer's loss calls on a CPU split into data-parallel devices (training.run)
+    from diffjax.training import sharding as shard_lib
+    from experiments.benchmarks.cpu_all_reduce import all_reduce_operands
+
+    model, _, params = tiny[name]
+    apply, _ = M.functional(model)
+    mesh = shard_lib.create_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    network = shard_lib.network_with_one_gradient_all_reduce(apply, mesh)
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    inputs = jax.device_put(_inputs(model.cfg, batch=8), batch)
+
+    def gradient(net):
+        return jax.jit(jax.value_and_grad(lambda p, x, t, y: jnp.sum(jnp.square(net(p, x, t, y)))))
+
+    expected_value, expected_grads = gradient(apply)(params, *inputs)
+    value, grads = gradient(network)(params, *inputs)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):  # sums in another order
+        np.testing.assert_allclose(got, want, atol=1e-3 * float(jnp.max(jnp.abs(want))) + 1e-7)
+    # the partitioner all-reduces one array per parameter; here the parameters' gradient is one array
+    operands = {
+        net: sum(all_reduce_operands(gradient(net).lower(params, *inputs).compile().as_text()))
+        for net in (apply, network)
+    }
+    assert operands[apply] >= len(jax.tree.leaves(params)) > 2 >= operands[network]
+    # a batch the devices do not divide, and training-mode dropout, go to apply as they are
+    x4, t4, y4 = _inputs(model.cfg, batch=4)
+    np.testing.assert_allclose(network(params, x4, t4, y4), apply(params, x4, t4, y4), atol=1e-6)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="XLA CPU SPMD (jax 0.10.2, Shardy and GSPMD) computes a "

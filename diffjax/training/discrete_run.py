@@ -189,13 +189,13 @@ def discrete_sampler(config, image_shape, to_denoiser: Callable) -> Callable:
     return sampler
 
 
-def discrete_pieces(config, image_shape, num_classes: int, seed: int) -> tuple:
+def discrete_pieces(config, image_shape, num_classes: int, seed: int, mesh=None) -> tuple:
     """(process, model spec, loss_fn, to_denoiser, sampler, save_samples) of config.discrete for data
     of `image_shape` ((H, W, 1) images for pixels, (length,) for text; the network is unconditional,
     num_classes is not used). sampler(denoiser, key, (num, *image_shape)) returns images or tokens;
     save_samples(tokens, path stem) writes text samples (None for pixels: an image grid). Raises
     ConfigError before tracing."""
-    del num_classes
+    del num_classes, mesh  # the discrete networks' gradients go through the partitioner
     d = config.discrete
     vocab = vocab_size_of(d)
     text = d.tokens == "text"

@@ -163,7 +163,7 @@ def build_run(config, data_info, mesh: jax.sharding.Mesh) -> Run:
     num_classes = int(data_info.num_classes or 0)
     seed = int(config.seed)
     pieces = discrete_pieces if is_discrete(config) else _gaussian_pieces
-    process, spec, loss_fn, to_denoiser, sampler, save_samples = pieces(config, image_shape, num_classes, seed)
+    process, spec, loss_fn, to_denoiser, sampler, save_samples = pieces(config, image_shape, num_classes, seed, mesh)
     label_dropout = float(config.train.label_dropout)
     if label_dropout > 0 and not spec.conditional:
         raise ConfigError(
@@ -218,11 +218,22 @@ def build_run(config, data_info, mesh: jax.sharding.Mesh) -> Run:
     )
 
 
-def _gaussian_pieces(config, image_shape, num_classes: int, seed: int) -> tuple:
+def _training_network(apply, mesh: jax.sharding.Mesh):
+    """The network the loss calls: on a CPU split into several data-parallel devices, one whose
+    parameter gradient is one all-reduce of one buffer (shard_lib.network_with_one_gradient_all_reduce:
+    XLA's CPU runtime pays per all-reduce operand); elsewhere `apply` itself."""
+    if jax.default_backend() == "cpu" and mesh.shape["data"] > 1 and shard_lib.replicates_params(mesh):
+        return shard_lib.network_with_one_gradient_all_reduce(apply, mesh)
+    return apply
+
+
+def _gaussian_pieces(config, image_shape, num_classes: int, seed: int, mesh: jax.sharding.Mesh) -> tuple:
     """(process, model spec, loss_fn, to_denoiser, sampler, save_samples = None: a PNG grid) of a Gaussian run."""
     process = fc.process_from_config(config)
     spec = build_model_spec(fc.model_config_from_config(config, image_shape, num_classes, process), seed)
-    loss_fn = fc.loss_from_config(config, spec.apply, process, conditional=spec.conditional, dropout=spec.dropout)
+    loss_fn = fc.loss_from_config(
+        config, _training_network(spec.apply, mesh), process, conditional=spec.conditional, dropout=spec.dropout
+    )
     to_denoiser, sampler = fc.denoiser_factory_from_config(config, process), fc.sampler_from_config(config)
     return process, spec, loss_fn, to_denoiser, sampler, None
 

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from diffjax.training.state import trainable_leaves
@@ -217,3 +218,37 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out
+
+
+def replicates_params(mesh: Mesh) -> bool:
+    """Whether `mesh` keeps every parameter whole on every device: only the data axis splits."""
+    return all(size == 1 for axis, size in mesh.shape.items() if axis != "data")
+
+
+def network_with_one_gradient_all_reduce(apply: Callable, mesh: Mesh) -> Callable:
+    """`apply(params, x, t, y=None, *, key=None)` with the batch split over the mesh's data axis by
+    `shard_map`, and its replicated parameters raveled into one array that is cast to varying once:
+    the gradient of the parameters is then summed over the devices in one all-reduce of one buffer,
+    where the partitioner all-reduces one array per parameter (on XLA's CPU runtime about 50 us each,
+    experiments/results/cpu_all_reduce.md). The loss around the network stays in the global view (its
+    noise, anything that mixes a batch's examples); the network must treat examples independently,
+    as the U-Nets and DiT do. For meshes that replicate the parameters (`replicates_params`); calls
+    with a dropout key, or a batch the devices do not divide, go to `apply` as they are."""
+    devices = mesh.shape["data"]
+    batch = PartitionSpec("data")
+
+    @functools.wraps(apply)  # keeps what apply declares (its prediction)
+    def network(params, x, t, y=None, *, key=None):
+        if key is not None or x.shape[0] % devices:
+            return apply(params, x, t, y, key=key)
+        flat, unravel = ravel_pytree(params)
+
+        def local(flat, x, t, y):
+            with nnx.logical_axis_rules(()):  # per device: the activation constraints have nothing to split
+                return apply(unravel(jax.lax.pcast(flat, "data", to="varying")), x, t, y)
+
+        t = jax.numpy.broadcast_to(t, x.shape[:1])
+        specs = (PartitionSpec(), batch, batch, None if y is None else batch)
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=batch)(flat, x, t, y)
+
+    return network
