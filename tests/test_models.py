@@ -630,7 +630,7 @@ def test_network_with_one_gradient_all_reduce_matches_the_partitioner(tiny, name
         for net in (apply, network)
     }
     assert operands[apply] >= len(jax.tree.leaves(params)) > 2 >= operands[network]
-    # a batch the devices do not divide, and training-mode dropout, go to apply as they are
+    # a batch the devices do not divide goes to apply as it is
     x4, t4, y4 = _inputs(model.cfg, batch=4)
     np.testing.assert_allclose(network(params, x4, t4, y4), apply(params, x4, t4, y4), atol=1e-6)
 
