@@ -189,7 +189,7 @@ def discrete_sampler(config, image_shape, to_denoiser: Callable) -> Callable:
     return sampler
 
 
-def discrete_pieces(config, image_shape, num_classes: int, seed: int, mesh=None) -> tuple:
+def discrete_pieces(config, image_shape, num_classes: int, seed: int, mesh: jax.sharding.Mesh) -> tuple:
     """(process, model spec, loss_fn, to_denoiser, sampler, save_samples) of config.discrete for data
     of `image_shape` ((H, W, 1) images for pixels, (length,) for text; the network is unconditional,
     num_classes is not used). sampler(denoiser, key, (num, *image_shape)) returns images or tokens;

@@ -233,13 +233,14 @@ def network_with_one_gradient_all_reduce(apply: Callable, mesh: Mesh) -> Callabl
     experiments/results/cpu_all_reduce.md). The loss around the network stays in the global view (its
     noise, anything that mixes a batch's examples); the network must treat examples independently,
     as the U-Nets and DiT do. For meshes that replicate the parameters (`replicates_params`); calls
-    with a dropout key, or a batch the devices do not divide, go to `apply` as they are."""
+    with a dropout key, a batch the devices do not divide, or times that are neither one scalar nor
+    one per example go to `apply` as they are."""
     devices = mesh.shape["data"]
     batch = PartitionSpec("data")
 
     @functools.wraps(apply)  # keeps what apply declares (its prediction)
     def network(params, x, t, y=None, *, key=None):
-        if key is not None or x.shape[0] % devices:
+        if key is not None or x.shape[0] % devices or jax.numpy.ndim(t) > 1:
             return apply(params, x, t, y, key=key)
         flat, unravel = ravel_pytree(params)
 
