@@ -15,11 +15,10 @@ Writes experiments/results/<--name>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
-from experiments.benchmarks.common import REPO, markdown_table, write_results
+from experiments.benchmarks.common import REPO, cpu_process_environment, markdown_table, write_results
 
 MODES = ("wait for each call", "all calls in flight")
 
@@ -41,8 +40,7 @@ def trial(mode: str) -> None:
 
 def run_trial(mode: str, devices: int, timeout: float) -> bool:
     """True when a fresh process ran the trial to its end within `timeout` seconds."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    env = cpu_process_environment(JAX_NUM_CPU_DEVICES=str(devices))
     command = [sys.executable, "-m", "experiments.cpu_collective_hang", "--trial", mode]
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -24,6 +24,13 @@ def tcmalloc_path() -> str | None:
     return next((path for pattern in TCMALLOC for path in sorted(glob.glob(pattern))), None)
 
 
+def cpu_process_environment(**variables: str) -> dict:
+    """os.environ for a fresh JAX process on the CPU: without an inherited CPU device count
+    (XLA_FLAGS, JAX_NUM_CPU_DEVICES), JAX_PLATFORMS=cpu, and `variables`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    return {**env, "JAX_PLATFORMS": "cpu", **variables}
+
+
 def environment() -> dict:
     """Device, versions and date: stored with every result."""
     devices = jax.devices()

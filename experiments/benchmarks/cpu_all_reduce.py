@@ -8,7 +8,9 @@ Then a way to one operand that keeps the loss global: a toy network (20 3x3 conv
 biases, 40 parameter arrays) trained on a batch sharded over the devices, its noise drawn in the
 global view. The gradient of the whole loss under the partitioner is compared with the same loss
 whose network alone runs under `shard_map`, its raveled parameters cast to varying once (so their
-gradient is one psum): all-reduce operands, ms per gradient, and the largest gradient difference.
+gradient is one psum; `diffjax.training.sharding.network_with_one_gradient_all_reduce`, what the
+trainer does on a split CPU): all-reduce operands, ms per gradient, and the largest gradient
+difference.
 
     python -m experiments.benchmarks.cpu_all_reduce [--devices 2] [--rounds 5]
 
@@ -25,10 +27,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffjax.training.sharding import network_with_one_gradient_all_reduce
 from experiments.benchmarks.common import markdown_table, write_results
 from experiments.benchmarks.cpu_step_profile import hlo_computations
 
@@ -62,36 +64,28 @@ def psum_ms(total: int, arrays: int, devices: int, rounds: int, calls: int = 20)
     psum = jax.jit(
         jax.shard_map(lambda vs: [jax.lax.psum(v, "data") for v in vs], mesh=mesh, in_specs=P("data"), out_specs=P())
     )
-    jax.block_until_ready(psum(xs))
+    return ms_per_call(psum, xs, rounds=rounds, calls=calls)
+
+
+def ms_per_call(fn, *args, rounds: int, calls: int) -> list[float]:
+    """ms per call of fn(*args), one value per round of `calls` calls, each waited for; after one
+    call that compiles."""
+    jax.block_until_ready(fn(*args))
     per_round = []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(calls):
-            jax.block_until_ready(psum(xs))
+            jax.block_until_ready(fn(*args))
         per_round.append((time.perf_counter() - start) / calls * 1e3)
     return per_round
 
 
-def _toy_network(params, x):
+def _toy_network(params, x, t, y=None, *, key=None):
+    """Convolutions with biases and SiLU, in the models' apply signature (t, y and key unused)."""
     for i in range(len(params) // 2):
-        y = jax.lax.conv_general_dilated(x, params[f"k{i}"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        x = jax.nn.silu(y + params[f"b{i}"])
+        h = jax.lax.conv_general_dilated(x, params[f"k{i}"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.nn.silu(h + params[f"b{i}"])
     return x
-
-
-def _network_under_shard_map(mesh: jax.sharding.Mesh):
-    """The toy network with its batch split over the mesh's data axis by `shard_map`; the raveled
-    parameters are cast to varying once, so the transpose sums their gradient in one psum."""
-
-    def apply(params, x):
-        flat, unravel = ravel_pytree(params)
-
-        def local(flat, x):
-            return _toy_network(unravel(jax.lax.pcast(flat, "data", to="varying")), x)
-
-        return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))(flat, x)
-
-    return apply
 
 
 def toy_gradients(devices: int, rounds: int, layers: int = 20, calls: int = 10) -> list[dict]:
@@ -108,21 +102,17 @@ def toy_gradients(devices: int, rounds: int, layers: int = 20, calls: int = 10) 
     def loss(network):
         def of(params, x):
             noise = jax.random.normal(keys[-2], x.shape)  # drawn for the whole batch, as a diffusion loss does
-            return jnp.mean((network(params, x + noise) - noise) ** 2)
+            return jnp.mean((network(params, x + noise, 0.0) - noise) ** 2)
 
         return of
 
-    ways = {"partitioner": _toy_network, "network under shard_map, one pcast": _network_under_shard_map(mesh)}
+    one_pcast = network_with_one_gradient_all_reduce(_toy_network, mesh)
+    ways = {"partitioner": _toy_network, "network under shard_map, one pcast": one_pcast}
     grads, rows = {}, []
     for name, network in ways.items():
         gradient = jax.jit(jax.grad(loss(network)))
-        grads[name] = jax.block_until_ready(gradient(params, x))
-        per_round = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(calls):
-                jax.block_until_ready(gradient(params, x))
-            per_round.append((time.perf_counter() - start) / calls * 1e3)
+        grads[name] = gradient(params, x)
+        per_round = ms_per_call(gradient, params, x, rounds=rounds, calls=calls)
         difference = max(float(jnp.max(jnp.abs(grads[name][k] - grads["partitioner"][k]))) for k in params)
         operands = all_reduce_operands(gradient.lower(params, x).compile().as_text())
         rows.append(

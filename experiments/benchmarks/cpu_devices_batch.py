@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.benchmarks.common import REPO, markdown_table, tcmalloc_path, write_results
+from experiments.benchmarks.common import REPO, cpu_process_environment, markdown_table, tcmalloc_path, write_results
 from experiments.benchmarks.cpu_step_profile import build_step
 
 
@@ -45,11 +44,8 @@ def worker(batch: int, devices: int, steps: int) -> None:
 
 
 def measure(batch: int, devices: int, steps: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["JAX_PLATFORMS"] = "cpu"
     preload = tcmalloc_path()
-    if preload:
-        env["LD_PRELOAD"] = preload
+    env = cpu_process_environment(**({"LD_PRELOAD": preload} if preload else {}))
     command = [sys.executable, "-m", "experiments.benchmarks.cpu_devices_batch", "--worker", str(batch), str(devices)]
     out = subprocess.run(command + [f"--steps={steps}"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     reply = json.loads(out.stdout.strip().splitlines()[-1])
