@@ -48,17 +48,24 @@ the final denoising = 50 NFE.
         --results-dir /tmp/distill_smoke/results                                 # smoke run
 
 Writes <--results-dir>/<--name>.{json,md} (default experiments/results) after every finished row
-(a stopped run keeps its rows) and sample grids <--results-dir>/<--name>_grids/<method>_nfe<k>.png;
-student parameters go to --out.
+and sample grids <--results-dir>/<--name>_grids/<method>_nfe<k>.png; student parameters go to --out.
+
+A stopped run continues when started again with the same arguments: rows already in <--name>.json
+are kept (a file written with other settings is refused), and each training saves its state and
+data position every --checkpoint-every steps under <--out>/checkpoints/<training> (cd, pd_8_steps,
+...; a checkpoint of other settings or another teacher is refused), so it goes on from there with the batches and
+randomness of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -77,11 +84,19 @@ from diffjax.denoisers import Denoiser, EDMPreconditioned
 from diffjax.io import atomic_write_bytes
 from diffjax.losses import LogNormal
 from diffjax.samplers import DDIM, Karras, Times, sample
-from diffjax.training import create_train_state, ema, eval_metrics, load_run, make_train_step, save_image_grid
+from diffjax.training import (
+    Checkpointer,
+    create_train_state,
+    ema,
+    eval_metrics,
+    load_run,
+    make_train_step,
+    save_image_grid,
+)
 from diffjax.training.cpu_malloc import tune_cpu_malloc
 from diffjax.training.images import to_uint8
 from diffjax.training.loop import evaluation_split
-from experiments.benchmarks.common import RESULTS_DIR, markdown_table, mean_stderr, write_results
+from experiments.benchmarks.common import RESULTS_DIR, markdown_table, mean_stderr, slug, write_results
 
 METHODS = ("cd", "pd", "scd", "dmd+reg")
 NFES = (1, 2, 4)
@@ -93,7 +108,7 @@ PD_START_STEPS = 16  # the teacher's DDIM steps in the first round
 TEACHER_STEPS = 49  # + the final denoising = 50 NFE
 REGRESSION_WEIGHT = 0.25
 SAMPLE_SECONDS: dict[str, float] = {}  # seconds per image after the first (compiling) batch, by label
-STEP_SECONDS: dict[str, float] = {}  # seconds per training step after the first (compiling), by label
+STEP_SECONDS: dict[str, float] = {}  # seconds per training step after the first (compiling) and saves, by label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,29 +153,92 @@ def teacher_from_run(loaded) -> Teacher:
 # ------------------------------------------------------------------------------------------------
 
 
-def train(loss_fn, params, trainable, args, label, batches, extra=None):
+# the arguments that change what a method's training computes
+TRAINING_ARGUMENTS = (
+    "iterations",
+    "batch_size",
+    "lr",
+    "ema",
+    "pd_start_steps",
+    "regression_pairs",
+    "regression_weight",
+)
+
+
+def teacher_fingerprint(teacher: Teacher) -> int:
+    """A CRC-32 of the teacher's weights: training checkpoints of another teacher are refused."""
+    crc = 0
+    for leaf in jax.tree.leaves(jax.device_get(teacher.params)):
+        crc = zlib.crc32(np.ascontiguousarray(leaf).tobytes(), crc)
+    return crc
+
+
+def training_settings(teacher: Teacher, args, label: str) -> dict:
+    """What a training checkpoint must match to be continued."""
+    return {
+        "label": label,
+        "teacher_crc32": teacher_fingerprint(teacher),
+        **{k: getattr(args, k) for k in TRAINING_ARGUMENTS},
+    }
+
+
+def refuse_other_settings(settings: dict, directory: str) -> Callable[[int, dict], None]:
+    def check(step: int, metadata: dict) -> None:
+        differ = {k: (metadata.get(k), v) for k, v in settings.items() if metadata.get(k) != v}
+        if differ:
+            raise SystemExit(
+                f"{directory} holds a training checkpoint (step {step}) with other settings "
+                f"(saved, now): {differ}; delete it or use another --out"
+            )
+
+    return check
+
+
+def train(loss_fn, params, trainable, args, label, teacher, make_batches, extra=None):
     """args.iterations Adam steps of loss_fn on the image batches; returns (state, seconds, last loss).
-    extra(i) -> dict: more batch entries for step i (e.g. regression pairs)."""
+    make_batches() -> a fresh iterator of {"image"} batches with get_state/set_state; extra(i) -> dict:
+    more batch entries for step i (e.g. regression pairs). Saves (state, data position) every
+    --checkpoint-every steps and at the end under <--out>/checkpoints/<label>, and continues from
+    there when run again with the same settings (same batches, same randomness)."""
     optimizer = optax.adam(args.lr, b2=0.99)
     average = ema(args.ema)
     state = create_train_state(params, optimizer, 0, average=average, trainable=trainable)
     step = jax.jit(make_train_step(loss_fn, optimizer, average, trainable=trainable))
-    start, loss, steady = time.perf_counter(), float("nan"), None
-    for i in tqdm(range(args.iterations), desc=label, mininterval=5):
-        batch = {"image": jnp.asarray(next(batches)["image"]), "step": state.step}
-        state, metrics = step(state, {**batch, **({} if extra is None else extra(i))})
-        loss = float(metrics["loss"])  # waits for the step
-        if not np.isfinite(loss):
-            raise SystemExit(f"{label}: the loss is {loss} at step {i}")
-        if i == 0:  # the first step compiles
-            steady = time.perf_counter()
-    seconds = time.perf_counter() - start
-    per_step = (time.perf_counter() - steady) / (args.iterations - 1) if args.iterations > 1 else float("nan")
-    STEP_SECONDS[label] = per_step
-    return state, seconds, loss
+    batches = make_batches()
+    directory = os.path.join(args.out, "checkpoints", slug(label))
+    settings = training_settings(teacher, args, label)
+    checkpointer = Checkpointer(directory, keep=1, remove_unfinished=True)
+    restored = checkpointer.restore(state, check_metadata=refuse_other_settings(settings, directory))
+    first, seconds_before, loss = 0, 0.0, float("nan")
+    if restored is not None:
+        state, first = restored.state, restored.step
+        batches.set_state(restored.data_state)
+        seconds_before, loss = restored.metadata["seconds"], restored.metadata["loss"]
+        print(f"{label}: continuing from the checkpoint at step {first} of {args.iterations}", flush=True)
+    start, steady, saving = time.perf_counter(), None, 0.0
+    try:
+        for i in tqdm(range(first, args.iterations), desc=label, initial=first, total=args.iterations, mininterval=5):
+            batch = {"image": jnp.asarray(next(batches)["image"]), "step": state.step}
+            state, metrics = step(state, {**batch, **({} if extra is None else extra(i))})
+            loss = float(metrics["loss"])  # waits for the step
+            if not np.isfinite(loss):
+                raise SystemExit(f"{label}: the loss is {loss} at step {i}")
+            if i == first:  # the first step compiles
+                steady = time.perf_counter()
+            if (i + 1) % args.checkpoint_every == 0 or i + 1 == args.iterations:
+                now = time.perf_counter()
+                seconds = seconds_before + now - start
+                checkpointer.save(i + 1, state, batches.get_state(), {**settings, "seconds": seconds, "loss": loss})
+                saving += time.perf_counter() - now
+    finally:  # a save in flight is finished, also when stopped (Ctrl-C)
+        checkpointer.wait()
+        checkpointer.close()
+    ran = args.iterations - first
+    STEP_SECONDS[label] = (time.perf_counter() - steady - saving) / (ran - 1) if ran > 1 else float("nan")
+    return state, seconds_before + time.perf_counter() - start, loss
 
 
-def train_cd(teacher: Teacher, args, batches):
+def train_cd(teacher: Teacher, args, make_batches):
     """The consistency model's raw-network params."""
     loss = D.consistency_distillation_loss(
         teacher.net,
@@ -171,7 +249,8 @@ def train_cd(teacher: Teacher, args, batches):
         sigma_data=teacher.sigma_data,
     )
     params = {"student": teacher.params, "teacher": teacher.params}
-    state, seconds, last = train(loss, params, {"student": True, "teacher": False}, args, "cd", batches)
+    trainable = {"student": True, "teacher": False}
+    state, seconds, last = train(loss, params, trainable, args, "cd", teacher, make_batches)
     return {"student": state.ema_params["student"]}, {"seconds": seconds, "final_loss": last}
 
 
@@ -202,7 +281,7 @@ def trigflow_net(teacher: Teacher) -> Callable:
     return net
 
 
-def train_scd(teacher: Teacher, args, batches):
+def train_scd(teacher: Teacher, args, make_batches):
     """The sCM student's raw-network params (TrigFlow, `trigflow_net`)."""
     trig = trigflow_process(teacher)
     weighting = D.AdaptiveWeighting()
@@ -215,7 +294,7 @@ def train_scd(teacher: Teacher, args, batches):
     )
     params = {"student": teacher.params, "teacher": teacher.params, "weighting": weighting.init()}
     trainable = {"student": True, "teacher": False, "weighting": True}
-    state, seconds, last = train(loss, params, trainable, args, "scd", batches)
+    state, seconds, last = train(loss, params, trainable, args, "scd", teacher, make_batches)
     return {"student": state.ema_params["student"]}, {"seconds": seconds, "final_loss": last}
 
 
@@ -224,7 +303,7 @@ def pd_start_times(process, steps: int) -> tuple[float, ...]:
     return tuple(float(t) for t in times)
 
 
-def train_pd(teacher: Teacher, args, batches):
+def train_pd(teacher: Teacher, args, make_batches):
     """{steps: (params, times)} of the rounds with 4, 2 and 1 steps."""
     times, params, teacher_params = pd_start_times(teacher.process, args.pd_start_steps), teacher.params, teacher.params
     rounds_total = int(args.pd_start_steps).bit_length() - 1  # a power of 2: log2 of the start steps
@@ -246,7 +325,8 @@ def train_pd(teacher: Teacher, args, batches):
             {"student": True, "teacher": False},
             round_args,
             f"pd {(len(times) - 1) // 2} steps",
-            batches,
+            teacher,
+            make_batches,
         )
         seconds += sec
         params = teacher_params = state.ema_params["student"]
@@ -272,16 +352,21 @@ def regression_pairs(teacher: Teacher, num: int, batch_size: int, seed: int):
     return np.concatenate(noise)[:num], np.concatenate(samples)[:num]
 
 
-def train_dmd(teacher: Teacher, args, batches):
-    """The one-step generator's params (dmd+reg)."""
-    start = time.perf_counter()
-    noise, targets = regression_pairs(teacher, args.regression_pairs, args.sample_batch, 0)
-    pair_seconds = time.perf_counter() - start
-    order = np.random.default_rng(0)
+def train_dmd(teacher: Teacher, args, make_batches):
+    """The one-step generator's params (dmd+reg). The regression pairs are made at the first step that
+    needs them (none when a finished training checkpoint is read back); step i draws its pairs with
+    its own generator, so a continued training draws what an uninterrupted one would."""
+    pairs = {}
 
     def extra(i):
-        index = order.integers(0, len(noise), args.batch_size)
-        return {"noise": jnp.asarray(noise[index]), "teacher_sample": jnp.asarray(targets[index])}
+        if not pairs:
+            start = time.perf_counter()
+            pairs["noise"], pairs["teacher_sample"] = regression_pairs(
+                teacher, args.regression_pairs, args.sample_batch, 0
+            )
+            pairs["seconds"] = time.perf_counter() - start
+        index = np.random.default_rng((0, i)).integers(0, args.regression_pairs, args.batch_size)
+        return {k: jnp.asarray(pairs[k][index]) for k in ("noise", "teacher_sample")}
 
     loss = D.dmd_loss(
         teacher.net,
@@ -296,12 +381,12 @@ def train_dmd(teacher: Teacher, args, batches):
     )
     params = {"generator": teacher.params, "fake": teacher.params, "teacher": teacher.params}
     trainable = {"generator": True, "fake": True, "teacher": False}
-    state, seconds, last = train(loss, params, trainable, args, "dmd+reg", batches, extra)
+    state, seconds, last = train(loss, params, trainable, args, "dmd+reg", teacher, make_batches, extra)
     info = {
         "seconds": seconds,
         "final_loss": last,
-        "pair_seconds": pair_seconds,
-        "regression_pairs": len(noise),
+        "pair_seconds": pairs.get("seconds", 0.0),
+        "regression_pairs": args.regression_pairs,
         "regression_weight": args.regression_weight,
     }
     return {"generator": state.ema_params["generator"]}, info
@@ -449,12 +534,42 @@ def fid_row(method, nfe, generate, args, reference, inception, training_seconds,
     }
 
 
-def slug(method: str) -> str:
-    return method.replace("+", "_")
-
-
 def save_params(path: str, params) -> None:
     atomic_write_bytes(path, serialization.to_bytes(jax.device_get(params)))
+
+
+def method_nfes(method: str, args) -> tuple[int, ...]:
+    """The NFE of `method`'s rows (pd: the rounds' step counts among NFES)."""
+    if method == "dmd+reg":
+        return (1,)
+    if method == "pd":
+        return tuple(nfe for nfe in NFES if nfe < args.pd_start_steps)
+    return NFES
+
+
+def previous_results(args, meta: dict) -> tuple[list, dict]:
+    """(rows, training) of <--results-dir>/<--name>.json written with the same settings, so that a stopped
+    run continues; ([], {}) when there is none. Refuses a file written with other settings; other methods
+    may be asked for (meta's methods become both lists)."""
+    path = os.path.join(args.results_dir, f"{args.name}.json")
+    if not os.path.exists(path):
+        return [], {}
+    with open(path) as f:
+        previous = json.load(f)
+
+    def comparable(m):
+        return {k: v for k, v in json.loads(json.dumps(m)).items() if k != "methods"}
+
+    differ = sorted(
+        k
+        for k in comparable(meta).keys() | comparable(previous["meta"]).keys()
+        if comparable(meta).get(k) != comparable(previous["meta"]).get(k)
+    )
+    if differ:
+        raise SystemExit(f"{path} was written with other settings ({differ}); use another --name or delete it")
+    meta["methods"] = list(dict.fromkeys([*previous["meta"]["methods"], *meta["methods"]]))  # the rows of both
+    print(f"continuing {path}: {len(previous['rows'])} rows done", flush=True)
+    return previous["rows"], previous["training"]
 
 
 TRAINERS = {"cd": train_cd, "pd": train_pd, "scd": train_scd, "dmd+reg": train_dmd}
@@ -480,6 +595,9 @@ def parse_args(argv=None):
     parser.add_argument("--name", default="distill_mnist")
     parser.add_argument("--out", default="work/distill_mnist", help="student parameters")
     parser.add_argument("--results-dir", default=RESULTS_DIR, help="where the table and the grids go")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=250, help="training steps between checkpoints (<--out>/checkpoints)"
+    )
     parser.add_argument("--no-teacher-row", action="store_true", help="skip the teacher's 50-NFE row")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -488,7 +606,15 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
     args.methods = methods
-    for name in ("iterations", "batch_size", "samples", "sample_batch", "reference_images", "regression_pairs"):
+    for name in (
+        "iterations",
+        "batch_size",
+        "checkpoint_every",
+        "samples",
+        "sample_batch",
+        "reference_images",
+        "regression_pairs",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.pd_start_steps < 2 or args.pd_start_steps & (args.pd_start_steps - 1):
@@ -505,13 +631,12 @@ def main(argv=None):
     teacher = teacher_from_run(loaded)
     config = loaded.config
     split = evaluation_split(data_lib.dataset_info(config.data))
-    inception = evaluation.load_inception_params(config.eval.inception_weights or None)
-    reference = eval_metrics.reference_for_split(
-        config.data, split, args.reference_images, inception, batch_size=args.sample_batch
-    )
-    batches = iter(
-        data_lib.make_iterator(config.data, split="train", global_batch_size=args.batch_size, seed=0, shuffle=True)
-    )
+
+    def make_batches():
+        return data_lib.make_iterator(
+            config.data, split="train", global_batch_size=args.batch_size, seed=0, shuffle=True
+        )
+
     os.makedirs(args.out, exist_ok=True)
     grid_dir = os.path.join(args.results_dir, f"{args.name}_grids")
     os.makedirs(grid_dir, exist_ok=True)
@@ -527,23 +652,33 @@ def main(argv=None):
         "cd_sigmas": {str(k): v for k, v in CD_SIGMAS.items()},
         "scd_tangent_warmup_fraction": SCD_WARMUP_FRACTION,
     }
-    rows, training = [], {}
+    rows, training = previous_results(args, meta)
+    done = {(row["method"], row["nfe"]) for row in rows}
+    inception = evaluation.load_inception_params(config.eval.inception_weights or None)
+    reference = eval_metrics.reference_for_split(
+        config.data, split, args.reference_images, inception, batch_size=args.sample_batch
+    )
 
     def write():
         text = markdown(rows, meta)
         write_results(args.name, {"meta": meta, "rows": rows, "training": training}, text, directory=args.results_dir)
         return text
 
-    if not args.no_teacher_row:
+    if not args.no_teacher_row and ("teacher", 50) not in done:
         rows.append(fid_row("teacher", 50, teacher_generator(teacher), args, reference, inception, 0.0, grid_dir))
         write()
     for method in args.methods:
-        trained, info = TRAINERS[method](teacher, args, batches)
+        if all((method, nfe) in done for nfe in method_nfes(method, args)):
+            print(f"{method}: its rows are in the results already", flush=True)
+            continue
+        trained, info = TRAINERS[method](teacher, args, make_batches)
         training[method] = {**info, "steady_seconds_per_step": {k: v for k, v in STEP_SECONDS.items()}}
         STEP_SECONDS.clear()
         kept = {f"steps_{k}": v[0] for k, v in trained.items()} if method == "pd" else trained
         save_params(os.path.join(args.out, f"{slug(method)}.msgpack"), kept)
         for nfe, generate in student_generators(method, teacher, trained).items():
+            if (method, nfe) in done:
+                continue
             rows.append(fid_row(method, nfe, generate, args, reference, inception, info["seconds"], grid_dir))
             write()
     print(write())

@@ -3,6 +3,7 @@ checkpoint): one training step of each method and every NFE of its sampler, fini
 (slow), and its argument checks."""
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -34,23 +35,41 @@ def teacher():
     return M.Teacher(lambda p, x, t: apply(p, x, t), params, P.EDM(), 0.5, SHAPE)
 
 
-def options(**changes):
+def options(out, **changes):
     args = M.parse_args(["--teacher", "unused", "--iterations", "1", "--batch-size", "4", "--regression-pairs", "4"])
-    return argparse.Namespace(**{**vars(args), "sample_batch": 4, "pd_start_steps": 2, **changes})
+    return argparse.Namespace(**{**vars(args), "sample_batch": 4, "pd_start_steps": 2, "out": str(out), **changes})
 
 
-def batches():
-    rng = np.random.default_rng(0)
-    while True:
-        yield {"image": rng.uniform(-1, 1, (4, *SHAPE)).astype(np.float32)}
+class Stop(Exception):
+    pass
+
+
+class Batches:
+    """Random image batches with the pipeline's get_state/set_state; raises Stop before batch `stop_at`."""
+
+    def __init__(self, stop_at=None):
+        self.next_batch, self.stop_at = 0, stop_at
+
+    def __next__(self):
+        if self.next_batch == self.stop_at:
+            raise Stop
+        rng = np.random.default_rng(self.next_batch)
+        self.next_batch += 1
+        return {"image": rng.uniform(-1, 1, (4, *SHAPE)).astype(np.float32)}
+
+    def get_state(self):
+        return {"next_batch": self.next_batch}
+
+    def set_state(self, state):
+        self.next_batch = state["next_batch"]
 
 
 @pytest.mark.slow  # a U-Net training step compiled per method
 @pytest.mark.parametrize("method, nfes", [("cd", (1, 2, 4)), ("pd", (1,)), ("scd", (1, 2, 4)), ("dmd+reg", (1,))])
-def test_one_step_of_each_method_then_its_samplers(teacher, method, nfes):
+def test_one_step_of_each_method_then_its_samplers(teacher, method, nfes, tmp_path):
     # scd: 10 iterations, so that its tangent warm-up (a tenth of them) reads the batch's step
     iterations = 10 if method == "scd" else 1
-    trained, info = M.TRAINERS[method](teacher, options(iterations=iterations), batches())
+    trained, info = M.TRAINERS[method](teacher, options(tmp_path, iterations=iterations), Batches)
     assert np.isfinite(info["final_loss"] if method != "pd" else info["rounds"][-1]["final_loss"])
     generators = M.student_generators(method, teacher, trained)
     assert tuple(generators) == nfes
@@ -79,6 +98,41 @@ def test_scd_student_starts_as_the_teacher(teacher):
 
     velocity = M.trigflow_teacher(changed, params).velocity(x, t)
     np.testing.assert_allclose(velocity, sd * net(params, x / sd, t), rtol=1e-4, atol=1e-4)
+
+
+def test_a_stopped_training_continues_as_if_never_stopped(teacher, tmp_path):
+    """cd for 4 steps straight, and stopped before its 4th batch (checkpoints every 2 steps) then run
+    again: the same EMA parameters to the bit (they depend on every step's batch, noise and optimizer
+    state). A checkpoint of other settings is refused."""
+    straight, _ = M.train_cd(teacher, options(tmp_path / "straight", iterations=4, checkpoint_every=2), Batches)
+    args = options(tmp_path / "stopped", iterations=4, checkpoint_every=2)
+    with pytest.raises(Stop):
+        M.train_cd(teacher, args, lambda: Batches(stop_at=3))
+    assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints" / "cd")) == ["2"]
+    continued, info = M.train_cd(teacher, args, Batches)
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(continued)):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(info["final_loss"]) and info["seconds"] > 0
+    with pytest.raises(SystemExit, match="lr"):
+        M.train_cd(teacher, options(tmp_path / "stopped", iterations=4, checkpoint_every=2, lr=1e-3), Batches)
+
+
+def test_a_stopped_table_keeps_its_rows_and_refuses_other_settings(tmp_path):
+    args = M.parse_args(["--teacher", "t", "--methods", "cd", "--results-dir", str(tmp_path), "--name", "table"])
+    assert M.previous_results(args, {"samples": 2000, "methods": ["cd"]}) == ([], {})
+    rows, training = [{"method": "teacher", "nfe": 50}, {"method": "cd", "nfe": 1}], {"cd": {"seconds": 5.0}}
+    M.write_results(
+        "table",
+        {"meta": {"samples": 2000, "methods": ["cd"]}, "rows": rows, "training": training},
+        directory=str(tmp_path),
+    )
+    meta = {"samples": 2000, "methods": ["pd"]}
+    assert M.previous_results(args, meta) == (rows, training)
+    assert meta["methods"] == ["cd", "pd"]  # the table holds the rows of both
+    with pytest.raises(SystemExit, match="samples"):
+        M.previous_results(args, {"samples": 500, "methods": ["cd"]})
+    assert M.method_nfes("pd", args) == (1, 2, 4) and M.method_nfes("dmd+reg", args) == (1,)
+    assert M.method_nfes("pd", options(tmp_path)) == (1,)  # from 2 teacher steps: one round
 
 
 def test_arguments_are_checked():
