@@ -480,15 +480,18 @@ def markdown(rows, meta) -> str:
     headers = ["method", "NFE"] + [f"FID seed {s}" for s in seeds] + ["FID mean ± s.e.", "KID x1e3 mean"]
     headers += ["training s", "sampling s / 1k"]
     body = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["method"] != "teacher"):  # the teacher first (a stable sort)
         body.append(
             [r["method"], r["nfe"]]
             + [f"{f:.2f}" for f in r["fid"]]
             + [f"{r['fid_mean']:.2f} ± {r['fid_stderr']:.2f}", f"{r['kid_x1e3_mean']:.2f}"]
             + [f"{r['training_seconds']:.0f}", f"{r['sampling_seconds_per_1k']:.1f}"]
         )
+    progress = (
+        "" if len(rows) >= rows_expected(meta) else f"In progress: {len(rows)} of {rows_expected(meta)} rows.\n\n"
+    )
     return (
-        f"# Few-step students of a trained teacher ({meta['teacher']}, step {meta['teacher_step']})\n\n"
+        f"# Few-step students of a trained teacher ({meta['teacher']}, step {meta['teacher_step']})\n\n{progress}"
         f"FID of {meta['samples']} samples per seed vs the first {meta['reference_images']} images of the "
         f"{meta['split']!r} split (small-sample FID is biased upwards: compare rows). Students: the teacher's "
         f"architecture initialised from its EMA parameters, {meta['iterations']} Adam steps (lr {meta['lr']}, "
@@ -538,13 +541,17 @@ def save_params(path: str, params) -> None:
     atomic_write_bytes(path, serialization.to_bytes(jax.device_get(params)))
 
 
-def method_nfes(method: str, args) -> tuple[int, ...]:
+def method_nfes(method: str, pd_start_steps: int) -> tuple[int, ...]:
     """The NFE of `method`'s rows (pd: the rounds' step counts among NFES)."""
     if method == "dmd+reg":
         return (1,)
     if method == "pd":
-        return tuple(nfe for nfe in NFES if nfe < args.pd_start_steps)
+        return tuple(nfe for nfe in NFES if nfe < pd_start_steps)
     return NFES
+
+
+def rows_expected(meta: dict) -> int:
+    return meta["teacher_row"] + sum(len(method_nfes(m, meta["pd_start_steps"])) for m in meta["methods"])
 
 
 def previous_results(args, meta: dict) -> tuple[list, dict]:
@@ -651,6 +658,7 @@ def main(argv=None):
         },
         "cd_sigmas": {str(k): v for k, v in CD_SIGMAS.items()},
         "scd_tangent_warmup_fraction": SCD_WARMUP_FRACTION,
+        "teacher_row": not args.no_teacher_row,
     }
     rows, training = previous_results(args, meta)
     done = {(row["method"], row["nfe"]) for row in rows}
@@ -664,11 +672,8 @@ def main(argv=None):
         write_results(args.name, {"meta": meta, "rows": rows, "training": training}, text, directory=args.results_dir)
         return text
 
-    if not args.no_teacher_row and ("teacher", 50) not in done:
-        rows.append(fid_row("teacher", 50, teacher_generator(teacher), args, reference, inception, 0.0, grid_dir))
-        write()
     for method in args.methods:
-        if all((method, nfe) in done for nfe in method_nfes(method, args)):
+        if all((method, nfe) in done for nfe in method_nfes(method, args.pd_start_steps)):
             print(f"{method}: its rows are in the results already", flush=True)
             continue
         trained, info = TRAINERS[method](teacher, args, make_batches)
@@ -681,6 +686,9 @@ def main(argv=None):
                 continue
             rows.append(fid_row(method, nfe, generate, args, reference, inception, info["seconds"], grid_dir))
             write()
+    if not args.no_teacher_row and ("teacher", 50) not in done:  # last: the students' rows come sooner
+        rows.append(fid_row("teacher", 50, teacher_generator(teacher), args, reference, inception, 0.0, grid_dir))
+        write()
     print(write())
 
 

@@ -131,8 +131,10 @@ def test_a_stopped_table_keeps_its_rows_and_refuses_other_settings(tmp_path):
     assert meta["methods"] == ["cd", "pd"]  # the table holds the rows of both
     with pytest.raises(SystemExit, match="samples"):
         M.previous_results(args, {"samples": 500, "methods": ["cd"]})
-    assert M.method_nfes("pd", args) == (1, 2, 4) and M.method_nfes("dmd+reg", args) == (1,)
-    assert M.method_nfes("pd", options(tmp_path)) == (1,)  # from 2 teacher steps: one round
+    assert (
+        M.method_nfes("pd", 16) == (1, 2, 4) and M.method_nfes("pd", 2) == (1,) and M.method_nfes("dmd+reg", 2) == (1,)
+    )
+    assert M.rows_expected({"teacher_row": True, "methods": ["cd", "pd", "dmd+reg"], "pd_start_steps": 4}) == 7
 
 
 def test_arguments_are_checked():
