@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -74,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from diffjax import data as data_lib
@@ -93,6 +95,7 @@ from diffjax.training import (
     make_train_step,
     save_image_grid,
 )
+from diffjax.training.cpu_devices import cpu_device_count, split_cpu_into_devices, usable_cores
 from diffjax.training.cpu_malloc import tune_cpu_malloc
 from diffjax.training.images import to_uint8
 from diffjax.training.loop import evaluation_split
@@ -129,6 +132,24 @@ class Teacher:
     def denoiser(self, params=None) -> Denoiser:
         params = self.params if params is None else params
         return Denoiser(lambda x, t: self.net(params, x, t), self.process, self.prediction)
+
+    @property
+    def batch_sharding(self) -> NamedSharding | None:
+        """Batches split over the data axis of the mesh the parameters are replicated on (`main` places
+        them on every device); None on one device: everything runs where the parameters are."""
+        sharding = jax.tree.leaves(self.params)[0].sharding
+        if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
+            return None
+        return NamedSharding(sharding.mesh, PartitionSpec("data"))
+
+
+def replicated_on(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def jit_split(fn, sharding: NamedSharding | None, **options):
+    """jax.jit(fn) whose outputs (and so, by propagation, its computation) are split by `sharding`."""
+    return jax.jit(fn, **options) if sharding is None else jax.jit(fn, out_shardings=sharding, **options)
 
 
 def teacher_from_run(loaded) -> Teacher:
@@ -203,6 +224,9 @@ def train(loss_fn, params, trainable, args, label, teacher, make_batches, extra=
     optimizer = optax.adam(args.lr, b2=0.99)
     average = ema(args.ema)
     state = create_train_state(params, optimizer, 0, average=average, trainable=trainable)
+    split = teacher.batch_sharding
+    if split is not None:  # data-parallel: the state replicated, the examples split
+        state = jax.device_put(state, replicated_on(split.mesh))
     step = jax.jit(make_train_step(loss_fn, optimizer, average, trainable=trainable))
     batches = make_batches()
     directory = os.path.join(args.out, "checkpoints", slug(label))
@@ -218,8 +242,9 @@ def train(loss_fn, params, trainable, args, label, teacher, make_batches, extra=
     start, steady, saving = time.perf_counter(), None, 0.0
     try:
         for i in tqdm(range(first, args.iterations), desc=label, initial=first, total=args.iterations, mininterval=5):
-            batch = {"image": jnp.asarray(next(batches)["image"]), "step": state.step}
-            state, metrics = step(state, {**batch, **({} if extra is None else extra(i))})
+            examples = {"image": next(batches)["image"], **({} if extra is None else extra(i))}
+            examples = jax.device_put(examples, split) if split is not None else jax.tree.map(jnp.asarray, examples)
+            state, metrics = step(state, {**examples, "step": state.step})
             loss = float(metrics["loss"])  # waits for the step
             if not np.isfinite(loss):
                 raise SystemExit(f"{label}: the loss is {loss} at step {i}")
@@ -339,10 +364,11 @@ def train_pd(teacher: Teacher, args, make_batches):
 
 def regression_pairs(teacher: Teacher, num: int, batch_size: int, seed: int):
     """num (noise, teacher sample) pairs, batch_size per compiled call (numpy)."""
-    make = jax.jit(
+    make = jit_split(
         lambda key: D.teacher_ode_pairs(
             teacher.denoiser(), key, (batch_size, *teacher.image_shape), steps=TEACHER_STEPS
-        )
+        ),
+        teacher.batch_sharding,
     )
     noise, samples = [], []
     for i in tqdm(range(-(-num // batch_size)), desc="regression pairs", mininterval=5):
@@ -366,7 +392,7 @@ def train_dmd(teacher: Teacher, args, make_batches):
             )
             pairs["seconds"] = time.perf_counter() - start
         index = np.random.default_rng((0, i)).integers(0, args.regression_pairs, args.batch_size)
-        return {k: jnp.asarray(pairs[k][index]) for k in ("noise", "teacher_sample")}
+        return {k: pairs[k][index] for k in ("noise", "teacher_sample")}
 
     loss = D.dmd_loss(
         teacher.net,
@@ -457,9 +483,10 @@ def student_generators(method: str, teacher: Teacher, trained) -> dict[int, Call
     return {1: dmd_generator(teacher, trained["generator"])}
 
 
-def generate_images(generate, num: int, key, batch_size: int, label: str) -> np.ndarray:
-    """num uint8 images, batch_size per compiled call (key folded with the batch index)."""
-    jitted = jax.jit(generate, static_argnums=1)
+def generate_images(generate, num: int, key, batch_size: int, label: str, sharding=None) -> np.ndarray:
+    """num uint8 images, batch_size per compiled call (key folded with the batch index), split by
+    `sharding` (None: one device)."""
+    jitted = jit_split(generate, sharding, static_argnums=1)
     chunks, start = [], time.perf_counter()
     for i in tqdm(range(-(-num // batch_size)), desc=label, mininterval=5):
         chunks.append(to_uint8(jitted(jax.random.fold_in(key, i), batch_size)))
@@ -503,13 +530,12 @@ def markdown(rows, meta) -> str:
     )
 
 
-def fid_row(method, nfe, generate, args, reference, inception, training_seconds, grid_dir):
+def fid_row(method, nfe, generate, training_seconds, *, args, reference, inception, grid_dir, sharding=None):
     fids, kids, seconds = [], [], []
     for seed in args.seeds:
         start = time.perf_counter()
-        images = generate_images(
-            generate, args.samples, jax.random.key(seed), args.sample_batch, f"{method} NFE {nfe} seed {seed}"
-        )
+        label = f"{method} NFE {nfe} seed {seed}"
+        images = generate_images(generate, args.samples, jax.random.key(seed), args.sample_batch, label, sharding)
         seconds.append(time.perf_counter() - start)
         if seed == args.seeds[0] and grid_dir:
             save_image_grid(
@@ -605,6 +631,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--checkpoint-every", type=int, default=250, help="training steps between checkpoints (<--out>/checkpoints)"
     )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=0,
+        help="devices to split the CPU into, the batches split over them (0: chosen from the cores and batch sizes)",
+    )
     parser.add_argument("--no-teacher-row", action="store_true", help="skip the teacher's 50-NFE row")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -634,8 +666,11 @@ def parse_args(argv=None):
 def main(argv=None):
     print(tune_cpu_malloc(), flush=True)  # before JAX starts
     args = parse_args(argv)
+    devices = cpu_device_count(args.cpu_devices, args.batch_size, args.sample_batch, (-1, 1, 1), usable_cores())
+    print(split_cpu_into_devices(devices), flush=True)  # before JAX starts too
     loaded = load_run(args.teacher)
     teacher = teacher_from_run(loaded)
+    teacher = dataclasses.replace(teacher, params=jax.device_put(teacher.params, replicated_on(evaluation.data_mesh())))
     config = loaded.config
     split = evaluation_split(data_lib.dataset_info(config.data))
 
@@ -667,6 +702,15 @@ def main(argv=None):
         config.data, split, args.reference_images, inception, batch_size=args.sample_batch
     )
 
+    evaluate = functools.partial(
+        fid_row,
+        args=args,
+        reference=reference,
+        inception=inception,
+        grid_dir=grid_dir,
+        sharding=teacher.batch_sharding,
+    )
+
     def write():
         text = markdown(rows, meta)
         write_results(args.name, {"meta": meta, "rows": rows, "training": training}, text, directory=args.results_dir)
@@ -684,10 +728,10 @@ def main(argv=None):
         for nfe, generate in student_generators(method, teacher, trained).items():
             if (method, nfe) in done:
                 continue
-            rows.append(fid_row(method, nfe, generate, args, reference, inception, info["seconds"], grid_dir))
+            rows.append(evaluate(method, nfe, generate, info["seconds"]))
             write()
     if not args.no_teacher_row and ("teacher", 50) not in done:  # last: the students' rows come sooner
-        rows.append(fid_row("teacher", 50, teacher_generator(teacher), args, reference, inception, 0.0, grid_dir))
+        rows.append(evaluate("teacher", 50, teacher_generator(teacher), 0.0))
         write()
     print(write())
 

@@ -117,6 +117,28 @@ def test_a_stopped_training_continues_as_if_never_stopped(teacher, tmp_path):
         M.train_cd(teacher, options(tmp_path / "stopped", iterations=4, checkpoint_every=2, lr=1e-3), Batches)
 
 
+@pytest.mark.slow  # two U-Net training steps and a sampler compiled on one device and on two
+def test_data_parallel_training_and_sampling_match_one_device(teacher, tmp_path):
+    """A teacher replicated on a 2-device mesh: its students train on batches split over the devices
+    and sample split over them, with the results of one device (float tolerance: sums are split)."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+    params = perturbed(teacher.params, seed=3)  # a fresh U-Net outputs zeros
+    alone = M.Teacher(teacher.net, params, teacher.process, 0.5, SHAPE)
+    placed = M.Teacher(teacher.net, jax.device_put(params, M.replicated_on(mesh)), teacher.process, 0.5, SHAPE)
+    assert alone.batch_sharding is None and placed.batch_sharding.spec == jax.sharding.PartitionSpec("data")
+    args = {"iterations": 2, "checkpoint_every": 2, "lr": 1e-2}  # a large step: the second loss shows the first
+    one, one_info = M.train_cd(alone, options(tmp_path / "one", **args), Batches)
+    split, split_info = M.train_cd(placed, options(tmp_path / "split", **args), Batches)
+    assert jax.tree.leaves(split)[0].sharding.mesh == mesh
+    np.testing.assert_allclose(split_info["final_loss"], one_info["final_loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(split)):  # Adam moves a parameter by up to lr a step
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2 * args["lr"])
+    generate = M.cd_generator(alone, params, 2)
+    images = M.generate_images(generate, 8, jax.random.key(0), 4, "one")
+    images_split = M.generate_images(generate, 8, jax.random.key(0), 4, "split", placed.batch_sharding)
+    assert images.std() > 10 and np.abs(images.astype(int) - images_split).max() <= 1
+
+
 def test_a_stopped_table_keeps_its_rows_and_refuses_other_settings(tmp_path):
     args = M.parse_args(["--teacher", "t", "--methods", "cd", "--results-dir", str(tmp_path), "--name", "table"])
     assert M.previous_results(args, {"samples": 2000, "methods": ["cd"]}) == ([], {})
