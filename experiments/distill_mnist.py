@@ -50,6 +50,10 @@ the final denoising = 50 NFE.
 Writes <--results-dir>/<--name>.{json,md} (default experiments/results) after every finished row
 and sample grids <--results-dir>/<--name>_grids/<method>_nfe<k>.png; student parameters go to --out.
 
+On a CPU the script splits it into devices as the command line does (--cpu-devices; 0 = one per
+core that divides the batch sizes): the teacher is replicated on every device and training batches
+and samples are split over them (on 2 cores, a cd step 1.5x and sampling 2x faster than on one device).
+
 A stopped run continues when started again with the same arguments: rows already in <--name>.json
 are kept (a file written with other settings is refused), and each training saves its state and
 data position every --checkpoint-every steps under <--out>/checkpoints/<training> (cd, pd_8_steps,
