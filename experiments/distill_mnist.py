@@ -52,7 +52,7 @@ and sample grids <--results-dir>/<--name>_grids/<method>_nfe<k>.png; student par
 
 On a CPU the script splits it into devices as the command line does (--cpu-devices; 0 = one per
 core that divides the batch sizes): the teacher is replicated on every device and training batches
-and samples are split over them (on 2 cores, a cd step 1.5x and sampling 2x faster than on one device).
+and samples are split over them.
 
 A stopped run continues when started again with the same arguments: rows already in <--name>.json
 are kept (a file written with other settings is refused), and each training saves its state and
