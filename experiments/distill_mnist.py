@@ -31,8 +31,9 @@ pipeline); the teacher's weights travel in the params pytree, frozen by the trai
               generator (the teacher's network read at sigma_max, EDM-preconditioned), a fake
               denoiser (a copy of the teacher, trained online), log-normal matching times,
               regression weight --regression-weight (DMD's 0.25), L2, pairs (noise, teacher
-              sample) made once by `teacher_ode_pairs` with the default solver and 49 steps + the
-              final denoising (--regression-pairs of them), a batch of pairs per step. One-step
+              sample) made by `teacher_ode_pairs` with the default solver and 49 steps + the
+              final denoising (--regression-pairs of them) before the first step a run trains (made
+              again by a continued run), a batch of pairs per step. One-step
               only: the 2 and 4 NFE rows are not defined for it.
 
 All students use Adam (--lr, beta2 = 0.99, as consistency-model papers) and an EMA of decay --ema,
@@ -50,9 +51,9 @@ the final denoising = 50 NFE.
 Writes <--results-dir>/<--name>.{json,md} (default experiments/results) after every finished row
 and sample grids <--results-dir>/<--name>_grids/<method>_nfe<k>.png; student parameters go to --out.
 
-On a CPU the script splits it into devices as the command line does (--cpu-devices; 0 = one per
-core that divides the batch sizes): the teacher is replicated on every device and training batches
-and samples are split over them.
+On a CPU the script splits it into devices as the command line does (--cpu-devices; 0 = the most
+devices, at most one per core, that divide both batch sizes with at least 16 training examples on
+each): the teacher is replicated on every device and training batches and samples are split over them.
 
 A stopped run continues when started again with the same arguments: rows already in <--name>.json
 are kept (a file written with other settings is refused), and each training saves its state and
@@ -103,6 +104,7 @@ from diffjax.training.cpu_devices import cpu_device_count, split_cpu_into_device
 from diffjax.training.cpu_malloc import tune_cpu_malloc
 from diffjax.training.images import to_uint8
 from diffjax.training.loop import evaluation_split
+from diffjax.training.run import config_differences
 from experiments.benchmarks.common import RESULTS_DIR, markdown_table, mean_stderr, slug, write_results
 
 METHODS = ("cd", "pd", "scd", "dmd+reg")
@@ -116,6 +118,7 @@ TEACHER_STEPS = 49  # + the final denoising = 50 NFE
 REGRESSION_WEIGHT = 0.25
 SAMPLE_SECONDS: dict[str, float] = {}  # seconds per image after the first (compiling) batch, by label
 STEP_SECONDS: dict[str, float] = {}  # seconds per training step after the first (compiling) and saves, by label
+# (only for trainings that ran at least 2 steps in this process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,16 +142,12 @@ class Teacher:
 
     @property
     def batch_sharding(self) -> NamedSharding | None:
-        """Batches split over the data axis of the mesh the parameters are replicated on (`main` places
-        them on every device); None on one device: everything runs where the parameters are."""
+        """Batches split over the data axis of the mesh the parameters are replicated on (`load_run`
+        places them on every device); None on one device: everything runs where the parameters are."""
         sharding = jax.tree.leaves(self.params)[0].sharding
         if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
             return None
         return NamedSharding(sharding.mesh, PartitionSpec("data"))
-
-
-def replicated_on(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def jit_split(fn, sharding: NamedSharding | None, **options):
@@ -187,6 +186,7 @@ TRAINING_ARGUMENTS = (
     "pd_start_steps",
     "regression_pairs",
     "regression_weight",
+    "sample_batch",  # dmd's regression pairs are made in batches of it
 )
 
 
@@ -200,9 +200,11 @@ def teacher_fingerprint(teacher: Teacher) -> int:
 
 def training_settings(teacher: Teacher, args, label: str) -> dict:
     """What a training checkpoint must match to be continued."""
+    sharding = teacher.batch_sharding
     return {
         "label": label,
         "teacher_crc32": teacher_fingerprint(teacher),
+        "devices": 1 if sharding is None else sharding.mesh.size,  # data-parallel sums: another count, other rounding
         **{k: getattr(args, k) for k in TRAINING_ARGUMENTS},
     }
 
@@ -220,34 +222,41 @@ def refuse_other_settings(settings: dict, directory: str) -> Callable[[int, dict
 
 
 def train(loss_fn, params, trainable, args, label, teacher, make_batches, extra=None):
-    """args.iterations Adam steps of loss_fn on the image batches; returns (state, seconds, last loss).
+    """args.iterations Adam steps of loss_fn on the image batches; returns (state, seconds, last loss),
+    seconds summed over the runs that made it (each one's compile included, `extra`'s time not).
     make_batches() -> a fresh iterator of {"image"} batches with get_state/set_state; extra(i) -> dict:
     more batch entries for step i (e.g. regression pairs). Saves (state, data position) every
     --checkpoint-every steps and at the end under <--out>/checkpoints/<label>, and continues from
     there when run again with the same settings (same batches, same randomness)."""
     optimizer = optax.adam(args.lr, b2=0.99)
     average = ema(args.ema)
+    # on the teacher's mesh (create_train_state replicates the state there), the examples split
     state = create_train_state(params, optimizer, 0, average=average, trainable=trainable)
-    split = teacher.batch_sharding
-    if split is not None:  # data-parallel: the state replicated, the examples split
-        state = jax.device_put(state, replicated_on(split.mesh))
+    batch_sharding = teacher.batch_sharding
     step = jax.jit(make_train_step(loss_fn, optimizer, average, trainable=trainable))
     batches = make_batches()
     directory = os.path.join(args.out, "checkpoints", slug(label))
     settings = training_settings(teacher, args, label)
     checkpointer = Checkpointer(directory, keep=1, remove_unfinished=True)
-    restored = checkpointer.restore(state, check_metadata=refuse_other_settings(settings, directory))
     first, seconds_before, loss = 0, 0.0, float("nan")
-    if restored is not None:
-        state, first = restored.state, restored.step
-        batches.set_state(restored.data_state)
-        seconds_before, loss = restored.metadata["seconds"], restored.metadata["loss"]
-        print(f"{label}: continuing from the checkpoint at step {first} of {args.iterations}", flush=True)
-    start, steady, saving = time.perf_counter(), None, 0.0
+    start, steady, save_seconds, extra_seconds, failed = time.perf_counter(), None, 0.0, 0.0, True
     try:
+        restored = checkpointer.restore(state, check_metadata=refuse_other_settings(settings, directory))
+        if restored is not None:
+            state, first = restored.state, restored.step
+            batches.set_state(restored.data_state)
+            seconds_before, loss = restored.metadata["seconds"], restored.metadata["loss"]
+            print(f"{label}: continuing from the checkpoint at step {first} of {args.iterations}", flush=True)
+        start = time.perf_counter()
         for i in tqdm(range(first, args.iterations), desc=label, initial=first, total=args.iterations, mininterval=5):
-            examples = {"image": next(batches)["image"], **({} if extra is None else extra(i))}
-            examples = jax.device_put(examples, split) if split is not None else jax.tree.map(jnp.asarray, examples)
+            examples = {"image": next(batches)["image"]}
+            if extra is not None:  # data preparation: not training time
+                before = time.perf_counter()
+                examples.update(extra(i))
+                extra_seconds += time.perf_counter() - before
+            examples = (
+                jax.device_put(examples, batch_sharding) if batch_sharding else jax.tree.map(jnp.asarray, examples)
+            )
             state, metrics = step(state, {**examples, "step": state.step})
             loss = float(metrics["loss"])  # waits for the step
             if not np.isfinite(loss):
@@ -256,15 +265,27 @@ def train(loss_fn, params, trainable, args, label, teacher, make_batches, extra=
                 steady = time.perf_counter()
             if (i + 1) % args.checkpoint_every == 0 or i + 1 == args.iterations:
                 now = time.perf_counter()
-                seconds = seconds_before + now - start
+                seconds = seconds_before + now - start - extra_seconds
                 checkpointer.save(i + 1, state, batches.get_state(), {**settings, "seconds": seconds, "loss": loss})
-                saving += time.perf_counter() - now
-    finally:  # a save in flight is finished, also when stopped (Ctrl-C)
-        checkpointer.wait()
-        checkpointer.close()
+                save_seconds += time.perf_counter() - now
+        failed = False
+    finally:  # a save in flight is finished, also when stopped (Ctrl-C), without masking what stopped it
+        close_quietly_if(failed, checkpointer.close, batches.close)
     ran = args.iterations - first
-    STEP_SECONDS[label] = (time.perf_counter() - steady - saving) / (ran - 1) if ran > 1 else float("nan")
-    return state, seconds_before + time.perf_counter() - start, loss
+    if ran > 1:  # extra's first call (dmd's pairs) came before `steady`
+        STEP_SECONDS[label] = (time.perf_counter() - steady - save_seconds) / (ran - 1)
+    return state, seconds_before + time.perf_counter() - start - extra_seconds, loss
+
+
+def close_quietly_if(quiet: bool, *closers: Callable[[], None]) -> None:
+    """Call each closer; when `quiet` (an error is on its way out), print their failures instead."""
+    for close in closers:
+        try:
+            close()
+        except Exception as err:
+            if not quiet:
+                raise
+            print(f"while stopping: {type(err).__name__}: {err}", flush=True)
 
 
 def train_cd(teacher: Teacher, args, make_batches):
@@ -415,7 +436,7 @@ def train_dmd(teacher: Teacher, args, make_batches):
     info = {
         "seconds": seconds,
         "final_loss": last,
-        "pair_seconds": pairs.get("seconds", 0.0),
+        "pair_seconds": pairs.get("seconds"),  # None: made by an earlier run (or not needed)
         "regression_pairs": args.regression_pairs,
         "regression_weight": args.regression_weight,
     }
@@ -594,17 +615,14 @@ def previous_results(args, meta: dict) -> tuple[list, dict]:
     with open(path) as f:
         previous = json.load(f)
 
-    def comparable(m):
-        return {k: v for k, v in json.loads(json.dumps(m)).items() if k != "methods"}
+    def comparable(m):  # as written to JSON; what may grow between runs left out
+        return {k: v for k, v in json.loads(json.dumps(m, default=str)).items() if k not in ("methods", "teacher_row")}
 
-    differ = sorted(
-        k
-        for k in comparable(meta).keys() | comparable(previous["meta"]).keys()
-        if comparable(meta).get(k) != comparable(previous["meta"]).get(k)
-    )
-    if differ:
-        raise SystemExit(f"{path} was written with other settings ({differ}); use another --name or delete it")
+    differences = config_differences(comparable(previous["meta"]), comparable(meta))
+    if differences:
+        raise SystemExit(f"{path} was written with other settings ({differences}); use another --name or delete it")
     meta["methods"] = list(dict.fromkeys([*previous["meta"]["methods"], *meta["methods"]]))  # the rows of both
+    meta["teacher_row"] = meta["teacher_row"] or previous["meta"]["teacher_row"]
     print(f"continuing {path}: {len(previous['rows'])} rows done", flush=True)
     return previous["rows"], previous["training"]
 
@@ -644,7 +662,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-teacher-row", action="store_true", help="skip the teacher's 50-NFE row")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    methods = [m for m in args.methods.split(",") if m]
+    methods = list(dict.fromkeys(m for m in args.methods.split(",") if m))
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
@@ -672,9 +690,12 @@ def main(argv=None):
     args = parse_args(argv)
     devices = cpu_device_count(args.cpu_devices, args.batch_size, args.sample_batch, (-1, 1, 1), usable_cores())
     print(split_cpu_into_devices(devices), flush=True)  # before JAX starts too
-    loaded = load_run(args.teacher)
+    loaded = load_run(args.teacher)  # the parameters replicated on every device
     teacher = teacher_from_run(loaded)
-    teacher = dataclasses.replace(teacher, params=jax.device_put(teacher.params, replicated_on(evaluation.data_mesh())))
+    devices = jax.device_count()
+    for name in ("batch_size", "sample_batch"):
+        if getattr(args, name) % devices:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)} must divide over the {devices} devices")
     config = loaded.config
     split = evaluation_split(data_lib.dataset_info(config.data))
 
@@ -690,7 +711,8 @@ def main(argv=None):
         "teacher": os.path.abspath(args.teacher),
         "teacher_step": int(loaded.step),
         "split": split,
-        **{k: getattr(args, k) for k in ("iterations", "batch_size", "lr", "ema", "samples", "seeds")},
+        **{k: getattr(args, k) for k in ("iterations", "batch_size", "lr", "ema", "samples", "seeds", "sample_batch")},
+        "devices": devices,  # data-parallel sums: another count, other rounding
         **{
             k: getattr(args, k)
             for k in ("reference_images", "regression_pairs", "regression_weight", "methods", "pd_start_steps")
@@ -725,7 +747,10 @@ def main(argv=None):
             print(f"{method}: its rows are in the results already", flush=True)
             continue
         trained, info = TRAINERS[method](teacher, args, make_batches)
-        training[method] = {**info, "steady_seconds_per_step": {k: v for k, v in STEP_SECONDS.items()}}
+        previous = training.get(method, {})  # what a training read back finished cannot measure again
+        steady = dict(STEP_SECONDS) or previous.get("steady_seconds_per_step", {})
+        info = {**previous, **{k: v for k, v in info.items() if v is not None}, "steady_seconds_per_step": steady}
+        training[method] = info
         STEP_SECONDS.clear()
         kept = {f"steps_{k}": v[0] for k, v in trained.items()} if method == "pd" else trained
         save_params(os.path.join(args.out, f"{slug(method)}.msgpack"), kept)

@@ -1,6 +1,7 @@
 """experiments/distill_mnist.py's pieces on a tiny randomly initialised unet-small teacher (no
 checkpoint): one training step of each method and every NFE of its sampler, finite and image-shaped
-(slow), and its argument checks."""
+(slow); a stopped training continued to the bit (one device; split over two: slow), data-parallel
+training and sampling against one device (slow); a stopped table continued; argument checks."""
 
 import argparse
 import os
@@ -14,6 +15,7 @@ from helpers import perturbed
 from diffjax import distill as D
 from diffjax import models
 from diffjax import processes as P
+from diffjax.training.sharding import replicated
 from experiments import distill_mnist as M
 
 SHAPE = (8, 8, 1)
@@ -62,6 +64,9 @@ class Batches:
 
     def set_state(self, state):
         self.next_batch = state["next_batch"]
+
+    def close(self):
+        pass
 
 
 @pytest.mark.slow  # a U-Net training step compiled per method
@@ -120,19 +125,26 @@ def test_a_stopped_training_continues_as_if_never_stopped(teacher, tmp_path):
 @pytest.mark.slow  # two U-Net training steps and a sampler compiled on one device and on two
 def test_data_parallel_training_and_sampling_match_one_device(teacher, tmp_path):
     """A teacher replicated on a 2-device mesh: its students train on batches split over the devices
-    and sample split over them, with the results of one device (float tolerance: sums are split)."""
+    and sample split over them, with the results of one device (float tolerance: sums are split);
+    a training stopped after its first step and continued gives the uninterrupted result to the bit."""
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
     params = perturbed(teacher.params, seed=3)  # a fresh U-Net outputs zeros
     alone = M.Teacher(teacher.net, params, teacher.process, 0.5, SHAPE)
-    placed = M.Teacher(teacher.net, jax.device_put(params, M.replicated_on(mesh)), teacher.process, 0.5, SHAPE)
+    placed = M.Teacher(teacher.net, jax.device_put(params, replicated(mesh)), teacher.process, 0.5, SHAPE)
     assert alone.batch_sharding is None and placed.batch_sharding.spec == jax.sharding.PartitionSpec("data")
-    args = {"iterations": 2, "checkpoint_every": 2, "lr": 1e-2}  # a large step: the second loss shows the first
+    args = {"iterations": 2, "lr": 1e-2}  # a large step: the second loss shows the first
     one, one_info = M.train_cd(alone, options(tmp_path / "one", **args), Batches)
     split, split_info = M.train_cd(placed, options(tmp_path / "split", **args), Batches)
     assert jax.tree.leaves(split)[0].sharding.mesh == mesh
     np.testing.assert_allclose(split_info["final_loss"], one_info["final_loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(split)):  # Adam moves a parameter by up to lr a step
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2 * args["lr"])
+    stopped = options(tmp_path / "stopped", **args, checkpoint_every=1)
+    with pytest.raises(Stop):
+        M.train_cd(placed, stopped, lambda: Batches(stop_at=1))
+    continued, _ = M.train_cd(placed, stopped, Batches)
+    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(continued)):
+        np.testing.assert_array_equal(a, b)
     generate = M.cd_generator(alone, params, 2)
     images = M.generate_images(generate, 8, jax.random.key(0), 4, "one")
     images_split = M.generate_images(generate, 8, jax.random.key(0), 4, "split", placed.batch_sharding)
@@ -141,21 +153,23 @@ def test_data_parallel_training_and_sampling_match_one_device(teacher, tmp_path)
 
 def test_a_stopped_table_keeps_its_rows_and_refuses_other_settings(tmp_path):
     args = M.parse_args(["--teacher", "t", "--methods", "cd", "--results-dir", str(tmp_path), "--name", "table"])
-    assert M.previous_results(args, {"samples": 2000, "methods": ["cd"]}) == ([], {})
-    rows, training = [{"method": "teacher", "nfe": 50}, {"method": "cd", "nfe": 1}], {"cd": {"seconds": 5.0}}
-    M.write_results(
-        "table",
-        {"meta": {"samples": 2000, "methods": ["cd"]}, "rows": rows, "training": training},
-        directory=str(tmp_path),
-    )
-    meta = {"samples": 2000, "methods": ["pd"]}
-    assert M.previous_results(args, meta) == (rows, training)
-    assert meta["methods"] == ["cd", "pd"]  # the table holds the rows of both
-    with pytest.raises(SystemExit, match="samples"):
-        M.previous_results(args, {"samples": 500, "methods": ["cd"]})
-    assert (
-        M.method_nfes("pd", 16) == (1, 2, 4) and M.method_nfes("pd", 2) == (1,) and M.method_nfes("dmd+reg", 2) == (1,)
-    )
+
+    def meta(**changes):  # a tuple and a float: compared after a JSON round trip
+        return {"samples": 2000, "lr": 5e-5, "sigmas": (0.821,), "methods": ["cd"], "teacher_row": False, **changes}
+
+    assert M.previous_results(args, meta()) == ([], {})
+    rows, training = [{"method": "cd", "nfe": 1}], {"cd": {"seconds": 5.0}}
+    M.write_results("table", {"meta": meta(), "rows": rows, "training": training}, directory=str(tmp_path))
+    more = meta(methods=["pd"], teacher_row=True)
+    assert M.previous_results(args, more) == (rows, training)
+    assert more["methods"] == ["cd", "pd"] and more["teacher_row"]  # the table holds the rows of both
+    with pytest.raises(SystemExit, match="samples: 2000 -> 500"):
+        M.previous_results(args, meta(samples=500))
+
+
+def test_the_rows_each_method_makes():
+    assert M.method_nfes("pd", 16) == (1, 2, 4) and M.method_nfes("pd", 2) == (1,)
+    assert M.method_nfes("cd", 2) == (1, 2, 4) and M.method_nfes("dmd+reg", 2) == (1,)
     assert M.rows_expected({"teacher_row": True, "methods": ["cd", "pd", "dmd+reg"], "pd_start_steps": 4}) == 7
 
 
@@ -164,4 +178,5 @@ def test_arguments_are_checked():
         M.parse_args(["--teacher", "t", "--methods", "cd,lcm"])
     with pytest.raises(SystemExit):
         M.parse_args(["--teacher", "t", "--pd-start-steps", "12"])
+    assert M.parse_args(["--teacher", "t", "--methods", "cd,pd,cd"]).methods == ["cd", "pd"]
     assert M.mean_stderr([1.0, 3.0]) == (2.0, 1.0)
