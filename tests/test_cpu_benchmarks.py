@@ -1,14 +1,14 @@
 """The CPU benchmarks' own logic: variant parsing and baselines (cpu_vs_torch), op classes
-(cpu_step_profile), argument checks (cpu_devices_batch, cpu_all_reduce, cpu_collective_hang),
-all-reduce operand counts and the one-operand gradient (cpu_all_reduce), and one waited-for trial of
-cpu_collective_hang."""
+(cpu_step_profile), argument checks (cpu_devices_batch, cpu_all_reduce, cpu_collective_hang,
+distill_cpu_split), all-reduce operand counts and the one-operand gradient (cpu_all_reduce), and one
+waited-for trial of cpu_collective_hang."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from experiments import cpu_collective_hang
-from experiments.benchmarks import cpu_all_reduce, cpu_devices_batch, cpu_vs_torch
+from experiments.benchmarks import cpu_all_reduce, cpu_devices_batch, cpu_vs_torch, distill_cpu_split
 from experiments.benchmarks.cpu_step_profile import classify
 from experiments.benchmarks.cpu_vs_torch import parse_variants
 
@@ -54,6 +54,20 @@ def test_a_baseline_must_run_in_every_task():
 def test_cpu_devices_batch_refuses_bad_arguments(args):
     with pytest.raises(SystemExit, match="every batch must be a positive multiple of --devices"):
         cpu_devices_batch.main(args)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--devices", "1"], "--devices 1 must be >= 2"),
+        (["--steps", "1"], "--steps >= 2"),
+        (["--rounds", "0"], "--rounds and --sample-calls >= 1"),
+        (["--batch-size", "63"], "--batch-size 63 and --sample-batch 250 must divide over --devices 2"),
+    ],
+)
+def test_distill_cpu_split_refuses_bad_arguments(args, message):
+    with pytest.raises(SystemExit, match=message):
+        distill_cpu_split.main(args)
 
 
 def test_profile_classes_tell_kernel_gradients_from_forward_convolutions():
