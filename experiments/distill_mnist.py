@@ -58,8 +58,8 @@ each): the teacher is replicated on every device and training batches and sample
 A stopped run continues when started again with the same arguments: rows already in <--name>.json
 are kept (a file written with other settings is refused), and each training saves its state and
 data position every --checkpoint-every steps under <--out>/checkpoints/<training> (cd, pd_8_steps,
-...; a checkpoint of other settings or another teacher is refused), so it goes on from there with the batches and
-randomness of an uninterrupted run.
+...; a checkpoint of other settings, another device count or another teacher is refused), so it
+goes on from there with the batches and randomness of an uninterrupted run.
 """
 
 from __future__ import annotations
