@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime
 import glob
 import importlib.metadata
+import json
 import os
 import platform
+import subprocess
+import sys
 
 import flax
 import jax
@@ -29,6 +32,20 @@ def cpu_process_environment(**variables: str) -> dict:
     (XLA_FLAGS, JAX_NUM_CPU_DEVICES), JAX_PLATFORMS=cpu, and `variables`."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     return {**env, "JAX_PLATFORMS": "cpu", **variables}
+
+
+def run_cpu_worker(module: str, arguments: list[str], devices: int) -> dict:
+    """Run `python -m module *arguments` in a fresh CPU process (tcmalloc preloaded where the system
+    has it) and return the JSON object on its last output line, which must report `device_count` =
+    `devices`."""
+    preload = tcmalloc_path()
+    env = cpu_process_environment(**({"LD_PRELOAD": preload} if preload else {}))
+    command = [sys.executable, "-m", module, *arguments]
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    reply = json.loads(out.stdout.strip().splitlines()[-1])
+    if reply["device_count"] != devices:
+        raise RuntimeError(f"asked for {devices} devices, the worker had {reply['device_count']}")
+    return reply
 
 
 def environment() -> dict:

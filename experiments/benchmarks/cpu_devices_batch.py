@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 
-from experiments.benchmarks.common import REPO, cpu_process_environment, markdown_table, tcmalloc_path, write_results
+from experiments.benchmarks.common import markdown_table, run_cpu_worker, write_results
 from experiments.benchmarks.cpu_step_profile import build_step
 
 
@@ -44,14 +42,8 @@ def worker(batch: int, devices: int, steps: int) -> None:
 
 
 def measure(batch: int, devices: int, steps: int) -> float:
-    preload = tcmalloc_path()
-    env = cpu_process_environment(**({"LD_PRELOAD": preload} if preload else {}))
-    command = [sys.executable, "-m", "experiments.benchmarks.cpu_devices_batch", "--worker", str(batch), str(devices)]
-    out = subprocess.run(command + [f"--steps={steps}"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    reply = json.loads(out.stdout.strip().splitlines()[-1])
-    if reply["device_count"] != devices:
-        raise RuntimeError(f"asked for {devices} devices, the worker had {reply['device_count']}")
-    return reply["seconds"]
+    arguments = ["--worker", str(batch), str(devices), f"--steps={steps}"]
+    return run_cpu_worker("experiments.benchmarks.cpu_devices_batch", arguments, devices)["seconds"]
 
 
 def main(argv=None) -> None:

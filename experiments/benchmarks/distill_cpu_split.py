@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 
-from experiments.benchmarks.common import REPO, cpu_process_environment, markdown_table, tcmalloc_path, write_results
+from experiments.benchmarks.common import markdown_table, run_cpu_worker, write_results
 
 
 def worker(devices: int, args) -> None:
@@ -67,16 +65,9 @@ def worker(devices: int, args) -> None:
 
 
 def measure(devices: int, args) -> dict:
-    preload = tcmalloc_path()
-    env = cpu_process_environment(**({"LD_PRELOAD": preload} if preload else {}))
     options = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("batch_size", "sample_batch", "steps")]
-    options.append(f"--sample-calls={args.sample_calls}")
-    command = [sys.executable, "-m", "experiments.benchmarks.distill_cpu_split", "--worker", str(devices)]
-    out = subprocess.run(command + options, cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    reply = json.loads(out.stdout.strip().splitlines()[-1])
-    if reply["device_count"] != devices:
-        raise RuntimeError(f"asked for {devices} devices, the worker had {reply['device_count']}")
-    return reply
+    arguments = ["--worker", str(devices), *options, f"--sample-calls={args.sample_calls}"]
+    return run_cpu_worker("experiments.benchmarks.distill_cpu_split", arguments, devices)
 
 
 def speedup_cell(one: list[float], split: list[float]) -> str:
