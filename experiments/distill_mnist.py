@@ -1,7 +1,8 @@
 """Few-step students of a trained MNIST teacher: FID at 1, 2 and 4 NFE against the teacher at 50 NFE.
 
-Teacher: a run directory trained by the library (`diffjax.training.load_run`) on the EDM process
-with edm_preconditioned prediction (e.g. unet-small on MNIST, `configs/mnist.py`). A class-conditional
+Teacher: a run directory trained by the library, or its weights file written by
+`diffjax.training.save_run_weights` (read by `load_run`), on the EDM process with edm_preconditioned
+prediction (e.g. unet-small on MNIST, `configs/mnist.py`). A class-conditional
 teacher trained with label dropout is used unconditionally, through its null class (the students
 too; the FID reference is the unconditional test split). Students have the teacher's architecture,
 are initialised from the teacher's EMA parameters, and are trained with
@@ -615,8 +616,9 @@ def previous_results(args, meta: dict) -> tuple[list, dict]:
     with open(path) as f:
         previous = json.load(f)
 
-    def comparable(m):  # as written to JSON; what may grow between runs left out
-        return {k: v for k, v in json.loads(json.dumps(m, default=str)).items() if k not in ("methods", "teacher_row")}
+    def comparable(m):  # as written to JSON; what may grow between runs, and the teacher's path, left out
+        ignored = ("methods", "teacher_row", "teacher")
+        return {k: v for k, v in json.loads(json.dumps(m, default=str)).items() if k not in ignored}
 
     differences = config_differences(comparable(previous["meta"]), comparable(meta))
     if differences:
@@ -632,7 +634,11 @@ TRAINERS = {"cd": train_cd, "pd": train_pd, "scd": train_scd, "dmd+reg": train_d
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="the trained run directory (EDM, edm_preconditioned)")
+    parser.add_argument(
+        "--teacher",
+        required=True,
+        help="the trained run directory, or its weights file (save_run_weights); EDM, edm_preconditioned",
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     parser.add_argument("--iterations", type=int, default=4000, help="training steps per method (pd: all rounds)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -708,7 +714,8 @@ def main(argv=None):
     grid_dir = os.path.join(args.results_dir, f"{args.name}_grids")
     os.makedirs(grid_dir, exist_ok=True)
     meta = {
-        "teacher": os.path.abspath(args.teacher),
+        "teacher": args.teacher,  # as given; the weights' CRC-32 is what a continued run must match
+        "teacher_crc32": teacher_fingerprint(teacher),
         "teacher_step": int(loaded.step),
         "split": split,
         **{k: getattr(args, k) for k in ("iterations", "batch_size", "lr", "ema", "samples", "seeds", "sample_batch")},

@@ -155,16 +155,27 @@ def test_a_stopped_table_keeps_its_rows_and_refuses_other_settings(tmp_path):
     args = M.parse_args(["--teacher", "t", "--methods", "cd", "--results-dir", str(tmp_path), "--name", "table"])
 
     def meta(**changes):  # a tuple and a float: compared after a JSON round trip
-        return {"samples": 2000, "lr": 5e-5, "sigmas": (0.821,), "methods": ["cd"], "teacher_row": False, **changes}
+        return {
+            "samples": 2000,
+            "lr": 5e-5,
+            "sigmas": (0.821,),
+            "methods": ["cd"],
+            "teacher_row": False,
+            "teacher": "work/mnist",
+            "teacher_crc32": 12345,
+            **changes,
+        }
 
     assert M.previous_results(args, meta()) == ([], {})
     rows, training = [{"method": "cd", "nfe": 1}], {"cd": {"seconds": 5.0}}
     M.write_results("table", {"meta": meta(), "rows": rows, "training": training}, directory=str(tmp_path))
-    more = meta(methods=["pd"], teacher_row=True)
+    more = meta(methods=["pd"], teacher_row=True, teacher="/elsewhere/mnist.msgpack")  # the same weights, moved
     assert M.previous_results(args, more) == (rows, training)
     assert more["methods"] == ["cd", "pd"] and more["teacher_row"]  # the table holds the rows of both
     with pytest.raises(SystemExit, match="samples: 2000 -> 500"):
         M.previous_results(args, meta(samples=500))
+    with pytest.raises(SystemExit, match="teacher_crc32: 12345 -> 6789"):
+        M.previous_results(args, meta(teacher_crc32=6789))
 
 
 def test_the_rows_each_method_makes():

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import serialization
 
 from diffjax import data as data_lib
 from diffjax.control.operators import random_inpainting
 from diffjax.denoisers import Denoiser, EDMPreconditioned
+from diffjax.io import atomic_write_bytes
 from diffjax.training import (
     CheckpointError,
     ConfigError,
@@ -26,6 +28,7 @@ from diffjax.training import (
     load_run,
     make_train_step,
     reconstruct_from_checkpoint,
+    save_run_weights,
     train,
     validate_config,
 )
@@ -386,6 +389,49 @@ def test_eval_mode_reports_fid_kid_and_bits_per_dim(tmp_path, monkeypatch):
     assert bpd["examples"] == 8 and bpd["failed"] == 0 and 0 < bpd["bits_per_dim"] < 100
     saved = json.load(open(os.path.join(workdir, "eval_step_0000002.json")))
     assert saved["fid"] == result["fid"]
+
+
+@pytest.mark.xdist_group("trained_run")
+def test_run_weights_file_loads_as_the_run_at_its_step(trained_run, tmp_path):
+    workdir = copy_of(trained_run, tmp_path)
+    path = save_run_weights(workdir, str(tmp_path / "weights.msgpack"), step=2)
+    from_file, from_dir = load_run(path), load_run(workdir, step=2)
+    assert from_file.step == 2 and from_file.config.to_dict() == from_dir.config.to_dict()
+    assert from_file.image_shape == from_dir.image_shape and from_file.num_classes == from_dir.num_classes
+    for got, want in zip(jax.tree.leaves(from_file.ema_params), jax.tree.leaves(from_dir.ema_params), strict=True):
+        assert got.sharding == want.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert jax.tree.leaves(from_file.params)[0] is jax.tree.leaves(from_file.ema_params)[0]  # EMA only
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(from_file.sample(key, 4), from_dir.sample(key, 4))
+    assert not np.array_equal(from_file.sample(key, 4), load_run(workdir).sample(key, 4))  # step 4 differs
+    assert sorted(os.listdir(tmp_path)) == ["run", "weights.msgpack"]  # written atomically: no temporary left
+
+    with pytest.raises(ValueError, match="weights file of one step"):
+        load_run(path, step=2)
+    with pytest.raises(ValueError, match="is a directory"):
+        save_run_weights(workdir, str(tmp_path))
+    not_weights = tmp_path / "notes.txt"
+    not_weights.write_text("not msgpack")
+    with pytest.raises(CheckpointError, match="not a weights file"):
+        load_run(str(not_weights))
+
+    payload = serialization.msgpack_restore(open(path, "rb").read())
+    layer = sorted(payload["ema_params"])[0]
+    renamed = {**payload, "ema_params": {**payload["ema_params"], "other": payload["ema_params"][layer]}}
+    del renamed["ema_params"][layer]
+    atomic_write_bytes(str(tmp_path / "renamed.msgpack"), serialization.msgpack_serialize(renamed))
+    with pytest.raises(CheckpointError, match=f"missing .*{layer}.*, unexpected .*other"):
+        load_run(str(tmp_path / "renamed.msgpack"))
+    first = jax.tree_util.tree_flatten_with_path(payload["ema_params"])[0][0][0]
+    reshaped = jax.tree_util.tree_map_with_path(lambda p, x: x[..., :1] if p == first else x, payload["ema_params"])
+    atomic_write_bytes(
+        str(tmp_path / "reshaped.msgpack"), serialization.msgpack_serialize({**payload, "ema_params": reshaped})
+    )
+    with pytest.raises(
+        CheckpointError, match=re.escape(jax.tree_util.keystr(first)) + r" is float32\[(.*, )?1\], its config builds"
+    ):
+        load_run(str(tmp_path / "reshaped.msgpack"))
 
 
 def test_fid_sample_count_is_sized_for_the_machine():

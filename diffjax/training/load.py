@@ -1,5 +1,7 @@
 """Load a trained run in Python: `load_run(workdir)` reads the config stored with the checkpoint,
 rebuilds the model, process and denoiser, and restores the parameters; no training data needed.
+`save_run_weights(workdir, path)` writes a run's EMA parameters and stored config to one file (about
+a quarter of a checkpoint: no raw parameters, no optimizer state) that `load_run(path)` reads back.
 
     run = load_run("work/default")
     images = run.sample(jax.random.key(0), 16)        # the run's configured sampler, EMA params
@@ -11,16 +13,20 @@ rebuilds the model, process and denoiser, and restores the parameters; no traini
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
+from flax import serialization
 
 from diffjax import data as data_lib
 from diffjax.denoisers import Denoiser
+from diffjax.io import atomic_write_bytes
 from diffjax.processes import GaussianProcess
 from diffjax.training import sharding as shard_lib
 from diffjax.training.build import declaring, network
@@ -30,9 +36,11 @@ from diffjax.training.from_config import prediction_from_config
 from diffjax.training.latents import with_latent_decoder
 from diffjax.training.run import Run, build_run, checkpoint_steps, make_jitted_sampler, sharded_target
 
-__all__ = ["LoadedRun", "load_run", "restore_run", "read_run_metadata", "config_from_metadata"]
+__all__ = ["LoadedRun", "load_run", "save_run_weights", "restore_run", "read_run_metadata", "config_from_metadata"]
 
 log = logging.getLogger("diffjax")
+
+WEIGHTS_FORMAT = "diffjax-run-weights"  # the "format" entry of a save_run_weights file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,25 +169,85 @@ def load_run(
     """The trained run in `workdir` at `step` (default: the newest restorable checkpoint): the
     config stored with it, raw and EMA parameters, apply, process, denoiser. Needs no training data.
 
-    mesh: where the parameters are placed (default: every device on a data-only mesh, i.e.
-    replicated). latent_decoder: a latent run (data.source = "latents") gets the autoencoder of its
-    stored data config as run.decode (training/latents.py) when the cache and autoencoder can be
-    found; otherwise a warning, and samples stay latents. Raises CheckpointError when there is no
-    checkpoint (nothing is created)."""
-    run, restored = restore_run(workdir, step, mesh=mesh)
-    state = restored.state
-    config = config_from_metadata(restored.metadata)
+    workdir may also be a file written by `save_run_weights` (no step then): it holds only the EMA
+    parameters, so `params` are those too. mesh: where the parameters are placed (default: every
+    device on a data-only mesh, i.e. replicated). latent_decoder: a latent run (data.source =
+    "latents") gets the autoencoder of its stored data config as run.decode (training/latents.py)
+    when the cache and autoencoder can be found; otherwise a warning, and samples stay latents.
+    Raises CheckpointError when there is no checkpoint (nothing is created)."""
+    if os.path.isfile(workdir):
+        if step is not None:
+            raise ValueError(f"{workdir!r} is a weights file of one step; load it with step=None, not step={step}")
+        run, step, metadata, ema_params = _restore_weights_file(workdir, mesh)
+        params, directory = ema_params, os.path.dirname(os.path.abspath(workdir))
+    else:
+        run, restored = restore_run(workdir, step, mesh=mesh)
+        step, metadata = restored.step, restored.metadata
+        params, ema_params = restored.state.params, restored.state.ema_params
+        directory = os.path.dirname(_checkpoint_directory(workdir)[0])
+    config = config_from_metadata(metadata)
     if latent_decoder:
         run = _with_stored_latent_decoder(run, config)
     return LoadedRun(
         config=config,
-        step=int(restored.step),
-        params=state.params,
-        ema_params=state.ema_params,
+        step=int(step),
+        params=params,
+        ema_params=ema_params,
         apply=declaring(run.spec.apply, prediction_from_config(config)),
         process=run.process,
         image_shape=run.image_shape,
         num_classes=run.spec.num_classes,
         run=run,
-        workdir=os.path.dirname(_checkpoint_directory(workdir)[0]),
+        workdir=directory,
     )
+
+
+def save_run_weights(workdir: str, path: str, step: int | None = None) -> str:
+    """Write the EMA parameters of the run in `workdir` at `step` (default: the newest restorable
+    checkpoint) and the metadata stored with it (config, data shape) to the file `path` (flax
+    msgpack, written atomically), for `load_run(path)`; returns the path."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; save_run_weights writes one file")
+    _, restored = restore_run(workdir, step)
+    payload = {
+        "format": WEIGHTS_FORMAT,
+        "step": int(restored.step),
+        "metadata": json.dumps(restored.metadata),
+        "ema_params": serialization.to_state_dict(jax.device_get(restored.state.ema_params)),
+    }
+    return atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+
+
+def _restore_weights_file(path: str, mesh: jax.sharding.Mesh | None) -> tuple[Run, int, dict, Any]:
+    """(run, step, metadata, EMA parameters placed as the run's) of a save_run_weights file."""
+    try:
+        payload = serialization.msgpack_restore(Path(path).read_bytes())
+    except Exception as error:  # msgpack raises several types for a file that is not its own
+        raise CheckpointError(f"{path!r} is not a weights file of save_run_weights ({error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path!r} is not a weights file of save_run_weights (no format {WEIGHTS_FORMAT!r})")
+    metadata = json.loads(payload["metadata"])
+    config = config_from_metadata(metadata)
+    if mesh is None:
+        mesh = shard_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    run = build_run(config, _data_info(config, metadata), mesh)
+    target = sharded_target(run).ema_params
+    names, built = _leaf_names(payload["ema_params"]), _leaf_names(target)
+    if names != built:
+        raise CheckpointError(
+            f"{path!r} does not hold the parameters its stored config builds: missing "
+            f"{sorted(set(built) - set(names))[:5]}, unexpected {sorted(set(names) - set(built))[:5]}"
+        )
+    stored = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(payload["ema_params"]))
+    for name, want, have in zip(built, jax.tree.leaves(target), jax.tree.leaves(stored)):
+        if tuple(have.shape) != tuple(want.shape) or have.dtype != want.dtype:
+            raise CheckpointError(
+                f"{path!r}: parameter {name} is {have.dtype}{list(have.shape)}, its config builds "
+                f"{want.dtype}{list(want.shape)}"
+            )
+    placed = jax.tree.map(lambda value, want: jax.device_put(value, want.sharding), stored, target)
+    return run, int(payload["step"]), metadata, placed
+
+
+def _leaf_names(tree) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
