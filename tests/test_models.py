@@ -733,7 +733,9 @@ def test_group_norm_with_batch_and_channels_sharded(axis_type):
         sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data", None, None, "tensor")))
         y, dx = jax.jit(jax.value_and_grad(lambda v: jnp.sum(norm(v) ** 3)))(sharded)
     expected_y, expected_dx = jax.value_and_grad(lambda v: jnp.sum(norm(v) ** 3))(x)
-    np.testing.assert_allclose(y, expected_y, rtol=1e-5)
+    # y sums 4,608 cubes of up to ~60 to about -35 in float32: the summation order (the CPU's vector
+    # width; 1.04e-5 apart on an AVX-512 machine) moves it by ~1e-5 relative; a wrong statistic by O(1)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-4)
     np.testing.assert_allclose(dx, expected_dx, atol=1e-4)
 
 
