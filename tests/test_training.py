@@ -407,14 +407,17 @@ def test_run_weights_file_loads_as_the_run_at_its_step(trained_run, tmp_path):
     assert not np.array_equal(from_file.sample(key, 4), load_run(workdir).sample(key, 4))  # step 4 differs
     assert sorted(os.listdir(tmp_path)) == ["run", "weights.msgpack"]  # written atomically: no temporary left
 
-    with pytest.raises(ValueError, match="weights file of one step"):
-        load_run(path, step=2)
-    with pytest.raises(ValueError, match="is a directory"):
-        save_run_weights(workdir, str(tmp_path))
+    assert load_run(path, step=2).step == 2
+    with pytest.raises(ValueError, match="weights file of step 2; load it with step=None, not 4"):
+        load_run(path, step=4)
+    for not_a_file in (tmp_path, tmp_path / "missing" / "weights.msgpack"):
+        with pytest.raises(ValueError, match="one file into an existing folder"):
+            save_run_weights(workdir, str(not_a_file))
     not_weights = tmp_path / "notes.txt"
     not_weights.write_text("not msgpack")
     with pytest.raises(CheckpointError, match="not a weights file"):
         load_run(str(not_weights))
+    assert "checksums" not in json.loads(serialization.msgpack_restore(open(path, "rb").read())["metadata"])
 
     payload = serialization.msgpack_restore(open(path, "rb").read())
     layer = sorted(payload["ema_params"])[0]

@@ -35,12 +35,14 @@ from diffjax.training.config import upgrade_config_dict
 from diffjax.training.from_config import prediction_from_config
 from diffjax.training.latents import with_latent_decoder
 from diffjax.training.run import Run, build_run, checkpoint_steps, make_jitted_sampler, sharded_target
+from diffjax.training.state import leaf_names
 
 __all__ = ["LoadedRun", "load_run", "save_run_weights", "restore_run", "read_run_metadata", "config_from_metadata"]
 
 log = logging.getLogger("diffjax")
 
-WEIGHTS_FORMAT = "diffjax-run-weights"  # the "format" entry of a save_run_weights file
+WEIGHTS_FORMAT = "diffjax-run-weights/1"  # the "format" entry of a save_run_weights file
+CHECKPOINT_ONLY_METADATA = ("checksums", "data_checksum")  # of the whole train state: not the file's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,17 +171,19 @@ def load_run(
     """The trained run in `workdir` at `step` (default: the newest restorable checkpoint): the
     config stored with it, raw and EMA parameters, apply, process, denoiser. Needs no training data.
 
-    workdir may also be a file written by `save_run_weights` (no step then): it holds only the EMA
-    parameters, so `params` are those too. mesh: where the parameters are placed (default: every
-    device on a data-only mesh, i.e. replicated). latent_decoder: a latent run (data.source =
-    "latents") gets the autoencoder of its stored data config as run.decode (training/latents.py)
-    when the cache and autoencoder can be found; otherwise a warning, and samples stay latents.
-    Raises CheckpointError when there is no checkpoint (nothing is created)."""
-    if os.path.isfile(workdir):
-        if step is not None:
-            raise ValueError(f"{workdir!r} is a weights file of one step; load it with step=None, not step={step}")
-        run, step, metadata, ema_params = _restore_weights_file(workdir, mesh)
-        params, directory = ema_params, os.path.dirname(os.path.abspath(workdir))
+    workdir may also be a file written by `save_run_weights` (step: None or the file's): it holds
+    only the EMA parameters, so `params` are those too, and `workdir` is then the file's folder.
+    mesh: where the parameters are placed (default: every device on a data-only mesh, i.e.
+    replicated). latent_decoder: a latent run (data.source = "latents") gets the autoencoder of its
+    stored data config as run.decode (training/latents.py) when the cache and autoencoder can be
+    found; otherwise a warning, and samples stay latents. Raises CheckpointError when there is no
+    checkpoint (nothing is created)."""
+    if os.path.isfile(os.path.expanduser(workdir)):
+        path = os.path.expanduser(workdir)
+        run, saved_step, metadata, ema_params = _restore_weights_file(path, mesh)
+        if step is not None and step != saved_step:
+            raise ValueError(f"{workdir!r} is a weights file of step {saved_step}; load it with step=None, not {step}")
+        step, params, directory = saved_step, ema_params, os.path.dirname(os.path.abspath(path))
     else:
         run, restored = restore_run(workdir, step, mesh=mesh)
         step, metadata = restored.step, restored.metadata
@@ -202,37 +206,51 @@ def load_run(
     )
 
 
-def save_run_weights(workdir: str, path: str, step: int | None = None) -> str:
-    """Write the EMA parameters of the run in `workdir` at `step` (default: the newest restorable
-    checkpoint) and the metadata stored with it (config, data shape) to the file `path` (flax
-    msgpack, written atomically), for `load_run(path)`; returns the path."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path!r} is a directory; save_run_weights writes one file")
-    _, restored = restore_run(workdir, step)
+def save_run_weights(workdir: str, path: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None) -> str:
+    """Write the EMA parameters (train.ema_decay's average, as `load_run` samples with; not a post-hoc
+    reconstruction) of the run in `workdir` at `step` (default: the newest restorable checkpoint) and
+    the metadata stored with it (config, data shape) to the file `path` (flax msgpack, written
+    atomically), for `load_run(path)`; returns the path. One host; mesh: where the checkpoint is
+    restored (default: replicated on every device). A latent run's file decodes where its latent
+    cache (config.data.path) can be found."""
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    if os.path.isdir(os.path.expanduser(path)) or not os.path.isdir(folder):
+        raise ValueError(f"save_run_weights writes one file into an existing folder; got {path!r}")
+    _, restored = restore_run(workdir, step, mesh=mesh)
+    metadata = {k: v for k, v in restored.metadata.items() if k not in CHECKPOINT_ONLY_METADATA}
     payload = {
         "format": WEIGHTS_FORMAT,
         "step": int(restored.step),
-        "metadata": json.dumps(restored.metadata),
+        "metadata": json.dumps(metadata),
+        # string keys, as the models' parameter dicts have (to_state_dict would turn int keys into str)
         "ema_params": serialization.to_state_dict(jax.device_get(restored.state.ema_params)),
     }
-    return atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+    return atomic_write_bytes(os.path.expanduser(path), serialization.msgpack_serialize(payload))
 
 
 def _restore_weights_file(path: str, mesh: jax.sharding.Mesh | None) -> tuple[Run, int, dict, Any]:
     """(run, step, metadata, EMA parameters placed as the run's) of a save_run_weights file."""
+    data = Path(path).read_bytes()
     try:
-        payload = serialization.msgpack_restore(Path(path).read_bytes())
-    except Exception as error:  # msgpack raises several types for a file that is not its own
+        payload = serialization.msgpack_restore(data)
+    except (ValueError, TypeError) as error:
         raise CheckpointError(f"{path!r} is not a weights file of save_run_weights ({error})") from None
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-        raise CheckpointError(f"{path!r} is not a weights file of save_run_weights (no format {WEIGHTS_FORMAT!r})")
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise CheckpointError(
+            f"{path!r} is not a weights file of save_run_weights: format {found!r}, this version reads "
+            f"{WEIGHTS_FORMAT!r}"
+        )
+    missing = [k for k in ("step", "metadata", "ema_params") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path!r} is a truncated weights file: it lacks {missing}")
     metadata = json.loads(payload["metadata"])
     config = config_from_metadata(metadata)
     if mesh is None:
         mesh = shard_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     run = build_run(config, _data_info(config, metadata), mesh)
     target = sharded_target(run).ema_params
-    names, built = _leaf_names(payload["ema_params"]), _leaf_names(target)
+    names, built = leaf_names(payload["ema_params"]), leaf_names(target)
     if names != built:
         raise CheckpointError(
             f"{path!r} does not hold the parameters its stored config builds: missing "
@@ -247,7 +265,3 @@ def _restore_weights_file(path: str, mesh: jax.sharding.Mesh | None) -> tuple[Ru
             )
     placed = jax.tree.map(lambda value, want: jax.device_put(value, want.sharding), stored, target)
     return run, int(payload["step"]), metadata, placed
-
-
-def _leaf_names(tree) -> list[str]:
-    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

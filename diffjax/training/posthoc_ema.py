@@ -37,7 +37,7 @@ import numpy as np
 import tqdm
 
 from diffjax.io import atomic_write, interactive
-from diffjax.training.state import ParamAverage
+from diffjax.training.state import ParamAverage, leaf_names
 
 __all__ = [
     "MAX_SIGMA_REL",
@@ -171,10 +171,6 @@ def solve_posthoc(snapshot_gammas, snapshot_steps, target_gamma: float, target_s
 # ------------------------------------------------------------------------------------------------
 
 
-def _leaf_names(tree) -> list[str]:
-    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def save_snapshot(workdir: str, step: int, sigma_rels: Sequence[float], averages: Sequence[Any]) -> str:
     """Write the tracked averages (host arrays, one pytree per sigma_rel) of `step` atomically to
     workdir/posthoc_ema/step_<step>.npz; returns its path. Floats numpy cannot store (bfloat16)
@@ -183,7 +179,7 @@ def save_snapshot(workdir: str, step: int, sigma_rels: Sequence[float], averages
         raise ValueError(f"{len(sigma_rels)} sigma_rels for {len(averages)} averages")
     arrays = {"step": np.asarray(int(step), np.int64), "sigma_rels": np.asarray(sigma_rels, np.float64)}
     for k, average in enumerate(averages):
-        for name, leaf in zip(_leaf_names(average), jax.tree.leaves(average)):
+        for name, leaf in zip(leaf_names(average), jax.tree.leaves(average)):
             leaf = np.asarray(leaf)
             if leaf.dtype.kind == "V" or (jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype.itemsize < 4):
                 leaf = leaf.astype(np.float32)

@@ -170,6 +170,11 @@ def make_optimizer(
 # ------------------------------------------------------------------------------------------------
 
 
+def leaf_names(tree) -> list[str]:
+    """The jax.tree_util.keystr path of each leaf of `tree`, in jax.tree.leaves order."""
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _path_names(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
