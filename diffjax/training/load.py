@@ -133,6 +133,15 @@ def _data_info(config, metadata: dict) -> data_lib.DataInfo:
     return data_lib.DataInfo(shape, shape, {}, int(stored["num_classes"]))
 
 
+def _run_of_metadata(metadata: dict, mesh: jax.sharding.Mesh | None) -> Run:
+    """The Run of a checkpoint's stored config and data shape on `mesh` (default: every device on a
+    data-only mesh, parameters replicated)."""
+    config = config_from_metadata(metadata)
+    if mesh is None:
+        mesh = shard_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    return build_run(config, _data_info(config, metadata), mesh)
+
+
 def restore_run(
     workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[Run, Restored]:
@@ -141,10 +150,7 @@ def restore_run(
     mesh: default every device on a data-only mesh (parameters replicated)."""
     directory, _ = _checkpoint_directory(workdir)
     step_read, metadata = read_run_metadata(workdir, step)
-    config = config_from_metadata(metadata)
-    if mesh is None:
-        mesh = shard_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    run = build_run(config, _data_info(config, metadata), mesh)
+    run = _run_of_metadata(metadata, mesh)
     checkpointer = Checkpointer(directory, async_save=False)
     try:
         restored = checkpointer.restore(sharded_target(run), step=step)
@@ -213,8 +219,8 @@ def save_run_weights(workdir: str, path: str, step: int | None = None, *, mesh: 
     atomically), for `load_run(path)`; returns the path. One host; mesh: where the checkpoint is
     restored (default: replicated on every device). A latent run's file decodes where its latent
     cache (config.data.path) can be found."""
-    folder = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
-    if os.path.isdir(os.path.expanduser(path)) or not os.path.isdir(folder):
+    target = os.path.expanduser(path)
+    if os.path.isdir(target) or not os.path.isdir(os.path.dirname(os.path.abspath(target))):
         raise ValueError(f"save_run_weights writes one file into an existing folder; got {path!r}")
     _, restored = restore_run(workdir, step, mesh=mesh)
     metadata = {k: v for k, v in restored.metadata.items() if k not in CHECKPOINT_ONLY_METADATA}
@@ -225,7 +231,7 @@ def save_run_weights(workdir: str, path: str, step: int | None = None, *, mesh: 
         # string keys, as the models' parameter dicts have (to_state_dict would turn int keys into str)
         "ema_params": serialization.to_state_dict(jax.device_get(restored.state.ema_params)),
     }
-    return atomic_write_bytes(os.path.expanduser(path), serialization.msgpack_serialize(payload))
+    return atomic_write_bytes(target, serialization.msgpack_serialize(payload))
 
 
 def _restore_weights_file(path: str, mesh: jax.sharding.Mesh | None) -> tuple[Run, int, dict, Any]:
@@ -245,10 +251,7 @@ def _restore_weights_file(path: str, mesh: jax.sharding.Mesh | None) -> tuple[Ru
     if missing:
         raise CheckpointError(f"{path!r} is a truncated weights file: it lacks {missing}")
     metadata = json.loads(payload["metadata"])
-    config = config_from_metadata(metadata)
-    if mesh is None:
-        mesh = shard_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    run = build_run(config, _data_info(config, metadata), mesh)
+    run = _run_of_metadata(metadata, mesh)
     target = sharded_target(run).ema_params
     names, built = leaf_names(payload["ema_params"]), leaf_names(target)
     if names != built:
